@@ -1,0 +1,219 @@
+"""Where should this request run? A pure function over a snapshot of the fleet.
+
+    schedule(request, snapshot) -> Decision(candidates best first, rejected with why)
+
+Every (node, model) and (cloud, model) pair that could serve one of the
+request's candidate models goes through the filters (`scheduler_rules.py`);
+the first filter that fails names the reason it is rejected. Survivors get an
+estimated time to finish (queue wait + load when not loaded + prefill +
+decode + round trip) and a cost (0 on the edge), and the request's policy
+orders them. No I/O, no clock, no logging, no randomness: the same snapshot
+and request give the same decision, ties broken by kind (edge first), target
+id and model name. The rules in words are in `SCHEDULER.md`.
+
+A `Snapshot` indexes its nodes by model when it is built, so a decision only
+touches the nodes that have one of the requested models. Build it once per
+registry change, not once per request.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from coordinator import scheduler_rules as rules
+from coordinator.routing import Prefer
+from coordinator.scheduler_rules import Budget, Kind, Slot
+
+__all__ = [
+    "Budget",
+    "Candidate",
+    "CloudView",
+    "Decision",
+    "Kind",
+    "ModelView",
+    "NodeView",
+    "Prefer",
+    "Rejection",
+    "Request",
+    "Snapshot",
+    "schedule",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelView:
+    name: str
+    loaded: bool = False
+    context_length: int = 4096
+    memory_bytes: int = 0
+    prefill_tps: float = 0.0
+    decode_tps: float = 0.0
+    queue_depth: int = 0
+    in_flight: int = 0
+    load_time_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    did: str
+    models: Mapping[str, ModelView] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    connected: bool = True
+    rtt_ms: float = 0.0
+    gpu_count: int = 0
+    vram_total_bytes: int = 0
+    vram_free_bytes: int = 0
+    ram_free_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CloudView:
+    name: str
+    models: frozenset[str]
+    price_prompt_per_1k: float = 0.0
+    price_completion_per_1k: float = 0.0
+    rtt_ms: float = 0.0
+    decode_tps: float = 0.0
+    prefill_tps: float = 0.0
+    context_length: int | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    nodes: tuple[NodeView, ...] = ()
+    clouds: tuple[CloudView, ...] = ()
+    _slots: Mapping[str, tuple[Slot, ...]] = field(init=False, repr=False, compare=False)
+    _clouds: Mapping[str, tuple[CloudView, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for kind, names in (("did", [n.did for n in self.nodes]),
+                            ("cloud", [c.name for c in self.clouds])):
+            dupes = sorted(k for k, n in Counter(names).items() if n > 1)
+            if dupes:
+                raise ValueError(f"snapshot: duplicate {kind} {dupes[0]!r}")
+        slots: dict[str, list[Slot]] = {}
+        for node in sorted(self.nodes, key=lambda n: n.did):
+            for name, model in node.models.items():
+                slots.setdefault(name, []).append(rules.make_slot(node, model))
+        clouds: dict[str, list[CloudView]] = {}
+        for cloud in sorted(self.clouds, key=lambda c: c.name):
+            for name in sorted(cloud.models):
+                clouds.setdefault(name, []).append(cloud)
+        object.__setattr__(self, "_slots", {k: tuple(v) for k, v in slots.items()})
+        object.__setattr__(self, "_clouds", {k: tuple(v) for k, v in clouds.items()})
+
+    @classmethod
+    def build(cls, nodes: Iterable[NodeView], clouds: Iterable[CloudView] = ()) -> Snapshot:
+        return cls(tuple(nodes), tuple(clouds))
+
+    def slots_for(self, model: str) -> tuple[Slot, ...]:
+        return self._slots.get(model, ())
+
+    def clouds_for(self, model: str) -> tuple[CloudView, ...]:
+        return self._clouds.get(model, ())
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    models: Sequence[str]  # candidate model names, most preferred first
+    prompt_tokens: int
+    max_tokens: int
+    prefer: Prefer = Prefer.SPEED
+    residency: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)  # required node labels
+    budget_state: Budget = Budget.OK
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 0 or self.max_tokens < 0:
+            raise ValueError("request: token counts must not be negative")
+        object.__setattr__(self, "models", tuple(dict.fromkeys(self.models)))
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    kind: Kind
+    target: str  # node did or cloud name
+    model: str
+    est_seconds: float
+    est_cost: float
+    preference: int  # index of `model` in the request's candidate models
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    kind: Kind | None  # None: no node or cloud has the model at all
+    target: str
+    model: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    candidates: list[Candidate]
+    rejected: list[Rejection]
+    omitted: int = 0  # survivors left out by `limit`
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.candidates[0] if self.candidates else None
+
+    def explain(self) -> str:
+        """Why candidates were dropped, most common reason first (for a 503 message)."""
+        counts = Counter(r.reason for r in self.rejected)
+        return "; ".join(f"{n} x {reason}" for reason, n in counts.most_common())
+
+
+def _edge(req: Request, snap: Snapshot, rejected: list[Rejection]) -> list[Candidate]:
+    filters = rules.node_filters(req)
+    out = []
+    for pref, model in enumerate(req.models):
+        for slot in snap.slots_for(model):
+            reason = rules.first_failure(filters, slot, req)
+            if reason is not None:
+                rejected.append(Rejection(Kind.NODE, slot.node.did, model, reason))
+                continue
+            est = rules.node_estimate(slot, req)
+            out.append(Candidate(Kind.NODE, slot.node.did, model, est, 0.0, pref, slot.notes))
+    return out
+
+
+def _cloud(req: Request, snap: Snapshot, rejected: list[Rejection], edge: bool) -> list[Candidate]:
+    filters = rules.cloud_filters(req)
+    notes = ("budget near: after every edge node",) if req.budget_state == Budget.NEAR else ()
+    out = []
+    for pref, model in enumerate(req.models):
+        for cloud in snap.clouds_for(model):
+            reason = rules.first_failure(filters, cloud, req)
+            if reason is None and edge and req.prefer == Prefer.LOCAL:
+                reason = rules.LOCAL_EDGE_FIRST
+            if reason is not None:
+                rejected.append(Rejection(Kind.CLOUD, cloud.name, model, reason))
+                continue
+            seconds, cost = rules.cloud_estimate(cloud, req)
+            out.append(Candidate(Kind.CLOUD, cloud.name, model, seconds, cost, pref, notes))
+    return out
+
+
+def schedule(request: Request, snapshot: Snapshot, *, limit: int | None = None) -> Decision:
+    """Rank every node and cloud that can serve `request`; say why the others cannot.
+
+    With `limit`, only the best `limit` candidates are returned and `omitted`
+    counts the rest (the dispatcher needs a few tries, not the whole fleet).
+    """
+    rejected: list[Rejection] = [
+        Rejection(None, "", m, f"no node or cloud has model {m!r}")
+        for m in request.models
+        if not snapshot.slots_for(m) and not snapshot.clouds_for(m)
+    ]
+    edge = _edge(request, snapshot, rejected)
+    ranked = edge + _cloud(request, snapshot, rejected, bool(edge))
+    key = rules.rank_key(request)
+    if limit is None or limit >= len(ranked):
+        return Decision(sorted(ranked, key=key), rejected)
+    best = heapq.nsmallest(max(limit, 0), ranked, key=key)
+    return Decision(best, rejected, omitted=len(ranked) - len(best))
