@@ -1,0 +1,107 @@
+"""Where nodes come in: authorizing handshakes and serving each node's link.
+
+`authorize` runs inside the websocket upgrade, before any websocket exists:
+an enrolling node proves its one-time token, an enrolled node proves nothing
+more than its key (the Noise handshake already did), a revoked or unknown
+node gets a 403 with the reason. `on_link` then owns the node's entry in the
+registry for as long as the connection lives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from coordinator.errors import EnrollmentRefused
+from coordinator.registry import NodeConn, Registry
+from coordinator.store import Store
+from tunnel import Frame, FrameType, Hello, Link, Mux, RefusedError, TunnelError
+
+log = logging.getLogger(__name__)
+
+TOUCH_EVERY_S = 10.0
+
+
+class Gateway:
+    def __init__(self, store: Store, registry: Registry) -> None:
+        self.store = store
+        self.registry = registry
+
+    async def authorize(self, hello: Hello, remote: str) -> dict[str, Any]:
+        now = time.time()
+        if hello.enroll is not None:
+            token_id, secret = hello.enroll
+            try:
+                node = await asyncio.to_thread(
+                    self.store.redeem_token, token_id, secret, hello.did, now
+                )
+            except EnrollmentRefused as exc:
+                log.warning("enrollment refused for %s from %s: %s", hello.did, remote, exc)
+                raise RefusedError(403, str(exc)) from None
+            log.info("enrolled node %s from %s with labels %s", hello.did, remote, node.labels)
+            return {"did": hello.did, "enrolled": True, "labels": node.labels}
+        record = await asyncio.to_thread(self.store.get_node, hello.did)
+        if record is None:
+            log.warning("refused unknown node %s from %s", hello.did, remote)
+            raise RefusedError(403, f"unknown node {hello.did}: enroll it with a token first")
+        if record.revoked_at is not None:
+            log.warning("refused revoked node %s from %s", hello.did, remote)
+            raise RefusedError(403, f"node {hello.did} has been revoked")
+        fresh = await asyncio.to_thread(
+            self.store.advance_handshake_ts, hello.did, hello.timestamp_ms
+        )
+        if not fresh:
+            log.warning("refused replayed handshake of %s from %s", hello.did, remote)
+            raise RefusedError(403, "handshake timestamp is not newer than the last one")
+        return {"did": hello.did, "enrolled": False, "labels": record.labels}
+
+    async def on_link(self, link: Link) -> None:
+        hello = link.hello
+        assert hello is not None
+        if hello.enroll is not None:
+            await link.wait_closed()  # an enrollment connection carries no traffic
+            return
+        record = await asyncio.to_thread(self.store.get_node, hello.did)
+        labels = dict(record.labels) if record else {}
+        conn: NodeConn | None = None
+
+        async def on_control(frame: Frame) -> None:
+            if conn is not None:
+                await self._control(conn, frame)
+
+        mux = Mux(link, initiator=False, on_control=on_control)
+        conn = NodeConn(did=hello.did, labels=labels, link=link, mux=mux)
+        old = self.registry.add(conn)
+        if old is not None:
+            log.warning("node %s connected again; closing its older connection", hello.did)
+            await old.link.close("replaced by a newer connection")
+        log.info("node %s connected (%s)", hello.did, hello.info)
+        try:
+            await mux.run()
+        except TunnelError as exc:
+            log.warning("node %s link failed: %s", hello.did, exc)
+        finally:
+            self.registry.remove(conn)
+            log.info("node %s disconnected", hello.did)
+            await asyncio.to_thread(self.store.touch_node, hello.did, time.time(), None)
+
+    async def _control(self, conn: NodeConn, frame: Frame) -> None:
+        body = frame.body if isinstance(frame.body, dict) else {}
+        if frame.type == FrameType.INVENTORY:
+            models = body.get("models")
+            if isinstance(models, list) and all(isinstance(m, str) for m in models):
+                conn.models = list(models)
+                conn.inventory = body
+                await asyncio.to_thread(
+                    self.store.touch_node, conn.did, time.time(), conn.models
+                )
+                log.info("node %s serves %s", conn.did, conn.models)
+        elif frame.type == FrameType.TELEMETRY:
+            conn.telemetry = body
+            now = time.time()
+            if now - conn.touched_at > TOUCH_EVERY_S:
+                conn.touched_at = now
+                await asyncio.to_thread(self.store.touch_node, conn.did, now, None)
+

@@ -1,0 +1,78 @@
+"""`meshgate-coordinator serve`: the public API and the tunnel endpoint in one process.
+
+Start-up, loop, graceful shutdown (uvicorn's lifecycle): uvicorn owns the
+signals; when it returns, the tunnel endpoint closes its links and the store
+is disposed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import uvicorn
+
+from coordinator.api import ApiContext, build_app
+from coordinator.gateway import Gateway
+from coordinator.registry import Registry
+from coordinator.state import ServeOptions, StateDir
+from coordinator.store import Store, UsageRecord
+from tunnel import serve as serve_tunnel
+
+log = logging.getLogger(__name__)
+
+
+def _context(store: Store, registry: Registry) -> ApiContext:
+    def verify_key(plaintext: str) -> str | None:
+        record = store.verify_key(plaintext)
+        return record.key_id if record else None
+
+    def known_models() -> set[str]:
+        return {m for node in store.list_nodes() if node.revoked_at is None for m in node.models}
+
+    def record_usage(row: dict[str, Any]) -> None:
+        store.record_usage(UsageRecord(**row, created_at=time.time()))
+
+    return ApiContext(registry, verify_key, known_models, record_usage)
+
+
+async def serve(opts: ServeOptions) -> None:
+    state = StateDir(opts.state_dir)
+    store = Store(state.db_url)
+    registry = Registry()
+    gateway = Gateway(store, registry)
+    tunnel_server = await serve_tunnel(
+        opts.tunnel_host, opts.tunnel_port, state.static_key(), gateway.authorize, gateway.on_link
+    )
+    tunnel_port = next(iter(tunnel_server.sockets)).getsockname()[1]
+    advertised_host = "127.0.0.1" if opts.tunnel_host in ("0.0.0.0", "::", "") else opts.tunnel_host  # noqa: S104
+    tunnel_url = opts.advertise_url or f"ws://{advertised_host}:{tunnel_port}"
+    api_host = "127.0.0.1" if opts.api_host in ("0.0.0.0", "::", "") else opts.api_host  # noqa: S104
+    state.write_advertise(tunnel_url=tunnel_url, api_url=f"http://{api_host}:{opts.api_port}")
+    log.info("tunnel endpoint on %s (advertised as %s)", tunnel_port, tunnel_url)
+    config = uvicorn.Config(
+        build_app(_context(store, registry)),
+        host=opts.api_host,
+        port=opts.api_port,
+        log_level=opts.log_level.lower(),
+        access_log=False,
+        lifespan="off",
+    )
+    server = uvicorn.Server(config)
+    try:
+        await server.serve()
+    finally:
+        tunnel_server.close()
+        await tunnel_server.wait_closed()
+        store.close()
+        log.info("coordinator stopped")
+
+
+def run_server(opts: ServeOptions) -> None:
+    logging.basicConfig(
+        level=opts.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve(opts))

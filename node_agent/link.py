@@ -1,0 +1,157 @@
+"""The node's side of the tunnel: stay connected, serve the coordinator's requests.
+
+One long-lived task: connect (fresh handshake and ephemeral keys every try),
+announce the inventory, send telemetry on a period, and run each request the
+coordinator opens as its own task. A lost connection is retried with
+full-jitter exponential backoff; a refusal (401/403: revoked, unknown) is
+final and ends the loop with the coordinator's reason in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+from meshgate.openai import OpenAIError
+from meshgate.protocol import OpenRequest, ProtocolViolation, error_body
+from node_agent.models import ModelManager
+from node_agent.runtime import usage_of
+from node_agent.state import Enrollment
+from tunnel import (
+    ClosedError,
+    Frame,
+    FrameType,
+    Identity,
+    Mux,
+    RefusedError,
+    Stream,
+    TunnelError,
+    backoff,
+    connect,
+)
+
+log = logging.getLogger(__name__)
+
+STABLE_AFTER_S = 60.0
+
+
+class CoordinatorLink:
+    def __init__(
+        self,
+        identity: Identity,
+        enrollment: Enrollment,
+        manager: ModelManager,
+        *,
+        telemetry: Callable[[], dict[str, Any]] | None = None,
+        telemetry_period: float = 2.0,
+    ) -> None:
+        self.identity = identity
+        self.enrollment = enrollment
+        self.manager = manager
+        self.telemetry = telemetry
+        self.telemetry_period = telemetry_period
+        self.connected = asyncio.Event()
+        self.refused: RefusedError | None = None
+
+    async def run(self) -> None:
+        """Keep the link up until cancelled or refused."""
+        delays = backoff()
+        while True:
+            started = time.monotonic()
+            try:
+                await self._session()
+            except RefusedError as exc:
+                self.refused = exc
+                log.error("coordinator refused this node, not retrying: %s", exc.reason)
+                return
+            except (TunnelError, OSError) as exc:
+                log.warning("tunnel to %s lost: %s", self.enrollment.url, exc)
+            finally:
+                self.connected.clear()
+            if time.monotonic() - started > STABLE_AFTER_S:
+                delays = backoff()
+            delay = next(delays)
+            log.info("reconnecting in %.1f s", delay)
+            await asyncio.sleep(delay)
+
+    async def _session(self) -> None:
+        link = await connect(
+            self.enrollment.url,
+            self.identity,
+            self.enrollment.coordinator_key,
+            info={"host": platform.node(), "version": "0.1.0"},
+        )
+        mux = Mux(link, initiator=True, on_stream=self._serve)
+        log.info("connected to coordinator %s as %s", self.enrollment.url, self.identity.did)
+        await mux.send_control(FrameType.INVENTORY, self.inventory())
+        self.connected.set()
+        heartbeat = asyncio.create_task(self._heartbeat(mux))
+        try:
+            await mux.run()
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            await link.close()
+        raise ClosedError("coordinator closed the tunnel")
+
+    def inventory(self) -> dict[str, Any]:
+        return {"models": self.manager.names()}
+
+    async def _heartbeat(self, mux: Mux) -> None:
+        while True:
+            body = self.telemetry() if self.telemetry else {"runtime": self.manager.stats()}
+            body.setdefault("ts", time.time())
+            await mux.send_control(FrameType.TELEMETRY, body)
+            await asyncio.sleep(self.telemetry_period)
+
+    async def _serve(self, stream: Stream, frame: Frame) -> None:
+        """Run one request; stop generating if the coordinator cancels it."""
+        work = asyncio.create_task(self._answer(stream, frame))
+        watch = asyncio.create_task(_wait_cancel(stream))
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if watch in done and not work.done():
+            log.info("stream %s cancelled by the coordinator", stream.id)
+            work.cancel()
+        watch.cancel()
+        for task in (work, watch):
+            with contextlib.suppress(asyncio.CancelledError, TunnelError):
+                await task
+
+    async def _answer(self, stream: Stream, frame: Frame) -> None:
+        try:
+            request = OpenRequest.from_wire(frame.body)
+        except ProtocolViolation as exc:
+            await stream.send(FrameType.ERROR, error_body(400, str(exc)))
+            return
+        log.info("request %s: %s %s", request.request_id, request.endpoint, request.model)
+        try:
+            async with self.manager.use(request.model) as runtime:
+                if request.stream:
+                    usage = None
+                    async for chunk in runtime.stream(request.endpoint, request.body):
+                        usage = usage_of(chunk) or usage
+                        await stream.send(FrameType.DATA, chunk)
+                else:
+                    data, usage = await runtime.complete(request.endpoint, request.body)
+                    await stream.send(FrameType.DATA, data)
+            await stream.send(FrameType.END, {"usage": usage})
+        except OpenAIError as exc:
+            await stream.send(
+                FrameType.ERROR,
+                error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "node"),
+            )
+
+
+async def _wait_cancel(stream: Stream) -> None:
+    """Return when the coordinator cancels the stream or the link dies."""
+    with contextlib.suppress(ClosedError):
+        while True:
+            frame = await stream.recv()
+            if frame.type == FrameType.CANCEL:
+                return
