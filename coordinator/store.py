@@ -1,0 +1,481 @@
+"""The coordinator's durable state: enrollment tokens, nodes, API keys, the usage ledger.
+
+SQLAlchemy 2.0 on a SQLite file by default (WAL, synchronous=NORMAL, a busy
+timeout), or PostgreSQL by URL; the queries are plain SQLAlchemy, nothing
+dialect-specific. The API is synchronous: async callers wrap each call in
+`asyncio.to_thread`. Several processes may open one store at once (the server
+and the admin CLI), so every read-modify-write runs in one transaction that
+takes the write lock up front (`BEGIN IMMEDIATE` on SQLite, `SELECT ... FOR
+UPDATE` on PostgreSQL), and the writes that must happen once are conditional
+UPDATEs whose row count is checked.
+
+Secrets are never stored: tokens and API keys keep only a SHA-256 of their
+secret, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, cast
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CursorResult,
+    Engine,
+    Integer,
+    LargeBinary,
+    String,
+    case,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.sql.dml import Update
+
+from coordinator.errors import (
+    CoordinatorError,
+    EnrollmentRefused,
+    KeyNameTaken,
+    UnknownKey,
+    UnknownNode,
+)
+
+KEY_PREFIX = "mg_"
+SECRET_LEN = 32
+BUSY_TIMEOUT_MS = 10_000
+_BEGIN_OPTION = "meshgate_begin"
+
+UsageGroup = Literal["key", "node", "model"]
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {  # noqa: RUF012 - SQLAlchemy reads it as a class attribute
+        dict[str, str]: JSON,
+        dict[str, Any]: JSON,
+        list[str]: JSON,
+        bytes: LargeBinary(32),
+        int: BigInteger,
+    }
+
+
+class TokenRow(Base):
+    __tablename__ = "enrollment_tokens"
+    token_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    secret_hash: Mapped[bytes]
+    labels: Mapped[dict[str, str]]
+    created_at: Mapped[float]
+    expires_at: Mapped[float]
+    used_at: Mapped[float | None]
+    used_by: Mapped[str | None] = mapped_column(String(255))
+
+
+class NodeRow(Base):
+    __tablename__ = "nodes"
+    did: Mapped[str] = mapped_column(String(255), primary_key=True)
+    labels: Mapped[dict[str, str]]
+    enrolled_at: Mapped[float]
+    token_id: Mapped[str | None] = mapped_column(String(64))
+    revoked_at: Mapped[float | None]
+    last_seen: Mapped[float | None]
+    models: Mapped[list[str]]
+    last_ts_ms: Mapped[int | None]
+
+
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+    key_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    secret_hash: Mapped[bytes]
+    scopes: Mapped[dict[str, Any]]
+    created_at: Mapped[float]
+    revoked_at: Mapped[float | None]
+
+
+class UsageRow(Base):
+    __tablename__ = "usage"
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    key_id: Mapped[str | None] = mapped_column(String(64))
+    node_did: Mapped[str | None] = mapped_column(String(255))
+    upstream: Mapped[str | None] = mapped_column(String(200))
+    model: Mapped[str] = mapped_column(String(255))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    prompt_tokens: Mapped[int]
+    completion_tokens: Mapped[int]
+    latency_ms: Mapped[float]
+    outcome: Mapped[str] = mapped_column(String(64))
+    cost: Mapped[float]
+    created_at: Mapped[float] = mapped_column(index=True)
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    did: str
+    labels: dict[str, str]
+    enrolled_at: float
+    revoked_at: float | None
+    last_seen: float | None
+    models: list[str]
+    last_ts_ms: int | None
+
+    @classmethod
+    def of(cls, row: NodeRow) -> NodeRecord:
+        return cls(row.did, dict(row.labels), row.enrolled_at, row.revoked_at,
+                   row.last_seen, list(row.models), row.last_ts_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    key_id: str
+    name: str
+    created_at: float
+    revoked_at: float | None
+    scopes: dict[str, Any]
+
+    @property
+    def models(self) -> list[str] | None:
+        """The models this key may use; None means every model."""
+        models = self.scopes.get("models")
+        return [str(m) for m in models] if isinstance(models, list) else None
+
+    def allows_model(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    @classmethod
+    def of(cls, row: ApiKeyRow) -> ApiKeyRecord:
+        return cls(row.key_id, row.name, row.created_at, row.revoked_at, dict(row.scopes))
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One ledger row: a request served by a node (node_did) or a cloud upstream (upstream)."""
+
+    request_id: str
+    key_id: str | None
+    node_did: str | None
+    model: str
+    endpoint: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    outcome: str
+    created_at: float
+    upstream: str | None = None
+    cost: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotal:
+    """The ledger summed over one group (a key id, a node did or upstream, or a model)."""
+
+    group: str
+    requests: int
+    ok: int
+    prompt_tokens: int
+    completion_tokens: int
+    avg_latency_ms: float
+    cost: float
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+def _on_sqlite_connect(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+    # Let SQLAlchemy, not pysqlite, emit BEGIN, so that writers can ask for IMMEDIATE.
+    dbapi_conn.isolation_level = None
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_MS)}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _on_sqlite_begin(conn: Any) -> None:
+    immediate = conn.get_execution_options().get(_BEGIN_OPTION) == "IMMEDIATE"
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _rowcount(session: Session, stmt: Update) -> int:
+    result = session.execute(stmt, execution_options={"synchronize_session": False})
+    return cast("CursorResult[Any]", result).rowcount
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: Engine = create_engine(url)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _on_sqlite_connect)
+            event.listen(self.engine, "begin", _on_sqlite_begin)
+        Base.metadata.create_all(self.engine)
+        self._reader = sessionmaker(self.engine, expire_on_commit=False)
+        self._writer = sessionmaker(
+            self.engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"}),
+            expire_on_commit=False,
+        )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        """One transaction that holds the write lock from its first statement."""
+        with self._writer.begin() as session:
+            yield session
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._reader() as session:
+            yield session
+
+    # -- enrollment tokens
+
+    def create_token(self, ttl_s: int, labels: dict[str, str], now: float) -> tuple[str, bytes]:
+        """A new one-time enrollment token; returns (token_id, secret). Only the hash is kept."""
+        if ttl_s <= 0:
+            raise CoordinatorError(f"a token's lifetime must be positive, not {ttl_s} s")
+        token_id = secrets.token_urlsafe(9)
+        secret = secrets.token_bytes(SECRET_LEN)
+        with self._write() as s:
+            s.add(TokenRow(token_id=token_id, secret_hash=_sha256(secret), labels=dict(labels),
+                           created_at=now, expires_at=now + ttl_s, used_at=None, used_by=None))
+        return token_id, secret
+
+    def redeem_token(self, token_id: str, secret: bytes, did: str, now: float) -> NodeRecord:
+        """Spend a token once to enroll `did`; raises EnrollmentRefused with the reason."""
+        with self._write() as s:
+            token = s.scalars(
+                select(TokenRow).where(TokenRow.token_id == token_id).with_for_update()
+            ).one_or_none()
+            if token is None:
+                raise EnrollmentRefused("unknown enrollment token")
+            if not hmac.compare_digest(token.secret_hash, _sha256(secret)):
+                raise EnrollmentRefused("enrollment token secret does not match")
+            if token.used_at is not None:
+                raise EnrollmentRefused(_used_message(token))
+            if now >= token.expires_at:
+                raise EnrollmentRefused(f"enrollment token expired at {iso(token.expires_at)}")
+            node = s.get(NodeRow, did, with_for_update=True)
+            if node is not None and node.revoked_at is None:
+                raise EnrollmentRefused(f"node already enrolled: {did}")
+            spent = _rowcount(s, update(TokenRow)
+                              .where(TokenRow.token_id == token_id, TokenRow.used_at.is_(None))
+                              .values(used_at=now, used_by=did))
+            if spent != 1:  # another transaction won the race
+                s.refresh(token)
+                raise EnrollmentRefused(_used_message(token))
+            if node is None:
+                node = NodeRow(did=did, models=[], last_seen=None, last_ts_ms=None)
+                s.add(node)
+            node.labels = dict(token.labels)
+            node.enrolled_at = now
+            node.token_id = token_id
+            node.revoked_at = None
+            node.models = []
+            node.last_seen = None
+            s.flush()
+            return NodeRecord.of(node)
+
+    # -- nodes
+
+    def get_node(self, did: str) -> NodeRecord | None:
+        with self._read() as s:
+            row = s.get(NodeRow, did)
+            return NodeRecord.of(row) if row else None
+
+    def list_nodes(self) -> list[NodeRecord]:
+        with self._read() as s:
+            rows = s.scalars(select(NodeRow).order_by(NodeRow.enrolled_at, NodeRow.did))
+            return [NodeRecord.of(r) for r in rows]
+
+    def revoke_node(self, did: str, now: float) -> bool:
+        """Revoke an enrolled node; False if it was already revoked. Unknown: UnknownNode."""
+        with self._write() as s:
+            if s.get(NodeRow, did) is None:
+                raise UnknownNode(did)
+            return _rowcount(s, update(NodeRow)
+                             .where(NodeRow.did == did, NodeRow.revoked_at.is_(None))
+                             .values(revoked_at=now)) == 1
+
+    def touch_node(self, did: str, now: float, models: list[str] | None = None) -> None:
+        """Record that the node was seen (and, if given, what it serves now)."""
+        values: dict[str, Any] = {"last_seen": now}
+        if models is not None:
+            values["models"] = list(models)
+        with self._write() as s:
+            s.execute(update(NodeRow).where(NodeRow.did == did).values(**values),
+                      execution_options={"synchronize_session": False})
+
+    def advance_handshake_ts(self, did: str, ts_ms: int) -> bool:
+        """Move the node's handshake timestamp forward; False if `ts_ms` is not newer."""
+        with self._write() as s:
+            newer = (NodeRow.last_ts_ms.is_(None)) | (NodeRow.last_ts_ms < ts_ms)
+            return _rowcount(s, update(NodeRow)
+                             .where(NodeRow.did == did, newer)
+                             .values(last_ts_ms=ts_ms)) == 1
+
+    # -- API keys
+
+    def create_key(
+        self, name: str, now: float, *, models: list[str] | None = None
+    ) -> tuple[ApiKeyRecord, str]:
+        """A new API key; returns its record and the plaintext, shown once and never stored."""
+        name = name.strip()
+        if not name or len(name) > 200:
+            raise CoordinatorError("an API key needs a name of 1 to 200 characters")
+        scopes: dict[str, Any] = {"models": sorted(set(models))} if models else {}
+        key_id = secrets.token_hex(6)
+        secret = secrets.token_urlsafe(SECRET_LEN)
+        with self._write() as s:
+            live = s.scalars(select(ApiKeyRow.key_id).where(
+                ApiKeyRow.name == name, ApiKeyRow.revoked_at.is_(None))).first()
+            if live is not None:
+                raise KeyNameTaken(name, live)
+            row = ApiKeyRow(key_id=key_id, name=name, secret_hash=_sha256(secret.encode()),
+                            scopes=scopes, created_at=now, revoked_at=None)
+            s.add(row)
+            s.flush()
+            return ApiKeyRecord.of(row), f"{KEY_PREFIX}{key_id}_{secret}"
+
+    def verify_key(self, plaintext: str) -> ApiKeyRecord | None:
+        """The live key this plaintext proves, or None (malformed, unknown, wrong, revoked)."""
+        if not plaintext.startswith(KEY_PREFIX) or len(plaintext) > 256:
+            return None
+        key_id, sep, secret = plaintext[len(KEY_PREFIX):].partition("_")
+        if not sep or not key_id or not secret:
+            return None
+        with self._read() as s:
+            row = s.get(ApiKeyRow, key_id)
+            if row is None or row.revoked_at is not None:
+                return None
+            if not hmac.compare_digest(row.secret_hash, _sha256(secret.encode())):
+                return None
+            return ApiKeyRecord.of(row)
+
+    def list_keys(self) -> list[ApiKeyRecord]:
+        with self._read() as s:
+            rows = s.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at, ApiKeyRow.key_id))
+            return [ApiKeyRecord.of(r) for r in rows]
+
+    def revoke_key(self, key_id_or_name: str, now: float | None = None) -> bool:
+        """Revoke a key by id or name; False if it was already revoked. Unknown: UnknownKey."""
+        with self._write() as s:
+            row = _find_key(s, key_id_or_name)
+            if row.revoked_at is not None:
+                return False
+            row.revoked_at = now if now is not None else time.time()
+            return True
+
+    def rotate_key(self, key_id_or_name: str, now: float) -> str:
+        """A new secret for a live key (same id, name and scopes); the old one stops working."""
+        del now  # kept in the signature for a rotated_at column; nothing records it yet
+        secret = secrets.token_urlsafe(SECRET_LEN)
+        with self._write() as s:
+            row = _find_key(s, key_id_or_name)
+            if row.revoked_at is not None:
+                raise CoordinatorError(f"API key {row.name!r} ({row.key_id}) is revoked; "
+                                       "create a new one instead")
+            row.secret_hash = _sha256(secret.encode())
+            return f"{KEY_PREFIX}{row.key_id}_{secret}"
+
+    # -- usage ledger
+
+    def record_usage(self, record: UsageRecord) -> None:
+        with self._write() as s:
+            s.add(UsageRow(
+                request_id=record.request_id, key_id=record.key_id, node_did=record.node_did,
+                upstream=record.upstream, model=record.model, endpoint=record.endpoint,
+                prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+                latency_ms=record.latency_ms, outcome=record.outcome, cost=record.cost,
+                created_at=record.created_at,
+            ))
+
+    def usage_rows(self, since: float | None = None) -> list[UsageRecord]:
+        query = select(UsageRow).order_by(UsageRow.created_at, UsageRow.id)
+        if since is not None:
+            query = query.where(UsageRow.created_at >= since)
+        with self._read() as s:
+            return [_usage_record(r) for r in s.scalars(query)]
+
+    def usage_totals(self, by: UsageGroup, since: float | None = None) -> list[UsageTotal]:
+        """The ledger summed per key, node (or upstream) or model, in the database."""
+        column = {
+            "key": func.coalesce(UsageRow.key_id, "-"),
+            "node": func.coalesce(UsageRow.node_did, UsageRow.upstream, "-"),
+            "model": UsageRow.model,
+        }[by]
+        query = select(
+            column,
+            func.count(UsageRow.id),
+            func.sum(case((UsageRow.outcome == "ok", 1), else_=0)),
+            func.sum(UsageRow.prompt_tokens),
+            func.sum(UsageRow.completion_tokens),
+            func.avg(UsageRow.latency_ms),
+            func.sum(UsageRow.cost),
+        ).group_by(column).order_by(column)
+        if since is not None:
+            query = query.where(UsageRow.created_at >= since)
+        with self._read() as s:
+            return [
+                UsageTotal(str(g), int(n), int(ok or 0), int(p or 0), int(c or 0),
+                           float(lat or 0.0), float(cost or 0.0))
+                for g, n, ok, p, c, lat, cost in s.execute(query)
+            ]
+
+
+def _used_message(token: TokenRow) -> str:
+    when = iso(token.used_at) if token.used_at is not None else "an unknown time"
+    return f"enrollment token was already used (by {token.used_by} at {when})"
+
+
+def _find_key(session: Session, key_id_or_name: str) -> ApiKeyRow:
+    """By id; else the live key of that name; else the latest revoked one of that name."""
+    row = session.get(ApiKeyRow, key_id_or_name, with_for_update=True)
+    if row is not None:
+        return row
+    by_name = session.scalars(
+        select(ApiKeyRow).where(ApiKeyRow.name == key_id_or_name).with_for_update()
+        .order_by(ApiKeyRow.revoked_at.is_not(None), ApiKeyRow.created_at.desc())
+    ).first()
+    if by_name is None:
+        raise UnknownKey(key_id_or_name)
+    return by_name
+
+
+def _usage_record(row: UsageRow) -> UsageRecord:
+    return UsageRecord(
+        request_id=row.request_id, key_id=row.key_id, node_did=row.node_did, model=row.model,
+        endpoint=row.endpoint, prompt_tokens=row.prompt_tokens,
+        completion_tokens=row.completion_tokens, latency_ms=row.latency_ms,
+        outcome=row.outcome, created_at=row.created_at, upstream=row.upstream, cost=row.cost,
+    )
