@@ -22,6 +22,7 @@ import heapq
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from coordinator import scheduler_rules as rules
 from coordinator.routing import Prefer
@@ -133,8 +134,7 @@ class Request:
         object.__setattr__(self, "models", tuple(dict.fromkeys(self.models)))
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
+class Candidate(NamedTuple):
     kind: Kind
     target: str  # node did or cloud name
     model: str
@@ -144,8 +144,7 @@ class Candidate:
     reasons: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Rejection:
+class Rejection(NamedTuple):
     kind: Kind | None  # None: no node or cloud has the model at all
     target: str
     model: str
@@ -168,24 +167,49 @@ class Decision:
         return "; ".join(f"{n} x {reason}" for reason, n in counts.most_common())
 
 
-def _edge(req: Request, snap: Snapshot, rejected: list[Rejection]) -> list[Candidate]:
-    filters = rules.node_filters(req)
-    out = []
+class _LabelCheck:
+    """The label and residency rules for one request, cached per distinct label set."""
+
+    def __init__(self, req: Request) -> None:
+        self._req = req
+        self._filters = rules.label_filters(req)
+        self._seen: dict[tuple[tuple[str, str], ...], str | None] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._filters)
+
+    def reason(self, slot: Slot) -> str | None:
+        if slot.label_key not in self._seen:
+            labels = slot.node.labels
+            self._seen[slot.label_key] = next(
+                (r for f in self._filters if (r := f(labels, self._req)) is not None), None)
+        return self._seen[slot.label_key]
+
+
+def _edge(req: Request, snap: Snapshot, rejected: list[Rejection]) -> list[rules.Row]:
+    """Node rows. Hot path: a ready slot whose context fits needs only the label check;
+    every other slot goes through the filters in order, which name the first failure."""
+    filters, labels = rules.node_filters(req), _LabelCheck(req) or None
+    need = req.prompt_tokens + req.max_tokens
+    out: list[rules.Row] = []
     for pref, model in enumerate(req.models):
         for slot in snap.slots_for(model):
-            reason = rules.first_failure(filters, slot, req)
-            if reason is not None:
-                rejected.append(Rejection(Kind.NODE, slot.node.did, model, reason))
-                continue
-            est = rules.node_estimate(slot, req)
-            out.append(Candidate(Kind.NODE, slot.node.did, model, est, 0.0, pref, slot.notes))
+            if slot.ready and need <= slot.model.context_length:
+                reason = labels.reason(slot) if labels else None
+            else:
+                reason = rules.first_failure(filters, slot, req)
+            if reason is None:
+                est = rules.node_estimate(slot, req)
+                out.append((est, 0.0, pref, 0, slot.did, model, slot.notes))
+            else:
+                rejected.append(Rejection._make((Kind.NODE, slot.did, model, reason)))
     return out
 
 
-def _cloud(req: Request, snap: Snapshot, rejected: list[Rejection], edge: bool) -> list[Candidate]:
+def _cloud(req: Request, snap: Snapshot, rejected: list[Rejection], edge: bool) -> list[rules.Row]:
     filters = rules.cloud_filters(req)
     notes = ("budget near: after every edge node",) if req.budget_state == Budget.NEAR else ()
-    out = []
+    out: list[rules.Row] = []
     for pref, model in enumerate(req.models):
         for cloud in snap.clouds_for(model):
             reason = rules.first_failure(filters, cloud, req)
@@ -195,8 +219,13 @@ def _cloud(req: Request, snap: Snapshot, rejected: list[Rejection], edge: bool) 
                 rejected.append(Rejection(Kind.CLOUD, cloud.name, model, reason))
                 continue
             seconds, cost = rules.cloud_estimate(cloud, req)
-            out.append(Candidate(Kind.CLOUD, cloud.name, model, seconds, cost, pref, notes))
+            out.append((seconds, cost, pref, 1, cloud.name, model, notes))
     return out
+
+
+def _candidate(row: rules.Row) -> Candidate:
+    est, cost, pref, kind, target, model, notes = row
+    return Candidate._make((rules.KINDS[kind], target, model, est, cost, pref, notes))
 
 
 def schedule(request: Request, snapshot: Snapshot, *, limit: int | None = None) -> Decision:
@@ -211,9 +240,9 @@ def schedule(request: Request, snapshot: Snapshot, *, limit: int | None = None) 
         if not snapshot.slots_for(m) and not snapshot.clouds_for(m)
     ]
     edge = _edge(request, snapshot, rejected)
-    ranked = edge + _cloud(request, snapshot, rejected, bool(edge))
+    rows = edge + _cloud(request, snapshot, rejected, bool(edge))
     key = rules.rank_key(request)
-    if limit is None or limit >= len(ranked):
-        return Decision(sorted(ranked, key=key), rejected)
-    best = heapq.nsmallest(max(limit, 0), ranked, key=key)
-    return Decision(best, rejected, omitted=len(ranked) - len(best))
+    if limit is None or limit >= len(rows):
+        return Decision(list(map(_candidate, sorted(rows, key=key))), rejected)
+    best = heapq.nsmallest(max(limit, 0), rows, key=key)
+    return Decision(list(map(_candidate, best)), rejected, omitted=len(rows) - len(best))

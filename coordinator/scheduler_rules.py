@@ -11,7 +11,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, TypeVar
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from coordinator.routing import Prefer
 
@@ -37,9 +38,6 @@ class Budget(StrEnum):
     OVER = "over"
 
 
-KIND_RANK = {Kind.NODE: 0, Kind.CLOUD: 1}
-
-
 def seconds_per_token(rate: float, fallback: float) -> float:
     return 1.0 / rate if rate > 0 and math.isfinite(rate) else 1.0 / fallback
 
@@ -59,10 +57,13 @@ class Slot:
 
     node: NodeView
     model: ModelView
+    did: str
+    ready: bool  # connected, and loaded or fits: only context and labels left to check
+    label_key: tuple[tuple[str, str], ...]  # the node's labels, hashable, for a per-request cache
     unfit: str | None  # why the model cannot be loaded there, or None
     fixed_s: float  # round trip + load time when not loaded
-    s_per_prompt: float
-    s_per_output: float
+    prompt_s: float  # seconds per prompt token, times (queue depth + 1)
+    output_s: float  # seconds per output token, times (queue depth + 1)
     notes: tuple[str, ...]
 
 
@@ -86,13 +87,18 @@ def make_slot(node: NodeView, model: ModelView) -> Slot:
     )
     if model.queue_depth > 0:
         notes += (f"queue {model.queue_depth}",)
+    unfit = fit_reason(node, model)
+    turns = max(model.queue_depth, 0) + 1  # the queue ahead, then this request
     return Slot(
         node=node,
         model=model,
-        unfit=fit_reason(node, model),
+        did=node.did,
+        ready=node.connected and unfit is None,
+        label_key=tuple(sorted(node.labels.items())),
+        unfit=unfit,
         fixed_s=max(node.rtt_ms, 0.0) / 1000.0 + load_s,
-        s_per_prompt=seconds_per_token(model.prefill_tps, FALLBACK_PREFILL_TPS),
-        s_per_output=seconds_per_token(model.decode_tps, FALLBACK_DECODE_TPS),
+        prompt_s=turns * seconds_per_token(model.prefill_tps, FALLBACK_PREFILL_TPS),
+        output_s=turns * seconds_per_token(model.decode_tps, FALLBACK_DECODE_TPS),
         notes=notes + rate_notes(model.prefill_tps, model.decode_tps),
     )
 
@@ -146,6 +152,12 @@ def _unfit(slot: Slot, req: Request) -> str | None:
     return slot.unfit
 
 
+def label_filters(req: Request) -> tuple[Callable[[Mapping[str, str], Request], str | None], ...]:
+    """The label rules that apply to `req` (none when it asks for no labels or residency)."""
+    optional = ((req.labels, label_mismatch), (req.residency, residency_mismatch))
+    return tuple(f for on, f in optional if on)
+
+
 def node_filters(req: Request) -> tuple[NodeFilter, ...]:
     """The node filters that apply to `req`, in the order they are reported."""
     optional = ((req.labels, _node_labels), (req.residency, _node_residency))
@@ -188,9 +200,8 @@ def first_failure(filters: Sequence[Callable[[T, Request], str | None]], item: T
 
 
 def node_estimate(slot: Slot, req: Request) -> float:
-    """Queue wait (queued requests taken as this one's size) + load + prefill + decode + rtt."""
-    service = req.prompt_tokens * slot.s_per_prompt + req.max_tokens * slot.s_per_output
-    return (slot.model.queue_depth + 1) * service + slot.fixed_s
+    """(queue depth + 1) x (prefill + decode) + load + rtt: queued requests sized like this one."""
+    return req.prompt_tokens * slot.prompt_s + req.max_tokens * slot.output_s + slot.fixed_s
 
 
 def cloud_estimate(cloud: CloudView, req: Request) -> tuple[float, float]:
@@ -208,25 +219,32 @@ def cloud_estimate(cloud: CloudView, req: Request) -> tuple[float, float]:
 
 
 # --- ranking: lower key is better; kind, target and model end every key ---------------
+#
+# Survivors are ranked as plain rows, and only the rows returned become Candidates:
+#   (est_seconds, est_cost, preference, kind rank (edge 0, cloud 1), target, model, reasons)
+# (target, model, kind) is unique, so no key ever ties: the order is total and deterministic.
 
-Key = tuple[float | int | str, ...]
-
-
-def _tail(c: Candidate) -> Key:
-    return (KIND_RANK[c.kind], c.target, c.model)
-
-
-POLICY_KEYS: dict[Prefer, Callable[[Candidate], Key]] = {
-    Prefer.SPEED: lambda c: (c.est_seconds, *_tail(c)),
-    Prefer.LOCAL: lambda c: (KIND_RANK[c.kind], c.est_seconds, *_tail(c)),
-    Prefer.COST: lambda c: (c.est_cost, c.est_seconds, *_tail(c)),
-    Prefer.QUALITY: lambda c: (c.preference, c.est_seconds, *_tail(c)),
+Row = tuple[float, float, int, int, str, str, tuple[str, ...]]
+EST, COST, PREF, KIND, TARGET, MODEL, NOTES = range(7)
+KINDS = (Kind.NODE, Kind.CLOUD)
+TAIL = (KIND, TARGET, MODEL)
+POLICY_KEYS: dict[Prefer, tuple[int, ...]] = {
+    Prefer.SPEED: (EST, *TAIL),  # fastest; edge wins a tie
+    Prefer.LOCAL: (KIND, EST, TARGET, MODEL),  # edge first (cloud is only there without edge)
+    Prefer.COST: (COST, EST, *TAIL),  # cheapest (edge is free), then fastest
+    Prefer.QUALITY: (PREF, EST, *TAIL),  # earliest candidate model, then fastest
 }
 
 
-def rank_key(req: Request) -> Callable[[Candidate], Key]:
-    """The policy's key; a budget near its end puts every edge candidate first."""
-    key = POLICY_KEYS[req.prefer]
-    if req.budget_state == Budget.NEAR:
-        return lambda c: (KIND_RANK[c.kind], *key(c))
-    return key
+def rank_key(req: Request) -> Callable[[Row], tuple[Any, ...]]:
+    """The policy's key over rows; a budget near its end puts every edge row first."""
+    fields = POLICY_KEYS[req.prefer]
+    if req.budget_state == Budget.NEAR and fields[0] != KIND:
+        fields = (KIND, *fields)
+    return itemgetter(*fields)
+
+
+def row(c: Candidate) -> Row:
+    """A Candidate back as the row it was ranked as."""
+    kind = KINDS.index(c.kind)
+    return (c.est_seconds, c.est_cost, c.preference, kind, c.target, c.model, c.reasons)

@@ -23,7 +23,7 @@ from coordinator.scheduler import (
     Snapshot,
     schedule,
 )
-from coordinator.scheduler_rules import FALLBACK_DECODE_TPS, GIB, rank_key
+from coordinator.scheduler_rules import FALLBACK_DECODE_TPS, GIB, rank_key, row
 
 MODEL = "llama-8b"
 
@@ -438,7 +438,7 @@ def test_the_ranking_is_sorted_stable_and_independent_of_snapshot_order(
     snap: Snapshot, req: Request, seed: int
 ) -> None:
     decision = schedule(req, snap)
-    keys = [rank_key(req)(c) for c in decision.candidates]
+    keys = [rank_key(req)(row(c)) for c in decision.candidates]
     assert keys == sorted(keys)
     nodes, clouds = list(snap.nodes), list(snap.clouds)
     random.Random(seed).shuffle(nodes)
