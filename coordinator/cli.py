@@ -1,0 +1,329 @@
+"""`meshgate-coordinator`: run the coordinator, and administer it from the same box.
+
+Every admin command works on the store in the state directory directly, so it
+works the same whether the server runs or not. Output meant for scripts is on
+stdout (a token or a key is always the last line; `--json` is one document);
+everything meant for a person goes to stderr.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from coordinator.errors import CoordinatorError
+from coordinator.state import ServeOptions, StateDir
+from coordinator.store import ApiKeyRecord, NodeRecord, Store, UsageGroup, iso
+
+app = typer.Typer(help="meshgate coordinator", no_args_is_help=True, add_completion=False)
+token_app = typer.Typer(help="Enrollment tokens for new nodes.", no_args_is_help=True)
+key_app = typer.Typer(help="API keys for apps.", no_args_is_help=True)
+node_app = typer.Typer(help="One enrolled node.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+app.add_typer(key_app, name="key")
+app.add_typer(node_app, name="node")
+
+STATE_DIR = typer.Option(
+    Path("/var/lib/meshgate/coordinator"), "--state-dir", envvar="MESHGATE_COORDINATOR_STATE",
+    help="Where the coordinator keeps its key, database and advertised addresses.",
+)
+JSON_OUT = typer.Option(False, "--json", help="One JSON document on stdout.")
+CONNECTED_WITHIN_S = 30.0
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def _store(state_dir: Path) -> Iterator[tuple[StateDir, Store]]:
+    """The state dir and its store; store errors become a message and exit code 2."""
+    try:
+        state = StateDir(state_dir)
+        store = Store(state.db_url)
+    except CoordinatorError as exc:
+        raise _fail(str(exc)) from None
+    try:
+        yield state, store
+    except CoordinatorError as exc:
+        raise _fail(str(exc), 2) from None
+    finally:
+        store.close()
+
+
+def parse_duration(text: str) -> int:
+    """`30s`, `15m`, `1h`, `7d` (a bare number is seconds) -> seconds; ValueError if not."""
+    match = _DURATION.match(text)
+    if not match or int(match.group(1)) <= 0:
+        raise ValueError(f"bad duration {text!r}: use a positive number with s, m, h or d, "
+                         "such as 30s, 15m, 1h or 7d")
+    return int(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def parse_labels(pairs: list[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or any(c.isspace() for c in key.strip()):
+            raise ValueError(f"bad label {pair!r}: write it as key=value, such as site=lab-1")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def parse_since(text: str, now: float) -> float:
+    """An ISO date or time (UTC unless it says otherwise), or a duration back from now."""
+    try:
+        return now - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"bad --since {text!r}: give an ISO time (2025-01-31T12:00Z) "
+                         "or a duration back from now (1h, 7d)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+    for row in [header, *rows]:
+        typer.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _ago(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "never"
+    seconds = max(0, int(now - ts))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+@app.command()
+def serve(  # noqa: PLR0917 - typer passes options by keyword
+    state_dir: Path = STATE_DIR,
+    api_host: str = typer.Option("0.0.0.0", envvar="MESHGATE_API_HOST"),  # noqa: S104
+    api_port: int = typer.Option(8470, envvar="MESHGATE_API_PORT"),
+    tunnel_host: str = typer.Option("0.0.0.0", envvar="MESHGATE_TUNNEL_HOST"),  # noqa: S104
+    tunnel_port: int = typer.Option(8471, envvar="MESHGATE_TUNNEL_PORT"),
+    advertise_url: str | None = typer.Option(
+        None, envvar="MESHGATE_ADVERTISE_URL",
+        help="The ws:// or wss:// address nodes should dial, if not the tunnel's own.",
+    ),
+    log_level: str = typer.Option("info", envvar="MESHGATE_LOG_LEVEL"),
+) -> None:
+    """Run the public API and the tunnel endpoint."""
+    if advertise_url is not None and not advertise_url.startswith(("ws://", "wss://")):
+        raise _fail(f"--advertise-url must start with ws:// or wss://, not {advertise_url!r}", 2)
+    from coordinator.server import run_server
+
+    run_server(ServeOptions(
+        state_dir=state_dir, api_host=api_host, api_port=api_port, tunnel_host=tunnel_host,
+        tunnel_port=tunnel_port, advertise_url=advertise_url, log_level=log_level,
+    ))
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+@token_app.command("create")
+def token_create(
+    state_dir: Path = STATE_DIR,
+    ttl: str = typer.Option("1h", help="How long the token works: 30s, 15m, 1h, 7d."),
+    label: list[str] = typer.Option([], "--label", help="key=value given to the node; repeatable."),
+    tunnel_url: str | None = typer.Option(
+        None, help="The ws:// address nodes dial (default: what the coordinator advertises)."
+    ),
+) -> None:
+    """Make a one-time enrollment token; the token is the last line of stdout."""
+    from tunnel.token import EnrollmentToken
+
+    try:
+        ttl_s = parse_duration(ttl)
+        labels = parse_labels(label)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    if tunnel_url is not None and not tunnel_url.startswith(("ws://", "wss://")):
+        raise _fail(f"--tunnel-url must start with ws:// or wss://, not {tunnel_url!r}", 2)
+    with _store(state_dir) as (state, store):
+        if tunnel_url is None:
+            advertised = state.read_advertise()
+            if advertised is None:
+                raise _fail("no tunnel address known: start the coordinator first "
+                            "or pass --tunnel-url", 2)
+            tunnel_url = advertised.tunnel_url
+        now = time.time()
+        token_id, secret = store.create_token(ttl_s, labels, now)
+        token = EnrollmentToken(url=tunnel_url, coordinator_key=state.static_public(),
+                                token_id=token_id, secret=secret, expires_at=int(now + ttl_s))
+    shown = ", ".join(f"{k}={v}" for k, v in labels.items()) or "none"
+    typer.echo(f"enrollment token {token_id} for {tunnel_url}, works once until "
+               f"{iso(now + ttl_s)}, labels: {shown}", err=True)
+    typer.echo("on the new node run: meshgate-node enroll TOKEN", err=True)
+    typer.echo(token.encode())
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def _key_json(key: ApiKeyRecord) -> dict[str, Any]:
+    return {"key_id": key.key_id, "name": key.name, "created_at": key.created_at,
+            "revoked_at": key.revoked_at, "models": key.models,
+            "state": "revoked" if key.revoked_at is not None else "active"}
+
+
+@key_app.command("create")
+def key_create(
+    name: str = typer.Option(..., "--name", help="Who or what uses the key."),
+    model: list[str] = typer.Option([], "--model", help="Allow only this model; repeatable."),
+    state_dir: Path = STATE_DIR,
+) -> None:
+    """Make an API key; the key is the last line of stdout and is shown only once."""
+    with _store(state_dir) as (_, store):
+        record, plaintext = store.create_key(name, time.time(), models=model or None)
+    scope = ", ".join(record.models) if record.models else "every model"
+    typer.echo(f"API key {record.key_id} ({record.name}) for {scope}; store it now, "
+               "it cannot be shown again", err=True)
+    typer.echo(plaintext)
+
+
+@key_app.command("list")
+def key_list(state_dir: Path = STATE_DIR, as_json: bool = JSON_OUT) -> None:
+    """Every API key (never their secrets)."""
+    with _store(state_dir) as (_, store):
+        keys = store.list_keys()
+    if as_json:
+        typer.echo(json.dumps([_key_json(k) for k in keys], indent=2))
+        return
+    _table(["KEY ID", "NAME", "STATE", "CREATED", "MODELS"], [
+        [k.key_id, k.name, _key_json(k)["state"], iso(k.created_at),
+         ",".join(k.models) if k.models else "*"]
+        for k in keys
+    ])
+
+
+@key_app.command("revoke")
+def key_revoke(
+    key: str = typer.Argument(..., help="The key's id or name."), state_dir: Path = STATE_DIR
+) -> None:
+    """Revoke an API key at once."""
+    with _store(state_dir) as (_, store):
+        changed = store.revoke_key(key, time.time())
+    typer.echo(f"revoked API key {key}" if changed else f"API key {key} was already revoked")
+
+
+@key_app.command("rotate")
+def key_rotate(
+    key: str = typer.Argument(..., help="The key's id or name."), state_dir: Path = STATE_DIR
+) -> None:
+    """Give a key a new secret (same id, name and scopes); the new key is the last line."""
+    with _store(state_dir) as (_, store):
+        plaintext = store.rotate_key(key, time.time())
+    typer.echo(f"rotated API key {key}; the old secret no longer works", err=True)
+    typer.echo(plaintext)
+
+
+# ----------------------------------------------------------------------------- nodes
+
+
+def _node_state(node: NodeRecord, now: float) -> str:
+    if node.revoked_at is not None:
+        return "revoked"
+    if node.last_seen is not None and now - node.last_seen <= CONNECTED_WITHIN_S:
+        return "connected"
+    return "enrolled"
+
+
+@app.command()
+def nodes(state_dir: Path = STATE_DIR, as_json: bool = JSON_OUT) -> None:
+    """Every enrolled node: state, labels, when last seen, what it serves."""
+    now = time.time()
+    with _store(state_dir) as (_, store):
+        records = store.list_nodes()
+    if as_json:
+        typer.echo(json.dumps([
+            {**asdict(n), "state": _node_state(n, now),
+             "connected": _node_state(n, now) == "connected"}
+            for n in records
+        ], indent=2))
+        return
+    _table(["DID", "STATE", "LABELS", "LAST SEEN", "MODELS"], [
+        [n.did, _node_state(n, now), ",".join(f"{k}={v}" for k, v in n.labels.items()) or "-",
+         _ago(n.last_seen, now), ",".join(n.models) or "-"]
+        for n in records
+    ])
+
+
+@node_app.command("revoke")
+def node_revoke(
+    did: str = typer.Argument(..., help="The node's did:key."), state_dir: Path = STATE_DIR
+) -> None:
+    """Revoke a node: it is refused from its next handshake on."""
+    with _store(state_dir) as (_, store):
+        changed = store.revoke_node(did, time.time())
+    typer.echo(f"revoked node {did}" if changed else f"node {did} was already revoked")
+
+
+# ----------------------------------------------------------------------------- usage
+
+
+@app.command()
+def usage(
+    state_dir: Path = STATE_DIR,
+    since: str | None = typer.Option(None, help="An ISO time, or a duration back from now (1h)."),
+    by: str = typer.Option("model", help="Group by key, node or model."),
+    as_json: bool = JSON_OUT,
+    as_csv: bool = typer.Option(False, "--csv", help="CSV on stdout."),
+) -> None:
+    """Requests and tokens from the usage ledger, summed per key, node or model."""
+    if by not in ("key", "node", "model"):
+        raise _fail(f"bad --by {by!r}: use key, node or model", 2)
+    group: UsageGroup = "key" if by == "key" else "node" if by == "node" else "model"
+    try:
+        start = parse_since(since, time.time()) if since else None
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    with _store(state_dir) as (_, store):
+        totals = store.usage_totals(group, start)
+        names = {k.key_id: k.name for k in store.list_keys()} if group == "key" else {}
+    rows = [{by: t.group, **({"name": names.get(t.group, "-")} if names else {}),
+             **{k: v for k, v in asdict(t).items() if k != "group"}} for t in totals]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    elif as_csv:
+        header = [by, *(["name"] if names else []), "requests", "ok", "prompt_tokens",
+                  "completion_tokens", "avg_latency_ms", "cost"]
+        writer = csv.DictWriter(sys.stdout, fieldnames=header, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        _table([by.upper(), "REQUESTS", "OK", "PROMPT", "COMPLETION", "AVG MS", "COST"], [
+            [t.group + (f" ({names[t.group]})" if t.group in names else ""), str(t.requests),
+             str(t.ok), str(t.prompt_tokens), str(t.completion_tokens),
+             f"{t.avg_latency_ms:.0f}", f"{t.cost:.4f}"]
+            for t in totals
+        ])
+
+
+if __name__ == "__main__":
+    app()
