@@ -132,6 +132,8 @@ class Request:
         if self.prompt_tokens < 0 or self.max_tokens < 0:
             raise ValueError("request: token counts must not be negative")
         object.__setattr__(self, "models", tuple(dict.fromkeys(self.models)))
+        object.__setattr__(self, "prefer", Prefer(self.prefer))  # "cost" -> Prefer.COST
+        object.__setattr__(self, "budget_state", Budget(self.budget_state))
 
 
 class Candidate(NamedTuple):

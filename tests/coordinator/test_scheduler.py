@@ -348,6 +348,13 @@ def test_repeated_candidate_models_count_once() -> None:
     assert request(models=[MODEL, MODEL]).models == (MODEL,)
 
 
+def test_policy_and_budget_may_be_given_as_plain_strings() -> None:
+    req = request(prefer="cost", budget_state="near")
+    assert (req.prefer, req.budget_state) == (Prefer.COST, Budget.NEAR)
+    with pytest.raises(ValueError, match="'fastest'"):
+        request(prefer="fastest")
+
+
 def test_negative_token_counts_are_refused() -> None:
     with pytest.raises(ValueError, match="negative"):
         request(max_tokens=-1)
