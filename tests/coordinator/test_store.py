@@ -171,7 +171,7 @@ def test_two_concurrent_redeems_of_one_token_have_exactly_one_winner(open_store:
             gate.wait()
             try:
                 out[did] = store.redeem_token(tid, sec, did, NOW)
-            except EnrollmentRefused as exc:
+            except Exception as exc:  # reported by the asserts below, not lost in the thread
                 out[did] = exc
 
         dids = [f"{DID_A}-{round_}", f"{DID_B}-{round_}"]
@@ -181,6 +181,7 @@ def test_two_concurrent_redeems_of_one_token_have_exactly_one_winner(open_store:
             thread.start()
         for thread in threads:
             thread.join(30)
+        assert sorted(outcomes) == sorted(dids), "a thread did not finish"
         winners = [d for d in dids if isinstance(outcomes[d], NodeRecord)]
         losers = [outcomes[d] for d in dids if isinstance(outcomes[d], EnrollmentRefused)]
         assert len(winners) == 1, outcomes
