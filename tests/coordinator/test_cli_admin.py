@@ -1,0 +1,346 @@
+"""`meshgate-coordinator` admin commands, on a real state directory.
+
+Most tests drive the typer app in process (CliRunner); the ones marked as
+such run the real console module in a subprocess, as an operator would.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from coordinator.cli import app, parse_duration
+from coordinator.state import StateDir
+from coordinator.store import Store, UsageRecord
+from tunnel.token import EnrollmentToken
+
+DID = "did:key:z6MkNODE"
+TUNNEL_URL = "ws://10.0.0.5:8471"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "coordinator"
+
+
+def run(state_dir: Path, *args: str) -> Result:
+    return CliRunner().invoke(app, [*args, "--state-dir", str(state_dir)])
+
+
+def run_real(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", *args, "--state-dir", str(state_dir)],
+        capture_output=True, text=True, timeout=60, check=False, cwd=REPO,
+    )
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def open_store(state_dir: Path) -> Store:
+    return Store(StateDir(state_dir).db_url)
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def test_token_create_prints_a_token_for_the_advertised_tunnel_and_static_key(
+    state_dir: Path,
+) -> None:
+    """A real subprocess, as an operator runs it next to a running coordinator."""
+    state = StateDir(state_dir)
+    state.write_advertise(tunnel_url=TUNNEL_URL, api_url="http://10.0.0.5:8470")
+    done = run_real(state_dir, "token", "create", "--ttl", "15m", "--label", "site=lab-1")
+    assert done.returncode == 0, done.stderr
+    token = EnrollmentToken.decode(last_line(done.stdout))
+    assert token.url == TUNNEL_URL
+    assert token.coordinator_key == state.static_public()
+    assert abs(token.expires_at - (time.time() + 15 * 60)) < 30
+    assert "site=lab-1" in done.stderr
+
+
+def test_a_printed_token_enrolls_a_node_once_with_its_labels(state_dir: Path) -> None:
+    done = run(state_dir, "token", "create", "--tunnel-url", TUNNEL_URL,
+               "--label", "site=lab-1", "--label", "gpu=a100")
+    assert done.exit_code == 0, done.stderr
+    token = EnrollmentToken.decode(last_line(done.stdout))
+    store = open_store(state_dir)
+    try:
+        node = store.redeem_token(token.token_id, token.secret, DID, time.time())
+    finally:
+        store.close()
+    assert node.labels == {"site": "lab-1", "gpu": "a100"}
+
+
+def test_token_create_without_a_tunnel_address_says_to_start_the_coordinator(
+    state_dir: Path,
+) -> None:
+    done = run(state_dir, "token", "create")
+    assert done.exit_code == 2
+    assert "start the coordinator first or pass --tunnel-url" in done.stderr
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize("ttl", ["2x", "0", "0h", "-1h", "", "1.5h", "h"])
+def test_a_bad_ttl_is_refused_with_a_usage_error(state_dir: Path, ttl: str) -> None:
+    done = run(state_dir, "token", "create", "--tunnel-url", TUNNEL_URL, "--ttl", ttl)
+    assert done.exit_code == 2
+    assert "bad duration" in done.stderr
+    assert "7d" in done.stderr
+
+
+def test_a_bad_ttl_is_refused_by_the_real_command_too(state_dir: Path) -> None:
+    done = run_real(state_dir, "token", "create", "--tunnel-url", TUNNEL_URL, "--ttl", "soon")
+    assert done.returncode == 2
+    assert "bad duration 'soon'" in done.stderr
+
+
+@pytest.mark.parametrize("label", ["site", "=x", "my site=x"])
+def test_a_bad_label_is_refused_with_a_usage_error(state_dir: Path, label: str) -> None:
+    done = run(state_dir, "token", "create", "--tunnel-url", TUNNEL_URL, "--label", label)
+    assert done.exit_code == 2
+    assert "key=value" in done.stderr
+
+
+def test_a_tunnel_url_must_be_a_websocket_url(state_dir: Path) -> None:
+    done = run(state_dir, "token", "create", "--tunnel-url", "http://x:1")
+    assert done.exit_code == 2
+    assert "ws://" in done.stderr
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("30s", 30), ("15m", 900), ("1h", 3600), ("7d", 604800), ("90", 90),
+])
+def test_durations_read_seconds_minutes_hours_and_days(text: str, seconds: int) -> None:
+    assert parse_duration(text) == seconds
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def test_key_create_prints_a_key_that_the_store_verifies(state_dir: Path) -> None:
+    """A real subprocess: the key is the last line of stdout."""
+    done = run_real(state_dir, "key", "create", "--name", "web-app")
+    assert done.returncode == 0, done.stderr
+    store = open_store(state_dir)
+    try:
+        record = store.verify_key(last_line(done.stdout))
+    finally:
+        store.close()
+    assert record is not None
+    assert record.name == "web-app"
+
+
+def test_key_create_with_models_scopes_the_key(state_dir: Path) -> None:
+    done = run(state_dir, "key", "create", "--name", "app", "--model", "smollm2")
+    listed = json.loads(run(state_dir, "key", "list", "--json").stdout)
+    assert listed[0]["models"] == ["smollm2"]
+    assert listed[0]["key_id"] in last_line(done.stdout)
+
+
+def test_key_list_shows_every_key_and_never_a_secret(state_dir: Path) -> None:
+    plaintext = last_line(run(state_dir, "key", "create", "--name", "app").stdout)
+    secret = plaintext.split("_", 2)[2]
+    as_json = run(state_dir, "key", "list", "--json").stdout
+    as_table = run(state_dir, "key", "list").stdout
+    assert [k["name"] for k in json.loads(as_json)] == ["app"]
+    assert "app" in as_table
+    assert "active" in as_table
+    assert secret not in as_json + as_table
+
+
+def test_key_revoke_makes_the_key_fail_verification(state_dir: Path) -> None:
+    plaintext = last_line(run(state_dir, "key", "create", "--name", "app").stdout)
+    done = run(state_dir, "key", "revoke", "app")
+    assert done.exit_code == 0, done.stderr
+    store = open_store(state_dir)
+    try:
+        assert store.verify_key(plaintext) is None
+    finally:
+        store.close()
+    assert json.loads(run(state_dir, "key", "list", "--json").stdout)[0]["state"] == "revoked"
+
+
+def test_key_rotate_prints_a_new_key_and_the_old_one_stops_working(state_dir: Path) -> None:
+    old = last_line(run(state_dir, "key", "create", "--name", "app").stdout)
+    done = run(state_dir, "key", "rotate", "app")
+    assert done.exit_code == 0, done.stderr
+    new = last_line(done.stdout)
+    store = open_store(state_dir)
+    try:
+        assert store.verify_key(old) is None
+        record = store.verify_key(new)
+    finally:
+        store.close()
+    assert record is not None
+    assert record.name == "app"
+
+
+@pytest.mark.parametrize("command", ["revoke", "rotate"])
+def test_an_unknown_key_is_a_usage_error(state_dir: Path, command: str) -> None:
+    done = run(state_dir, "key", command, "nope")
+    assert done.exit_code == 2
+    assert "unknown API key 'nope'" in done.stderr
+
+
+def test_a_second_live_key_with_the_same_name_is_refused(state_dir: Path) -> None:
+    run(state_dir, "key", "create", "--name", "app")
+    done = run(state_dir, "key", "create", "--name", "app")
+    assert done.exit_code == 2
+    assert "already exists" in done.stderr
+
+
+# ----------------------------------------------------------------------------- nodes
+
+
+def _enroll(state_dir: Path, did: str, labels: dict[str, str]) -> Store:
+    store = open_store(state_dir)
+    token_id, secret = store.create_token(60, labels, time.time())
+    store.redeem_token(token_id, secret, did, time.time())
+    return store
+
+
+def test_nodes_json_marks_recently_seen_nodes_connected(state_dir: Path) -> None:
+    store = _enroll(state_dir, DID, {"site": "a"})
+    quiet = "did:key:z6MkQUIET"
+    try:
+        store.touch_node(DID, time.time(), ["smollm2"])
+        token_id, secret = store.create_token(60, {}, time.time())
+        store.redeem_token(token_id, secret, quiet, time.time())
+        store.touch_node(quiet, time.time() - 120)
+    finally:
+        store.close()
+    done = run_real(state_dir, "nodes", "--json")
+    assert done.returncode == 0, done.stderr
+    nodes = {n["did"]: n for n in json.loads(done.stdout)}
+    assert nodes[DID]["connected"] is True
+    assert nodes[DID]["state"] == "connected"
+    assert nodes[DID]["models"] == ["smollm2"]
+    assert nodes[DID]["labels"] == {"site": "a"}
+    assert nodes[quiet]["connected"] is False
+    assert nodes[quiet]["state"] == "enrolled"
+
+
+def test_nodes_table_lists_each_node_with_its_state_and_labels(state_dir: Path) -> None:
+    _enroll(state_dir, DID, {"site": "a"}).close()
+    done = run(state_dir, "nodes")
+    assert done.exit_code == 0, done.stderr
+    assert DID in done.stdout
+    assert "site=a" in done.stdout
+    assert "never" in done.stdout
+
+
+def test_node_revoke_marks_the_node_revoked(state_dir: Path) -> None:
+    _enroll(state_dir, DID, {}).close()
+    done = run(state_dir, "node", "revoke", DID)
+    assert done.exit_code == 0, done.stderr
+    [node] = json.loads(run(state_dir, "nodes", "--json").stdout)
+    assert node["state"] == "revoked"
+    assert node["connected"] is False
+    assert "already revoked" in run(state_dir, "node", "revoke", DID).stdout
+
+
+def test_revoking_an_unknown_node_is_a_usage_error(state_dir: Path) -> None:
+    done = run(state_dir, "node", "revoke", DID)
+    assert done.exit_code == 2
+    assert f"unknown node {DID}" in done.stderr
+
+
+# ----------------------------------------------------------------------------- usage
+
+
+def _ledger(state_dir: Path) -> str:
+    store = open_store(state_dir)
+    try:
+        record, _ = store.create_key("web-app", time.time())
+        for i, (model, age) in enumerate([("a", 10), ("a", 20), ("b", 7200)]):
+            store.record_usage(UsageRecord(
+                request_id=f"r{i}", key_id=record.key_id, node_did=DID, model=model,
+                endpoint="/v1/chat/completions", prompt_tokens=10, completion_tokens=2,
+                latency_ms=50.0, outcome="ok", created_at=time.time() - age,
+            ))
+    finally:
+        store.close()
+    return record.key_id
+
+
+def test_usage_sums_the_ledger_per_model_since_a_duration_ago(state_dir: Path) -> None:
+    _ledger(state_dir)
+    everything = json.loads(run(state_dir, "usage", "--json").stdout)
+    recent = json.loads(run(state_dir, "usage", "--since", "1h", "--json").stdout)
+    assert {r["model"]: r["requests"] for r in everything} == {"a": 2, "b": 1}
+    assert {r["model"]: r["prompt_tokens"] for r in recent} == {"a": 20}
+
+
+def test_usage_by_key_names_the_key(state_dir: Path) -> None:
+    key_id = _ledger(state_dir)
+    [row] = json.loads(run(state_dir, "usage", "--by", "key", "--json").stdout)
+    assert row["key"] == key_id
+    assert row["name"] == "web-app"
+    assert "web-app" in run(state_dir, "usage", "--by", "key").stdout
+
+
+def test_usage_as_csv_has_a_header_and_one_row_per_group(state_dir: Path) -> None:
+    _ledger(state_dir)
+    done = run(state_dir, "usage", "--by", "node", "--since", "2000-01-01T00:00Z", "--csv")
+    rows = list(csv.DictReader(io.StringIO(done.stdout)))
+    assert [(r["node"], r["requests"]) for r in rows] == [(DID, "3")]
+
+
+@pytest.mark.parametrize("args", [["--by", "user"], ["--since", "yesterday"]])
+def test_bad_usage_options_are_usage_errors(state_dir: Path, args: list[str]) -> None:
+    done = run(state_dir, "usage", *args)
+    assert done.exit_code == 2
+    assert "bad --" in done.stderr
+
+
+# ----------------------------------------------------------------------------- state dir
+
+
+def test_the_state_dir_is_private_and_the_static_key_is_0600_and_stable(state_dir: Path) -> None:
+    state = StateDir(state_dir)
+    first = state.static_public()
+    assert StateDir(state_dir).static_public() == first
+    assert stat.S_IMODE(os.stat(state_dir).st_mode) == 0o700
+    key_file = state_dir / "coordinator_static.key"
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    assert len(key_file.read_bytes()) == 32
+
+
+def test_a_damaged_static_key_is_reported_not_replaced(state_dir: Path) -> None:
+    state_dir.mkdir(mode=0o700)
+    (state_dir / "coordinator_static.key").write_bytes(b"short")
+    done = run(state_dir, "token", "create", "--tunnel-url", TUNNEL_URL)
+    assert done.exit_code == 2
+    assert "not a 32-byte X25519 key" in done.stderr
+    assert (state_dir / "coordinator_static.key").read_bytes() == b"short"
+
+
+def test_the_state_dir_comes_from_the_environment_when_not_given(tmp_path: Path) -> None:
+    env = {**os.environ, "MESHGATE_COORDINATOR_STATE": str(tmp_path / "from-env")}
+    done = subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", "key", "create", "--name", "x"],
+        capture_output=True, text=True, timeout=60, check=False, env=env, cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "from-env" / "coordinator.db").exists()
+
+
+def test_the_database_url_can_point_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MESHGATE_COORDINATOR_DB_URL", f"sqlite:///{tmp_path / 'other.db'}")
+    assert StateDir(tmp_path / "state").db_url.endswith("other.db")
+    assert StateDir(tmp_path / "state", db_url="sqlite:///x.db").db_url == "sqlite:///x.db"
