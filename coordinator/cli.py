@@ -19,6 +19,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import typer
 
@@ -176,6 +177,10 @@ def token_create(
         token_id, secret = store.create_token(ttl_s, labels, now)
         token = EnrollmentToken(url=tunnel_url, coordinator_key=state.static_public(),
                                 token_id=token_id, secret=secret, expires_at=int(now + ttl_s))
+    if urlsplit(tunnel_url).hostname in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: {tunnel_url} is a loopback address, so only nodes on this box can "
+                   "use this token; start serve with --advertise-url or pass --tunnel-url",
+                   err=True)
     shown = ", ".join(f"{k}={v}" for k, v in labels.items()) or "none"
     typer.echo(f"enrollment token {token_id} for {tunnel_url}, works once until "
                f"{iso(now + ttl_s)}, labels: {shown}", err=True)

@@ -116,11 +116,11 @@ class ApiKeyRow(Base):
 
 
 class UsageRow(Base):
-    __tablename__ = "usage"
+    __tablename__ = "usage_ledger"
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
     )
-    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    request_id: Mapped[str] = mapped_column(String(128), index=True)
     key_id: Mapped[str | None] = mapped_column(String(64))
     node_did: Mapped[str | None] = mapped_column(String(255))
     upstream: Mapped[str | None] = mapped_column(String(200))
@@ -237,12 +237,11 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _on_sqlite_connect)
             event.listen(self.engine, "begin", _on_sqlite_begin)
-        Base.metadata.create_all(self.engine)
+        immediate = self.engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+        with immediate.begin() as conn:  # two first starts must not both create a table
+            Base.metadata.create_all(conn)
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
-        self._writer = sessionmaker(
-            self.engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"}),
-            expire_on_commit=False,
-        )
+        self._writer = sessionmaker(immediate, expire_on_commit=False)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -411,12 +410,14 @@ class Store:
     # -- usage ledger
 
     def record_usage(self, record: UsageRecord) -> None:
+        """Append one row; client-chosen strings (request id, model) are cut to fit columns."""
         with self._write() as s:
             s.add(UsageRow(
-                request_id=record.request_id, key_id=record.key_id, node_did=record.node_did,
-                upstream=record.upstream, model=record.model, endpoint=record.endpoint,
+                request_id=record.request_id[:128], key_id=record.key_id,
+                node_did=record.node_did, upstream=record.upstream and record.upstream[:200],
+                model=record.model[:255], endpoint=record.endpoint[:64],
                 prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
-                latency_ms=record.latency_ms, outcome=record.outcome, cost=record.cost,
+                latency_ms=record.latency_ms, outcome=record.outcome[:64], cost=record.cost,
                 created_at=record.created_at,
             ))
 

@@ -71,6 +71,13 @@ def test_token_create_prints_a_token_for_the_advertised_tunnel_and_static_key(
     assert "site=lab-1" in done.stderr
 
 
+def test_a_token_for_a_loopback_tunnel_comes_with_a_warning(state_dir: Path) -> None:
+    done = run(state_dir, "token", "create", "--tunnel-url", "ws://127.0.0.1:8471")
+    assert done.exit_code == 0, done.stderr
+    assert "loopback" in done.stderr
+    assert EnrollmentToken.decode(last_line(done.stdout)).url == "ws://127.0.0.1:8471"
+
+
 def test_a_printed_token_enrolls_a_node_once_with_its_labels(state_dir: Path) -> None:
     done = run(state_dir, "token", "create", "--tunnel-url", TUNNEL_URL,
                "--label", "site=lab-1", "--label", "gpu=a100")

@@ -356,6 +356,12 @@ def test_usage_accepts_the_row_shape_the_server_records(store: Store) -> None:
     assert back == UsageRecord(**row, created_at=NOW)  # type: ignore[arg-type]
 
 
+def test_usage_cuts_an_overlong_client_request_id_to_fit_its_column(store: Store) -> None:
+    store.record_usage(usage("r" * 1000))
+    [back] = store.usage_rows()
+    assert back.request_id == "r" * 128
+
+
 def test_usage_rows_come_back_in_time_order_and_filter_by_since(store: Store) -> None:
     for i, at in enumerate([NOW + 20, NOW, NOW + 10]):
         store.record_usage(usage(f"r{i}", at=at))
@@ -401,7 +407,7 @@ def test_a_sqlite_store_runs_in_wal_mode_with_a_busy_timeout(tmp_path: Path) -> 
     try:
         with store.engine.connect() as conn:
             assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-            assert conn.execute(text("PRAGMA busy_timeout")).scalar() >= 1000
+            assert conn.execute(text("PRAGMA busy_timeout")).scalar_one() >= 1000
             assert conn.execute(text("PRAGMA synchronous")).scalar() == 1  # NORMAL
     finally:
         store.close()
