@@ -49,7 +49,9 @@ class EnrollmentToken:
     def decode(cls, text: str) -> EnrollmentToken:
         text = text.strip()
         if not text.startswith(PREFIX):
-            raise TokenError(f"not a meshgate enrollment token (expected it to start with {PREFIX!r})")
+            raise TokenError(
+                f"not a meshgate enrollment token (expected it to start with {PREFIX!r})"
+            )
         raw = text[len(PREFIX) :]
         try:
             packed = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))

@@ -1,0 +1,63 @@
+"""zstd per frame: fresh contexts, and the size cap checked before any work."""
+
+from __future__ import annotations
+
+import pytest
+import zstandard
+
+from tunnel.compress import compress, decompress, frame_length
+from tunnel.errors import FrameError
+
+
+def test_round_trip() -> None:
+    data = b"telemetry " * 500
+    packed = compress(data)
+    assert len(packed) < len(data)
+    assert frame_length(packed) == len(packed)
+    assert decompress(packed, max_size=len(data)) == data
+
+
+def test_decompression_bomb_is_refused_before_decompressing() -> None:
+    bomb = zstandard.ZstdCompressor(level=19).compress(bytes(64 * 1024 * 1024))
+    assert len(bomb) < 4096
+    with pytest.raises(FrameError, match="over the"):
+        decompress(bomb, max_size=16 * 1024 * 1024)
+
+
+def test_frame_without_declared_size_is_refused() -> None:
+    writer = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+    packed = writer.compress(b"a" * 1000) + writer.flush()
+    assert zstandard.frame_content_size(packed) == -1
+    with pytest.raises(FrameError, match="declare"):
+        decompress(packed, max_size=1 << 20)
+
+
+def test_no_context_is_shared_between_calls() -> None:
+    data = b"secret prompt text " * 40
+    assert compress(data) == compress(data)  # same input, same output: nothing carried over
+    first = compress(b"a" * 600)
+    compress(data)
+    assert compress(b"a" * 600) == first
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda p: p + b"junk",
+        lambda p: p[:-5],
+        lambda p: p + p,
+        lambda p: b"not zstd at all",
+        lambda p: b"",
+    ],
+)
+def test_anything_but_exactly_one_whole_frame_is_refused(mutate: object) -> None:
+    packed = compress(b"hello world " * 100)
+    with pytest.raises(FrameError):
+        decompress(mutate(packed), max_size=1 << 20)  # type: ignore[operator]
+
+
+def test_corrupt_block_is_a_frame_error() -> None:
+    packed = bytearray(compress(bytes(range(256)) * 8))
+    packed[-8] ^= 0xFF
+    with pytest.raises(FrameError):
+        decompress(bytes(packed), max_size=1 << 20)

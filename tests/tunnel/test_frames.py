@@ -1,0 +1,93 @@
+"""Frame encoding: every field validated, FrameError and nothing else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+
+from tunnel.constants import MAX_ID
+from tunnel.errors import FrameError
+from tunnel.frames import Frame, FrameType, decode, encode
+
+GOOD = [
+    Frame(FrameType.OPEN, 1, 0, 0, {"model": "m"}),
+    Frame(FrameType.DATA, 1, 1, 0, b"\x00chunk"),
+    Frame(FrameType.END, 1, 2, 0, {"usage": None}),
+    Frame(FrameType.ERROR, 2, 0, 0, {"status": 503}),
+    Frame(FrameType.CANCEL, 2, 1, 0, None),
+    Frame(FrameType.WINDOW, 1, 3, 0, {"credit": 65536}),
+    Frame(FrameType.PING, 0, 0, 0, {"t": 123}),
+    Frame(FrameType.PONG, 0, 1, 0, {"t": 123}),
+    Frame(FrameType.GOAWAY, 0, 2, 0, {"reason": "bye"}),
+    Frame(FrameType.KEY_UPDATE, 0, 3, 0, None),
+    Frame(FrameType.TELEMETRY, 0, 4, 0, {"gpus": []}),
+    Frame(FrameType.INVENTORY, 0, 5, 0, {"models": ["a"]}),
+    Frame(FrameType.COMMAND, 0, 6, 0, {"load": "a"}),
+    Frame(FrameType.RESULT, 0, MAX_ID, MAX_ID, {"ok": True}),
+]
+
+
+@pytest.mark.parametrize("frame", GOOD, ids=lambda f: f.type.name)
+def test_every_frame_type_round_trips(frame: Frame) -> None:
+    assert decode(encode(frame)) == frame
+
+
+def _raw(*fields: Any) -> bytes:
+    return msgpack.packb(list(fields), use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xc1",
+        msgpack.packb({"type": 1}),
+        _raw(1, 1, 0, 0),
+        _raw(1, 1, 0, 0, {}, "extra"),
+        _raw(99, 1, 0, 0, {}),
+        _raw(True, 1, 0, 0, {}),
+        _raw("1", 1, 0, 0, {}),
+        _raw(1, -1, 0, 0, {}),
+        _raw(1, MAX_ID + 1, 0, 0, {}),
+        _raw(1, 1, 1.5, 0, {}),
+        _raw(1, 1, 0, None, {}),
+        _raw(2, 1, 0, 0, "text, not bytes"),
+        _raw(1, 1, 0, 0, {1: "int key"}),
+        _raw(1, 1, 0, 0, {b"k": "bytes key"}),
+        _raw(1, 1, 0, 0, b"bytes, not a map"),
+        _raw(5, 1, 0, 0, {}),
+        _raw(10, 0, 0, 0, b""),
+        _raw(6, 1, 0, 0, {"credit": 0}),
+        _raw(6, 1, 0, 0, {"credit": True}),
+        _raw(7, 0, 0, 0, {}),
+        _raw(8, 0, 0, 0, {"t": "now"}),
+        msgpack.packb([1, 1, 0, 0, msgpack.ExtType(5, b"x")]),
+        b"\x95\x01\x01\x00\x00\xa2\xff\xfe",  # invalid utf-8 string
+        b"\x91" * 100_000,  # deep nesting
+        _raw(1, 1, 0, 0, {}) + b"\x00",  # trailing byte
+    ],
+)
+def test_malformed_frames_raise_frame_error(data: bytes) -> None:
+    with pytest.raises(FrameError):
+        decode(data)
+
+
+def test_declared_lengths_never_allocate_past_the_cap() -> None:
+    # a bin header claiming 1 GiB, followed by nothing
+    with pytest.raises(FrameError):
+        decode(b"\x95\x02\x01\x00\x00\xc6\x40\x00\x00\x00", max_size=1024)
+    with pytest.raises(FrameError):
+        decode(b"x" * 2048, max_size=1024)
+
+
+def test_encode_refuses_invalid_frames() -> None:
+    with pytest.raises(FrameError):
+        encode(Frame(FrameType.DATA, 1, 0, 0, {"not": "bytes"}))
+    with pytest.raises(FrameError):
+        encode(Frame(FrameType.OPEN, -1, 0, 0, {}))
+    with pytest.raises(FrameError):
+        encode(Frame(7, 0, 0, 0, {"t": 1}))  # type: ignore[arg-type]
+    with pytest.raises(FrameError):
+        encode(Frame(FrameType.OPEN, 1, 0, 0, {"x": object()}))

@@ -1,0 +1,68 @@
+"""zstd, one frame per call, with no context shared between frames or streams.
+
+Every call makes a fresh compressor or decompressor, so nothing learned from
+one stream's bytes can shape another's (no cross-tenant compression oracle).
+
+`decompress` reads the frame header before doing any work and refuses a frame
+whose content size is unknown or above the cap: python-zstandard ignores
+`max_output_size` when the frame declares its size, so the cap must be
+checked here. It also refuses anything but exactly one whole frame.
+"""
+
+from __future__ import annotations
+
+import zstandard
+
+from tunnel.errors import FrameError
+
+LEVEL = 3
+_BLOCK_HEADER = 3
+_CHECKSUM = 4
+
+
+def compress(data: bytes, level: int = LEVEL) -> bytes:
+    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+
+
+def frame_length(data: bytes) -> int:
+    """Length in bytes of the one zstd frame at the start of `data` (RFC 8878, section 3.1.1)."""
+    try:
+        params = zstandard.get_frame_parameters(data)
+        pos = zstandard.frame_header_size(data)
+    except zstandard.ZstdError:
+        raise FrameError("not a zstd frame") from None
+    while True:
+        if pos + _BLOCK_HEADER > len(data):
+            raise FrameError("zstd frame is truncated")
+        header = int.from_bytes(data[pos : pos + _BLOCK_HEADER], "little")
+        last, block_type, size = header & 1, (header >> 1) & 3, header >> 3
+        if block_type == 3:
+            raise FrameError("zstd frame has a reserved block type")
+        pos += _BLOCK_HEADER + (1 if block_type == 1 else size)
+        if last:
+            break
+    pos += _CHECKSUM if params.has_checksum else 0
+    if pos > len(data):
+        raise FrameError("zstd frame is truncated")
+    return pos
+
+
+def decompress(data: bytes, max_size: int) -> bytes:
+    """Decompress exactly one zstd frame that declares a content size <= max_size."""
+    try:
+        size = zstandard.frame_content_size(data)
+    except zstandard.ZstdError:
+        raise FrameError("not a zstd frame") from None
+    if size < 0:
+        raise FrameError("zstd frame does not declare its content size; refused")
+    if size > max_size:
+        raise FrameError(f"zstd frame declares {size} bytes, over the {max_size}-byte cap")
+    if frame_length(data) != len(data):
+        raise FrameError("bytes after the zstd frame")
+    try:
+        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=max_size)
+    except zstandard.ZstdError:
+        raise FrameError("zstd frame is corrupt") from None
+    if len(out) != size:
+        raise FrameError("zstd frame is not the size it declared")
+    return out

@@ -1,0 +1,129 @@
+"""Frames: what one Noise transport message (or several, fragmented) carries.
+
+Wire form: a msgpack array ``[type, stream_id, seq, flags, body]``. Every
+field is checked on decode, and anything wrong raises FrameError and nothing
+else. The body's shape depends on the type:
+
+    DATA                   bytes
+    WINDOW                 {"credit": int > 0}
+    PING, PONG             {"t": int}
+    CANCEL, KEY_UPDATE     None
+    everything else        a map with str keys
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+
+from tunnel.constants import MAX_FRAME, MAX_ID
+from tunnel.errors import FrameError
+
+
+class FrameType(IntEnum):
+    OPEN = 1
+    DATA = 2
+    END = 3
+    ERROR = 4
+    CANCEL = 5
+    WINDOW = 6
+    PING = 7
+    PONG = 8
+    GOAWAY = 9
+    KEY_UPDATE = 10
+    TELEMETRY = 11
+    INVENTORY = 12
+    COMMAND = 13
+    RESULT = 14
+
+
+TERMINAL = frozenset({FrameType.END, FrameType.ERROR, FrameType.CANCEL})
+_NONE_BODY = frozenset({FrameType.CANCEL, FrameType.KEY_UPDATE})
+_TIME_BODY = frozenset({FrameType.PING, FrameType.PONG})
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: FrameType
+    stream_id: int
+    seq: int
+    flags: int
+    body: Any
+
+
+def _valid_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ID
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def body_error(kind: FrameType, body: Any) -> str | None:
+    """Why `body` is not a valid body for a frame of type `kind`, or None if it is."""
+    if kind == FrameType.DATA:
+        return None if isinstance(body, bytes) else "DATA body must be bytes"
+    if kind in _NONE_BODY:
+        return None if body is None else f"{kind.name} body must be nil"
+    if not isinstance(body, dict) or not all(isinstance(k, str) for k in body):
+        return f"{kind.name} body must be a map with str keys"
+    if kind == FrameType.WINDOW:
+        credit = body.get("credit")
+        ok = isinstance(credit, int) and not isinstance(credit, bool) and credit > 0
+        return None if ok else "WINDOW needs an int credit > 0"
+    if kind in _TIME_BODY:
+        return None if _is_int(body.get("t")) else f"{kind.name} needs an int t"
+    return None
+
+
+def validate(frame: Frame) -> None:
+    if not isinstance(frame.type, FrameType):
+        raise FrameError(f"unknown frame type {frame.type!r}")
+    for name in ("stream_id", "seq", "flags"):
+        if not _valid_id(getattr(frame, name)):
+            raise FrameError(f"frame {name} must be an int in 0..{MAX_ID}")
+    reason = body_error(frame.type, frame.body)
+    if reason is not None:
+        raise FrameError(reason)
+
+
+def encode(frame: Frame) -> bytes:
+    validate(frame)
+    try:
+        packed = msgpack.packb(
+            [int(frame.type), frame.stream_id, frame.seq, frame.flags, frame.body],
+            use_bin_type=True,
+        )
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise FrameError(f"frame body cannot be encoded: {exc}") from None
+    return packed
+
+
+def decode(data: bytes, max_size: int = MAX_FRAME) -> Frame:
+    if len(data) > max_size:
+        raise FrameError("frame too large")
+    try:
+        value = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_bin_len=max_size,
+            max_str_len=max_size,
+            max_array_len=min(max_size, 1 << 20),
+            max_map_len=min(max_size, 1 << 20),
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        raise FrameError("frame is not valid msgpack") from None
+    if not isinstance(value, list) or len(value) != 5:
+        raise FrameError("frame must be a 5-element array")
+    kind, stream_id, seq, flags, body = value
+    if not _is_int(kind) or kind not in FrameType._value2member_map_:
+        raise FrameError(f"unknown frame type {kind!r}")
+    frame = Frame(FrameType(kind), stream_id, seq, flags, body)
+    validate(frame)
+    return frame
