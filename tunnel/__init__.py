@@ -1,0 +1,50 @@
+"""meshgate's secure link: Noise IK over a websocket, frames multiplexed in streams.
+
+Knows nothing of LLMs, nodes or coordinators' business. The core (noise,
+identity, handshake, frames, compress, session) is sans-I/O; `ws` and `mux`
+put it on asyncio and websockets. Rules: tunnel/DESIGN.md.
+"""
+
+from tunnel.backoff import backoff, retryable
+from tunnel.errors import (
+    ClosedError,
+    FrameError,
+    HandshakeError,
+    RefusedError,
+    TokenError,
+    TunnelError,
+)
+from tunnel.frames import Frame, FrameType
+from tunnel.handshake import Hello, InitiatorHandshake, ReplayGuard, ResponderHandshake
+from tunnel.identity import Identity, did_to_ed25519, verify_binding
+from tunnel.mux import Mux, Stream
+from tunnel.session import Session
+from tunnel.token import EnrollmentToken
+from tunnel.ws import Link, connect, serve
+
+__all__ = [
+    "ClosedError",
+    "EnrollmentToken",
+    "Frame",
+    "FrameError",
+    "FrameType",
+    "HandshakeError",
+    "Hello",
+    "Identity",
+    "InitiatorHandshake",
+    "Link",
+    "Mux",
+    "RefusedError",
+    "ReplayGuard",
+    "ResponderHandshake",
+    "Session",
+    "Stream",
+    "TokenError",
+    "TunnelError",
+    "backoff",
+    "connect",
+    "did_to_ed25519",
+    "retryable",
+    "serve",
+    "verify_binding",
+]

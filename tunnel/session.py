@@ -9,7 +9,7 @@ whose plaintext is one header byte and a chunk of the frame's payload:
 
 The session stamps every frame it seals with the next seq of its stream in
 this direction (the seq the caller put in the Frame is ignored), and checks
-the peer's: see `_Direction`. Any failure on the receiving side (decrypt,
+the peer's: see `_Streams`. Any failure on the receiving side (decrypt,
 header, size, decompression, decode, sequence) kills the session: that call
 and every later `open` or `seal` raise FrameError.
 """
@@ -17,6 +17,7 @@ and every later `open` or `seal` raise FrameError.
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 
 from tunnel import compress as zstd
 from tunnel import frames
@@ -39,60 +40,64 @@ STREAM_TYPES = frozenset(
 BOTH = frozenset({FrameType.WINDOW})
 
 
-class _Direction:
-    """Sequence bookkeeping for one direction of one session.
+SEND, RECV = 0, 1
+RECENT_ENDED = 8192  # ended stream ids remembered, so frames that crossed the end are let by
 
-    Rules: on every stream, seq counts 0, 1, 2, ... with no gap. A stream other
-    than 0 begins with OPEN (seq 0) in the direction that opens it; the other
-    direction may only start (at seq 0, any stream frame but OPEN) once the
-    stream is known. After END, ERROR or CANCEL nothing more flows that way;
-    once both ways have ended the stream is forgotten.
+
+class _Streams:
+    """Sequence bookkeeping for both directions of one session.
+
+    Rules: on every stream, in each direction, seq counts 0, 1, 2, ... with no
+    gap. A stream other than 0 begins with OPEN (seq 0) from the side that
+    opens it; the other side may then send on it (from seq 0), never OPEN it
+    again. END, ERROR or CANCEL, from either side, ends the stream for both:
+    it is forgotten, and nothing more may be sent on it. A frame that arrives
+    on a recently ended stream crossed the end in flight: it is let by
+    unchecked (the caller drops it), except OPEN, since ids are never reused.
     """
 
     def __init__(self) -> None:
-        self.next: dict[int, int] = {0: 0}
-        self.ended: set[int] = set()
+        self.next: dict[int, list[int]] = {0: [0, 0]}
+        self.ended: OrderedDict[int, None] = OrderedDict()
 
-    def knows(self, stream_id: int) -> bool:
-        return stream_id in self.next or stream_id in self.ended
+    def next_seq(self, stream_id: int, way: int) -> int:
+        seqs = self.next.get(stream_id)
+        return seqs[way] if seqs else 0
 
-    def next_seq(self, stream_id: int) -> int:
-        return self.next.get(stream_id, 0)
+    def is_late(self, frame: Frame) -> bool:
+        return frame.stream_id in self.ended and frame.type != FrameType.OPEN
 
-    def problem(self, frame: Frame, other: _Direction) -> str | None:
+    def problem(self, frame: Frame, way: int) -> str | None:
         sid, kind = frame.stream_id, frame.type
         if kind not in BOTH and (sid == 0) == (kind in STREAM_TYPES):
             where = "the control stream" if sid == 0 else f"stream {sid}"
             return f"{kind.name} is not allowed on {where}"
         if sid in self.ended:
             return f"{kind.name} on stream {sid} after it ended"
-        return self._seq_problem(frame, other)
-
-    def _seq_problem(self, frame: Frame, other: _Direction) -> str | None:
-        sid, kind = frame.stream_id, frame.type
-        expected = self.next.get(sid)
-        if expected is None:
-            if kind == FrameType.OPEN and other.knows(sid):
-                return f"OPEN of stream {sid}, which is already in use"
-            if kind != FrameType.OPEN and not other.knows(sid):
-                return f"{kind.name} on stream {sid}, which was never opened"
-            expected = 0
-        elif kind == FrameType.OPEN:
-            return f"second OPEN on stream {sid}"
+        seqs = self.next.get(sid)
+        if seqs is None and kind != FrameType.OPEN:
+            return f"{kind.name} on stream {sid}, which was never opened"
+        if seqs is not None and kind == FrameType.OPEN:
+            return f"OPEN of stream {sid}, which is already in use"
+        expected = seqs[way] if seqs else 0
         if frame.seq != expected:
             return f"stream {sid} seq {frame.seq}, expected {expected}"
         return None
 
-    def advance(self, frame: Frame, other: _Direction) -> None:
+    def advance(self, frame: Frame, way: int) -> None:
         sid = frame.stream_id
         if sid != 0 and frame.type in TERMINAL:
             self.next.pop(sid, None)
-            self.ended.add(sid)
-            if sid in other.ended:
-                self.ended.discard(sid)
-                other.ended.discard(sid)
+            self.ended[sid] = None
+            if len(self.ended) > RECENT_ENDED:
+                self.ended.popitem(last=False)
         else:
-            self.next[sid] = frame.seq + 1
+            self.next.setdefault(sid, [0, 0])[way] = frame.seq + 1
+
+    @property
+    def live(self) -> int:
+        """Streams open now (the control stream not counted)."""
+        return len(self.next) - 1
 
 
 class Session:
@@ -110,8 +115,7 @@ class Session:
         self._recv = recv
         self.max_message = max_message
         self.max_frame = max_frame
-        self._out = _Direction()
-        self._in = _Direction()
+        self._streams = _Streams()
         self._chunks: list[bytes] = []
         self._chunks_len = 0
         self._chunks_compressed: bool | None = None
@@ -127,8 +131,8 @@ class Session:
     def seal(self, frame: Frame) -> list[bytes]:
         """Stamp `frame` with its seq, encode, maybe compress, fragment and encrypt it."""
         self._check_alive()
-        stamped = dataclasses.replace(frame, seq=self._out.next_seq(frame.stream_id))
-        problem = self._out.problem(stamped, self._in)
+        stamped = dataclasses.replace(frame, seq=self._streams.next_seq(frame.stream_id, SEND))
+        problem = self._streams.problem(stamped, SEND)
         if problem is not None:
             raise TunnelError(f"cannot send: {problem}")
         payload = frames.encode(stamped)
@@ -140,7 +144,7 @@ class Session:
             if len(packed) < len(payload):
                 payload, compressed = packed, True
         messages = self._encrypt_chunks(payload, compressed)
-        self._out.advance(stamped, self._in)
+        self._streams.advance(stamped, SEND)
         return messages
 
     def _encrypt_chunks(self, payload: bytes, compressed: bool) -> list[bytes]:
@@ -195,10 +199,12 @@ class Session:
         if compressed:
             payload = zstd.decompress(payload, self.max_frame)
         frame = frames.decode(payload, self.max_frame)
-        problem = self._in.problem(frame, self._out)
+        if self._streams.is_late(frame):
+            return frame
+        problem = self._streams.problem(frame, RECV)
         if problem is not None:
             raise FrameError(problem)
-        self._in.advance(frame, self._out)
+        self._streams.advance(frame, RECV)
         if frame.type == FrameType.KEY_UPDATE:
             self._recv.rekey()
         return frame

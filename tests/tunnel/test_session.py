@@ -11,7 +11,7 @@ from tunnel.constants import MAX_MESSAGE
 from tunnel.errors import FrameError, TunnelError
 from tunnel.frames import Frame, FrameType
 from tunnel.noise import CipherState
-from tunnel.session import Session
+from tunnel.session import RECENT_ENDED, RECV, Session
 
 
 def test_a_request_stream_flows_both_ways_with_seqs_stamped() -> None:
@@ -67,8 +67,8 @@ def test_a_truncated_stream_is_detectable_because_end_never_came() -> None:
     got = [deliver(node, coord, FrameType.DATA, 2, b"x") for _ in range(3)]
     # The connection drops here: the receiver saw DATA but no END or ERROR.
     assert all(f.type == FrameType.DATA for f in got)
-    assert coord._in.next[2] == 3
-    assert 2 not in coord._in.ended
+    assert coord._streams.next[2] == [1, 3]
+    assert coord._streams.live == 1
 
 
 def test_large_frames_are_compressed_and_fragmented() -> None:
@@ -153,12 +153,12 @@ def test_oversized_message_ends_the_session() -> None:
         ([Frame(FrameType.DATA, 3, 0, 0, b"x")], "never opened"),
         ([Frame(FrameType.OPEN, 3, 1, 0, {})], "expected 0"),
         ([Frame(FrameType.OPEN, 3, 0, 0, {}), Frame(FrameType.DATA, 3, 2, 0, b"")], "expected 1"),
-        ([Frame(FrameType.OPEN, 3, 0, 0, {}), Frame(FrameType.OPEN, 3, 1, 0, {})], "second OPEN"),
+        ([Frame(FrameType.OPEN, 3, 0, 0, {}), Frame(FrameType.OPEN, 3, 1, 0, {})], "in use"),
         (
             [
                 Frame(FrameType.OPEN, 3, 0, 0, {}),
                 Frame(FrameType.END, 3, 1, 0, {}),
-                Frame(FrameType.DATA, 3, 2, 0, b""),
+                Frame(FrameType.OPEN, 3, 0, 0, {}),
             ],
             "after it ended",
         ),
@@ -199,15 +199,34 @@ def test_local_sequence_mistakes_are_refused_without_killing_the_session() -> No
     assert deliver(node, coord, FrameType.PING, 0, {"t": 1}).type == FrameType.PING
 
 
-def test_streams_are_forgotten_once_both_ways_ended() -> None:
+def test_a_stream_is_forgotten_as_soon_as_either_side_ends_it() -> None:
     node, coord, _, _ = join()
     deliver(coord, node, FrameType.OPEN, 2, {})
-    deliver(node, coord, FrameType.ERROR, 2, {"status": 500})
-    deliver(coord, node, FrameType.CANCEL, 2)
+    deliver(node, coord, FrameType.END, 2, {})
+    deliver(coord, node, FrameType.OPEN, 4, {})
+    deliver(coord, node, FrameType.CANCEL, 4)
     for side in (node, coord):
-        assert 2 not in side._in.ended
-        assert 2 not in side._out.ended
-        assert 2 not in side._in.next
+        assert side._streams.live == 0
+
+
+def test_frames_that_crossed_the_end_in_flight_are_let_by() -> None:
+    node, coord, _, _ = join()
+    deliver(coord, node, FrameType.OPEN, 2, {})
+    in_flight = node.seal(frame(FrameType.DATA, 2, b"late"))
+    in_flight += node.seal(frame(FrameType.END, 2, {}))
+    deliver(coord, node, FrameType.CANCEL, 2)  # crosses the node's DATA and END
+    opened = [coord.open(m) for m in in_flight]
+    assert [f.type for f in opened if f] == [FrameType.DATA, FrameType.END]
+    assert coord.dead is None
+
+
+def test_ended_stream_ids_are_remembered_for_a_bounded_while() -> None:
+    node, _, _, _ = join()
+    for sid in range(2, 2 + 2 * (RECENT_ENDED + 5), 2):
+        node._streams.advance(Frame(FrameType.OPEN, sid, 0, 0, {}), RECV)
+        node._streams.advance(Frame(FrameType.CANCEL, sid, 1, 0, None), RECV)
+    assert len(node._streams.ended) == RECENT_ENDED
+    assert node._streams.live == 0
 
 
 def test_rekey_keeps_streams_working() -> None:

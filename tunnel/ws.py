@@ -1,0 +1,431 @@
+"""The thin asyncio layer: the sans-I/O core on a `websockets` connection.
+
+The only module of `tunnel` that imports websockets. The Noise handshake rides
+in the HTTP upgrade (header ``X-Meshgate-Handshake``, base64), so a node the
+coordinator refuses gets an HTTP 401/403 and no websocket ever exists:
+
+    node                                      coordinator
+    GET / + header: message 1          ->     rate limit per source (no DH yet)
+                                              read message 1 -> Hello
+                                              ReplayGuard, then authorize(hello)
+                                     <-       101 + header: message 2   (or 401/403 + reason)
+    finish -> Session
+    first frame: PING                  ->     only now is on_link(link) called
+
+Errors leave as TunnelError subclasses only (RefusedError for 401/403).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.asyncio.connection import Connection
+from websockets.asyncio.server import Server, ServerConnection
+from websockets.asyncio.server import serve as ws_serve
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.http11 import Request, Response
+
+from tunnel.constants import (
+    HANDSHAKE_HEADER,
+    MAX_HANDSHAKE_MESSAGE,
+    MAX_MESSAGE,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_S,
+)
+from tunnel.errors import ClosedError, FrameError, HandshakeError, RefusedError, TunnelError
+from tunnel.frames import Frame, FrameType
+from tunnel.handshake import Hello, InitiatorHandshake, ReplayGuard, ResponderHandshake
+from tunnel.identity import Identity
+from tunnel.ratelimit import SourceLimiter
+from tunnel.session import Session
+
+log = logging.getLogger(__name__)
+
+WS_MAX_SIZE = MAX_MESSAGE + 1024
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_POLICY = 1008
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str) -> bytes:
+    if len(text) > 2 * MAX_HANDSHAKE_MESSAGE:
+        raise HandshakeError("handshake header too long")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise HandshakeError("handshake header is not base64") from None
+
+
+class Link:
+    """One established, authenticated tunnel connection; either side.
+
+    Call `recv` (or run a `Mux`) continuously: PING is answered, PONG measured
+    and KEY_UPDATE applied inside it, and none of them is returned. `send` is
+    safe from many tasks: one lock seals and writes each frame in one step.
+    """
+
+    def __init__(
+        self,
+        ws: Connection,
+        session: Session,
+        *,
+        hello: Hello | None = None,
+        accept: dict[str, Any] | None = None,
+        ping_interval: float | None = None,
+    ) -> None:
+        self._ws = ws
+        self._session = session
+        self.hello = hello
+        self.accept = accept
+        self.rtt_ms: float | None = None
+        self._ping_interval = ping_interval
+        self._send_lock = asyncio.Lock()
+        self._recv_lock = asyncio.Lock()
+        self._pending: deque[Frame] = deque()
+        self._pings: dict[int, float] = {}
+        self._rekeyed_at = time.monotonic()
+        self._pinger: asyncio.Task[None] | None = None
+        self._closed_reason: str | None = None
+
+    @property
+    def remote_address(self) -> Any:
+        return self._ws.remote_address
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_reason is not None
+
+    def _start(self) -> None:
+        if self._ping_interval and self._pinger is None:
+            self._pinger = asyncio.create_task(self._ping_loop(self._ping_interval))
+
+    # -- sending --------------------------------------------------------------
+
+    async def send(self, frame: Frame) -> None:
+        """Seal and write one frame (its seq is assigned by the session)."""
+        async with self._send_lock:
+            if self._closed_reason is not None:
+                raise ClosedError(f"link is closed: {self._closed_reason}")
+            if self._rekey_due():
+                await self._write(self._session.send_key_update())
+                self._rekeyed_at = time.monotonic()
+            await self._write(self._session.seal(frame))
+
+    def _rekey_due(self) -> bool:
+        return (
+            self._session.sent_since_rekey >= REKEY_AFTER_MESSAGES
+            or time.monotonic() - self._rekeyed_at >= REKEY_AFTER_S
+        )
+
+    async def _write(self, messages: list[bytes]) -> None:
+        try:
+            for message in messages:
+                await self._ws.send(message)  # waits while the write buffer is full
+        except ConnectionClosed as exc:
+            self._mark_closed(f"connection closed ({exc})")
+            raise ClosedError(f"link is closed: {self._closed_reason}") from None
+
+    async def _ping_loop(self, interval: float) -> None:
+        with contextlib.suppress(TunnelError):
+            while True:
+                await asyncio.sleep(interval)
+                await self.ping()
+
+    async def ping(self) -> None:
+        """Send an authenticated app-level PING; `rtt_ms` is set when its PONG comes back."""
+        stamp = _now_ms()
+        self._pings[stamp] = time.monotonic()
+        if len(self._pings) > 16:
+            self._pings.pop(next(iter(self._pings)))
+        await self.send(Frame(FrameType.PING, 0, 0, 0, {"t": stamp}))
+
+    # -- receiving ------------------------------------------------------------
+
+    async def recv(self) -> Frame:
+        """The next frame for the caller; ClosedError when the link is closed."""
+        async with self._recv_lock:
+            while True:
+                if self._pending:
+                    return self._pending.popleft()
+                frame = await self._read_frame()
+                if not await self._handled(frame):
+                    return frame
+
+    def __aiter__(self) -> AsyncIterator[Frame]:
+        return self._frames()
+
+    async def _frames(self) -> AsyncIterator[Frame]:
+        while True:
+            try:
+                frame = await self.recv()
+            except ClosedError:
+                return
+            yield frame
+
+    async def _read_frame(self) -> Frame:
+        while True:
+            if self._closed_reason is not None:
+                raise ClosedError(f"link is closed: {self._closed_reason}")
+            try:
+                message = await self._ws.recv()
+            except ConnectionClosed as exc:
+                self._mark_closed(f"connection closed ({exc})")
+                continue
+            if isinstance(message, str):
+                await self._fail(CLOSE_PROTOCOL_ERROR, "text message on a binary tunnel")
+            try:
+                frame = self._session.open(message)
+            except FrameError as exc:
+                await self._fail(CLOSE_PROTOCOL_ERROR, str(exc))
+            if frame is not None:
+                return frame
+
+    async def _fail(self, code: int, reason: str) -> NoReturn:
+        self._mark_closed(reason)
+        with contextlib.suppress(ConnectionClosed):
+            await self._ws.close(code, reason[:120])
+        raise FrameError(reason)
+
+    async def _handled(self, frame: Frame) -> bool:
+        """Answer or absorb the frames the link itself owns."""
+        if frame.type == FrameType.PING:
+            with contextlib.suppress(ClosedError):
+                await self.send(Frame(FrameType.PONG, 0, 0, 0, {"t": frame.body["t"]}))
+            return True
+        if frame.type == FrameType.PONG:
+            sent = self._pings.pop(frame.body["t"], None)
+            if sent is not None:
+                self.rtt_ms = (time.monotonic() - sent) * 1000.0
+            return True
+        return frame.type == FrameType.KEY_UPDATE
+
+    async def _first_frame(self) -> None:
+        """Wait for the peer's first encrypted frame (key confirmation), keeping it if it
+        is one the caller should see."""
+        async with self._recv_lock:
+            frame = await self._read_frame()
+            if not await self._handled(frame):
+                self._pending.append(frame)
+
+    # -- closing --------------------------------------------------------------
+
+    def _mark_closed(self, reason: str) -> None:
+        if self._closed_reason is None:
+            self._closed_reason = reason or "closed"
+        if self._pinger is not None and self._pinger is not asyncio.current_task():
+            self._pinger.cancel()
+
+    async def close(self, reason: str = "") -> None:
+        self._mark_closed(reason or "closed by this side")
+        with contextlib.suppress(ConnectionClosed):
+            await self._ws.close(1000, reason[:120])
+
+    async def wait_closed(self) -> None:
+        await self._ws.wait_closed()
+        self._mark_closed("connection closed")
+
+
+# -- client -----------------------------------------------------------------
+
+
+async def connect(
+    url: str,
+    identity: Identity,
+    coordinator_key: bytes,
+    *,
+    enroll: tuple[str, bytes] | None = None,
+    info: dict[str, str | int] | None = None,
+    open_timeout: float = 10.0,
+    now_ms: Callable[[], int] | None = None,
+    ping_interval: float | None = 15.0,
+) -> Link:
+    """Open one tunnel (fresh ephemeral keys every call; the caller loops with `backoff`).
+
+    Raises RefusedError on 401/403 (final), TunnelError for anything else.
+    """
+    handshake = InitiatorHandshake(
+        identity, coordinator_key, now_ms=(now_ms or _now_ms)(), enroll=enroll, info=info
+    )
+    header = {HANDSHAKE_HEADER: _b64(handshake.first_message())}
+    ws = await _open(url, header, open_timeout, ping_interval)
+    try:
+        reply = ws.response.headers.get(HANDSHAKE_HEADER) if ws.response else None
+        if reply is None:
+            raise HandshakeError("the server answered without a handshake: not a meshgate tunnel")
+        session, accept = handshake.finish(_unb64(reply))
+        link = Link(ws, session, accept=accept, ping_interval=ping_interval)
+        await link.ping()  # the first encrypted frame: proves our keys to the coordinator
+    except BaseException:
+        await ws.close(CLOSE_POLICY, "handshake failed")
+        raise
+    link._start()
+    return link
+
+
+async def _open(
+    url: str, header: dict[str, str], open_timeout: float, ping_interval: float | None
+) -> ClientConnection:
+    try:
+        return await ws_connect(
+            url,
+            additional_headers=header,
+            compression=None,
+            max_size=WS_MAX_SIZE,
+            open_timeout=open_timeout,
+            ping_interval=ping_interval,
+        )
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        body = (exc.response.body or b"").decode("utf-8", "replace").strip()
+        if status in (401, 403):
+            raise RefusedError(status, body or "refused") from None
+        raise TunnelError(f"coordinator answered HTTP {status}: {body}") from None
+    except (OSError, TimeoutError, WebSocketException, ValueError) as exc:
+        raise TunnelError(f"cannot open the tunnel to {url}: {exc or type(exc).__name__}") from None
+
+
+# -- server -----------------------------------------------------------------
+
+Authorize = Callable[[Hello, str], Awaitable[dict[str, Any]]]
+OnLink = Callable[[Link], Awaitable[None]]
+
+
+class _Gate:
+    """What happens inside the HTTP upgrade, before any websocket exists."""
+
+    def __init__(
+        self,
+        static_key: X25519PrivateKey,
+        authorize: Authorize,
+        *,
+        limiter: SourceLimiter,
+        guard: ReplayGuard,
+        now_ms: Callable[[], int],
+    ) -> None:
+        self.static_key = static_key
+        self.authorize = authorize
+        self.limiter = limiter
+        self.guard = guard
+        self.now_ms = now_ms
+        self.ready: weakref.WeakKeyDictionary[ServerConnection, tuple[Session, Hello, str]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        source = _host(conn.remote_address)
+        if not self.limiter.allow(source, time.monotonic()):
+            return conn.respond(429, "too many handshakes from this address; slow down\n")
+        header = request.headers.get(HANDSHAKE_HEADER)
+        if header is None:
+            return conn.respond(400, f"missing {HANDSHAKE_HEADER} header: not a meshgate node\n")
+        responder = ResponderHandshake(self.static_key)
+        try:
+            hello = responder.read_first(_unb64(header))
+        except HandshakeError as exc:
+            log.warning("handshake from %s failed: %s", source, exc)
+            return conn.respond(401, f"{exc}\n")
+        try:
+            self.guard.check(hello.did, hello.timestamp_ms, self.now_ms())
+        except HandshakeError as exc:
+            log.warning("handshake of %s from %s refused: %s", hello.did, source, exc)
+            return conn.respond(403, f"{exc}\n")
+        try:
+            accept = await self.authorize(hello, source)
+        except RefusedError as exc:
+            return conn.respond(exc.status, f"{exc.reason}\n")
+        message, session = responder.accept(accept)
+        self.ready[conn] = (session, hello, _b64(message))
+        return None
+
+    def process_response(
+        self, conn: ServerConnection, _request: Request, response: Response
+    ) -> Response | None:
+        entry = self.ready.get(conn)
+        if entry is not None and response.status_code == 101:
+            response.headers[HANDSHAKE_HEADER] = entry[2]
+        return None
+
+
+def _host(address: Any) -> str:
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    return str(address)
+
+
+async def serve(
+    host: str,
+    port: int,
+    static_key: X25519PrivateKey,
+    authorize: Authorize,
+    on_link: OnLink,
+    *,
+    ping_interval: float | None = 15.0,
+    first_frame_timeout: float = 10.0,
+    handshake_rate: float = 20.0,
+    handshake_burst: float = 40.0,
+    replay_guard: ReplayGuard | None = None,
+    now_ms: Callable[[], int] | None = None,
+) -> Server:
+    """Listen for nodes. `on_link` runs for each connection's lifetime, only after the
+    node's first encrypted frame arrived; the Link is closed when it returns."""
+    gate = _Gate(
+        static_key,
+        authorize,
+        limiter=SourceLimiter(handshake_rate, handshake_burst),
+        guard=replay_guard or ReplayGuard(),
+        now_ms=now_ms or _now_ms,
+    )
+
+    async def handler(conn: ServerConnection) -> None:
+        entry = gate.ready.pop(conn, None)
+        if entry is None:
+            await conn.close(CLOSE_POLICY, "no handshake")
+            return
+        session, hello, _ = entry
+        link = Link(conn, session, hello=hello, ping_interval=ping_interval)
+        try:
+            async with asyncio.timeout(first_frame_timeout):
+                await link._first_frame()
+        except (TimeoutError, TunnelError) as exc:
+            log.warning("node %s sent no valid first frame: %s", hello.did, exc)
+            await link.close("no valid first frame")
+            return
+        link._start()
+        try:
+            await on_link(link)
+        finally:
+            await link.close()
+
+    return await ws_serve(
+        handler,
+        host,
+        port,
+        process_request=gate.process_request,
+        process_response=gate.process_response,
+        compression=None,
+        max_size=WS_MAX_SIZE,
+        ping_interval=ping_interval,
+        server_header=None,
+    )
+
+
+__all__ = ["Link", "connect", "serve"]
