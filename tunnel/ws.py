@@ -103,6 +103,8 @@ class Link:
         self._pending: deque[Frame] = deque()
         self._pings: dict[int, float] = {}
         self._rekeyed_at = time.monotonic()
+        self.rekey_after_messages = REKEY_AFTER_MESSAGES
+        self.rekey_after_s = REKEY_AFTER_S
         self._pinger: asyncio.Task[None] | None = None
         self._closed_reason: str | None = None
 
@@ -132,8 +134,8 @@ class Link:
 
     def _rekey_due(self) -> bool:
         return (
-            self._session.sent_since_rekey >= REKEY_AFTER_MESSAGES
-            or time.monotonic() - self._rekeyed_at >= REKEY_AFTER_S
+            self._session.sent_since_rekey >= self.rekey_after_messages
+            or time.monotonic() - self._rekeyed_at >= self.rekey_after_s
         )
 
     async def _write(self, messages: list[bytes]) -> None:

@@ -18,6 +18,7 @@ from websockets.exceptions import InvalidStatus
 from tunnel import (
     ClosedError,
     Frame,
+    FrameError,
     FrameType,
     Hello,
     Identity,
@@ -133,9 +134,7 @@ async def test_impostor_coordinator_is_detected_by_the_node() -> None:
 async def test_replayed_upgrade_is_refused(coordinator: Coordinator) -> None:
     node = Identity.generate()
     coordinator.known.add(node.did)
-    msg1 = InitiatorHandshake(
-        node, coordinator.public, now_ms=_now_ms()
-    ).first_message()
+    msg1 = InitiatorHandshake(node, coordinator.public, now_ms=_now_ms()).first_message()
     headers = {HANDSHAKE_HEADER: base64.b64encode(msg1).decode()}
     first = await ws_connect(coordinator.url, additional_headers=headers, compression=None)
     with pytest.raises(InvalidStatus) as replay:
@@ -159,8 +158,13 @@ async def test_nothing_listening_is_a_tunnel_error() -> None:
 async def test_handshakes_are_rate_limited_per_source() -> None:
     coord = Coordinator(X25519PrivateKey.generate())
     coord.server = await serve(
-        "127.0.0.1", 0, coord.key, coord.authorize, coord.on_link,
-        handshake_rate=0.001, handshake_burst=2,
+        "127.0.0.1",
+        0,
+        coord.key,
+        coord.authorize,
+        coord.on_link,
+        handshake_rate=0.001,
+        handshake_burst=2,
     )
     try:
         statuses = []
@@ -364,3 +368,65 @@ async def test_a_handler_that_forgets_end_sends_an_error(coordinator: Coordinato
     assert [f.type for f in frames] == [FrameType.DATA, FrameType.ERROR]
     await client.close()
     await asyncio.wait_for(asyncio.gather(*tasks), 5)
+
+
+async def test_link_rekeys_after_a_message_count_and_keeps_working(
+    coordinator: Coordinator,
+) -> None:
+    _, client, server_side = await _connected(coordinator)
+    client.rekey_after_messages = 3
+    first_key = client._session._send._key
+    for n in range(10):
+        await client.send(Frame(FrameType.TELEMETRY, 0, 0, 0, {"n": n}))
+    got = [(await asyncio.wait_for(server_side.recv(), 5)).body["n"] for _ in range(10)]
+    assert got == list(range(10))  # KEY_UPDATE frames are absorbed by recv
+    assert client._session._send._key != first_key
+    assert client._session.sent_since_rekey < 3
+    await client.close()
+
+
+async def test_link_rekeys_after_an_age(coordinator: Coordinator) -> None:
+    _, client, server_side = await _connected(coordinator)
+    client.rekey_after_s = 0.0
+    await client.send(Frame(FrameType.TELEMETRY, 0, 0, 0, {"n": 1}))
+    assert (await asyncio.wait_for(server_side.recv(), 5)).body == {"n": 1}
+    assert client._session.sent_since_rekey == 1
+    await client.close()
+
+
+async def test_garbage_on_the_wire_closes_the_link_with_a_protocol_error(
+    coordinator: Coordinator,
+) -> None:
+    _, client, server_side = await _connected(coordinator)
+    await client._ws.send(b"\x00" * 40)  # not a valid Noise transport message
+    with pytest.raises(FrameError):
+        await asyncio.wait_for(server_side.recv(), 5)
+    with pytest.raises(ClosedError):
+        await server_side.recv()
+    await asyncio.wait_for(client._ws.wait_closed(), 5)
+    assert client._ws.close_code == 1002
+
+
+async def test_text_message_closes_the_link(coordinator: Coordinator) -> None:
+    _, client, server_side = await _connected(coordinator)
+    await client._ws.send("hello")
+    with pytest.raises(FrameError, match="text"):
+        await asyncio.wait_for(server_side.recv(), 5)
+
+
+async def test_mux_run_raises_when_the_peer_breaks_the_protocol(
+    coordinator: Coordinator,
+) -> None:
+    client, _, _, coord_mux, tasks = await _mux_pair(coordinator)
+    stream = await coord_mux.open({"tag": "t", "chunks": 1000})
+    await client._ws.send(b"\x01" * 64)
+    with pytest.raises(FrameError):
+        await asyncio.wait_for(tasks[1], 5)
+    with pytest.raises(ClosedError):
+        await asyncio.wait_for(_drain(stream), 5)
+    await asyncio.wait_for(tasks[0], 5)
+
+
+async def _drain(stream: Stream) -> None:
+    while True:
+        await stream.recv()
