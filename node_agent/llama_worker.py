@@ -194,6 +194,8 @@ class Engine:
             self.served += 1
         except OpenAIError as exc:
             put(exc)
+        except (ValueError, TypeError, KeyError) as exc:  # raised lazily, once iterating
+            put(OpenAIError(400, str(exc), hop="runner"))
         except Exception as exc:
             log.exception("generation failed")
             put(OpenAIError(500, f"generation failed: {exc}", hop="runner"))

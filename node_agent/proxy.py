@@ -1,0 +1,172 @@
+"""The node's local OpenAI-compatible port (127.0.0.1:11438 by default).
+
+Bodies pass through as bytes: the proxy checks only what it needs (size,
+JSON, ``model``) with :func:`meshgate.openai.parse_request` and hands the
+original bytes to the model's runtime. Every error leaves as an OpenAI error
+object; one that happens after a stream started leaves as a final error
+event, never as a silently shortened stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
+
+from meshgate.openai import (
+    ENDPOINTS,
+    MAX_BODY_BYTES,
+    SSE_DONE,
+    OpenAIError,
+    model_list,
+    parse_request,
+    sse_error,
+    sse_event,
+)
+from node_agent.models import ModelManager
+
+log = logging.getLogger(__name__)
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit`."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise OpenAIError(413, f"request body is {declared} bytes; the limit is {limit}")
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise OpenAIError(413, f"request body exceeds the limit of {limit} bytes")
+        parts.append(part)
+    return b"".join(parts)
+
+
+async def _aclose(chunks: AsyncIterator[bytes]) -> None:
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class SSEResponse(StreamingResponse):
+    """A runtime's stream as server-sent events, ending in ``[DONE]`` or an error event.
+
+    It sends the chunks itself rather than through Starlette's task group so
+    that a client going away cancels the runtime's stream once, in plain
+    asyncio, and the stream's cleanup (closing the runner's response, which
+    stops generation there) runs to the end. The borrowed runtime (`stack`)
+    is given back whatever happens, even if the response never starts.
+    """
+
+    def __init__(self, first: bytes, chunks: AsyncIterator[bytes], stack: AsyncExitStack) -> None:
+        super().__init__(iter(()), media_type="text/event-stream",
+                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        self._first = first
+        self._chunks = chunks
+        self._stack = stack
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pump = asyncio.create_task(self._pump(send))
+        watch = asyncio.create_task(_until_disconnect(receive))
+        try:
+            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pump, watch):
+                task.cancel()
+            await asyncio.gather(pump, watch, return_exceptions=True)
+            await _aclose(self._chunks)
+            await self._stack.aclose()
+        if pump.done() and not pump.cancelled() and pump.exception() is not None:
+            log.warning("stream to the client failed: %r", pump.exception())
+
+    async def _pump(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": sse_event(self._first),
+                    "more_body": True})
+        try:
+            async for chunk in self._chunks:
+                await send({"type": "http.response.body", "body": sse_event(chunk),
+                            "more_body": True})
+            end = SSE_DONE
+        except OpenAIError as exc:
+            log.warning("stream failed after it started: %s", exc.message)
+            end = sse_error(exc)
+        await send({"type": "http.response.body", "body": end, "more_body": False})
+
+
+async def _answer(manager: ModelManager, request: Request, endpoint: str) -> Response:
+    raw = await read_body(request)
+    body = parse_request(raw, endpoint)
+    stack = AsyncExitStack()
+    try:
+        runtime = await stack.enter_async_context(manager.use(body["model"]))
+        if not body.get("stream"):
+            data, _ = await runtime.complete(endpoint, raw)
+            return Response(data, media_type="application/json")
+        chunks = runtime.stream(endpoint, raw)
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            raise OpenAIError(502, "runner sent an empty stream", hop="runner") from None
+        except BaseException:
+            await _aclose(chunks)
+            raise
+        return SSEResponse(first, chunks, stack.pop_all())
+    finally:
+        await stack.aclose()
+
+
+def build_app(
+    manager: ModelManager, *, telemetry: Callable[[], dict[str, Any]] | None = None
+) -> FastAPI:
+    app = FastAPI(title="meshgate node", openapi_url=None, docs_url=None, redoc_url=None)
+
+    async def openai_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, OpenAIError)
+        exc.hop = exc.hop or "node"
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return JSONResponse(OpenAIError(exc.status_code, str(exc.detail), hop="node").body(),
+                            status_code=exc.status_code)
+
+    app.add_exception_handler(OpenAIError, openai_error)
+    app.add_exception_handler(HTTPException, http_error)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return model_list(manager.names(), owned_by="meshgate-node")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "models": manager.names()}
+
+    @app.get("/meshgate/telemetry")
+    async def read_telemetry() -> dict[str, Any]:
+        if telemetry is None:
+            raise OpenAIError(404, "this node serves no telemetry here", hop="node")
+        return telemetry()
+
+    def route(endpoint: str) -> Callable[[Request], Awaitable[Response]]:
+        async def handler(request: Request) -> Response:
+            return await _answer(manager, request, endpoint)
+
+        return handler
+
+    for endpoint in ENDPOINTS:
+        app.add_api_route(f"/v1/{endpoint}", route(endpoint), methods=["POST"])
+    return app
