@@ -92,6 +92,13 @@ def worker_health(node: Node) -> dict[str, Any]:
     return data
 
 
+def wait_restarted(node: Node, crashes: int) -> None:
+    deadline = time.monotonic() + 60
+    while node.stats()["crashes"] < crashes or node.runner.state != "up":
+        assert time.monotonic() < deadline, "the runner did not come back"
+        time.sleep(0.05)
+
+
 def test_chat_answers_with_text_and_usage(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8)
     assert reply.model == MODEL
@@ -195,19 +202,16 @@ def test_a_killed_runner_is_a_clear_503_then_recovers(node: Node, client: openai
         client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
     assert caught.value.status_code == 503
     assert MODEL in str(caught.value)
-    deadline = time.monotonic() + 60
-    while node.runner.state != "up":
-        assert time.monotonic() < deadline, "the runner did not come back"
-        time.sleep(0.1)
+    wait_restarted(node, crashes + 1)
     reply = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
     assert reply.choices[0].message.content
-    assert node.stats()["crashes"] == crashes + 1
 
 
 def test_an_error_after_the_stream_started_ends_it_with_an_error_event(node: Node) -> None:
     body = {"model": MODEL, "prompt": "Count from 1 to 100: 1, 2, 3,", "max_tokens": 200,
             "temperature": 0, "stream": True}
     events: list[str] = []
+    crashes = node.stats()["crashes"]
     with httpx.stream("POST", f"{node.url}/v1/completions", json=body) as reply:
         for line in reply.iter_lines():
             if line.startswith("data: "):
@@ -217,7 +221,4 @@ def test_an_error_after_the_stream_started_ends_it_with_an_error_event(node: Nod
     assert "[DONE]" not in events
     error = json.loads(events[-1])["error"]
     assert error["message"]
-    deadline = time.monotonic() + 60
-    while node.runner.state != "up":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_restarted(node, crashes + 1)
