@@ -132,7 +132,7 @@ class ModelManager:
         finally:
             model.in_flight -= 1
 
-    def stats(self) -> dict[str, dict[str, Any]]:
+    def stats(self) -> dict[str, Any]:
         return {
             name: {
                 "kind": m.runtime.kind,
