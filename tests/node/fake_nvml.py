@@ -1,0 +1,177 @@
+"""A FAKE NVML module for tests: there is no GPU on the test machine.
+
+:class:`FakeNvml` stands where the ``pynvml`` module would: it has pynvml's
+real function names (``nvmlInit``, ``nvmlDeviceGetMemoryInfo``, ...), its
+real constants, and raises pynvml's real error classes (``pynvml.NVMLError``
+built from an ``NVML_ERROR_*`` code maps to ``NVMLError_NotSupported`` and
+friends), so code that catches them behaves as on a real box. Its GPUs come
+from recorded readings in ``tests/node/fixtures/nvml_*.json``.
+
+Cues: ``FakeNvml(..., library_missing=True)`` fails ``nvmlInit`` with
+``NVMLError_LibraryNotFound``; :meth:`FakeNvml.unsupported` makes one call on
+one GPU raise ``NVMLError_NotSupported``; :meth:`FakeNvml.lose_gpu` makes
+every call on one GPU raise (``NVMLError_GPUIsLost`` by default).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pynvml
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# pynvml's own error classes and constants, re-exported as the module has them.
+NVMLError = pynvml.NVMLError
+NVMLError_LibraryNotFound = pynvml.NVMLError_LibraryNotFound
+NVMLError_DriverNotLoaded = pynvml.NVMLError_DriverNotLoaded
+NVMLError_NotSupported = pynvml.NVMLError_NotSupported
+NVMLError_GpuIsLost = pynvml.NVMLError_GpuIsLost
+NVMLError_Uninitialized = pynvml.NVMLError_Uninitialized
+NVML_TEMPERATURE_GPU = pynvml.NVML_TEMPERATURE_GPU
+NVML_PCIE_UTIL_TX_BYTES = pynvml.NVML_PCIE_UTIL_TX_BYTES
+NVML_PCIE_UTIL_RX_BYTES = pynvml.NVML_PCIE_UTIL_RX_BYTES
+
+
+@dataclass
+class FakeMemory:  # the shape of pynvml.c_nvmlMemory_t
+    total: int
+    free: int
+    used: int
+
+
+@dataclass
+class FakeUtilization:  # the shape of pynvml.c_nvmlUtilization_t
+    gpu: int
+    memory: int
+
+
+@dataclass(frozen=True)
+class FakeHandle:
+    index: int
+
+
+def load_fixture(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((FIXTURES / name).read_text())
+    return data
+
+
+class FakeNvml:
+    """A fake of the ``pynvml`` module, configured with recorded GPUs."""
+
+    NVMLError = NVMLError
+    NVMLError_LibraryNotFound = NVMLError_LibraryNotFound
+    NVMLError_DriverNotLoaded = NVMLError_DriverNotLoaded
+    NVMLError_NotSupported = NVMLError_NotSupported
+    NVMLError_GpuIsLost = NVMLError_GpuIsLost
+    NVML_TEMPERATURE_GPU = NVML_TEMPERATURE_GPU
+    NVML_PCIE_UTIL_TX_BYTES = NVML_PCIE_UTIL_TX_BYTES
+    NVML_PCIE_UTIL_RX_BYTES = NVML_PCIE_UTIL_RX_BYTES
+
+    def __init__(self, fixture: dict[str, Any] | None = None, *, library_missing: bool = False):
+        fixture = fixture or {"driver_version": "", "gpus": []}
+        self.gpus: list[dict[str, Any]] = list(fixture["gpus"])
+        self.driver_version: str = fixture["driver_version"]
+        self.library_missing = library_missing
+        self.init_calls = 0
+        self.initialized = False
+        self._unsupported: set[tuple[int, str]] = set()
+        self._lost: dict[int, int] = {}
+
+    # --- cues ----------------------------------------------------------------
+    def unsupported(self, index: int, function: str) -> None:
+        """Make ``function`` (a pynvml name) raise NotSupported on GPU ``index``."""
+        if not hasattr(self, function):
+            raise AttributeError(f"pynvml has no {function} in this fake")
+        self._unsupported.add((index, function))
+
+    def lose_gpu(self, index: int, code: int = pynvml.NVML_ERROR_GPU_IS_LOST) -> None:
+        self._lost[index] = code
+
+    # --- the module's functions -------------------------------------------------
+    def nvmlInit(self) -> None:
+        self.init_calls += 1
+        if self.library_missing:
+            raise NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+        self.initialized = True
+
+    def nvmlShutdown(self) -> None:
+        self._check_init()
+        self.initialized = False
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        self._check_init()
+        return self.driver_version
+
+    def nvmlDeviceGetCount(self) -> int:
+        self._check_init()
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeHandle:
+        self._check_init()
+        if not 0 <= index < len(self.gpus):
+            raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return FakeHandle(index)
+
+    def nvmlDeviceGetName(self, handle: FakeHandle) -> str:
+        return str(self._gpu(handle, "nvmlDeviceGetName")["name"])
+
+    def nvmlDeviceGetUUID(self, handle: FakeHandle) -> str:
+        return str(self._gpu(handle, "nvmlDeviceGetUUID")["uuid"])
+
+    def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle, version: Any = None) -> FakeMemory:
+        return FakeMemory(**self._gpu(handle, "nvmlDeviceGetMemoryInfo")["memory"])
+
+    def nvmlDeviceGetUtilizationRates(self, handle: FakeHandle) -> FakeUtilization:
+        return FakeUtilization(**self._gpu(handle, "nvmlDeviceGetUtilizationRates")["utilization"])
+
+    def nvmlDeviceGetTemperature(self, handle: FakeHandle, sensor: int) -> int:
+        gpu = self._gpu(handle, "nvmlDeviceGetTemperature")
+        if sensor != NVML_TEMPERATURE_GPU:
+            raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return int(gpu["temperature"])
+
+    def nvmlDeviceGetPowerUsage(self, handle: FakeHandle) -> int:
+        return int(self._gpu(handle, "nvmlDeviceGetPowerUsage")["power_usage_mw"])
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle: FakeHandle) -> int:
+        return int(self._gpu(handle, "nvmlDeviceGetEnforcedPowerLimit")["enforced_power_limit_mw"])
+
+    def nvmlDeviceGetCurrPcieLinkGeneration(self, handle: FakeHandle) -> int:
+        return int(self._pcie(handle, "nvmlDeviceGetCurrPcieLinkGeneration")["gen_current"])
+
+    def nvmlDeviceGetMaxPcieLinkGeneration(self, handle: FakeHandle) -> int:
+        return int(self._pcie(handle, "nvmlDeviceGetMaxPcieLinkGeneration")["gen_max"])
+
+    def nvmlDeviceGetCurrPcieLinkWidth(self, handle: FakeHandle) -> int:
+        return int(self._pcie(handle, "nvmlDeviceGetCurrPcieLinkWidth")["width_current"])
+
+    def nvmlDeviceGetMaxPcieLinkWidth(self, handle: FakeHandle) -> int:
+        return int(self._pcie(handle, "nvmlDeviceGetMaxPcieLinkWidth")["width_max"])
+
+    def nvmlDeviceGetPcieThroughput(self, handle: FakeHandle, counter: int) -> int:
+        pcie = self._pcie(handle, "nvmlDeviceGetPcieThroughput")
+        if counter == NVML_PCIE_UTIL_TX_BYTES:
+            return int(pcie["tx_kb_s"])
+        if counter == NVML_PCIE_UTIL_RX_BYTES:
+            return int(pcie["rx_kb_s"])
+        raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+
+    # --- helpers -----------------------------------------------------------------
+    def _check_init(self) -> None:
+        if not self.initialized:
+            raise NVMLError(pynvml.NVML_ERROR_UNINITIALIZED)
+
+    def _gpu(self, handle: FakeHandle, function: str) -> dict[str, Any]:
+        self._check_init()
+        if handle.index in self._lost:
+            raise NVMLError(self._lost[handle.index])
+        if (handle.index, function) in self._unsupported:
+            raise NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return self.gpus[handle.index]
+
+    def _pcie(self, handle: FakeHandle, function: str) -> dict[str, Any]:
+        return dict(self._gpu(handle, function)["pcie"])
