@@ -128,6 +128,10 @@ READERS: dict[str, Reader] = {
 }
 
 
+def _bind(read: Reader, handle: Any) -> Callable[[Any], Any]:
+    return lambda nvml: read(nvml, handle)
+
+
 class NvmlSource:
     """Samples every NVIDIA GPU of this box; ``[]`` when there is none or no NVML."""
 
@@ -176,7 +180,7 @@ class NvmlSource:
         raw: dict[str, Any] = {}
         if handle is not None:
             for key, read in READERS.items():
-                raw[key] = self._call(index, key, lambda n, r=read: r(n, handle))
+                raw[key] = self._call(index, key, _bind(read, handle))
         return gpu_sample(index, raw)
 
     def _call(self, index: int, field: str, fn: Callable[[Any], Any]) -> Any:

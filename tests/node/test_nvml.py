@@ -55,7 +55,8 @@ def test_converter_marks_missing_readings_as_unavailable() -> None:
     raw["memory"] = None
     s = gpu_sample(1, raw)
     assert s.power_draw_w is None
-    assert s.vram_total_bytes is None and s.vram_free_bytes is None
+    assert s.vram_total_bytes is None
+    assert s.vram_free_bytes is None
     assert s.power_limit_w == 450.0
     assert s.unavailable == ("memory", "power_mw")
 
@@ -82,10 +83,13 @@ def test_two_gpus_are_reported_with_their_recorded_values() -> None:
     assert [s.index for s in samples] == [0, 1]
     busy, idle = samples
     assert busy.uuid != idle.uuid
-    assert busy.gpu_util_pct == 97 and busy.mem_util_pct == 81
+    assert busy.gpu_util_pct == 97
+    assert busy.mem_util_pct == 81
     assert busy.vram_used_bytes == 19803602944
-    assert busy.pcie_rx_kb_s == 215000 and busy.pcie_tx_kb_s == 41000
-    assert idle.pcie_gen_current == 1 and idle.pcie_gen_max == 4
+    assert busy.pcie_rx_kb_s == 215000
+    assert busy.pcie_tx_kb_s == 41000
+    assert idle.pcie_gen_current == 1
+    assert idle.pcie_gen_max == 4
     assert idle.temperature_c == 34
     assert all(s.unavailable == () for s in samples)
 
@@ -105,11 +109,13 @@ def test_unsupported_field_is_none_and_the_rest_intact(caplog: pytest.LogCapture
             first, second = source.sample()
     assert second.power_draw_w is None
     assert second.unavailable == ("power_mw",)
-    assert second.power_limit_w == 450.0 and second.vram_total_bytes == 25757220864
+    assert second.power_limit_w == 450.0
+    assert second.vram_total_bytes == 25757220864
     assert first.power_draw_w == pytest.approx(402.117)
     lines = [r for r in caplog.records if "power_mw" in r.getMessage()]
     assert len(lines) == 1
-    assert "GPU 1" in lines[0].getMessage() and "NotSupported" in lines[0].getMessage()
+    assert "GPU 1" in lines[0].getMessage()
+    assert "NotSupported" in lines[0].getMessage()
 
 
 def test_no_library_gives_no_gpus_and_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
@@ -141,9 +147,12 @@ def test_a_gpu_lost_mid_run_keeps_its_index_and_the_other_gpu(
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
             lost, fine = source.sample()
-    assert lost.index == 0 and lost.vram_total_bytes is None and lost.name is None
+    assert lost.index == 0
+    assert lost.vram_total_bytes is None
+    assert lost.name is None
     assert set(lost.unavailable) == set(READERS)
-    assert fine.unavailable == () and fine.vram_total_bytes == 25757220864
+    assert fine.unavailable == ()
+    assert fine.vram_total_bytes == 25757220864
     assert len(caplog.records) == len(READERS)  # once per (gpu, field), not per sample
     assert all("GpuIsLost" in r.getMessage() for r in caplog.records)
 
