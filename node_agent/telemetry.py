@@ -32,11 +32,6 @@ class GpuSource(Protocol):
     def sample(self) -> list[GpuSample]: ...
 
 
-class _MemoryReading(Protocol):  # psutil's svmem / sswap / sdiskusage, or a recording
-    @property
-    def total(self) -> int: ...
-
-
 @dataclass(frozen=True, slots=True)
 class HostSample:
     cpu_count: int
