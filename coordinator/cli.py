@@ -121,7 +121,7 @@ def _ago(ts: float | None, now: float) -> str:
 
 
 @app.command()
-def serve(  # noqa: PLR0917 - typer passes options by keyword
+def serve(
     state_dir: Path = STATE_DIR,
     api_host: str = typer.Option("0.0.0.0", envvar="MESHGATE_API_HOST"),  # noqa: S104
     api_port: int = typer.Option(8470, envvar="MESHGATE_API_PORT"),

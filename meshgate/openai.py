@@ -108,12 +108,10 @@ def parse_request(raw: bytes, endpoint: str, *, max_bytes: int = MAX_BODY_BYTES)
             raise OpenAIError(400, "'messages' must be a non-empty list", param="messages")
         if not all(isinstance(m, dict) and "role" in m for m in messages):
             raise OpenAIError(400, "each message must be an object with a 'role'", param="messages")
-    elif endpoint == "completions":
-        if not isinstance(body.get("prompt"), str | list):
-            raise OpenAIError(400, "'prompt' is required", param="prompt")
-    elif endpoint == "embeddings":
-        if not isinstance(body.get("input"), str | list):
-            raise OpenAIError(400, "'input' is required", param="input")
+    elif endpoint == "completions" and not isinstance(body.get("prompt"), str | list):
+        raise OpenAIError(400, "'prompt' is required", param="prompt")
+    elif endpoint == "embeddings" and not isinstance(body.get("input"), str | list):
+        raise OpenAIError(400, "'input' is required", param="input")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise OpenAIError(400, "'stream' must be a boolean", param="stream")

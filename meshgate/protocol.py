@@ -69,5 +69,7 @@ class OpenRequest:
         return request
 
 
-def error_body(status: int, message: str, *, code: str | None = None, hop: str = "node") -> dict[str, Any]:
+def error_body(
+    status: int, message: str, *, code: str | None = None, hop: str = "node"
+) -> dict[str, Any]:
     return {"status": status, "message": message, "code": code, "hop": hop}

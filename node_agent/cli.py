@@ -14,7 +14,9 @@ from node_agent.state import Enrollment, NodeState
 app = typer.Typer(help="meshgate edge-node daemon", no_args_is_help=True, add_completion=False)
 
 STATE_DIR = typer.Option(
-    Path("/var/lib/meshgate/node"), "--state-dir", envvar="MESHGATE_NODE_STATE",
+    Path("/var/lib/meshgate/node"),
+    "--state-dir",
+    envvar="MESHGATE_NODE_STATE",
     help="Where the node keeps its identity and enrollment.",
 )
 
@@ -26,7 +28,9 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 @app.command()
 def enroll(
-    token: str = typer.Argument(..., help="The token printed by `meshgate-coordinator token create`."),
+    token: str = typer.Argument(
+        ..., help="The token printed by `meshgate-coordinator token create`."
+    ),
     state_dir: Path = STATE_DIR,
 ) -> None:
     """Create this node's identity, prove the one-time token and pin the coordinator's key."""
@@ -45,7 +49,9 @@ def enroll(
 
     async def prove() -> dict[str, object]:
         link = await connect(
-            parsed.url, identity, parsed.coordinator_key,
+            parsed.url,
+            identity,
+            parsed.coordinator_key,
             enroll=(parsed.token_id, parsed.secret),
         )
         accept = dict(link.accept or {})
@@ -79,7 +85,9 @@ def run(
     model: list[str] = typer.Option([], "--model", help="NAME=PATH.gguf, repeatable."),
     model_dir: list[Path] = typer.Option([], "--model-dir", help="Serve every .gguf below DIR."),
     upstream: list[str] = typer.Option(
-        [], "--upstream", help="NAME=http://127.0.0.1:PORT/v1: an OpenAI-compatible server on this box."
+        [],
+        "--upstream",
+        help="NAME=http://127.0.0.1:PORT/v1: an OpenAI-compatible server on this box.",
     ),
     n_ctx: int = typer.Option(2048, help="Context length for llama.cpp runners."),
     n_gpu_layers: int = typer.Option(0, help="Layers to offload to the GPU (-1: all)."),
@@ -110,10 +118,15 @@ def identity(state_dir: Path = STATE_DIR) -> None:
     """Print this node's did:key and enrollment."""
     state = NodeState(state_dir)
     enrollment = state.enrollment()
-    typer.echo(json.dumps(
-        {"did": state.identity().did, "enrollment": enrollment.to_json() if enrollment else None},
-        indent=2,
-    ))
+    typer.echo(
+        json.dumps(
+            {
+                "did": state.identity().did,
+                "enrollment": enrollment.to_json() if enrollment else None,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

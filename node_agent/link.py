@@ -105,7 +105,9 @@ class CoordinatorLink:
 
     async def _heartbeat(self, mux: Mux) -> None:
         while True:
-            body = self.telemetry() if self.telemetry else {"runtime": self.manager.stats()}
+            body: dict[str, Any] = (
+                self.telemetry() if self.telemetry else {"runtime": self.manager.stats()}
+            )
             body.setdefault("ts", time.time())
             await mux.send_control(FrameType.TELEMETRY, body)
             await asyncio.sleep(self.telemetry_period)

@@ -27,7 +27,10 @@ def cli(tool: str, *args: str, check: bool = True) -> subprocess.CompletedProces
     module = {"coordinator": "coordinator.cli", "node": "node_agent.cli"}[tool]
     return subprocess.run(
         [sys.executable, "-m", module, *args],
-        capture_output=True, text=True, timeout=120, check=check,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=check,
     )
 
 
@@ -59,7 +62,9 @@ def spawn(tool: str, args: list[str], log: Path) -> Proc:
     out = log.open("wb")
     popen = subprocess.Popen(
         [sys.executable, "-m", module, *args],
-        stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     return Proc(popen, log)
 
@@ -106,29 +111,64 @@ class Mesh:
         return f"http://127.0.0.1:{self.proxy_ports[node]}/v1"
 
     def start_coordinator(self) -> None:
-        self.coordinator = spawn("coordinator", [
-            "serve", "--state-dir", str(self.coord_state), "--api-host", "127.0.0.1",
-            "--api-port", str(self.api_port), "--tunnel-host", "127.0.0.1",
-            "--tunnel-port", str(self.tunnel_port),
-        ], self.root / "coordinator.log")
+        self.coordinator = spawn(
+            "coordinator",
+            [
+                "serve",
+                "--state-dir",
+                str(self.coord_state),
+                "--api-host",
+                "127.0.0.1",
+                "--api-port",
+                str(self.api_port),
+                "--tunnel-host",
+                "127.0.0.1",
+                "--tunnel-port",
+                str(self.tunnel_port),
+            ],
+            self.root / "coordinator.log",
+        )
         wait_until(
             lambda: httpx.get(f"http://127.0.0.1:{self.api_port}/healthz").status_code == 200,
-            30, "coordinator", [self.coordinator],
+            30,
+            "coordinator",
+            [self.coordinator],
         )
 
     def token(self, *extra: str) -> str:
-        return last_line(cli("coordinator", "token", "create", "--state-dir", str(self.coord_state), *extra))
+        return last_line(
+            cli("coordinator", "token", "create", "--state-dir", str(self.coord_state), *extra)
+        )
 
     def make_key(self, name: str) -> str:
-        return last_line(cli("coordinator", "key", "create", "--state-dir", str(self.coord_state), "--name", name))
+        return last_line(
+            cli(
+                "coordinator", "key", "create", "--state-dir", str(self.coord_state), "--name", name
+            )
+        )
 
     def enroll(self, node: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
-        return cli("node", "enroll", token or self.token(), "--state-dir", str(self.root / node), check=False)
+        return cli(
+            "node",
+            "enroll",
+            token or self.token(),
+            "--state-dir",
+            str(self.root / node),
+            check=False,
+        )
 
     def start_node(self, node: str, *models: str, extra: tuple[str, ...] = ()) -> Proc:
         port = self.proxy_ports.setdefault(node, free_port())
-        args = ["run", "--state-dir", str(self.root / node), "--proxy-port", str(port),
-                "--telemetry-period", "0.5", *extra]
+        args = [
+            "run",
+            "--state-dir",
+            str(self.root / node),
+            "--proxy-port",
+            str(port),
+            "--telemetry-period",
+            "0.5",
+            *extra,
+        ]
         for model in models:
             args += ["--model", model]
         proc = spawn("node", args, self.root / f"{node}.log")

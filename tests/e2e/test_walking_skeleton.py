@@ -63,7 +63,8 @@ def test_streaming_chat_ends_with_usage_that_counts_the_chunks(client: openai.Op
 def test_completions_endpoint_answers(client: openai.OpenAI) -> None:
     reply = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6)
     assert reply.choices[0].text
-    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens > 0
 
 
 def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
