@@ -1,0 +1,217 @@
+"""Per-request overhead of meshgate's two request paths, measured side by side.
+
+    .venv/bin/python scripts/bench/overhead.py [--runtime fake|llama] [--requests 200]
+        [--chunks 64] [--max-tokens 16] [--json OUT.json]
+
+Starts a real coordinator and a real enrolled node (subprocesses, loopback
+websockets tunnel, SQLite store) in a temporary directory, then times the same
+request three ways, interleaved round-robin so that drift hits all three alike:
+
+* ``direct``: straight to the runner the node uses;
+* ``node``: through the node's local OpenAI proxy (the app-on-the-box path);
+* ``coordinator``: through the coordinator's API, the encrypted tunnel and the
+  node (the remote path).
+
+``--runtime fake`` puts an instant OpenAI-compatible upstream behind the node
+(``tests/node/fake_openai_server.py``, named a fake: canned words, no model) so
+only meshgate's own cost shows; ``--runtime llama`` serves the real SmolLM2
+model and calls its llama.cpp runner directly on its unix socket.
+
+For each path and shape (non-streaming, streaming) it prints p50 and p99 of the
+wall time, the p50 ratio against ``direct`` and the added p50 in milliseconds.
+Absolute times depend on the box; the ratios and the added milliseconds are the
+numbers to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.e2e.mesh import Mesh, free_port, wait_until  # noqa: E402
+
+MODEL = "bench"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def one_request(client: httpx.Client, url: str, body: dict[str, Any]) -> float:
+    """Send one request, read all of the answer, return seconds; fail loudly on a bad answer."""
+    started = time.perf_counter()
+    if body.get("stream"):
+        chunks = 0
+        with client.stream("POST", url, json=body) as reply:
+            reply.raise_for_status()
+            for line in reply.iter_lines():
+                if line.startswith("data: "):
+                    chunks += 1
+                    if line == "data: [DONE]":
+                        break
+        elapsed = time.perf_counter() - started
+        if chunks < 2 or line != "data: [DONE]":
+            raise RuntimeError(f"{url}: stream ended early after {chunks} events")
+        return elapsed
+    reply = client.post(url, json=body)
+    elapsed = time.perf_counter() - started
+    reply.raise_for_status()
+    if not reply.json()["choices"]:
+        raise RuntimeError(f"{url}: no choices in {reply.text[:200]}")
+    return elapsed
+
+
+def measure(
+    targets: dict[str, tuple[httpx.Client, str]],
+    body: dict[str, Any],
+    requests: int,
+    warmup: int,
+) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in targets}
+    for i in range(warmup + requests):
+        for name, (client, base) in targets.items():
+            elapsed = one_request(client, f"{base}/chat/completions", body)
+            if i >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def report(shape: str, times: dict[str, list[float]]) -> list[dict[str, Any]]:
+    base = statistics.median(times["direct"])
+    rows = []
+    for name, values in times.items():
+        p50 = statistics.median(values)
+        rows.append(
+            {
+                "shape": shape,
+                "path": name,
+                "n": len(values),
+                "p50_ms": p50 * 1000,
+                "p99_ms": percentile(values, 0.99) * 1000,
+                "p50_ratio": p50 / base,
+                "added_p50_ms": (p50 - base) * 1000,
+            }
+        )
+    return rows
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    header = (
+        f"{'shape':<12}{'path':<13}{'n':>5}{'p50 ms':>10}{'p99 ms':>10}{'ratio':>8}{'+p50 ms':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['shape']:<12}{r['path']:<13}{r['n']:>5}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
+            f"{r['p50_ratio']:>8.2f}{r['added_p50_ms']:>10.2f}"
+        )
+
+
+def start_fake_upstream(root: Path, chunks: int) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    log = (root / "fake-upstream.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "tests/node/fake_openai_server.py"),
+            "--port",
+            str(port),
+            "--name",
+            MODEL,
+            "--chunks",
+            str(chunks),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    wait_until(lambda: httpx.get(f"{url}/models").status_code == 200, 30, "fake upstream")
+    return proc, url
+
+
+def model_path() -> str:
+    out = subprocess.run(
+        [str(ROOT / "scripts/fetch_model.sh")], capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runtime", choices=["fake", "llama"], default="fake")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--chunks", type=int, default=64, help="fake: chunks per streamed answer")
+    parser.add_argument("--max-tokens", type=int, default=16, help="llama: tokens per answer")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="mg-bench-") as tmp:
+        root = Path(tmp)
+        mesh = Mesh(root=root, api_port=free_port(), tunnel_port=free_port())
+        cleanup: list[Callable[[], None]] = [mesh.stop]
+        try:
+            if args.runtime == "fake":
+                fake, upstream = start_fake_upstream(root, args.chunks)
+                cleanup.append(fake.kill)
+                node_args: tuple[str, ...] = ("--upstream", f"{MODEL}={upstream}")
+                direct = httpx.Client(timeout=60)
+            else:
+                node_args = ("--model", f"{MODEL}={model_path()}")
+            mesh.start_coordinator()
+            mesh.key = mesh.make_key("bench")
+            enrolled = mesh.enroll("node-a")
+            if enrolled.returncode:
+                raise SystemExit(f"enroll failed: {enrolled.stderr}")
+            mesh.start_node("node-a", extra=node_args)
+            mesh.wait_serving(MODEL)
+            if args.runtime == "llama":
+                sock = root / "node-a" / "run" / f"{MODEL}.sock"
+                direct = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=60)
+                upstream = "http://runner/v1"
+            auth = {"Authorization": f"Bearer {mesh.key}"}
+            targets = {
+                "direct": (direct, upstream),
+                "node": (httpx.Client(timeout=60), mesh.proxy("node-a")),
+                "coordinator": (httpx.Client(timeout=60, headers=auth), mesh.api),
+            }
+            body: dict[str, Any] = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "Say hello."}],
+                "max_tokens": args.max_tokens,
+                "temperature": 0,
+            }
+            rows = report("non-stream", measure(targets, body, args.requests, args.warmup))
+            body = {**body, "stream": True}
+            rows += report("stream", measure(targets, body, args.requests, args.warmup))
+        finally:
+            for step in reversed(cleanup):
+                step()
+    what = (
+        f"instant fake upstream, {args.chunks} chunks per stream"
+        if args.runtime == "fake"
+        else f"SmolLM2-135M Q4_1 on llama.cpp (CPU), max_tokens={args.max_tokens}, temperature 0"
+    )
+    print(f"meshgate request overhead: {what}; {args.requests} requests per path, interleaved")
+    print_rows(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
