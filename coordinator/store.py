@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from fnmatch import fnmatchcase
 from typing import Any, Literal, cast
 
 from sqlalchemy import (
@@ -37,7 +39,9 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -126,6 +130,7 @@ class UsageRow(Base):
     upstream: Mapped[str | None] = mapped_column(String(200))
     model: Mapped[str] = mapped_column(String(255))
     endpoint: Mapped[str] = mapped_column(String(64))
+    route: Mapped[str | None] = mapped_column(String(200))
     prompt_tokens: Mapped[int]
     completion_tokens: Mapped[int]
     latency_ms: Mapped[float]
@@ -153,6 +158,84 @@ class NodeRecord:
                    row.last_seen, list(row.models), row.last_ts_ms)
 
 
+PREFER_VALUES = ("speed", "cost", "local", "quality")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyScopes:
+    """What one API key may do; every limit is optional (None: no limit).
+
+    `models` are glob patterns (`llama-*`, matched case-sensitively against the
+    requested model name); `prefer` is the route policy used when the request
+    names none; `labels` are node labels every node serving the key must carry
+    (data residency: `site=eu-1`); `rpm`/`tpm` are requests and tokens per
+    minute; `budget_day`/`budget_month` are money per UTC day / calendar month,
+    in the unit the cloud upstreams' prices are given in.
+    """
+
+    models: tuple[str, ...] | None = None
+    prefer: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    rpm: int | None = None
+    tpm: int | None = None
+    budget_day: float | None = None
+    budget_month: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.models is not None:
+            models = tuple(sorted({m.strip() for m in self.models if m.strip()}))
+            object.__setattr__(self, "models", models or None)
+        if self.prefer is not None and self.prefer not in PREFER_VALUES:
+            raise CoordinatorError(f"bad prefer {self.prefer!r}: use one of "
+                                   + ", ".join(PREFER_VALUES))
+        for name in ("rpm", "tpm"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise CoordinatorError(f"{name} must be a positive whole number, not {value!r}")
+        for name in ("budget_day", "budget_month"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise CoordinatorError(f"{name} must be a positive amount, not {value!r}")
+        object.__setattr__(self, "labels", dict(self.labels))
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.models is not None:
+            out["models"] = list(self.models)
+        if self.labels:
+            out["labels"] = dict(self.labels)
+        for name in ("prefer", "rpm", "tpm", "budget_day", "budget_month"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> KeyScopes:
+        models = data.get("models")
+        labels = data.get("labels")
+
+        def num(name: str) -> float | None:
+            value = data.get(name)
+            return float(value) if isinstance(value, int | float) else None
+
+        def whole(name: str) -> int | None:
+            value = data.get(name)
+            return int(value) if isinstance(value, int) and value > 0 else None
+
+        prefer = data.get("prefer")
+        return cls(
+            models=tuple(str(m) for m in models) if isinstance(models, list) else None,
+            prefer=prefer if prefer in PREFER_VALUES else None,
+            labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict)
+            else {},
+            rpm=whole("rpm"), tpm=whole("tpm"),
+            budget_day=num("budget_day"), budget_month=num("budget_month"),
+        )
+
+    def allows_model(self, model: str) -> bool:
+        return self.models is None or any(fnmatchcase(model, p) for p in self.models)
+
+
 @dataclass(frozen=True, slots=True)
 class ApiKeyRecord:
     key_id: str
@@ -162,13 +245,17 @@ class ApiKeyRecord:
     scopes: dict[str, Any]
 
     @property
+    def scope(self) -> KeyScopes:
+        return KeyScopes.from_json(self.scopes)
+
+    @property
     def models(self) -> list[str] | None:
-        """The models this key may use; None means every model."""
-        models = self.scopes.get("models")
-        return [str(m) for m in models] if isinstance(models, list) else None
+        """The model patterns this key may use; None means every model."""
+        models = self.scope.models
+        return list(models) if models is not None else None
 
     def allows_model(self, model: str) -> bool:
-        return self.models is None or model in self.models
+        return self.scope.allows_model(model)
 
     @classmethod
     def of(cls, row: ApiKeyRow) -> ApiKeyRecord:
@@ -191,6 +278,7 @@ class UsageRecord:
     created_at: float
     upstream: str | None = None
     cost: float = 0.0
+    route: str | None = None  # the policy it ran under: "prefer=local", a qg:// route, "cache"
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +328,7 @@ class Store:
         immediate = self.engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
         with immediate.begin() as conn:  # two first starts must not both create a table
             Base.metadata.create_all(conn)
+            _add_missing_columns(conn)
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
         self._writer = sessionmaker(immediate, expire_on_commit=False)
 
@@ -346,13 +435,19 @@ class Store:
     # -- API keys
 
     def create_key(
-        self, name: str, now: float, *, models: list[str] | None = None
+        self, name: str, now: float, *, models: list[str] | None = None,
+        scopes: KeyScopes | None = None,
     ) -> tuple[ApiKeyRecord, str]:
-        """A new API key; returns its record and the plaintext, shown once and never stored."""
+        """A new API key; returns its record and the plaintext, shown once and never stored.
+
+        `models` is a shorthand for `KeyScopes(models=...)` (and wins over it)."""
         name = name.strip()
         if not name or len(name) > 200:
             raise CoordinatorError("an API key needs a name of 1 to 200 characters")
-        scopes: dict[str, Any] = {"models": sorted(set(models))} if models else {}
+        scope = scopes or KeyScopes()
+        if models:
+            scope = KeyScopes(**{**_fields(scope), "models": tuple(models)})
+        scopes_json = scope.to_json()
         key_id = secrets.token_hex(6)
         secret = secrets.token_urlsafe(SECRET_LEN)
         with self._write() as s:
@@ -361,7 +456,7 @@ class Store:
             if live is not None:
                 raise KeyNameTaken(name, live)
             row = ApiKeyRow(key_id=key_id, name=name, secret_hash=_sha256(secret.encode()),
-                            scopes=scopes, created_at=now, revoked_at=None)
+                            scopes=scopes_json, created_at=now, revoked_at=None)
             s.add(row)
             s.flush()
             return ApiKeyRecord.of(row), f"{KEY_PREFIX}{key_id}_{secret}"
@@ -416,6 +511,7 @@ class Store:
                 request_id=record.request_id[:128], key_id=record.key_id,
                 node_did=record.node_did, upstream=record.upstream and record.upstream[:200],
                 model=record.model[:255], endpoint=record.endpoint[:64],
+                route=record.route and record.route[:200],
                 prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
                 latency_ms=record.latency_ms, outcome=record.outcome[:64], cost=record.cost,
                 created_at=record.created_at,
@@ -454,6 +550,29 @@ class Store:
             ]
 
 
+    def spend_by_key(self, day_start: float, month_start: float) -> dict[str, tuple[float, float]]:
+        """key id -> (cost since `day_start`, cost since `month_start`), one grouped query."""
+        start = min(day_start, month_start)
+        today = func.sum(case((UsageRow.created_at >= day_start, UsageRow.cost), else_=0.0))
+        month = func.sum(case((UsageRow.created_at >= month_start, UsageRow.cost), else_=0.0))
+        query = (select(UsageRow.key_id, today, month)
+                 .where(UsageRow.created_at >= start, UsageRow.key_id.is_not(None))
+                 .group_by(UsageRow.key_id))
+        with self._read() as s:
+            return {str(k): (float(d or 0.0), float(m or 0.0)) for k, d, m in s.execute(query)}
+
+
+def _fields(scope: KeyScopes) -> dict[str, Any]:
+    return {name: getattr(scope, name) for name in KeyScopes.__dataclass_fields__}
+
+
+def _add_missing_columns(conn: Any) -> None:
+    """Columns added after a table was first created (create_all never alters a table)."""
+    have = {c["name"] for c in inspect(conn).get_columns(UsageRow.__tablename__)}
+    if "route" not in have:
+        conn.execute(text(f"ALTER TABLE {UsageRow.__tablename__} ADD COLUMN route VARCHAR(200)"))
+
+
 def _used_message(token: TokenRow) -> str:
     when = iso(token.used_at) if token.used_at is not None else "an unknown time"
     return f"enrollment token was already used (by {token.used_by} at {when})"
@@ -479,4 +598,5 @@ def _usage_record(row: UsageRow) -> UsageRecord:
         endpoint=row.endpoint, prompt_tokens=row.prompt_tokens,
         completion_tokens=row.completion_tokens, latency_ms=row.latency_ms,
         outcome=row.outcome, created_at=row.created_at, upstream=row.upstream, cost=row.cost,
+        route=row.route,
     )
