@@ -1,0 +1,158 @@
+"""Money: what a request cost, what each key has spent, and where its budget stands.
+
+A key may have a budget per UTC day and/or per UTC calendar month (its
+scopes). `BudgetTracker.budget_for(key_id)` turns the key's spend into the
+scheduler's `Budget`:
+
+- `ok`   below `NEAR_FRACTION` (80 %) of every budget;
+- `near` at or past 80 % of one: the scheduler puts every local node before
+  any paid cloud, whatever the request's policy;
+- `over` at or past 100 %: clouds are refused; local nodes (free) keep
+  serving. When nothing local can serve, `refusal()` is the clear error (402).
+
+Spend comes from the usage ledger in one grouped query (`Store.spend_by_key`)
+at most every `ttl_s` seconds and whenever a UTC day or month begins; between
+refreshes each recorded cost is added to the cached figure (`add`), so no
+request waits on the database for its budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from coordinator.scheduler_rules import Budget
+from coordinator.store import KeyScopes
+from meshgate.openai import OpenAIError
+
+NEAR_FRACTION = 0.8
+SPEND_TTL_S = 30.0
+
+SpendQuery = Callable[[float, float], dict[str, tuple[float, float]]]
+"""(day_start, month_start) -> key id -> (spent today, spent this month); blocking."""
+
+
+def cost_of(prompt_tokens: int, completion_tokens: int, price_prompt_per_1k: float,
+            price_completion_per_1k: float) -> float:
+    """What a request cost at an upstream's prices per 1,000 tokens (a node costs 0)."""
+    prompt = prompt_tokens * price_prompt_per_1k
+    return (prompt + completion_tokens * price_completion_per_1k) / 1000
+
+
+def period_starts(now: float) -> tuple[float, float]:
+    """The start of `now`'s UTC day and UTC month, as timestamps."""
+    day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day.timestamp(), day.replace(day=1).timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    key_id: str
+    state: Budget
+    spent_day: float
+    spent_month: float
+    budget_day: float | None
+    budget_month: float | None
+
+    def describe(self) -> str:
+        parts = []
+        if self.budget_day is not None:
+            parts.append(f"{self.spent_day:.4f} of {self.budget_day:.2f} today (UTC)")
+        if self.budget_month is not None:
+            parts.append(f"{self.spent_month:.4f} of {self.budget_month:.2f} this month")
+        return "; ".join(parts) or "no budget"
+
+
+def budget_state(scopes: KeyScopes | None, spent_day: float, spent_month: float,
+                 near: float = NEAR_FRACTION) -> Budget:
+    if scopes is None:
+        return Budget.OK
+    ratios = [spent / limit for spent, limit in ((spent_day, scopes.budget_day),
+                                                 (spent_month, scopes.budget_month))
+              if limit is not None]
+    worst = max(ratios, default=0.0)
+    if worst >= 1.0:
+        return Budget.OVER
+    return Budget.NEAR if worst >= near else Budget.OK
+
+
+class BudgetTracker:
+    """Cached spend per key; `budget_for` is memory-only unless the cache is stale."""
+
+    def __init__(self, spend: SpendQuery, *, clock: Callable[[], float] = time.time,
+                 ttl_s: float = SPEND_TTL_S, near: float = NEAR_FRACTION) -> None:
+        self._spend_query = spend
+        self._clock = clock
+        self.ttl_s = ttl_s
+        self.near = near
+        self._scopes: dict[str, KeyScopes] = {}
+        self._spent: dict[str, tuple[float, float]] = {}
+        self._periods: tuple[float, float] = (0.0, 0.0)
+        self._fetched_at: float | None = None
+        self._lock = threading.Lock()
+        self.refreshes = 0
+
+    def remember(self, key_id: str, scopes: KeyScopes) -> None:
+        """The key's current scopes (its budgets); the API calls this when it authenticates."""
+        self._scopes[key_id] = scopes
+
+    def stale(self) -> bool:
+        now = self._clock()
+        return (self._fetched_at is None or now - self._fetched_at >= self.ttl_s
+                or period_starts(now) != self._periods)
+
+    def refresh(self) -> None:
+        """Reload every key's spend from the ledger (blocking: one grouped query)."""
+        now = self._clock()
+        periods = period_starts(now)
+        spent = self._spend_query(*periods)
+        with self._lock:
+            self._spent = spent
+            self._periods = periods
+            self._fetched_at = now
+            self.refreshes += 1
+
+    async def refresh_if_stale(self) -> None:
+        """For async callers: refresh in a thread, only when the cache is stale."""
+        if self.stale():
+            await asyncio.to_thread(self.refresh)
+
+    def add(self, key_id: str | None, cost: float) -> None:
+        """Count a cost just recorded in the ledger until the next refresh reads it back."""
+        if key_id is None or cost <= 0:
+            return
+        with self._lock:
+            day, month = self._spent.get(key_id, (0.0, 0.0))
+            self._spent[key_id] = (day + cost, month + cost)
+
+    def status(self, key_id: str) -> BudgetStatus:
+        if self.stale():
+            self.refresh()
+        scopes = self._scopes.get(key_id)
+        day, month = self._spent.get(key_id, (0.0, 0.0))
+        return BudgetStatus(key_id, budget_state(scopes, day, month, self.near), day, month,
+                            scopes.budget_day if scopes else None,
+                            scopes.budget_month if scopes else None)
+
+    def budget_for(self, key_id: str | None) -> Budget:
+        """The scheduler's Budget for this key now (ok when it has no budget)."""
+        if key_id is None:
+            return Budget.OK
+        scopes = self._scopes.get(key_id)
+        if scopes is None or (scopes.budget_day is None and scopes.budget_month is None):
+            return Budget.OK
+        return self.status(key_id).state
+
+    def refusal(self, key_id: str, model: str) -> OpenAIError:
+        """The 402 for a request that only a paid cloud could serve, on a spent budget."""
+        status = self.status(key_id)
+        return OpenAIError(
+            402,
+            f"the budget of this API key is spent ({status.describe()}), so paid cloud "
+            f"upstreams are refused; no local node can serve '{model}' right now",
+            code="budget_exceeded", hop="coordinator",
+        )

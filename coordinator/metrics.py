@@ -1,0 +1,78 @@
+"""The coordinator's Prometheus metrics, on a registry of its own (never the global one).
+
+`Metrics()` makes a fresh `CollectorRegistry`, so two apps in one process
+(tests) never share or clash. `/metrics` serves `Metrics.render()`.
+Labels are bounded: `status` is the HTTP status, `model` the requested model
+(cut to 100 characters; only authenticated requests are counted), `route`
+is where it ran: `node`, `cloud`, `cache` or `none` (refused before dispatch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "meshgate_coordinator_requests", "API requests answered, by status, model and route.",
+            ["status", "model", "route"], registry=r)
+        self.latency = Histogram(
+            "meshgate_coordinator_request_duration_seconds",
+            "Time from a request's arrival to its last byte, by endpoint and route.",
+            ["endpoint", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter(
+            "meshgate_coordinator_tokens", "Tokens served, by kind (prompt, completion) and model.",
+            ["kind", "model"], registry=r)
+        self.queue_length = Gauge(
+            "meshgate_coordinator_queue_length", "Requests waiting for a node.", registry=r)
+        self.retries = Counter(
+            "meshgate_coordinator_retries", "Requests tried again on another node.", registry=r)
+        self.fallbacks = Counter(
+            "meshgate_coordinator_cloud_fallbacks", "Requests sent to a cloud upstream.",
+            ["upstream"], registry=r)
+        self.nodes_connected = Gauge(
+            "meshgate_coordinator_nodes_connected", "Nodes with a live tunnel.", registry=r)
+        self.cache_hits = Counter(
+            "meshgate_coordinator_cache_hits", "Requests answered from the response cache.",
+            registry=r)
+        self.cache_misses = Counter(
+            "meshgate_coordinator_cache_misses",
+            "Cacheable requests that were not in the response cache.", registry=r)
+        self.rate_limited = Counter(
+            "meshgate_coordinator_rate_limited", "Requests refused by a key's rate limit.",
+            ["limit"], registry=r)
+        self.budget_refused = Counter(
+            "meshgate_coordinator_budget_refused",
+            "Requests refused because the key's budget is spent.", registry=r)
+
+    def count_nodes(self, count: Callable[[], int]) -> None:
+        """Read the connected-node count from `count` at every scrape."""
+        self.nodes_connected.set_function(lambda: float(count()))
+
+    def observe(self, *, status: int, model: str, route: str, endpoint: str,
+                seconds: float, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        model = model[:100]
+        self.requests.labels(str(status), model, route).inc()
+        self.latency.labels(endpoint, route).observe(max(0.0, seconds))
+        if prompt_tokens:
+            self.tokens.labels("prompt", model).inc(prompt_tokens)
+        if completion_tokens:
+            self.tokens.labels("completion", model).inc(completion_tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,128 @@
+"""Costs, spend per key from a real SQLite ledger, and the budget state the scheduler sees."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from coordinator.metering import BudgetTracker, budget_state, cost_of, period_starts
+from coordinator.scheduler_rules import Budget
+from coordinator.store import KeyScopes, Store, UsageRecord
+
+# 2026-11-24 22:00 UTC: the day began 22 h ago, the month on the 1st
+NOW = datetime(2026, 11, 24, 22, 0, tzinfo=UTC).timestamp()
+DAY = 86400.0
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(f"sqlite:///{tmp_path / 'coordinator.db'}")
+    yield s
+    s.close()
+
+
+def spend(store: Store, key: str | None, cost: float, at: float, upstream: str = "openai") -> None:
+    store.record_usage(UsageRecord(
+        request_id=f"r{at}{cost}", key_id=key, node_did=None, upstream=upstream, model="m",
+        endpoint="chat/completions", prompt_tokens=10, completion_tokens=10, latency_ms=5.0,
+        outcome="ok", created_at=at, cost=cost, route="prefer=speed"))
+
+
+class Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_cost_is_priced_per_thousand_tokens() -> None:
+    assert cost_of(1000, 2000, 0.5, 1.5) == pytest.approx(3.5)
+    assert cost_of(0, 0, 9, 9) == 0
+
+
+def test_periods_are_the_utc_day_and_calendar_month() -> None:
+    day, month = period_starts(NOW)
+    assert datetime.fromtimestamp(day, UTC) == datetime(2026, 11, 24, tzinfo=UTC)
+    assert datetime.fromtimestamp(month, UTC) == datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def test_the_store_sums_spend_per_key_for_today_and_this_month(store: Store) -> None:
+    day, month = period_starts(NOW)
+    spend(store, "a", 1.0, NOW - 60)
+    spend(store, "a", 2.0, day - 60)  # yesterday, this month
+    spend(store, "a", 4.0, month - 60)  # last month: not counted
+    spend(store, "b", 0.5, NOW)
+    spend(store, None, 9.0, NOW)  # no key: not anyone's spend
+    assert store.spend_by_key(day, month) == {"a": (1.0, 3.0), "b": (0.0 + 0.5, 0.5)}
+
+
+@pytest.mark.parametrize(("day", "month", "state"), [
+    (0.0, 0.0, Budget.OK), (0.79, 0.0, Budget.OK), (0.8, 0.0, Budget.NEAR),
+    (1.0, 0.0, Budget.OVER), (0.1, 40.0, Budget.NEAR), (0.1, 50.0, Budget.OVER),
+])
+def test_the_state_is_the_worst_of_the_day_and_month_budgets(
+    day: float, month: float, state: Budget
+) -> None:
+    assert budget_state(KeyScopes(budget_day=1.0, budget_month=50.0), day, month) == state
+
+
+def test_budget_for_reads_the_ledger_once_per_ttl_and_counts_new_costs(store: Store) -> None:
+    clock = Clock(NOW)
+    tracker = BudgetTracker(store.spend_by_key, clock=clock, ttl_s=30)
+    tracker.remember("a", KeyScopes(budget_day=10.0))
+    spend(store, "a", 7.0, NOW - 10)
+    assert tracker.budget_for("a") == Budget.OK  # 7 of 10
+    assert tracker.refreshes == 1
+    tracker.add("a", 1.5)  # 8.5: near, known without the database
+    assert tracker.budget_for("a") == Budget.NEAR
+    spend(store, "a", 5.0, NOW)  # written by another coordinator
+    for _ in range(100):
+        tracker.budget_for("a")
+    assert tracker.refreshes == 1
+    clock.t += 30
+    assert tracker.budget_for("a") == Budget.OVER  # 12 in the ledger
+    assert tracker.refreshes == 2
+
+
+def test_a_new_utc_day_resets_the_day_budget_at_once(store: Store) -> None:
+    clock = Clock(NOW)
+    tracker = BudgetTracker(store.spend_by_key, clock=clock, ttl_s=3600)
+    tracker.remember("a", KeyScopes(budget_day=1.0, budget_month=100.0))
+    spend(store, "a", 1.0, NOW)
+    assert tracker.budget_for("a") == Budget.OVER
+    clock.t = NOW + 2 * 3600 + 1  # 00:00:01 the next day, well inside the ttl
+    assert tracker.budget_for("a") == Budget.OK
+
+
+def test_a_key_without_a_budget_never_touches_the_ledger() -> None:
+    def boom(day: float, month: float) -> dict[str, tuple[float, float]]:
+        raise AssertionError("queried")
+
+    tracker = BudgetTracker(boom)
+    tracker.remember("a", KeyScopes(rpm=5))
+    assert tracker.budget_for("a") == Budget.OK
+    assert tracker.budget_for("unknown") == Budget.OK
+    assert tracker.budget_for(None) == Budget.OK
+
+
+def test_the_refusal_is_a_402_that_says_what_was_spent(store: Store) -> None:
+    tracker = BudgetTracker(store.spend_by_key, clock=Clock(NOW))
+    tracker.remember("a", KeyScopes(budget_month=2.0))
+    spend(store, "a", 2.5, NOW - 5 * DAY)
+    error = tracker.refusal("a", "gpt-4o")
+    assert error.status == 402
+    assert error.body()["error"]["code"] == "budget_exceeded"
+    assert "2.5000 of 2.00 this month" in error.message
+    assert "no local node can serve 'gpt-4o'" in error.message
+
+
+async def test_refresh_if_stale_runs_in_a_thread_only_when_stale(store: Store) -> None:
+    clock = Clock(NOW)
+    tracker = BudgetTracker(store.spend_by_key, clock=clock, ttl_s=30)
+    await tracker.refresh_if_stale()
+    await tracker.refresh_if_stale()
+    assert tracker.refreshes == 1
