@@ -25,7 +25,15 @@ import typer
 
 from coordinator.errors import CoordinatorError
 from coordinator.state import ServeOptions, StateDir
-from coordinator.store import ApiKeyRecord, NodeRecord, Store, UsageGroup, iso
+from coordinator.store import (
+    ApiKeyRecord,
+    KeyScopes,
+    NodeRecord,
+    Store,
+    UsageGroup,
+    UsageTotal,
+    iso,
+)
 
 app = typer.Typer(help="meshgate coordinator", no_args_is_help=True, add_completion=False)
 token_app = typer.Typer(help="Enrollment tokens for new nodes.", no_args_is_help=True)
@@ -192,37 +200,78 @@ def token_create(
 
 
 def _key_json(key: ApiKeyRecord) -> dict[str, Any]:
+    scope = key.scope
     return {"key_id": key.key_id, "name": key.name, "created_at": key.created_at,
             "revoked_at": key.revoked_at, "models": key.models,
-            "state": "revoked" if key.revoked_at is not None else "active"}
+            "state": "revoked" if key.revoked_at is not None else "active",
+            "prefer": scope.prefer, "labels": dict(scope.labels), "rpm": scope.rpm,
+            "tpm": scope.tpm, "budget_day": scope.budget_day, "budget_month": scope.budget_month}
+
+
+def _split_models(values: list[str]) -> tuple[str, ...] | None:
+    """`--models 'a,llama-*'` and repeated `--model a` -> the patterns, or None (every model)."""
+    models = tuple(m.strip() for v in values for m in v.split(",") if m.strip())
+    return models or None
+
+
+def _limits_text(key: ApiKeyRecord) -> str:
+    scope = key.scope
+    parts = []
+    if scope.rpm:
+        parts.append(f"{scope.rpm} rpm")
+    if scope.tpm:
+        parts.append(f"{scope.tpm} tpm")
+    if scope.budget_day is not None:
+        parts.append(f"{scope.budget_day:g}/day")
+    if scope.budget_month is not None:
+        parts.append(f"{scope.budget_month:g}/month")
+    return ", ".join(parts) or "-"
 
 
 @key_app.command("create")
 def key_create(
     name: str = typer.Option(..., "--name", help="Who or what uses the key."),
-    model: list[str] = typer.Option([], "--model", help="Allow only this model; repeatable."),
+    models: list[str] = typer.Option(
+        [], "--models", "--model",
+        help="Models the key may use, comma-separated globs (smollm2,llama-*); repeatable."),
+    prefer: str | None = typer.Option(
+        None, help="Route policy when a request names none: speed, cost, local or quality."),
+    label: list[str] = typer.Option(
+        [], "--label", help="key=value every serving node must carry (residency); repeatable."),
+    rpm: int | None = typer.Option(None, "--rpm", help="Requests per minute."),
+    tpm: int | None = typer.Option(None, "--tpm", help="Tokens per minute (prompt + output)."),
+    budget_day: float | None = typer.Option(None, "--budget-day", help="Money per UTC day."),
+    budget_month: float | None = typer.Option(
+        None, "--budget-month", help="Money per UTC calendar month."),
     state_dir: Path = STATE_DIR,
 ) -> None:
     """Make an API key; the key is the last line of stdout and is shown only once."""
+    try:
+        scopes = KeyScopes(models=_split_models(models), prefer=prefer,
+                           labels=parse_labels(label), rpm=rpm, tpm=tpm,
+                           budget_day=budget_day, budget_month=budget_month)
+    except (ValueError, CoordinatorError) as exc:
+        raise _fail(str(exc), 2) from None
     with _store(state_dir) as (_, store):
-        record, plaintext = store.create_key(name, time.time(), models=model or None)
+        record, plaintext = store.create_key(name, time.time(), scopes=scopes)
     scope = ", ".join(record.models) if record.models else "every model"
-    typer.echo(f"API key {record.key_id} ({record.name}) for {scope}; store it now, "
-               "it cannot be shown again", err=True)
+    typer.echo(f"API key {record.key_id} ({record.name}) for {scope}; limits: "
+               f"{_limits_text(record)}; store it now, it cannot be shown again", err=True)
     typer.echo(plaintext)
 
 
 @key_app.command("list")
 def key_list(state_dir: Path = STATE_DIR, as_json: bool = JSON_OUT) -> None:
-    """Every API key (never their secrets)."""
+    """Every API key with its scopes (never their secrets)."""
     with _store(state_dir) as (_, store):
         keys = store.list_keys()
     if as_json:
         typer.echo(json.dumps([_key_json(k) for k in keys], indent=2))
         return
-    _table(["KEY ID", "NAME", "STATE", "CREATED", "MODELS"], [
+    _table(["KEY ID", "NAME", "STATE", "CREATED", "MODELS", "PREFER", "LABELS", "LIMITS"], [
         [k.key_id, k.name, _key_json(k)["state"], iso(k.created_at),
-         ",".join(k.models) if k.models else "*"]
+         ",".join(k.models) if k.models else "*", k.scope.prefer or "-",
+         ",".join(f"{a}={b}" for a, b in k.scope.labels.items()) or "-", _limits_text(k)]
         for k in keys
     ])
 
@@ -292,15 +341,29 @@ def node_revoke(
 # ----------------------------------------------------------------------------- usage
 
 
+def _usage_total(totals: list[UsageTotal]) -> dict[str, Any]:
+    requests = sum(t.requests for t in totals)
+    return {
+        "requests": requests, "ok": sum(t.ok for t in totals),
+        "prompt_tokens": sum(t.prompt_tokens for t in totals),
+        "completion_tokens": sum(t.completion_tokens for t in totals),
+        "avg_latency_ms": (sum(t.avg_latency_ms * t.requests for t in totals) / requests
+                           if requests else 0.0),
+        "cost": sum(t.cost for t in totals),
+    }
+
+
 @app.command()
 def usage(
     state_dir: Path = STATE_DIR,
-    since: str | None = typer.Option(None, help="An ISO time, or a duration back from now (1h)."),
-    by: str = typer.Option("model", help="Group by key, node or model."),
+    since: str | None = typer.Option(
+        None, help="An ISO date or time (2026-11-01), or a duration back from now (24h)."),
+    by: str = typer.Option("model", help="Group by key, node (or cloud upstream) or model."),
     as_json: bool = JSON_OUT,
-    as_csv: bool = typer.Option(False, "--csv", help="CSV on stdout."),
+    as_csv: bool = typer.Option(False, "--csv", help="CSV on stdout, the last row the total."),
 ) -> None:
-    """Requests and tokens from the usage ledger, summed per key, node or model."""
+    """Requests, tokens, latency and cost from the usage ledger, per key, node or model,
+    with the total."""
     if by not in ("key", "node", "model"):
         raise _fail(f"bad --by {by!r}: use key, node or model", 2)
     group: UsageGroup = "key" if by == "key" else "node" if by == "node" else "model"
@@ -313,20 +376,25 @@ def usage(
         names = {k.key_id: k.name for k in store.list_keys()} if group == "key" else {}
     rows = [{by: t.group, **({"name": names.get(t.group, "-")} if names else {}),
              **{k: v for k, v in asdict(t).items() if k != "group"}} for t in totals]
+    total = _usage_total(totals)
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(json.dumps({"by": by, "since": iso(start) if start is not None else None,
+                               "groups": rows, "total": total}, indent=2))
     elif as_csv:
         header = [by, *(["name"] if names else []), "requests", "ok", "prompt_tokens",
                   "completion_tokens", "avg_latency_ms", "cost"]
         writer = csv.DictWriter(sys.stdout, fieldnames=header, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
+        writer.writerow({by: "TOTAL", **({"name": ""} if names else {}), **total})
     else:
         _table([by.upper(), "REQUESTS", "OK", "PROMPT", "COMPLETION", "AVG MS", "COST"], [
-            [t.group + (f" ({names[t.group]})" if t.group in names else ""), str(t.requests),
-             str(t.ok), str(t.prompt_tokens), str(t.completion_tokens),
-             f"{t.avg_latency_ms:.0f}", f"{t.cost:.4f}"]
-            for t in totals
+            *([t.group + (f" ({names[t.group]})" if t.group in names else ""), str(t.requests),
+               str(t.ok), str(t.prompt_tokens), str(t.completion_tokens),
+               f"{t.avg_latency_ms:.0f}", f"{t.cost:.4f}"] for t in totals),
+            ["TOTAL", str(total["requests"]), str(total["ok"]), str(total["prompt_tokens"]),
+             str(total["completion_tokens"]), f"{total['avg_latency_ms']:.0f}",
+             f"{total['cost']:.4f}"],
         ])
 
 

@@ -157,6 +157,45 @@ def test_key_create_with_models_scopes_the_key(state_dir: Path) -> None:
     assert listed[0]["key_id"] in last_line(done.stdout)
 
 
+def test_key_create_with_every_scope_lists_them_and_rotate_keeps_them(state_dir: Path) -> None:
+    done = run(state_dir, "key", "create", "--name", "app", "--models", "smollm2,llama-*",
+               "--prefer", "local", "--label", "site=a", "--rpm", "60", "--tpm", "20000",
+               "--budget-day", "5.00", "--budget-month", "50")
+    assert done.exit_code == 0, done.stderr
+    assert "60 rpm, 20000 tpm, 5/day, 50/month" in done.stderr
+    [key] = json.loads(run(state_dir, "key", "list", "--json").stdout)
+    expected = {"models": ["llama-*", "smollm2"], "prefer": "local", "labels": {"site": "a"},
+                "rpm": 60, "tpm": 20000, "budget_day": 5.0, "budget_month": 50.0}
+    assert {k: key[k] for k in expected} == expected
+    table = run(state_dir, "key", "list").stdout
+    assert "llama-*,smollm2" in table
+    assert "site=a" in table
+    new = last_line(run(state_dir, "key", "rotate", "app").stdout)
+    store = open_store(state_dir)
+    try:
+        record = store.verify_key(new)
+    finally:
+        store.close()
+    assert record is not None
+    assert record.allows_model("llama-3-8b")
+    assert not record.allows_model("qwen")
+    [after] = json.loads(run(state_dir, "key", "list", "--json").stdout)
+    assert {k: after[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--prefer", "fastest"], "bad prefer 'fastest'"),
+    (["--rpm", "0"], "rpm must be a positive"),
+    (["--budget-day", "-1"], "budget_day must be a positive"),
+    (["--label", "site"], "key=value"),
+])
+def test_bad_key_scopes_are_usage_errors(state_dir: Path, args: list[str], message: str) -> None:
+    done = run(state_dir, "key", "create", "--name", "app", *args)
+    assert done.exit_code == 2
+    assert message in done.stderr
+    assert json.loads(run(state_dir, "key", "list", "--json").stdout) == []
+
+
 def test_key_list_shows_every_key_and_never_a_secret(state_dir: Path) -> None:
     plaintext = last_line(run(state_dir, "key", "create", "--name", "app").stdout)
     secret = plaintext.split("_", 2)[2]
@@ -276,7 +315,7 @@ def _ledger(state_dir: Path) -> str:
             store.record_usage(UsageRecord(
                 request_id=f"r{i}", key_id=record.key_id, node_did=DID, model=model,
                 endpoint="/v1/chat/completions", prompt_tokens=10, completion_tokens=2,
-                latency_ms=50.0, outcome="ok", created_at=time.time() - age,
+                latency_ms=50.0, outcome="ok", created_at=time.time() - age, cost=0.25,
             ))
     finally:
         store.close()
@@ -287,23 +326,47 @@ def test_usage_sums_the_ledger_per_model_since_a_duration_ago(state_dir: Path) -
     _ledger(state_dir)
     everything = json.loads(run(state_dir, "usage", "--json").stdout)
     recent = json.loads(run(state_dir, "usage", "--since", "1h", "--json").stdout)
-    assert {r["model"]: r["requests"] for r in everything} == {"a": 2, "b": 1}
-    assert {r["model"]: r["prompt_tokens"] for r in recent} == {"a": 20}
+    assert {r["model"]: r["requests"] for r in everything["groups"]} == {"a": 2, "b": 1}
+    assert everything["total"]["requests"] == 3
+    assert everything["total"]["cost"] == pytest.approx(0.75)
+    assert everything["since"] is None
+    assert {r["model"]: r["prompt_tokens"] for r in recent["groups"]} == {"a": 20}
+    assert recent["total"]["prompt_tokens"] == 20
+    assert recent["since"].startswith("20")
 
 
 def test_usage_by_key_names_the_key(state_dir: Path) -> None:
     key_id = _ledger(state_dir)
-    [row] = json.loads(run(state_dir, "usage", "--by", "key", "--json").stdout)
+    [row] = json.loads(run(state_dir, "usage", "--by", "key", "--json").stdout)["groups"]
     assert row["key"] == key_id
     assert row["name"] == "web-app"
     assert "web-app" in run(state_dir, "usage", "--by", "key").stdout
 
 
-def test_usage_as_csv_has_a_header_and_one_row_per_group(state_dir: Path) -> None:
+def test_usage_as_csv_has_a_header_one_row_per_group_and_the_total(state_dir: Path) -> None:
     _ledger(state_dir)
-    done = run(state_dir, "usage", "--by", "node", "--since", "2000-01-01T00:00Z", "--csv")
+    store = open_store(state_dir)
+    try:
+        store.record_usage(UsageRecord(
+            request_id="c1", key_id=None, node_did=None, upstream="openai", model="a",
+            endpoint="chat/completions", prompt_tokens=100, completion_tokens=50,
+            latency_ms=300.0, outcome="ok", created_at=time.time(), cost=0.5,
+            route="prefer=speed"))
+    finally:
+        store.close()
+    done = run(state_dir, "usage", "--by", "node", "--since", "2026-11-01", "--csv")
     rows = list(csv.DictReader(io.StringIO(done.stdout)))
-    assert [(r["node"], r["requests"]) for r in rows] == [(DID, "3")]
+    assert [(r["node"], r["requests"]) for r in rows] == [
+        (DID, "3"), ("openai", "1"), ("TOTAL", "4")]
+    assert float(rows[-1]["cost"]) == pytest.approx(1.25)
+    assert float(rows[-1]["avg_latency_ms"]) == pytest.approx((3 * 50 + 300) / 4)
+
+
+def test_usage_table_ends_with_the_total(state_dir: Path) -> None:
+    _ledger(state_dir)
+    lines = run(state_dir, "usage", "--since", "24h").stdout.strip().splitlines()
+    assert lines[0].split()[:2] == ["MODEL", "REQUESTS"]
+    assert lines[-1].split()[:3] == ["TOTAL", "3", "3"]
 
 
 @pytest.mark.parametrize("args", [["--by", "user"], ["--since", "yesterday"]])
