@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -244,7 +245,7 @@ def build_app(engine: Engine) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {
-            "status": "ok", "model": engine.name, "pending": engine.pending,
+            "status": "ok", "model": engine.name, "pid": os.getpid(), "pending": engine.pending,
             "served": engine.served, "cancelled": engine.cancelled,
         }
 

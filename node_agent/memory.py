@@ -163,7 +163,13 @@ _TIER = {"all": 2, "some": 1, "none": 0}
 
 
 def choose_quantization(
-    candidates: Sequence[ModelFile], free_vram_bytes: int, free_ram_bytes: int, *, n_ctx: int
+    candidates: Sequence[ModelFile],
+    free_vram_bytes: int,
+    free_ram_bytes: int,
+    *,
+    n_ctx: int,
+    vram_headroom_bytes: int = VRAM_HEADROOM_BYTES,
+    ram_headroom_bytes: int = RAM_HEADROOM_BYTES,
 ) -> QuantChoice:
     """Best quality that fits, preferring the fastest placement.
 
@@ -175,7 +181,9 @@ def choose_quantization(
     fitting: list[tuple[ModelFile, OffloadPlan]] = []
     rejected: list[tuple[str, str]] = []
     for m in candidates:
-        plan = plan_offload(m, n_ctx, free_vram_bytes, free_ram_bytes)
+        plan = plan_offload(m, n_ctx, free_vram_bytes, free_ram_bytes,
+                            vram_headroom_bytes=vram_headroom_bytes,
+                            ram_headroom_bytes=ram_headroom_bytes)
         if plan.fits:
             fitting.append((m, plan))
         else:

@@ -8,6 +8,10 @@ it again after a backoff of 0.5 s doubling to 30 s (reset once a process has
 stayed up for a minute). While it is down its runtime refuses requests at
 once with a 503 that says so. :class:`LlamaRunner` is a Runner whose process
 is our ``node_agent.llama_worker``.
+
+A runner's ``instance`` (default: its model name) names its socket and log,
+so that during a hot swap two runners can serve the same public name side by
+side (``chat.1`` draining while ``chat.2`` takes new requests).
 """
 
 from __future__ import annotations
@@ -82,15 +86,18 @@ class Runner:
         ready_timeout: float = 120.0,
         backoff_first: float = 0.5,
         backoff_cap: float = 30.0,
+        instance: str | None = None,
     ) -> None:
         self.name = name
+        self.instance = instance or name  # names the socket and the log; two may serve one name
         self.run_dir = Path(run_dir)
-        self.socket = socket_path(self.run_dir, name)
-        self.log_path = self.run_dir / f"{name}.log"
+        self.socket = socket_path(self.run_dir, self.instance)
+        self.log_path = self.run_dir / f"{socket_path(Path(), self.instance).stem}.log"
         self.argv = [*argv, "--uds", str(self.socket)]
         self.ready_timeout = ready_timeout
         self.backoff = (backoff_first, backoff_cap)
         self.crashes = 0
+        self.restarts = 0
         self.state = "stopped"  # stopped | starting | up | restarting
         self._proc: asyncio.subprocess.Process | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -178,6 +185,7 @@ class Runner:
             except RunnerError as exc:
                 log.warning("%s", str(exc).splitlines()[0])
                 continue
+            self.restarts += 1
             self.state = "up"
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -223,6 +231,7 @@ class LlamaRunner(Runner):
         n_gpu_layers: int = 0,
         n_threads: int | None = None,
         ready_timeout: float = 120.0,
+        instance: str | None = None,
     ) -> None:
         argv = [
             sys.executable, "-m", "node_agent.llama_worker", "--model", str(model_path),
@@ -230,5 +239,8 @@ class LlamaRunner(Runner):
         ]
         if n_threads is not None:
             argv += ["--n-threads", str(n_threads)]
-        super().__init__(name, argv, run_dir=run_dir, ready_timeout=ready_timeout)
+        super().__init__(name, argv, run_dir=run_dir, ready_timeout=ready_timeout,
+                         instance=instance)
         self.model_path = Path(model_path)
+        self.n_ctx = n_ctx
+        self.n_gpu_layers = n_gpu_layers

@@ -17,6 +17,7 @@ import pytest
 
 from meshgate.openai import OpenAIError
 from node_agent.models import ModelManager, model_name, parse_model_spec, scan_model_dirs
+from node_agent.placement import Budget
 from node_agent.proxy import build_app
 
 FAKE = str(Path(__file__).with_name("fake_openai_server.py"))
@@ -69,7 +70,7 @@ def upstream() -> Iterator[str]:
 
 @pytest.fixture
 async def manager(upstream: str, tmp_path: Path) -> AsyncIterator[ModelManager]:
-    manager = ModelManager(run_dir=tmp_path)
+    manager = ModelManager(run_dir=tmp_path, budget=Budget(1 << 30, 0))
     manager.add_upstream("local-gpt", upstream, upstream_model="gpt-up")
     await manager.start()
     yield manager
@@ -83,8 +84,12 @@ async def test_use_counts_in_flight_and_served_requests(manager: ModelManager) -
         data, usage = await runtime.complete("chat/completions", body)
     assert json.loads(data)["model"] == "gpt-up"  # the upstream saw its own name
     assert usage is not None
-    assert manager.stats() == {"local-gpt": {"kind": "upstream", "in_flight": 0, "served": 1,
-                                             "crashes": 0}}
+    stats = manager.stats()["local-gpt"]
+    assert {k: stats[k] for k in ("state", "kind", "in_flight", "queued", "served", "crashes")} \
+        == {"state": "loaded", "kind": "upstream", "in_flight": 0, "queued": 0, "served": 1,
+            "crashes": 0}
+    assert stats["generation_tokens_per_s"] > 0  # the upstream's usage, timed by the manager
+    assert stats["idle_s"] is not None
     assert manager.names() == ["local-gpt"]
     assert manager.get("nope") is None
 
