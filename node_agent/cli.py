@@ -77,11 +77,21 @@ def enroll(
     typer.echo(f"enrolled as {identity.did} with {parsed.url}")
 
 
+CONFIG = typer.Option(
+    None,
+    "--config",
+    help="TOML config file (default /etc/meshgate/node.toml if it exists; env MESHGATE_CONFIG).",
+)
+
+
 @app.command()
 def run(
-    state_dir: Path = STATE_DIR,
-    proxy_host: str = typer.Option("127.0.0.1", envvar="MESHGATE_PROXY_HOST"),
-    proxy_port: int = typer.Option(11438, envvar="MESHGATE_PROXY_PORT"),
+    config: Path | None = CONFIG,
+    state_dir: Path | None = typer.Option(
+        None, "--state-dir", help="Where the node keeps its identity and enrollment."
+    ),
+    proxy_host: str | None = typer.Option(None, help="Local proxy address [127.0.0.1]."),
+    proxy_port: int | None = typer.Option(None, help="Local proxy port [11438]."),
     model: list[str] = typer.Option([], "--model", help="NAME=PATH.gguf, repeatable."),
     model_dir: list[Path] = typer.Option([], "--model-dir", help="Serve every .gguf below DIR."),
     upstream: list[str] = typer.Option(
@@ -89,28 +99,104 @@ def run(
         "--upstream",
         help="NAME=http://127.0.0.1:PORT/v1: an OpenAI-compatible server on this box.",
     ),
-    n_ctx: int = typer.Option(2048, help="Context length for llama.cpp runners."),
-    n_gpu_layers: int = typer.Option(0, help="Layers to offload to the GPU (-1: all)."),
-    telemetry_period: float = typer.Option(2.0, help="Seconds between telemetry samples."),
-    log_level: str = typer.Option("info", envvar="MESHGATE_LOG_LEVEL"),
+    n_ctx: int | None = typer.Option(None, help="Context length for llama.cpp runners [2048]."),
+    n_gpu_layers: int | None = typer.Option(
+        None, help="Layers to offload to the GPU (-1: all) [0]."
+    ),
+    telemetry_period: float | None = typer.Option(
+        None, help="Seconds between telemetry samples [2]."
+    ),
+    inventory_period: float | None = typer.Option(
+        None, help="Seconds between checks of the model dirs for changes [5]."
+    ),
+    coordinator_url: str | None = typer.Option(
+        None, help="Connect here instead of the URL pinned at enrollment."
+    ),
+    connect: bool | None = typer.Option(
+        None, "--connect/--no-connect", help="Connect to the coordinator if enrolled [yes]."
+    ),
+    log_level: str | None = typer.Option(None, help="critical|error|warning|info|debug [info]."),
 ) -> None:
-    """Run the node daemon: model runners, the local proxy and the coordinator link."""
-    from node_agent.daemon import NodeOptions, run_node
+    """Run the node daemon: model runners, the local proxy and the coordinator link.
 
-    run_node(
-        NodeOptions(
-            state_dir=state_dir,
-            proxy_host=proxy_host,
-            proxy_port=proxy_port,
-            models=tuple(model),
-            model_dirs=tuple(model_dir),
-            upstreams=tuple(upstream),
-            n_ctx=n_ctx,
-            n_gpu_layers=n_gpu_layers,
-            telemetry_period=telemetry_period,
-            log_level=log_level,
-        )
-    )
+    Every option can also come from the config file or a MESHGATE_<OPTION>
+    environment variable; the command line wins over the environment, which
+    wins over the file.
+    """
+    from node_agent.config import ConfigError, load_options
+    from node_agent.daemon import run_node
+
+    given: dict[str, object] = {
+        "state_dir": state_dir,
+        "proxy_host": proxy_host,
+        "proxy_port": proxy_port,
+        "models": model,
+        "model_dirs": model_dir,
+        "upstreams": upstream,
+        "n_ctx": n_ctx,
+        "n_gpu_layers": n_gpu_layers,
+        "telemetry_period": telemetry_period,
+        "inventory_period": inventory_period,
+        "coordinator_url": coordinator_url,
+        "connect": connect,
+        "log_level": log_level,
+    }
+    try:
+        opts = load_options(given, config=config)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    run_node(opts)
+
+
+@app.command()
+def status(
+    as_json: bool = typer.Option(False, "--json", help="The raw telemetry as JSON."),
+    url: str | None = typer.Option(
+        None, help="The node's local proxy [http://127.0.0.1:PROXY_PORT from the config]."
+    ),
+    config: Path | None = CONFIG,
+) -> None:
+    """How this box is doing: host, GPUs and models, from the running daemon."""
+    import httpx
+
+    from node_agent.config import ConfigError, load_options
+    from node_agent.status import render_status
+
+    if url is None:
+        try:
+            opts = load_options({}, config=config)
+        except ConfigError as exc:
+            raise _fail(str(exc), 2) from None
+        host = "127.0.0.1" if opts.proxy_host in ("0.0.0.0", "::", "") else opts.proxy_host  # noqa: S104
+        url = f"http://{host}:{opts.proxy_port}"
+    try:
+        reply = httpx.get(f"{url.rstrip('/')}/meshgate/telemetry", timeout=5.0)
+    except httpx.HTTPError as exc:
+        raise _fail(
+            f"the node daemon is not running (nothing answers at {url}: {exc}); "
+            "start it with `meshgate-node run` or `systemctl start meshgate-node`"
+        ) from None
+    if reply.status_code != 200:
+        raise _fail(f"{url} answered {reply.status_code}: {reply.text[:200]}")
+    sample = reply.json()
+    typer.echo(json.dumps(sample, indent=2) if as_json else render_status(sample))
+
+
+@app.command("install-service")
+def install_service(
+    user: str = typer.Option("meshgate", help="The system user the daemon runs as."),
+    config: Path = typer.Option(Path("/etc/meshgate/node.toml"), "--config"),
+    unit_dir: Path = typer.Option(Path("/etc/systemd/system"), help="Where to write the unit."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be done, do nothing."),
+) -> None:
+    """Install meshgate-node as a systemd service (unit, config dir, user, enable --now)."""
+    from node_agent.service import ServiceError, install
+
+    try:
+        for line in install(user=user, config=config, unit_dir=unit_dir, dry_run=dry_run):
+            typer.echo(line)
+    except ServiceError as exc:
+        raise _fail(str(exc)) from None
 
 
 @app.command()

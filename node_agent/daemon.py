@@ -1,59 +1,252 @@
-"""`meshgate-node run`: runners, the local proxy and the coordinator link in one process."""
+"""`meshgate-node run`: runners, the local proxy and the coordinator link in one process.
+
+Besides the runners and the proxy, the daemon runs three small loops:
+
+- telemetry: a :class:`TelemetryService` samples host, GPUs and runtime every
+  ``telemetry_period`` seconds in a worker thread; the latest sample is what
+  ``GET /meshgate/telemetry`` returns, what the link's heartbeat sends up as
+  TELEMETRY frames, and what ``/metrics`` reads its gauges from;
+- inventory: the model directories are scanned on start (GGUF metadata; a
+  broken file is listed as unusable with the reason and not served) and
+  polled every ``inventory_period`` seconds (stat only); a change is sent to
+  the coordinator as an INVENTORY frame at once;
+- the link to the coordinator, when enrolled.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import importlib
 import logging
-from dataclasses import dataclass, field
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import psutil
 import uvicorn
 
+from node_agent.config import NodeOptions
+from node_agent.inventory import Inventory, ModelFile, read_model_file
 from node_agent.link import CoordinatorLink
-from node_agent.models import ModelManager, parse_model_spec, scan_model_dirs
+from node_agent.metrics import NodeMetrics
+from node_agent.models import ModelManager, model_name, parse_model_spec
+from node_agent.nvml import NvmlSource
 from node_agent.proxy import build_app
 from node_agent.state import NodeState
+from node_agent.supervisor import LlamaRunner
+from node_agent.telemetry import TelemetrySampler, TelemetryService
+
+__all__ = ["NodeOptions", "build_manager", "run_node", "serve"]
 
 log = logging.getLogger(__name__)
 
+#: ``module[:attribute]`` of an object that stands in for ``pynvml`` (tests, diagnostics).
+NVML_MODULE_ENV = "MESHGATE_NVML_MODULE"
+#: At most this many files are listed in one INVENTORY frame (frames are <= 64 KiB).
+MAX_INVENTORY_FILES = 150
 
-@dataclass(frozen=True)
-class NodeOptions:
-    state_dir: Path
-    proxy_host: str = "127.0.0.1"
-    proxy_port: int = 11438
-    models: tuple[str, ...] = ()
-    model_dirs: tuple[Path, ...] = ()
-    upstreams: tuple[str, ...] = ()
-    n_ctx: int = 2048
-    n_gpu_layers: int = 0
-    telemetry_period: float = 2.0
-    log_level: str = "info"
-    extra: dict[str, str] = field(default_factory=dict)
+_FILE_FIELDS = ("name", "path", "size_bytes", "usable", "reason", "architecture",
+                "parameter_count", "quantization", "context_length", "block_count")
 
 
-def build_manager(opts: NodeOptions, state: NodeState) -> ModelManager:
-    manager = ModelManager(run_dir=state.run_dir)
+def load_nvml_module(env: dict[str, str] | os._Environ[str] = os.environ) -> Any | None:
+    """The NVML stand-in named by MESHGATE_NVML_MODULE, else None (``pynvml``, lazily)."""
+    spec = env.get(NVML_MODULE_ENV)
+    if not spec:
+        return None
+    module_name, _, attr = spec.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    if attr:
+        obj = getattr(obj, attr)
+        if callable(obj) and not hasattr(obj, "nvmlInit"):
+            obj = obj()
+    log.warning("using %s in place of pynvml", spec)
+    return obj
+
+
+def build_manager(
+    opts: NodeOptions,
+    state: NodeState,
+    files: Sequence[ModelFile] = (),
+    inventory: Callable[[], Sequence[ModelFile]] | None = None,
+) -> tuple[ModelManager, dict[str, LlamaRunner]]:
+    """The manager with every declared model, the usable files of the model dirs and upstreams.
+
+    An unusable file found in a model directory is skipped (it stays in the
+    inventory with its reason); a file given by ``--model`` is served as asked.
+    """
+    manager = ModelManager(run_dir=state.run_dir, inventory=inventory or (lambda: files))
+    runners: dict[str, LlamaRunner] = {}
     specs = [parse_model_spec(spec) for spec in opts.models]
-    specs += scan_model_dirs(list(opts.model_dirs))
+    taken = {name for name, _ in specs}
+    for f in files:
+        name = model_name(Path(f.path))
+        if not f.usable:
+            log.warning("not serving %s: %s", f.path, f.reason)
+        elif name in taken:
+            log.info("not serving %s: the name %s is taken", f.path, name)
+        else:
+            taken.add(name)
+            specs.append((name, Path(f.path)))
+    explicit = {name for name, _ in specs[: len(opts.models)]}
     for name, path in specs:
-        manager.add_llama(name, path, n_ctx=opts.n_ctx, n_gpu_layers=opts.n_gpu_layers)
+        try:
+            runners[name] = manager.add_llama(
+                name, path, n_ctx=opts.n_ctx, n_gpu_layers=opts.n_gpu_layers
+            )
+        except ValueError as exc:
+            if name in explicit:
+                raise
+            log.warning("not serving %s from %s: %s", name, path, exc)
     for spec in opts.upstreams:
         name, _, url = spec.partition("=")
         manager.add_upstream(name, url)
-    return manager
+    return manager, runners
+
+
+def _compact(f: ModelFile) -> dict[str, Any]:
+    d = f.to_dict()
+    return {k: d[k] for k in _FILE_FIELDS}
+
+
+class NodeParts:
+    """What the daemon's loops share: the manager, inventory, metrics and telemetry."""
+
+    def __init__(self, opts: NodeOptions, state: NodeState) -> None:
+        self.opts = opts
+        self.state = state
+        self.inventory = Inventory(opts.model_dirs)
+        self.files: list[ModelFile] = []
+        self.explicit: list[ModelFile] = []
+        self.manager: ModelManager
+        self.runners: dict[str, LlamaRunner] = {}
+        self.link: CoordinatorLink | None = None
+        self.nvml = NvmlSource(load_nvml_module())
+        self.metrics: NodeMetrics
+        self.telemetry: TelemetryService
+
+    async def setup(self) -> None:
+        self.files = await asyncio.to_thread(self.inventory.scan)
+        self.explicit = await asyncio.to_thread(self._read_explicit)
+        for f in self.files:
+            if not f.usable:
+                log.warning("unusable model file %s: %s", f.path, f.reason)
+        self.manager, self.runners = build_manager(
+            self.opts, self.state, self.files, inventory=lambda: self.files
+        )
+        self.metrics = NodeMetrics(
+            served=self.manager.names, stats=self.runtime_stats, telemetry=self.latest
+        )
+        sampler = TelemetrySampler(self.opts.model_dirs, self.nvml)
+        self.telemetry = TelemetryService(
+            sampler,
+            period=self.opts.telemetry_period,
+            runtime_stats=self.runtime_stats,
+            runtime_extra=_runner_memory,
+        )
+
+    def _read_explicit(self) -> list[ModelFile]:
+        out = []
+        for spec in self.opts.models:
+            _, path = parse_model_spec(spec)
+            with contextlib.suppress(OSError):
+                out.append(read_model_file(path))
+        return out
+
+    def latest(self) -> dict[str, Any] | None:
+        return self.telemetry.latest()
+
+    def runtime_stats(self) -> dict[str, Any]:
+        """Per model: the manager's figures, recent token rates and the runner's pid."""
+        rates = self.metrics.recent_rates()
+        out: dict[str, Any] = {}
+        for name, stats in self.manager.stats().items():
+            entry = dict(stats) if isinstance(stats, dict) else {}
+            entry.setdefault("loaded", entry.get("state", "loaded") == "loaded")
+            entry.setdefault("queue", entry.get("queued", 0))
+            rate = rates.get(name, {})
+            for ours, theirs in (("prefill_tps", "prompt_tokens_per_s"),
+                                 ("decode_tps", "generation_tokens_per_s")):
+                if entry.get(ours) is None:
+                    entry[ours] = entry.get(theirs) or rate.get(theirs)
+            runner = self.runners.get(name)
+            if "pid" not in entry and runner is not None:
+                entry["pid"] = runner.pid
+            out[name] = entry
+        return out
+
+    def inventory_body(self) -> dict[str, Any]:
+        by_name = {model_name(Path(f.path)): f for f in [*self.explicit, *self.files]}
+        models: list[dict[str, Any]] = []
+        stats = self.manager.stats()
+        for name in self.manager.names():
+            got = stats.get(name)
+            s: dict[str, Any] = got if isinstance(got, dict) else {}
+            entry: dict[str, Any] = {"name": name, "loaded": s.get("state", "loaded") == "loaded",
+                                     "kind": s.get("kind")}
+            f = by_name.get(name) if name in self.runners else None
+            if f is not None:
+                entry.update(_compact(f))
+                entry["name"] = name
+                entry["context_length"] = min(self.opts.n_ctx, f.context_length or self.opts.n_ctx)
+            models.append(entry)
+        files = [_compact(f) for f in self.files]
+        return {
+            "models": models,
+            "files": files[:MAX_INVENTORY_FILES],
+            "files_total": len(files),
+            "model_dirs": [str(d) for d in self.opts.model_dirs],
+        }
+
+    async def watch_inventory(self) -> None:
+        """Poll the model dirs (stat only); on a change rescan and tell the coordinator."""
+        while True:
+            await asyncio.sleep(self.opts.inventory_period)
+            try:
+                if not await asyncio.to_thread(self.inventory.changed):
+                    continue
+                before = {f.path for f in self.files}
+                self.files = await asyncio.to_thread(self.inventory.scan)
+            except OSError as exc:
+                log.warning("cannot rescan the model directories: %s", exc)
+                continue
+            after = {f.path for f in self.files}
+            log.info("model files changed: +%s -%s", sorted(after - before),
+                     sorted(before - after))
+            for f in self.files:
+                if f.path not in before and not f.usable:
+                    log.warning("unusable model file %s: %s", f.path, f.reason)
+            if self.link is not None:
+                self.link.inventory_changed()
+
+
+def _runner_memory(runtime: dict[str, Any]) -> None:
+    """Add each runner's resident memory (``rss_bytes``) where its pid is known (thread)."""
+    for entry in runtime.values():
+        pid = entry.get("pid") if isinstance(entry, dict) else None
+        if not isinstance(pid, int) or entry.get("rss_bytes") is not None:
+            continue
+        try:
+            entry["rss_bytes"] = psutil.Process(pid).memory_info().rss
+        except (psutil.Error, OSError):
+            entry["rss_bytes"] = None
 
 
 async def serve(opts: NodeOptions) -> None:
     state = NodeState(opts.state_dir)
     identity = state.identity()
     enrollment = state.enrollment()
-    manager = build_manager(opts, state)
+    parts = NodeParts(opts, state)
+    await parts.setup()
+    manager = parts.manager
     await manager.start()
+    await parts.telemetry.refresh()
     log.info("node %s serves %s", identity.did, manager.names())
     config = uvicorn.Config(
-        build_app(manager),
+        build_app(manager, telemetry=parts.latest, metrics=parts.metrics),
         host=opts.proxy_host,
         port=opts.proxy_port,
         log_level=opts.log_level.lower(),
@@ -61,22 +254,36 @@ async def serve(opts: NodeOptions) -> None:
         lifespan="off",
     )
     server = uvicorn.Server(config)
-    link_task: asyncio.Task[None] | None = None
-    if enrollment is None:
+    tasks = [
+        asyncio.create_task(parts.telemetry.run(), name="telemetry"),
+        asyncio.create_task(parts.watch_inventory(), name="inventory"),
+    ]
+    if not opts.connect:
+        log.info("connect = false: serving the local proxy only")
+    elif enrollment is None:
         log.warning("not enrolled: serving the local proxy only (run `meshgate-node enroll TOKEN`)")
     else:
-        link = CoordinatorLink(
-            identity, enrollment, manager, telemetry_period=opts.telemetry_period
+        if opts.coordinator_url:
+            enrollment = dataclasses.replace(enrollment, url=opts.coordinator_url)
+        parts.link = CoordinatorLink(
+            identity,
+            enrollment,
+            manager,
+            telemetry=parts.latest,
+            telemetry_period=opts.telemetry_period,
+            inventory=parts.inventory_body,
         )
-        link_task = asyncio.create_task(link.run())
+        tasks.append(asyncio.create_task(parts.link.run(), name="link"))
     try:
         await server.serve()
     finally:
-        if link_task is not None:
-            link_task.cancel()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await link_task
+                await task
         await manager.stop()
+        parts.nvml.close()
         log.info("node stopped")
 
 

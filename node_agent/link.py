@@ -47,14 +47,18 @@ class CoordinatorLink:
         enrollment: Enrollment,
         manager: ModelManager,
         *,
-        telemetry: Callable[[], dict[str, Any]] | None = None,
+        telemetry: Callable[[], dict[str, Any] | None] | None = None,
         telemetry_period: float = 2.0,
+        inventory: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.identity = identity
         self.enrollment = enrollment
         self.manager = manager
         self.telemetry = telemetry
         self.telemetry_period = telemetry_period
+        self._inventory = inventory
+        self._inventory_dirty = asyncio.Event()
+        self.inventories_sent = 0
         self.connected = asyncio.Event()
         self.refused: RefusedError | None = None
 
@@ -88,7 +92,8 @@ class CoordinatorLink:
         )
         mux = Mux(link, initiator=True, on_stream=self._serve)
         log.info("connected to coordinator %s as %s", self.enrollment.url, self.identity.did)
-        await mux.send_control(FrameType.INVENTORY, self.inventory())
+        self._inventory_dirty.clear()
+        await self._send_inventory(mux)
         self.connected.set()
         heartbeat = asyncio.create_task(self._heartbeat(mux))
         try:
@@ -101,16 +106,38 @@ class CoordinatorLink:
         raise ClosedError("coordinator closed the tunnel")
 
     def inventory(self) -> dict[str, Any]:
+        """The INVENTORY body: ``models`` served here (names or maps with a ``name``), files."""
+        if self._inventory is not None:
+            return self._inventory()
         return {"models": self.manager.names()}
 
+    def inventory_changed(self) -> None:
+        """The inventory changed: send it again now if connected (else on the next connect)."""
+        self._inventory_dirty.set()
+
+    async def _send_inventory(self, mux: Mux) -> None:
+        await mux.send_control(FrameType.INVENTORY, self.inventory())
+        self.inventories_sent += 1
+
+    def _telemetry_body(self) -> dict[str, Any]:
+        sample = self.telemetry() if self.telemetry else None
+        body: dict[str, Any] = dict(sample) if sample else {"runtime": self.manager.stats()}
+        body.setdefault("ts", time.time())
+        return body
+
     async def _heartbeat(self, mux: Mux) -> None:
+        """Telemetry every period; the inventory again as soon as it changes."""
+        due = time.monotonic()
         while True:
-            body: dict[str, Any] = (
-                self.telemetry() if self.telemetry else {"runtime": self.manager.stats()}
-            )
-            body.setdefault("ts", time.time())
-            await mux.send_control(FrameType.TELEMETRY, body)
-            await asyncio.sleep(self.telemetry_period)
+            if self._inventory_dirty.is_set():
+                self._inventory_dirty.clear()
+                await self._send_inventory(mux)
+            if time.monotonic() >= due:
+                await mux.send_control(FrameType.TELEMETRY, self._telemetry_body())
+                due = time.monotonic() + self.telemetry_period
+            with contextlib.suppress(TimeoutError):
+                wait = max(0.0, due - time.monotonic())
+                await asyncio.wait_for(self._inventory_dirty.wait(), wait)
 
     async def _serve(self, stream: Stream, frame: Frame) -> None:
         """Run one request; stop generating if the coordinator cancels it."""

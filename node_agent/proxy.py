@@ -30,6 +30,7 @@ from meshgate.openai import (
     sse_error,
     sse_event,
 )
+from node_agent.metrics import CONTENT_TYPE_LATEST, NodeMetrics, RequestTrack
 from node_agent.models import ModelManager
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,20 @@ class SSEResponse(StreamingResponse):
     is given back whatever happens, even if the response never starts.
     """
 
-    def __init__(self, first: bytes, chunks: AsyncIterator[bytes], stack: AsyncExitStack) -> None:
+    def __init__(
+        self,
+        first: bytes,
+        chunks: AsyncIterator[bytes],
+        stack: AsyncExitStack,
+        track: RequestTrack | None = None,
+    ) -> None:
         super().__init__(iter(()), media_type="text/event-stream",
                          headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
         self._first = first
         self._chunks = chunks
         self._stack = stack
+        self._track = track
+        self._end_status: int | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.create_task(self._pump(send))
@@ -88,6 +97,8 @@ class SSEResponse(StreamingResponse):
             await asyncio.gather(pump, watch, return_exceptions=True)
             await _aclose(self._chunks)
             await self._stack.aclose()
+            if self._track is not None:
+                self._track.finish(self._end_status or 499)  # no end sent: the client left
         if pump.done() and not pump.cancelled() and pump.exception() is not None:
             log.warning("stream to the client failed: %r", pump.exception())
 
@@ -96,25 +107,36 @@ class SSEResponse(StreamingResponse):
                     "headers": self.raw_headers})
         await send({"type": "http.response.body", "body": sse_event(self._first),
                     "more_body": True})
+        status = 200
         try:
             async for chunk in self._chunks:
+                if self._track is not None:
+                    self._track.chunk(chunk)
                 await send({"type": "http.response.body", "body": sse_event(chunk),
                             "more_body": True})
             end = SSE_DONE
         except OpenAIError as exc:
             log.warning("stream failed after it started: %s", exc.message)
-            end = sse_error(exc)
+            end, status = sse_error(exc), exc.status
         await send({"type": "http.response.body", "body": end, "more_body": False})
+        self._end_status = status
 
 
-async def _answer(manager: ModelManager, request: Request, endpoint: str) -> Response:
+async def _answer(
+    manager: ModelManager, request: Request, endpoint: str, metrics: NodeMetrics | None = None
+) -> Response:
     raw = await read_body(request)
     body = parse_request(raw, endpoint)
+    track = metrics.track(str(body["model"]), "proxy") if metrics is not None else None
     stack = AsyncExitStack()
+    streaming = False
     try:
         runtime = await stack.enter_async_context(manager.use(body["model"]))
         if not body.get("stream"):
-            data, _ = await runtime.complete(endpoint, raw)
+            data, usage = await runtime.complete(endpoint, raw)
+            if track is not None:
+                track.usage = usage
+                track.finish(200)
             return Response(data, media_type="application/json")
         chunks = runtime.stream(endpoint, raw)
         try:
@@ -124,13 +146,27 @@ async def _answer(manager: ModelManager, request: Request, endpoint: str) -> Res
         except BaseException:
             await _aclose(chunks)
             raise
-        return SSEResponse(first, chunks, stack.pop_all())
+        if track is not None:
+            track.chunk(first)
+        streaming = True
+        return SSEResponse(first, chunks, stack.pop_all(), track)
+    except OpenAIError as exc:
+        if track is not None:
+            track.finish(exc.status)
+        raise
+    except BaseException:
+        if track is not None and not streaming:
+            track.finish(500)
+        raise
     finally:
         await stack.aclose()
 
 
 def build_app(
-    manager: ModelManager, *, telemetry: Callable[[], dict[str, Any]] | None = None
+    manager: ModelManager,
+    *,
+    telemetry: Callable[[], dict[str, Any] | None] | None = None,
+    metrics: NodeMetrics | None = None,
 ) -> FastAPI:
     app = FastAPI(title="meshgate node", openapi_url=None, docs_url=None, redoc_url=None)
 
@@ -157,13 +193,20 @@ def build_app(
 
     @app.get("/meshgate/telemetry")
     async def read_telemetry() -> dict[str, Any]:
-        if telemetry is None:
-            raise OpenAIError(404, "this node serves no telemetry here", hop="node")
-        return telemetry()
+        sample = telemetry() if telemetry is not None else None
+        if sample is None:
+            raise OpenAIError(503 if telemetry else 404, "no telemetry sample yet", hop="node")
+        return sample
+
+    @app.get("/metrics")
+    async def read_metrics() -> Response:
+        if metrics is None:
+            raise OpenAIError(404, "this node serves no metrics here", hop="node")
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     def route(endpoint: str) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
-            return await _answer(manager, request, endpoint)
+            return await _answer(manager, request, endpoint, metrics)
 
         return handler
 

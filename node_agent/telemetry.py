@@ -14,6 +14,7 @@ failing ``runtime_stats`` callback as ``{"error": ...}``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -134,3 +135,65 @@ class TelemetrySampler:
                 self._runtime_errors.add(kind)
                 log.exception("runtime stats failed; reporting the error instead")
             return {"error": f"{kind}: {exc}"}
+
+
+class TelemetryService:
+    """Samples every ``period`` seconds off the event loop and keeps the latest sample.
+
+    psutil and NVML calls run in a worker thread (``asyncio.to_thread``), so a
+    slow driver never stalls requests; ``runtime_stats`` runs on the event loop
+    (it reads the model manager, which only the loop changes) and
+    ``runtime_extra`` in the thread (per-process figures such as runner RSS).
+    """
+
+    def __init__(
+        self,
+        sampler: TelemetrySampler,
+        *,
+        period: float = 2.0,
+        runtime_stats: Callable[[], dict[str, Any]] | None = None,
+        runtime_extra: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.sampler = sampler
+        self.period = period
+        self._runtime_stats = runtime_stats
+        self._runtime_extra = runtime_extra
+        self._latest: dict[str, Any] | None = None
+        self.samples = 0
+
+    def latest(self) -> dict[str, Any] | None:
+        return self._latest
+
+    async def refresh(self) -> dict[str, Any]:
+        runtime = self._stats()
+        sample = await asyncio.to_thread(self._sample_in_thread, runtime)
+        self._latest = sample
+        self.samples += 1
+        return sample
+
+    def _stats(self) -> dict[str, Any]:
+        if self._runtime_stats is None:
+            return {}
+        try:
+            return dict(self._runtime_stats())
+        except Exception as exc:  # a stats bug must not stop telemetry
+            log.exception("runtime stats failed")
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    def _sample_in_thread(self, runtime: dict[str, Any]) -> dict[str, Any]:
+        sample = self.sampler.sample()
+        if self._runtime_extra is not None:
+            try:
+                self._runtime_extra(runtime)
+            except Exception:  # never let per-process figures stop the sample
+                log.exception("runtime figures failed")
+        sample["runtime"] = runtime
+        return sample
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # keep sampling; the sampler itself never raises
+                log.exception("telemetry sample failed")
+            await asyncio.sleep(self.period)

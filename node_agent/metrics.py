@@ -1,0 +1,233 @@
+"""The node's Prometheus metrics and its recent token rates.
+
+:class:`NodeMetrics` owns its own ``CollectorRegistry`` (never the global one,
+so two daemons in one test process, or a library user's own metrics, do not
+collide). Requests are counted as they finish (:meth:`NodeMetrics.track`);
+figures the node already keeps elsewhere (in-flight and queue length per
+model, runner restarts, VRAM, CPU) are read at scrape time by
+:class:`_SnapshotCollector` from the model manager's stats and the latest
+telemetry sample, so there is one source for each number.
+
+Model labels are limited to the models this node serves (anything else is
+``_unknown``), so a client sending random model names cannot grow the series.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from node_agent.runtime import usage_of
+
+__all__ = ["CONTENT_TYPE_LATEST", "NodeMetrics", "RequestTrack"]
+
+UNKNOWN = "_unknown"
+RECENT_S = 60.0
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+@dataclass
+class _Done:
+    at: float
+    prompt_tokens: int
+    completion_tokens: int
+    prefill_s: float | None
+    decode_s: float | None
+
+
+class RequestTrack:
+    """One request from arrival to its last byte; :meth:`finish` records it once."""
+
+    def __init__(self, metrics: NodeMetrics, model: str, via: str) -> None:
+        self.metrics = metrics
+        self.model = model
+        self.via = via
+        self.started = time.monotonic()
+        self.first_at: float | None = None
+        self.usage: dict[str, int] | None = None
+        self.finished = False
+
+    def first_token(self) -> None:
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+
+    def chunk(self, data: bytes) -> None:
+        """A response body or stream chunk went out: note the first and any usage."""
+        self.first_token()
+        usage = usage_of(data)
+        if usage:
+            self.usage = usage
+
+    def finish(self, status: int | str) -> None:
+        if not self.finished:
+            self.finished = True
+            self.metrics._finish(self, str(status), time.monotonic())
+
+
+class NodeMetrics:
+    def __init__(
+        self,
+        *,
+        served: Callable[[], Iterable[str]] = list,
+        stats: Callable[[], dict[str, Any]] | None = None,
+        telemetry: Callable[[], dict[str, Any] | None] | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self._served = served
+        self._recent: dict[str, deque[_Done]] = {}
+        self.requests = Counter(
+            "meshgate_node_requests",
+            "Requests finished, by model, status (HTTP code, or 499 when the client left) and "
+            "path (local proxy or tunnel).",
+            ["model", "status", "via"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "meshgate_node_request_duration_seconds",
+            "Time from arrival to the last byte of the answer.",
+            ["model", "via"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "meshgate_node_time_to_first_token_seconds",
+            "Time from arrival to the first chunk of a streamed answer.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "meshgate_node_tokens",
+            "Tokens processed, by model and kind (prompt or completion).",
+            ["model", "kind"],
+            registry=self.registry,
+        )
+        self.registry.register(_SnapshotCollector(stats, telemetry))
+
+    def label(self, model: str) -> str:
+        return model if model in set(self._served()) else UNKNOWN
+
+    def track(self, model: str, via: str = "proxy") -> RequestTrack:
+        return RequestTrack(self, self.label(model), via)
+
+    def _finish(self, track: RequestTrack, status: str, now: float) -> None:
+        self.requests.labels(track.model, status, track.via).inc()
+        self.latency.labels(track.model, track.via).observe(now - track.started)
+        if track.first_at is not None and track.via == "proxy":
+            self.ttft.labels(track.model).observe(track.first_at - track.started)
+        usage = track.usage or {}
+        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        if prompt:
+            self.tokens.labels(track.model, "prompt").inc(prompt)
+        if completion:
+            self.tokens.labels(track.model, "completion").inc(completion)
+        if track.model == UNKNOWN or not (prompt or completion):
+            return
+        streamed = track.first_at is not None and track.first_at > track.started
+        prefill = (track.first_at - track.started) if streamed and track.first_at else None
+        decode = (now - track.first_at) if streamed and track.first_at else now - track.started
+        recent = self._recent.setdefault(track.model, deque(maxlen=256))
+        recent.append(_Done(now, prompt, completion, prefill, decode))
+
+    def recent_rates(self, now: float | None = None) -> dict[str, dict[str, float | None]]:
+        """Per model, over the last minute: prompt and generation tokens per second.
+
+        Prompt rate = prompt tokens / time to first chunk (streamed requests only);
+        generation rate = completion tokens / time after the first chunk (or the
+        whole request when it was not streamed). None where nothing was measured.
+        """
+        now = time.monotonic() if now is None else now
+        out: dict[str, dict[str, float | None]] = {}
+        for model, done in self._recent.items():
+            while done and now - done[0].at > RECENT_S:
+                done.popleft()
+            pre = [d for d in done if d.prefill_s]
+            dec = [d for d in done if d.decode_s]
+            out[model] = {
+                "prompt_tokens_per_s": _rate(sum(d.prompt_tokens for d in pre),
+                                             sum(d.prefill_s or 0.0 for d in pre)),
+                "generation_tokens_per_s": _rate(sum(d.completion_tokens for d in dec),
+                                                 sum(d.decode_s or 0.0 for d in dec)),
+                "requests_last_min": float(len(done)),
+            }
+        return out
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _rate(tokens: int, seconds: float) -> float | None:
+    return round(tokens / seconds, 2) if tokens and seconds > 0 else None
+
+
+class _SnapshotCollector(Collector):
+    """Gauges read at scrape time from the manager's stats and the latest telemetry sample."""
+
+    def __init__(
+        self,
+        stats: Callable[[], dict[str, Any]] | None,
+        telemetry: Callable[[], dict[str, Any] | None] | None,
+    ) -> None:
+        self._stats = stats
+        self._telemetry = telemetry
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._runtime()
+        yield from self._sample()
+
+    def _runtime(self) -> Iterator[Metric]:
+        stats = self._stats() if self._stats else {}
+        in_flight = GaugeMetricFamily(
+            "meshgate_node_in_flight", "Requests being answered now.", labels=["model"]
+        )
+        queued = GaugeMetricFamily(
+            "meshgate_node_queue_length", "Requests waiting for the model.", labels=["model"]
+        )
+        restarts = CounterMetricFamily(
+            "meshgate_node_runner_restarts", "Runner crashes (each is followed by a restart).",
+            labels=["model"],
+        )
+        for model, s in stats.items():
+            if not isinstance(s, dict):
+                continue
+            in_flight.add_metric([model], float(s.get("in_flight", 0) or 0))
+            queued.add_metric([model], float(s.get("queued", 0) or 0))
+            restarts.add_metric([model], float(s.get("crashes", 0) or 0))
+        yield from (in_flight, queued, restarts)
+
+    def _sample(self) -> Iterator[Metric]:
+        sample = self._telemetry() if self._telemetry else None
+        if not sample:
+            return
+        host = sample.get("host") or {}
+        cpu = GaugeMetricFamily("meshgate_node_cpu_utilisation_percent",
+                                "Host CPU utilisation, mean of all cores.")
+        cpu.add_metric([], float(host.get("cpu_util_pct", 0.0)))
+        mem = GaugeMetricFamily("meshgate_node_memory_available_bytes",
+                                "Host memory available.")
+        mem.add_metric([], float(host.get("mem_available_bytes", 0)))
+        yield from (cpu, mem)
+        gauges = {
+            "vram_total_bytes": ("meshgate_node_gpu_vram_total_bytes", "GPU memory total."),
+            "vram_used_bytes": ("meshgate_node_gpu_vram_used_bytes", "GPU memory used."),
+            "gpu_util_pct": ("meshgate_node_gpu_utilisation_percent", "GPU utilisation."),
+            "temperature_c": ("meshgate_node_gpu_temperature_celsius", "GPU temperature."),
+            "power_draw_w": ("meshgate_node_gpu_power_watts", "GPU power draw."),
+        }
+        families = {k: GaugeMetricFamily(n, h, labels=["gpu", "uuid"]) for k, (n, h) in
+                    gauges.items()}
+        for gpu in sample.get("gpus") or []:
+            labels = [str(gpu.get("index")), str(gpu.get("uuid") or "")]
+            for key, family in families.items():
+                value = gpu.get(key)
+                if value is not None:
+                    family.add_metric(labels, float(value))
+        yield from families.values()
