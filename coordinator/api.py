@@ -3,26 +3,39 @@
 `Authorization: Bearer KEY` on every route but `/healthz`; the body goes down
 a node's tunnel unchanged and the answer streams back as SSE. Errors have
 OpenAI's shape: 401 for a missing or wrong key, 400 for a malformed body, 413
-for an oversize one, 404 for a model that no node has ever offered, 503 when
-the model exists but no connected node can serve it now.
+for an oversize one, 404 for a model that no node has ever offered (and no
+cloud, alias or task route names), 503 when the model exists but no connected
+node or cloud can serve it now, 429 when every candidate is busy and the queue
+is full, 504 when the request's deadline passed.
+
+The `model` field may be a model name, an alias or a `qg://` route, and the
+`X-Meshgate-Route` header adds route keys (`routing.py`); `X-Meshgate-Timeout`
+(seconds) shortens the request's deadline. Dispatch (`dispatch.py`) picks the
+node or cloud. A client that goes away before the answer started is noticed
+and the node told to stop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from coordinator import dispatch
+from coordinator.config import CoordinatorConfig
+from coordinator.dispatch import Dispatcher, Served
 from coordinator.registry import Registry
+from coordinator.routing import ROUTE_HEADER, Route, RouteError, UnknownRouteError, parse_route
+from coordinator.scheduler import Request as Want
 from meshgate.openai import (
     MAX_BODY_BYTES,
     SSE_DONE,
@@ -38,6 +51,8 @@ from meshgate.protocol import OpenRequest
 log = logging.getLogger(__name__)
 
 KEY_CACHE_SECONDS = 5.0
+DISCONNECT_POLL_S = 0.5
+T = TypeVar("T")
 
 
 @dataclass
@@ -51,6 +66,8 @@ class ApiContext:
     """every model an enrolled node has offered; blocking."""
     record_usage: Callable[[dict[str, Any]], None]
     """one ledger row; blocking."""
+    config: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    dispatcher: Dispatcher | None = None
     _key_cache: dict[str, tuple[float, str]] = field(default_factory=dict)
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -70,6 +87,10 @@ class ApiContext:
             raise OpenAIError(401, "invalid API key", code="invalid_api_key", hop="coordinator")
         self._key_cache[key] = (now + KEY_CACHE_SECONDS, key_id)
         return key_id
+
+    def __post_init__(self) -> None:
+        if self.dispatcher is None:
+            self.dispatcher = Dispatcher(self.registry, self.config.dispatch)
 
     def record(self, row: dict[str, Any]) -> None:
         task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.record_usage, row))
@@ -111,24 +132,33 @@ def build_app(ctx: ApiContext) -> FastAPI:
         key_id = await ctx.authenticate(request)
         raw = await read_body(request)
         body = parse_request(raw, endpoint)
-        model: str = body["model"]
         stream = bool(body.get("stream", False))
         request_id = request.headers.get("x-request-id") or "req_" + secrets.token_hex(8)
-        if not ctx.registry.serving(model):
-            known = await asyncio.to_thread(ctx.known_models)
-            if model not in known:
-                raise unknown_model(model, hop="coordinator")
-        open_request = OpenRequest(request_id, endpoint, model, stream, raw)
-        attempt = await dispatch.start(ctx.registry, open_request)
-        headers = {"x-request-id": request_id, "x-meshgate-node": attempt.node.did}
+        route, want = await _plan(ctx, body, request.headers.get(ROUTE_HEADER))
+        deadline = _deadline(ctx, request.headers.get("x-meshgate-timeout"))
+        open_request = OpenRequest(request_id, endpoint, want.models[0], stream, raw)
+        dispatcher = ctx.dispatcher
+        assert dispatcher is not None
+        route_text = str(route) if route.task or body["model"].startswith("qg://") else None
+        try:
+            served = await _unless_disconnected(
+                request, dispatcher.start(open_request, want, deadline=deadline))
+        except OpenAIError as exc:
+            if exc.status in (429, 503, 504):
+                ctx.record(_failed_row(open_request, key_id, exc, route_text))
+            raise
+        headers = {"x-request-id": request_id, **served.headers()}
         if not stream:
             try:
-                data = await attempt.collect()
+                data = await _unless_disconnected(request, served.collect())
             finally:
-                ctx.record(dispatch.usage_row(attempt, key_id))
+                with anyio.CancelScope(shield=True):
+                    await served.close()
+                ctx.record(served.row(key_id, route_text))
             return Response(data, media_type="application/json", headers=headers)
         return StreamingResponse(
-            _sse(attempt, ctx, key_id), media_type="text/event-stream", headers=headers
+            _sse(served, ctx, key_id, route_text), media_type="text/event-stream",
+            headers=headers,
         )
 
     for endpoint in ("chat/completions", "completions", "embeddings"):
@@ -148,17 +178,85 @@ def _bind(
     return route
 
 
-async def _sse(attempt: dispatch.Attempt, ctx: ApiContext, key_id: str) -> AsyncIterator[bytes]:
+async def _plan(ctx: ApiContext, body: dict[str, Any], header: str | None) -> tuple[Route, Want]:
+    """The route and the scheduler's request: candidate models, sizes, policy."""
     try:
-        yield sse_event(attempt.first)
-        async for chunk in attempt.rest():
+        route = parse_route(body["model"], header)
+        models = ctx.config.routing().resolve(route)
+    except UnknownRouteError as exc:
+        raise OpenAIError(404, str(exc), code="model_not_found", param="model",
+                          hop="coordinator") from None
+    except RouteError as exc:
+        raise OpenAIError(400, str(exc), param="model", hop="coordinator") from None
+    dispatcher = ctx.dispatcher
+    assert dispatcher is not None
+    if not any(dispatcher.knows(m) for m in models):
+        known = await asyncio.to_thread(ctx.known_models)
+        if not any(m in known for m in models):
+            raise unknown_model(route.model or "/".join(models), hop="coordinator")
+    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 0
+    want = Want(
+        models=models,
+        prompt_tokens=len(json.dumps(body.get("messages") or body.get("prompt") or
+                                     body.get("input") or "")) // 4,
+        max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 0,
+        prefer=route.prefer,
+        residency=route.residency,
+    )
+    return route, want
+
+
+def _deadline(ctx: ApiContext, header: str | None) -> float:
+    seconds = ctx.config.dispatch.deadline_s
+    if header is not None:
+        try:
+            asked = float(header)
+        except ValueError:
+            raise OpenAIError(400, f"X-Meshgate-Timeout must be a number of seconds, not "
+                              f"{header[:40]!r}", hop="coordinator") from None
+        if not asked > 0:
+            raise OpenAIError(400, "X-Meshgate-Timeout must be positive", hop="coordinator")
+        seconds = min(seconds, asked)
+    return asyncio.get_running_loop().time() + seconds
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OpenAIError):
+                await task
+            raise OpenAIError(499, "client closed the request", hop="coordinator")
+
+
+def _failed_row(request: OpenRequest, key_id: str | None, exc: OpenAIError,
+                route: str | None) -> dict[str, Any]:
+    outcome = {429: "queue_full", 503: "no_capacity", 504: "deadline"}.get(exc.status, "error")
+    return {
+        "request_id": request.request_id, "key_id": key_id, "node_did": None, "upstream": None,
+        "model": request.model, "endpoint": request.endpoint, "prompt_tokens": 0,
+        "completion_tokens": 0, "latency_ms": 0.0, "outcome": outcome, "cost": 0.0,
+        "route": route,
+    }
+
+
+async def _sse(served: Served, ctx: ApiContext, key_id: str,
+               route: str | None) -> AsyncIterator[bytes]:
+    try:
+        yield sse_event(served.first)
+        async for chunk in served.rest():
             yield sse_event(chunk)
         yield SSE_DONE
     except OpenAIError as exc:
         log.warning("request %s ended with an error after it started: %s",
-                    attempt.request.request_id, exc.message)
+                    served.request.request_id, exc.message)
         yield sse_error(exc)
     finally:
         with anyio.CancelScope(shield=True):
-            await attempt.close()
-            ctx.record(dispatch.usage_row(attempt, key_id))
+            await served.close()
+            ctx.record(served.row(key_id, route))

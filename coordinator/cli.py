@@ -140,16 +140,26 @@ def serve(
         help="The ws:// or wss:// address nodes should dial, if not the tunnel's own.",
     ),
     log_level: str = typer.Option("info", envvar="MESHGATE_LOG_LEVEL"),
+    config: Path | None = typer.Option(
+        None, "--config", envvar="MESHGATE_COORDINATOR_CONFIG",
+        help="coordinator.toml: cloud upstreams, aliases, task routes, dispatch limits "
+        "(default: /etc/meshgate/coordinator.toml if it exists).",
+    ),
 ) -> None:
     """Run the public API and the tunnel endpoint."""
     if advertise_url is not None and not advertise_url.startswith(("ws://", "wss://")):
         raise _fail(f"--advertise-url must start with ws:// or wss://, not {advertise_url!r}", 2)
+    from coordinator.config import resolve_config
     from coordinator.server import run_server
 
+    try:
+        loaded = resolve_config(config)
+    except CoordinatorError as exc:
+        raise _fail(str(exc), 2) from None
     run_server(ServeOptions(
         state_dir=state_dir, api_host=api_host, api_port=api_port, tunnel_host=tunnel_host,
-        tunnel_port=tunnel_port, advertise_url=advertise_url, log_level=log_level,
-    ))
+        tunnel_port=tunnel_port, advertise_url=advertise_url, log_level=log_level, config=config,
+    ), loaded)
 
 
 # ----------------------------------------------------------------------------- tokens

@@ -1,69 +1,105 @@
-"""Send one request down a node's tunnel and bring its answer back.
+"""Run one request on the best candidate that answers: nodes first, then clouds.
 
-A request is committed to a node only when the node's first data frame
-arrives: until then a failure (the node refused, its runner died, its tunnel
-dropped) is retried on the next candidate, so the client sees nothing of it.
-After the first chunk has gone to the client a failure can only end the
-stream with an error event: the caller turns :class:`OpenAIError` from
-:meth:`Attempt.rest` into one.
+`Dispatcher.start` asks the scheduler for ranked candidates (`schedule()` over
+the registry's snapshot) and tries them in order. A request is committed to a
+candidate only when its first chunk arrives: until then a failure (the node
+refused, its runner died, its tunnel dropped, no first token in time) sends
+the request to the next candidate at once, so the client sees nothing of it.
+At most `max_tries` nodes are tried; then the clouds; then a 503 naming every
+failure. A node with `node_slots` requests in flight is busy: when every
+candidate left is busy the request waits in a bounded queue (429 when the
+queue is full) until a slot frees or its deadline passes (504).
+
+After the first chunk went to the client, a failure can only end the stream:
+`Served.rest` raises :class:`OpenAIError`, which the API turns into an error
+event. `Served.close` releases the node and sends CANCEL when the request did
+not finish (the client went away, the deadline passed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any
 
+from coordinator.config import DispatchConfig
 from coordinator.registry import NodeConn, Registry
+from coordinator.scheduler import Candidate, Kind, Request, schedule
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest
 from tunnel import ClosedError, Frame, FrameType, Stream, TunnelError
 
+if TYPE_CHECKING:
+    from coordinator.cloud import CloudClient
+
 log = logging.getLogger(__name__)
 
-MAX_TRIES = 3
+CLIENT_ERRORS = frozenset({400, 413, 422})  # the request itself is wrong: nobody will take it
 
 
-@dataclass(eq=False)
-class Attempt:
-    """A request that a node has started answering."""
+class Failed(Exception):
+    """A candidate failed before its first chunk; the message says why."""
 
-    request: OpenRequest
-    node: NodeConn
-    stream: Stream
-    first: bytes
-    started: float
-    tries: int
-    usage: dict[str, int] | None = None
-    chunks: int = 1
-    done: bool = False
-    outcome: str = "streaming"
-    _released: bool = field(default=False, repr=False)
 
-    async def rest(self) -> AsyncIterator[bytes]:
-        """Yield the data frames after the first; set `usage` from the end frame."""
-        try:
-            while True:
-                frame = await self.stream.recv()
-                if frame.type == FrameType.DATA:
-                    self.chunks += 1
-                    yield frame.body
-                elif frame.type == FrameType.END:
-                    self._finish(frame, "ok")
-                    return
-                elif frame.type == FrameType.ERROR:
-                    self.outcome = "error_after_start"
-                    raise _error_from_frame(frame)
-        except ClosedError:
-            self.outcome = "node_lost_mid_stream"
-            raise OpenAIError(
-                502, f"node {self.node.did} disconnected mid-response", hop="coordinator"
-            ) from None
-        finally:
-            await self.close()
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+class Served:
+    """A request that a node or cloud has started answering."""
+
+    node_did: str | None = None
+    upstream: str | None = None
+
+    def __init__(self, request: OpenRequest, model: str, *, first: bytes, started: float,
+                 tries: int, deadline: float, idle_timeout: float) -> None:
+        self.request = request
+        self.model = model
+        self.first = first
+        self.started = started
+        self.tries = tries
+        self.deadline = deadline
+        self.idle_timeout = idle_timeout
+        self.usage: dict[str, int] | None = None
+        self.chunks = 1
+        self.done = False
+        self.outcome = "streaming"
+        self.cost = 0.0
+        self._released = False
+
+    @property
+    def target(self) -> str:
+        return self.node_did or f"cloud:{self.upstream}"
+
+    def headers(self) -> dict[str, str]:
+        if self.node_did:
+            return {"x-meshgate-node": self.node_did}
+        return {"x-meshgate-upstream": self.upstream or ""}
+
+    def _wait(self) -> float:
+        """Seconds the next read may take: the idle timeout, cut at the deadline."""
+        left = self.deadline - now()
+        if left <= 0:
+            self.outcome = "deadline"
+            raise OpenAIError(504, "request deadline passed while the answer was streaming",
+                              code="deadline_exceeded", hop="coordinator")
+        return min(left, self.idle_timeout)
+
+    def _timed_out(self) -> OpenAIError:
+        if self.deadline - now() <= 0:
+            self.outcome = "deadline"
+            return OpenAIError(504, "request deadline passed while the answer was streaming",
+                               code="deadline_exceeded", hop="coordinator")
+        self.outcome = "idle_timeout"
+        return OpenAIError(504, f"{self.target} sent nothing for {self.idle_timeout:g} s "
+                           "mid-response", code="stream_stalled", hop="coordinator")
+
+    def rest(self) -> AsyncIterator[bytes]:
+        raise NotImplementedError
 
     async def collect(self) -> bytes:
         """For a non-streaming request: the whole response body."""
@@ -73,29 +109,95 @@ class Attempt:
         return b"".join(parts)
 
     async def close(self) -> None:
+        raise NotImplementedError
+
+    def row(self, key_id: str | None, route: str | None = None) -> dict[str, Any]:
+        usage = self.usage or {}
+        return {
+            "request_id": self.request.request_id,
+            "key_id": key_id,
+            "node_did": self.node_did,
+            "upstream": self.upstream,
+            "model": self.model,
+            "endpoint": self.request.endpoint,
+            "prompt_tokens": int(usage.get("prompt_tokens", 0) or 0),
+            "completion_tokens": int(usage.get("completion_tokens", 0) or 0),
+            "latency_ms": (time.perf_counter() - self.started) * 1000,
+            "outcome": self.outcome,
+            "cost": self.cost,
+            "route": route,
+        }
+
+
+class NodeAttempt(Served):
+    """A request a node is answering over its tunnel stream."""
+
+    def __init__(self, registry: Registry, node: NodeConn, stream: Stream, request: OpenRequest,
+                 model: str, **timing: Any) -> None:
+        super().__init__(request, model, **timing)
+        self.registry = registry
+        self.node = node
+        self.node_did = node.did
+        self.stream = stream
+
+    async def rest(self) -> AsyncIterator[bytes]:
+        """Yield the data frames after the first; set `usage` from the end frame."""
+        try:
+            while True:
+                try:
+                    frame = await asyncio.wait_for(self.stream.recv(), self._wait())
+                except TimeoutError:
+                    raise self._timed_out() from None
+                if frame.type == FrameType.DATA:
+                    self.chunks += 1
+                    yield frame.body
+                elif frame.type == FrameType.END:
+                    self._finish(frame)
+                    return
+                elif frame.type in (FrameType.ERROR, FrameType.CANCEL):
+                    self.outcome = "error_after_start"
+                    raise error_from_frame(frame)
+        except ClosedError:
+            self.outcome = "node_lost_mid_stream"
+            raise OpenAIError(
+                502, f"node {self.node.did} disconnected mid-response; the answer is incomplete",
+                code="node_lost", hop="coordinator",
+            ) from None
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
         """Release the node; tell it to stop if the request did not finish."""
         if self._released:
             return
         self._released = True
-        self.node.in_flight -= 1
+        self.registry.release(self.node, self.model)
         if not self.done:
             if self.outcome == "streaming":
                 self.outcome = "client_cancelled"
-            with contextlib.suppress(TunnelError):
-                await self.stream.send(FrameType.CANCEL, None)
+            await _send_cancel(self.stream)
 
-    def _finish(self, frame: Frame, outcome: str) -> None:
+    def _finish(self, frame: Frame) -> None:
         body = frame.body if isinstance(frame.body, dict) else {}
         usage = body.get("usage")
         self.usage = usage if isinstance(usage, dict) else None
         self.done = True
-        self.outcome = outcome
+        self.outcome = "ok"
         self.node.served += 1
 
 
-def _error_from_frame(frame: Frame) -> OpenAIError:
+async def _send_cancel(stream: Stream) -> None:
+    if stream.closed:
+        return
+    with contextlib.suppress(TunnelError):
+        await stream.send(FrameType.CANCEL, None)
+
+
+def error_from_frame(frame: Frame) -> OpenAIError:
     body = frame.body if isinstance(frame.body, dict) else {}
     status = body.get("status")
+    if frame.type == FrameType.CANCEL:
+        return OpenAIError(502, "the node cancelled the request", hop="node")
     return OpenAIError(
         status if isinstance(status, int) and 400 <= status <= 599 else 502,
         str(body.get("message") or "node reported an error"),
@@ -104,72 +206,165 @@ def _error_from_frame(frame: Frame) -> OpenAIError:
     )
 
 
-def candidates(registry: Registry, model: str) -> list[NodeConn]:
-    """Connected nodes serving `model`, least busy first (the scheduler refines this)."""
-    nodes = registry.serving(model)
-    nodes.sort(key=lambda n: (n.in_flight, n.rtt_ms or 0.0, n.did))
-    return nodes
+def with_model(raw: bytes, model: str) -> bytes:
+    """The request body with its `model` set to the model chosen (an alias or route resolved)."""
+    data = json.loads(raw)
+    if data.get("model") == model:
+        return raw
+    data["model"] = model
+    return json.dumps(data, separators=(",", ":")).encode()
 
 
-async def start(registry: Registry, request: OpenRequest) -> Attempt:
-    """Open the request on the best node that answers; retry the next one on failure."""
-    nodes = candidates(registry, request.model)
-    if not nodes:
-        raise OpenAIError(
-            503,
-            f"no connected node serves the model '{request.model}' right now",
-            code="model_not_available",
-            hop="coordinator",
-        )
-    failures: list[str] = []
-    for tries, node in enumerate(nodes[:MAX_TRIES], start=1):
-        attempt_or_reason = await _try_node(node, request, tries)
-        if isinstance(attempt_or_reason, Attempt):
-            return attempt_or_reason
-        failures.append(f"{_short(node.did)}: {attempt_or_reason}")
-        log.warning(
-            "request %s failed before its first token on %s: %s",
-            request.request_id, node.did, attempt_or_reason,
-        )
-    raise OpenAIError(
-        503, "every node that serves the model failed: " + "; ".join(failures), hop="coordinator"
-    )
-
-
-async def _try_node(node: NodeConn, request: OpenRequest, tries: int) -> Attempt | str:
-    started = time.perf_counter()
-    node.in_flight += 1
-    try:
-        stream = await node.mux.open(request.to_wire())
-        frame = await stream.recv()
-    except ClosedError:
-        node.in_flight -= 1
-        return "tunnel closed"
-    if frame.type == FrameType.DATA:
-        return Attempt(request, node, stream, frame.body, started, tries)
-    node.in_flight -= 1
-    if frame.type == FrameType.ERROR:
-        error = _error_from_frame(frame)
-        if error.status < 500:
-            raise error  # the request itself is wrong: another node will say the same
-        return error.message
-    return f"unexpected {frame.type.name} frame before data"
-
-
-def _short(did: str) -> str:
+def short(did: str) -> str:
     return did[:16] + "…" + did[-6:] if len(did) > 30 else did
 
 
-def usage_row(attempt: Attempt, key_id: str | None) -> dict[str, Any]:
-    usage = attempt.usage or {}
-    return {
-        "request_id": attempt.request.request_id,
-        "key_id": key_id,
-        "node_did": attempt.node.did,
-        "model": attempt.request.model,
-        "endpoint": attempt.request.endpoint,
-        "prompt_tokens": int(usage.get("prompt_tokens", 0)),
-        "completion_tokens": int(usage.get("completion_tokens", 0)),
-        "latency_ms": (time.perf_counter() - attempt.started) * 1000,
-        "outcome": attempt.outcome,
-    }
+class Dispatcher:
+    def __init__(self, registry: Registry, config: DispatchConfig | None = None,
+                 clouds: Mapping[str, CloudClient] | None = None) -> None:
+        self.registry = registry
+        self.config = config or DispatchConfig()
+        self.clouds = dict(clouds or {})
+        self.waiting = 0
+
+    def knows(self, model: str) -> bool:
+        """Whether a connected node or a cloud offers `model` right now."""
+        return bool(self.registry.serving(model)) or any(
+            model in c.upstream.models for c in self.clouds.values()
+        )
+
+    async def start(self, request: OpenRequest, want: Request, *,
+                    deadline: float | None = None) -> Served:
+        """Start `request` on the best candidate that answers; see the module doc."""
+        cfg = self.config
+        deadline = deadline if deadline is not None else now() + cfg.deadline_s
+        tried: set[tuple[str, str, str]] = set()
+        failures: list[str] = []
+        node_tries = 0
+        queued = False
+        try:
+            while True:
+                decision = schedule(want, self.registry.snapshot())
+                pick, busy = self._pick(decision.candidates, tried, node_tries)
+                if pick is not None:
+                    tried.add((pick.kind.value, pick.target, pick.model))
+                    try:
+                        if pick.kind == Kind.NODE:
+                            node_tries += 1
+                            return await self._try_node(pick.target, request, pick.model,
+                                                        len(tried), deadline)
+                        return await self.clouds[pick.target].start(
+                            request, pick.model, tries=len(tried), deadline=deadline,
+                            idle_timeout=cfg.idle_timeout_s)
+                    except Failed as exc:
+                        where = short(pick.target) if pick.kind == Kind.NODE else (
+                            f"cloud {pick.target}")
+                        failures.append(f"{where}: {exc}")
+                        log.warning("request %s failed before its first token on %s: %s",
+                                    request.request_id, pick.target, exc)
+                        continue
+                if not busy:
+                    raise self._no_capacity(want, decision.explain(), failures)
+                if not queued:
+                    self._enqueue(want)
+                    queued = True
+                left = deadline - now()
+                if left <= 0:
+                    raise OpenAIError(504, "request deadline passed while waiting for a free node",
+                                      code="deadline_exceeded", hop="coordinator")
+                await self.registry.wait_changed(left)
+        finally:
+            if queued:
+                self.waiting -= 1
+
+    def _pick(self, candidates: list[Candidate], tried: set[tuple[str, str, str]],
+              node_tries: int) -> tuple[Candidate | None, bool]:
+        """The best candidate not tried yet that can take the request now; and whether a
+        busy node was passed over."""
+        busy = False
+        for cand in candidates:
+            if (cand.kind.value, cand.target, cand.model) in tried:
+                continue
+            if cand.kind == Kind.NODE:
+                conn = self.registry.get(cand.target)
+                if node_tries >= self.config.max_tries or conn is None or conn.link.closed:
+                    continue
+                if conn.in_flight >= self.config.node_slots:
+                    busy = True
+                    continue
+            elif cand.target not in self.clouds:
+                continue
+            return cand, busy
+        return None, busy
+
+    def _enqueue(self, want: Request) -> None:
+        if self.waiting >= self.config.queue_size:
+            raise OpenAIError(
+                429, f"every node that serves {'/'.join(want.models)} is busy and the queue is "
+                f"full ({self.config.queue_size} waiting); retry later",
+                code="queue_full", hop="coordinator")
+        self.waiting += 1
+
+    def _no_capacity(self, want: Request, explain: str, failures: list[str]) -> OpenAIError:
+        models = "/".join(want.models)
+        if failures:
+            message = f"every candidate for {models} failed: " + "; ".join(failures)
+        elif explain:
+            message = f"no node or cloud can serve {models} right now: {explain}"
+        else:
+            message = f"no connected node or cloud serves {models} right now"
+        return OpenAIError(503, message, code="no_capacity", hop="coordinator")
+
+    async def _try_node(self, did: str, request: OpenRequest, model: str, tries: int,
+                        deadline: float) -> NodeAttempt:
+        started = time.perf_counter()
+        node = self.registry.get(did)
+        if node is None:
+            raise Failed("node disconnected")
+        wire = request.to_wire()
+        wire["model"] = model
+        wire["body"] = with_model(request.body, model)
+        self.registry.acquire(node, model)
+        stream: Stream | None = None
+        committed = False
+        try:
+            stream = await node.mux.open(wire)
+            wait = min(deadline - now(), self.config.first_token_timeout_s)
+            try:
+                frame = await asyncio.wait_for(stream.recv(), max(wait, 0.0))
+            except TimeoutError:
+                if deadline - now() <= 0:
+                    raise OpenAIError(504, "request deadline passed before the first token",
+                                      code="deadline_exceeded", hop="coordinator") from None
+                raise Failed(f"no first token within {self.config.first_token_timeout_s:g} s"
+                             ) from None
+            if frame.type == FrameType.DATA:
+                committed = True
+                return NodeAttempt(self.registry, node, stream, request, model, first=frame.body,
+                                   started=started, tries=tries, deadline=deadline,
+                                   idle_timeout=self.config.idle_timeout_s)
+            if frame.type == FrameType.ERROR:
+                error = error_from_frame(frame)
+                if error.status in CLIENT_ERRORS:
+                    raise error
+                raise Failed(error.message)
+            raise Failed(f"unexpected {frame.type.name} frame before data")
+        except ClosedError:
+            raise Failed("tunnel closed") from None
+        finally:
+            if not committed:
+                self.registry.release(node, model)
+                if stream is not None:
+                    _cancel_soon(stream)
+
+
+def _cancel_soon(stream: Stream) -> None:
+    """CANCEL `stream` without waiting (it must also work while our task is cancelled)."""
+    if stream.closed:
+        return
+    task = asyncio.get_running_loop().create_task(_send_cancel(stream))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task[None]] = set()

@@ -4,7 +4,13 @@
 an enrolling node proves its one-time token, an enrolled node proves nothing
 more than its key (the Noise handshake already did), a revoked or unknown
 node gets a 403 with the reason. `on_link` then owns the node's entry in the
-registry for as long as the connection lives.
+registry for as long as the connection lives. `watch_revocations` closes the
+tunnel of a node revoked while connected (the admin CLI writes the store; the
+server notices within a second).
+
+`last_seen` in the store is when the coordinator last heard from the node
+(inventory, or telemetry at most every TOUCH_EVERY_S); a disconnect does not
+move it forward, so a node that dropped stops looking connected.
 """
 
 from __future__ import annotations
@@ -15,13 +21,14 @@ import time
 from typing import Any
 
 from coordinator.errors import EnrollmentRefused
-from coordinator.registry import NodeConn, Registry
+from coordinator.registry import NodeConn, Registry, inventory_models
 from coordinator.store import Store
 from tunnel import Frame, FrameType, Hello, Link, Mux, RefusedError, TunnelError
 
 log = logging.getLogger(__name__)
 
 TOUCH_EVERY_S = 10.0
+REVOCATION_POLL_S = 1.0
 
 
 class Gateway:
@@ -75,9 +82,13 @@ class Gateway:
         conn = NodeConn(did=hello.did, labels=labels, link=link, mux=mux)
         old = self.registry.add(conn)
         if old is not None:
-            log.warning("node %s connected again; closing its older connection", hello.did)
-            await old.link.close("replaced by a newer connection")
-        log.info("node %s connected (%s)", hello.did, hello.info)
+            log.warning(
+                "node %s connected again from %s; closing its older connection from %s "
+                "(the newer connection wins)",
+                hello.did, _addr(link), _addr(old.link),
+            )
+            await old.link.close("replaced by a newer connection of the same node")
+        log.info("node %s connected from %s (%s)", hello.did, _addr(link), hello.info)
         try:
             await mux.run()
         except TunnelError as exc:
@@ -85,23 +96,53 @@ class Gateway:
         finally:
             self.registry.remove(conn)
             log.info("node %s disconnected", hello.did)
-            await asyncio.to_thread(self.store.touch_node, hello.did, time.time(), None)
+
+    async def close_revoked(self) -> list[str]:
+        """Close the tunnel of every connected node the store says is revoked."""
+        connected = {c.did: c for c in self.registry.nodes()}
+        if not connected:
+            return []
+        records = await asyncio.to_thread(self.store.list_nodes)
+        revoked = [r.did for r in records if r.did in connected and r.revoked_at is not None]
+        for did in revoked:
+            conn = connected[did]
+            log.warning("node %s was revoked; closing its tunnel", did)
+            self.registry.remove(conn)
+            await conn.link.close("node revoked")
+        return revoked
+
+    async def watch_revocations(self, period: float = REVOCATION_POLL_S) -> None:
+        """Until cancelled: every `period`, close the tunnels of revoked nodes."""
+        while True:
+            try:
+                await self.close_revoked()
+            except Exception:
+                log.exception("checking for revoked nodes failed; retrying")
+            await asyncio.sleep(period)
 
     async def _control(self, conn: NodeConn, frame: Frame) -> None:
         body = frame.body if isinstance(frame.body, dict) else {}
         if frame.type == FrameType.INVENTORY:
-            models = body.get("models")
-            if isinstance(models, list) and all(isinstance(m, str) for m in models):
-                conn.models = list(models)
-                conn.inventory = body
-                await asyncio.to_thread(
-                    self.store.touch_node, conn.did, time.time(), conn.models
-                )
-                log.info("node %s serves %s", conn.did, conn.models)
+            if not isinstance(body.get("models"), list):
+                log.warning("node %s sent an inventory without a models list", conn.did)
+                return
+            conn.models = sorted(inventory_models(body))
+            conn.inventory = body
+            self.registry.changed()
+            await asyncio.to_thread(self.store.touch_node, conn.did, time.time(), conn.models)
+            log.info("node %s serves %s", conn.did, conn.models)
         elif frame.type == FrameType.TELEMETRY:
             conn.telemetry = body
+            self.registry.changed()
             now = time.time()
             if now - conn.touched_at > TOUCH_EVERY_S:
                 conn.touched_at = now
                 await asyncio.to_thread(self.store.touch_node, conn.did, now, None)
 
+
+
+def _addr(link: Link) -> str:
+    address = link.remote_address
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)

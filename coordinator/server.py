@@ -8,6 +8,7 @@ is disposed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -15,6 +16,9 @@ from typing import Any
 import uvicorn
 
 from coordinator.api import ApiContext, build_app
+from coordinator.cloud import CloudClient
+from coordinator.config import CoordinatorConfig, resolve_config
+from coordinator.dispatch import Dispatcher
 from coordinator.gateway import Gateway
 from coordinator.registry import Registry
 from coordinator.state import ServeOptions, StateDir
@@ -24,7 +28,8 @@ from tunnel import serve as serve_tunnel
 log = logging.getLogger(__name__)
 
 
-def _context(store: Store, registry: Registry) -> ApiContext:
+def _context(store: Store, registry: Registry, config: CoordinatorConfig,
+             dispatcher: Dispatcher) -> ApiContext:
     def verify_key(plaintext: str) -> str | None:
         record = store.verify_key(plaintext)
         return record.key_id if record else None
@@ -35,13 +40,20 @@ def _context(store: Store, registry: Registry) -> ApiContext:
     def record_usage(row: dict[str, Any]) -> None:
         store.record_usage(UsageRecord(**row, created_at=time.time()))
 
-    return ApiContext(registry, verify_key, known_models, record_usage)
+    return ApiContext(registry, verify_key, known_models, record_usage, config=config,
+                      dispatcher=dispatcher)
 
 
-async def serve(opts: ServeOptions) -> None:
+async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> None:
+    config = config if config is not None else resolve_config(opts.config)
     state = StateDir(opts.state_dir)
     store = Store(state.db_url)
-    registry = Registry()
+    clouds = {u.name: CloudClient(u) for u in config.upstreams}
+    registry = Registry(c.view() for c in clouds.values())
+    dispatcher = Dispatcher(registry, config.dispatch, clouds)
+    if config.path is not None:
+        log.info("config %s: %d upstream(s) %s, %d alias(es), %d task route(s)", config.path,
+                 len(clouds), sorted(clouds), len(config.aliases), len(config.tasks))
     gateway = Gateway(store, registry)
     tunnel_server = await serve_tunnel(
         opts.tunnel_host, opts.tunnel_port, state.static_key(), gateway.authorize, gateway.on_link
@@ -52,27 +64,35 @@ async def serve(opts: ServeOptions) -> None:
     api_host = "127.0.0.1" if opts.api_host in ("0.0.0.0", "::", "") else opts.api_host  # noqa: S104
     state.write_advertise(tunnel_url=tunnel_url, api_url=f"http://{api_host}:{opts.api_port}")
     log.info("tunnel endpoint on %s (advertised as %s)", tunnel_port, tunnel_url)
-    config = uvicorn.Config(
-        build_app(_context(store, registry)),
+    uv_config = uvicorn.Config(
+        build_app(_context(store, registry, config, dispatcher)),
         host=opts.api_host,
         port=opts.api_port,
         log_level=opts.log_level.lower(),
         access_log=False,
         lifespan="off",
     )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uv_config)
+    revocations = asyncio.create_task(gateway.watch_revocations())
     try:
         await server.serve()
     finally:
+        revocations.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await revocations
         tunnel_server.close()
         await tunnel_server.wait_closed()
+        for cloud in clouds.values():
+            await cloud.aclose()
         store.close()
         log.info("coordinator stopped")
 
 
-def run_server(opts: ServeOptions) -> None:
+def run_server(opts: ServeOptions, config: CoordinatorConfig | None = None) -> None:
+    if config is None:
+        config = resolve_config(opts.config)  # a bad file fails here, before anything listens
     logging.basicConfig(
         level=opts.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(serve(opts))
+    asyncio.run(serve(opts, config))

@@ -40,6 +40,7 @@ class ServeOptions:
     tunnel_port: int
     advertise_url: str | None
     log_level: str
+    config: Path | None = None  # coordinator.toml; None: the default path if it exists
 
 
 @dataclass(frozen=True, slots=True)
