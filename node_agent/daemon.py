@@ -246,7 +246,9 @@ async def serve(opts: NodeOptions) -> None:
     await parts.telemetry.refresh()
     log.info("node %s serves %s", identity.did, manager.names())
     config = uvicorn.Config(
-        build_app(manager, telemetry=parts.latest, metrics=parts.metrics),
+        build_app(
+            manager, telemetry=parts.latest, metrics=parts.metrics, inventory=parts.inventory_body
+        ),
         host=opts.proxy_host,
         port=opts.proxy_port,
         log_level=opts.log_level.lower(),

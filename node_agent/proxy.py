@@ -167,6 +167,7 @@ def build_app(
     *,
     telemetry: Callable[[], dict[str, Any] | None] | None = None,
     metrics: NodeMetrics | None = None,
+    inventory: Callable[[], dict[str, Any]] | None = None,
 ) -> FastAPI:
     app = FastAPI(title="meshgate node", openapi_url=None, docs_url=None, redoc_url=None)
 
@@ -197,6 +198,12 @@ def build_app(
         if sample is None:
             raise OpenAIError(503 if telemetry else 404, "no telemetry sample yet", hop="node")
         return sample
+
+    @app.get("/meshgate/inventory")
+    async def read_inventory() -> dict[str, Any]:
+        if inventory is None:
+            raise OpenAIError(404, "this node serves no inventory here", hop="node")
+        return inventory()
 
     @app.get("/metrics")
     async def read_metrics() -> Response:

@@ -175,3 +175,11 @@ class FakeNvml:
 
     def _pcie(self, handle: FakeHandle, function: str) -> dict[str, Any]:
         return dict(self._gpu(handle, function)["pcie"])
+
+
+def rtx4090_x2_power_unsupported() -> FakeNvml:
+    """Two recorded RTX 4090s, power draw unreadable on GPU 1: for a daemon subprocess,
+    ``MESHGATE_NVML_MODULE=tests.node.fake_nvml:rtx4090_x2_power_unsupported``."""
+    nvml = FakeNvml(load_fixture("nvml_rtx4090_x2.json"))
+    nvml.unsupported(1, "nvmlDeviceGetPowerUsage")
+    return nvml
