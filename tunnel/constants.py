@@ -29,3 +29,9 @@ HDR_KNOWN = HDR_COMPRESSED | HDR_MORE
 # Rekey policy (applied by the asyncio layer, which has a clock)
 REKEY_AFTER_MESSAGES = 1 << 20
 REKEY_AFTER_S = 600.0
+
+# Flow control (mux): credit in DATA body bytes. Each side starts with these windows for
+# the other; a receiver configured with larger ones grants the difference up front.
+INITIAL_STREAM_WINDOW = 256 * 1024
+INITIAL_CONNECTION_WINDOW = 4 * 1024 * 1024
+MAX_WINDOW = 2**31 - 1  # credit may never grow past this (as HTTP/2)

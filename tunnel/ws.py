@@ -91,6 +91,7 @@ class Link:
         hello: Hello | None = None,
         accept: dict[str, Any] | None = None,
         ping_interval: float | None = None,
+        ping_timeout: float | None = None,
     ) -> None:
         self._ws = ws
         self._session = session
@@ -98,6 +99,8 @@ class Link:
         self.accept = accept
         self.rtt_ms: float | None = None
         self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._pongs: dict[int, asyncio.Future[None]] = {}
         self._send_lock = asyncio.Lock()
         self._recv_lock = asyncio.Lock()
         self._pending: deque[Frame] = deque()
@@ -115,6 +118,11 @@ class Link:
     @property
     def closed(self) -> bool:
         return self._closed_reason is not None
+
+    @property
+    def closed_reason(self) -> str | None:
+        """Why the link closed (None while it is open)."""
+        return self._closed_reason
 
     def _start(self) -> None:
         if self._ping_interval and self._pinger is None:
@@ -147,18 +155,39 @@ class Link:
             raise ClosedError(f"link is closed: {self._closed_reason}") from None
 
     async def _ping_loop(self, interval: float) -> None:
+        """Ping every `interval`; with a `ping_timeout`, a PONG that does not come back in
+        time (a dead or silently stalled path: no FIN, no RST) closes the link."""
         with contextlib.suppress(TunnelError):
             while True:
                 await asyncio.sleep(interval)
-                await self.ping()
+                if self._ping_timeout is None:
+                    await self.ping()
+                    continue
+                try:
+                    async with asyncio.timeout(self._ping_timeout):
+                        await self.ping(wait=True)  # the send itself may hang on a stall
+                except TimeoutError:
+                    self.abort(f"no PONG within {self._ping_timeout:g} s: the peer is unreachable")
+                    return
 
-    async def ping(self) -> None:
-        """Send an authenticated app-level PING; `rtt_ms` is set when its PONG comes back."""
+    async def ping(self, *, wait: bool = False) -> None:
+        """Send an authenticated app-level PING; `rtt_ms` is set when its PONG comes back.
+        With `wait`, return only once the PONG arrived."""
         stamp = _now_ms()
+        while stamp in self._pings:
+            stamp += 1
         self._pings[stamp] = time.monotonic()
         if len(self._pings) > 16:
             self._pings.pop(next(iter(self._pings)))
-        await self.send(Frame(FrameType.PING, 0, 0, 0, {"t": stamp}))
+        pong: asyncio.Future[None] | None = None
+        if wait:
+            pong = self._pongs[stamp] = asyncio.get_running_loop().create_future()
+        try:
+            await self.send(Frame(FrameType.PING, 0, 0, 0, {"t": stamp}))
+            if pong is not None:
+                await pong
+        finally:
+            self._pongs.pop(stamp, None)
 
     # -- receiving ------------------------------------------------------------
 
@@ -217,6 +246,9 @@ class Link:
             sent = self._pings.pop(frame.body["t"], None)
             if sent is not None:
                 self.rtt_ms = (time.monotonic() - sent) * 1000.0
+            pong = self._pongs.pop(frame.body["t"], None)
+            if pong is not None and not pong.done():
+                pong.set_result(None)
             return True
         return frame.type == FrameType.KEY_UPDATE
 
@@ -235,6 +267,24 @@ class Link:
             self._closed_reason = reason or "closed"
         if self._pinger is not None and self._pinger is not asyncio.current_task():
             self._pinger.cancel()
+        for pong in self._pongs.values():
+            if not pong.done():
+                pong.set_exception(ClosedError(f"link is closed: {self._closed_reason}"))
+        self._pongs.clear()
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once, without a closing handshake (the path is dead or
+        stalled, so none could complete): a reader's `recv` raises ClosedError(reason)."""
+        self._mark_closed(reason)
+        transport = getattr(self._ws, "transport", None)
+        if transport is not None:
+            transport.abort()
+
+    async def fail(self, reason: str) -> NoReturn:
+        """The peer broke the protocol above the session (e.g. flow control): close with
+        1002 and raise FrameError(reason)."""
+        self._session.dead = self._session.dead or reason
+        await self._fail(CLOSE_PROTOCOL_ERROR, reason)
 
     async def close(self, reason: str = "") -> None:
         self._mark_closed(reason or "closed by this side")
@@ -259,8 +309,14 @@ async def connect(
     open_timeout: float = 10.0,
     now_ms: Callable[[], int] | None = None,
     ping_interval: float | None = 15.0,
+    ping_timeout: float | None = 20.0,
+    ws_keepalive: bool = True,
 ) -> Link:
     """Open one tunnel (fresh ephemeral keys every call; the caller loops with `backoff`).
+
+    Every `ping_interval` s the link sends an authenticated PING; no PONG within
+    `ping_timeout` s closes it (ClosedError, "no PONG"). With `ws_keepalive`, websockets'
+    own ping/pong runs too, on the same interval and timeout.
 
     Raises RefusedError on 401/403 (final), TunnelError for anything else.
     """
@@ -268,13 +324,16 @@ async def connect(
         identity, coordinator_key, now_ms=(now_ms or _now_ms)(), enroll=enroll, info=info
     )
     header = {HANDSHAKE_HEADER: _b64(handshake.first_message())}
-    ws = await _open(url, header, open_timeout, ping_interval)
+    keepalive = (ping_interval, ping_timeout) if ws_keepalive else (None, None)
+    ws = await _open(url, header, open_timeout, *keepalive)
     try:
         reply = ws.response.headers.get(HANDSHAKE_HEADER) if ws.response else None
         if reply is None:
             raise HandshakeError("the server answered without a handshake: not a meshgate tunnel")
         session, accept = handshake.finish(_unb64(reply))
-        link = Link(ws, session, accept=accept, ping_interval=ping_interval)
+        link = Link(
+            ws, session, accept=accept, ping_interval=ping_interval, ping_timeout=ping_timeout
+        )
         await link.ping()  # the first encrypted frame: proves our keys to the coordinator
     except BaseException:
         await ws.close(CLOSE_POLICY, "handshake failed")
@@ -284,7 +343,11 @@ async def connect(
 
 
 async def _open(
-    url: str, header: dict[str, str], open_timeout: float, ping_interval: float | None
+    url: str,
+    header: dict[str, str],
+    open_timeout: float,
+    ping_interval: float | None,
+    ping_timeout: float | None,
 ) -> ClientConnection:
     try:
         return await ws_connect(
@@ -294,6 +357,7 @@ async def _open(
             max_size=WS_MAX_SIZE,
             open_timeout=open_timeout,
             ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
         )
     except InvalidStatus as exc:
         status = exc.response.status_code
@@ -381,6 +445,8 @@ async def serve(
     on_link: OnLink,
     *,
     ping_interval: float | None = 15.0,
+    ping_timeout: float | None = 20.0,
+    ws_keepalive: bool = True,
     first_frame_timeout: float = 10.0,
     handshake_rate: float = 20.0,
     handshake_burst: float = 40.0,
@@ -388,7 +454,8 @@ async def serve(
     now_ms: Callable[[], int] | None = None,
 ) -> Server:
     """Listen for nodes. `on_link` runs for each connection's lifetime, only after the
-    node's first encrypted frame arrived; the Link is closed when it returns."""
+    node's first encrypted frame arrived; the Link is closed when it returns.
+    `ping_interval`, `ping_timeout`, `ws_keepalive`: as for `connect`."""
     gate = _Gate(
         static_key,
         authorize,
@@ -403,7 +470,9 @@ async def serve(
             await conn.close(CLOSE_POLICY, "no handshake")
             return
         session, hello, _ = entry
-        link = Link(conn, session, hello=hello, ping_interval=ping_interval)
+        link = Link(
+            conn, session, hello=hello, ping_interval=ping_interval, ping_timeout=ping_timeout
+        )
         try:
             async with asyncio.timeout(first_frame_timeout):
                 await link._first_frame()
@@ -425,7 +494,8 @@ async def serve(
         process_response=gate.process_response,
         compression=None,
         max_size=WS_MAX_SIZE,
-        ping_interval=ping_interval,
+        ping_interval=ping_interval if ws_keepalive else None,
+        ping_timeout=ping_timeout if ws_keepalive else None,
         server_header=None,
     )
 
