@@ -41,7 +41,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import psutil
 
@@ -147,8 +147,10 @@ class _Rates:
         return round(sum(n for n, _ in samples) / seconds, 1) if seconds else None
 
     def figures(self) -> dict[str, float | None]:
-        return {"prompt_tokens_per_s": self._rate(self._prompt),
-                "generation_tokens_per_s": self._rate(self._gen)}
+        return {
+            "prompt_tokens_per_s": self._rate(self._prompt),
+            "generation_tokens_per_s": self._rate(self._gen),
+        }
 
 
 class _Metered:
@@ -187,9 +189,14 @@ class _Metered:
 class _Backend:
     """One runtime serving a slot: a supervised runner, or a server already on the box."""
 
-    def __init__(self, runtime: Runtime, runner: RunnerLike | None = None,
-                 spec: LlamaSpec | None = None, placement: Placement | None = None,
-                 instance: str = "") -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        runner: RunnerLike | None = None,
+        spec: LlamaSpec | None = None,
+        placement: Placement | None = None,
+        instance: str = "",
+    ) -> None:
         self.runtime, self.runner, self.spec, self.placement = runtime, runner, spec, placement
         self.instance = instance
         self.in_flight = 0
@@ -223,8 +230,9 @@ class _Backend:
 class _Slot:
     """A public name: its backend, what to load on demand, its queue and its counters."""
 
-    def __init__(self, name: str, kind: str, spec: LlamaSpec | None = None,
-                 keep_alive: float | None = None) -> None:
+    def __init__(
+        self, name: str, kind: str, spec: LlamaSpec | None = None, keep_alive: float | None = None
+    ) -> None:
         self.name, self.kind, self.spec, self.keep_alive = name, kind, spec, keep_alive
         self.backend: _Backend | None = None
         self.prepared: _Backend | None = None  # declared, started by ModelManager.start
@@ -241,16 +249,17 @@ class _Slot:
 
     @property
     def in_flight(self) -> int:
-        return sum(b.in_flight for b in [*([self.backend] if self.backend else []),
-                                         *self.retiring])
+        return sum(b.in_flight for b in [*([self.backend] if self.backend else []), *self.retiring])
 
     def gate(self) -> asyncio.Future[None]:
         if self.ready is None or self.ready.done():
             self.ready = asyncio.get_running_loop().create_future()
         return self.ready
 
-    def open(self, backend: _Backend) -> None:
+    def open(self, backend: _Backend, now: float) -> None:
+        """Lend `backend` from now on; a model never used counts as used when loaded."""
         self.backend, self.state = backend, "loaded"
+        self.last_used = now if self.last_used is None else self.last_used
         self.spec = backend.spec or self.spec
         ready, self.ready = self.ready, None
         if ready is not None and not ready.done():
@@ -270,11 +279,19 @@ class _Slot:
 
 
 def _default_factory(run_dir: Path) -> RunnerFactory:
-    def make(name: str, instance: str, spec: LlamaSpec, path: Path, n_gpu_layers: int
-             ) -> RunnerLike:
-        return LlamaRunner(name, path, run_dir=run_dir, instance=instance, n_ctx=spec.n_ctx,
-                           n_gpu_layers=n_gpu_layers, n_threads=spec.n_threads,
-                           ready_timeout=spec.ready_timeout)
+    def make(
+        name: str, instance: str, spec: LlamaSpec, path: Path, n_gpu_layers: int
+    ) -> RunnerLike:
+        return LlamaRunner(
+            name,
+            path,
+            run_dir=run_dir,
+            instance=instance,
+            n_ctx=spec.n_ctx,
+            n_gpu_layers=n_gpu_layers,
+            n_threads=spec.n_threads,
+            ready_timeout=spec.ready_timeout,
+        )
 
     return make
 
@@ -359,15 +376,16 @@ class ModelManager:
     async def start(self) -> None:
         """Start every declared runner at once; if one fails, stop the others and raise."""
         slots = [s for s in self._slots.values() if s.prepared is not None]
-        results = await asyncio.gather(*(self._start(s.prepared) for s in slots if s.prepared),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(self._start(s.prepared) for s in slots if s.prepared), return_exceptions=True
+        )
         errors = [e for e in results if isinstance(e, BaseException)]
         if errors:
             await self.stop()
             raise errors[0]
         for slot in slots:
             assert slot.prepared is not None
-            slot.open(slot.prepared)
+            slot.open(slot.prepared, self.clock())
             slot.prepared = None
         self._spawn(self._reap_forever())
 
@@ -420,16 +438,24 @@ class ModelManager:
             if slot.state == "unloaded":
                 self._load_on_demand(slot)
             if slot.queued >= self.max_queue:
-                raise OpenAIError(503, f"{slot.name} is {slot.state} and its queue is full "
-                                  f"({self.max_queue} waiting); retry later",
-                                  code="queue_full", hop="node")
+                raise OpenAIError(
+                    503,
+                    f"{slot.name} is {slot.state} and its queue is full "
+                    f"({self.max_queue} waiting); retry later",
+                    code="queue_full",
+                    hop="node",
+                )
             slot.queued += 1
             try:
-                await asyncio.wait_for(asyncio.shield(slot.gate()),
-                                       max(0.0, deadline - time.monotonic()))
+                await asyncio.wait_for(
+                    asyncio.shield(slot.gate()), max(0.0, deadline - time.monotonic())
+                )
             except TimeoutError:
-                raise OpenAIError(504, f"waited {self.queue_timeout:g} s for {slot.name} "
-                                  f"({slot.state}); giving up", hop="node") from None
+                raise OpenAIError(
+                    504,
+                    f"waited {self.queue_timeout:g} s for {slot.name} ({slot.state}); giving up",
+                    hop="node",
+                ) from None
             finally:
                 slot.queued -= 1
 
@@ -445,7 +471,7 @@ class ModelManager:
             if slot.state != "loading" or slot.spec is None:
                 return
             try:
-                slot.open(await self._bring_up(slot, slot.spec))
+                slot.open(await self._bring_up(slot, slot.spec), self.clock())
             except OpenAIError as exc:
                 log.warning("loading %s on demand failed: %s", slot.name, exc.message)
                 slot.fail(exc)
@@ -453,14 +479,22 @@ class ModelManager:
     # --- memory ------------------------------------------------------------------------
 
     def _free(self) -> Budget:
-        return self.budget.minus(sum(b.ram_bytes for b in self._live),
-                                 sum(b.vram_bytes for b in self._live))
+        return self.budget.minus(
+            sum(b.ram_bytes for b in self._live), sum(b.vram_bytes for b in self._live)
+        )
 
     def _residents(self) -> list[Resident]:
-        return [Resident(s.name, s.backend.ram_bytes, s.backend.vram_bytes,
-                         s.in_flight + s.queued, s.last_used or 0.0)
-                for s in self._slots.values()
-                if s.state == "loaded" and s.backend is not None and s.backend.runner is not None]
+        return [
+            Resident(
+                s.name,
+                s.backend.ram_bytes,
+                s.backend.vram_bytes,
+                s.in_flight + s.queued,
+                s.last_used or 0.0,
+            )
+            for s in self._slots.values()
+            if s.state == "loaded" and s.backend is not None and s.backend.runner is not None
+        ]
 
     def _files(self, spec: LlamaSpec) -> list[ModelFile]:
         if spec.path is not None:
@@ -468,13 +502,17 @@ class ModelManager:
                 raise OpenAIError(400, f"no such model file: {spec.path}", hop="node")
             model = read_model_file(spec.path)
             if not model.usable:
-                raise OpenAIError(400, f"{spec.path} is not a usable GGUF file: {model.reason}",
-                                  hop="node")
+                raise OpenAIError(
+                    400, f"{spec.path} is not a usable GGUF file: {model.reason}", hop="node"
+                )
             return [model]
         found = candidates(spec.source, self.inventory() if self.inventory else [])
         if not found:
-            raise OpenAIError(400, f"no model or family named {spec.source!r} in the inventory; "
-                              "give NAME=PATH.gguf", hop="node")
+            raise OpenAIError(
+                400,
+                f"no model or family named {spec.source!r} in the inventory; give NAME=PATH.gguf",
+                hop="node",
+            )
         return found
 
     def _place(self, name: str, spec: LlamaSpec, free: Budget) -> Placement:
@@ -483,8 +521,14 @@ class ModelManager:
             raise _no_room(name, placement.reason)
         return placement
 
-    async def _make_room(self, name: str, spec: LlamaSpec, *, extra: Budget = Budget(0, 0),
-                         protect: Iterable[str] = ()) -> Placement:
+    async def _make_room(
+        self,
+        name: str,
+        spec: LlamaSpec,
+        *,
+        extra: Budget = Budget(0, 0),
+        protect: Iterable[str] = (),
+    ) -> Placement:
         """Place `spec`, evicting idle models least recently used first if it must."""
         free = self._free().minus(-extra.ram_bytes, -extra.vram_bytes)
         files = self._files(spec)
@@ -495,9 +539,10 @@ class ModelManager:
         most = reclaimable(free, residents, protect)
         placement = place(files, spec.n_ctx, most, n_gpu_layers=spec.n_gpu_layers)
         if not placement.fits:
-            raise _no_room(name, placement.reason)
-        plan = plan_eviction(placement.ram_bytes, placement.vram_bytes, free, residents,
-                             protect=protect)
+            self._refuse(name, spec, files, free, residents=residents, reason=placement.reason)
+        plan = plan_eviction(
+            placement.ram_bytes, placement.vram_bytes, free, residents, protect=protect
+        )
         if not plan.fits:
             raise _no_room(name, plan.reason)
         log.info("to load %s: %s", name, plan.reason)
@@ -505,14 +550,35 @@ class ModelManager:
             await self._unload(self._slots[victim], why=f"evicted to make room for {name}")
         return placement
 
+    @staticmethod
+    def _refuse(
+        name: str,
+        spec: LlamaSpec,
+        files: list[ModelFile],
+        free: Budget,
+        *,
+        residents: list[Resident],
+        reason: str,
+    ) -> NoReturn:
+        """Say why: if busy models are what stands in the way, name them."""
+        everything = free.minus(
+            -sum(r.ram_bytes for r in residents), -sum(r.vram_bytes for r in residents)
+        )
+        if any(r.busy for r in residents):
+            p = place(files, spec.n_ctx, everything, n_gpu_layers=spec.n_gpu_layers)
+            if p.fits:
+                reason = plan_eviction(p.ram_bytes, p.vram_bytes, free, residents).reason
+        raise _no_room(name, reason)
+
     # --- acting ------------------------------------------------------------------------
 
     def _prepare(self, slot: _Slot, spec: LlamaSpec, placement: Placement) -> _Backend:
         assert placement.model is not None
         self._generation += 1
         instance = f"{slot.name}.{self._generation}"
-        runner = self.factory(slot.name, instance, spec, Path(placement.model.path),
-                              placement.n_gpu_layers)
+        runner = self.factory(
+            slot.name, instance, spec, Path(placement.model.path), placement.n_gpu_layers
+        )
         return _Backend(runner.runtime, runner, spec, placement, instance)
 
     async def _start(self, backend: _Backend) -> None:
@@ -527,13 +593,23 @@ class ModelManager:
             self._live.discard(backend)
             raise
 
-    async def _bring_up(self, slot: _Slot, spec: LlamaSpec, *, extra: Budget = Budget(0, 0),
-                        protect: Iterable[str] = ()) -> _Backend:
+    async def _bring_up(
+        self,
+        slot: _Slot,
+        spec: LlamaSpec,
+        *,
+        extra: Budget = Budget(0, 0),
+        protect: Iterable[str] = (),
+    ) -> _Backend:
         placement = await self._make_room(slot.name, spec, extra=extra, protect=protect)
         backend = self._prepare(slot, spec, placement)
         await self._start(backend)
-        log.info("loaded %s from %s: %s", slot.name, placement.model and placement.model.path,
-                 placement.reason)
+        log.info(
+            "loaded %s from %s: %s",
+            slot.name,
+            placement.model and placement.model.path,
+            placement.reason,
+        )
         return backend
 
     async def _retire(self, slot: _Slot, backend: _Backend) -> None:
@@ -542,8 +618,12 @@ class ModelManager:
         try:
             await asyncio.wait_for(backend.idle.wait(), self.drain_timeout)
         except TimeoutError:
-            log.warning("%s: %d requests still running after %g s; stopping the runner anyway",
-                        backend.instance, backend.in_flight, self.drain_timeout)
+            log.warning(
+                "%s: %d requests still running after %g s; stopping the runner anyway",
+                backend.instance,
+                backend.in_flight,
+                self.drain_timeout,
+            )
         finally:
             slot.retire(backend)
             await backend.stop()
@@ -581,26 +661,37 @@ class ModelManager:
             spec = replace(spec, n_gpu_layers=None)
         return replace(spec, **given)
 
-    async def load(self, name: str, source: str | None = None, *, n_ctx: int | None = None,
-                   n_gpu_layers: int | None = None, keep_alive: float | None = None
-                   ) -> dict[str, Any]:
+    async def load(
+        self,
+        name: str,
+        source: str | None = None,
+        *,
+        n_ctx: int | None = None,
+        n_gpu_layers: int | None = None,
+        keep_alive: float | None = None,
+    ) -> dict[str, Any]:
         """Load `name` (from `source`, or what it was declared with), evicting idle models."""
         async with self.lock:
             slot = self._slots.get(name)
             if slot is not None and slot.state == "loaded":
                 if source is not None and slot.spec and source != slot.spec.source:
-                    raise OpenAIError(409, f"{name} is loaded from {slot.spec.source}; "
-                                      "use swap to change it", hop="node")
+                    raise OpenAIError(
+                        409,
+                        f"{name} is loaded from {slot.spec.source}; use swap to change it",
+                        hop="node",
+                    )
                 return {"model": name, "loaded": False, "state": slot.state}
             if slot is None and source is None:
                 raise unknown_model(name, hop="node")
             target = slot or _Slot(name, "llama.cpp", None, keep_alive)
             base = target.spec
-            spec = self._spec(source, base, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers) if source \
-                else base
+            spec = (
+                self._spec(source, base, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers) if source else base
+            )
             if spec is None:
-                raise OpenAIError(400, f"{name} has nothing to load from; give a source",
-                                  hop="node")
+                raise OpenAIError(
+                    400, f"{name} has nothing to load from; give a source", hop="node"
+                )
             if keep_alive is not None:
                 target.keep_alive = keep_alive
             target.state = "loading"
@@ -611,7 +702,7 @@ class ModelManager:
                 target.fail(exc)
                 raise
             self._slots.setdefault(name, target)
-            target.open(backend)
+            target.open(backend, self.clock())
             return {"model": name, "loaded": True, **self._describe(backend)}
 
     async def unload(self, name: str) -> dict[str, Any]:
@@ -626,8 +717,9 @@ class ModelManager:
             await self._unload(slot, why="asked")
             return {"model": name, "state": slot.state}
 
-    async def swap(self, old: str, new: str, *, n_ctx: int | None = None,
-                   n_gpu_layers: int | None = None) -> dict[str, Any]:
+    async def swap(
+        self, old: str, new: str, *, n_ctx: int | None = None, n_gpu_layers: int | None = None
+    ) -> dict[str, Any]:
         """Serve `old`'s public name from `new` without dropping a request (see the module doc)."""
         began = time.monotonic()
         async with self.lock:
@@ -635,8 +727,12 @@ class ModelManager:
             if slot is None:
                 raise unknown_model(old, hop="node")
             if slot.kind != "llama.cpp":
-                raise OpenAIError(400, f"{old} is served by {slot.kind}, not a local runner; "
-                                  "only llama.cpp models are swapped", hop="node")
+                raise OpenAIError(
+                    400,
+                    f"{old} is served by {slot.kind}, not a local runner; "
+                    "only llama.cpp models are swapped",
+                    hop="node",
+                )
             spec = self._spec(new, slot.spec, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
             current = slot.backend if slot.state == "loaded" else None
             if current is None:
@@ -644,21 +740,24 @@ class ModelManager:
                 slot.state = "loading"
                 slot.gate()
                 try:
-                    slot.open(await self._bring_up(slot, spec, protect={old}))
+                    slot.open(await self._bring_up(slot, spec, protect={old}), self.clock())
                 except OpenAIError as exc:
                     slot.fail(exc)
                     raise
             elif self._fits_beside(old, spec):
                 mode, fresh = "overlap", await self._bring_up(slot, spec, protect={old})
-                slot.open(fresh)
+                slot.open(fresh, self.clock())
             else:
                 mode = "drain-first"
                 await self._swap_in_place(slot, current, spec)
             slot.swaps += 1
             assert slot.backend is not None
-            result: dict[str, Any] = {"model": old, "mode": mode,
-                                      "to": self._describe(slot.backend),
-                      "from": self._describe(current) if current else None}
+            result: dict[str, Any] = {
+                "model": old,
+                "mode": mode,
+                "to": self._describe(slot.backend),
+                "from": self._describe(current) if current else None,
+            }
         if mode == "overlap" and current is not None:
             await self._retire(slot, current)  # new requests already go to the new runner
         result["seconds"] = round(time.monotonic() - began, 3)
@@ -679,15 +778,18 @@ class ModelManager:
         try:
             fresh = await self._bring_up(slot, spec, protect={slot.name})
         except OpenAIError as exc:
-            log.warning("swap of %s failed (%s); starting the old model again", slot.name,
-                        exc.message)
+            log.warning(
+                "swap of %s failed (%s); starting the old model again", slot.name, exc.message
+            )
             assert current.spec is not None
             try:
-                slot.open(await self._bring_up(slot, current.spec, protect={slot.name}))
+                slot.open(
+                    await self._bring_up(slot, current.spec, protect={slot.name}), self.clock()
+                )
             except OpenAIError as again:
                 slot.fail(again)
             raise
-        slot.open(fresh)
+        slot.open(fresh, self.clock())
 
     def _place_or_refuse(self, name: str, spec: LlamaSpec, extra: Budget) -> None:
         free = self._free().minus(-extra.ram_bytes, -extra.vram_bytes)
@@ -700,9 +802,14 @@ class ModelManager:
         async with self.lock:
             for slot in list(self._slots.values()):
                 idle = slot.state == "loaded" and not slot.in_flight and not slot.queued
-                if idle and slot.keep_alive is not None and slot.backend is not None \
-                        and slot.backend.runner is not None \
-                        and now - (slot.last_used or now) >= slot.keep_alive:
+                if (
+                    idle
+                    and slot.keep_alive is not None
+                    and slot.backend is not None
+                    and slot.backend.runner is not None
+                    and now - (slot.last_used if slot.last_used is not None else now)
+                    >= slot.keep_alive
+                ):
                     await self._unload(slot, why=f"idle for {slot.keep_alive:g} s (keep-alive)")
                     gone.append(slot.name)
         return gone
@@ -721,16 +828,21 @@ class ModelManager:
         n_ctx = _field(body, "n_ctx", int, required=False)
         layers = _field(body, "n_gpu_layers", int, required=False)
         if op == "swap":
-            return await self.swap(model, _field(body, "to", str), n_ctx=n_ctx,
-                                   n_gpu_layers=layers)
+            return await self.swap(model, _field(body, "to", str), n_ctx=n_ctx, n_gpu_layers=layers)
         if op == "load":
             keep = _field(body, "keep_alive", float, required=False)
-            return await self.load(model, _field(body, "from", str, required=False),
-                                   n_ctx=n_ctx, n_gpu_layers=layers, keep_alive=keep)
+            return await self.load(
+                model,
+                _field(body, "from", str, required=False),
+                n_ctx=n_ctx,
+                n_gpu_layers=layers,
+                keep_alive=keep,
+            )
         if op == "unload":
             return await self.unload(model)
-        raise OpenAIError(400, f"unknown op {op!r}; expected load, unload or swap", param="op",
-                          hop="node")
+        raise OpenAIError(
+            400, f"unknown op {op!r}; expected load, unload or swap", param="op", hop="node"
+        )
 
     # --- reporting ---------------------------------------------------------------------
 
@@ -754,7 +866,7 @@ class ModelManager:
         return {name: self._stats(slot) for name, slot in sorted(self._slots.items())}
 
     def _stats(self, slot: _Slot) -> dict[str, Any]:
-        b = slot.backend
+        b = slot.backend or slot.prepared
         runner = b.runner if b else None
         idle = None if slot.last_used is None else max(0.0, self.clock() - slot.last_used)
         return {

@@ -34,9 +34,7 @@ from node_agent.memory import (
     estimate_memory,
 )
 
-_QUANT_SUFFIX = re.compile(
-    r"[.\-_](?:(?:I?Q\d(?:_[0-9A-Z]+)*)|F16|F32|BF16)$", re.IGNORECASE
-)
+_QUANT_SUFFIX = re.compile(r"[.\-_](?:(?:I?Q\d(?:_[0-9A-Z]+)*)|F16|F32|BF16)$", re.IGNORECASE)
 
 
 def gib(n: int) -> str:
@@ -66,7 +64,7 @@ def budget_from(available_ram: int, free_vram_per_gpu: Iterable[int | None]) -> 
     return Budget(max(0, available_ram - RAM_HEADROOM_BYTES), vram)
 
 
-def measure_budget(nvml: object | None = None) -> Budget:
+def measure_budget(nvml: object | None = None, *, available_ram: int | None = None) -> Budget:
     """This box's budget now, from psutil and NVML (no NVML or no GPU: no VRAM)."""
     import psutil
 
@@ -77,7 +75,8 @@ def measure_budget(nvml: object | None = None) -> Budget:
         gpus = source.sample()
     finally:
         source.close()
-    return budget_from(psutil.virtual_memory().available, [g.vram_free_bytes for g in gpus])
+    ram = psutil.virtual_memory().available if available_ram is None else available_ram
+    return budget_from(ram, [g.vram_free_bytes for g in gpus])
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +120,12 @@ def place(
     if n_gpu_layers is not None:
         return _place_fixed(files[0], n_ctx, free, n_gpu_layers)
     choice = choose_quantization(
-        files, max(0, free.vram_bytes), max(0, free.ram_bytes), n_ctx=n_ctx,
-        vram_headroom_bytes=0, ram_headroom_bytes=0,
+        files,
+        max(0, free.vram_bytes),
+        max(0, free.ram_bytes),
+        n_ctx=n_ctx,
+        vram_headroom_bytes=0,
+        ram_headroom_bytes=0,
     )
     if choice.model is None or choice.plan is None or choice.plan.estimate is None:
         return Placement(None, 0, 0, 0, choice.reason)
@@ -140,10 +143,20 @@ def _place_fixed(model: ModelFile, n_ctx: int, free: Budget, n_gpu_layers: int) 
     need = f"{gib(e.host_bytes)} RAM and {gib(e.gpu_bytes)} VRAM"
     have = f"{gib(max(0, free.ram_bytes))} RAM and {gib(max(0, free.vram_bytes))} VRAM free"
     if not free.covers(e.host_bytes, e.gpu_bytes):
-        return Placement(None, 0, 0, 0, f"{model.name} with {layers} GPU layers at "
-                         f"n_ctx={n_ctx} needs {need}; {have}")
-    return Placement(model, layers, e.host_bytes, e.gpu_bytes,
-                     f"{layers} of {e.n_layers} layers on the GPU as asked ({need}; {have})")
+        return Placement(
+            None,
+            0,
+            0,
+            0,
+            f"{model.name} with {layers} GPU layers at n_ctx={n_ctx} needs {need}; {have}",
+        )
+    return Placement(
+        model,
+        layers,
+        e.host_bytes,
+        e.gpu_bytes,
+        f"{layers} of {e.n_layers} layers on the GPU as asked ({need}; {have})",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,20 +196,27 @@ def plan_eviction(
     if free.covers(need_ram, need_vram):
         return EvictionPlan(True, (), "fits without evicting anything")
     kept = set(protect)
-    idle = sorted((r for r in residents if not r.busy and r.name not in kept),
-                  key=lambda r: (r.last_used, r.name))
+    idle = sorted(
+        (r for r in residents if not r.busy and r.name not in kept),
+        key=lambda r: (r.last_used, r.name),
+    )
     chosen: list[str] = []
     for r in idle:
         free = free.minus(-r.ram_bytes, -r.vram_bytes)
         chosen.append(r.name)
         if free.covers(need_ram, need_vram):
-            return EvictionPlan(True, tuple(chosen), f"evicting idle {', '.join(chosen)} "
-                                "(least recently used first)")
+            return EvictionPlan(
+                True,
+                tuple(chosen),
+                f"evicting idle {', '.join(chosen)} (least recently used first)",
+            )
     busy = [f"{r.name} ({r.busy} in flight or queued)" for r in residents if r.busy]
     held = [r.name for r in residents if not r.busy and r.name in kept]
-    why = (f"needs {gib(need_ram)} RAM and {gib(need_vram)} VRAM; even after evicting every "
-           f"idle model {gib(max(0, free.ram_bytes))} RAM and {gib(max(0, free.vram_bytes))} "
-           "VRAM would be free")
+    why = (
+        f"needs {gib(need_ram)} RAM and {gib(need_vram)} VRAM; even after evicting every "
+        f"idle model {gib(max(0, free.ram_bytes))} RAM and {gib(max(0, free.vram_bytes))} "
+        "VRAM would be free"
+    )
     if busy:
         why += f"; busy, never evicted: {', '.join(busy)}"
     if held:
