@@ -68,7 +68,7 @@ FINISH = {"stop": "stop", "length": "length"}
 
 
 class _Manager(Protocol):
-    def get(self, name: str) -> Any: ...
+    def names(self) -> list[str]: ...
 
     def add_runtime(self, runtime: Any) -> None: ...
 
@@ -178,8 +178,9 @@ class OllamaHost:
         requests for it get Ollama's own 404.
         """
         added = []
+        served = set(manager.names())
         for model in await self.discover():
-            if manager.get(model.name) is None:
+            if model.name not in served:
                 manager.add_runtime(self.runtime(model.name))
                 added.append(model.name)
         return added

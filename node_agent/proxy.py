@@ -32,6 +32,7 @@ from meshgate.openai import (
 )
 from node_agent.metrics import CONTENT_TYPE_LATEST, NodeMetrics, RequestTrack
 from node_agent.models import ModelManager
+from node_agent.ollama_api import add_ollama_routes
 
 log = logging.getLogger(__name__)
 
@@ -219,4 +220,5 @@ def build_app(
 
     for endpoint in ENDPOINTS:
         app.add_api_route(f"/v1/{endpoint}", route(endpoint), methods=["POST"])
+    add_ollama_routes(app, manager)  # /api/chat, /api/generate, /api/tags... for Ollama apps
     return app

@@ -1,0 +1,676 @@
+"""Ollama's API on the node's local proxy, for apps written against Ollama.
+
+:func:`add_ollama_routes` mounts ``/api/chat``, ``/api/generate`` (streaming
+NDJSON by default, one JSON object with ``"stream": false``), ``/api/embed``
+and the legacy ``/api/embeddings``, ``/api/tags``, ``/api/ps``,
+``/api/show``, ``/api/version`` and ``GET /`` ("Ollama is running") on the
+proxy's app. They serve every model of the :class:`ModelManager`, whatever
+its runtime (llama.cpp, an upstream, Ollama itself): an Ollama request is
+translated to an OpenAI one, goes through the runtime's ``complete`` or
+``stream``, and the answer (OpenAI JSON or SSE chunks) comes back in
+Ollama's shapes, the last streamed object with ``done``, ``done_reason``,
+``prompt_eval_count``, ``eval_count`` and durations in nanoseconds.
+
+- Names: a model is found by its served name, or with ``:latest`` added or
+  removed (``llama3.2`` finds ``llama3.2:latest`` and the other way round).
+- ``options``: ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``typical_p``,
+  ``repeat_penalty``, ``presence_penalty``, ``frequency_penalty``, ``seed``,
+  ``stop`` pass by name, ``num_predict`` becomes ``max_tokens``; load-time
+  options (``num_ctx``, ``num_gpu``...) are ignored. ``format`` ("json" or a
+  JSON schema) becomes ``response_format``.
+- ``/api/generate`` with ``raw`` is a plain completion; otherwise it is a
+  chat turn (``system`` then ``prompt``), as Ollama applies the template.
+  ``context`` and ``template`` are ignored.
+- Empty ``messages`` or ``prompt`` loads the model (``keep_alive`` 0:
+  unloads it), as Ollama does.
+- Errors have Ollama's shape, ``{"error": "..."}``, with the status the
+  OpenAI side had (404 for a model not served, 400 for a bad request, 503
+  for a runner that cannot be reached); one that happens mid-stream is a last
+  ``{"error": ...}`` line, which the ``ollama`` client raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from meshgate.openai import MAX_BODY_BYTES, OpenAIError
+from node_agent.inventory import read_model_file
+from node_agent.models import ModelManager
+from node_agent.ollama import OllamaModel, OllamaRuntime
+
+log = logging.getLogger(__name__)
+
+#: The Ollama API version these routes follow (what ``/api/version`` says).
+OLLAMA_VERSION = "0.12.6"
+NDJSON = "application/x-ndjson"
+FOREVER = datetime(2318, 1, 1, tzinfo=UTC)
+#: Ollama options that OpenAI-compatible runtimes read under the same name.
+SAME_OPTIONS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "typical_p",
+    "repeat_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+)
+DONE_REASON = {"stop": "stop", "length": "length", "tool_calls": "stop", "content_filter": "stop"}
+
+
+class OllamaAPIError(Exception):
+    """An error answered in Ollama's shape: ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _error_response(status: int, message: str) -> Response:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+# --- Ollama request -> OpenAI request (pure) ---------------------------------------------
+
+
+def openai_options(body: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI sampling fields for an Ollama request's ``options`` and ``format``."""
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise OllamaAPIError(400, "options must be an object")
+    out = {k: options[k] for k in SAME_OPTIONS if options.get(k) is not None}
+    limit = options.get("num_predict")
+    if limit is not None:
+        if not isinstance(limit, int) or isinstance(limit, bool):
+            raise OllamaAPIError(400, "option num_predict must be an integer")
+        if limit >= 0:  # -1: no limit, -2: fill the context
+            out["max_tokens"] = limit
+    stop = options.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise OllamaAPIError(400, "option stop must be a list of strings")
+        out["stop"] = stops
+    fmt = body.get("format")
+    if fmt == "json":
+        out["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        out["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "format", "schema": fmt},
+        }
+    elif fmt not in (None, ""):
+        raise OllamaAPIError(400, f'invalid format {fmt!r}: use "json" or a JSON schema')
+    return out
+
+
+def openai_messages(messages: Any) -> list[dict[str, Any]]:
+    """Ollama chat messages as OpenAI's (images as data: URLs, tool calls with JSON arguments)."""
+    if not isinstance(messages, list):
+        raise OllamaAPIError(400, "messages must be a list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise OllamaAPIError(400, f"message {i} must be an object with a role")
+        content = m.get("content") or ""
+        if not isinstance(content, str):
+            raise OllamaAPIError(400, f"message {i}: content must be a string")
+        msg: dict[str, Any] = {"role": m["role"], "content": content}
+        images = m.get("images") or []
+        if images:
+            msg["content"] = [{"type": "text", "text": content}] + [
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{img}"}}
+                for img in images
+            ]
+        calls = m.get("tool_calls")
+        if calls:
+            msg["tool_calls"] = [
+                {
+                    "id": f"call_{i}_{j}",
+                    "type": "function",
+                    "function": {
+                        "name": c["function"]["name"],
+                        "arguments": json.dumps(c["function"].get("arguments") or {}),
+                    },
+                }
+                for j, c in enumerate(calls)
+            ]
+        if m["role"] == "tool" and m.get("tool_name"):
+            msg["name"] = m["tool_name"]
+        out.append(msg)
+    return out
+
+
+def chat_request(body: dict[str, Any], model: str, stream: bool) -> dict[str, Any]:
+    req: dict[str, Any] = {
+        "model": model,
+        "messages": openai_messages(body.get("messages")),
+        **openai_options(body),
+    }
+    if body.get("tools"):
+        req["tools"] = body["tools"]
+    if stream:
+        req["stream"] = True
+        req["stream_options"] = {"include_usage": True}
+    return req
+
+
+def generate_request(body: dict[str, Any], model: str, stream: bool) -> tuple[str, dict[str, Any]]:
+    """The OpenAI endpoint and request for an Ollama ``/api/generate`` body."""
+    prompt, system = body.get("prompt") or "", body.get("system") or ""
+    if not isinstance(prompt, str) or not isinstance(system, str):
+        raise OllamaAPIError(400, "prompt and system must be strings")
+    req: dict[str, Any] = {"model": model, **openai_options(body)}
+    if body.get("raw"):
+        endpoint = "completions"
+        req["prompt"] = prompt
+        if body.get("suffix"):
+            req["suffix"] = body["suffix"]
+    else:
+        endpoint = "chat/completions"
+        user = {"role": "user", "content": prompt, "images": body.get("images") or []}
+        messages = ([{"role": "system", "content": system}] if system else []) + [user]
+        req["messages"] = openai_messages(messages)
+    if stream:
+        req["stream"] = True
+        req["stream_options"] = {"include_usage": True}
+    return endpoint, req
+
+
+# --- OpenAI answer -> Ollama answer -------------------------------------------------------
+
+
+def _tool_calls(calls: Any) -> list[dict[str, Any]]:
+    out = []
+    for c in calls or []:
+        fn = c.get("function") or {}
+        try:
+            args = json.loads(fn.get("arguments") or "{}")
+        except ValueError:
+            args = {"_raw": fn.get("arguments")}
+        out.append({"function": {"name": fn.get("name", ""), "arguments": args}})
+    return out
+
+
+class Translator:
+    """OpenAI chunks (or one OpenAI answer) as Ollama's NDJSON objects, with timings."""
+
+    def __init__(self, model: str, *, chat: bool) -> None:
+        self.model, self.chat = model, chat
+        self.started = time.monotonic_ns()
+        self.first_at: int | None = None
+        self.reason: str | None = None
+        self.usage: dict[str, Any] = {}
+        self.pieces = 0
+
+    def _object(self, text: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model, "created_at": now_iso()}
+        if self.chat:
+            out["message"] = {"role": "assistant", "content": text}
+            if calls:
+                out["message"]["tool_calls"] = calls
+        else:
+            out["response"] = text
+        return out
+
+    def chunk(self, payload: bytes) -> dict[str, Any] | None:
+        """The Ollama object for one OpenAI stream chunk, if it carries text."""
+        data = json.loads(payload)
+        if isinstance(data.get("usage"), dict):
+            self.usage = data["usage"]
+        text, calls = "", []
+        for choice in data.get("choices") or []:
+            delta = choice.get("delta") or {}
+            text += delta.get("content") or choice.get("text") or ""
+            calls += _tool_calls(delta.get("tool_calls"))
+            self.reason = choice.get("finish_reason") or self.reason
+        if not text and not calls:
+            return None
+        self.first_at = self.first_at or time.monotonic_ns()
+        self.pieces += 1
+        return {**self._object(text, calls), "done": False}
+
+    def final(self, text: str = "", calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The last object: ``done``, ``done_reason``, token counts and durations."""
+        end = time.monotonic_ns()
+        first = self.first_at or end
+        out = self._object(text, calls)
+        out.update(
+            {
+                "done": True,
+                "done_reason": DONE_REASON.get(self.reason or "stop", "stop"),
+                "total_duration": end - self.started,
+                "load_duration": 0,
+                "prompt_eval_count": int(self.usage.get("prompt_tokens") or 0),
+                "prompt_eval_duration": first - self.started,
+                "eval_count": int(self.usage.get("completion_tokens") or self.pieces),
+                "eval_duration": end - first,
+            }
+        )
+        return out
+
+    def whole(self, payload: bytes) -> dict[str, Any]:
+        """The Ollama answer for one non-streamed OpenAI answer."""
+        data = json.loads(payload)
+        self.usage = data.get("usage") or {}
+        choice = (data.get("choices") or [{}])[0]
+        self.reason = choice.get("finish_reason")
+        message = choice.get("message") or {}
+        text = message.get("content") or choice.get("text") or ""
+        self.first_at = self.started
+        return self.final(text, _tool_calls(message.get("tool_calls")))
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class NDJSONResponse(StreamingResponse):
+    """Ollama's streaming answer: one JSON object a line.
+
+    Like the proxy's SSE response it sends the lines itself and watches for
+    the client leaving, so that leaving closes the runtime's stream (which
+    stops generation) once, and the borrowed runtime (`stack`) is given back.
+    """
+
+    def __init__(self, lines: AsyncIterator[bytes], stack: AsyncExitStack) -> None:
+        super().__init__(iter(()), media_type=NDJSON)
+        self._lines = lines
+        self._stack = stack
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pump = asyncio.create_task(self._pump(send))
+        watch = asyncio.create_task(_until_disconnect(receive))
+        try:
+            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pump, watch):
+                task.cancel()
+            await asyncio.gather(pump, watch, return_exceptions=True)
+            aclose = getattr(self._lines, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            await self._stack.aclose()
+        if pump.done() and not pump.cancelled() and pump.exception() is not None:
+            log.warning("ollama stream to the client failed: %r", pump.exception())
+
+    async def _pump(self, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        async for line in self._lines:
+            await send({"type": "http.response.body", "body": line, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _ndjson(
+    first: dict[str, Any] | None, chunks: AsyncIterator[bytes], translate: Translator
+) -> AsyncIterator[bytes]:
+    try:
+        if first is not None:
+            yield _line(first)
+        try:
+            async for payload in chunks:
+                obj = translate.chunk(payload)
+                if obj is not None:
+                    yield _line(obj)
+        except OpenAIError as exc:
+            log.warning("ollama-api stream failed after it started: %s", exc.message)
+            yield _line({"error": exc.message})
+            return
+        yield _line(translate.final())
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+# --- the routes ---------------------------------------------------------------------------
+
+
+def resolve(manager: ModelManager, name: Any) -> str:
+    """The served name an Ollama request means (``:latest`` added or dropped)."""
+    if not isinstance(name, str) or not name:
+        raise OllamaAPIError(400, "model is required")
+    names = set(manager.names())
+    for candidate in (name, f"{name}:latest", name.removesuffix(":latest")):
+        if candidate in names:
+            return candidate
+    raise OllamaAPIError(404, f"model '{name}' not found")
+
+
+async def _read_json(request: Request) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise OllamaAPIError(
+            413, f"request body is {declared} bytes; the limit is {MAX_BODY_BYTES}"
+        )
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise OllamaAPIError(413, f"request body exceeds the limit of {MAX_BODY_BYTES} bytes")
+    try:
+        body = json.loads(raw) if raw else {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise OllamaAPIError(400, f"invalid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise OllamaAPIError(400, "request body must be a JSON object")
+    return body
+
+
+def _keep_alive_zero(value: Any) -> bool:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value == 0
+    return isinstance(value, str) and value.strip() in ("0", "0s", "0m", "0h")
+
+
+class OllamaAPI:
+    """The handlers, bound to one model manager."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+        self._files: dict[str, dict[str, Any]] = {}
+
+    async def _load_or_unload(self, name: str, body: dict[str, Any], *, chat: bool) -> Response:
+        unload = _keep_alive_zero(body.get("keep_alive"))
+        runtime = self.manager.get(name)
+        try:
+            if isinstance(runtime, OllamaRuntime):
+                await (runtime.unload() if unload else runtime.load(body.get("keep_alive")))
+            elif unload:
+                if self.manager.stats().get(name, {}).get("runner") is not None:
+                    await self.manager.unload(name)
+            else:
+                await self.manager.load(name)
+        except OpenAIError as exc:
+            raise OllamaAPIError(exc.status, exc.message) from None
+        reply: dict[str, Any] = {"model": body["model"], "created_at": now_iso()}
+        if chat:
+            reply["message"] = {"role": "assistant", "content": ""}
+            reply["done_reason"] = "unload" if unload else "load"
+        else:
+            reply["response"] = ""
+            if unload:
+                reply["done_reason"] = "unload"
+        reply["done"] = True
+        return JSONResponse(reply)
+
+    async def answer(self, request: Request, *, chat: bool) -> Response:
+        body = await _read_json(request)
+        name = resolve(self.manager, body.get("model"))
+        stream = body.get("stream", True)
+        if not isinstance(stream, bool):
+            raise OllamaAPIError(400, "stream must be a boolean")
+        if chat:
+            if not body.get("messages"):
+                return await self._load_or_unload(name, body, chat=True)
+            endpoint, req = "chat/completions", chat_request(body, name, stream)
+        else:
+            if not body.get("prompt"):
+                return await self._load_or_unload(name, body, chat=False)
+            endpoint, req = generate_request(body, name, stream)
+        raw = json.dumps(req, separators=(",", ":")).encode()
+        translate = Translator(body["model"], chat=chat)
+        stack = AsyncExitStack()
+        try:
+            runtime = await stack.enter_async_context(self.manager.use(name))
+            if not stream:
+                data, _ = await runtime.complete(endpoint, raw)
+                return JSONResponse(translate.whole(data))
+            chunks = runtime.stream(endpoint, raw)
+            first: dict[str, Any] | None = None
+            try:
+                while first is None:  # errors before the first text keep their status
+                    first = translate.chunk(await anext(chunks))
+            except StopAsyncIteration:
+                pass
+            except BaseException:
+                aclose = getattr(chunks, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                raise
+            return NDJSONResponse(_ndjson(first, chunks, translate), stack.pop_all())
+        except OpenAIError as exc:
+            raise OllamaAPIError(exc.status, exc.message) from None
+        finally:
+            await stack.aclose()
+
+    async def embed(self, request: Request, *, legacy: bool) -> Response:
+        body = await _read_json(request)
+        name = resolve(self.manager, body.get("model"))
+        data = body.get("prompt" if legacy else "input")
+        inputs = [data] if isinstance(data, str) else data
+        if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+            raise OllamaAPIError(400, "input must be a string or a list of strings")
+        started = time.monotonic_ns()
+        req: dict[str, Any] = {"model": name, "input": inputs, "encoding_format": "float"}
+        if body.get("dimensions"):
+            req["dimensions"] = body["dimensions"]
+        try:
+            async with self.manager.use(name) as runtime:
+                raw, usage = await runtime.complete(
+                    "embeddings", json.dumps(req, separators=(",", ":")).encode()
+                )
+        except OpenAIError as exc:
+            raise OllamaAPIError(exc.status, exc.message) from None
+        vectors = [
+            d["embedding"] for d in sorted(json.loads(raw)["data"], key=lambda d: d["index"])
+        ]
+        if legacy:
+            return JSONResponse({"embedding": vectors[0] if vectors else []})
+        return JSONResponse(
+            {
+                "model": body["model"],
+                "embeddings": vectors,
+                "total_duration": time.monotonic_ns() - started,
+                "load_duration": 0,
+                "prompt_eval_count": int((usage or {}).get("prompt_tokens") or 0),
+            }
+        )
+
+    # --- what is served -------------------------------------------------------------------
+
+    def _file_info(self, path: str | None) -> dict[str, Any]:
+        if not path:
+            return {}
+        if path not in self._files:
+            try:
+                f = read_model_file(Path(path))
+            except OSError:
+                return {}
+            params = f.parameter_count
+            self._files[path] = {
+                "size": f.size_bytes,
+                "family": f.architecture,
+                "quantization": f.quantization,
+                "parameter_size": _parameter_size(params) if params else "",
+                "context_length": f.context_length,
+                "block_count": f.block_count,
+                "parameter_count": params,
+                "modified_at": datetime.fromtimestamp(f.mtime_ns / 1e9, UTC)
+                .isoformat()
+                .replace("+00:00", "Z"),
+            }
+        return self._files[path]
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """One served model in the shape of an ``/api/tags`` entry (plus ``_stats``)."""
+        stats = self.manager.stats().get(name, {})
+        runtime = self.manager.get(name)
+        info: OllamaModel | None = None
+        if isinstance(runtime, OllamaRuntime):
+            info = next((m for m in runtime.host.models if m.name == runtime.model), None)
+        file = self._file_info(stats.get("file") or stats.get("source"))
+        family = (info.family if info else file.get("family")) or ""
+        return {
+            "name": name,
+            "model": name,
+            "modified_at": (info.modified_at if info else file.get("modified_at")) or now_iso(),
+            "size": (info.size_bytes if info else file.get("size")) or 0,
+            "digest": (info.digest if info else None) or "",
+            "details": {
+                "parent_model": "",
+                "format": (info.format if info else None) or "gguf",
+                "family": family,
+                "families": [family] if family else None,
+                "parameter_size": (info.parameter_size if info else file.get("parameter_size"))
+                or "",
+                "quantization_level": (
+                    info.quantization
+                    if info
+                    else stats.get("quantization") or file.get("quantization")
+                )
+                or "",
+            },
+            "_stats": stats,
+            "_file": file,
+            "_ollama": info,
+        }
+
+    async def tags(self) -> dict[str, Any]:
+        models = [self.describe(n) for n in self.manager.names()]
+        return {"models": [{k: v for k, v in m.items() if not k.startswith("_")} for m in models]}
+
+    async def ps(self) -> dict[str, Any]:
+        out = []
+        for name in self.manager.names():
+            m = self.describe(name)
+            stats, info = m["_stats"], m["_ollama"]
+            if info is not None:
+                if not info.loaded:
+                    continue
+                expires, vram = info.expires_at, info.size_vram or 0
+                context = info.context_length
+            else:
+                if stats.get("state", "loaded") != "loaded":
+                    continue
+                keep, idle = stats.get("keep_alive_s"), stats.get("idle_s")
+                when = (
+                    FOREVER
+                    if keep is None
+                    else datetime.now(UTC)
+                    + timedelta(seconds=max(0.0, float(keep) - float(idle or 0.0)))
+                )
+                expires = when.isoformat().replace("+00:00", "Z")
+                vram = int(stats.get("vram_estimate_bytes") or 0)
+                context = stats.get("n_ctx") or m["_file"].get("context_length")
+            size = int(stats.get("memory_estimate_bytes") or 0) + vram or m["size"]
+            out.append(
+                {
+                    "name": name,
+                    "model": name,
+                    "size": size,
+                    "digest": m["digest"],
+                    "details": m["details"],
+                    "expires_at": expires,
+                    "size_vram": vram,
+                    "context_length": context,
+                }
+            )
+        return {"models": out}
+
+    async def show(self, request: Request) -> dict[str, Any]:
+        body = await _read_json(request)
+        name = resolve(self.manager, body.get("model") or body.get("name"))
+        m = self.describe(name)
+        family, file = m["details"]["family"], m["_file"]
+        info: dict[str, Any] = {"general.architecture": family}
+        if file.get("parameter_count"):
+            info["general.parameter_count"] = file["parameter_count"]
+        if family and file.get("context_length"):
+            info[f"{family}.context_length"] = file["context_length"]
+        if family and file.get("block_count"):
+            info[f"{family}.block_count"] = file["block_count"]
+        return {
+            "license": "",
+            "modelfile": f"# served by meshgate\nFROM {name}\n",
+            "parameters": "",
+            "template": "",
+            "details": m["details"],
+            "model_info": info,
+            "capabilities": ["completion"],
+            "modified_at": m["modified_at"],
+        }
+
+
+def _parameter_size(count: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f}{unit}".replace(".0", "")
+    return str(count)
+
+
+def add_ollama_routes(app: FastAPI, manager: ModelManager) -> None:
+    """Mount Ollama's API on the proxy's `app`, serving `manager`'s models."""
+    api = OllamaAPI(manager)
+
+    def guarded(
+        handler: Callable[[Request], Awaitable[Any]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def route(request: Request) -> Response:
+            try:
+                result = await handler(request)
+            except OllamaAPIError as exc:
+                return _error_response(exc.status, exc.message)
+            return result if isinstance(result, Response) else JSONResponse(result)
+
+        return route
+
+    async def root(_: Request) -> Response:
+        return PlainTextResponse("Ollama is running")
+
+    async def version(_: Request) -> dict[str, Any]:
+        return {"version": OLLAMA_VERSION}
+
+    async def chat(request: Request) -> Response:
+        return await api.answer(request, chat=True)
+
+    async def generate(request: Request) -> Response:
+        return await api.answer(request, chat=False)
+
+    async def embed(request: Request) -> Response:
+        return await api.embed(request, legacy=False)
+
+    async def embeddings(request: Request) -> Response:
+        return await api.embed(request, legacy=True)
+
+    async def tags(_: Request) -> dict[str, Any]:
+        return await api.tags()
+
+    async def ps(_: Request) -> dict[str, Any]:
+        return await api.ps()
+
+    app.add_api_route("/", root, methods=["GET", "HEAD"], include_in_schema=False)
+    for path, handler, methods in (
+        ("/api/version", version, ["GET"]),
+        ("/api/tags", tags, ["GET"]),
+        ("/api/ps", ps, ["GET"]),
+        ("/api/show", api.show, ["POST"]),
+        ("/api/chat", chat, ["POST"]),
+        ("/api/generate", generate, ["POST"]),
+        ("/api/embed", embed, ["POST"]),
+        ("/api/embeddings", embeddings, ["POST"]),
+    ):
+        app.add_api_route(path, guarded(handler), methods=methods, include_in_schema=False)
