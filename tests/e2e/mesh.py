@@ -57,14 +57,14 @@ class Proc:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def spawn(tool: str, args: list[str], log: Path) -> Proc:
+def spawn(tool: str, args: list[str], log: Path, env: dict[str, str] | None = None) -> Proc:
     module = {"coordinator": "coordinator.cli", "node": "node_agent.cli"}[tool]
     out = log.open("wb")
     popen = subprocess.Popen(
         [sys.executable, "-m", module, *args],
         stdout=out,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     return Proc(popen, log)
 
@@ -110,7 +110,7 @@ class Mesh:
     def proxy(self, node: str) -> str:
         return f"http://127.0.0.1:{self.proxy_ports[node]}/v1"
 
-    def start_coordinator(self) -> None:
+    def start_coordinator(self, *extra: str, env: dict[str, str] | None = None) -> None:
         self.coordinator = spawn(
             "coordinator",
             [
@@ -125,8 +125,10 @@ class Mesh:
                 "127.0.0.1",
                 "--tunnel-port",
                 str(self.tunnel_port),
+                *extra,
             ],
             self.root / "coordinator.log",
+            env=env,
         )
         wait_until(
             lambda: httpx.get(f"http://127.0.0.1:{self.api_port}/healthz").status_code == 200,
@@ -182,6 +184,11 @@ class Mesh:
     def wait_serving(self, model: str, timeout: float = 120) -> None:
         procs = [p for p in [self.coordinator, *self.nodes.values()] if p is not None]
         wait_until(lambda: model in self.connected_models(), timeout, f"{model} served", procs)
+
+    def connected_nodes(self) -> int:
+        """How many nodes the running coordinator has live tunnels to (from /healthz)."""
+        count: int = httpx.get(f"http://127.0.0.1:{self.api_port}/healthz").json()["nodes"]
+        return count
 
     def nodes_json(self) -> list[dict[str, object]]:
         out = cli("coordinator", "nodes", "--state-dir", str(self.coord_state), "--json")
