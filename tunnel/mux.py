@@ -201,9 +201,14 @@ class Stream:
             self._queue.put_nowait(None)
 
     def _kill(self, reason: str) -> None:
+        """The link died under an unfinished stream: it fails at once, queued frames
+        included (it can never be complete; one that got its END stays readable)."""
         if self._dead is None:
             self._dead = reason
             self._credit.kill(f"stream {self.id}: {reason}")
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            self.buffered = 0
             self._queue.put_nowait(None)
 
     # -- credit back to the peer -----------------------------------------------------
