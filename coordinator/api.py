@@ -31,8 +31,12 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from coordinator.cache import CachedResponse, ResponseCache, cache_key
 from coordinator.config import CoordinatorConfig
 from coordinator.dispatch import Dispatcher, Served
+from coordinator.limits import KeyGate
+from coordinator.logs import RequestIdMiddleware, current_request_id
+from coordinator.metrics import CONTENT_TYPE, Metrics
 from coordinator.registry import Registry
 from coordinator.routing import ROUTE_HEADER, Route, RouteError, UnknownRouteError, parse_route
 from coordinator.scheduler import Request as Want
@@ -68,6 +72,11 @@ class ApiContext:
     """one ledger row; blocking."""
     config: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     dispatcher: Dispatcher | None = None
+    gate: KeyGate | None = None
+    """scopes (403), rate limits (429) and budgets per key; None: none enforced."""
+    metrics: Metrics | None = None
+    cache: ResponseCache | None = None
+    """responses to deterministic requests (cache.py); None: off."""
     _key_cache: dict[str, tuple[float, str]] = field(default_factory=dict)
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -93,6 +102,10 @@ class ApiContext:
             self.dispatcher = Dispatcher(self.registry, self.config.dispatch)
 
     def record(self, row: dict[str, Any]) -> None:
+        if self.gate is not None:
+            self.gate.finish_row(row)
+        if self.metrics is not None:
+            self.metrics.observe_row(row)
         task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.record_usage, row))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
@@ -115,9 +128,21 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
 def build_app(ctx: ApiContext) -> FastAPI:
     app = FastAPI(title="meshgate coordinator", docs_url=None, redoc_url=None)
 
+    app.add_middleware(RequestIdMiddleware)
+    _gauges(ctx)
+
     @app.exception_handler(OpenAIError)
-    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+    async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+        if ctx.metrics is not None:
+            ctx.metrics.refused(exc.status, getattr(request.state, "model", "-"), exc.code)
+        return JSONResponse(exc.body(), status_code=exc.status,
+                            headers=getattr(exc, "headers", None))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if ctx.metrics is None:
+            raise OpenAIError(404, "metrics are off", hop="coordinator")
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -133,20 +158,31 @@ def build_app(ctx: ApiContext) -> FastAPI:
         raw = await read_body(request)
         body = parse_request(raw, endpoint)
         stream = bool(body.get("stream", False))
-        request_id = request.headers.get("x-request-id") or "req_" + secrets.token_hex(8)
+        request_id = (current_request_id() or request.headers.get("x-request-id")
+                      or "req_" + secrets.token_hex(8))
+        request.state.model = str(body["model"])
         route, want = await _plan(ctx, body, request.headers.get(ROUTE_HEADER))
+        want = _for_key(ctx, key_id, body, want, request_id=request_id,
+                        header=request.headers.get(ROUTE_HEADER))
+        cached_as, hit = _from_cache(ctx, request_id, key_id, endpoint, body)
+        if hit is not None:
+            return hit
         deadline = _deadline(ctx, request.headers.get("x-meshgate-timeout"))
         open_request = OpenRequest(request_id, endpoint, want.models[0], stream, raw)
         dispatcher = ctx.dispatcher
         assert dispatcher is not None
         route_text = str(route) if route.task or body["model"].startswith("qg://") else None
+        route_text = route_text or f"qg://prefer={want.prefer.value}"  # the policy it ran under
         try:
             served = await _unless_disconnected(
                 request, dispatcher.start(open_request, want, deadline=deadline))
         except OpenAIError as exc:
-            if exc.status in (429, 503, 504):
+            exc = ctx.gate.refine_for(request_id, exc) if ctx.gate is not None else exc
+            if exc.status in (402, 429, 503, 504):
                 ctx.record(_failed_row(open_request, key_id, exc, route_text))
-            raise
+            raise exc from None
+        if ctx.metrics is not None:
+            ctx.metrics.served(served.tries, served.upstream)
         headers = {"x-request-id": request_id, **served.headers()}
         if not stream:
             try:
@@ -155,6 +191,9 @@ def build_app(ctx: ApiContext) -> FastAPI:
                 with anyio.CancelScope(shield=True):
                     await served.close()
                 ctx.record(served.row(key_id, route_text))
+            if cached_as is not None and ctx.cache is not None and served.outcome == "ok":
+                ctx.cache.put(cached_as, CachedResponse(
+                    data, served.model, served.target, *_tokens(served.usage)))
             return Response(data, media_type="application/json", headers=headers)
         return StreamingResponse(
             _sse(served, ctx, key_id, route_text), media_type="text/event-stream",
@@ -234,9 +273,61 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             raise OpenAIError(499, "client closed the request", hop="coordinator")
 
 
+def _for_key(ctx: ApiContext, key_id: str, body: dict[str, Any], want: Want, *,
+             request_id: str, header: str | None) -> Want:
+    """Admit the request for its key (403 out of scope, 429 rate limited) and fit the
+    scheduler's request to the key's scopes and budget."""
+    if ctx.gate is None:
+        return want
+    hint = str(body["model"]) + (header or "")
+    return ctx.gate.plan(key_id, body, want, request_id=request_id,
+                         explicit_prefer="prefer=" in hint.replace(" ", "").lower())
+
+
+def _gauges(ctx: ApiContext) -> None:
+    if ctx.metrics is not None:
+        ctx.metrics.count_nodes(lambda: len(ctx.registry.nodes()))
+        ctx.metrics.queue_length.set_function(
+            lambda: float(ctx.dispatcher.waiting if ctx.dispatcher else 0))
+
+
+def _from_cache(ctx: ApiContext, request_id: str, key_id: str, endpoint: str,
+                body: dict[str, Any]) -> tuple[str | None, Response | None]:
+    """(the request's cache key or None, the cached answer or None)."""
+    if ctx.cache is None:
+        return None, None
+    cached_as = cache_key(key_id, endpoint, body)
+    if cached_as is None:
+        return None, None
+    hit = ctx.cache.get(cached_as)
+    if ctx.metrics is not None:
+        (ctx.metrics.cache_hits if hit else ctx.metrics.cache_misses).inc()
+    if hit is None:
+        return cached_as, None
+    ctx.record(_cache_row(request_id, key_id, endpoint, hit))
+    return cached_as, Response(hit.body, media_type="application/json", headers={
+        "x-request-id": request_id, "x-meshgate-cache": "hit"})
+
+
+def _tokens(usage: dict[str, int] | None) -> tuple[int, int]:
+    usage = usage or {}
+    return int(usage.get("prompt_tokens", 0) or 0), int(usage.get("completion_tokens", 0) or 0)
+
+
+def _cache_row(request_id: str, key_id: str, endpoint: str, hit: CachedResponse
+               ) -> dict[str, Any]:
+    """The ledger row of an answer from the cache: no node, no cost, no tokens used."""
+    return {
+        "request_id": request_id, "key_id": key_id, "node_did": None, "upstream": None,
+        "model": hit.model, "endpoint": endpoint, "prompt_tokens": 0, "completion_tokens": 0,
+        "latency_ms": 0.0, "outcome": "cache_hit", "cost": 0.0, "route": "cache",
+    }
+
+
 def _failed_row(request: OpenRequest, key_id: str | None, exc: OpenAIError,
                 route: str | None) -> dict[str, Any]:
-    outcome = {429: "queue_full", 503: "no_capacity", 504: "deadline"}.get(exc.status, "error")
+    outcome = {402: "budget_exceeded", 429: "queue_full", 503: "no_capacity",
+               504: "deadline"}.get(exc.status, "error")
     return {
         "request_id": request.request_id, "key_id": key_id, "node_did": None, "upstream": None,
         "model": request.model, "endpoint": request.endpoint, "prompt_tokens": 0,

@@ -140,6 +140,15 @@ def serve(
         help="The ws:// or wss:// address nodes should dial, if not the tunnel's own.",
     ),
     log_level: str = typer.Option("info", envvar="MESHGATE_LOG_LEVEL"),
+    cache: bool = typer.Option(
+        False, "--cache/--no-cache", envvar="MESHGATE_CACHE",
+        help="Answer repeated deterministic requests (temperature 0, same body, same key) "
+        "from an in-memory cache.",
+    ),
+    cache_ttl: str = typer.Option("5m", help="How long a cached answer lives: 30s, 5m, 1h."),
+    cache_entries: int = typer.Option(1024, help="At most this many cached answers (LRU)."),
+    log_format: str = typer.Option(
+        "json", envvar="MESHGATE_LOG_FORMAT", help="json (one object a line) or text."),
     config: Path | None = typer.Option(
         None, "--config", envvar="MESHGATE_COORDINATOR_CONFIG",
         help="coordinator.toml: cloud upstreams, aliases, task routes, dispatch limits "
@@ -149,6 +158,14 @@ def serve(
     """Run the public API and the tunnel endpoint."""
     if advertise_url is not None and not advertise_url.startswith(("ws://", "wss://")):
         raise _fail(f"--advertise-url must start with ws:// or wss://, not {advertise_url!r}", 2)
+    if log_format not in ("json", "text"):
+        raise _fail(f"--log-format must be json or text, not {log_format!r}", 2)
+    try:
+        cache_ttl_s = parse_duration(cache_ttl)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    if cache_entries <= 0:
+        raise _fail("--cache-entries must be positive", 2)
     from coordinator.config import resolve_config
     from coordinator.server import run_server
 
@@ -159,6 +176,7 @@ def serve(
     run_server(ServeOptions(
         state_dir=state_dir, api_host=api_host, api_port=api_port, tunnel_host=tunnel_host,
         tunnel_port=tunnel_port, advertise_url=advertise_url, log_level=log_level, config=config,
+        cache=cache, cache_ttl_s=cache_ttl_s, cache_entries=cache_entries, log_format=log_format,
     ), loaded)
 
 

@@ -24,11 +24,14 @@ import json
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from coordinator.metering import BudgetTracker
+from coordinator.routing import Prefer
+from coordinator.scheduler import Request as Want
 from coordinator.scheduler_rules import Budget
 from coordinator.store import KeyScopes
 from meshgate.openai import OpenAIError
@@ -38,6 +41,8 @@ Clock = Callable[[], float]
 DEFAULT_MAX_TOKENS = 256
 """Charged at admission when the body sets no max_tokens (the runner's usual default)."""
 CHARS_PER_TOKEN = 4
+MAX_OPEN = 10_000
+"""Admissions awaiting their ledger row; past this the oldest keep their estimate."""
 
 
 class RateLimited(OpenAIError):
@@ -217,6 +222,7 @@ class KeyGate:
         self.limiter = limiter or RateLimiter()
         self.budgets = budgets
         self._scopes: dict[str, KeyScopes] = {}
+        self._open: OrderedDict[str, Admitted] = OrderedDict()
 
     def remember(self, key_id: str, scopes: KeyScopes) -> None:
         self._scopes[key_id] = scopes
@@ -258,6 +264,36 @@ class KeyGate:
         admitted.ticket.settle(actual)
         if self.budgets is not None:
             self.budgets.add(admitted.key_id, float(row.get("cost") or 0.0))
+
+    def plan(self, key_id: str, body: Mapping[str, Any], want: Want, *, request_id: str,
+             explicit_prefer: bool) -> Want:
+        """Admit the request (403/429 here) and fit the scheduler's request to the key: only
+        the models it may use, its default policy unless the request named one, its required
+        node labels, its budget state. The admission is kept until `finish_row`."""
+        admitted = self.admit(key_id, list(want.models), body, str(body.get("model", "")))
+        self._open[request_id] = admitted
+        while len(self._open) > MAX_OPEN:  # rows that never came: keep the estimate charged
+            self._open.popitem(last=False)
+        prefer = (want.prefer if explicit_prefer or admitted.prefer is None
+                  else Prefer(admitted.prefer))
+        return replace(want, models=admitted.models, prefer=prefer,
+                       labels={**want.labels, **admitted.labels}, budget_state=admitted.budget)
+
+    def admitted(self, request_id: str) -> Admitted | None:
+        return self._open.get(request_id)
+
+    def finish_row(self, row: Mapping[str, Any]) -> None:
+        """A ledger row was written for a request `plan` admitted: settle it."""
+        admitted = self._open.pop(str(row.get("request_id")), None)
+        if admitted is None:
+            return
+        if row.get("outcome") == "cache_hit":
+            admitted.ticket.settle(0)  # nothing ran: every estimated token back
+        self.finish(admitted, row)
+
+    def refine_for(self, request_id: str, error: OpenAIError) -> OpenAIError:
+        admitted = self._open.get(request_id)
+        return self.refine(admitted, error) if admitted is not None else error
 
     def refine(self, admitted: Admitted, error: OpenAIError) -> OpenAIError:
         """A 503 for a key whose budget is spent becomes the budget's 402 (cloud refused)."""

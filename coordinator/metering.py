@@ -61,9 +61,9 @@ class BudgetStatus:
     def describe(self) -> str:
         parts = []
         if self.budget_day is not None:
-            parts.append(f"{self.spent_day:.4f} of {self.budget_day:.2f} today (UTC)")
+            parts.append(f"{self.spent_day:.4f} of {self.budget_day:g} today (UTC)")
         if self.budget_month is not None:
-            parts.append(f"{self.spent_month:.4f} of {self.budget_month:.2f} this month")
+            parts.append(f"{self.spent_month:.4f} of {self.budget_month:g} this month")
         return "; ".join(parts) or "no budget"
 
 

@@ -9,7 +9,8 @@ is where it ran: `node`, `cloud`, `cache` or `none` (refused before dispatch).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -76,3 +77,35 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def observe_row(self, row: Mapping[str, Any]) -> None:
+        """Count one usage-ledger row of a request that ran (node, cloud or cache); rows of
+        requests refused before they ran are counted where their error is answered."""
+        if row.get("outcome") == "cache_hit":
+            route = "cache"
+        elif row.get("node_did"):
+            route = "node"
+        elif row.get("upstream"):
+            route = "cloud"
+        else:
+            return
+        self.observe(status=200, model=str(row.get("model", "-")), route=route,
+                     endpoint=str(row.get("endpoint", "-")),
+                     seconds=float(row.get("latency_ms") or 0.0) / 1000,
+                     prompt_tokens=int(row.get("prompt_tokens") or 0),
+                     completion_tokens=int(row.get("completion_tokens") or 0))
+
+    def served(self, tries: int, upstream: str | None) -> None:
+        """A request started on its `tries`-th candidate, on a cloud when `upstream`."""
+        if tries > 1:
+            self.retries.inc(tries - 1)
+        if upstream:
+            self.fallbacks.labels(upstream).inc()
+
+    def refused(self, status: int, model: str, code: str | None) -> None:
+        """An error answered before (or instead of) running the request."""
+        self.requests.labels(str(status), model[:100], "none").inc()
+        if status == 429 and code == "rate_limit_exceeded":
+            self.rate_limited.labels("key").inc()
+        if code == "budget_exceeded":
+            self.budget_refused.inc()

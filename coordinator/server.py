@@ -14,12 +14,18 @@ import time
 from typing import Any
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 from coordinator.api import ApiContext, build_app
+from coordinator.cache import ResponseCache
 from coordinator.cloud import CloudClient
 from coordinator.config import CoordinatorConfig, resolve_config
 from coordinator.dispatch import Dispatcher
 from coordinator.gateway import Gateway
+from coordinator.limits import KeyGate
+from coordinator.logs import setup_json_logging
+from coordinator.metering import BudgetTracker
+from coordinator.metrics import Metrics
 from coordinator.registry import Registry
 from coordinator.state import ServeOptions, StateDir
 from coordinator.store import Store, UsageRecord
@@ -29,10 +35,15 @@ log = logging.getLogger(__name__)
 
 
 def _context(store: Store, registry: Registry, config: CoordinatorConfig,
-             dispatcher: Dispatcher) -> ApiContext:
+             dispatcher: Dispatcher, opts: ServeOptions | None = None) -> ApiContext:
+    gate = KeyGate(budgets=BudgetTracker(store.spend_by_key))
+
     def verify_key(plaintext: str) -> str | None:
         record = store.verify_key(plaintext)
-        return record.key_id if record else None
+        if record is None:
+            return None
+        gate.remember(record.key_id, record.scope)  # scopes and budgets, fresh at every verify
+        return record.key_id
 
     def known_models() -> set[str]:
         return {m for node in store.list_nodes() if node.revoked_at is None for m in node.models}
@@ -40,8 +51,10 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
     def record_usage(row: dict[str, Any]) -> None:
         store.record_usage(UsageRecord(**row, created_at=time.time()))
 
+    cache = (ResponseCache(ttl_s=opts.cache_ttl_s, max_entries=opts.cache_entries)
+             if opts is not None and opts.cache else None)
     return ApiContext(registry, verify_key, known_models, record_usage, config=config,
-                      dispatcher=dispatcher)
+                      dispatcher=dispatcher, gate=gate, metrics=Metrics(), cache=cache)
 
 
 async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> None:
@@ -65,12 +78,13 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     state.write_advertise(tunnel_url=tunnel_url, api_url=f"http://{api_host}:{opts.api_port}")
     log.info("tunnel endpoint on %s (advertised as %s)", tunnel_port, tunnel_url)
     uv_config = uvicorn.Config(
-        build_app(_context(store, registry, config, dispatcher)),
+        build_app(_context(store, registry, config, dispatcher, opts)),
         host=opts.api_host,
         port=opts.api_port,
         log_level=opts.log_level.lower(),
         access_log=False,
         lifespan="off",
+        log_config=None if opts.log_format == "json" else LOGGING_CONFIG,  # JSON: ours
     )
     server = uvicorn.Server(uv_config)
     revocations = asyncio.create_task(gateway.watch_revocations())
@@ -91,8 +105,11 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
 def run_server(opts: ServeOptions, config: CoordinatorConfig | None = None) -> None:
     if config is None:
         config = resolve_config(opts.config)  # a bad file fails here, before anything listens
-    logging.basicConfig(
-        level=opts.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if opts.log_format == "json":
+        setup_json_logging(opts.log_level)
+    else:
+        logging.basicConfig(
+            level=opts.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
     asyncio.run(serve(opts, config))

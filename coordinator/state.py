@@ -41,6 +41,10 @@ class ServeOptions:
     advertise_url: str | None
     log_level: str
     config: Path | None = None  # coordinator.toml; None: the default path if it exists
+    cache: bool = False  # answer repeated deterministic requests from memory (cache.py)
+    cache_ttl_s: float = 300.0
+    cache_entries: int = 1024
+    log_format: str = "json"  # json (one object a line, with request_id) or text
 
 
 @dataclass(frozen=True, slots=True)

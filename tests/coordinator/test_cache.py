@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+from coordinator_harness import coordinator
 
 from coordinator.cache import CachedResponse, ResponseCache, cache_key
+from coordinator.store import Store
 
 CHAT: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
                         "temperature": 0}
@@ -72,3 +75,42 @@ def test_the_least_recently_used_entry_goes_first() -> None:
 def test_a_cache_needs_a_positive_size_and_ttl() -> None:
     with pytest.raises(ValueError, match="positive"):
         ResponseCache(ttl_s=0)
+
+
+# ----------------------------------------------------------------------------- over HTTP
+
+
+async def test_over_http_a_repeated_deterministic_request_is_served_from_the_cache(
+    tmp_path: Path,
+) -> None:
+    async with coordinator(tmp_path, cache=True) as coord:
+        key = coord.key()
+        other_key = coord.key("other")
+        first = await coord.chat(key, temperature=0)
+        second = await coord.chat(key, temperature=0)
+        reached_after_two = len(coord.cloud.requests)
+        third = await coord.chat(other_key, temperature=0)  # another key: its own entry
+        warm = [await coord.chat(key, temperature=0.7) for _ in range(2)]  # not deterministic
+        await coord.settled()
+        metrics = (await coord.http.get("/metrics")).text
+    assert reached_after_two == 1
+    assert second.status_code == 200
+    assert second.json() == first.json()
+    assert second.headers["x-meshgate-cache"] == "hit"
+    assert "x-meshgate-cache" not in first.headers
+    assert "x-meshgate-cache" not in third.headers
+    assert [w.json()["choices"][0]["message"]["content"] for w in warm] == ["answer 3", "answer 4"]
+    assert len(coord.cloud.requests) == 4
+    assert "meshgate_coordinator_cache_hits_total 1.0" in metrics
+    rows = Store(f"sqlite:///{tmp_path / 'coordinator.db'}").usage_rows()
+    hit = [r for r in rows if r.outcome == "cache_hit"]
+    assert [(r.route, r.cost, r.node_did, r.upstream) for r in hit] == [("cache", 0.0, None, None)]
+
+
+async def test_over_http_the_cache_is_off_unless_asked_for(tmp_path: Path) -> None:
+    async with coordinator(tmp_path) as coord:
+        key = coord.key()
+        await coord.chat(key, temperature=0)
+        again = await coord.chat(key, temperature=0)
+    assert "x-meshgate-cache" not in again.headers
+    assert len(coord.cloud.requests) == 2

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import openai
 import pytest
+from coordinator_harness import MODEL, coordinator
 
 from coordinator.limits import (
     DEFAULT_MAX_TOKENS,
@@ -190,4 +194,44 @@ def test_the_gate_settles_tokens_and_counts_cost_toward_the_budget(clock: Clock)
     error = gate.refine(over, OpenAIError(503, "no node"))
     assert error.status == 402
     assert error.code == "budget_exceeded"
-    assert "1.0500 of 1.00 today" in error.message
+    assert "1.0500 of 1 today" in error.message
+
+
+# ----------------------------------------------------------------------------- over HTTP
+
+
+async def test_over_http_a_key_past_its_rpm_gets_429_with_retry_after(tmp_path: Path) -> None:
+    async with coordinator(tmp_path) as coord:
+        key = coord.key(rpm=2)
+        other = coord.key("other", rpm=2)
+        first, second = await coord.chat(key), await coord.chat(key)
+        refused = await coord.chat(key)
+        assert (await coord.chat(other)).status_code == 200  # its own bucket
+        client = openai.AsyncOpenAI(api_key=key, base_url=coord.url + "/v1", max_retries=0)
+        with pytest.raises(openai.RateLimitError) as from_openai:
+            await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        await client.close()
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert refused.status_code == 429
+    assert 1 <= int(refused.headers["retry-after"]) <= 30  # 2/min: one every 30 s
+    error = refused.json()["error"]
+    assert error["code"] == "rate_limit_exceeded"
+    assert "2 requests per minute" in error["message"]
+    assert from_openai.value.status_code == 429
+    assert len(coord.cloud.requests) == 3  # the refused ones never reached the upstream
+
+
+async def test_over_http_a_model_outside_the_keys_scope_is_403(tmp_path: Path) -> None:
+    async with coordinator(tmp_path) as coord:
+        narrow = coord.key("narrow", models=("smollm2", "llama-*"))
+        wide = coord.key("wide", models=("gpt-*",))
+        refused = await coord.chat(narrow)
+        allowed = await coord.chat(wide)
+    assert refused.status_code == 403
+    error = refused.json()["error"]
+    assert error["code"] == "model_not_allowed"
+    assert f"may not use the model '{MODEL}'" in error["message"]
+    assert "llama-*, smollm2" in error["message"]
+    assert allowed.status_code == 200
+    assert len(coord.cloud.requests) == 1

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from coordinator_harness import coordinator
 
 from coordinator.metering import BudgetTracker, budget_state, cost_of, period_starts
 from coordinator.scheduler_rules import Budget
@@ -116,7 +117,7 @@ def test_the_refusal_is_a_402_that_says_what_was_spent(store: Store) -> None:
     error = tracker.refusal("a", "gpt-4o")
     assert error.status == 402
     assert error.body()["error"]["code"] == "budget_exceeded"
-    assert "2.5000 of 2.00 this month" in error.message
+    assert "2.5000 of 2 this month" in error.message
     assert "no local node can serve 'gpt-4o'" in error.message
 
 
@@ -126,3 +127,40 @@ async def test_refresh_if_stale_runs_in_a_thread_only_when_stale(store: Store) -
     await tracker.refresh_if_stale()
     await tracker.refresh_if_stale()
     assert tracker.refreshes == 1
+
+
+# ----------------------------------------------------------------------------- over HTTP
+
+
+async def test_over_http_spend_near_then_past_the_budget_refuses_the_cloud_with_402(
+    tmp_path: Path,
+) -> None:
+    """Each request costs 0.02 at the cloud; the day's budget is 0.024."""
+    async with coordinator(tmp_path) as coord:
+        key = coord.key(budget_day=0.024)
+        coord.ctx.gate.budgets.ttl_s = 3600  # the cache alone must carry the new spend
+        first = await coord.chat(key, content="one")
+        await coord.settled()
+        state_after_one = coord.ctx.gate.budgets.budget_for(key.split("_")[1])
+        second = await coord.chat(key, content="two")  # near: no node, so the cloud still
+        await coord.settled()
+        third = await coord.chat(key, content="three")
+        await coord.settled()
+        refreshes = coord.ctx.gate.budgets.refreshes
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert state_after_one == Budget.NEAR
+    assert third.status_code == 402
+    error = third.json()["error"]
+    assert error["code"] == "budget_exceeded"
+    assert "0.0400 of 0.024 today" in error["message"]
+    assert len(coord.cloud.requests) == 2
+    assert refreshes == 1  # one ledger query for three requests
+    rows = Store(f"sqlite:///{tmp_path / 'coordinator.db'}").usage_rows()
+    assert all(r.route == "qg://prefer=speed" for r in rows)
+    assert [(r.outcome, r.upstream, r.cost) for r in rows] == [
+        ("ok", "paid", pytest.approx(0.02)), ("ok", "paid", pytest.approx(0.02)),
+        ("budget_exceeded", None, 0.0)]
+    assert all(r.key_id == key.split("_")[1] for r in rows)
+    assert rows[0].prompt_tokens == 10
+    assert rows[0].completion_tokens == 20
+    assert rows[0].latency_ms > 0

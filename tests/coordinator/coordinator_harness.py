@@ -1,0 +1,137 @@
+"""A real coordinator API (the server's own wiring, `server._context`) on a real uvicorn,
+a real SQLite store, and a paid cloud upstream that is a small real OpenAI-shaped HTTP
+server counting what reaches it. No node is connected, so every request that runs
+goes to the cloud: the counter says whether a request reached a backend at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from coordinator.api import build_app
+from coordinator.cloud import CloudClient
+from coordinator.config import CoordinatorConfig, Upstream
+from coordinator.dispatch import Dispatcher
+from coordinator.registry import Registry
+from coordinator.server import _context
+from coordinator.state import ServeOptions
+from coordinator.store import KeyScopes, Store
+
+MODEL = "gpt-x"
+BROKEN = "broken"  # the upstream answers 500 for this one
+PROMPT_TOKENS = 10
+COMPLETION_TOKENS = 20
+PRICE_COMPLETION_PER_1K = 1.0  # so one request costs 0.02
+
+
+@dataclass
+class FakeCloud:
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    request_ids: list[str | None] = field(default_factory=list)
+
+    def app(self) -> Starlette:
+        async def chat(request: Request) -> Response:
+            body = json.loads(await request.body())
+            self.requests.append(body)
+            self.request_ids.append(request.headers.get("x-request-id"))
+            if body.get("model") == BROKEN:
+                return JSONResponse({"error": {"message": "upstream on fire", "type": "x"}},
+                                    status_code=500)
+            n = len(self.requests)
+            return JSONResponse({
+                "id": f"chatcmpl-{n}", "object": "chat.completion", "created": 1,
+                "model": body.get("model"),
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": f"answer {n}"}}],
+                "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS,
+                          "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS},
+            })
+
+        return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+
+
+@contextlib.asynccontextmanager
+async def served(app: Any) -> AsyncIterator[str]:
+    """`app` on a real uvicorn on a free port of 127.0.0.1; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off",
+                                           log_level="warning", access_log=False))
+    task = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert not task.done(), "uvicorn did not start"
+        assert time.monotonic() < deadline, "uvicorn did not start in time"
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@dataclass
+class Coordinator:
+    url: str
+    store: Store
+    cloud: FakeCloud
+    ctx: Any
+    http: httpx.AsyncClient
+
+    def key(self, name: str = "app", **scopes: Any) -> str:
+        _, plaintext = self.store.create_key(name, time.time(), scopes=KeyScopes(**scopes))
+        return plaintext
+
+    async def chat(self, key: str, *, model: str = MODEL, content: str = "hi",
+                   headers: dict[str, str] | None = None, **extra: Any) -> httpx.Response:
+        body = {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+        return await self.http.post("/v1/chat/completions", json=body,
+                                    headers={"Authorization": f"Bearer {key}", **(headers or {})})
+
+    async def settled(self) -> None:
+        """Wait for the ledger writes the API does in the background."""
+        pending = list(self.ctx._pending)
+        if pending:
+            await asyncio.gather(*pending)
+
+
+@contextlib.asynccontextmanager
+async def coordinator(tmp_path: Path, *, cache: bool = False) -> AsyncIterator[Coordinator]:
+    fake = FakeCloud()
+    store = Store(f"sqlite:///{tmp_path / 'coordinator.db'}")
+    async with served(fake.app()) as cloud_url:
+        upstream = Upstream(name="paid", base_url=cloud_url + "/v1", api_key="sk-upstream",
+                            models={MODEL: MODEL, BROKEN: BROKEN},
+                            price_per_1k_completion=PRICE_COMPLETION_PER_1K)
+        config = CoordinatorConfig(upstreams=(upstream,))
+        clouds = {"paid": CloudClient(upstream)}
+        registry = Registry(c.view() for c in clouds.values())
+        dispatcher = Dispatcher(registry, config.dispatch, clouds)
+        opts = ServeOptions(state_dir=tmp_path, api_host="127.0.0.1", api_port=0,
+                            tunnel_host="127.0.0.1", tunnel_port=0, advertise_url=None,
+                            log_level="info", cache=cache)
+        ctx = _context(store, registry, config, dispatcher, opts)
+        try:
+            async with served(build_app(ctx)) as url, httpx.AsyncClient(
+                base_url=url, timeout=30
+            ) as http:
+                coord = Coordinator(url, store, fake, ctx, http)
+                yield coord
+                await coord.settled()
+        finally:
+            for client in clouds.values():
+                await client.aclose()
+            store.close()
