@@ -87,10 +87,8 @@ class CloudClient:
         if left <= 0:
             raise OpenAIError(504, "request deadline passed before the cloud was tried",
                               code="deadline_exceeded", hop="coordinator")
-        http_request = self._http.build_request(
-            "POST", request.endpoint, json=body,
-            headers={"x-request-id": request.request_id},
-        )
+        # no x-request-id upstream: some servers (llama-cpp-python's) refuse one not a UUID
+        http_request = self._http.build_request("POST", request.endpoint, json=body)
         try:
             response = await asyncio.wait_for(
                 self._http.send(http_request, stream=True), min(left, self.upstream.timeout_s))

@@ -5,8 +5,9 @@ the registry's snapshot) and tries them in order. A request is committed to a
 candidate only when its first chunk arrives: until then a failure (the node
 refused, its runner died, its tunnel dropped, no first token in time) sends
 the request to the next candidate at once, so the client sees nothing of it.
-At most `max_tries` nodes are tried; then the clouds; then a 503 naming every
-failure. A node with `node_slots` requests in flight is busy: when every
+Nodes are tried in the scheduler's order, at most `max_tries` of them; then
+the clouds it ranked (cloud only when no node can take the request); then a
+503 naming every failure. A node with `node_slots` requests in flight is busy: when every
 candidate left is busy the request waits in a bounded queue (429 when the
 queue is full) until a slot frees or its deadline passes (504).
 
@@ -282,7 +283,8 @@ class Dispatcher:
         """The best candidate not tried yet that can take the request now; and whether a
         busy node was passed over."""
         busy = False
-        for cand in candidates:
+        # edge first, cloud only when it must: nodes in the scheduler's order, then clouds
+        for cand in sorted(candidates, key=lambda c: c.kind != Kind.NODE):
             if (cand.kind.value, cand.target, cand.model) in tried:
                 continue
             if cand.kind == Kind.NODE:
