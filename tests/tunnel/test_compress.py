@@ -61,3 +61,34 @@ def test_corrupt_block_is_a_frame_error() -> None:
     packed[-8] ^= 0xFF
     with pytest.raises(FrameError):
         decompress(bytes(packed), max_size=1 << 20)
+
+
+def test_a_small_frame_declaring_64_mib_never_reaches_the_decompressor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bomb = zstandard.ZstdCompressor(level=19).compress(bytes(64 * 1024 * 1024))
+    assert len(bomb) < 4096
+    assert zstandard.frame_content_size(bomb) == 64 * 1024 * 1024
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("decompressor created for a frame over the cap")
+
+    monkeypatch.setattr(zstandard, "ZstdDecompressor", forbidden)
+    with pytest.raises(FrameError, match="declares 67108864 bytes"):
+        decompress(bomb, max_size=16 * 1024 * 1024)
+
+
+def test_a_peer_sending_the_bomb_through_a_session_ends_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tunnel_helpers import join
+
+    from tunnel.constants import HDR_COMPRESSED
+
+    node, coord, _, _ = join()
+    bomb = zstandard.ZstdCompressor(level=19).compress(bytes(64 * 1024 * 1024))
+    monkeypatch.setattr(zstandard, "ZstdDecompressor", None)  # any use would raise
+    message = node._send.encrypt_with_ad(b"", bytes([HDR_COMPRESSED]) + bomb)
+    with pytest.raises(FrameError, match="over the"):
+        coord.open(message)
+    assert coord.dead is not None

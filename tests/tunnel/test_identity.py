@@ -89,3 +89,59 @@ def test_saved_identity_is_readable_by_its_owner_only(tmp_path: Path) -> None:
     identity.save(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert Identity.load(path).did == identity.did
+
+
+# The did:key method's published Ed25519 test vectors (w3c-ccg/did-method-key,
+# test-vectors/ed25519-x25519.json): 32-byte seed, the did, and the public key the spec
+# lists for it (publicKeyBase58 of the Ed25519VerificationKey2018 method).
+DID_KEY_SPEC_VECTORS = [
+    (
+        "00" * 32,
+        "did:key:z6MkiTBz1ymuepAQ4HEHYSF1H8quG5GLVVQR3djdX3mDooWp",
+        "4zvwRjXUKGfvwnParsHAS3HuSVzV5cA4McphgmoCtajS",
+    ),
+    (
+        "00" * 31 + "01",
+        "did:key:z6MkjchhfUsD6mmvni8mCdXHw216Xrm9bQe2mBH1P5RDjVJG",
+        "6ASf5EcmmEHTgDJ4X4ZT5vT6iHVJBXPg5AN5YoTCpGWt",
+    ),
+    (
+        "00" * 31 + "02",
+        "did:key:z6MknGc3ocHs3zdPiJbnaaqDi58NGb4pk1Sp9WxWufuXSdxf",
+        "8pM1DN3RiT8vbom5u1sNryaNT1nyL8CTTW3b5PwWXRBH",
+    ),
+    (
+        "00" * 31 + "03",
+        "did:key:z6MkvqoYXQfDDJRv8L4wKzxYeuKyVZBfi9Qo6Ro8MiLH3kDQ",
+        "HPYVwAQmskwT1qEEeRzhoomyfyupJGASQQtCXSNG8XS2",
+    ),
+    (
+        "00" * 31 + "04",
+        "did:key:z6MkwW6aqMnjgrhJXFUko3NnZPGzVpkNzhYK7yEhnsibmLwL",
+        "J3qYF7YJMKCqQke47UQwiHizgFUXapHxRxKmxbkar89x",
+    ),
+]
+
+
+@pytest.mark.parametrize(("seed", "did", "public_b58"), DID_KEY_SPEC_VECTORS)
+def test_did_key_matches_the_specs_published_ed25519_vectors(
+    seed: str, did: str, public_b58: str
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    signing = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(seed))
+    public = signing.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    assert public == b58decode(public_b58)  # our base58 agrees with the spec's
+    assert b58encode(public) == public_b58
+    assert ed25519_to_did(public) == did
+    assert did_to_ed25519(did) == public
+    identity = Identity(signing, X25519PrivateKey.generate())
+    assert identity.did == did
+
+
+def test_first_spec_vector_public_key_bytes() -> None:
+    # the all-zero seed's Ed25519 public key, as RFC 8032 computes it
+    public = did_to_ed25519(DID_KEY_SPEC_VECTORS[0][1])
+    assert public.hex() == "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29"
