@@ -58,8 +58,13 @@ class CachedResponse:
 
 
 class ResponseCache:
-    def __init__(self, *, ttl_s: float = DEFAULT_TTL_S, max_entries: int = DEFAULT_MAX_ENTRIES,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        ttl_s: float = DEFAULT_TTL_S,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if ttl_s <= 0 or max_entries <= 0:
             raise ValueError("a response cache needs a positive ttl and size")
         self.ttl_s = ttl_s

@@ -149,7 +149,8 @@ class RateLimiter:
         held = self._keys.get(key_id)
         if held is None or (held.rpm, held.tpm) != (rpm, tpm):  # new key, or its limits changed
             held = _KeyBuckets(
-                rpm, tpm,
+                rpm,
+                tpm,
                 TokenBucket(rpm, self._clock) if rpm else None,
                 TokenBucket(tpm, self._clock) if tpm else None,
             )
@@ -171,7 +172,9 @@ class RateLimiter:
             if wait > 0:
                 raise RateLimited(
                     f"rate limit of this API key reached ({what} per minute); retry after "
-                    f"{max(1, math.ceil(wait))} s", wait, kind,
+                    f"{max(1, math.ceil(wait))} s",
+                    wait,
+                    kind,
                 )
             if buckets.requests is not None:
                 buckets.requests.take(1)
@@ -217,8 +220,9 @@ class KeyGate:
     rotations reach the gate as soon as the key is verified again.
     """
 
-    def __init__(self, limiter: RateLimiter | None = None,
-                 budgets: BudgetTracker | None = None) -> None:
+    def __init__(
+        self, limiter: RateLimiter | None = None, budgets: BudgetTracker | None = None
+    ) -> None:
         self.limiter = limiter or RateLimiter()
         self.budgets = budgets
         self._scopes: dict[str, KeyScopes] = {}
@@ -240,21 +244,28 @@ class KeyGate:
         if not allowed:
             patterns = ", ".join(scopes.models or ())
             raise OpenAIError(
-                403, f"this API key may not use the model '{asked}'; it may use: {patterns}",
-                code="model_not_allowed", param="model", hop="coordinator")
+                403,
+                f"this API key may not use the model '{asked}'; it may use: {patterns}",
+                code="model_not_allowed",
+                param="model",
+                hop="coordinator",
+            )
         return allowed
 
-    def admit(self, key_id: str, models: Sequence[str], body: Mapping[str, Any],
-              asked: str | None = None) -> Admitted:
+    def admit(
+        self, key_id: str, models: Sequence[str], body: Mapping[str, Any], asked: str | None = None
+    ) -> Admitted:
         """Check scope, then charge the rate limits; raises OpenAIError 403 or RateLimited."""
         allowed = self.allowed(key_id, models, asked or (models[0] if models else ""))
         scopes = self.scopes(key_id)
         prompt, completion = estimate_tokens(body)
-        ticket = self.limiter.admit(key_id, rpm=scopes.rpm, tpm=scopes.tpm,
-                                    tokens=prompt + completion)
+        ticket = self.limiter.admit(
+            key_id, rpm=scopes.rpm, tpm=scopes.tpm, tokens=prompt + completion
+        )
         budget = self.budgets.budget_for(key_id) if self.budgets is not None else Budget.OK
-        return Admitted(key_id, allowed, scopes.prefer, dict(scopes.labels), budget,
-                        prompt, completion, ticket)
+        return Admitted(
+            key_id, allowed, scopes.prefer, dict(scopes.labels), budget, prompt, completion, ticket
+        )
 
     def finish(self, admitted: Admitted, row: Mapping[str, Any]) -> None:
         """After the request: correct the token bucket and count its cost toward the budget."""
@@ -265,8 +276,15 @@ class KeyGate:
         if self.budgets is not None:
             self.budgets.add(admitted.key_id, float(row.get("cost") or 0.0))
 
-    def plan(self, key_id: str, body: Mapping[str, Any], want: Want, *, request_id: str,
-             explicit_prefer: bool) -> Want:
+    def plan(
+        self,
+        key_id: str,
+        body: Mapping[str, Any],
+        want: Want,
+        *,
+        request_id: str,
+        explicit_prefer: bool,
+    ) -> Want:
         """Admit the request (403/429 here) and fit the scheduler's request to the key: only
         the models it may use, its default policy unless the request named one, its required
         node labels, its budget state. The admission is kept until `finish_row`."""
@@ -274,10 +292,16 @@ class KeyGate:
         self._open[request_id] = admitted
         while len(self._open) > MAX_OPEN:  # rows that never came: keep the estimate charged
             self._open.popitem(last=False)
-        prefer = (want.prefer if explicit_prefer or admitted.prefer is None
-                  else Prefer(admitted.prefer))
-        return replace(want, models=admitted.models, prefer=prefer,
-                       labels={**want.labels, **admitted.labels}, budget_state=admitted.budget)
+        prefer = (
+            want.prefer if explicit_prefer or admitted.prefer is None else Prefer(admitted.prefer)
+        )
+        return replace(
+            want,
+            models=admitted.models,
+            prefer=prefer,
+            labels={**want.labels, **admitted.labels},
+            budget_state=admitted.budget,
+        )
 
     def admitted(self, request_id: str) -> Admitted | None:
         return self._open.get(request_id)
@@ -297,7 +321,6 @@ class KeyGate:
 
     def refine(self, admitted: Admitted, error: OpenAIError) -> OpenAIError:
         """A 503 for a key whose budget is spent becomes the budget's 402 (cloud refused)."""
-        if (error.status == 503 and admitted.budget == Budget.OVER
-                and self.budgets is not None):
+        if error.status == 503 and admitted.budget == Budget.OVER and self.budgets is not None:
             return self.budgets.refusal(admitted.key_id, "/".join(admitted.models))
         return error

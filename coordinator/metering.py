@@ -36,8 +36,12 @@ SpendQuery = Callable[[float, float], dict[str, tuple[float, float]]]
 """(day_start, month_start) -> key id -> (spent today, spent this month); blocking."""
 
 
-def cost_of(prompt_tokens: int, completion_tokens: int, price_prompt_per_1k: float,
-            price_completion_per_1k: float) -> float:
+def cost_of(
+    prompt_tokens: int,
+    completion_tokens: int,
+    price_prompt_per_1k: float,
+    price_completion_per_1k: float,
+) -> float:
     """What a request cost at an upstream's prices per 1,000 tokens (a node costs 0)."""
     prompt = prompt_tokens * price_prompt_per_1k
     return (prompt + completion_tokens * price_completion_per_1k) / 1000
@@ -67,13 +71,16 @@ class BudgetStatus:
         return "; ".join(parts) or "no budget"
 
 
-def budget_state(scopes: KeyScopes | None, spent_day: float, spent_month: float,
-                 near: float = NEAR_FRACTION) -> Budget:
+def budget_state(
+    scopes: KeyScopes | None, spent_day: float, spent_month: float, near: float = NEAR_FRACTION
+) -> Budget:
     if scopes is None:
         return Budget.OK
-    ratios = [spent / limit for spent, limit in ((spent_day, scopes.budget_day),
-                                                 (spent_month, scopes.budget_month))
-              if limit is not None]
+    ratios = [
+        spent / limit
+        for spent, limit in ((spent_day, scopes.budget_day), (spent_month, scopes.budget_month))
+        if limit is not None
+    ]
     worst = max(ratios, default=0.0)
     if worst >= 1.0:
         return Budget.OVER
@@ -83,8 +90,14 @@ def budget_state(scopes: KeyScopes | None, spent_day: float, spent_month: float,
 class BudgetTracker:
     """Cached spend per key; `budget_for` is memory-only unless the cache is stale."""
 
-    def __init__(self, spend: SpendQuery, *, clock: Callable[[], float] = time.time,
-                 ttl_s: float = SPEND_TTL_S, near: float = NEAR_FRACTION) -> None:
+    def __init__(
+        self,
+        spend: SpendQuery,
+        *,
+        clock: Callable[[], float] = time.time,
+        ttl_s: float = SPEND_TTL_S,
+        near: float = NEAR_FRACTION,
+    ) -> None:
         self._spend_query = spend
         self._clock = clock
         self.ttl_s = ttl_s
@@ -102,8 +115,11 @@ class BudgetTracker:
 
     def stale(self) -> bool:
         now = self._clock()
-        return (self._fetched_at is None or now - self._fetched_at >= self.ttl_s
-                or period_starts(now) != self._periods)
+        return (
+            self._fetched_at is None
+            or now - self._fetched_at >= self.ttl_s
+            or period_starts(now) != self._periods
+        )
 
     def refresh(self) -> None:
         """Reload every key's spend from the ledger (blocking: one grouped query)."""
@@ -134,9 +150,14 @@ class BudgetTracker:
             self.refresh()
         scopes = self._scopes.get(key_id)
         day, month = self._spent.get(key_id, (0.0, 0.0))
-        return BudgetStatus(key_id, budget_state(scopes, day, month, self.near), day, month,
-                            scopes.budget_day if scopes else None,
-                            scopes.budget_month if scopes else None)
+        return BudgetStatus(
+            key_id,
+            budget_state(scopes, day, month, self.near),
+            day,
+            month,
+            scopes.budget_day if scopes else None,
+            scopes.budget_month if scopes else None,
+        )
 
     def budget_for(self, key_id: str | None) -> Budget:
         """The scheduler's Budget for this key now (ok when it has no budget)."""
@@ -154,5 +175,6 @@ class BudgetTracker:
             402,
             f"the budget of this API key is spent ({status.describe()}), so paid cloud "
             f"upstreams are refused; no local node can serve '{model}' right now",
-            code="budget_exceeded", hop="coordinator",
+            code="budget_exceeded",
+            hop="coordinator",
         )

@@ -30,43 +30,76 @@ class Metrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "meshgate_coordinator_requests", "API requests answered, by status, model and route.",
-            ["status", "model", "route"], registry=r)
+            "meshgate_coordinator_requests",
+            "API requests answered, by status, model and route.",
+            ["status", "model", "route"],
+            registry=r,
+        )
         self.latency = Histogram(
             "meshgate_coordinator_request_duration_seconds",
             "Time from a request's arrival to its last byte, by endpoint and route.",
-            ["endpoint", "route"], buckets=LATENCY_BUCKETS, registry=r)
+            ["endpoint", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.tokens = Counter(
-            "meshgate_coordinator_tokens", "Tokens served, by kind (prompt, completion) and model.",
-            ["kind", "model"], registry=r)
+            "meshgate_coordinator_tokens",
+            "Tokens served, by kind (prompt, completion) and model.",
+            ["kind", "model"],
+            registry=r,
+        )
         self.queue_length = Gauge(
-            "meshgate_coordinator_queue_length", "Requests waiting for a node.", registry=r)
+            "meshgate_coordinator_queue_length", "Requests waiting for a node.", registry=r
+        )
         self.retries = Counter(
-            "meshgate_coordinator_retries", "Requests tried again on another node.", registry=r)
+            "meshgate_coordinator_retries", "Requests tried again on another node.", registry=r
+        )
         self.fallbacks = Counter(
-            "meshgate_coordinator_cloud_fallbacks", "Requests sent to a cloud upstream.",
-            ["upstream"], registry=r)
+            "meshgate_coordinator_cloud_fallbacks",
+            "Requests sent to a cloud upstream.",
+            ["upstream"],
+            registry=r,
+        )
         self.nodes_connected = Gauge(
-            "meshgate_coordinator_nodes_connected", "Nodes with a live tunnel.", registry=r)
+            "meshgate_coordinator_nodes_connected", "Nodes with a live tunnel.", registry=r
+        )
         self.cache_hits = Counter(
-            "meshgate_coordinator_cache_hits", "Requests answered from the response cache.",
-            registry=r)
+            "meshgate_coordinator_cache_hits",
+            "Requests answered from the response cache.",
+            registry=r,
+        )
         self.cache_misses = Counter(
             "meshgate_coordinator_cache_misses",
-            "Cacheable requests that were not in the response cache.", registry=r)
+            "Cacheable requests that were not in the response cache.",
+            registry=r,
+        )
         self.rate_limited = Counter(
-            "meshgate_coordinator_rate_limited", "Requests refused by a key's rate limit.",
-            ["limit"], registry=r)
+            "meshgate_coordinator_rate_limited",
+            "Requests refused by a key's rate limit.",
+            ["limit"],
+            registry=r,
+        )
         self.budget_refused = Counter(
             "meshgate_coordinator_budget_refused",
-            "Requests refused because the key's budget is spent.", registry=r)
+            "Requests refused because the key's budget is spent.",
+            registry=r,
+        )
 
     def count_nodes(self, count: Callable[[], int]) -> None:
         """Read the connected-node count from `count` at every scrape."""
         self.nodes_connected.set_function(lambda: float(count()))
 
-    def observe(self, *, status: int, model: str, route: str, endpoint: str,
-                seconds: float, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+    def observe(
+        self,
+        *,
+        status: int,
+        model: str,
+        route: str,
+        endpoint: str,
+        seconds: float,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+    ) -> None:
         model = model[:100]
         self.requests.labels(str(status), model, route).inc()
         self.latency.labels(endpoint, route).observe(max(0.0, seconds))
@@ -89,11 +122,15 @@ class Metrics:
             route = "cloud"
         else:
             return
-        self.observe(status=200, model=str(row.get("model", "-")), route=route,
-                     endpoint=str(row.get("endpoint", "-")),
-                     seconds=float(row.get("latency_ms") or 0.0) / 1000,
-                     prompt_tokens=int(row.get("prompt_tokens") or 0),
-                     completion_tokens=int(row.get("completion_tokens") or 0))
+        self.observe(
+            status=200,
+            model=str(row.get("model", "-")),
+            route=route,
+            endpoint=str(row.get("endpoint", "-")),
+            seconds=float(row.get("latency_ms") or 0.0) / 1000,
+            prompt_tokens=int(row.get("prompt_tokens") or 0),
+            completion_tokens=int(row.get("completion_tokens") or 0),
+        )
 
     def served(self, tries: int, upstream: str | None) -> None:
         """A request started on its `tries`-th candidate, on a cloud when `upstream`."""

@@ -49,17 +49,30 @@ class FakeCloud:
             self.requests.append(body)
             self.request_ids.append(request.headers.get("x-request-id"))
             if body.get("model") == BROKEN:
-                return JSONResponse({"error": {"message": "upstream on fire", "type": "x"}},
-                                    status_code=500)
+                return JSONResponse(
+                    {"error": {"message": "upstream on fire", "type": "x"}}, status_code=500
+                )
             n = len(self.requests)
-            return JSONResponse({
-                "id": f"chatcmpl-{n}", "object": "chat.completion", "created": 1,
-                "model": body.get("model"),
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": f"answer {n}"}}],
-                "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS,
-                          "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS},
-            })
+            return JSONResponse(
+                {
+                    "id": f"chatcmpl-{n}",
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": body.get("model"),
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": f"answer {n}"},
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": PROMPT_TOKENS,
+                        "completion_tokens": COMPLETION_TOKENS,
+                        "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS,
+                    },
+                }
+            )
 
         return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
 
@@ -67,8 +80,11 @@ class FakeCloud:
 @contextlib.asynccontextmanager
 async def served(app: Any) -> AsyncIterator[str]:
     """`app` on a real uvicorn on a free port of 127.0.0.1; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off",
-                                           log_level="warning", access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=0, lifespan="off", log_level="warning", access_log=False
+        )
+    )
     task = asyncio.create_task(server.serve())
     deadline = time.monotonic() + 10
     while not server.started:
@@ -95,11 +111,21 @@ class Coordinator:
         _, plaintext = self.store.create_key(name, time.time(), scopes=KeyScopes(**scopes))
         return plaintext
 
-    async def chat(self, key: str, *, model: str = MODEL, content: str = "hi",
-                   headers: dict[str, str] | None = None, **extra: Any) -> httpx.Response:
+    async def chat(
+        self,
+        key: str,
+        *,
+        model: str = MODEL,
+        content: str = "hi",
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> httpx.Response:
         body = {"model": model, "messages": [{"role": "user", "content": content}], **extra}
-        return await self.http.post("/v1/chat/completions", json=body,
-                                    headers={"Authorization": f"Bearer {key}", **(headers or {})})
+        return await self.http.post(
+            "/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {key}", **(headers or {})},
+        )
 
     async def settled(self) -> None:
         """Wait for the ledger writes the API does in the background."""
@@ -113,21 +139,33 @@ async def coordinator(tmp_path: Path, *, cache: bool = False) -> AsyncIterator[C
     fake = FakeCloud()
     store = Store(f"sqlite:///{tmp_path / 'coordinator.db'}")
     async with served(fake.app()) as cloud_url:
-        upstream = Upstream(name="paid", base_url=cloud_url + "/v1", api_key="sk-upstream",
-                            models={MODEL: MODEL, BROKEN: BROKEN},
-                            price_per_1k_completion=PRICE_COMPLETION_PER_1K)
+        upstream = Upstream(
+            name="paid",
+            base_url=cloud_url + "/v1",
+            api_key="sk-upstream",
+            models={MODEL: MODEL, BROKEN: BROKEN},
+            price_per_1k_completion=PRICE_COMPLETION_PER_1K,
+        )
         config = CoordinatorConfig(upstreams=(upstream,))
         clouds = {"paid": CloudClient(upstream)}
         registry = Registry(c.view() for c in clouds.values())
         dispatcher = Dispatcher(registry, config.dispatch, clouds)
-        opts = ServeOptions(state_dir=tmp_path, api_host="127.0.0.1", api_port=0,
-                            tunnel_host="127.0.0.1", tunnel_port=0, advertise_url=None,
-                            log_level="info", cache=cache)
+        opts = ServeOptions(
+            state_dir=tmp_path,
+            api_host="127.0.0.1",
+            api_port=0,
+            tunnel_host="127.0.0.1",
+            tunnel_port=0,
+            advertise_url=None,
+            log_level="info",
+            cache=cache,
+        )
         ctx = _context(store, registry, config, dispatcher, opts)
         try:
-            async with served(build_app(ctx)) as url, httpx.AsyncClient(
-                base_url=url, timeout=30
-            ) as http:
+            async with (
+                served(build_app(ctx)) as url,
+                httpx.AsyncClient(base_url=url, timeout=30) as http,
+            ):
                 coord = Coordinator(url, store, fake, ctx, http)
                 yield coord
                 await coord.settled()

@@ -11,8 +11,11 @@ from coordinator_harness import coordinator
 from coordinator.cache import CachedResponse, ResponseCache, cache_key
 from coordinator.store import Store
 
-CHAT: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
-                        "temperature": 0}
+CHAT: dict[str, Any] = {
+    "model": "m",
+    "messages": [{"role": "user", "content": "hi"}],
+    "temperature": 0,
+}
 
 
 class Clock:
@@ -27,13 +30,16 @@ def answer(text: str) -> CachedResponse:
     return CachedResponse(text.encode(), "m", "did:key:z6Mk")
 
 
-@pytest.mark.parametrize("body", [
-    {**CHAT, "temperature": 0.7},
-    {k: v for k, v in CHAT.items() if k != "temperature"},  # OpenAI's default is 1
-    {**CHAT, "stream": True},
-    {**CHAT, "n": 2},
-    {**CHAT, "temperature": False},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {**CHAT, "temperature": 0.7},
+        {k: v for k, v in CHAT.items() if k != "temperature"},  # OpenAI's default is 1
+        {**CHAT, "stream": True},
+        {**CHAT, "n": 2},
+        {**CHAT, "temperature": False},
+    ],
+)
 def test_only_deterministic_requests_have_a_cache_key(body: dict[str, Any]) -> None:
     assert cache_key("k", "chat/completions", body) is None
 

@@ -210,7 +210,8 @@ async def test_over_http_a_key_past_its_rpm_gets_429_with_retry_after(tmp_path: 
         client = openai.AsyncOpenAI(api_key=key, base_url=coord.url + "/v1", max_retries=0)
         with pytest.raises(openai.RateLimitError) as from_openai:
             await client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "hi"}])
+                model=MODEL, messages=[{"role": "user", "content": "hi"}]
+            )
         await client.close()
     assert (first.status_code, second.status_code) == (200, 200)
     assert refused.status_code == 429

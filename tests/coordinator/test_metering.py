@@ -26,10 +26,23 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def spend(store: Store, key: str | None, cost: float, at: float, upstream: str = "openai") -> None:
-    store.record_usage(UsageRecord(
-        request_id=f"r{at}{cost}", key_id=key, node_did=None, upstream=upstream, model="m",
-        endpoint="chat/completions", prompt_tokens=10, completion_tokens=10, latency_ms=5.0,
-        outcome="ok", created_at=at, cost=cost, route="prefer=speed"))
+    store.record_usage(
+        UsageRecord(
+            request_id=f"r{at}{cost}",
+            key_id=key,
+            node_did=None,
+            upstream=upstream,
+            model="m",
+            endpoint="chat/completions",
+            prompt_tokens=10,
+            completion_tokens=10,
+            latency_ms=5.0,
+            outcome="ok",
+            created_at=at,
+            cost=cost,
+            route="prefer=speed",
+        )
+    )
 
 
 class Clock:
@@ -61,10 +74,17 @@ def test_the_store_sums_spend_per_key_for_today_and_this_month(store: Store) -> 
     assert store.spend_by_key(day, month) == {"a": (1.0, 3.0), "b": (0.0 + 0.5, 0.5)}
 
 
-@pytest.mark.parametrize(("day", "month", "state"), [
-    (0.0, 0.0, Budget.OK), (0.79, 0.0, Budget.OK), (0.8, 0.0, Budget.NEAR),
-    (1.0, 0.0, Budget.OVER), (0.1, 40.0, Budget.NEAR), (0.1, 50.0, Budget.OVER),
-])
+@pytest.mark.parametrize(
+    ("day", "month", "state"),
+    [
+        (0.0, 0.0, Budget.OK),
+        (0.79, 0.0, Budget.OK),
+        (0.8, 0.0, Budget.NEAR),
+        (1.0, 0.0, Budget.OVER),
+        (0.1, 40.0, Budget.NEAR),
+        (0.1, 50.0, Budget.OVER),
+    ],
+)
 def test_the_state_is_the_worst_of_the_day_and_month_budgets(
     day: float, month: float, state: Budget
 ) -> None:
@@ -158,8 +178,10 @@ async def test_over_http_spend_near_then_past_the_budget_refuses_the_cloud_with_
     rows = Store(f"sqlite:///{tmp_path / 'coordinator.db'}").usage_rows()
     assert all(r.route == "qg://prefer=speed" for r in rows)
     assert [(r.outcome, r.upstream, r.cost) for r in rows] == [
-        ("ok", "paid", pytest.approx(0.02)), ("ok", "paid", pytest.approx(0.02)),
-        ("budget_exceeded", None, 0.0)]
+        ("ok", "paid", pytest.approx(0.02)),
+        ("ok", "paid", pytest.approx(0.02)),
+        ("budget_exceeded", None, 0.0),
+    ]
     assert all(r.key_id == key.split("_")[1] for r in rows)
     assert rows[0].prompt_tokens == 10
     assert rows[0].completion_tokens == 20

@@ -54,8 +54,9 @@ class _Server:
         try:
             import psycopg  # noqa: F401
         except ImportError:
-            pytest.skip("psycopg (the PostgreSQL driver) is not installed: "
-                        "pip install 'psycopg[binary]'")
+            pytest.skip(
+                "psycopg (the PostgreSQL driver) is not installed: pip install 'psycopg[binary]'"
+            )
         initdb, pg_ctl = _find("initdb"), _find("pg_ctl")
         if initdb is None or pg_ctl is None:
             pytest.skip("PostgreSQL's initdb/pg_ctl are not installed")
@@ -68,31 +69,65 @@ class _Server:
             except KeyError:
                 self.owner = None
             if runuser is None or self.owner is None:
-                pytest.skip("running as root, and initdb refuses root: no runuser or no "
-                            "'postgres' user to run PostgreSQL as")
+                pytest.skip(
+                    "running as root, and initdb refuses root: no runuser or no "
+                    "'postgres' user to run PostgreSQL as"
+                )
             self.prefix = [runuser, "-u", "postgres", "--"]
         self.dir = Path(tempfile.mkdtemp(prefix="meshgate-pg-"))
         self.data = self.dir / "data"
         self.port = _free_port()
         if self.owner is not None:
             os.chown(self.dir, self.owner.pw_uid, self.owner.pw_gid)
-        self._run([initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust",
-                   "--encoding=UTF8", "--no-sync"])
+        self._run(
+            [
+                initdb,
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            ]
+        )
         self.pg_ctl = pg_ctl
-        options = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
-                   "-c fsync=off -c max_connections=50")
-        self._run([pg_ctl, "start", "-w", "-t", "60", "-D", str(self.data),
-                   "-l", str(self.dir / "server.log"), "-o", options])
+        options = (
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c max_connections=50"
+        )
+        self._run(
+            [
+                pg_ctl,
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.dir / "server.log"),
+                "-o",
+                options,
+            ]
+        )
         self._names = itertools.count()
 
     def _run(self, argv: list[str]) -> None:
-        done = subprocess.run([*self.prefix, *argv], capture_output=True, text=True,
-                              timeout=120, check=False, cwd=self.dir)
+        done = subprocess.run(
+            [*self.prefix, *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            cwd=self.dir,
+        )
         if done.returncode != 0:
             log = self.dir / "server.log"
             tail = log.read_text()[-2000:] if log.exists() else ""
-            raise RuntimeError(f"{argv[0]} failed ({done.returncode}):\n{done.stdout}\n"
-                               f"{done.stderr}\n{tail}")
+            raise RuntimeError(
+                f"{argv[0]} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}\n{tail}"
+            )
 
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
@@ -151,8 +186,11 @@ def test_the_store_really_runs_on_postgresql(store: Store) -> None:
 
 
 def _contract() -> dict[str, Any]:
-    return {name: test for name, test in vars(contract).items()
-            if name.startswith("test_") and callable(test) and name not in _SKIP_IN_CONTRACT}
+    return {
+        name: test
+        for name, test in vars(contract).items()
+        if name.startswith("test_") and callable(test) and name not in _SKIP_IN_CONTRACT
+    }
 
 
 globals().update(_contract())
