@@ -99,6 +99,13 @@ def run(
         "--upstream",
         help="NAME=http://127.0.0.1:PORT/v1: an OpenAI-compatible server on this box.",
     ),
+    ollama: str | None = typer.Option(
+        None,
+        help="http://127.0.0.1:11434: serve this Ollama server's models under Ollama's names.",
+    ),
+    ollama_period: float | None = typer.Option(
+        None, help="Seconds between looks at the Ollama server's models [30]."
+    ),
     n_ctx: int | None = typer.Option(None, help="Context length for llama.cpp runners [2048]."),
     n_gpu_layers: int | None = typer.Option(
         None, help="Layers to offload to the GPU (-1: all) [0]."
@@ -133,6 +140,8 @@ def run(
         "models": model,
         "model_dirs": model_dir,
         "upstreams": upstream,
+        "ollama": ollama,
+        "ollama_period": ollama_period,
         "n_ctx": n_ctx,
         "n_gpu_layers": n_gpu_layers,
         "telemetry_period": telemetry_period,

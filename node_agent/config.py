@@ -45,6 +45,8 @@ class NodeOptions:
     models: tuple[str, ...] = ()
     model_dirs: tuple[Path, ...] = ()
     upstreams: tuple[str, ...] = ()
+    ollama: str | None = None
+    ollama_period: float = 30.0
     n_ctx: int = 2048
     n_gpu_layers: int = 0
     telemetry_period: float = 2.0
@@ -293,6 +295,10 @@ def validate(opts: NodeOptions, source: str = "the options") -> None:
         raise ConfigError(
             f"{source}: log_level {opts.log_level!r} is not one of {', '.join(LOG_LEVELS)}"
         )
+    if opts.ollama is not None and not opts.ollama.startswith(("http://", "https://")):
+        raise ConfigError(f"{source}: ollama {opts.ollama!r} must be http://HOST:PORT")
+    if opts.ollama_period <= 0:
+        raise ConfigError(f"{source}: ollama_period must be > 0 seconds")
     for spec in opts.upstreams:
         name, sep, url = spec.partition("=")
         if not sep or not name or not url.startswith(("http://", "https://")):

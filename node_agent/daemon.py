@@ -10,7 +10,11 @@ Besides the runners and the proxy, the daemon runs three small loops:
   broken file is listed as unusable with the reason and not served) and
   polled every ``inventory_period`` seconds (stat only); a change is sent to
   the coordinator as an INVENTORY frame at once;
-- the link to the coordinator, when enrolled.
+- the link to the coordinator, when enrolled;
+- with ``--ollama URL``: every model of that Ollama server is served as an
+  :class:`~node_agent.ollama.OllamaRuntime` under Ollama's name, found again
+  every ``ollama_period`` seconds (new models are added; a model loaded or
+  unloaded there, or added, is sent to the coordinator as a new inventory).
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ from typing import Any
 import psutil
 import uvicorn
 
+from meshgate.openai import OpenAIError
 from node_agent.config import NodeOptions
-from node_agent.inventory import Inventory, ModelFile, read_model_file
+from node_agent.inventory import Inventory, ModelFile, ollama_entry, read_model_file
 from node_agent.link import CoordinatorLink
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager, model_name, parse_model_spec
 from node_agent.nvml import NvmlSource
+from node_agent.ollama import OllamaHost
 from node_agent.proxy import build_app
 from node_agent.state import NodeState
 from node_agent.supervisor import LlamaRunner
@@ -125,6 +131,7 @@ class NodeParts:
         self.runners: dict[str, LlamaRunner] = {}
         self.link: CoordinatorLink | None = None
         self.nvml = NvmlSource(load_nvml_module())
+        self.ollama = OllamaHost(opts.ollama) if opts.ollama else None
         self.metrics: NodeMetrics
         self.telemetry: TelemetryService
 
@@ -137,6 +144,8 @@ class NodeParts:
         self.manager, self.runners = build_manager(
             self.opts, self.state, self.files, inventory=lambda: self.files
         )
+        if self.ollama is not None:
+            await self.sync_ollama()
         self.metrics = NodeMetrics(
             served=self.manager.names, stats=self.runtime_stats, telemetry=self.latest
         )
@@ -172,6 +181,8 @@ class NodeParts:
                                  ("decode_tps", "generation_tokens_per_s")):
                 if entry.get(ours) is None:
                     entry[ours] = entry.get(theirs) or rate.get(theirs)
+            if entry.get("kind") == "ollama" and self.ollama is not None:
+                entry["loaded"] = any(m.name == name and m.loaded for m in self.ollama.models)
             runner = self.runners.get(name)
             if "pid" not in entry and runner is not None:
                 entry["pid"] = runner.pid
@@ -192,14 +203,37 @@ class NodeParts:
                 entry.update(_compact(f))
                 entry["name"] = name
                 entry["context_length"] = min(self.opts.n_ctx, f.context_length or self.opts.n_ctx)
+            entry["source"] = "gguf" if name in self.runners else entry["kind"]
             models.append(entry)
         files = [_compact(f) for f in self.files]
-        return {
+        body: dict[str, Any] = {
             "models": models,
             "files": files[:MAX_INVENTORY_FILES],
             "files_total": len(files),
             "model_dirs": [str(d) for d in self.opts.model_dirs],
         }
+        if self.ollama is not None:
+            known = {m.name: ollama_entry(m) for m in self.ollama.models}
+            for entry in models:
+                if entry["kind"] == "ollama" and entry["name"] in known:
+                    entry.update(known[entry["name"]])
+            body["ollama"] = {"url": self.ollama.url, "models": list(known.values())}
+        return body
+
+    async def sync_ollama(self) -> None:
+        """Serve the local Ollama's models; an Ollama that is down is a warning, not a failure."""
+        assert self.ollama is not None
+        try:
+            added = await self.ollama.sync(self.manager)
+        except OpenAIError as exc:
+            log.warning("ollama at %s: %s (will retry every %ss)", self.ollama.url,
+                        exc.message, self.opts.ollama_period)
+            return
+        log.info("ollama at %s: serving %s", self.ollama.url, added)
+
+    def inventory_changed(self) -> None:
+        if self.link is not None:
+            self.link.inventory_changed()
 
     async def watch_inventory(self) -> None:
         """Poll the model dirs (stat only); on a change rescan and tell the coordinator."""
@@ -260,6 +294,9 @@ async def serve(opts: NodeOptions) -> None:
         asyncio.create_task(parts.telemetry.run(), name="telemetry"),
         asyncio.create_task(parts.watch_inventory(), name="inventory"),
     ]
+    if parts.ollama is not None:
+        watch = parts.ollama.watch(manager, opts.ollama_period, parts.inventory_changed)
+        tasks.append(asyncio.create_task(watch, name="ollama"))
     if not opts.connect:
         log.info("connect = false: serving the local proxy only")
     elif enrollment is None:
@@ -285,6 +322,8 @@ async def serve(opts: NodeOptions) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await manager.stop()
+        if parts.ollama is not None:
+            await parts.ollama.aclose()
         parts.nvml.close()
         log.info("node stopped")
 

@@ -27,10 +27,13 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
+
+if TYPE_CHECKING:
+    from node_agent.ollama import OllamaModel
 
 log = logging.getLogger(__name__)
 
@@ -277,3 +280,27 @@ class Inventory:
     def changed(self) -> bool:
         """True when a file was added, removed or rewritten since the last :meth:`scan`."""
         return self._last is None or frozenset(self._keys()) != self._last
+
+
+# --- models of a local Ollama ---------------------------------------------------------
+
+
+def ollama_entry(model: OllamaModel) -> dict[str, Any]:
+    """An Ollama model (from its ``list`` and ``ps``) in the inventory's terms, ``source`` "ollama".
+
+    ``loaded``, ``context_length`` and ``size_bytes`` are what the coordinator
+    reads of any inventory entry; the rest is Ollama's own description.
+    """
+    return {
+        "name": model.name,
+        "source": "ollama",
+        "loaded": model.loaded,
+        "size_bytes": model.size_bytes,
+        "architecture": model.family,
+        "quantization": model.quantization,
+        "parameter_size": model.parameter_size,
+        "context_length": model.context_length,
+        "digest": model.digest,
+        "expires_at": model.expires_at,
+        "size_vram": model.size_vram,
+    }

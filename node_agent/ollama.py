@@ -36,7 +36,7 @@ import logging
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -185,16 +185,30 @@ class OllamaHost:
                 added.append(model.name)
         return added
 
-    async def watch(self, manager: _Manager, period: float = 30.0) -> None:
-        """:meth:`sync` every `period` seconds until cancelled; failures are logged, not fatal."""
+    async def watch(
+        self, manager: _Manager, period: float = 30.0,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        """:meth:`sync` every `period` seconds until cancelled; failures are logged, not fatal.
+
+        `on_change` is called when a model appears or disappears, or is loaded or unloaded.
+        """
         while True:
+            await asyncio.sleep(period)
+            before = self.state()
             try:
                 added = await self.sync(manager)
-                if added:
-                    log.info("ollama at %s: now serving %s", self.url, added)
             except OpenAIError as exc:
                 log.warning("ollama at %s: discovery failed: %s", self.url, exc.message)
-            await asyncio.sleep(period)
+                continue
+            if added:
+                log.info("ollama at %s: now serving %s", self.url, added)
+            if on_change is not None and self.state() != before:
+                on_change()
+
+    def state(self) -> frozenset[tuple[str, bool]]:
+        """What :meth:`watch` compares: each model's name and whether it is loaded."""
+        return frozenset((m.name, m.loaded) for m in self.models)
 
     async def aclose(self) -> None:
         await self.client.close()  # type: ignore[no-untyped-call]
