@@ -191,6 +191,46 @@ def status(
     typer.echo(json.dumps(sample, indent=2) if as_json else render_status(sample))
 
 
+@app.command()
+def swap(
+    old: str = typer.Argument(..., help="The model name apps use now (it keeps that name)."),
+    new: str = typer.Argument(..., help="NAME=PATH.gguf, PATH.gguf or a name in the inventory."),
+    n_ctx: int | None = typer.Option(None, help="Context length [the old runner's]."),
+    n_gpu_layers: int | None = typer.Option(None, help="GPU layers [placement decides]."),
+    url: str | None = typer.Option(
+        None, help="The node's local proxy [http://127.0.0.1:PROXY_PORT from the config]."
+    ),
+    config: Path | None = CONFIG,
+) -> None:
+    """Hot-swap what serves OLD to NEW without dropping a request."""
+    import httpx
+
+    from node_agent.config import ConfigError, load_options
+
+    if url is None:
+        try:
+            opts = load_options({}, config=config)
+        except ConfigError as exc:
+            raise _fail(str(exc), 2) from None
+        host = "127.0.0.1" if opts.proxy_host in ("0.0.0.0", "::", "") else opts.proxy_host  # noqa: S104
+        url = f"http://{host}:{opts.proxy_port}"
+    body = {"model": old, "to": new, "n_ctx": n_ctx, "n_gpu_layers": n_gpu_layers}
+    try:
+        reply = httpx.post(f"{url.rstrip('/')}/meshgate/swap", json=body, timeout=600.0)
+    except httpx.HTTPError as exc:
+        raise _fail(f"the node daemon is not running (nothing answers at {url}: {exc})") from None
+    try:
+        answer = reply.json()
+    except ValueError:
+        answer = {"error": {"message": reply.text[:500]}}
+    if reply.status_code != 200:
+        message = (answer.get("error") or {}).get("message") if isinstance(answer, dict) else None
+        raise _fail(f"swap refused ({reply.status_code}): {message or reply.text[:500]}")
+    to = answer.get("to") or {}
+    typer.echo(f"{old} now served from {to.get('file')} (runner {to.get('runner')}, pid "
+               f"{to.get('pid')}, {answer.get('mode')}) in {answer.get('seconds')} s")
+
+
 @app.command("install-service")
 def install_service(
     user: str = typer.Option("meshgate", help="The system user the daemon runs as."),

@@ -61,6 +61,7 @@ class CoordinatorLink:
         self.inventories_sent = 0
         self.connected = asyncio.Event()
         self.refused: RefusedError | None = None
+        self._commands: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         """Keep the link up until cancelled or refused."""
@@ -91,6 +92,7 @@ class CoordinatorLink:
             info={"host": platform.node(), "version": "0.1.0"},
         )
         mux = Mux(link, initiator=True, on_stream=self._serve)
+        mux.on_control = lambda frame: self._control(mux, frame)
         log.info("connected to coordinator %s as %s", self.enrollment.url, self.identity.did)
         self._inventory_dirty.clear()
         await self._send_inventory(mux)
@@ -100,6 +102,8 @@ class CoordinatorLink:
             await mux.run()
         finally:
             heartbeat.cancel()
+            for command in list(self._commands):
+                command.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
             await link.close()
@@ -138,6 +142,29 @@ class CoordinatorLink:
             with contextlib.suppress(TimeoutError):
                 wait = max(0.0, due - time.monotonic())
                 await asyncio.wait_for(self._inventory_dirty.wait(), wait)
+
+    async def _control(self, mux: Mux, frame: Frame) -> None:
+        """A COMMAND runs as its own task so that a long swap holds up no other frame."""
+        if frame.type != FrameType.COMMAND:
+            return
+        task = asyncio.create_task(self._command(mux, frame.body))
+        self._commands.add(task)
+        task.add_done_callback(self._commands.discard)
+
+    async def _command(self, mux: Mux, body: Any) -> None:
+        """Run ``{"op": "load"|"unload"|"swap", "id": ..., ...}``; answer with a RESULT frame:
+        ``{"id", "op", "ok": true, "result": {...}}`` or ``{"id", "op", "ok": false, "error"}``."""
+        head = {k: body.get(k) for k in ("id", "op")} if isinstance(body, dict) else {}
+        log.info("command from the coordinator: %s", body)
+        try:
+            reply = {**head, "ok": True, "result": await self.manager.command(body)}
+            self.inventory_changed()
+        except OpenAIError as exc:
+            log.warning("command %s failed: %s", head, exc.message)
+            error = error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "node")
+            reply = {**head, "ok": False, "error": error}
+        with contextlib.suppress(TunnelError):
+            await mux.send_control(FrameType.RESULT, reply)
 
     async def _serve(self, stream: Stream, frame: Frame) -> None:
         """Run one request; stop generating if the coordinator cancels it."""

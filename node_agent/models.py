@@ -824,6 +824,10 @@ class ModelManager:
         if not isinstance(body, dict):
             raise OpenAIError(400, "a command is a JSON object with an 'op'", hop="node")
         op = body.get("op")
+        if op not in ("swap", "load", "unload"):
+            raise OpenAIError(
+                400, f"unknown op {op!r}; expected load, unload or swap", param="op", hop="node"
+            )
         model = _field(body, "model", str)
         n_ctx = _field(body, "n_ctx", int, required=False)
         layers = _field(body, "n_gpu_layers", int, required=False)
@@ -838,11 +842,7 @@ class ModelManager:
                 n_gpu_layers=layers,
                 keep_alive=keep,
             )
-        if op == "unload":
-            return await self.unload(model)
-        raise OpenAIError(
-            400, f"unknown op {op!r}; expected load, unload or swap", param="op", hop="node"
-        )
+        return await self.unload(model)
 
     # --- reporting ---------------------------------------------------------------------
 

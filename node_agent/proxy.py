@@ -10,6 +10,7 @@ event, never as a silently shortened stream.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -221,4 +222,29 @@ def build_app(
     for endpoint in ENDPOINTS:
         app.add_api_route(f"/v1/{endpoint}", route(endpoint), methods=["POST"])
     add_ollama_routes(app, manager)  # /api/chat, /api/generate, /api/tags... for Ollama apps
+    _add_admin_routes(app, manager)
     return app
+
+
+def _add_admin_routes(app: FastAPI, manager: ModelManager) -> None:
+    """``POST /meshgate/{swap,load,unload}``: the manager's commands on the local port.
+
+    Bodies: swap ``{"model": OLD, "to": NAME=PATH.gguf | inventory name, "n_ctx"?,
+    "n_gpu_layers"?}``; load ``{"model", "from"?, "n_ctx"?, "n_gpu_layers"?, "keep_alive"?}``;
+    unload ``{"model"}``. The answer is what the manager reports; errors are OpenAI errors.
+    """
+
+    def admin(op: str) -> Callable[[Request], Awaitable[dict[str, Any]]]:
+        async def handler(request: Request) -> dict[str, Any]:
+            try:
+                body = json.loads(await read_body(request) or b"{}")
+            except ValueError:
+                raise OpenAIError(400, "the body must be a JSON object", hop="node") from None
+            if not isinstance(body, dict):
+                raise OpenAIError(400, "the body must be a JSON object", hop="node")
+            return await manager.command({**body, "op": op})
+
+        return handler
+
+    for op in ("swap", "load", "unload"):
+        app.add_api_route(f"/meshgate/{op}", admin(op), methods=["POST"])
