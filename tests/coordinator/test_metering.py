@@ -10,6 +10,7 @@ import pytest
 from coordinator_harness import coordinator
 
 from coordinator.metering import BudgetTracker, budget_state, cost_of, period_starts
+from coordinator.scheduler import CloudView, ModelView, NodeView, Request, Snapshot, schedule
 from coordinator.scheduler_rules import Budget
 from coordinator.store import KeyScopes, Store, UsageRecord
 
@@ -186,3 +187,28 @@ async def test_over_http_spend_near_then_past_the_budget_refuses_the_cloud_with_
     assert rows[0].prompt_tokens == 10
     assert rows[0].completion_tokens == 20
     assert rows[0].latency_ms > 0
+
+
+def test_the_scheduler_keeps_local_nodes_and_drops_the_cloud_once_over_budget(
+    store: Store,
+) -> None:
+    """budget_for feeds the scheduler: near puts the edge first, over leaves only the edge."""
+    snapshot = Snapshot.build(
+        [NodeView("did:key:z6MkLOCAL", {"m": ModelView("m", loaded=True, decode_tps=1.0)})],
+        [CloudView("paid", frozenset({"m"}), price_completion_per_1k=1.0, decode_tps=1000.0)],
+    )
+    tracker = BudgetTracker(store.spend_by_key, clock=Clock(NOW))
+    tracker.remember("a", KeyScopes(budget_day=1.0))
+    kinds = {}
+    for spent in (0.0, 0.85, 0.2):
+        if spent:
+            spend(store, "a", spent, NOW)
+            tracker.refresh()
+        state = tracker.budget_for("a")
+        decision = schedule(
+            Request(models=["m"], prompt_tokens=10, max_tokens=100, budget_state=state), snapshot
+        )
+        kinds[state] = [c.kind.value for c in decision.candidates]
+    assert kinds[Budget.OK] == ["cloud", "node"]  # speed: the fast cloud first
+    assert kinds[Budget.NEAR] == ["node", "cloud"]
+    assert kinds[Budget.OVER] == ["node"]
