@@ -49,8 +49,12 @@ def render_status(sample: dict[str, Any]) -> str:
                 for g in gpus]
         header = ["#", "NAME", "VRAM USED", "UTIL", "TEMP", "POWER", "PCIE", "UNREADABLE"]
         lines += ["  " + r for r in table(header, rows)]
+        driver = (sample.get("nvml") or {}).get("driver_version")
+        if driver:
+            lines.append(f"  driver {driver}")
     else:
-        lines.append("GPUS    none (CPU-only box, or no NVIDIA driver)")
+        why = (sample.get("nvml") or {}).get("unavailable_reason")
+        lines.append(f"GPUS    none ({why or 'CPU-only box, or no NVIDIA driver'})")
     lines.append("")
     models = {k: v for k, v in runtime.items() if isinstance(v, dict)}
     if models:

@@ -102,7 +102,7 @@ def read_host(model_dirs: Iterable[Path]) -> HostSample:
 
 
 class TelemetrySampler:
-    """One call, one JSON/msgpack-ready sample: ``{"host", "gpus", "runtime", "ts"}``."""
+    """One call, one JSON/msgpack-ready sample: ``{"host", "gpus", "nvml", "runtime", "ts"}``."""
 
     def __init__(
         self,
@@ -120,8 +120,18 @@ class TelemetrySampler:
         return {
             "host": read_host(self._model_dirs).to_dict(),
             "gpus": [g.to_dict() for g in self._gpus.sample()] if self._gpus else [],
+            "nvml": self._nvml(),
             "runtime": self._runtime(),
             "ts": time.time(),
+        }
+
+    def _nvml(self) -> dict[str, Any]:
+        """The driver version, or why there are no GPU figures (read after sampling)."""
+        if self._gpus is None:
+            return {"driver_version": None, "unavailable_reason": "no GPU source configured"}
+        return {
+            "driver_version": getattr(self._gpus, "driver_version", None),
+            "unavailable_reason": getattr(self._gpus, "unavailable_reason", None),
         }
 
     def _runtime(self) -> dict[str, Any]:

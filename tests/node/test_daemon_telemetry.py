@@ -117,6 +117,8 @@ def test_gpus_come_from_nvml_and_an_unreadable_field_is_none(node: Node) -> None
     assert gpus[1]["unavailable"] == ["power_mw"]
     assert gpus[1]["vram_total_bytes"] == GPUS[1]["memory"]["total"]  # the rest still read
     assert "cannot read power_mw" in node.proc.log_text()
+    nvml = telemetry(node)["nvml"]
+    assert nvml == {"driver_version": "550.120", "unavailable_reason": None}
 
 
 def test_sample_is_refreshed_on_the_period_from_the_environment(node: Node) -> None:

@@ -64,7 +64,7 @@ def test_no_core_readings_is_zero_utilisation() -> None:
 def test_sample_on_this_cpu_only_box(tmp_path: Path) -> None:
     sampler = TelemetrySampler([tmp_path, tmp_path / "missing"], NvmlSource())
     s = sampler.sample()
-    assert set(s) == {"host", "gpus", "runtime", "ts"}
+    assert set(s) == {"host", "gpus", "nvml", "runtime", "ts"}
     assert s["gpus"] == []  # no GPU here; on a GPU box this is the real NVML path
     assert s["runtime"] == {}
     host = s["host"]

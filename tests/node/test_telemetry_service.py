@@ -77,8 +77,10 @@ async def test_no_nvml_library_is_a_cpu_only_sample(tmp_path: Path) -> None:
     nvml = NvmlSource(FakeNvml(library_missing=True))
     service = TelemetryService(TelemetrySampler([tmp_path], nvml))
     assert (await service.refresh())["gpus"] == []
-    assert (await service.refresh())["gpus"] == []
+    sample = await service.refresh()
+    assert sample["gpus"] == []
     assert nvml.unavailable_reason is not None
+    assert sample["nvml"]["unavailable_reason"] == nvml.unavailable_reason
 
 
 def parsed(metrics: NodeMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -161,3 +163,6 @@ def test_status_table_names_gpus_models_and_missing_figures() -> None:
     assert row.split() == ["smol", "llama.cpp", "yes", "3.0", "GiB", "1", "2", "900.0", "-",
                            "7", "1"]
     assert "GPUS    none" in render_status({"host": {}, "gpus": [], "runtime": {}})
+    no_driver = {"host": {}, "gpus": [], "runtime": {},
+                 "nvml": {"unavailable_reason": "NVMLError_LibraryNotFound: not found"}}
+    assert "GPUS    none (NVMLError_LibraryNotFound" in render_status(no_driver)
