@@ -93,8 +93,13 @@ def _base(tp: Any) -> tuple[Any, bool, bool]:
 
 def _type_name(tp: Any) -> str:
     base, many, optional = _base(tp)
-    name = {Path: "a path", str: "a string", int: "an integer", float: "a number",
-            bool: "true or false"}[base]
+    name = {
+        Path: "a path",
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+    }[base]
     if many:
         name = f"a list of {name.removeprefix('a ').removeprefix('an ')}s"
     return f"{name} (or nothing)" if optional else name

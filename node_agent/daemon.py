@@ -54,8 +54,18 @@ NVML_MODULE_ENV = "MESHGATE_NVML_MODULE"
 #: At most this many files are listed in one INVENTORY frame (frames are <= 64 KiB).
 MAX_INVENTORY_FILES = 150
 
-_FILE_FIELDS = ("name", "path", "size_bytes", "usable", "reason", "architecture",
-                "parameter_count", "quantization", "context_length", "block_count")
+_FILE_FIELDS = (
+    "name",
+    "path",
+    "size_bytes",
+    "usable",
+    "reason",
+    "architecture",
+    "parameter_count",
+    "quantization",
+    "context_length",
+    "block_count",
+)
 
 
 def load_nvml_module(env: dict[str, str] | os._Environ[str] = os.environ) -> Any | None:
@@ -177,8 +187,10 @@ class NodeParts:
             entry.setdefault("loaded", entry.get("state", "loaded") == "loaded")
             entry.setdefault("queue", entry.get("queued", 0))
             rate = rates.get(name, {})
-            for ours, theirs in (("prefill_tps", "prompt_tokens_per_s"),
-                                 ("decode_tps", "generation_tokens_per_s")):
+            for ours, theirs in (
+                ("prefill_tps", "prompt_tokens_per_s"),
+                ("decode_tps", "generation_tokens_per_s"),
+            ):
                 if entry.get(ours) is None:
                     entry[ours] = entry.get(theirs) or rate.get(theirs)
             if entry.get("kind") == "ollama" and self.ollama is not None:
@@ -196,8 +208,11 @@ class NodeParts:
         for name in self.manager.names():
             got = stats.get(name)
             s: dict[str, Any] = got if isinstance(got, dict) else {}
-            entry: dict[str, Any] = {"name": name, "loaded": s.get("state", "loaded") == "loaded",
-                                     "kind": s.get("kind")}
+            entry: dict[str, Any] = {
+                "name": name,
+                "loaded": s.get("state", "loaded") == "loaded",
+                "kind": s.get("kind"),
+            }
             f = by_name.get(name) if name in self.runners else None
             if f is not None:
                 entry.update(_compact(f))
@@ -226,8 +241,12 @@ class NodeParts:
         try:
             added = await self.ollama.sync(self.manager)
         except OpenAIError as exc:
-            log.warning("ollama at %s: %s (will retry every %ss)", self.ollama.url,
-                        exc.message, self.opts.ollama_period)
+            log.warning(
+                "ollama at %s: %s (will retry every %ss)",
+                self.ollama.url,
+                exc.message,
+                self.opts.ollama_period,
+            )
             return
         log.info("ollama at %s: serving %s", self.ollama.url, added)
 
@@ -248,8 +267,7 @@ class NodeParts:
                 log.warning("cannot rescan the model directories: %s", exc)
                 continue
             after = {f.path for f in self.files}
-            log.info("model files changed: +%s -%s", sorted(after - before),
-                     sorted(before - after))
+            log.info("model files changed: +%s -%s", sorted(after - before), sorted(before - after))
             for f in self.files:
                 if f.path not in before and not f.usable:
                     log.warning("unusable model file %s: %s", f.path, f.reason)

@@ -152,10 +152,12 @@ class NodeMetrics:
             pre = [d for d in done if d.prefill_s]
             dec = [d for d in done if d.decode_s]
             out[model] = {
-                "prompt_tokens_per_s": _rate(sum(d.prompt_tokens for d in pre),
-                                             sum(d.prefill_s or 0.0 for d in pre)),
-                "generation_tokens_per_s": _rate(sum(d.completion_tokens for d in dec),
-                                                 sum(d.decode_s or 0.0 for d in dec)),
+                "prompt_tokens_per_s": _rate(
+                    sum(d.prompt_tokens for d in pre), sum(d.prefill_s or 0.0 for d in pre)
+                ),
+                "generation_tokens_per_s": _rate(
+                    sum(d.completion_tokens for d in dec), sum(d.decode_s or 0.0 for d in dec)
+                ),
                 "requests_last_min": float(len(done)),
             }
         return out
@@ -192,7 +194,8 @@ class _SnapshotCollector(Collector):
             "meshgate_node_queue_length", "Requests waiting for the model.", labels=["model"]
         )
         restarts = CounterMetricFamily(
-            "meshgate_node_runner_restarts", "Runner crashes (each is followed by a restart).",
+            "meshgate_node_runner_restarts",
+            "Runner crashes (each is followed by a restart).",
             labels=["model"],
         )
         for model, s in stats.items():
@@ -208,11 +211,11 @@ class _SnapshotCollector(Collector):
         if not sample:
             return
         host = sample.get("host") or {}
-        cpu = GaugeMetricFamily("meshgate_node_cpu_utilisation_percent",
-                                "Host CPU utilisation, mean of all cores.")
+        cpu = GaugeMetricFamily(
+            "meshgate_node_cpu_utilisation_percent", "Host CPU utilisation, mean of all cores."
+        )
         cpu.add_metric([], float(host.get("cpu_util_pct", 0.0)))
-        mem = GaugeMetricFamily("meshgate_node_memory_available_bytes",
-                                "Host memory available.")
+        mem = GaugeMetricFamily("meshgate_node_memory_available_bytes", "Host memory available.")
         mem.add_metric([], float(host.get("mem_available_bytes", 0)))
         yield from (cpu, mem)
         gauges = {
@@ -222,8 +225,9 @@ class _SnapshotCollector(Collector):
             "temperature_c": ("meshgate_node_gpu_temperature_celsius", "GPU temperature."),
             "power_draw_w": ("meshgate_node_gpu_power_watts", "GPU power draw."),
         }
-        families = {k: GaugeMetricFamily(n, h, labels=["gpu", "uuid"]) for k, (n, h) in
-                    gauges.items()}
+        families = {
+            k: GaugeMetricFamily(n, h, labels=["gpu", "uuid"]) for k, (n, h) in gauges.items()
+        }
         for gpu in sample.get("gpus") or []:
             labels = [str(gpu.get("index")), str(gpu.get("uuid") or "")]
             for key, family in families.items():

@@ -103,10 +103,19 @@ def install(
 
     commands: list[list[str]] = []
     if not _user_exists(user):
-        commands.append(["useradd", "--system", "--home-dir", "/var/lib/meshgate",
-                         "--shell", "/usr/sbin/nologin", "--user-group", user])
-    commands += [["systemctl", "daemon-reload"],
-                 ["systemctl", "enable", "--now", UNIT_NAME]]
+        commands.append(
+            [
+                "useradd",
+                "--system",
+                "--home-dir",
+                "/var/lib/meshgate",
+                "--shell",
+                "/usr/sbin/nologin",
+                "--user-group",
+                user,
+            ]
+        )
+    commands += [["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", UNIT_NAME]]
     for cmd in commands:
         if live:
             run(cmd)
@@ -115,8 +124,10 @@ def install(
             yield "would run: " + " ".join(cmd)
     if not live and not dry_run:
         yield "systemd is not running here: run the commands above on the target host"
-    yield (f"then enroll as {user} and restart: sudo -u {user} {' '.join(node_command())} "
-           f"enroll TOKEN --state-dir {STATE_DIR} && systemctl restart {UNIT_NAME}")
+    yield (
+        f"then enroll as {user} and restart: sudo -u {user} {' '.join(node_command())} "
+        f"enroll TOKEN --state-dir {STATE_DIR} && systemctl restart {UNIT_NAME}"
+    )
 
 
 def _user_exists(user: str) -> bool:

@@ -16,8 +16,10 @@ def _num(n: Any, fmt: str = "{:.1f}") -> str:
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
-    return ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
-            for row in [header, *rows]]
+    return [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
+        for row in [header, *rows]
+    ]
 
 
 def render_status(sample: dict[str, Any]) -> str:
@@ -40,13 +42,19 @@ def render_status(sample: dict[str, Any]) -> str:
     lines.append("")
     if gpus:
         lines.append("GPUS")
-        rows = [[str(g.get("index")), str(g.get("name") or "-"),
-                 f"{_gib(g.get('vram_used_bytes'))} / {_gib(g.get('vram_total_bytes'))}",
-                 _num(g.get("gpu_util_pct"), "{:.0f}%"), _num(g.get("temperature_c"), "{:.0f}C"),
-                 _num(g.get("power_draw_w"), "{:.0f} W"),
-                 f"gen{g.get('pcie_gen_current') or '-'} x{g.get('pcie_width_current') or '-'}",
-                 ",".join(g.get("unavailable") or []) or "-"]
-                for g in gpus]
+        rows = [
+            [
+                str(g.get("index")),
+                str(g.get("name") or "-"),
+                f"{_gib(g.get('vram_used_bytes'))} / {_gib(g.get('vram_total_bytes'))}",
+                _num(g.get("gpu_util_pct"), "{:.0f}%"),
+                _num(g.get("temperature_c"), "{:.0f}C"),
+                _num(g.get("power_draw_w"), "{:.0f} W"),
+                f"gen{g.get('pcie_gen_current') or '-'} x{g.get('pcie_width_current') or '-'}",
+                ",".join(g.get("unavailable") or []) or "-",
+            ]
+            for g in gpus
+        ]
         header = ["#", "NAME", "VRAM USED", "UTIL", "TEMP", "POWER", "PCIE", "UNREADABLE"]
         lines += ["  " + r for r in table(header, rows)]
         driver = (sample.get("nvml") or {}).get("driver_version")
@@ -59,14 +67,33 @@ def render_status(sample: dict[str, Any]) -> str:
     models = {k: v for k, v in runtime.items() if isinstance(v, dict)}
     if models:
         lines.append("MODELS")
-        rows = [[name, str(m.get("kind") or "-"), "yes" if m.get("loaded", True) else "no",
-                 _gib(m.get("rss_bytes")) if m.get("rss_bytes") else "-",
-                 str(m.get("in_flight", 0)), str(m.get("queue", m.get("queued", 0))),
-                 _num(m.get("prefill_tps")), _num(m.get("decode_tps")),
-                 str(m.get("served", "-")), str(m.get("crashes", 0))]
-                for name, m in sorted(models.items())]
-        header = ["NAME", "KIND", "LOADED", "MEMORY", "IN FLIGHT", "QUEUED", "PROMPT TOK/S",
-                  "GEN TOK/S", "SERVED", "CRASHES"]
+        rows = [
+            [
+                name,
+                str(m.get("kind") or "-"),
+                "yes" if m.get("loaded", True) else "no",
+                _gib(m.get("rss_bytes")) if m.get("rss_bytes") else "-",
+                str(m.get("in_flight", 0)),
+                str(m.get("queue", m.get("queued", 0))),
+                _num(m.get("prefill_tps")),
+                _num(m.get("decode_tps")),
+                str(m.get("served", "-")),
+                str(m.get("crashes", 0)),
+            ]
+            for name, m in sorted(models.items())
+        ]
+        header = [
+            "NAME",
+            "KIND",
+            "LOADED",
+            "MEMORY",
+            "IN FLIGHT",
+            "QUEUED",
+            "PROMPT TOK/S",
+            "GEN TOK/S",
+            "SERVED",
+            "CRASHES",
+        ]
         lines += ["  " + r for r in table(header, rows)]
     else:
         lines.append("MODELS  none served")

@@ -82,10 +82,15 @@ def sampling_cost(samples: int) -> list[dict[str, Any]]:
         for _ in range(samples):
             sampler.sample()
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-        rows.append({"case": name, "samples": samples,
-                     "cpu_ms_per_sample": round(cpu / samples * 1000, 3),
-                     "wall_ms_per_sample": round(wall / samples * 1000, 3),
-                     "gpus": len(sampler.sample()["gpus"])})
+        rows.append(
+            {
+                "case": name,
+                "samples": samples,
+                "cpu_ms_per_sample": round(cpu / samples * 1000, 3),
+                "wall_ms_per_sample": round(wall / samples * 1000, 3),
+                "gpus": len(sampler.sample()["gpus"]),
+            }
+        )
     return rows
 
 
@@ -99,14 +104,31 @@ def idle_daemon(name: str, extra: list[str], idle: float, tmp: Path) -> dict[str
     log = tmp / f"{name.replace(' ', '_')}.log"
     with log.open("wb") as out:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "node_agent.cli", "run", "--state-dir", str(tmp / name),
-             "--proxy-port", str(port), "--no-connect", "--log-level", "warning", *extra],
-            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "node_agent.cli",
+                "run",
+                "--state-dir",
+                str(tmp / name),
+                "--proxy-port",
+                str(port),
+                "--no-connect",
+                "--log-level",
+                "warning",
+                *extra,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
             env={**os.environ, "MESHGATE_CONFIG": ""},
         )
     try:
-        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200,
-                   120, f"daemon ({name})")
+        wait_until(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200,
+            120,
+            f"daemon ({name})",
+        )
         daemon = psutil.Process(popen.pid)
         time.sleep(1.0)  # settle after start-up
         cpu0 = sum(daemon.cpu_times()[:2])
@@ -117,8 +139,9 @@ def idle_daemon(name: str, extra: list[str], idle: float, tmp: Path) -> dict[str
             children = daemon.children(recursive=True)
             d_rss, d_uss = memory(daemon)
             c = [memory(ch) for ch in children if ch.is_running()]
-            readings.append((d_rss, d_uss, sum(r for r, _ in c), sum(u for _, u in c),
-                             len(children)))
+            readings.append(
+                (d_rss, d_uss, sum(r for r, _ in c), sum(u for _, u in c), len(children))
+            )
         cpu = sum(daemon.cpu_times()[:2]) - cpu0
         elapsed = time.perf_counter() - started
         med = [statistics.median(r[i] for r in readings) for i in range(5)]
@@ -141,8 +164,13 @@ def idle_daemon(name: str, extra: list[str], idle: float, tmp: Path) -> dict[str
 
 
 def model_path() -> Path | None:
-    result = subprocess.run([str(ROOT / "scripts" / "fetch_model.sh")], capture_output=True,
-                            text=True, check=False, timeout=600)
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "fetch_model.sh")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
     if result.returncode != 0:
         return None
     path = Path(result.stdout.strip().splitlines()[-1])
@@ -162,8 +190,10 @@ def main() -> None:
     print("\ntelemetry sampling cost (this process)")
     print(f"{'case':30} {'cpu ms/sample':>14} {'wall ms/sample':>15} {'gpus':>5}")
     for r in cost:
-        print(f"{r['case']:30} {r['cpu_ms_per_sample']:>14} {r['wall_ms_per_sample']:>15} "
-              f"{r['gpus']:>5}")
+        print(
+            f"{r['case']:30} {r['cpu_ms_per_sample']:>14} {r['wall_ms_per_sample']:>15} "
+            f"{r['gpus']:>5}"
+        )
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="mg-bench-node-") as tmp_name:
@@ -171,26 +201,45 @@ def main() -> None:
         rows.append(idle_daemon("no models", [], args.idle, tmp))
         fake_port = free_port()
         fake = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "node" / "fake_openai_server.py"),
-             "--port", str(fake_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                str(ROOT / "tests" / "node" / "fake_openai_server.py"),
+                "--port",
+                str(fake_port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
-            rows.append(idle_daemon(
-                "one upstream", ["--upstream", f"fake=http://127.0.0.1:{fake_port}/v1"],
-                args.idle, tmp))
+            rows.append(
+                idle_daemon(
+                    "one upstream",
+                    ["--upstream", f"fake=http://127.0.0.1:{fake_port}/v1"],
+                    args.idle,
+                    tmp,
+                )
+            )
         finally:
             fake.terminate()
             fake.wait(10)
         path = None if args.no_model else model_path()
         if path is not None:
-            rows.append(idle_daemon("SmolLM2 in a llama.cpp runner",
-                                    ["--model", f"smol={path}"], args.idle, tmp))
+            rows.append(
+                idle_daemon(
+                    "SmolLM2 in a llama.cpp runner", ["--model", f"smol={path}"], args.idle, tmp
+                )
+            )
     print(f"\nidle daemon, {args.idle:g} s after start-up (medians)")
-    print(f"{'case':32} {'daemon RSS':>11} {'daemon USS':>11} {'runners RSS':>12} "
-          f"{'total RSS':>10} {'cpu s/s':>8}")
+    print(
+        f"{'case':32} {'daemon RSS':>11} {'daemon USS':>11} {'runners RSS':>12} "
+        f"{'total RSS':>10} {'cpu s/s':>8}"
+    )
     for r in rows:
-        print(f"{r['case']:32} {r['daemon_rss_mib']:>7} MiB {r['daemon_uss_mib']:>7} MiB "
-              f"{r['runners_rss_mib']:>8} MiB {r['total_rss_mib']:>6} MiB "
-              f"{r['daemon_cpu_s_per_idle_s']:>8}")
+        print(
+            f"{r['case']:32} {r['daemon_rss_mib']:>7} MiB {r['daemon_uss_mib']:>7} MiB "
+            f"{r['runners_rss_mib']:>8} MiB {r['total_rss_mib']:>6} MiB "
+            f"{r['daemon_cpu_s_per_idle_s']:>8}"
+        )
     if args.json:
         args.json.write_text(json.dumps({"sampling": cost, "idle": rows}, indent=2))
 

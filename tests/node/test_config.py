@@ -82,9 +82,7 @@ def test_env_lists_bools_and_the_old_state_dir_name() -> None:
 def test_empty_cli_list_does_not_clear_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, 'models = ["a=/m/a.gguf"]\n')
     assert load_options({"models": []}, config=path, env={}).models == ("a=/m/a.gguf",)
-    assert load_options({"models": ["b=/m/b.gguf"]}, config=path, env={}).models == (
-        "b=/m/b.gguf",
-    )
+    assert load_options({"models": ["b=/m/b.gguf"]}, config=path, env={}).models == ("b=/m/b.gguf",)
 
 
 def test_config_file_named_in_the_environment(tmp_path: Path) -> None:
@@ -157,8 +155,9 @@ def test_example_config_parses_and_names_every_option() -> None:
     text = example_config()
     for option in option_names():
         assert f"# {option} = " in text
-    uncommented = "\n".join(line[2:] for line in text.splitlines() if line.startswith("# ")
-                            and " = " in line)
+    uncommented = "\n".join(
+        line[2:] for line in text.splitlines() if line.startswith("# ") and " = " in line
+    )
     data = tomllib.loads(uncommented)
     assert set(data) == set(option_names())
 
@@ -167,7 +166,10 @@ def test_run_refuses_a_bad_config_with_exit_2(tmp_path: Path) -> None:
     path = write(tmp_path, "proxy_port = 'x'\n")
     result = subprocess.run(
         [sys.executable, "-m", "node_agent.cli", "run", "--config", str(path)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 2
     assert f"{path}, line 1" in result.stderr

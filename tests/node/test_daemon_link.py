@@ -35,8 +35,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                          timeout=120, check=False, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
 
 
 @dataclass
@@ -52,8 +58,9 @@ async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
     store = Store(state.db_url)
     registry = Registry()
     gateway = Gateway(store, registry)
-    server = await serve_tunnel("127.0.0.1", 0, state.static_key(), gateway.authorize,
-                                gateway.on_link)
+    server = await serve_tunnel(
+        "127.0.0.1", 0, state.static_key(), gateway.authorize, gateway.on_link
+    )
     port = next(iter(server.sockets)).getsockname()[1]
     try:
         yield Coordinator(state.path, registry, f"ws://127.0.0.1:{port}")
@@ -79,8 +86,14 @@ async def test_coordinator_learns_telemetry_and_model_files(
     coordinator: Coordinator, tmp_path: Path, model_path: Path
 ) -> None:
     created = await asyncio.to_thread(
-        cli, "coordinator.cli", "token", "create", "--state-dir", str(coordinator.state_dir),
-        "--tunnel-url", coordinator.url,
+        cli,
+        "coordinator.cli",
+        "token",
+        "create",
+        "--state-dir",
+        str(coordinator.state_dir),
+        "--tunnel-url",
+        coordinator.url,
     )
     assert created.returncode == 0, created.stderr
     token = created.stdout.strip().splitlines()[-1]
@@ -95,6 +108,7 @@ async def test_coordinator_learns_telemetry_and_model_files(
     size = model_path.stat().st_size  # noqa: ASYNC240
     proc = start_node(node_dir, model_dir, tmp_path / "node.log")
     try:
+
         def node() -> NodeConn | None:
             nodes = coordinator.registry.nodes()
             return nodes[0] if nodes and nodes[0].telemetry else None
@@ -135,11 +149,30 @@ async def test_coordinator_learns_telemetry_and_model_files(
 def start_node(node_dir: Path, model_dir: Path, log: Path) -> Proc:
     with log.open("wb") as out:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "node_agent.cli", "run", "--state-dir", str(node_dir),
-             "--proxy-port", str(free_port()), "--model-dir", str(model_dir),
-             "--telemetry-period", "0.3", "--inventory-period", "0.3"],
-            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "MESHGATE_CONFIG": "",
-                 "MESHGATE_NVML_MODULE": "tests.node.fake_nvml:rtx4090_x2_power_unsupported"},
+            [
+                sys.executable,
+                "-m",
+                "node_agent.cli",
+                "run",
+                "--state-dir",
+                str(node_dir),
+                "--proxy-port",
+                str(free_port()),
+                "--model-dir",
+                str(model_dir),
+                "--telemetry-period",
+                "0.3",
+                "--inventory-period",
+                "0.3",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "PYTHONUNBUFFERED": "1",
+                "MESHGATE_CONFIG": "",
+                "MESHGATE_NVML_MODULE": "tests.node.fake_nvml:rtx4090_x2_power_unsupported",
+            },
         )
     return Proc(popen, log)

@@ -49,8 +49,13 @@ class Node:
 
 def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Proc:
     out = log.open("wb")
-    popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    popen = subprocess.Popen(
+        argv,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
     return Proc(popen, log)
 
 
@@ -58,16 +63,18 @@ def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Proc
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     tmp = tmp_path_factory.mktemp("daemon")
     upstream_port, proxy_port = free_port(), free_port()
-    fake = spawn([sys.executable, str(FAKE_SERVER), "--port", str(upstream_port),
-                  "--name", "fake"], tmp / "fake.log")
+    fake = spawn(
+        [sys.executable, str(FAKE_SERVER), "--port", str(upstream_port), "--name", "fake"],
+        tmp / "fake.log",
+    )
     model_dir = tmp / "models"
     model_dir.mkdir()
     (model_dir / "broken.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 20)
     config = tmp / "node.toml"
     config.write_text(
         f"proxy_port = {proxy_port}\n"
-        f"upstreams = [\"fake=http://127.0.0.1:{upstream_port}/v1\"]\n"
-        f"model_dirs = [\"{model_dir}\"]\n"
+        f'upstreams = ["fake=http://127.0.0.1:{upstream_port}/v1"]\n'
+        f'model_dirs = ["{model_dir}"]\n'
         "telemetry_period = 5\n"
         "inventory_period = 0.3\n"
     )
@@ -76,8 +83,20 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         "MESHGATE_TELEMETRY_PERIOD": "0.3",  # env beats the file's 5 s
         "MESHGATE_NVML_MODULE": "tests.node.fake_nvml:rtx4090_x2_power_unsupported",
     }
-    proc = spawn([sys.executable, "-m", "node_agent.cli", "run", "--state-dir",
-                  str(tmp / "state"), "--log-level", "info"], tmp / "node.log", env)
+    proc = spawn(
+        [
+            sys.executable,
+            "-m",
+            "node_agent.cli",
+            "run",
+            "--state-dir",
+            str(tmp / "state"),
+            "--log-level",
+            "info",
+        ],
+        tmp / "node.log",
+        env,
+    )
     n = Node(proc, proxy_port, model_dir, config)
     try:
         wait_until(lambda: n.get("/healthz").status_code == 200, 60, "node proxy", [proc, fake])
@@ -129,8 +148,9 @@ def test_sample_is_refreshed_on_the_period_from_the_environment(node: Node) -> N
 def test_requests_show_in_runtime_telemetry_and_metrics(node: Node) -> None:
     body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
     assert httpx.post(f"{node.url}/v1/chat/completions", json=body).status_code == 200
-    with httpx.stream("POST", f"{node.url}/v1/chat/completions",
-                      json={**body, "stream": True}) as reply:
+    with httpx.stream(
+        "POST", f"{node.url}/v1/chat/completions", json={**body, "stream": True}
+    ) as reply:
         assert reply.status_code == 200
         events = [line for line in reply.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
@@ -151,17 +171,33 @@ def test_requests_show_in_runtime_telemetry_and_metrics(node: Node) -> None:
     assert fake["decode_tps"] > 0
 
     samples = metric_samples(node)
-    assert samples[("meshgate_node_requests_total",
-                    (("model", "fake"), ("status", "200"), ("via", "proxy")))] == 2
-    assert samples[("meshgate_node_requests_total",
-                    (("model", "_unknown"), ("status", "404"), ("via", "proxy")))] == 1
-    assert samples[("meshgate_node_request_duration_seconds_count",
-                    (("model", "fake"), ("via", "proxy")))] == 2
-    assert samples[("meshgate_node_time_to_first_token_seconds_count",
-                    (("model", "fake"),))] == 1
+    assert (
+        samples[
+            (
+                "meshgate_node_requests_total",
+                (("model", "fake"), ("status", "200"), ("via", "proxy")),
+            )
+        ]
+        == 2
+    )
+    assert (
+        samples[
+            (
+                "meshgate_node_requests_total",
+                (("model", "_unknown"), ("status", "404"), ("via", "proxy")),
+            )
+        ]
+        == 1
+    )
+    assert (
+        samples[
+            ("meshgate_node_request_duration_seconds_count", (("model", "fake"), ("via", "proxy")))
+        ]
+        == 2
+    )
+    assert samples[("meshgate_node_time_to_first_token_seconds_count", (("model", "fake"),))] == 1
     assert samples[("meshgate_node_tokens_total", (("kind", "prompt"), ("model", "fake")))] == 14
-    assert samples[("meshgate_node_tokens_total",
-                    (("kind", "completion"), ("model", "fake")))] == 6
+    assert samples[("meshgate_node_tokens_total", (("kind", "completion"), ("model", "fake")))] == 6
     assert samples[("meshgate_node_in_flight", (("model", "fake"),))] == 0
     assert samples[("meshgate_node_runner_restarts_total", (("model", "fake"),))] == 0
     gpu0 = (("gpu", "0"), ("uuid", GPUS[0]["uuid"]))
@@ -207,7 +243,11 @@ def test_a_file_added_while_running_joins_the_inventory(node: Node) -> None:
 def status_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "node_agent.cli", "status", *args],
-        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
         env={**os.environ, **(env or {})},
     )
 

@@ -34,8 +34,14 @@ def unit_settings(text: str) -> dict[str, list[str]]:
 
 def installed(tmp_path: Path, user: str = "meshgate") -> tuple[Path, list[str]]:
     config = tmp_path / "etc" / "node.toml"
-    lines = list(install(user=user, config=config, unit_dir=tmp_path / "units",
-                         run=lambda cmd: pytest.fail(f"ran {cmd}")))
+    lines = list(
+        install(
+            user=user,
+            config=config,
+            unit_dir=tmp_path / "units",
+            run=lambda cmd: pytest.fail(f"ran {cmd}"),
+        )
+    )
     return tmp_path / "units" / UNIT_NAME, lines
 
 
@@ -55,8 +61,9 @@ def test_written_unit_runs_this_install_as_its_own_user(tmp_path: Path) -> None:
     assert any(line.startswith(f"wrote {unit_path}") for line in lines)
     # the example config was created and is a valid (all-commented) config
     assert config.exists()
-    assert any("would run: systemctl enable --now" in line or "ran: systemctl" in line
-               for line in lines)
+    assert any(
+        "would run: systemctl enable --now" in line or "ran: systemctl" in line for line in lines
+    )
 
 
 def test_unit_is_hardened_but_lets_the_gpu_through() -> None:
@@ -66,9 +73,13 @@ def test_unit_is_hardened_but_lets_the_gpu_through() -> None:
     allowed = " ".join(s["DeviceAllow"])
     for device in ("char-nvidia-frontend", "char-nvidia-uvm", "/dev/nvidiactl", "char-drm"):
         assert device in allowed
-    for key, value in [("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"),
-                       ("ProtectHome", "read-only"), ("PrivateTmp", "yes"),
-                       ("CapabilityBoundingSet", "")]:
+    for key, value in [
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "read-only"),
+        ("PrivateTmp", "yes"),
+        ("CapabilityBoundingSet", ""),
+    ]:
         assert s[key] == [value], key
     assert "User" in s
     assert "root" not in s["User"]
@@ -78,8 +89,13 @@ def test_systemd_analyze_verify_accepts_the_written_unit(tmp_path: Path) -> None
     if not Path(SYSTEMD_ANALYZE).exists():
         pytest.skip("systemd-analyze is not installed on this machine")
     unit_path, _ = installed(tmp_path)
-    result = subprocess.run([SYSTEMD_ANALYZE, "verify", str(unit_path)],
-                            capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", str(unit_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     if result.returncode != 0 and "Failed to initialize manager" in result.stderr:
         pytest.skip(f"systemd-analyze cannot run here: {result.stderr.strip()}")
     assert result.returncode == 0, result.stderr
@@ -93,11 +109,20 @@ def test_verify_would_catch_a_bad_unit(tmp_path: Path) -> None:
     if not Path(SYSTEMD_ANALYZE).exists():
         pytest.skip("systemd-analyze is not installed on this machine")
     bad = tmp_path / UNIT_NAME
-    text = render_unit(TEMPLATE.read_text(), command=["/nonexistent/meshgate-node"],
-                       user="meshgate", config=Path("/etc/meshgate/node.toml"))
+    text = render_unit(
+        TEMPLATE.read_text(),
+        command=["/nonexistent/meshgate-node"],
+        user="meshgate",
+        config=Path("/etc/meshgate/node.toml"),
+    )
     bad.write_text(text.replace("[Service]\n", "[Service]\nProtectSystm=strict\n"))
-    result = subprocess.run([SYSTEMD_ANALYZE, "verify", str(bad)],
-                            capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode != 0 or "Unknown key" in result.stderr
 
 
@@ -105,8 +130,11 @@ def test_existing_config_is_kept(tmp_path: Path) -> None:
     config = tmp_path / "etc" / "node.toml"
     config.parent.mkdir()
     config.write_text("proxy_port = 12000\n")
-    lines = list(install(config=config, unit_dir=tmp_path / "units",
-                         run=lambda cmd: pytest.fail(f"ran {cmd}")))
+    lines = list(
+        install(
+            config=config, unit_dir=tmp_path / "units", run=lambda cmd: pytest.fail(f"ran {cmd}")
+        )
+    )
     assert config.read_text() == "proxy_port = 12000\n"
     assert f"kept the existing config {config}" in lines
 
@@ -118,10 +146,23 @@ def test_bad_user_name_is_refused() -> None:
 
 def test_cli_dry_run_writes_nothing_and_prints_the_unit(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "node_agent.cli", "install-service", "--dry-run",
-         "--user", "edge", "--config", str(tmp_path / "node.toml"),
-         "--unit-dir", str(tmp_path / "units")],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "node_agent.cli",
+            "install-service",
+            "--dry-run",
+            "--user",
+            "edge",
+            "--config",
+            str(tmp_path / "node.toml"),
+            "--unit-dir",
+            str(tmp_path / "units"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "units").exists()
@@ -131,7 +172,11 @@ def test_cli_dry_run_writes_nothing_and_prints_the_unit(tmp_path: Path) -> None:
     assert "would run: systemctl enable --now meshgate-node.service" in result.stdout
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     unit_text = result.stdout.split(":\n", 1)[1].split("\nwould write an example", 1)[0]
-    parser.read_string("\n".join(line for line in unit_text.splitlines()
-                                 if not line.startswith("DeviceAllow")
-                                 and not line.startswith("Environment")))
+    parser.read_string(
+        "\n".join(
+            line
+            for line in unit_text.splitlines()
+            if not line.startswith("DeviceAllow") and not line.startswith("Environment")
+        )
+    )
     assert parser["Service"]["StateDirectory"] == "meshgate"

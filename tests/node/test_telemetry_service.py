@@ -41,8 +41,9 @@ async def test_sampling_runs_in_a_worker_thread_and_stats_on_the_loop(tmp_path: 
         extra_threads.append(threading.get_ident())
         runtime["m"]["rss_bytes"] = 123
 
-    service = TelemetryService(TelemetrySampler([tmp_path], source), period=1.0,
-                               runtime_stats=stats, runtime_extra=extra)
+    service = TelemetryService(
+        TelemetrySampler([tmp_path], source), period=1.0, runtime_stats=stats, runtime_extra=extra
+    )
     assert service.latest() is None
     sample = await service.refresh()
     here = threading.get_ident()
@@ -64,8 +65,9 @@ async def test_a_failing_stats_callback_is_reported_not_raised(
     def broken_extra(runtime: dict[str, Any]) -> None:
         raise RuntimeError("no /proc")
 
-    service = TelemetryService(TelemetrySampler([], None), runtime_stats=broken,
-                               runtime_extra=broken_extra)
+    service = TelemetryService(
+        TelemetrySampler([], None), runtime_stats=broken, runtime_extra=broken_extra
+    )
     sample = await service.refresh()
     assert sample["runtime"] == {"error": "KeyError: 'boom'"}
     assert sample["gpus"] == []
@@ -100,12 +102,25 @@ def test_metrics_label_only_served_models_and_count_tokens() -> None:
     track.finish(500)  # a second finish is ignored
     metrics.track("random-name-1").finish(404)
     samples = parsed(metrics)
-    assert samples[("meshgate_node_requests_total",
-                    (("model", "a"), ("status", "200"), ("via", "proxy")))] == 1
-    assert ("meshgate_node_requests_total",
-            (("model", "a"), ("status", "500"), ("via", "proxy"))) not in samples
-    assert samples[("meshgate_node_requests_total",
-                    (("model", UNKNOWN), ("status", "404"), ("via", "proxy")))] == 1
+    assert (
+        samples[
+            ("meshgate_node_requests_total", (("model", "a"), ("status", "200"), ("via", "proxy")))
+        ]
+        == 1
+    )
+    assert (
+        "meshgate_node_requests_total",
+        (("model", "a"), ("status", "500"), ("via", "proxy")),
+    ) not in samples
+    assert (
+        samples[
+            (
+                "meshgate_node_requests_total",
+                (("model", UNKNOWN), ("status", "404"), ("via", "proxy")),
+            )
+        ]
+        == 1
+    )
     assert samples[("meshgate_node_tokens_total", (("kind", "prompt"), ("model", "a")))] == 5
     assert samples[("meshgate_node_tokens_total", (("kind", "completion"), ("model", "a")))] == 9
     rates = metrics.recent_rates()
@@ -145,14 +160,31 @@ def test_metrics_read_runtime_stats_and_the_latest_sample() -> None:
 def test_status_table_names_gpus_models_and_missing_figures() -> None:
     nvml = NvmlSource(FakeNvml(load_fixture("nvml_h100_80gb_hbm3.json")))
     sample = {
-        "host": {"cpu_count": 8, "cpu_util_pct": 12.5, "cpu_util_pct_per_core": [10.0] * 8,
-                 "load_avg": [0.5, 0.4, 0.3], "mem_total_bytes": 64 << 30,
-                 "mem_available_bytes": 32 << 30, "swap_total_bytes": 0, "swap_used_bytes": 0,
-                 "disk_free_bytes": {"/models": 100 << 30, "/gone": None}},
+        "host": {
+            "cpu_count": 8,
+            "cpu_util_pct": 12.5,
+            "cpu_util_pct_per_core": [10.0] * 8,
+            "load_avg": [0.5, 0.4, 0.3],
+            "mem_total_bytes": 64 << 30,
+            "mem_available_bytes": 32 << 30,
+            "swap_total_bytes": 0,
+            "swap_used_bytes": 0,
+            "disk_free_bytes": {"/models": 100 << 30, "/gone": None},
+        },
         "gpus": [g.to_dict() for g in nvml.sample()],
-        "runtime": {"smol": {"kind": "llama.cpp", "state": "loaded", "rss_bytes": 3 << 30,
-                             "in_flight": 1, "queued": 2, "prefill_tps": 900.0,
-                             "decode_tps": None, "served": 7, "crashes": 1}},
+        "runtime": {
+            "smol": {
+                "kind": "llama.cpp",
+                "state": "loaded",
+                "rss_bytes": 3 << 30,
+                "in_flight": 1,
+                "queued": 2,
+                "prefill_tps": 900.0,
+                "decode_tps": None,
+                "served": 7,
+                "crashes": 1,
+            }
+        },
     }
     text = render_status(sample)
     assert "8 cores, 12.5% busy" in text
@@ -160,9 +192,24 @@ def test_status_table_names_gpus_models_and_missing_figures() -> None:
     assert "/gone: missing" in text
     assert "H100" in text
     row = next(line for line in text.splitlines() if line.strip().startswith("smol"))
-    assert row.split() == ["smol", "llama.cpp", "yes", "3.0", "GiB", "1", "2", "900.0", "-",
-                           "7", "1"]
+    assert row.split() == [
+        "smol",
+        "llama.cpp",
+        "yes",
+        "3.0",
+        "GiB",
+        "1",
+        "2",
+        "900.0",
+        "-",
+        "7",
+        "1",
+    ]
     assert "GPUS    none" in render_status({"host": {}, "gpus": [], "runtime": {}})
-    no_driver = {"host": {}, "gpus": [], "runtime": {},
-                 "nvml": {"unavailable_reason": "NVMLError_LibraryNotFound: not found"}}
+    no_driver = {
+        "host": {},
+        "gpus": [],
+        "runtime": {},
+        "nvml": {"unavailable_reason": "NVMLError_LibraryNotFound: not found"},
+    }
     assert "GPUS    none (NVMLError_LibraryNotFound" in render_status(no_driver)
