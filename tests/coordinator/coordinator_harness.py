@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import uvicorn
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -26,10 +27,14 @@ from coordinator.api import build_app
 from coordinator.cloud import CloudClient
 from coordinator.config import CoordinatorConfig, Upstream
 from coordinator.dispatch import Dispatcher
+from coordinator.gateway import Gateway
 from coordinator.registry import Registry
 from coordinator.server import _context
 from coordinator.state import ServeOptions
 from coordinator.store import KeyScopes, Store
+from tunnel import Frame, FrameType, Identity, Link, Mux, Stream, connect
+from tunnel import serve as serve_tunnel
+from tunnel.noise import public_bytes
 
 MODEL = "gpt-x"
 BROKEN = "broken"  # the upstream answers 500 for this one
@@ -77,6 +82,38 @@ class FakeCloud:
         return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
 
 
+LOCAL_MODEL = "local-m"
+
+
+@dataclass
+class TunnelNode:
+    """A node on a real tunnel that answers every request with one canned completion."""
+
+    did: str
+    link: Link
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+
+    async def on_stream(self, stream: Stream, frame: Frame) -> None:
+        self.requests.append(frame.body)
+        n = len(self.requests)
+        body = {
+            "id": f"node-{n}",
+            "object": "chat.completion",
+            "created": 1,
+            "model": LOCAL_MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": f"local {n}"},
+                }
+            ],
+        }
+        await stream.send(FrameType.DATA, json.dumps(body).encode())
+        await stream.send(FrameType.END, {"usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+
+
 @contextlib.asynccontextmanager
 async def served(app: Any) -> AsyncIterator[str]:
     """`app` on a real uvicorn on a free port of 127.0.0.1; yields its base URL."""
@@ -106,6 +143,30 @@ class Coordinator:
     cloud: FakeCloud
     ctx: Any
     http: httpx.AsyncClient
+    tunnel_url: str = ""
+    tunnel_key: bytes = b""
+    nodes: list[TunnelNode] = field(default_factory=list)
+
+    async def node(self, models: tuple[str, ...] = (LOCAL_MODEL,)) -> TunnelNode:
+        """Enroll and connect a node serving `models`; returns once the registry has it."""
+        identity = Identity.generate()
+        token_id, secret = self.store.create_token(60, {}, time.time())
+        self.store.redeem_token(token_id, secret, identity.did, time.time())
+        link = await connect(self.tunnel_url, identity, self.tunnel_key)
+        node = TunnelNode(identity.did, link)
+        mux = Mux(link, initiator=True, on_stream=node.on_stream)
+        node.task = asyncio.create_task(mux.run())
+        await mux.send_control(FrameType.INVENTORY, {"models": list(models)})
+        await mux.send_control(
+            FrameType.TELEMETRY,
+            {"runtime": {m: {"decode_tps": 50.0, "prefill_tps": 500.0} for m in models}},
+        )
+        deadline = time.monotonic() + 10
+        while (conn := self.ctx.registry.get(identity.did)) is None or not conn.models:
+            assert time.monotonic() < deadline, "node never registered"
+            await asyncio.sleep(0.01)
+        self.nodes.append(node)
+        return node
 
     def key(self, name: str = "app", **scopes: Any) -> str:
         _, plaintext = self.store.create_key(name, time.time(), scopes=KeyScopes(**scopes))
@@ -161,15 +222,29 @@ async def coordinator(tmp_path: Path, *, cache: bool = False) -> AsyncIterator[C
             cache=cache,
         )
         ctx = _context(store, registry, config, dispatcher, opts)
+        static = X25519PrivateKey.generate()
+        gateway = Gateway(store, registry)
+        tunnel = await serve_tunnel("127.0.0.1", 0, static, gateway.authorize, gateway.on_link)
+        port = next(iter(tunnel.sockets)).getsockname()[1]
+        coord: Coordinator | None = None
         try:
             async with (
                 served(build_app(ctx)) as url,
                 httpx.AsyncClient(base_url=url, timeout=30) as http,
             ):
-                coord = Coordinator(url, store, fake, ctx, http)
+                coord = Coordinator(
+                    url, store, fake, ctx, http, f"ws://127.0.0.1:{port}", public_bytes(static)
+                )
                 yield coord
                 await coord.settled()
         finally:
+            for node in coord.nodes if coord else []:
+                await node.link.close()
+                if node.task is not None:
+                    with contextlib.suppress(Exception):
+                        await node.task
+            tunnel.close()
+            await tunnel.wait_closed()
             for client in clouds.values():
                 await client.aclose()
             store.close()

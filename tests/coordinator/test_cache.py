@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from coordinator_harness import coordinator
+from coordinator_harness import LOCAL_MODEL, coordinator
 
 from coordinator.cache import CachedResponse, ResponseCache, cache_key
 from coordinator.store import Store
@@ -120,3 +120,18 @@ async def test_over_http_the_cache_is_off_unless_asked_for(tmp_path: Path) -> No
         again = await coord.chat(key, temperature=0)
     assert "x-meshgate-cache" not in again.headers
     assert len(coord.cloud.requests) == 2
+
+
+async def test_over_http_a_cached_answer_does_not_reach_the_node_again(tmp_path: Path) -> None:
+    async with coordinator(tmp_path, cache=True) as coord:
+        node = await coord.node()
+        key = coord.key()
+        answers = [await coord.chat(key, model=LOCAL_MODEL, temperature=0) for _ in range(3)]
+        changed = await coord.chat(key, model=LOCAL_MODEL, temperature=0, content="other")
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert answers[0].headers["x-meshgate-node"] == node.did
+    assert [a.headers.get("x-meshgate-cache") for a in answers] == [None, "hit", "hit"]
+    assert {a.json()["choices"][0]["message"]["content"] for a in answers} == {"local 1"}
+    assert changed.json()["choices"][0]["message"]["content"] == "local 2"
+    assert len(node.requests) == 2
+    assert coord.cloud.requests == []

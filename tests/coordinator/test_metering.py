@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from coordinator_harness import coordinator
+from coordinator_harness import LOCAL_MODEL, MODEL, coordinator
 
 from coordinator.metering import BudgetTracker, budget_state, cost_of, period_starts
 from coordinator.scheduler import CloudView, ModelView, NodeView, Request, Snapshot, schedule
@@ -212,3 +213,20 @@ def test_the_scheduler_keeps_local_nodes_and_drops_the_cloud_once_over_budget(
     assert kinds[Budget.OK] == ["cloud", "node"]  # speed: the fast cloud first
     assert kinds[Budget.NEAR] == ["node", "cloud"]
     assert kinds[Budget.OVER] == ["node"]
+
+
+async def test_over_http_a_spent_budget_still_gets_local_nodes_but_not_the_cloud(
+    tmp_path: Path,
+) -> None:
+    async with coordinator(tmp_path) as coord:
+        node = await coord.node()
+        key = coord.key(budget_month=1.0)
+        key_id = key.split("_")[1]
+        spend(coord.store, key_id, 1.5, time.time())  # spent already
+        local = await coord.chat(key, model=LOCAL_MODEL)
+        cloud = await coord.chat(key, model=MODEL)
+    assert local.status_code == 200
+    assert local.headers["x-meshgate-node"] == node.did
+    assert cloud.status_code == 402
+    assert "1.5000 of 1 this month" in cloud.json()["error"]["message"]
+    assert coord.cloud.requests == []
