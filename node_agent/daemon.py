@@ -51,8 +51,9 @@ log = logging.getLogger(__name__)
 
 #: ``module[:attribute]`` of an object that stands in for ``pynvml`` (tests, diagnostics).
 NVML_MODULE_ENV = "MESHGATE_NVML_MODULE"
-#: At most this many files are listed in one INVENTORY frame (frames are <= 64 KiB).
-MAX_INVENTORY_FILES = 150
+#: At most this many files are listed in one INVENTORY frame (``files_total`` says how many
+#: there are); ~300 bytes each, well inside the tunnel's 16 MiB frame limit.
+MAX_INVENTORY_FILES = 1000
 
 _FILE_FIELDS = (
     "name",
