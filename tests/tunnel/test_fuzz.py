@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+from pathlib import Path
+from typing import Any
 
 import msgpack
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -109,3 +112,36 @@ def test_decompress_of_any_bytes_only_raises_frame_error(data: bytes) -> None:
 def test_did_parsing_only_raises_tunnel_error(text: str) -> None:
     with contextlib.suppress(TunnelError):
         did_to_ed25519("did:key:z" + text)
+
+
+def _fuzz_harness() -> Any:
+    """scripts/fuzz_tunnel.py, the atheris harness, loaded as a module (no atheris needed)."""
+    path = Path(__file__).resolve().parents[2] / "scripts" / "fuzz_tunnel.py"
+    spec = importlib.util.spec_from_file_location("fuzz_tunnel", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_fuzz_harness_finds_nothing_in_a_short_random_run() -> None:
+    """2,000 random and mutated inputs over every target of scripts/fuzz_tunnel.py."""
+    harness = _fuzz_harness()
+    result = harness.run_random(2000, seed=1)
+    assert result["findings"] == [], result["findings"][0][2]
+    assert result["total"] >= 1900
+    assert set(result["runs"]) == set(harness.TARGETS)  # every target was reached
+
+
+def test_the_fuzz_harness_reports_what_is_not_a_tunnel_error() -> None:
+    harness = _fuzz_harness()
+
+    def broken(data: bytes) -> None:
+        raise KeyError("a bug")
+
+    harness.FUNCS["frame"] = broken
+    harness.one_input(bytes([harness.TARGETS.index("frame")]) + b"x")
+    [(target, data, tb)] = harness.report()["findings"]
+    assert (target, data) == ("frame", b"\x00x")
+    assert "KeyError" in tb

@@ -1,0 +1,377 @@
+#!/usr/bin/env python3
+# ruff: noqa: E402  (the tunnel must be imported under atheris' instrumentation first)
+"""Fuzz the tunnel's decoders: whatever bytes arrive, only TunnelError may come out.
+
+Targets (the first input byte picks one):
+
+    frame      frames.decode(raw bytes)
+    msgpack    frames.decode of msgpack built from the input (frame-shaped arrays, maps, ...)
+    hello      handshake.parse_hello (the decrypted payload of message 1)
+    handshake  ResponderHandshake.read_first, raw and as a genuine Noise message
+               carrying the fuzzed payload (so the parser behind the DH is reached)
+    zstd       compress.decompress with a cap
+    session    Session.open of genuine ciphertexts of fuzzed plaintexts (header bits,
+               fragments, compression, frames, seq rules), several per session
+    token      EnrollmentToken.decode, and the upgrade header's base64
+
+Any exception that is not a TunnelError subclass is a finding. With atheris (coverage
+guided, libFuzzer flags):
+
+    .venv/bin/python scripts/fuzz_tunnel.py -atheris_runs=200000 [corpus_dir]
+
+(-atheris_runs defaults to 100000). Findings are collected, not fatal: each distinct one
+(type and place) is printed with its input at the end, and the exit status is 1.
+Without atheris, or with --random N, the same harness runs on N random and mutated
+inputs (the test suite does this with a few thousand).
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import os
+import random
+import sys
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+try:
+    import atheris  # type: ignore[import-untyped]
+except ImportError:  # the random mode needs nothing but the package
+    atheris = None
+
+if __name__ == "__main__" and atheris is not None and "--random" not in sys.argv:
+    # coverage for the fuzzer: instrument the tunnel package before anything imports it
+    with atheris.instrument_imports(include=["tunnel"]):
+        import tunnel.compress
+        import tunnel.frames
+        import tunnel.handshake
+        import tunnel.noise
+        import tunnel.session
+        import tunnel.token
+        import tunnel.ws  # noqa: F401
+import msgpack
+import zstandard
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from tunnel.compress import decompress
+from tunnel.constants import HDR_COMPRESSED, HDR_MORE, PROLOGUE
+from tunnel.errors import TunnelError
+from tunnel.frames import Frame, FrameType, decode, encode
+from tunnel.handshake import InitiatorHandshake, ResponderHandshake, parse_hello
+from tunnel.identity import Identity
+from tunnel.noise import HandshakeState, public_bytes
+from tunnel.session import Session
+from tunnel.token import PREFIX, EnrollmentToken
+from tunnel.ws import _unb64
+
+COORDINATOR = X25519PrivateKey.generate()
+NODE = Identity.generate()
+TUNNEL_KEY = NODE.x25519_pub
+CAP = 1 << 16
+
+TARGETS = ["frame", "msgpack", "hello", "handshake", "zstd", "session", "token"]
+runs: Counter[str] = Counter()
+findings: dict[tuple[str, str, int], tuple[str, bytes, str]] = {}
+
+
+# -- targets ---------------------------------------------------------------------------
+
+
+def t_frame(data: bytes) -> None:
+    decode(data)
+
+
+def _value(data: bytes, depth: int = 0) -> tuple[Any, bytes]:
+    """A msgpack-able value grown from the bytes (a tiny structured generator)."""
+    if not data:
+        return None, b""
+    tag, rest = data[0], data[1:]
+    kind = tag % 11
+    if kind == 0:
+        return None, rest
+    if kind == 1:
+        return bool(tag & 0x10), rest
+    if kind in (2, 3):
+        n = int.from_bytes(rest[:8].ljust(8, b"\0"), "little", signed=kind == 3)
+        return n >> (tag >> 4) * 4, rest[8:]
+    if kind == 4:
+        return float(int.from_bytes(rest[:4].ljust(4, b"\0"), "little")) / 7, rest[4:]
+    if kind == 5:
+        n = tag >> 3
+        return rest[:n].decode("utf-8", "replace"), rest[n:]
+    if kind == 6:
+        n = tag >> 3
+        return bytes(rest[:n]), rest[n:]
+    if kind in (7, 8) and depth < 4:
+        items = []
+        for _ in range(tag >> 5):
+            item, rest = _value(rest, depth + 1)
+            items.append(item)
+        if kind == 7:
+            return items, rest
+        out: dict[Any, Any] = {}
+        for index in range(0, len(items) - 1, 2):
+            key = items[index]
+            out[key if isinstance(key, str | int) else str(key)] = items[index + 1]
+        return out, rest
+    if kind == 9:  # a frame-shaped array around a grown body
+        body, rest = _value(rest, depth + 1)
+        sid = int.from_bytes(rest[:2].ljust(2, b"\0"), "little") - 2
+        return [tag >> 4, sid, rest[2:3][0] if rest[2:3] else 0, 0, body], rest[3:]
+    return int(tag) - 128, rest
+
+
+def t_msgpack(data: bytes) -> None:
+    value, _ = _value(data)
+    try:
+        packed = msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError):
+        return  # the generator made something msgpack cannot hold: not an input
+    decode(packed)
+
+
+def t_hello(data: bytes) -> None:
+    if data[:1] == b"\x01":
+        value, _ = _value(data[1:])
+        if isinstance(value, dict):
+            value.setdefault("v", 1)
+            value.setdefault("id", NODE.ed25519_pub)
+        try:
+            data = msgpack.packb(value, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError):
+            return
+    parse_hello(data, TUNNEL_KEY)
+
+
+def t_handshake(data: bytes) -> None:
+    if data[:1] == b"\x01":  # a genuine Noise message 1 carrying the fuzzed payload
+        sender = HandshakeState(
+            True, PROLOGUE, X25519PrivateKey.generate(), rs=public_bytes(COORDINATOR)
+        )
+        data = sender.write_message(data[1:])
+    ResponderHandshake(COORDINATOR).read_first(data)
+
+
+def t_zstd(data: bytes) -> None:
+    if data[:1] == b"\x01":  # a real frame, then damaged: reach past the header checks
+        body = data[1:]
+        packed = bytearray(zstandard.ZstdCompressor(level=1).compress(body[len(body) // 2 :]))
+        for index, byte in enumerate(body[: len(body) // 2 : 3]):
+            if packed:
+                packed[(index * 7919 + byte) % len(packed)] ^= byte
+        data = bytes(packed)
+    decompress(data, CAP)
+
+
+class _Pair:
+    node: Session
+    coord: Session
+
+    def __init__(self) -> None:
+        self.fresh()
+
+    def fresh(self) -> None:
+        initiator = InitiatorHandshake(NODE, public_bytes(COORDINATOR), now_ms=1)
+        responder = ResponderHandshake(COORDINATOR)
+        responder.read_first(initiator.first_message())
+        msg2, self.coord = responder.accept({})
+        self.node, _ = initiator.finish(msg2)
+
+
+_pairs: list[_Pair] = []  # one session pair, made on first use, renewed when it dies
+
+
+def _plaintexts(data: bytes) -> list[bytes]:
+    """Split the input into chunk plaintexts; some become real frames, maybe compressed."""
+    out = []
+    while data:
+        head, data = data[0], data[1:]
+        n = min(len(data), head * 3)
+        chunk, data = data[:n], data[n:]
+        mode = head & 0x03
+        if mode == 1:  # a valid-shaped frame with a grown body on a grown stream
+            value, _ = _value(chunk)
+            kind = FrameType(1 + head % 14)
+            with contextlib.suppress(TypeError, ValueError, OverflowError):
+                chunk = msgpack.packb([int(kind), head >> 4, 0, 0, value], use_bin_type=True)
+            out.append(bytes([0]) + chunk)
+        elif mode == 2:  # compressed
+            out.append(bytes([HDR_COMPRESSED]) + zstandard.ZstdCompressor().compress(chunk))
+        elif mode == 3:  # a fragment with more to come
+            out.append(bytes([HDR_MORE | (head >> 7)]) + chunk)
+        else:
+            out.append(chunk)  # raw: the header byte is whatever came
+    return out
+
+
+def t_session(data: bytes) -> None:
+    if not _pairs:
+        _pairs.append(_Pair())
+    pair = _pairs[0]
+    if pair.coord.dead is not None:
+        pair.fresh()
+    if data[:1] == b"\x00":  # a proper request stream first, so seq rules are exercised
+        for kind, sid, body in ((FrameType.OPEN, 1, {}), (FrameType.DATA, 1, b"x")):
+            for message in pair.node.seal(Frame(kind, sid, 0, 0, body)):
+                pair.coord.open(message)
+    for plaintext in _plaintexts(data[1:])[:8]:
+        message = pair.node._send.encrypt_with_ad(b"", plaintext)
+        try:
+            pair.coord.open(message)
+        except TunnelError:
+            pair.fresh()
+            raise
+
+
+def t_token(data: bytes) -> None:
+    text = data.decode("utf-8", "replace")
+    if data[:1] == b"\x01":
+        text = PREFIX + base64.urlsafe_b64encode(data[1:]).decode()
+    with contextlib.suppress(TunnelError):
+        EnrollmentToken.decode(text)
+    _unb64(text)
+
+
+FUNCS: dict[str, Callable[[bytes], None]] = {
+    "frame": t_frame,
+    "msgpack": t_msgpack,
+    "hello": t_hello,
+    "handshake": t_handshake,
+    "zstd": t_zstd,
+    "session": t_session,
+    "token": t_token,
+}
+
+
+def one_input(data: bytes) -> None:
+    if not data:
+        return
+    name = TARGETS[data[0] % len(TARGETS)]
+    runs[name] += 1
+    try:
+        FUNCS[name](data[1:])
+    except TunnelError:
+        pass
+    except Exception as exc:  # a finding: anything but the tunnel's own error
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = tb[-1] if tb else None
+        place = (where.filename, where.lineno or 0) if where else ("?", 0)
+        key = (type(exc).__name__, *place)
+        if key not in findings:
+            findings[key] = (name, data, traceback.format_exc())
+
+
+# -- seeds, random mode, report --------------------------------------------------------
+
+
+def seeds() -> list[bytes]:
+    """Valid encodings of every kind, so mutations start from deep inside the formats."""
+    out = []
+    for kind in FrameType:
+        sid = 0 if kind not in (FrameType.OPEN, FrameType.DATA, FrameType.END) else 1
+        body: Any = {"k": 1}
+        if kind == FrameType.DATA:
+            body = b"tok"
+        elif kind in (FrameType.CANCEL, FrameType.KEY_UPDATE):
+            body = None
+        elif kind == FrameType.WINDOW:
+            body = {"credit": 1}
+        elif kind in (FrameType.PING, FrameType.PONG):
+            body = {"t": 1}
+        if kind == FrameType.CANCEL:
+            sid = 1
+        packed = encode(Frame(kind, sid, 0, 0, body))
+        out.append(bytes([TARGETS.index("frame")]) + packed)
+        out.append(bytes([TARGETS.index("session"), 1]) + bytes([len(packed) // 3 * 4]) + packed)
+    hello = InitiatorHandshake(NODE, public_bytes(COORDINATOR), now_ms=1).first_message()
+    out.append(bytes([TARGETS.index("handshake")]) + hello)
+    out.append(bytes([TARGETS.index("zstd")]) + zstandard.ZstdCompressor().compress(b"a" * 300))
+    token = EnrollmentToken("ws://127.0.0.1:1/", public_bytes(COORDINATOR), "t", b"s" * 16, 0)
+    out.append(bytes([TARGETS.index("token")]) + token.encode().encode())
+    return out
+
+
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    buf = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randrange(4)
+        pos = rng.randrange(len(buf) + 1)
+        if op == 0 and buf:
+            buf[pos % len(buf)] ^= 1 << rng.randrange(8)
+        elif op == 1:
+            buf[pos:pos] = rng.randbytes(rng.randint(1, 8))
+        elif op == 2 and buf:
+            del buf[pos : pos + rng.randint(1, 8)]
+        elif buf:
+            buf[pos % len(buf)] = rng.choice([0, 0xFF, 0x7F, 0x80, 0xC1, 0xDC, 0xDE])
+    return bytes(buf)
+
+
+def run_random(n: int, seed: int = 0) -> dict[str, Any]:
+    """Run `n` inputs: a third random bytes, the rest mutated seeds. Returns the report."""
+    rng = random.Random(seed)
+    pool = seeds()
+    for index in range(n):
+        if index % 3 == 0:
+            target = bytes([index % len(TARGETS)])
+            one_input(target + rng.randbytes(rng.randint(0, 300)))
+        else:
+            one_input(mutate(rng.choice(pool), rng))
+    return report()
+
+
+def report() -> dict[str, Any]:
+    return {"runs": dict(runs), "total": sum(runs.values()), "findings": list(findings.values())}
+
+
+def _print_report() -> None:
+    result = report()
+    print(
+        f"\nfuzz_tunnel: {result['total']} inputs: "
+        + ", ".join(f"{name} {count}" for name, count in sorted(result["runs"].items())),
+        file=sys.stderr,
+    )
+    if not findings:
+        print("fuzz_tunnel: no findings (only TunnelError came out)", file=sys.stderr)
+        return
+    print(f"fuzz_tunnel: {len(findings)} finding(s):", file=sys.stderr)
+    for name, data, tb in findings.values():
+        print(f"--- target {name}, input {data[:200]!r}\n{tb}", file=sys.stderr)
+    os._exit(1)
+
+
+def main() -> None:
+    atexit.register(_print_report)
+    if "--random" in sys.argv:
+        index = sys.argv.index("--random")
+        n = int(sys.argv[index + 1]) if len(sys.argv) > index + 1 else 100_000
+        run_random(n)
+        return
+    if atheris is None:
+        print("atheris is not installed: running 100000 random inputs", file=sys.stderr)
+        run_random(100_000)
+        return
+    argv = list(sys.argv)
+    if not any(a.startswith("-atheris_runs=") or a.startswith("-runs=") for a in argv):
+        argv.append("-atheris_runs=100000")
+    corpus = [a for a in argv[1:] if not a.startswith("-")]
+    if corpus:
+        for seed in seeds():
+            path = Path(corpus[0]) / f"seed-{seed.hex()[:32]}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(seed)
+    atheris.Setup(argv, one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
