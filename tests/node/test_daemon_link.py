@@ -82,9 +82,7 @@ async def until(check: Callable[[], Any], within: float, what: str, proc: Proc) 
     raise AssertionError(f"timed out waiting for {what}:\n{proc.log_text()[-3000:]}")
 
 
-async def test_coordinator_learns_telemetry_and_model_files(
-    coordinator: Coordinator, tmp_path: Path, model_path: Path
-) -> None:
+async def enroll(coordinator: Coordinator, node_dir: Path) -> Path:
     created = await asyncio.to_thread(
         cli,
         "coordinator.cli",
@@ -97,23 +95,68 @@ async def test_coordinator_learns_telemetry_and_model_files(
     )
     assert created.returncode == 0, created.stderr
     token = created.stdout.strip().splitlines()[-1]
-    node_dir = tmp_path / "node"
     enrolled = await asyncio.to_thread(
         cli, "node_agent.cli", "enroll", token, "--state-dir", str(node_dir)
     )
     assert enrolled.returncode == 0, enrolled.stderr
+    return node_dir
 
+
+def first_node(coordinator: Coordinator) -> NodeConn | None:
+    nodes = coordinator.registry.nodes()
+    return nodes[0] if nodes and nodes[0].telemetry and nodes[0].inventory else None
+
+
+async def test_served_model_reaches_the_coordinator_with_its_memory(
+    coordinator: Coordinator, tmp_path: Path, model_path: Path
+) -> None:
+    """A model dir with a real model and a broken file: the model is served, the file is not."""
+    node_dir = await enroll(coordinator, tmp_path / "node")
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    (model_dir / "smol.gguf").symlink_to(model_path)
+    (model_dir / "broken.gguf").write_bytes(b"GGUF" + b"\x00" * 64)
+    proc = start_node(node_dir, model_dir, tmp_path / "node.log", "--n-ctx", "512")
+    try:
+        conn: NodeConn = await until(lambda: first_node(coordinator), 120, "the node", proc)
+        assert conn.models == ["smol"]
+        (model,) = conn.inventory["models"]
+        assert model["name"] == "smol"
+        assert model["loaded"] is True
+        assert model["kind"] == "llama.cpp"
+        assert model["context_length"] == 512
+        assert model["architecture"] == "llama"
+        assert {f["name"]: f["usable"] for f in conn.inventory["files"]} == {
+            "smol": True,
+            "broken": False,
+        }
+
+        def runtime() -> dict[str, Any] | None:
+            smol = conn.telemetry["runtime"].get("smol") or {}
+            return smol if smol.get("rss_bytes") else None
+
+        smol = await until(runtime, 30, "the runner's memory in telemetry", proc)
+        assert isinstance(smol["pid"], int)
+        assert smol["rss_bytes"] > 50 * 2**20  # the weights are in the runner
+        assert smol["in_flight"] == 0
+        assert smol["crashes"] == 0
+        assert "not serving" in proc.log_text()  # the broken file was skipped, with its reason
+    finally:
+        proc.stop()
+
+
+async def test_coordinator_learns_telemetry_and_model_files(
+    coordinator: Coordinator, tmp_path: Path, model_path: Path
+) -> None:
+    node_dir = await enroll(coordinator, tmp_path / "node")
     model_dir = tmp_path / "models"
     model_dir.mkdir()
     size = model_path.stat().st_size  # noqa: ASYNC240
     proc = start_node(node_dir, model_dir, tmp_path / "node.log")
     try:
-
-        def node() -> NodeConn | None:
-            nodes = coordinator.registry.nodes()
-            return nodes[0] if nodes and nodes[0].telemetry else None
-
-        conn: NodeConn = await until(node, 60, "the node's first telemetry", proc)
+        conn: NodeConn = await until(
+            lambda: first_node(coordinator), 60, "the node's first telemetry", proc
+        )
         host = conn.telemetry["host"]
         assert host["cpu_count"] == os.cpu_count()
         assert host["mem_total_bytes"] > 0
@@ -146,7 +189,7 @@ async def test_coordinator_learns_telemetry_and_model_files(
         proc.stop()
 
 
-def start_node(node_dir: Path, model_dir: Path, log: Path) -> Proc:
+def start_node(node_dir: Path, model_dir: Path, log: Path, *extra: str) -> Proc:
     with log.open("wb") as out:
         popen = subprocess.Popen(
             [
@@ -164,6 +207,7 @@ def start_node(node_dir: Path, model_dir: Path, log: Path) -> Proc:
                 "0.3",
                 "--inventory-period",
                 "0.3",
+                *extra,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
