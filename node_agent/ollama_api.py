@@ -47,6 +47,7 @@ from starlette.types import Receive, Scope, Send
 
 from meshgate.openai import MAX_BODY_BYTES, OpenAIError
 from node_agent.inventory import read_model_file
+from node_agent.metrics import NodeMetrics, RequestTrack
 from node_agent.models import ModelManager
 from node_agent.ollama import OllamaModel, OllamaRuntime
 
@@ -213,8 +214,8 @@ def _tool_calls(calls: Any) -> list[dict[str, Any]]:
 class Translator:
     """OpenAI chunks (or one OpenAI answer) as Ollama's NDJSON objects, with timings."""
 
-    def __init__(self, model: str, *, chat: bool) -> None:
-        self.model, self.chat = model, chat
+    def __init__(self, model: str, *, chat: bool, track: RequestTrack | None = None) -> None:
+        self.model, self.chat, self.track = model, chat, track
         self.started = time.monotonic_ns()
         self.first_at: int | None = None
         self.reason: str | None = None
@@ -234,6 +235,8 @@ class Translator:
     def chunk(self, payload: bytes) -> dict[str, Any] | None:
         """The Ollama object for one OpenAI stream chunk, if it carries text."""
         data = json.loads(payload)
+        if self.track is not None:
+            self.track.chunk(payload)
         if isinstance(data.get("usage"), dict):
             self.usage = data["usage"]
         text, calls = "", []
@@ -276,7 +279,14 @@ class Translator:
         message = choice.get("message") or {}
         text = message.get("content") or choice.get("text") or ""
         self.first_at = self.started
+        if self.track is not None:
+            self.track.usage = {k: v for k, v in self.usage.items() if isinstance(v, int)}
         return self.final(text, _tool_calls(message.get("tool_calls")))
+
+    def finish(self, status: int) -> None:
+        """Record the request in the node's metrics (once; later calls do nothing)."""
+        if self.track is not None:
+            self.track.finish(status)
 
 
 def _line(obj: dict[str, Any]) -> bytes:
@@ -296,10 +306,13 @@ class NDJSONResponse(StreamingResponse):
     stops generation) once, and the borrowed runtime (`stack`) is given back.
     """
 
-    def __init__(self, lines: AsyncIterator[bytes], stack: AsyncExitStack) -> None:
+    def __init__(
+        self, lines: AsyncIterator[bytes], stack: AsyncExitStack, translate: Translator
+    ) -> None:
         super().__init__(iter(()), media_type=NDJSON)
         self._lines = lines
         self._stack = stack
+        self._translate = translate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.create_task(self._pump(send))
@@ -314,6 +327,7 @@ class NDJSONResponse(StreamingResponse):
             if aclose is not None:
                 await aclose()
             await self._stack.aclose()
+            self._translate.finish(499)  # no end sent: the client left
         if pump.done() and not pump.cancelled() and pump.exception() is not None:
             log.warning("ollama stream to the client failed: %r", pump.exception())
 
@@ -339,8 +353,10 @@ async def _ndjson(
                     yield _line(obj)
         except OpenAIError as exc:
             log.warning("ollama-api stream failed after it started: %s", exc.message)
+            translate.finish(exc.status)
             yield _line({"error": exc.message})
             return
+        translate.finish(200)
         yield _line(translate.final())
     finally:
         aclose = getattr(chunks, "aclose", None)
@@ -389,8 +405,9 @@ def _keep_alive_zero(value: Any) -> bool:
 class OllamaAPI:
     """The handlers, bound to one model manager."""
 
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: ModelManager, metrics: NodeMetrics | None = None) -> None:
         self.manager = manager
+        self.metrics = metrics
         self._files: dict[str, dict[str, Any]] = {}
 
     async def _load_or_unload(self, name: str, body: dict[str, Any], *, chat: bool) -> Response:
@@ -432,13 +449,16 @@ class OllamaAPI:
                 return await self._load_or_unload(name, body, chat=False)
             endpoint, req = generate_request(body, name, stream)
         raw = json.dumps(req, separators=(",", ":")).encode()
-        translate = Translator(body["model"], chat=chat)
+        track = self.metrics.track(name, "proxy") if self.metrics is not None else None
+        translate = Translator(body["model"], chat=chat, track=track)
         stack = AsyncExitStack()
         try:
             runtime = await stack.enter_async_context(self.manager.use(name))
             if not stream:
                 data, _ = await runtime.complete(endpoint, raw)
-                return JSONResponse(translate.whole(data))
+                reply = translate.whole(data)
+                translate.finish(200)
+                return JSONResponse(reply)
             chunks = runtime.stream(endpoint, raw)
             first: dict[str, Any] | None = None
             try:
@@ -451,8 +471,9 @@ class OllamaAPI:
                 if aclose is not None:
                     await aclose()
                 raise
-            return NDJSONResponse(_ndjson(first, chunks, translate), stack.pop_all())
+            return NDJSONResponse(_ndjson(first, chunks, translate), stack.pop_all(), translate)
         except OpenAIError as exc:
+            translate.finish(exc.status)
             raise OllamaAPIError(exc.status, exc.message) from None
         finally:
             await stack.aclose()
@@ -622,9 +643,15 @@ def _parameter_size(count: int) -> str:
     return str(count)
 
 
-def add_ollama_routes(app: FastAPI, manager: ModelManager) -> None:
-    """Mount Ollama's API on the proxy's `app`, serving `manager`'s models."""
-    api = OllamaAPI(manager)
+def add_ollama_routes(
+    app: FastAPI, manager: ModelManager, metrics: NodeMetrics | None = None
+) -> None:
+    """Mount Ollama's API on the proxy's `app`, serving `manager`'s models.
+
+    With `metrics`, chat and generate requests count in the node's metrics like
+    the OpenAI routes' (``via="proxy"``).
+    """
+    api = OllamaAPI(manager, metrics)
 
     def guarded(
         handler: Callable[[Request], Awaitable[Any]],

@@ -20,8 +20,9 @@ it) is tested against the wire protocol:
   does not have, 400 for a bad request, an ``{"error": ...}`` line mid-stream.
 
 The text is always the words of :data:`CANNED`, cut by ``num_predict`` or
-at a ``stop`` word. ``GET /_fake/requests`` (not Ollama's) returns the
-request bodies received, so tests can check what a translator sent.
+at a ``stop`` word. Not Ollama's, for tests: ``GET /_fake/requests`` returns
+the request bodies received (what a translator sent), ``GET /_fake/streams``
+counts streams started, finished and cancelled (the client went away).
 
     python tests/node/fake_ollama_server.py --port 11499 \\
         --model llama3.2:latest --model nomic-embed-text:latest=embedding
@@ -153,6 +154,7 @@ class FakeOllama:
             self.models[full_name(name)] = FakeModel(full_name(name), capability or "completion")
         self.loaded: dict[str, datetime] = {}
         self.requests: list[dict[str, Any]] = []
+        self.streams = {"started": 0, "finished": 0, "cancelled": 0}
 
     # --- helpers ---------------------------------------------------------------------
 
@@ -390,13 +392,19 @@ class FakeOllama:
             return JSONResponse(last("".join(words)))
 
         async def lines() -> AsyncIterator[bytes]:
-            for i, piece in enumerate(words):
-                if self.args.fail_after is not None and i >= self.args.fail_after:
-                    yield b'{"error":"fake failure mid-stream"}\n'
-                    return
-                yield json.dumps(chunk(piece)).encode() + b"\n"
-                await asyncio.sleep(self.args.chunk_delay)
-            yield json.dumps(last("")).encode() + b"\n"
+            self.streams["started"] += 1
+            try:
+                for i, piece in enumerate(words):
+                    if self.args.fail_after is not None and i >= self.args.fail_after:
+                        yield b'{"error":"fake failure mid-stream"}\n'
+                        return
+                    yield json.dumps(chunk(piece)).encode() + b"\n"
+                    await asyncio.sleep(self.args.chunk_delay)
+                yield json.dumps(last("")).encode() + b"\n"
+            except (asyncio.CancelledError, GeneratorExit):  # the client went away
+                self.streams["cancelled"] += 1
+                raise
+            self.streams["finished"] += 1
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
@@ -435,6 +443,9 @@ class FakeOllama:
     async def recorded(self, _: Request) -> Response:
         return JSONResponse(self.requests)
 
+    async def stream_counts(self, _: Request) -> Response:
+        return JSONResponse(self.streams)
+
 
 async def ollama_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, OllamaError)
@@ -461,6 +472,7 @@ def build_app(args: argparse.Namespace) -> Starlette:
             Route("/api/embed", fake.embed, methods=["POST"]),
             Route("/api/embeddings", fake.embeddings, methods=["POST"]),
             Route("/_fake/requests", fake.recorded),
+            Route("/_fake/streams", fake.stream_counts),
         ],
         exception_handlers={OllamaError: ollama_error, 404: not_found},
     )

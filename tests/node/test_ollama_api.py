@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import ollama
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from node_agent.models import ModelManager
 from node_agent.ollama import OllamaHost
@@ -264,3 +265,21 @@ def test_an_error_mid_stream_is_a_last_error_line_the_client_raises(
         f"{node.url}/api/generate", json={"model": "broken", "prompt": "x"}
     ).text.splitlines()
     assert lines[-1].startswith('{"error":')
+
+
+def requests_counted(node: NodeThread, model: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(node.metrics.render().decode()):
+        for sample in family.samples:
+            if sample.name == "meshgate_node_requests_total" and sample.labels["model"] == model:
+                total += sample.value
+    return total
+
+
+def test_ollama_api_requests_count_in_the_node_metrics(
+    client: ollama.Client, node: NodeThread
+) -> None:
+    before = requests_counted(node, "llama3.2:latest")
+    client.chat(model="llama3.2", messages=HELLO)
+    list(client.generate(model="llama3.2", prompt="x", stream=True))
+    assert requests_counted(node, "llama3.2:latest") == before + 2

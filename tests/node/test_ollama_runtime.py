@@ -21,6 +21,7 @@ import pytest
 import uvicorn
 
 from meshgate.openai import OpenAIError
+from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
 from node_agent.ollama import OllamaHost, OllamaRuntime, merge_models, options_of
 from node_agent.proxy import build_app
@@ -44,6 +45,24 @@ def fake() -> Iterator[str]:
 def failing() -> Iterator[str]:
     with running("--model", "llama3.2:latest", "--fail-after", "2") as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def slow() -> Iterator[str]:
+    with running("--model", "llama3.2:latest", "--chunk-delay", "0.2") as url:
+        yield url
+
+
+def streams(url: str) -> dict[str, int]:
+    counts: dict[str, int] = httpx.get(f"{url}/_fake/streams").json()
+    return counts
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -377,8 +396,13 @@ class NodeThread:
     ) -> None:
         self.manager = ModelManager(run_dir=run_dir)
         self.setup = setup
+        self.metrics = NodeMetrics(served=self.manager.names)
         config = uvicorn.Config(
-            build_app(self.manager), host="127.0.0.1", port=0, log_level="warning", lifespan="off"
+            build_app(self.manager, metrics=self.metrics),
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="off",
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=asyncio.run, args=(self._run(),), daemon=True)
@@ -415,16 +439,19 @@ class NodeThread:
 
 
 @pytest.fixture(scope="module")
-def node(fake: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeThread]:
+def node(fake: str, slow: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeThread]:
     async def setup(manager: ModelManager) -> Callable[[], Awaitable[None]]:
         host = OllamaHost(fake)
         await host.sync(manager)
         down = OllamaHost(f"http://127.0.0.1:{free_port()}")
         manager.add_runtime(down.runtime("down", model="llama3.2:latest"))
+        slow_host = OllamaHost(slow)
+        manager.add_runtime(slow_host.runtime("slow", model="llama3.2:latest"))
 
         async def cleanup() -> None:
             await host.aclose()
             await down.aclose()
+            await slow_host.aclose()
 
         return cleanup
 
@@ -482,3 +509,38 @@ def test_ollama_errors_reach_the_openai_client_as_its_own_exceptions(
     with pytest.raises(openai.InternalServerError) as down:
         client.chat.completions.create(model="down", messages=HELLO, stream=True)
     assert down.value.status_code == 503
+
+
+async def test_closing_the_stream_cancels_it_at_ollama(slow: str) -> None:
+    host = OllamaHost(slow)
+    try:
+        before = streams(slow)["cancelled"]
+        chunks = host.runtime("llama3.2:latest").stream(
+            "chat/completions", body(messages=HELLO, stream=True)
+        )
+        assert json.loads(await anext(chunks))["choices"][0]["delta"]["role"] == "assistant"
+        await chunks.aclose()  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 10
+        while streams(slow)["cancelled"] == before:
+            assert time.monotonic() < deadline, "the fake Ollama kept generating"
+            await asyncio.sleep(0.05)
+    finally:
+        await host.aclose()
+
+
+@pytest.mark.parametrize(
+    ("path", "payload"),
+    [
+        ("/v1/chat/completions", {"model": "slow", "messages": HELLO, "stream": True}),
+        ("/api/chat", {"model": "slow", "messages": HELLO}),
+    ],
+)
+def test_a_client_leaving_the_proxy_mid_stream_stops_ollama(
+    node: NodeThread, slow: str, path: str, payload: dict[str, Any]
+) -> None:
+    before = streams(slow)["cancelled"]
+    with httpx.stream("POST", f"{node.url}{path}", json=payload) as reply:
+        assert reply.status_code == 200
+        assert next(reply.iter_lines())
+    wait_for(lambda: streams(slow)["cancelled"] > before, "the fake Ollama kept generating")
+    wait_for(lambda: node.manager.stats()["slow"]["in_flight"] == 0, "still in flight")
