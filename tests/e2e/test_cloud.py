@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from coordinator.state import StateDir
 from coordinator.store import Store, UsageRecord
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 MODEL = "smollm2"
 CLOUD_ONLY = "cloud-only"
-HELLO = [{"role": "user", "content": "Say hello."}]
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello."}]
 KEY_ENV = "MG_TEST_CLOUD_KEY"
 
 

@@ -180,7 +180,8 @@ def check(pair: Pair, long: Outcome, queued: Outcome, long_id: str, queued_id: s
     assert node_b
     assert node_a != node_b
     # the ledger: exactly one row per request, with its node and outcome
-    wait_until(lambda: pair.ledger(long_id) and pair.ledger(queued_id), 10, "ledger rows")
+    wait_until(lambda: bool(pair.ledger(long_id) and pair.ledger(queued_id)), 10,
+               "ledger rows")
     (long_row,) = pair.ledger(long_id)
     (queued_row,) = pair.ledger(queued_id)
     assert (long_row.node_did, long_row.outcome) == (node_a, long_outcome)
