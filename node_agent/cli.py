@@ -90,8 +90,8 @@ def run(
     state_dir: Path | None = typer.Option(
         None, "--state-dir", help="Where the node keeps its identity and enrollment."
     ),
-    proxy_host: str | None = typer.Option(None, help="Local proxy address [127.0.0.1]."),
-    proxy_port: int | None = typer.Option(None, help="Local proxy port [11438]."),
+    proxy_host: str | None = typer.Option(None, help="Local proxy address (default: 127.0.0.1)."),
+    proxy_port: int | None = typer.Option(None, help="Local proxy port (default: 11438)."),
     model: list[str] = typer.Option([], "--model", help="NAME=PATH.gguf, repeatable."),
     model_dir: list[Path] = typer.Option([], "--model-dir", help="Serve every .gguf below DIR."),
     upstream: list[str] = typer.Option(
@@ -104,25 +104,29 @@ def run(
         help="http://127.0.0.1:11434: serve this Ollama server's models under Ollama's names.",
     ),
     ollama_period: float | None = typer.Option(
-        None, help="Seconds between looks at the Ollama server's models [30]."
+        None, help="Seconds between looks at the Ollama server's models (default: 30)."
     ),
-    n_ctx: int | None = typer.Option(None, help="Context length for llama.cpp runners [2048]."),
+    n_ctx: int | None = typer.Option(
+        None, help="Context length for llama.cpp runners (default: 2048)."
+    ),
     n_gpu_layers: int | None = typer.Option(
-        None, help="Layers to offload to the GPU (-1: all) [0]."
+        None, help="Layers to offload to the GPU (-1: all) (default: 0)."
     ),
     telemetry_period: float | None = typer.Option(
-        None, help="Seconds between telemetry samples [2]."
+        None, help="Seconds between telemetry samples (default: 2)."
     ),
     inventory_period: float | None = typer.Option(
-        None, help="Seconds between checks of the model dirs for changes [5]."
+        None, help="Seconds between checks of the model dirs for changes (default: 5)."
     ),
     coordinator_url: str | None = typer.Option(
         None, help="Connect here instead of the URL pinned at enrollment."
     ),
     connect: bool | None = typer.Option(
-        None, "--connect/--no-connect", help="Connect to the coordinator if enrolled [yes]."
+        None, "--connect/--no-connect", help="Connect to the coordinator if enrolled (default)."
     ),
-    log_level: str | None = typer.Option(None, help="critical|error|warning|info|debug [info]."),
+    log_level: str | None = typer.Option(
+        None, help="critical, error, warning, info (default) or debug."
+    ),
 ) -> None:
     """Run the node daemon: model runners, the local proxy and the coordinator link.
 
@@ -161,7 +165,7 @@ def run(
 def status(
     as_json: bool = typer.Option(False, "--json", help="The raw telemetry as JSON."),
     url: str | None = typer.Option(
-        None, help="The node's local proxy [http://127.0.0.1:PROXY_PORT from the config]."
+        None, help="The node's local proxy (default: http://127.0.0.1:PROXY_PORT from the config)."
     ),
     config: Path | None = CONFIG,
 ) -> None:
@@ -195,10 +199,10 @@ def status(
 def swap(
     old: str = typer.Argument(..., help="The model name apps use now (it keeps that name)."),
     new: str = typer.Argument(..., help="NAME=PATH.gguf, PATH.gguf or a name in the inventory."),
-    n_ctx: int | None = typer.Option(None, help="Context length [the old runner's]."),
-    n_gpu_layers: int | None = typer.Option(None, help="GPU layers [placement decides]."),
+    n_ctx: int | None = typer.Option(None, help="Context length (default: the old runner's)."),
+    n_gpu_layers: int | None = typer.Option(None, help="GPU layers (default: placement decides)."),
     url: str | None = typer.Option(
-        None, help="The node's local proxy [http://127.0.0.1:PROXY_PORT from the config]."
+        None, help="The node's local proxy (default: http://127.0.0.1:PROXY_PORT from the config)."
     ),
     config: Path | None = CONFIG,
 ) -> None:
