@@ -328,6 +328,7 @@ class ModelManager:
         self._generation = 0
         self._lock: asyncio.Lock | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._headers: dict[tuple[str, int, int], ModelFile] = {}
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -398,6 +399,9 @@ class ModelManager:
             backends.update(b for b in (slot.backend, slot.prepared) if b is not None)
         await asyncio.gather(*(b.stop() for b in backends))
         self._live.clear()
+        for slot in self._slots.values():
+            if slot.ready is not None:
+                slot.fail(OpenAIError(503, "the node is stopping", hop="node"))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -500,7 +504,7 @@ class ModelManager:
         if spec.path is not None:
             if not spec.path.is_file():
                 raise OpenAIError(400, f"no such model file: {spec.path}", hop="node")
-            model = read_model_file(spec.path)
+            model = self._read(spec.path)
             if not model.usable:
                 raise OpenAIError(
                     400, f"{spec.path} is not a usable GGUF file: {model.reason}", hop="node"
@@ -514,6 +518,14 @@ class ModelManager:
                 hop="node",
             )
         return found
+
+    def _read(self, path: Path) -> ModelFile:
+        """The file's metadata, read once per (path, size, mtime)."""
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in self._headers:
+            self._headers[key] = read_model_file(path, st)
+        return self._headers[key]
 
     def _place(self, name: str, spec: LlamaSpec, free: Budget) -> Placement:
         placement = place(self._files(spec), spec.n_ctx, free, n_gpu_layers=spec.n_gpu_layers)
@@ -589,8 +601,9 @@ class ModelManager:
         except RunnerError as exc:
             self._live.discard(backend)
             raise OpenAIError(502, f"{exc}", code="runner_failed", hop="node") from None
-        except BaseException:
+        except BaseException:  # cancelled: leave no process behind
             self._live.discard(backend)
+            await backend.stop()
             raise
 
     async def _bring_up(

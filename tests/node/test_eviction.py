@@ -403,3 +403,20 @@ async def test_stats_report_what_telemetry_needs(
     assert stats["memory_estimate_bytes"] == NEED
     assert (stats["served"], stats["idle_s"], stats["runner"]) == (1, 4.0, "a.1")
     await manager.stop()
+
+
+async def test_stopping_fails_waiting_requests_at_once_and_stops_a_runner_mid_start(
+    make: Callable[..., ModelManager],
+    box: Box,
+) -> None:
+    manager = make(2)
+    await manager.load("a", "a")
+    await manager.unload("a")
+    box.starting.clear()
+    waiting = asyncio.create_task(ask(manager, "a"))
+    await until(lambda: manager.stats()["a"]["queued"] == 1)
+    await manager.stop()
+    with pytest.raises(OpenAIError, match="the node is stopping") as caught:
+        await waiting
+    assert caught.value.status == 503
+    assert box.events[-2:] == ["start a.2", "stop a.2"]

@@ -1,0 +1,156 @@
+"""Hot-swap time against a cold start of the same runner, measured side by side.
+
+    .venv/bin/python scripts/bench/swap.py [--model PATH.gguf] [--reps 5] [--json OUT.json]
+
+Real parts only: our llama.cpp runner processes (``node_agent.llama_worker``)
+serving the GGUF (SmolLM2 from ``scripts/fetch_model.sh`` by default), under the
+model manager. Two runner configs of the same file stand for two models:
+``A`` (n_ctx 512) and ``B`` (n_ctx 1024). Each repetition, in turn:
+
+* ``cold``: start a fresh runner with config B, then stream one completion;
+  time from start to its first token;
+* ``hot``: the manager serves the name "chat" from A; ``swap("chat", B)``;
+  time from the swap command to the first token of a streamed completion
+  answered by the new runner (asked as soon as the manager routes "chat" to
+  it). Also recorded: when ``swap`` itself returned (old runner drained and
+  stopped);
+* then swap back to A, untimed.
+
+Prints the median of each and the hot/cold ratio. A hot swap costs about a cold
+start of the new runner (it must load the model too); what it buys is that no
+request fails or waits meanwhile (tests/node/test_swap.py checks that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from node_agent.models import ModelManager  # noqa: E402
+from node_agent.placement import Budget  # noqa: E402
+from node_agent.runtime import Runtime  # noqa: E402
+from node_agent.supervisor import LlamaRunner  # noqa: E402
+
+BODY = json.dumps(
+    {
+        "model": "chat",
+        "prompt": "The capital of France is",
+        "max_tokens": 4,
+        "temperature": 0,
+        "stream": True,
+    }
+).encode()
+
+
+async def first_token(runtime: Runtime) -> float:
+    """Stream one completion; the perf_counter time of its first chunk (reads the rest)."""
+    at = 0.0
+    async for _ in runtime.stream("completions", BODY):
+        at = at or time.perf_counter()
+    return at
+
+
+async def cold(model: Path, run_dir: Path) -> float:
+    runner = LlamaRunner("chat", model, run_dir=run_dir, instance="cold", n_ctx=1024)
+    began = time.perf_counter()
+    await runner.start()
+    try:
+        return await first_token(runner.runtime) - began
+    finally:
+        await runner.stop()
+
+
+async def hot(manager: ModelManager, model: Path) -> tuple[float, float]:
+    old = manager.stats()["chat"]["runner"]
+    began = time.perf_counter()
+    swap = asyncio.create_task(manager.swap("chat", f"B={model}", n_ctx=1024))
+    while manager.stats()["chat"]["runner"] == old or manager.stats()["chat"]["state"] != "loaded":
+        if swap.done():
+            swap.result()  # raises if the swap failed
+        await asyncio.sleep(0.002)
+    async with manager.use("chat") as runtime:
+        token = await first_token(runtime) - began
+    await swap
+    returned = time.perf_counter() - began
+    await manager.swap("chat", f"A={model}", n_ctx=512)  # back, untimed
+    return token, returned
+
+
+async def bench(model: Path, reps: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="mg-swap-") as tmp:
+        run_dir = Path(tmp)
+        manager = ModelManager(run_dir=run_dir, budget=Budget(8 << 30, 0))
+        manager.add_llama("chat", model, n_ctx=512)
+        await manager.start()
+        try:
+            async with manager.use("chat") as runtime:
+                await first_token(runtime)  # warm: the file in the page cache, the path
+            colds, hots, returns = [], [], []
+            for i in range(reps):
+                colds.append(await cold(model, run_dir))
+                token, returned = await hot(manager, model)
+                hots.append(token)
+                returns.append(returned)
+                print(
+                    f"rep {i + 1}: cold {colds[-1]:.3f} s, hot first token {token:.3f} s, "
+                    f"swap returned {returned:.3f} s",
+                    flush=True,
+                )
+        finally:
+            await manager.stop()
+    cold_m, hot_m = statistics.median(colds), statistics.median(hots)
+    return {
+        "model": str(model),
+        "reps": reps,
+        "cold_start_to_first_token_s": colds,
+        "hot_swap_to_first_token_s": hots,
+        "hot_swap_returned_s": returns,
+        "median_cold_s": round(cold_m, 3),
+        "median_hot_s": round(hot_m, 3),
+        "median_swap_returned_s": round(statistics.median(returns), 3),
+        "ratio_hot_over_cold": round(hot_m / cold_m, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=None, help="GGUF file [SmolLM2]")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    model = args.model or Path(
+        subprocess.run(
+            [str(ROOT / "scripts" / "fetch_model.sh")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    result = asyncio.run(bench(model, args.reps))
+    print(f"median cold start -> first token: {result['median_cold_s']:.3f} s")
+    print(
+        f"median hot swap   -> first token: {result['median_hot_s']:.3f} s "
+        f"(swap returned after {result['median_swap_returned_s']:.3f} s)"
+    )
+    print(f"ratio hot/cold: {result['ratio_hot_over_cold']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
