@@ -9,8 +9,8 @@ Flow control (credit, as HTTP/2): DATA body bytes need credit on their stream
 and on the connection. Each side starts with `INITIAL_STREAM_WINDOW` per stream
 and `INITIAL_CONNECTION_WINDOW` for the connection from the other; a receiver
 configured with larger windows grants the difference at once. A sender with no
-credit waits (a DATA body is sent in pieces as credit allows). The receiver
-grants credit back with WINDOW frames as its consumer *reads* (`Stream.recv`),
+credit waits (a body up to 16 KiB goes whole; a larger one in pieces as credit
+allows). The receiver grants credit back with WINDOW frames as its consumer *reads* (`Stream.recv`),
 not as frames arrive, once half a window was read; so a stream's queue never
 holds more than its window, and a consumer that stops reading stops its peer
 without stalling other streams. A peer that sends past its credit breaks the
@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 STREAM_SEND_TYPES = frozenset(
     {FrameType.DATA, FrameType.END, FrameType.ERROR, FrameType.CANCEL, FrameType.WINDOW}
 )
+# DATA bodies up to this size wait for credit for all of their bytes and go as one frame;
+# larger ones go in pieces as credit allows. Below half the smallest window, so the
+# credit a drained receiver leaves (over half a window) always admits one.
+WHOLE_DATA = 16 * 1024
 OnStream = Callable[["Stream", Frame], Awaitable[None]]
 OnControl = Callable[[Frame], Awaitable[None]]
 
@@ -72,13 +76,13 @@ class _Credit:
         self.waiters.clear()
 
 
-async def _wait_credit(stream: _Credit, connection: _Credit) -> None:
-    """Until both have credit; ClosedError as soon as either is dead."""
+async def _wait_credit(stream: _Credit, connection: _Credit, need: int) -> None:
+    """Until both have `need` bytes of credit; ClosedError as soon as either is dead."""
     while True:
         for credit in (stream, connection):
             if credit.dead is not None:
                 raise ClosedError(credit.dead)
-        if stream.available > 0 and connection.available > 0:
+        if stream.available >= need and connection.available >= need:
             return
         waiter = asyncio.get_running_loop().create_future()
         stream.waiters.add(waiter)
@@ -147,7 +151,9 @@ class Stream:
         async with self._send_lock:
             view = memoryview(body)
             while view:
-                await _wait_credit(self._credit, mux._credit)
+                # a small body (a token event) goes whole, never split by a credit edge
+                need = len(view) if len(view) <= WHOLE_DATA else 1
+                await _wait_credit(self._credit, mux._credit, need)
                 n = min(len(view), self._credit.available, mux._credit.available)
                 piece, view = bytes(view[:n]), view[n:]
                 self._credit.available -= n

@@ -217,3 +217,15 @@ async def test_many_token_streams_grant_credit_in_batches_not_per_frame(pair: Pa
     # and only a few for the connection
     sent_windows = pair.coord_link._session._streams.next_seq(0, 0)
     assert sent_windows < 10
+
+
+async def test_small_bodies_are_never_split_at_a_credit_edge(pair: Pair) -> None:
+    # 2,000 x 300 bytes: well past one window, so the sender runs out of credit often
+    stream = await pair.coord_mux.open({"size": 600_000, "chunk": 300})
+    await _until(lambda: stream.buffered >= INITIAL_STREAM_WINDOW - 300)
+    sizes = []
+    async for frame in stream:
+        if frame.type == FrameType.DATA:
+            sizes.append(len(frame.body))
+    assert sizes == [300] * 2000
+    assert stream.peak_buffered <= INITIAL_STREAM_WINDOW
