@@ -306,3 +306,22 @@ async def test_the_coordinator_commands_a_swap_over_the_tunnel(
     finally:
         await pair.close()
         await manager.stop()
+
+
+def test_the_cli_swaps_through_the_local_proxy(node: Node, model_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from node_agent.cli import app
+
+    old = node.stats()["pid"]
+    cli = CliRunner()
+    done = cli.invoke(
+        app, ["swap", MODEL, f"smol={model_path}", "--n-ctx", "768", "--url", node.url]
+    )
+    assert done.exit_code == 0, done.output
+    assert f"{MODEL} now served from {model_path}" in done.output
+    assert node.stats()["pid"] != old
+    assert node.stats()["n_ctx"] == 768
+    refused = cli.invoke(app, ["swap", "nope", f"{model_path}", "--url", node.url])
+    assert refused.exit_code == 1
+    assert "swap refused (404)" in refused.output
