@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -19,6 +20,7 @@ from sqlalchemy import select, text
 from coordinator.errors import CoordinatorError, EnrollmentRefused, UnknownKey, UnknownNode
 from coordinator.store import (
     ApiKeyRow,
+    KeyScopes,
     NodeRecord,
     Store,
     TokenRow,
@@ -419,3 +421,63 @@ def test_usage_rows_have_their_own_ids(store: Store) -> None:
     with store.engine.connect() as conn:
         ids = conn.execute(select(UsageRow.id)).scalars().all()
     assert len(set(ids)) == 2
+
+
+# ----------------------------------------------------------------------------- scopes, spend
+
+
+def test_a_keys_scopes_round_trip_and_models_are_globs(store: Store) -> None:
+    scopes = KeyScopes(models=("llama-*", "smollm2", "llama-*"), prefer="local",
+                       labels={"site": "a"}, rpm=60, tpm=20000, budget_day=5.0, budget_month=50)
+    record, plaintext = store.create_key("app", NOW, scopes=scopes)
+    back = store.verify_key(plaintext)
+    assert back == record
+    assert back.scope == scopes
+    assert back.models == ["llama-*", "smollm2"]
+    assert back.allows_model("llama-3.1-8b")
+    assert back.allows_model("smollm2")
+    assert not back.allows_model("smollm2-360m")
+    assert not back.allows_model("LLAMA-3")  # case matters
+    store.rotate_key("app", NOW + 1)
+    assert store.list_keys()[0].scope == scopes
+
+
+@pytest.mark.parametrize("bad", [
+    {"prefer": "fastest"}, {"rpm": 0}, {"tpm": -5}, {"budget_day": 0.0},
+    {"budget_month": float("nan")},
+])
+def test_bad_scopes_are_refused_with_the_field_named(bad: dict[str, object]) -> None:
+    with pytest.raises(CoordinatorError, match=next(iter(bad))):
+        KeyScopes(**bad)  # type: ignore[arg-type]
+
+
+def test_spend_by_key_sums_cost_since_the_day_and_the_month(store: Store) -> None:
+    for key, cost, at in [("a", 1.0, NOW), ("a", 2.0, NOW - 5000), ("a", 4.0, NOW - 10**7),
+                          ("b", 0.5, NOW), (None, 9.0, NOW)]:
+        store.record_usage(replace(usage(f"r{cost}", key=key, at=at), cost=cost))
+    assert store.spend_by_key(NOW - 100, NOW - 10_000) == {"a": (1.0, 3.0), "b": (0.5, 0.5)}
+
+
+def test_usage_keeps_the_route_it_ran_under(store: Store) -> None:
+    store.record_usage(replace(usage("r1"), route="qg://prefer=local"))
+    assert store.usage_rows()[0].route == "qg://prefer=local"
+
+
+def test_a_sqlite_ledger_from_before_the_route_column_gets_it(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE usage_ledger (id INTEGER PRIMARY KEY, request_id VARCHAR(128),"
+                     " key_id VARCHAR(64), node_did VARCHAR(255), upstream VARCHAR(200),"
+                     " model VARCHAR(255), endpoint VARCHAR(64), prompt_tokens BIGINT,"
+                     " completion_tokens BIGINT, latency_ms FLOAT, outcome VARCHAR(64),"
+                     " cost FLOAT, created_at FLOAT)")
+        conn.execute("INSERT INTO usage_ledger VALUES (1, 'old', 'k', NULL, 'up', 'm', 'e',"
+                     " 1, 2, 3.0, 'ok', 0.5, 1.0)")
+    store = Store(f"sqlite:///{path}")
+    try:
+        [old] = store.usage_rows()
+        assert (old.request_id, old.route) == ("old", None)
+        store.record_usage(replace(usage("new"), route="cache"))
+        assert [r.route for r in store.usage_rows()] == [None, "cache"]
+    finally:
+        store.close()
