@@ -420,3 +420,30 @@ async def test_stopping_fails_waiting_requests_at_once_and_stops_a_runner_mid_st
         await waiting
     assert caught.value.status == 503
     assert box.events[-2:] == ["start a.2", "stop a.2"]
+
+
+async def test_loading_a_family_picks_the_best_quantization_for_the_gpu_and_its_layers(
+    box: Box,
+    tmp_path: Path,
+) -> None:
+    from node_agent.placement import measure_budget
+    from tests.node.fake_nvml import FakeNvml, load_fixture
+    from tests.node.test_placement import F16, Q4, Q8
+
+    made: list[tuple[Path, int]] = []
+
+    def factory(name: str, instance: str, spec: LlamaSpec, path: Path, layers: int) -> RunnerLike:
+        made.append((path, layers))
+        return FakeRunner(box, name, instance, layers)
+
+    rtx = load_fixture("nvml_rtx4090_x2.json")
+    rtx["gpus"] = rtx["gpus"][:1]  # the busy one: 5.5 GiB free
+    budget = measure_budget(FakeNvml(rtx), available_ram=64 << 30)
+    manager = ModelManager(
+        run_dir=tmp_path, budget=budget, inventory=lambda: [Q8, F16, Q4], runner_factory=factory
+    )
+    loaded = await manager.load("chat", "llama-7b", n_ctx=2048)
+    assert made == [(Path(Q4.path), 32)]  # Q4_K_M wholly on the GPU beats Q8_0 split
+    assert (loaded["quantization"], loaded["n_gpu_layers"]) == ("Q4_K_M", 32)
+    assert "also fit" in loaded["placement"]
+    await manager.stop()
