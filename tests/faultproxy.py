@@ -177,9 +177,12 @@ class FaultProxy:
             self._server.close()
         self.drop()
         handlers = list(self._handlers)
-        for task in handlers:
-            task.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
+        if handlers:
+            # aborted connections end their handlers; cancel only what still hangs
+            _, pending = await asyncio.wait(handlers, timeout=5)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
