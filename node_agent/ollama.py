@@ -186,7 +186,9 @@ class OllamaHost:
         return added
 
     async def watch(
-        self, manager: _Manager, period: float = 30.0,
+        self,
+        manager: _Manager,
+        period: float = 30.0,
         on_change: Callable[[], None] | None = None,
     ) -> None:
         """:meth:`sync` every `period` seconds until cancelled; failures are logged, not fatal.
@@ -380,10 +382,11 @@ def usage_of(
     }
 
 
-def tool_calls_of(message: ollama.Message) -> list[dict[str, Any]]:
+def tool_calls_of(message: ollama.Message, start: int = 0) -> list[dict[str, Any]]:
+    """A message's tool calls in OpenAI's shape (arguments a JSON string), from index `start`."""
     return [
         {
-            "index": i,
+            "index": start + i,
             "id": f"call_{uuid.uuid4().hex[:16]}",
             "type": "function",
             "function": {
@@ -622,6 +625,7 @@ class _Chunks:
     def __init__(self, name: str, *, chat: bool) -> None:
         self.chat = chat
         self.first = True
+        self.calls = 0  # tool calls sent so far
         self.head = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion.chunk" if chat else "text_completion",
@@ -634,9 +638,9 @@ class _Chunks:
 
     def of(self, part: ollama.ChatResponse | ollama.GenerateResponse) -> list[bytes]:
         out = []
-        calls: list[dict[str, Any]] = []
         if isinstance(part, ollama.ChatResponse):
-            calls = tool_calls_of(part.message)
+            calls = tool_calls_of(part.message, start=self.calls)
+            self.calls += len(calls)
             delta: dict[str, Any] = {"role": "assistant"} if self.first else {}
             if part.message.content:
                 delta["content"] = part.message.content
@@ -650,7 +654,7 @@ class _Chunks:
         if part.done:
             end: dict[str, Any] = {"delta": {}} if self.chat else {"text": ""}
             out.append(
-                self._chunk({**end, "finish_reason": finish_of(part.done_reason, bool(calls))})
+                self._chunk({**end, "finish_reason": finish_of(part.done_reason, self.calls > 0)})
             )
             out.append(_dumps({**self.head, "choices": [], "usage": usage_of(part)}))
         return out

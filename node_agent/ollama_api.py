@@ -221,6 +221,7 @@ class Translator:
         self.reason: str | None = None
         self.usage: dict[str, Any] = {}
         self.pieces = 0
+        self.calls: dict[int, dict[str, str]] = {}  # streamed tool calls: index -> name, args
 
     def _object(self, text: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model, "created_at": now_iso()}
@@ -233,23 +234,40 @@ class Translator:
         return out
 
     def chunk(self, payload: bytes) -> dict[str, Any] | None:
-        """The Ollama object for one OpenAI stream chunk, if it carries text."""
+        """The Ollama object for one OpenAI stream chunk, if it carries text.
+
+        Tool calls arrive in pieces (the name, then the arguments a few
+        characters at a time); they are collected and sent whole by
+        :meth:`tool_calls` before the last object.
+        """
         data = json.loads(payload)
         if self.track is not None:
             self.track.chunk(payload)
         if isinstance(data.get("usage"), dict):
             self.usage = data["usage"]
-        text, calls = "", []
+        text = ""
         for choice in data.get("choices") or []:
             delta = choice.get("delta") or {}
             text += delta.get("content") or choice.get("text") or ""
-            calls += _tool_calls(delta.get("tool_calls"))
+            for call in delta.get("tool_calls") or []:
+                index = call.get("index", len(self.calls))
+                slot = self.calls.setdefault(index, {"name": "", "arguments": ""})
+                fn = call.get("function") or {}
+                slot["name"] = slot["name"] or fn.get("name") or ""
+                slot["arguments"] += fn.get("arguments") or ""
             self.reason = choice.get("finish_reason") or self.reason
-        if not text and not calls:
+        if not text:
             return None
         self.first_at = self.first_at or time.monotonic_ns()
         self.pieces += 1
-        return {**self._object(text, calls), "done": False}
+        return {**self._object(text), "done": False}
+
+    def tool_calls(self) -> dict[str, Any] | None:
+        """The object carrying the streamed tool calls, whole, if there were any."""
+        if not self.calls:
+            return None
+        calls = [{"function": self.calls[i]} for i in sorted(self.calls)]
+        return {**self._object("", _tool_calls(calls)), "done": False}
 
     def final(self, text: str = "", calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The last object: ``done``, ``done_reason``, token counts and durations."""
@@ -357,6 +375,9 @@ async def _ndjson(
             yield _line({"error": exc.message})
             return
         translate.finish(200)
+        calls = translate.tool_calls()
+        if calls is not None:
+            yield _line(calls)
         yield _line(translate.final())
     finally:
         aclose = getattr(chunks, "aclose", None)

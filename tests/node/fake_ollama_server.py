@@ -14,6 +14,8 @@ it) is tested against the wire protocol:
   ``prompt_eval_count`` and ``eval_count``. Empty ``messages``/``prompt``
   loads the model (``keep_alive``) and answers at once; with ``keep_alive``
   0 it unloads it (``done_reason: "unload"``), as Ollama does;
+- with ``tools`` offered and the user speaking last, ``/api/chat`` answers
+  with a call of the first tool (:data:`TOOL_ARGUMENTS`) and no text;
 - ``POST /api/embed`` (and the legacy ``/api/embeddings``): a deterministic
   unit vector per input;
 - errors as Ollama returns them: ``{"error": "..."}`` with 404 for a model it
@@ -59,6 +61,8 @@ from starlette.routing import Route
 
 CANNED = ["The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "."]
 EMBED_DIM = 8
+TOOL_ARGUMENTS = {"city": "Paris", "days": 3}
+TOOL_CALL_TOKENS = 12
 DEFAULT_KEEP_ALIVE = 300.0
 FOREVER = datetime(2318, 1, 1, tzinfo=UTC)  # what Ollama shows for keep_alive -1
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
@@ -215,6 +219,17 @@ class FakeOllama:
         return {**options, "stop": stop}
 
     @staticmethod
+    def tool_calls(data: dict[str, Any]) -> list[dict[str, Any]]:
+        """A call of the first tool, when tools are offered and the user spoke last."""
+        tools, messages = data.get("tools") or [], data.get("messages") or []
+        if not tools or not messages or messages[-1].get("role") != "user":
+            return []
+        name = (tools[0].get("function") or {}).get("name")
+        if not isinstance(name, str):
+            raise OllamaError(400, "each tool needs a function name")
+        return [{"function": {"name": name, "arguments": TOOL_ARGUMENTS}}]
+
+    @staticmethod
     def pieces(options: dict[str, Any]) -> tuple[list[str], str]:
         """The canned words this request gets, and why they end."""
         limit = options.get("num_predict")
@@ -357,16 +372,17 @@ class FakeOllama:
         if unloaded:  # keep_alive 0 with a prompt: answer, then unload (Ollama does too)
             self.loaded.pop(model.name, None)
         words, reason = self.pieces(options)
+        calls = self.tool_calls(data) if chat else []
+        if calls:
+            words, reason = [], "stop"
         prompt_tokens = max(1, word_count(text))
 
-        def chunk(piece: str) -> dict[str, Any]:
+        def chunk(piece: str, with_calls: bool = False) -> dict[str, Any]:
             if chat:
-                return {
-                    **head,
-                    "created_at": now_iso(),
-                    "message": {"role": "assistant", "content": piece},
-                    "done": False,
-                }
+                message: dict[str, Any] = {"role": "assistant", "content": piece}
+                if with_calls:
+                    message["tool_calls"] = calls
+                return {**head, "created_at": now_iso(), "message": message, "done": False}
             return {**head, "created_at": now_iso(), "response": piece, "done": False}
 
         def last(content: str) -> dict[str, Any]:
@@ -380,7 +396,7 @@ class FakeOllama:
                     "load_duration": 1000,
                     "prompt_eval_count": prompt_tokens,
                     "prompt_eval_duration": total // 3,
-                    "eval_count": len(words),
+                    "eval_count": len(words) or (TOOL_CALL_TOKENS if calls else 0),
                     "eval_duration": total // 2,
                 }
             )
@@ -389,11 +405,16 @@ class FakeOllama:
             return final
 
         if not stream:
-            return JSONResponse(last("".join(words)))
+            final = last("".join(words))
+            if calls:
+                final["message"]["tool_calls"] = calls
+            return JSONResponse(final)
 
         async def lines() -> AsyncIterator[bytes]:
             self.streams["started"] += 1
             try:
+                if calls:
+                    yield json.dumps(chunk("", with_calls=True)).encode() + b"\n"
                 for i, piece in enumerate(words):
                     if self.args.fail_after is not None and i >= self.args.fail_after:
                         yield b'{"error":"fake failure mid-stream"}\n'

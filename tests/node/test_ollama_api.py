@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from node_agent.models import ModelManager
 from node_agent.ollama import OllamaHost
 from node_agent.ollama_api import OLLAMA_VERSION, Translator, generate_request, openai_options
-from tests.node.fake_ollama_server import CANNED, running
+from tests.node.fake_ollama_server import CANNED, TOOL_ARGUMENTS, running
 from tests.node.test_ollama_runtime import NodeThread
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -283,3 +283,38 @@ def test_ollama_api_requests_count_in_the_node_metrics(
     client.chat(model="llama3.2", messages=HELLO)
     list(client.generate(model="llama3.2", prompt="x", stream=True))
     assert requests_counted(node, "llama3.2:latest") == before + 2
+
+
+def test_streamed_tool_call_fragments_are_sent_whole() -> None:
+    t = Translator("m", chat=True)
+    for piece in (
+        '{"index":0,"id":"c1","type":"function","function":{"name":"f","arguments":""}}',
+        '{"index":0,"function":{"arguments":"{\\"a\\": "}}',
+        '{"index":0,"function":{"arguments":"1}"}}',
+    ):
+        assert (
+            t.chunk(b'{"choices":[{"index":0,"delta":{"tool_calls":[' + piece.encode() + b"]}}]}")
+            is None
+        )
+    calls = t.tool_calls()
+    assert calls is not None
+    assert calls["message"]["tool_calls"] == [{"function": {"name": "f", "arguments": {"a": 1}}}]
+
+
+def test_tool_calls_reach_ollama_apps_through_any_runtime(client: ollama.Client) -> None:
+    tools: Any = [
+        {
+            "type": "function",
+            "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}},
+        }
+    ]
+    reply = client.chat(model="llama3.2", messages=HELLO, tools=tools)
+    assert reply.message.tool_calls is not None
+    assert reply.message.tool_calls[0].function.name == "get_weather"
+    assert reply.message.tool_calls[0].function.arguments == TOOL_ARGUMENTS
+    parts = list(client.chat(model="llama3.2", messages=HELLO, tools=tools, stream=True))
+    calls = [c for p in parts for c in p.message.tool_calls or []]
+    assert [(c.function.name, c.function.arguments) for c in calls] == [
+        ("get_weather", TOOL_ARGUMENTS)
+    ]
+    assert parts[-1].done is True

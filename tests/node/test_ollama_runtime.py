@@ -25,7 +25,7 @@ from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
 from node_agent.ollama import OllamaHost, OllamaRuntime, merge_models, options_of
 from node_agent.proxy import build_app
-from tests.node.fake_ollama_server import CANNED, embedding, free_port, running
+from tests.node.fake_ollama_server import CANNED, TOOL_ARGUMENTS, embedding, free_port, running
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -544,3 +544,56 @@ def test_a_client_leaving_the_proxy_mid_stream_stops_ollama(
         assert next(reply.iter_lines())
     wait_for(lambda: streams(slow)["cancelled"] > before, "the fake Ollama kept generating")
     wait_for(lambda: node.manager.stats()["slow"]["in_flight"] == 0, "still in flight")
+
+
+WEATHER: Any = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+
+
+def test_tool_calls_round_trip_through_the_proxy(client: openai.OpenAI, fake: str) -> None:
+    reply = client.chat.completions.create(model="llama3.2:latest", messages=HELLO, tools=WEATHER)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls is not None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"  # type: ignore[union-attr]
+    assert json.loads(call.function.arguments) == TOOL_ARGUMENTS  # type: ignore[union-attr]
+    assert recorded(fake, "/api/chat")["tools"] == WEATHER
+
+    chunks = list(
+        client.chat.completions.create(
+            model="llama3.2:latest", messages=HELLO, tools=WEATHER, stream=True
+        )
+    )
+    deltas = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert [(d.index, d.function.name if d.function else None) for d in deltas] == [
+        (0, "get_weather")
+    ]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+    history: Any = [
+        *HELLO,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "name": "get_weather", "content": "Sunny"},
+    ]
+    answer = client.chat.completions.create(
+        model="llama3.2:latest", tools=WEATHER, messages=history
+    )
+    assert answer.choices[0].message.content == TEXT  # the tool spoke last: text again
+    sent = recorded(fake, "/api/chat")["messages"]
+    assert sent[1]["tool_calls"] == [
+        {"function": {"name": "get_weather", "arguments": TOOL_ARGUMENTS}}
+    ]
+    assert sent[2] == {"role": "tool", "content": "Sunny", "tool_name": "get_weather"}
