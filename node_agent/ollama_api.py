@@ -69,6 +69,8 @@ SAME_OPTIONS = (
     "frequency_penalty",
     "seed",
 )
+#: Ollama's model management endpoints, refused with 501 (meshgate does not pull or create).
+MANAGEMENT = ("pull", "push", "create", "copy", "delete", "blobs")
 DONE_REASON = {"stop": "stop", "length": "length", "tool_calls": "stop", "content_filter": "stop"}
 
 
@@ -722,3 +724,20 @@ def add_ollama_routes(
         ("/api/embeddings", embeddings, ["POST"]),
     ):
         app.add_api_route(path, guarded(handler), methods=methods, include_in_schema=False)
+
+    async def unsupported(request: Request) -> Response:
+        path = request.url.path
+        if path.removeprefix("/api/").split("/")[0] in MANAGEMENT:
+            return _error_response(
+                501,
+                f"{path} is not supported here: meshgate serves the models its node was "
+                "given (add them to the node, or to the Ollama server it serves from)",
+            )
+        return _error_response(404, f"{path}: no such Ollama endpoint")
+
+    app.add_api_route(
+        "/api/{rest:path}",
+        unsupported,
+        include_in_schema=False,
+        methods=["GET", "POST", "PUT", "DELETE", "HEAD"],
+    )

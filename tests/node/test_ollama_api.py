@@ -318,3 +318,21 @@ def test_tool_calls_reach_ollama_apps_through_any_runtime(client: ollama.Client)
         ("get_weather", TOOL_ARGUMENTS)
     ]
     assert parts[-1].done is True
+
+
+def test_model_management_is_refused_clearly_and_names_work_with_latest(
+    client: ollama.Client, node: NodeThread
+) -> None:
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.pull("llama3.2")
+    assert caught.value.status_code == 501
+    assert "not supported" in caught.value.error
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.delete(SMOL)
+    assert caught.value.status_code == 501
+    missing = httpx.get(f"{node.url}/api/nothing")
+    assert missing.status_code == 404
+    assert isinstance(missing.json()["error"], str)
+    reply = client.chat(model=f"{SMOL}:latest", messages=HELLO, options={"num_predict": 2})
+    assert reply.model == f"{SMOL}:latest"
+    assert reply.eval_count in (1, 2)
