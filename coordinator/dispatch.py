@@ -227,6 +227,7 @@ class Dispatcher:
         self.config = config or DispatchConfig()
         self.clouds = dict(clouds or {})
         self.waiting = 0
+        self._commands = 0
 
     def knows(self, model: str) -> bool:
         """Whether a connected node or a cloud offers `model` right now."""
@@ -307,6 +308,55 @@ class Dispatcher:
                 code="queue_full", hop="coordinator")
         self.waiting += 1
 
+    async def _load(self, node: NodeConn, model: str, deadline: float) -> None:
+        """Demand-driven placement: the node has `model` but not loaded; COMMAND it to load
+        and wait (until the deadline) for its RESULT. Requests for the same model on the same
+        node share one load."""
+        pending = node.loading.get(model)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            node.loading[model] = pending
+            task = asyncio.get_running_loop().create_task(self._command_load(node, model, pending))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+        try:
+            await asyncio.wait_for(asyncio.shield(pending), max(deadline - now(), 0.0))
+        except TimeoutError:
+            raise OpenAIError(504, f"request deadline passed while {short(node.did)} loaded "
+                              f"{model}", code="deadline_exceeded", hop="coordinator") from None
+        except ConnectionError as exc:
+            raise Failed(f"could not load {model}: {exc}") from None
+
+    async def _command_load(self, node: NodeConn, model: str,
+                            pending: asyncio.Future[None]) -> None:
+        self._commands += 1
+        command_id = f"load-{self._commands}"
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        node.results[command_id] = waiter
+        log.info("placing %s on %s: commanding it to load", model, node.did)
+        try:
+            await node.mux.send_control(FrameType.COMMAND,
+                                        {"op": "load", "model": model, "id": command_id})
+            result = await waiter
+            if result.get("ok"):
+                log.info("%s loaded %s", node.did, model)
+                pending.set_result(None)
+            else:
+                raw = result.get("error")
+                error: dict[str, Any] = raw if isinstance(raw, dict) else {}
+                reason = str(error.get("message") or "the node refused")
+                log.warning("%s could not load %s: %s", node.did, model, reason)
+                pending.set_exception(ConnectionError(reason))
+        except (TunnelError, ConnectionError) as exc:
+            if not pending.done():
+                pending.set_exception(ConnectionError(str(exc) or "node disconnected"))
+        finally:
+            node.results.pop(command_id, None)
+            if node.loading.get(model) is pending:
+                del node.loading[model]
+            if pending.done() and not pending.cancelled():
+                pending.exception()  # mark retrieved; the waiters re-raise it themselves
+
     def _no_capacity(self, want: Request, explain: str, failures: list[str]) -> OpenAIError:
         models = "/".join(want.models)
         if failures:
@@ -323,6 +373,8 @@ class Dispatcher:
         node = self.registry.get(did)
         if node is None:
             raise Failed("node disconnected")
+        if not node.loaded(model):
+            await self._load(node, model, deadline)
         wire = request.to_wire()
         wire["model"] = model
         wire["body"] = with_model(request.body, model)

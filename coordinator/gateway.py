@@ -95,6 +95,7 @@ class Gateway:
             log.warning("node %s link failed: %s", hello.did, exc)
         finally:
             self.registry.remove(conn)
+            conn.fail_pending("node disconnected")
             log.info("node %s disconnected", hello.did)
 
     async def close_revoked(self) -> list[str]:
@@ -131,6 +132,8 @@ class Gateway:
             self.registry.changed()
             await asyncio.to_thread(self.store.touch_node, conn.did, time.time(), conn.models)
             log.info("node %s serves %s", conn.did, conn.models)
+        elif frame.type == FrameType.RESULT:
+            conn.on_result(body)
         elif frame.type == FrameType.TELEMETRY:
             conn.telemetry = body
             self.registry.changed()

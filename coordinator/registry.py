@@ -29,6 +29,7 @@ from coordinator.scheduler import CloudView, ModelView, NodeView, Snapshot
 from tunnel import Link, Mux
 
 DEFAULT_CONTEXT = 4096
+UNKNOWN_FREE = 1 << 62
 
 
 @dataclass(eq=False)
@@ -45,6 +46,8 @@ class NodeConn:
     per_model: dict[str, int] = field(default_factory=dict)
     served: int = 0
     touched_at: float = 0.0
+    results: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+    loading: dict[str, asyncio.Future[None]] = field(default_factory=dict)
 
     @property
     def rtt_ms(self) -> float | None:
@@ -52,6 +55,26 @@ class NodeConn:
 
     def view(self) -> NodeView:
         return node_view(self)
+
+    def loaded(self, model: str) -> bool:
+        """Whether the node reports `model` loaded (unknown counts as loaded)."""
+        view = node_view(self).models.get(model)
+        return view is None or view.loaded
+
+    def on_result(self, body: dict[str, Any]) -> None:
+        """A RESULT frame: complete the COMMAND waiting for it."""
+        waiter = self.results.pop(str(body.get("id")), None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(body)
+
+    def fail_pending(self, reason: str) -> None:
+        waiters: list[asyncio.Future[Any]] = [*self.results.values(), *self.loading.values()]
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectionError(reason))
+                waiter.exception()  # retrieved: nobody may be waiting any more
+        self.results.clear()
+        self.loading.clear()
 
 
 def _num(value: Any, default: float = 0.0) -> float:
@@ -84,7 +107,7 @@ def node_view(conn: NodeConn) -> NodeView:
     runtime = telemetry.get("runtime")
     runtime = runtime if isinstance(runtime, dict) else {}
     gpus = [g for g in telemetry.get("gpus") or [] if isinstance(g, dict)]
-    host = telemetry.get("host") if isinstance(telemetry.get("host"), dict) else {}
+    host = telemetry.get("host") if isinstance(telemetry.get("host"), dict) else None
     models: dict[str, ModelView] = {}
     for name, info in inventory_models(conn.inventory).items():
         entry = runtime.get(name)
@@ -112,7 +135,9 @@ def node_view(conn: NodeConn) -> NodeView:
         gpu_count=len(gpus),
         vram_total_bytes=sum(_int(g.get("vram_total_bytes")) for g in gpus),
         vram_free_bytes=sum(_int(g.get("vram_free_bytes")) for g in gpus),
-        ram_free_bytes=_int(host.get("mem_available_bytes")) if isinstance(host, dict) else 0,
+        # no host figures yet: memory unknown, so a model is not filtered for want of it
+        ram_free_bytes=(_int(host.get("mem_available_bytes")) if isinstance(host, dict)
+                        else UNKNOWN_FREE),
     )
 
 

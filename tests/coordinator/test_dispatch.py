@@ -79,6 +79,24 @@ class ScriptedNode:
     cancelled: int = 0
     task: asyncio.Task[None] | None = None
     mux: Mux | None = None
+    commands: list[dict[str, Any]] = field(default_factory=list)
+    refuse_load: str | None = None
+
+    async def on_control(self, frame: Frame) -> None:
+        """COMMAND load: answer RESULT (after a moment), then report the model loaded."""
+        if frame.type != FrameType.COMMAND:
+            return
+        assert self.mux is not None
+        self.commands.append(frame.body)
+        await asyncio.sleep(0.2)
+        head = {"id": frame.body["id"], "op": frame.body["op"]}
+        if self.refuse_load:
+            error = error_body(507, self.refuse_load)
+            await self.mux.send_control(FrameType.RESULT, {**head, "ok": False, "error": error})
+            return
+        await self.mux.send_control(FrameType.RESULT, {**head, "ok": True, "result": {}})
+        await self.mux.send_control(FrameType.INVENTORY, {"models": [
+            {"name": frame.body["model"], "loaded": True}]})
 
     async def on_stream(self, stream: Stream, frame: Frame) -> None:
         self.requests.append(frame.body)
@@ -95,17 +113,20 @@ class Fleet:
     nodes: list[ScriptedNode] = field(default_factory=list)
 
     async def node(self, name: str, behaviour: Behaviour, *, decode_tps: float = 0.0,
-                   models: tuple[str, ...] = (MODEL,)) -> ScriptedNode:
+                   models: tuple[str, ...] = (MODEL,), loaded: bool = True) -> ScriptedNode:
         identity = Identity.generate()
         token_id, secret = self.store.create_token(60, {}, time.time())
         self.store.redeem_token(token_id, secret, identity.did, time.time())
         link = await connect(self.url, identity, public_bytes(self.key))
         node = ScriptedNode(name, link, behaviour)
-        node.mux = Mux(link, initiator=True, on_stream=node.on_stream)
+        node.mux = Mux(link, initiator=True, on_stream=node.on_stream,
+                       on_control=node.on_control)
         node.task = asyncio.create_task(node.mux.run())
-        await node.mux.send_control(FrameType.INVENTORY, {"models": list(models)})
+        await node.mux.send_control(FrameType.INVENTORY, {"models": [
+            {"name": m, "loaded": loaded, "size_bytes": 1 << 20} for m in models]})
         await node.mux.send_control(FrameType.TELEMETRY, {"runtime": {
-            m: {"decode_tps": decode_tps, "prefill_tps": decode_tps} for m in models}})
+            m: {"decode_tps": decode_tps, "prefill_tps": decode_tps} for m in models},
+            "host": {"mem_available_bytes": 8 << 30}})
         deadline = time.monotonic() + 5
         while True:
             conn = self.registry.get(identity.did)
@@ -343,3 +364,27 @@ async def test_a_revoked_node_loses_its_tunnel(fleet: Fleet) -> None:
     assert fleet.registry.get(node.name) is None
     assert node.task is not None
     await asyncio.wait_for(node.task, 5)  # the node's side of the link ended
+
+
+async def test_a_model_loaded_nowhere_is_loaded_on_demand_once(fleet: Fleet) -> None:
+    node = await fleet.node("a", answer, loaded=False)
+    assert fleet.registry.snapshot().nodes[0].models[MODEL].loaded is False
+    dispatcher = Dispatcher(fleet.registry)
+    both = await asyncio.gather(dispatcher.start(request(), want()),
+                                dispatcher.start(request(), want()))
+    for served in both:
+        await drain(served)
+        assert served.outcome == "ok"
+    assert node.commands == [{"op": "load", "model": MODEL, "id": "load-1"}]
+    assert len(node.requests) == 2
+    assert fleet.registry.snapshot().nodes[0].models[MODEL].loaded is True
+
+
+async def test_a_node_that_cannot_load_is_passed_over_with_its_reason(fleet: Fleet) -> None:
+    node = await fleet.node("a", answer, loaded=False)
+    node.refuse_load = "not enough memory for m"
+    with pytest.raises(OpenAIError) as caught:
+        await Dispatcher(fleet.registry).start(request(), want())
+    assert caught.value.status == 503
+    assert "could not load m: not enough memory for m" in caught.value.message
+    assert node.requests == []

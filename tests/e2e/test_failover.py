@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import openai
 import psutil
 import pytest
@@ -223,3 +224,23 @@ def test_tunnel_stall_mid_request(pair: Pair) -> None:
         pair.proxies["node-a"].heal()
     print(f"\nstall: error event after {long.chunks} chunks; queued request failed over "
           f"and answered in {time.monotonic() - started:.1f} s")
+
+
+def test_a_model_loaded_nowhere_is_placed_on_demand(pair: Pair) -> None:
+    """Not a fault: node A has the model in its inventory but unloaded; the coordinator
+    commands it to load (COMMAND/RESULT over the tunnel) and the request waits for it."""
+    pair.node_down("node-b")
+    pair.node_up("node-a")
+    pair.wait_nodes(1)
+    admin = pair.mesh.proxy("node-a").removesuffix("/v1")
+    unloaded = httpx.post(f"{admin}/meshgate/unload", json={"model": MODEL}, timeout=60)
+    assert unloaded.status_code == 200, unloaded.text
+    time.sleep(2)  # telemetry (every 0.5 s) tells the coordinator
+    client = openai.OpenAI(base_url=pair.mesh.api, api_key=pair.mesh.key, max_retries=0,
+                           timeout=120)
+    reply = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=4)
+    assert reply.choices[0].text
+    coordinator = pair.mesh.coordinator
+    assert coordinator is not None
+    assert f"placing {MODEL} on" in coordinator.log_text()
+    assert "'op': 'load'" in pair.mesh.nodes["node-a"].log_text()
