@@ -233,6 +233,8 @@ class NodeParts:
             for entry in models:
                 if entry["kind"] == "ollama" and entry["name"] in known:
                     entry.update(known[entry["name"]])
+                elif entry["kind"] == "ollama":  # gone from Ollama: requests get its 404
+                    entry.update(loaded=False, available=False)
             body["ollama"] = {"url": self.ollama.url, "models": list(known.values())}
         return body
 

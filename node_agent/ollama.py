@@ -162,7 +162,8 @@ class OllamaHost:
     async def discover(self) -> list[OllamaModel]:
         """Every model Ollama has, with what ``ps`` says of the loaded ones."""
         try:
-            listed, running = await asyncio.gather(self.client.list(), self.client.ps())
+            listed = await self.client.list()
+            running = await self.client.ps()
         except Exception as exc:  # noqa: BLE001 - any client failure is "cannot discover"
             raise ollama_error(exc, host=self.url, name=None, model=None) from None
         self.models = merge_models(listed, running)

@@ -89,6 +89,17 @@ def test_the_daemon_serves_a_local_ollamas_models_and_follows_them(tmp_path: Pat
             assert not entry(url, "qwen-copy:latest")["loaded"]
             assert client.chat(model="qwen-copy", messages=HELLO).eval_count == len(CANNED)
 
+            ollama.Client(host=fake_url).delete("qwen-copy")
+            wait_until(
+                lambda: entry(url, "qwen-copy:latest").get("available") is False,
+                30,
+                "the deleted model marked unavailable",
+                [node],
+            )
+            with pytest.raises(ollama.ResponseError) as caught:
+                client.chat(model="qwen-copy", messages=HELLO)
+            assert caught.value.status_code == 404  # Ollama's own answer, passed on
+
         with pytest.raises(ollama.ResponseError) as caught:  # Ollama gone: a clear 503
             client.chat(model="llama3.2", messages=HELLO)
         assert caught.value.status_code == 503
