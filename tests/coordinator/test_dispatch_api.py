@@ -177,3 +177,22 @@ async def test_a_client_that_goes_away_before_the_first_token_cancels_the_node(
             await asyncio.sleep(0.05)
     assert node.cancelled == 1
     assert fleet.registry.get(node.name).in_flight == 0  # type: ignore[union-attr]
+    await asyncio.sleep(0.1)
+    assert [r["outcome"] for r in api.rows] == ["client_cancelled"]
+
+
+async def test_a_client_that_goes_away_mid_stream_cancels_the_node(fleet: Fleet) -> None:
+    node = await fleet.node("a", one_chunk_then_wait)
+    async with running(fleet, CONFIG) as api:
+        stream = await api.client().chat.completions.create(
+            model="m", messages=HELLO, stream=True)
+        assert await anext(stream.__aiter__()) is not None
+        await stream.close()
+        for _ in range(100):
+            if node.cancelled:
+                break
+            await asyncio.sleep(0.05)
+    assert node.cancelled == 1
+    await asyncio.sleep(0.1)
+    (row,) = api.rows
+    assert (row["node_did"], row["outcome"]) == (node.name, "client_cancelled")
