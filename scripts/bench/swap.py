@@ -9,16 +9,18 @@ model manager. Two runner configs of the same file stand for two models:
 
 * ``cold``: start a fresh runner with config B, then stream one completion;
   time from start to its first token;
-* ``hot``: the manager serves the name "chat" from A; ``swap("chat", B)``;
-  time from the swap command to the first token of a streamed completion
-  answered by the new runner (asked as soon as the manager routes "chat" to
-  it). Also recorded: when ``swap`` itself returned (old runner drained and
-  stopped);
-* then swap back to A, untimed.
+* ``overlap``: the manager serves the name "chat" from A with room for both;
+  ``swap("chat", B)``; time from the swap command to the first token of a
+  streamed completion answered by the new runner (asked as soon as the manager
+  routes "chat" to it); also when ``swap`` itself returned (old runner drained
+  and stopped); then swap back to A, untimed;
+* ``drain_first``: the same with a memory budget that holds only one of them,
+  so the old runner is drained and stopped before the new one starts.
 
-Prints the median of each and the hot/cold ratio. A hot swap costs about a cold
-start of the new runner (it must load the model too); what it buys is that no
-request fails or waits meanwhile (tests/node/test_swap.py checks that).
+Prints the medians and the hot/cold ratios. A hot swap costs about a cold
+start of the new runner (it must load the model too); what overlap buys is
+that requests never wait meanwhile, and neither mode fails a request
+(tests/node/test_swap.py checks that).
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from node_agent.inventory import read_model_file  # noqa: E402
 from node_agent.models import ModelManager  # noqa: E402
-from node_agent.placement import Budget  # noqa: E402
+from node_agent.placement import Budget, place  # noqa: E402
 from node_agent.runtime import Runtime  # noqa: E402
 from node_agent.supervisor import LlamaRunner  # noqa: E402
 
@@ -72,7 +75,9 @@ async def cold(model: Path, run_dir: Path) -> float:
         await runner.stop()
 
 
-async def hot(manager: ModelManager, model: Path) -> tuple[float, float]:
+async def hot(manager: ModelManager, model: Path, budget: Budget) -> tuple[float, float]:
+    """Swap "chat" from A to B under `budget`: (to first token, to swap returned), in s."""
+    manager.budget = budget
     old = manager.stats()["chat"]["runner"]
     began = time.perf_counter()
     swap = asyncio.create_task(manager.swap("chat", f"B={model}", n_ctx=1024))
@@ -88,39 +93,45 @@ async def hot(manager: ModelManager, model: Path) -> tuple[float, float]:
     return token, returned
 
 
+def need(model: Path, n_ctx: int) -> int:
+    return place([read_model_file(model)], n_ctx, Budget(1 << 40, 0)).ram_bytes
+
+
 async def bench(model: Path, reps: int) -> dict[str, Any]:
+    roomy = Budget(8 << 30, 0)  # A and B fit side by side: overlap
+    tight = Budget(max(need(model, 512), need(model, 1024)) + (1 << 20), 0)  # one: drain-first
+    runs: dict[str, list[float]] = {
+        k: []
+        for k in ("cold", "overlap", "overlap_returned", "drain_first", "drain_first_returned")
+    }
     with tempfile.TemporaryDirectory(prefix="mg-swap-") as tmp:
         run_dir = Path(tmp)
-        manager = ModelManager(run_dir=run_dir, budget=Budget(8 << 30, 0))
+        manager = ModelManager(run_dir=run_dir, budget=roomy)
         manager.add_llama("chat", model, n_ctx=512)
         await manager.start()
         try:
             async with manager.use("chat") as runtime:
                 await first_token(runtime)  # warm: the file in the page cache, the path
-            colds, hots, returns = [], [], []
             for i in range(reps):
-                colds.append(await cold(model, run_dir))
-                token, returned = await hot(manager, model)
-                hots.append(token)
-                returns.append(returned)
+                runs["cold"].append(await cold(model, run_dir))
+                for mode, budget in (("overlap", roomy), ("drain_first", tight)):
+                    token, returned = await hot(manager, model, budget)
+                    runs[mode].append(token)
+                    runs[f"{mode}_returned"].append(returned)
                 print(
-                    f"rep {i + 1}: cold {colds[-1]:.3f} s, hot first token {token:.3f} s, "
-                    f"swap returned {returned:.3f} s",
+                    f"rep {i + 1}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in runs.items()),
                     flush=True,
                 )
         finally:
             await manager.stop()
-    cold_m, hot_m = statistics.median(colds), statistics.median(hots)
+    medians = {k: round(statistics.median(v), 3) for k, v in runs.items()}
     return {
         "model": str(model),
         "reps": reps,
-        "cold_start_to_first_token_s": colds,
-        "hot_swap_to_first_token_s": hots,
-        "hot_swap_returned_s": returns,
-        "median_cold_s": round(cold_m, 3),
-        "median_hot_s": round(hot_m, 3),
-        "median_swap_returned_s": round(statistics.median(returns), 3),
-        "ratio_hot_over_cold": round(hot_m / cold_m, 3),
+        "runs_s": runs,
+        "median_s": medians,
+        "ratio_overlap_over_cold": round(medians["overlap"] / medians["cold"], 3),
+        "ratio_drain_first_over_cold": round(medians["drain_first"] / medians["cold"], 3),
     }
 
 
@@ -142,12 +153,18 @@ def main() -> None:
         .splitlines()[-1]
     )
     result = asyncio.run(bench(model, args.reps))
-    print(f"median cold start -> first token: {result['median_cold_s']:.3f} s")
+    m = result["median_s"]
+    print(f"median cold start        -> first token: {m['cold']:.3f} s")
     print(
-        f"median hot swap   -> first token: {result['median_hot_s']:.3f} s "
-        f"(swap returned after {result['median_swap_returned_s']:.3f} s)"
+        f"median hot swap, overlap -> first token: {m['overlap']:.3f} s "
+        f"(ratio {result['ratio_overlap_over_cold']:.2f}; "
+        f"swap returned {m['overlap_returned']:.3f} s)"
     )
-    print(f"ratio hot/cold: {result['ratio_hot_over_cold']:.2f}")
+    print(
+        f"median hot swap, drain   -> first token: {m['drain_first']:.3f} s "
+        f"(ratio {result['ratio_drain_first_over_cold']:.2f}; swap returned "
+        f"{m['drain_first_returned']:.3f} s)"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 
