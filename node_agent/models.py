@@ -349,6 +349,8 @@ class ModelManager:
         opts: n_ctx, n_gpu_layers (None or absent: placement decides), n_threads,
         ready_timeout, keep_alive. Raises ValueError when it does not fit the budget.
         """
+        if name in self._slots:
+            raise ValueError(f"model {name!r} is declared twice")
         keep_alive = opts.pop("keep_alive", None)
         spec = LlamaSpec(str(path), Path(path), **opts)
         slot = _Slot(name, "llama.cpp", spec, keep_alive)
@@ -541,26 +543,33 @@ class ModelManager:
         extra: Budget = Budget(0, 0),
         protect: Iterable[str] = (),
     ) -> Placement:
-        """Place `spec`, evicting idle models least recently used first if it must."""
-        free = self._free().minus(-extra.ram_bytes, -extra.vram_bytes)
+        """Place `spec`, evicting idle models least recently used first if it must.
+
+        A victim that took a request since the plan was made is not evicted: plan again.
+        """
         files = self._files(spec)
-        placement = place(files, spec.n_ctx, free, n_gpu_layers=spec.n_gpu_layers)
-        if placement.fits:
-            return placement
-        residents = [r for r in self._residents() if r.name != name]
-        most = reclaimable(free, residents, protect)
-        placement = place(files, spec.n_ctx, most, n_gpu_layers=spec.n_gpu_layers)
-        if not placement.fits:
-            self._refuse(name, spec, files, free, residents=residents, reason=placement.reason)
-        plan = plan_eviction(
-            placement.ram_bytes, placement.vram_bytes, free, residents, protect=protect
-        )
-        if not plan.fits:
-            raise _no_room(name, plan.reason)
-        log.info("to load %s: %s", name, plan.reason)
-        for victim in plan.evict:
-            await self._unload(self._slots[victim], why=f"evicted to make room for {name}")
-        return placement
+        while True:
+            free = self._free().minus(-extra.ram_bytes, -extra.vram_bytes)
+            placement = place(files, spec.n_ctx, free, n_gpu_layers=spec.n_gpu_layers)
+            if placement.fits:
+                return placement
+            residents = [r for r in self._residents() if r.name != name]
+            most = reclaimable(free, residents, protect)
+            placement = place(files, spec.n_ctx, most, n_gpu_layers=spec.n_gpu_layers)
+            if not placement.fits:
+                self._refuse(name, spec, files, free, residents=residents, reason=placement.reason)
+            plan = plan_eviction(
+                placement.ram_bytes, placement.vram_bytes, free, residents, protect=protect
+            )
+            if not plan.fits:
+                raise _no_room(name, plan.reason)
+            log.info("to load %s: %s", name, plan.reason)
+            for victim in map(self._slots.__getitem__, plan.evict):
+                if victim.in_flight or victim.queued or victim.state != "loaded":
+                    break
+                await self._unload(victim, why=f"evicted to make room for {name}")
+            else:
+                return placement
 
     @staticmethod
     def _refuse(

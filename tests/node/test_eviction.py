@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ MODELS = [
     replace(TINY, path="/m/b.gguf", name="b"),
     replace(TINY, path="/m/c.gguf", name="c"),
     replace(TINY, path="/m/big.gguf", name="big", tensor_bytes=50_000_000_000),
+    replace(TINY, path="/m/double.gguf", name="double", tensor_bytes=230_000_000),
 ]
 NEED = place([TINY], 2048, Budget(1 << 40, 0)).ram_bytes  # one tiny model at n_ctx 2048
 
@@ -82,6 +83,8 @@ class FakeRunner:
 
     async def stop(self) -> None:
         self.box.events.append(f"stop {self.instance}")
+        if self.box.on_stop is not None:
+            await self.box.on_stop(self.instance)
         self.state = "stopped"
 
 
@@ -94,6 +97,8 @@ class Box:
         self.starting = asyncio.Event()
         self.starting.set()
         self.now = 0.0
+        self.on_stop: Callable[[str], Awaitable[None]] | None = None
+        self.tasks: list[asyncio.Task[None]] = []
 
     def factory(
         self, name: str, instance: str, spec: LlamaSpec, path: Path, layers: int
@@ -446,4 +451,38 @@ async def test_loading_a_family_picks_the_best_quantization_for_the_gpu_and_its_
     assert made == [(Path(Q4.path), 32)]  # Q4_K_M wholly on the GPU beats Q8_0 split
     assert (loaded["quantization"], loaded["n_gpu_layers"]) == ("Q4_K_M", 32)
     assert "also fit" in loaded["placement"]
+    await manager.stop()
+
+
+async def test_a_victim_that_takes_a_request_while_others_are_evicted_is_spared(
+    make: Callable[..., ModelManager],
+    box: Box,
+) -> None:
+    manager = make(3.2)
+    for i, name in enumerate(("b", "c", "a")):
+        box.now = i
+        await manager.load(name, name)
+    assert place([MODELS[-1]], 2048, Budget(1 << 40, 0)).ram_bytes > 1.8 * NEED
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold_c() -> None:
+        async with manager.use("c"):
+            held.set()
+            await release.wait()
+
+    async def on_stop(instance: str) -> None:
+        if instance == "b.1":  # c, next in the plan, gets a request meanwhile
+            box.on_stop = None
+            task = asyncio.create_task(hold_c())
+            await held.wait()
+            box.tasks = [task]
+
+    box.on_stop = on_stop
+    await manager.load("d", "double")
+    states = {n: s["state"] for n, s in manager.stats().items()}
+    assert states == {"a": "unloaded", "b": "unloaded", "c": "loaded", "d": "loaded"}
+    assert box.events[-3:] == ["stop b.1", "stop a.3", "start d.4"]
+    release.set()
+    await asyncio.gather(*box.tasks)
     await manager.stop()
