@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from node_agent.models import ModelManager
 from node_agent.ollama import OllamaHost
 from node_agent.ollama_api import OLLAMA_VERSION, Translator, generate_request, openai_options
-from tests.node.fake_ollama_server import CANNED, TOOL_ARGUMENTS, running
+from tests.node.fake_ollama_server import CANNED, TOOL_ARGUMENTS, embedding, running
 from tests.node.test_ollama_runtime import NodeThread
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -336,3 +336,19 @@ def test_model_management_is_refused_clearly_and_names_work_with_latest(
     reply = client.chat(model=f"{SMOL}:latest", messages=HELLO, options={"num_predict": 2})
     assert reply.model == f"{SMOL}:latest"
     assert reply.eval_count in (1, 2)
+
+
+def test_embeddings_through_the_ollama_api(client: ollama.Client) -> None:
+    vectors = client.embed(model="llama3.2", input=["a b", "c"])
+    got = [list(v) for v in vectors.embeddings]
+    assert got == [
+        pytest.approx(embedding("a b", 8), abs=1e-6),
+        pytest.approx(embedding("c", 8), abs=1e-6),
+    ]
+    assert vectors.prompt_eval_count == 3
+    legacy = client.embeddings(model="llama3.2", prompt="c")
+    assert legacy.embedding == pytest.approx(embedding("c", 8), abs=1e-6)
+    with pytest.raises(ollama.ResponseError) as caught:  # a runner without embeddings
+        client.embed(model=SMOL, input="x")
+    assert caught.value.status_code == 400
+    assert "embeddings" in caught.value.error
