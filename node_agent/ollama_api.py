@@ -23,6 +23,10 @@ Ollama's shapes, the last streamed object with ``done``, ``done_reason``,
   ``context`` and ``template`` are ignored.
 - Empty ``messages`` or ``prompt`` loads the model (``keep_alive`` 0:
   unloads it), as Ollama does.
+- ``tools`` pass through; tool calls come back as Ollama's (arguments as an
+  object), streamed ones collected and sent whole before the last object.
+- Model management (``/api/pull``, ``push``, ``create``, ``copy``,
+  ``delete``, ``blobs``) is refused with 501; other ``/api`` paths are 404.
 - Errors have Ollama's shape, ``{"error": "..."}``, with the status the
   OpenAI side had (404 for a model not served, 400 for a bad request, 503
   for a runner that cannot be reached); one that happens mid-stream is a last
