@@ -47,15 +47,44 @@ from meshgate.openai import (
 log = logging.getLogger("node_agent.llama_worker")
 
 CHAT_KEYS = (
-    "messages", "functions", "function_call", "tools", "tool_choice", "temperature", "top_p",
-    "top_k", "min_p", "typical_p", "stop", "seed", "response_format", "max_tokens",
-    "presence_penalty", "frequency_penalty", "repeat_penalty", "logit_bias", "logprobs",
+    "messages",
+    "functions",
+    "function_call",
+    "tools",
+    "tool_choice",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "typical_p",
+    "stop",
+    "seed",
+    "response_format",
+    "max_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "repeat_penalty",
+    "logit_bias",
+    "logprobs",
     "top_logprobs",
 )
 COMPLETION_KEYS = (
-    "prompt", "suffix", "max_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p",
-    "logprobs", "echo", "stop", "seed", "presence_penalty", "frequency_penalty",
-    "repeat_penalty", "logit_bias",
+    "prompt",
+    "suffix",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "typical_p",
+    "logprobs",
+    "echo",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repeat_penalty",
+    "logit_bias",
 )
 _END = object()
 
@@ -245,8 +274,12 @@ def build_app(engine: Engine) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {
-            "status": "ok", "model": engine.name, "pid": os.getpid(), "pending": engine.pending,
-            "served": engine.served, "cancelled": engine.cancelled,
+            "status": "ok",
+            "model": engine.name,
+            "pid": os.getpid(),
+            "pending": engine.pending,
+            "served": engine.served,
+            "cancelled": engine.cancelled,
         }
 
     @app.get("/v1/models")
@@ -261,8 +294,9 @@ def build_app(engine: Engine) -> FastAPI:
             raise
         if endpoint == "embeddings":
             if not engine.llm.context_params.embeddings:
-                raise OpenAIError(400, f"{engine.name} was not started with embeddings enabled",
-                                  hop="runner")
+                raise OpenAIError(
+                    400, f"{engine.name} was not started with embeddings enabled", hop="runner"
+                )
             result = await engine.complete(endpoint, {"input": body["input"]})
             return Response(_dumps(result), media_type="application/json")
         kwargs = llama_kwargs(endpoint, body, engine.name)
@@ -305,17 +339,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     llm = CountingLlama(
-        model_path=args.model, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers,
-        n_threads=args.n_threads, embedding=args.embedding, verbose=False,
+        model_path=args.model,
+        n_ctx=args.n_ctx,
+        n_gpu_layers=args.n_gpu_layers,
+        n_threads=args.n_threads,
+        embedding=args.embedding,
+        verbose=False,
     )
     log.info("loaded %s from %s (n_ctx=%d)", args.name, args.model, args.n_ctx)
     engine = Engine(llm, args.name)
     config = uvicorn.Config(
-        build_app(engine), uds=args.uds, log_level="warning", access_log=False,
-        lifespan="off", timeout_graceful_shutdown=2,
+        build_app(engine),
+        uds=args.uds,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=2,
     )
     try:
         uvicorn.Server(config).run()

@@ -181,9 +181,14 @@ def choose_quantization(
     fitting: list[tuple[ModelFile, OffloadPlan]] = []
     rejected: list[tuple[str, str]] = []
     for m in candidates:
-        plan = plan_offload(m, n_ctx, free_vram_bytes, free_ram_bytes,
-                            vram_headroom_bytes=vram_headroom_bytes,
-                            ram_headroom_bytes=ram_headroom_bytes)
+        plan = plan_offload(
+            m,
+            n_ctx,
+            free_vram_bytes,
+            free_ram_bytes,
+            vram_headroom_bytes=vram_headroom_bytes,
+            ram_headroom_bytes=ram_headroom_bytes,
+        )
         if plan.fits:
             fitting.append((m, plan))
         else:

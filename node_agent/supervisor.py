@@ -103,8 +103,12 @@ class Runner:
         self._watch: asyncio.Task[None] | None = None
         transport = httpx.AsyncHTTPTransport(uds=str(self.socket))
         self.runtime = OpenAIHttpRuntime(
-            name, kind, "http://runner/v1", transport=transport,
-            health_url="http://runner/health", check=self._check,
+            name,
+            kind,
+            "http://runner/v1",
+            transport=transport,
+            health_url="http://runner/health",
+            check=self._check,
         )
 
     @property
@@ -135,8 +139,12 @@ class Runner:
             out.write(f"--- {time.strftime('%F %T')} starting {self.argv}\n".encode())
             out.flush()
             self._proc = await asyncio.create_subprocess_exec(
-                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                start_new_session=True, env=_child_env(),
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+                env=_child_env(),
             )
         try:
             await asyncio.wait_for(self._until_healthy(self._proc), self.ready_timeout)
@@ -177,8 +185,13 @@ class Runner:
             if time.monotonic() - started > STABLE_AFTER:
                 delays = backoff_delays(*self.backoff)
             delay = next(delays)
-            log.warning("runner for %s exited with code %s (crash %d); restarting in %.1f s",
-                        self.name, code, self.crashes, delay)
+            log.warning(
+                "runner for %s exited with code %s (crash %d); restarting in %.1f s",
+                self.name,
+                code,
+                self.crashes,
+                delay,
+            )
             await asyncio.sleep(delay)
             try:
                 await self._spawn_ready()
@@ -234,13 +247,23 @@ class LlamaRunner(Runner):
         instance: str | None = None,
     ) -> None:
         argv = [
-            sys.executable, "-m", "node_agent.llama_worker", "--model", str(model_path),
-            "--name", name, "--n-ctx", str(n_ctx), "--n-gpu-layers", str(n_gpu_layers),
+            sys.executable,
+            "-m",
+            "node_agent.llama_worker",
+            "--model",
+            str(model_path),
+            "--name",
+            name,
+            "--n-ctx",
+            str(n_ctx),
+            "--n-gpu-layers",
+            str(n_gpu_layers),
         ]
         if n_threads is not None:
             argv += ["--n-threads", str(n_threads)]
-        super().__init__(name, argv, run_dir=run_dir, ready_timeout=ready_timeout,
-                         instance=instance)
+        super().__init__(
+            name, argv, run_dir=run_dir, ready_timeout=ready_timeout, instance=instance
+        )
         self.model_path = Path(model_path)
         self.n_ctx = n_ctx
         self.n_gpu_layers = n_gpu_layers

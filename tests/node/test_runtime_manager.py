@@ -26,20 +26,31 @@ FAKE = str(Path(__file__).with_name("fake_openai_server.py"))
 def test_model_specs_name_a_path_or_take_the_files_stem() -> None:
     assert parse_model_spec("smol=/m/SmolLM2.Q4.gguf") == ("smol", Path("/m/SmolLM2.Q4.gguf"))
     assert parse_model_spec("/m/qwen-7b-00001-of-00003.gguf") == (
-        "qwen-7b", Path("/m/qwen-7b-00001-of-00003.gguf"))
+        "qwen-7b",
+        Path("/m/qwen-7b-00001-of-00003.gguf"),
+    )
     with pytest.raises(ValueError, match=r"NAME=PATH\.gguf"):
         parse_model_spec("smol=/m/model.bin")
     assert model_name(Path("a/b.Q4_K_M.gguf")) == "b.Q4_K_M"
 
 
 def test_scanning_dirs_lists_each_model_once_and_first_shards_only(tmp_path: Path) -> None:
-    for rel in ["a/x.gguf", "a/big-00001-of-00002.gguf", "a/big-00002-of-00002.gguf",
-                "b/x.gguf", "b/sub/y.gguf", "b/notes.txt"]:
+    for rel in [
+        "a/x.gguf",
+        "a/big-00001-of-00002.gguf",
+        "a/big-00002-of-00002.gguf",
+        "b/x.gguf",
+        "b/sub/y.gguf",
+        "b/notes.txt",
+    ]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"GGUF")
     found = scan_model_dirs([tmp_path / "a", tmp_path / "b"])
-    assert found == [("big", tmp_path / "a/big-00001-of-00002.gguf"), ("x", tmp_path / "a/x.gguf"),
-                     ("y", tmp_path / "b/sub/y.gguf")]
+    assert found == [
+        ("big", tmp_path / "a/big-00001-of-00002.gguf"),
+        ("x", tmp_path / "a/x.gguf"),
+        ("y", tmp_path / "b/sub/y.gguf"),
+    ]
 
 
 def free_port() -> int:
@@ -85,9 +96,14 @@ async def test_use_counts_in_flight_and_served_requests(manager: ModelManager) -
     assert json.loads(data)["model"] == "gpt-up"  # the upstream saw its own name
     assert usage is not None
     stats = manager.stats()["local-gpt"]
-    assert {k: stats[k] for k in ("state", "kind", "in_flight", "queued", "served", "crashes")} \
-        == {"state": "loaded", "kind": "upstream", "in_flight": 0, "queued": 0, "served": 1,
-            "crashes": 0}
+    assert {k: stats[k] for k in ("state", "kind", "in_flight", "queued", "served", "crashes")} == {
+        "state": "loaded",
+        "kind": "upstream",
+        "in_flight": 0,
+        "queued": 0,
+        "served": 1,
+        "crashes": 0,
+    }
     assert stats["generation_tokens_per_s"] > 0  # the upstream's usage, timed by the manager
     assert stats["idle_s"] is not None
     assert manager.names() == ["local-gpt"]
@@ -114,8 +130,14 @@ async def test_the_proxy_streams_an_upstream_and_passes_its_errors_through(
 ) -> None:
     transport = httpx.ASGITransport(app=build_app(manager))
     async with httpx.AsyncClient(transport=transport, base_url="http://node/v1") as client:
-        reply = await client.post("/chat/completions", json={
-            "model": "local-gpt", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+        reply = await client.post(
+            "/chat/completions",
+            json={
+                "model": "local-gpt",
+                "stream": True,
+                "messages": [{"role": "user", "content": "x"}],
+            },
+        )
         events = [line[6:] for line in reply.text.splitlines() if line.startswith("data: ")]
         assert reply.headers["content-type"].startswith("text/event-stream")
         assert events[-1] == "[DONE]"
@@ -134,8 +156,9 @@ async def test_an_unreachable_upstream_is_a_503_from_the_node(tmp_path: Path) ->
     transport = httpx.ASGITransport(app=build_app(manager))
     async with httpx.AsyncClient(transport=transport, base_url="http://node/v1") as client:
         reply = await client.post("/completions", json={"model": "gone", "prompt": "x"})
-        streamed = await client.post("/completions", json={"model": "gone", "prompt": "x",
-                                                          "stream": True})
+        streamed = await client.post(
+            "/completions", json={"model": "gone", "prompt": "x", "stream": True}
+        )
     await manager.stop()
     for r in (reply, streamed):
         assert r.status_code == 503

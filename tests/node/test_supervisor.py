@@ -24,8 +24,13 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def fake(tmp_path: Path, *flags: str, **opts: float) -> Runner:
-    return Runner("fake", [sys.executable, FAKE, "--name", "fake", *flags], run_dir=tmp_path,
-                  kind="upstream", **opts)  # type: ignore[arg-type]
+    return Runner(
+        "fake",
+        [sys.executable, FAKE, "--name", "fake", *flags],
+        run_dir=tmp_path,
+        kind="upstream",
+        **opts,
+    )  # type: ignore[arg-type]
 
 
 async def wait_for(check: Callable[[], bool], within: float = 15.0) -> None:
@@ -55,8 +60,10 @@ async def test_a_slow_starting_runner_is_waited_for_then_answers(tmp_path: Path)
         data, usage = await runner.runtime.complete("chat/completions", CHAT)
         assert b"w0 w1 w2" in data
         assert usage == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
-        chunks = [c async for c in runner.runtime.stream("chat/completions",
-                                                         CHAT[:-1] + b',"stream":true}')]
+        chunks = [
+            c
+            async for c in runner.runtime.stream("chat/completions", CHAT[:-1] + b',"stream":true}')
+        ]
         assert len(chunks) == 4
         assert b'"usage"' in chunks[-1]
     finally:
@@ -104,10 +111,12 @@ async def test_a_crash_is_counted_refused_fast_and_recovered(tmp_path: Path) -> 
 
 
 async def test_repeated_crashes_restart_after_doubling_delays_and_log_the_exit_code(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    runner = fake(tmp_path, "--crash-after", "0.2", "--exit-code", "9",
-                  backoff_first=0.2, backoff_cap=0.8)
+    runner = fake(
+        tmp_path, "--crash-after", "0.2", "--exit-code", "9", backoff_first=0.2, backoff_cap=0.8
+    )
     await runner.start()
     try:
         await wait_for(lambda: runner.crashes >= 4)
@@ -116,7 +125,11 @@ async def test_repeated_crashes_restart_after_doubling_delays_and_log_the_exit_c
     logged = [r.getMessage() for r in caplog.records]
     crashes = [m for m in logged if "exited with code 9 (crash" in m]
     assert [m.rsplit("restarting in ", 1)[1] for m in crashes[:4]] == [
-        "0.2 s", "0.4 s", "0.8 s", "0.8 s"]
+        "0.2 s",
+        "0.4 s",
+        "0.8 s",
+        "0.8 s",
+    ]
 
 
 async def test_a_runner_killed_with_sigkill_is_restarted(tmp_path: Path) -> None:
