@@ -102,7 +102,7 @@ async def test_a_crash_is_counted_refused_fast_and_recovered(tmp_path: Path) -> 
         assert caught.value.message == "runner for fake crashed; restarting"
         cue.unlink()
         await wait_for(lambda: runner.state == "up")
-        assert runner.crashes == 1
+        assert (runner.crashes, runner.restarts) == (1, 1)
         assert runner.pid != first_pid
         data, _ = await runner.runtime.complete("chat/completions", CHAT)
         assert b"w0" in data
