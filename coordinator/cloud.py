@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,6 +34,7 @@ from meshgate.protocol import OpenRequest
 log = logging.getLogger(__name__)
 
 BYTES_PER_TOKEN = 4
+_TEXT = re.compile(r'"(?:content|text)"\s*:\s*"(?!")')  # a chunk that carries some text
 
 
 class CloudClient:
@@ -167,6 +169,11 @@ class CloudAttempt(Served):
             return data.encode()
 
     def _note(self, data: str) -> None:
+        """Watch a chunk for usage, an error, and text (parsed only when it may matter)."""
+        if _TEXT.search(data):
+            self._text_chunks += 1
+        if '"usage"' not in data and '"error"' not in data:
+            return
         try:
             chunk = json.loads(data)
         except ValueError:
@@ -179,12 +186,6 @@ class CloudAttempt(Served):
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self.usage = {k: int(v) for k, v in usage.items() if isinstance(v, int)}
-        for choice in chunk.get("choices") or []:
-            if isinstance(choice, dict) and (
-                (choice.get("delta") or {}).get("content") or choice.get("text")
-            ):
-                self._text_chunks += 1
-                break
 
     async def read_first(self) -> None:
         """Read up to the first chunk (or the whole body when not streaming); Failed if none."""
