@@ -149,6 +149,14 @@ class Stream:
     async def _send_data(self, body: bytes) -> None:
         mux = self._mux
         async with self._send_lock:
+            n = len(body)
+            if n <= WHOLE_DATA:  # the common case, a token event: one frame, no copy
+                if self._credit.available < n or mux._credit.available < n:
+                    await _wait_credit(self._credit, mux._credit, n)
+                self._credit.available -= n
+                mux._credit.available -= n
+                await mux.link.send(Frame(FrameType.DATA, self.id, 0, 0, body))
+                return
             view = memoryview(body)
             while view:
                 # a small body (a token event) goes whole, never split by a credit edge

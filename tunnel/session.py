@@ -16,7 +16,6 @@ and every later `open` or `seal` raise FrameError.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 
 from tunnel import compress as zstd
@@ -41,6 +40,8 @@ BOTH = frozenset({FrameType.WINDOW})
 
 
 SEND, RECV = 0, 1
+_HEADER_PLAIN = bytes([0])
+_HEADER_COMPRESSED = bytes([HDR_COMPRESSED])
 RECENT_ENDED = 8192  # ended stream ids remembered, so frames that crossed the end are let by
 
 
@@ -131,7 +132,8 @@ class Session:
     def seal(self, frame: Frame) -> list[bytes]:
         """Stamp `frame` with its seq, encode, maybe compress, fragment and encrypt it."""
         self._check_alive()
-        stamped = dataclasses.replace(frame, seq=self._streams.next_seq(frame.stream_id, SEND))
+        seq = self._streams.next_seq(frame.stream_id, SEND)
+        stamped = Frame(frame.type, frame.stream_id, seq, frame.flags, frame.body)
         problem = self._streams.problem(stamped, SEND)
         if problem is not None:
             raise TunnelError(f"cannot send: {problem}")
@@ -149,6 +151,10 @@ class Session:
 
     def _encrypt_chunks(self, payload: bytes, compressed: bool) -> list[bytes]:
         step = self.max_message - TAG_LEN - 1
+        if len(payload) <= step:  # one message: the usual case
+            first = _HEADER_COMPRESSED if compressed else _HEADER_PLAIN
+            self.sent_since_rekey += 1
+            return [self._send.encrypt_with_ad(b"", first + payload)]
         starts = range(0, max(len(payload), 1), step)
         messages = []
         for index, start in enumerate(starts):

@@ -54,6 +54,7 @@ from tunnel.session import Session
 log = logging.getLogger(__name__)
 
 WS_MAX_SIZE = MAX_MESSAGE + 1024
+_LINK_TYPES = frozenset({FrameType.PING, FrameType.PONG, FrameType.KEY_UPDATE})
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_POLICY = 1008
 
@@ -198,7 +199,7 @@ class Link:
                 if self._pending:
                     return self._pending.popleft()
                 frame = await self._read_frame()
-                if not await self._handled(frame):
+                if frame.type not in _LINK_TYPES or not await self._handled(frame):
                     return frame
 
     def __aiter__(self) -> AsyncIterator[Frame]:
