@@ -36,12 +36,11 @@ import contextlib
 import logging
 import re
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn
 
 import psutil
 
@@ -57,13 +56,23 @@ from node_agent.placement import (
     plan_eviction,
     reclaimable,
 )
-from node_agent.runtime import OpenAIHttpRuntime, Runtime, usage_of
+from node_agent.runtime import OpenAIHttpRuntime, Runtime
+from node_agent.slots import Backend, LlamaSpec, Metered, RunnerFactory, RunnerLike, Slot
 from node_agent.supervisor import LlamaRunner, RunnerError
+
+__all__ = [
+    "LlamaSpec",
+    "ModelManager",
+    "RunnerFactory",
+    "RunnerLike",
+    "model_name",
+    "parse_model_spec",
+    "scan_model_dirs",
+]
 
 log = logging.getLogger(__name__)
 
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})$")
-RATE_WINDOW = 32  # requests in the tokens/s figures
 
 
 def parse_model_spec(spec: str) -> tuple[str, Path]:
@@ -95,187 +104,6 @@ def scan_model_dirs(dirs: Iterable[Path]) -> list[tuple[str, Path]]:
                 continue
             found.setdefault(model_name(path), path)
     return list(found.items())
-
-
-@dataclass(frozen=True, slots=True)
-class LlamaSpec:
-    """What to load: a file (`path`) or an inventory name or family (`source`)."""
-
-    source: str
-    path: Path | None = None
-    n_ctx: int = 2048
-    n_gpu_layers: int | None = None  # None: placement decides
-    n_threads: int | None = None
-    ready_timeout: float = 120.0
-
-
-class RunnerLike(Protocol):
-    @property
-    def runtime(self) -> Runtime: ...
-    @property
-    def pid(self) -> int | None: ...
-    @property
-    def crashes(self) -> int: ...
-    @property
-    def restarts(self) -> int: ...
-    @property
-    def state(self) -> str: ...
-    async def start(self) -> None: ...
-    async def stop(self) -> None: ...
-
-
-# (public name, instance name, spec, chosen file, n_gpu_layers) -> a runner not yet started
-RunnerFactory = Callable[[str, str, LlamaSpec, Path, int], RunnerLike]
-
-
-class _Rates:
-    """Recent prompt and generation tokens per second (streamed requests time both)."""
-
-    def __init__(self) -> None:
-        self._prompt: deque[tuple[int, float]] = deque(maxlen=RATE_WINDOW)
-        self._gen: deque[tuple[int, float]] = deque(maxlen=RATE_WINDOW)
-
-    def add(self, usage: dict[str, int], prefill_s: float | None, decode_s: float) -> None:
-        if prefill_s is not None and prefill_s > 0:
-            self._prompt.append((usage.get("prompt_tokens", 0), prefill_s))
-        if decode_s > 0:  # unstreamed: the whole time counts as decoding
-            self._gen.append((usage.get("completion_tokens", 0), decode_s))
-
-    @staticmethod
-    def _rate(samples: deque[tuple[int, float]]) -> float | None:
-        seconds = sum(s for _, s in samples)
-        return round(sum(n for n, _ in samples) / seconds, 1) if seconds else None
-
-    def figures(self) -> dict[str, float | None]:
-        return {
-            "prompt_tokens_per_s": self._rate(self._prompt),
-            "generation_tokens_per_s": self._rate(self._gen),
-        }
-
-
-class _Metered:
-    """A runtime that times its requests into a slot's rates."""
-
-    def __init__(self, inner: Runtime, rates: _Rates) -> None:
-        self.inner, self.rates = inner, rates
-        self.name, self.kind = inner.name, inner.kind
-
-    async def health(self) -> bool:
-        return await self.inner.health()
-
-    async def complete(self, endpoint: str, body: bytes) -> tuple[bytes, dict[str, int] | None]:
-        began = time.perf_counter()
-        data, usage = await self.inner.complete(endpoint, body)
-        if usage:
-            self.rates.add(usage, None, time.perf_counter() - began)
-        return data, usage
-
-    async def stream(self, endpoint: str, body: bytes) -> AsyncIterator[bytes]:
-        began, first, usage = time.perf_counter(), 0.0, None
-        chunks = self.inner.stream(endpoint, body)
-        try:
-            async for chunk in chunks:
-                first = first or time.perf_counter()
-                usage = usage_of(chunk) or usage
-                yield chunk
-        finally:
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        if usage and first:
-            self.rates.add(usage, first - began, time.perf_counter() - first)
-
-
-class _Backend:
-    """One runtime serving a slot: a supervised runner, or a server already on the box."""
-
-    def __init__(
-        self,
-        runtime: Runtime,
-        runner: RunnerLike | None = None,
-        spec: LlamaSpec | None = None,
-        placement: Placement | None = None,
-        instance: str = "",
-    ) -> None:
-        self.runtime, self.runner, self.spec, self.placement = runtime, runner, spec, placement
-        self.instance = instance
-        self.in_flight = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    @property
-    def ram_bytes(self) -> int:
-        return self.placement.ram_bytes if self.placement else 0
-
-    @property
-    def vram_bytes(self) -> int:
-        return self.placement.vram_bytes if self.placement else 0
-
-    def enter(self) -> None:
-        self.in_flight += 1
-        self.idle.clear()
-
-    def leave(self) -> None:
-        self.in_flight -= 1
-        if not self.in_flight:
-            self.idle.set()
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.stop()
-        elif isinstance(self.runtime, OpenAIHttpRuntime):
-            await self.runtime.aclose()
-
-
-class _Slot:
-    """A public name: its backend, what to load on demand, its queue and its counters."""
-
-    def __init__(
-        self, name: str, kind: str, spec: LlamaSpec | None = None, keep_alive: float | None = None
-    ) -> None:
-        self.name, self.kind, self.spec, self.keep_alive = name, kind, spec, keep_alive
-        self.backend: _Backend | None = None
-        self.prepared: _Backend | None = None  # declared, started by ModelManager.start
-        self.retiring: list[_Backend] = []
-        self.state = "unloaded"  # unloaded | loading | loaded | swapping | unloading
-        self.ready: asyncio.Future[None] | None = None  # pending while not loaded
-        self.queued = 0
-        self.served = 0
-        self.swaps = 0
-        self.crashes_before = 0  # of runners no longer serving
-        self.restarts_before = 0
-        self.last_used: float | None = None
-        self.rates = _Rates()
-
-    @property
-    def in_flight(self) -> int:
-        return sum(b.in_flight for b in [*([self.backend] if self.backend else []), *self.retiring])
-
-    def gate(self) -> asyncio.Future[None]:
-        if self.ready is None or self.ready.done():
-            self.ready = asyncio.get_running_loop().create_future()
-        return self.ready
-
-    def open(self, backend: _Backend, now: float) -> None:
-        """Lend `backend` from now on; a model never used counts as used when loaded."""
-        self.backend, self.state = backend, "loaded"
-        self.last_used = now if self.last_used is None else self.last_used
-        self.spec = backend.spec or self.spec
-        ready, self.ready = self.ready, None
-        if ready is not None and not ready.done():
-            ready.set_result(None)
-
-    def fail(self, error: OpenAIError) -> None:
-        self.backend, self.state = None, "unloaded"
-        ready, self.ready = self.ready, None
-        if ready is not None and not ready.done():
-            ready.set_exception(error)
-            ready.exception()  # retrieved: nobody waiting is not an error
-
-    def retire(self, backend: _Backend) -> None:
-        if backend.runner is not None:
-            self.crashes_before += backend.runner.crashes
-            self.restarts_before += backend.runner.restarts
 
 
 def _default_factory(run_dir: Path) -> RunnerFactory:
@@ -323,8 +151,8 @@ class ModelManager:
         self.clock = clock
         self.max_queue, self.queue_timeout = max_queue, queue_timeout
         self.drain_timeout, self.reap_period = drain_timeout, reap_period
-        self._slots: dict[str, _Slot] = {}
-        self._live: set[_Backend] = set()  # every backend holding memory
+        self._slots: dict[str, Slot] = {}
+        self._live: set[Backend] = set()  # every backend holding memory
         self._generation = 0
         self._lock: asyncio.Lock | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -338,7 +166,7 @@ class ModelManager:
 
     # --- declaring (before start) ----------------------------------------------------
 
-    def _add(self, slot: _Slot) -> None:
+    def _add(self, slot: Slot) -> None:
         if slot.name in self._slots:
             raise ValueError(f"model {slot.name!r} is declared twice")
         self._slots[slot.name] = slot
@@ -353,7 +181,7 @@ class ModelManager:
             raise ValueError(f"model {name!r} is declared twice")
         keep_alive = opts.pop("keep_alive", None)
         spec = LlamaSpec(str(path), Path(path), **opts)
-        slot = _Slot(name, "llama.cpp", spec, keep_alive)
+        slot = Slot(name, "llama.cpp", spec, keep_alive)
         try:
             backend = self._prepare(slot, spec, self._place(name, spec, self._free()))
         except OpenAIError as exc:
@@ -372,9 +200,9 @@ class ModelManager:
 
     def add_runtime(self, runtime: Runtime) -> None:
         """Serve any runtime (tests, Ollama, upstreams): always loaded, never evicted."""
-        slot = _Slot(runtime.name, runtime.kind)
+        slot = Slot(runtime.name, runtime.kind)
         self._add(slot)
-        slot.backend, slot.state = _Backend(runtime), "loaded"
+        slot.backend, slot.state = Backend(runtime), "loaded"
 
     async def start(self) -> None:
         """Start every declared runner at once; if one fails, stop the others and raise."""
@@ -429,13 +257,13 @@ class ModelManager:
         backend.enter()
         slot.last_used = self.clock()
         try:
-            yield _Metered(backend.runtime, slot.rates)
+            yield Metered(backend.runtime, slot.rates)
             slot.served += 1
         finally:
             backend.leave()
             slot.last_used = self.clock()
 
-    async def _admit(self, slot: _Slot) -> _Backend:
+    async def _admit(self, slot: Slot) -> Backend:
         """The slot's backend now, or after waiting in its bounded queue."""
         deadline = time.monotonic() + self.queue_timeout
         while True:
@@ -465,14 +293,14 @@ class ModelManager:
             finally:
                 slot.queued -= 1
 
-    def _load_on_demand(self, slot: _Slot) -> None:
+    def _load_on_demand(self, slot: Slot) -> None:
         if slot.spec is None:
             raise OpenAIError(503, f"{slot.name} is not loaded", hop="node")
         slot.state = "loading"
         slot.gate()
         self._spawn(self._load_waiting(slot))
 
-    async def _load_waiting(self, slot: _Slot) -> None:
+    async def _load_waiting(self, slot: Slot) -> None:
         async with self.lock:
             if slot.state != "loading" or slot.spec is None:
                 return
@@ -593,16 +421,16 @@ class ModelManager:
 
     # --- acting ------------------------------------------------------------------------
 
-    def _prepare(self, slot: _Slot, spec: LlamaSpec, placement: Placement) -> _Backend:
+    def _prepare(self, slot: Slot, spec: LlamaSpec, placement: Placement) -> Backend:
         assert placement.model is not None
         self._generation += 1
         instance = f"{slot.name}.{self._generation}"
         runner = self.factory(
             slot.name, instance, spec, Path(placement.model.path), placement.n_gpu_layers
         )
-        return _Backend(runner.runtime, runner, spec, placement, instance)
+        return Backend(runner.runtime, runner, spec, placement, instance)
 
-    async def _start(self, backend: _Backend) -> None:
+    async def _start(self, backend: Backend) -> None:
         assert backend.runner is not None
         self._live.add(backend)
         try:
@@ -617,12 +445,12 @@ class ModelManager:
 
     async def _bring_up(
         self,
-        slot: _Slot,
+        slot: Slot,
         spec: LlamaSpec,
         *,
         extra: Budget = Budget(0, 0),
         protect: Iterable[str] = (),
-    ) -> _Backend:
+    ) -> Backend:
         placement = await self._make_room(slot.name, spec, extra=extra, protect=protect)
         backend = self._prepare(slot, spec, placement)
         await self._start(backend)
@@ -634,7 +462,7 @@ class ModelManager:
         )
         return backend
 
-    async def _retire(self, slot: _Slot, backend: _Backend) -> None:
+    async def _retire(self, slot: Slot, backend: Backend) -> None:
         """Let `backend` finish what it took (at most drain_timeout), then stop it."""
         slot.retiring.append(backend)
         try:
@@ -652,7 +480,7 @@ class ModelManager:
             slot.retiring.remove(backend)
             self._live.discard(backend)
 
-    async def _unload(self, slot: _Slot, *, why: str) -> None:
+    async def _unload(self, slot: Slot, *, why: str) -> None:
         """Close the slot to new requests, drain and stop its runner; waiters reload it."""
         backend = slot.backend
         if backend is None or slot.state != "loaded":
@@ -705,7 +533,7 @@ class ModelManager:
                 return {"model": name, "loaded": False, "state": slot.state}
             if slot is None and source is None:
                 raise unknown_model(name, hop="node")
-            target = slot or _Slot(name, "llama.cpp", None, keep_alive)
+            target = slot or Slot(name, "llama.cpp", None, keep_alive)
             base = target.spec
             spec = (
                 self._spec(source, base, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers) if source else base
@@ -790,7 +618,7 @@ class ModelManager:
         most = reclaimable(self._free(), [r for r in self._residents() if r.name != old])
         return place(self._files(spec), spec.n_ctx, most, n_gpu_layers=spec.n_gpu_layers).fits
 
-    async def _swap_in_place(self, slot: _Slot, current: _Backend, spec: LlamaSpec) -> None:
+    async def _swap_in_place(self, slot: Slot, current: Backend, spec: LlamaSpec) -> None:
         """Queue new requests, drain and stop the old runner, start the new one."""
         freed = Budget(current.ram_bytes, current.vram_bytes)
         self._place_or_refuse(slot.name, spec, freed)  # refuse before touching anything
@@ -869,7 +697,7 @@ class ModelManager:
     # --- reporting ---------------------------------------------------------------------
 
     @staticmethod
-    def _describe(backend: _Backend) -> dict[str, Any]:
+    def _describe(backend: Backend) -> dict[str, Any]:
         p, runner = backend.placement, backend.runner
         return {
             "runner": backend.instance or None,
@@ -887,7 +715,7 @@ class ModelManager:
         """Per public name: state, runner, memory, load, rates, crashes, last use."""
         return {name: self._stats(slot) for name, slot in sorted(self._slots.items())}
 
-    def _stats(self, slot: _Slot) -> dict[str, Any]:
+    def _stats(self, slot: Slot) -> dict[str, Any]:
         b = slot.backend or slot.prepared
         runner = b.runner if b else None
         idle = None if slot.last_used is None else max(0.0, self.clock() - slot.last_used)

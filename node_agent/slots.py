@@ -1,0 +1,208 @@
+"""What the model manager holds: specs, runners, backends and slots (the state, not the rules).
+
+- :class:`LlamaSpec`: what to load (a file, or an inventory name or family) and how.
+- :class:`RunnerLike`: what the manager needs of a runner (``LlamaRunner``, or a fake in tests).
+- :class:`Backend`: one runtime serving a slot, with its placement and requests in flight.
+- :class:`Slot`: one public name: its backend, the runners draining for it, the
+  gate that holds requests while it is not loaded, and its counters.
+- :class:`Metered`: a runtime that times requests into recent tokens per second.
+
+The decisions (what to load, evict or swap) are :class:`node_agent.models.ModelManager`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from meshgate.openai import OpenAIError
+from node_agent.placement import Placement
+from node_agent.runtime import OpenAIHttpRuntime, Runtime, usage_of
+
+RATE_WINDOW = 32  # requests in the tokens/s figures
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaSpec:
+    """What to load: a file (`path`) or an inventory name or family (`source`)."""
+
+    source: str
+    path: Path | None = None
+    n_ctx: int = 2048
+    n_gpu_layers: int | None = None  # None: placement decides
+    n_threads: int | None = None
+    ready_timeout: float = 120.0
+
+
+class RunnerLike(Protocol):
+    @property
+    def runtime(self) -> Runtime: ...
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def crashes(self) -> int: ...
+    @property
+    def restarts(self) -> int: ...
+    @property
+    def state(self) -> str: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+# (public name, instance name, spec, chosen file, n_gpu_layers) -> a runner not yet started
+RunnerFactory = Callable[[str, str, LlamaSpec, Path, int], RunnerLike]
+
+
+class Rates:
+    """Recent prompt and generation tokens per second (streamed requests time both)."""
+
+    def __init__(self) -> None:
+        self._prompt: deque[tuple[int, float]] = deque(maxlen=RATE_WINDOW)
+        self._gen: deque[tuple[int, float]] = deque(maxlen=RATE_WINDOW)
+
+    def add(self, usage: dict[str, int], prefill_s: float | None, decode_s: float) -> None:
+        if prefill_s is not None and prefill_s > 0:
+            self._prompt.append((usage.get("prompt_tokens", 0), prefill_s))
+        if decode_s > 0:  # unstreamed: the whole time counts as decoding
+            self._gen.append((usage.get("completion_tokens", 0), decode_s))
+
+    @staticmethod
+    def _rate(samples: deque[tuple[int, float]]) -> float | None:
+        seconds = sum(s for _, s in samples)
+        return round(sum(n for n, _ in samples) / seconds, 1) if seconds else None
+
+    def figures(self) -> dict[str, float | None]:
+        return {
+            "prompt_tokens_per_s": self._rate(self._prompt),
+            "generation_tokens_per_s": self._rate(self._gen),
+        }
+
+
+class Metered:
+    """A runtime that times its requests into a slot's rates."""
+
+    def __init__(self, inner: Runtime, rates: Rates) -> None:
+        self.inner, self.rates = inner, rates
+        self.name, self.kind = inner.name, inner.kind
+
+    async def health(self) -> bool:
+        return await self.inner.health()
+
+    async def complete(self, endpoint: str, body: bytes) -> tuple[bytes, dict[str, int] | None]:
+        began = time.perf_counter()
+        data, usage = await self.inner.complete(endpoint, body)
+        if usage:
+            self.rates.add(usage, None, time.perf_counter() - began)
+        return data, usage
+
+    async def stream(self, endpoint: str, body: bytes) -> AsyncIterator[bytes]:
+        began, first, usage = time.perf_counter(), 0.0, None
+        chunks = self.inner.stream(endpoint, body)
+        try:
+            async for chunk in chunks:
+                first = first or time.perf_counter()
+                usage = usage_of(chunk) or usage
+                yield chunk
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if usage and first:
+            self.rates.add(usage, first - began, time.perf_counter() - first)
+
+
+class Backend:
+    """One runtime serving a slot: a supervised runner, or a server already on the box."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        runner: RunnerLike | None = None,
+        spec: LlamaSpec | None = None,
+        placement: Placement | None = None,
+        instance: str = "",
+    ) -> None:
+        self.runtime, self.runner, self.spec, self.placement = runtime, runner, spec, placement
+        self.instance = instance
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @property
+    def ram_bytes(self) -> int:
+        return self.placement.ram_bytes if self.placement else 0
+
+    @property
+    def vram_bytes(self) -> int:
+        return self.placement.vram_bytes if self.placement else 0
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self.idle.set()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.stop()
+        elif isinstance(self.runtime, OpenAIHttpRuntime):
+            await self.runtime.aclose()
+
+
+class Slot:
+    """A public name: its backend, what to load on demand, its queue and its counters."""
+
+    def __init__(
+        self, name: str, kind: str, spec: LlamaSpec | None = None, keep_alive: float | None = None
+    ) -> None:
+        self.name, self.kind, self.spec, self.keep_alive = name, kind, spec, keep_alive
+        self.backend: Backend | None = None
+        self.prepared: Backend | None = None  # declared, started by ModelManager.start
+        self.retiring: list[Backend] = []
+        self.state = "unloaded"  # unloaded | loading | loaded | swapping | unloading
+        self.ready: asyncio.Future[None] | None = None  # pending while not loaded
+        self.queued = 0
+        self.served = 0
+        self.swaps = 0
+        self.crashes_before = 0  # of runners no longer serving
+        self.restarts_before = 0
+        self.last_used: float | None = None
+        self.rates = Rates()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(b.in_flight for b in [*([self.backend] if self.backend else []), *self.retiring])
+
+    def gate(self) -> asyncio.Future[None]:
+        if self.ready is None or self.ready.done():
+            self.ready = asyncio.get_running_loop().create_future()
+        return self.ready
+
+    def open(self, backend: Backend, now: float) -> None:
+        """Lend `backend` from now on; a model never used counts as used when loaded."""
+        self.backend, self.state = backend, "loaded"
+        self.last_used = now if self.last_used is None else self.last_used
+        self.spec = backend.spec or self.spec
+        ready, self.ready = self.ready, None
+        if ready is not None and not ready.done():
+            ready.set_result(None)
+
+    def fail(self, error: OpenAIError) -> None:
+        self.backend, self.state = None, "unloaded"
+        ready, self.ready = self.ready, None
+        if ready is not None and not ready.done():
+            ready.set_exception(error)
+            ready.exception()  # retrieved: nobody waiting is not an error
+
+    def retire(self, backend: Backend) -> None:
+        if backend.runner is not None:
+            self.crashes_before += backend.runner.crashes
+            self.restarts_before += backend.runner.restarts
