@@ -33,6 +33,7 @@ import psutil
 import uvicorn
 
 from meshgate.openai import OpenAIError
+from meshgate.serving import DaemonServer
 from node_agent.config import NodeOptions
 from node_agent.inventory import Inventory, ModelFile, ollama_entry, read_model_file
 from node_agent.link import CoordinatorLink
@@ -310,7 +311,7 @@ async def serve(opts: NodeOptions) -> None:
         access_log=False,
         lifespan="off",
     )
-    server = uvicorn.Server(config)
+    server = DaemonServer(config)
     tasks = [
         asyncio.create_task(parts.telemetry.run(), name="telemetry"),
         asyncio.create_task(parts.watch_inventory(), name="inventory"),

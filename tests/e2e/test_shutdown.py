@@ -1,0 +1,49 @@
+"""A daemon stopped by SIGTERM (systemd's stop) stops its runners first: nothing is orphaned."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.e2e.mesh import Mesh, mesh_at, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[Mesh]:
+    yield from mesh_at(tmp_path)
+
+
+def runner_pid(mesh: Mesh, node: str, model: str) -> int:
+    telemetry = httpx.get(mesh.proxy(node).removesuffix("/v1") + "/meshgate/telemetry").json()
+    pid = telemetry["runtime"][model]["pid"]
+    assert isinstance(pid, int)
+    return pid
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_node_stops_its_llama_runner(mesh: Mesh, model_path: Path, sig: int) -> None:
+    node = mesh.start_node("solo", f"smollm2={model_path}")
+    wait_until(
+        lambda: httpx.get(mesh.proxy("solo") + "/models").status_code == 200,
+        120,
+        "node proxy",
+        [node],
+    )
+    pid = runner_pid(mesh, "solo", "smollm2")
+    runner = psutil.Process(pid)
+    assert runner.is_running()
+
+    code = node.stop(sig, timeout=30)
+
+    assert code == 0, node.log_text()[-2000:]
+    assert "node stopped" in node.log_text()
+    runner.wait(10)  # raises TimeoutExpired if the runner outlived its daemon
+    with pytest.raises(psutil.NoSuchProcess):
+        psutil.Process(pid)  # reaped and gone, not re-parented to init
