@@ -151,7 +151,7 @@ def build_app(ctx: ApiContext) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         await ctx.authenticate(request)
-        return JSONResponse(model_list(ctx.registry.models(), owned_by="meshgate"))
+        return JSONResponse(model_list(_served_names(ctx), owned_by="meshgate"))
 
     async def handle(request: Request, endpoint: str) -> Response:
         key_id = await ctx.authenticate(request)
@@ -243,6 +243,14 @@ async def _plan(ctx: ApiContext, body: dict[str, Any], header: str | None) -> tu
         residency=route.residency,
     )
     return route, want
+
+
+def _served_names(ctx: ApiContext) -> list[str]:
+    """What a client may ask for now: models on connected nodes, cloud models, aliases."""
+    names = set(ctx.registry.models()) | set(ctx.config.aliases)
+    if ctx.dispatcher is not None:
+        names |= {m for c in ctx.dispatcher.clouds.values() for m in c.upstream.models}
+    return sorted(names)
 
 
 def _deadline(ctx: ApiContext, header: str | None) -> float:

@@ -181,6 +181,12 @@ def test_the_upstream_key_never_leaks(cloudy: Cloudy) -> None:
     assert cloudy.secret[8:] not in logs + seen
 
 
+def test_models_lists_cloud_models_too(cloudy: Cloudy) -> None:
+    names = [m.id for m in cloudy.client().models.list()]
+    assert CLOUD_ONLY in names
+    assert MODEL in names
+
+
 def test_a_dead_upstream_is_a_503_that_says_why(cloudy: Cloudy) -> None:
     """Last: stops the cloud."""
     cloudy.cloud.stop()
