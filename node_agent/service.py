@@ -20,7 +20,8 @@ from pathlib import Path
 from node_agent.config import example_config
 
 UNIT_NAME = "meshgate-node.service"
-TEMPLATE = Path(__file__).resolve().parents[1] / "systemd" / UNIT_NAME
+#: Shipped inside the package (systemd/meshgate-node.service in the repository links here).
+TEMPLATE = Path(__file__).resolve().parent / "data" / UNIT_NAME
 STATE_DIR = "/var/lib/meshgate/node"
 
 
