@@ -148,7 +148,10 @@ class NodeAttempt(Served):
                 try:
                     frame = await asyncio.wait_for(self.stream.recv(), self._wait())
                 except TimeoutError:
-                    raise self._timed_out() from None
+                    error = self._timed_out()
+                    if self.outcome == "idle_timeout":
+                        self.node.suspect = True
+                    raise error from None
                 if frame.type == FrameType.DATA:
                     self.chunks += 1
                     yield frame.body
@@ -284,8 +287,13 @@ class Dispatcher:
         """The best candidate not tried yet that can take the request now; and whether a
         busy node was passed over."""
         busy = False
-        # edge first, cloud only when it must: nodes in the scheduler's order, then clouds
-        for cand in sorted(candidates, key=lambda c: c.kind != Kind.NODE):
+        # edge first, cloud only when it must: nodes in the scheduler's order (a node that
+        # went silent on a request and has not been heard from since goes last), then clouds
+        def order(cand: Candidate) -> tuple[bool, bool]:
+            conn = self.registry.get(cand.target) if cand.kind == Kind.NODE else None
+            return cand.kind != Kind.NODE, conn is not None and conn.suspect
+
+        for cand in sorted(candidates, key=order):
             if (cand.kind.value, cand.target, cand.model) in tried:
                 continue
             if cand.kind == Kind.NODE:
@@ -390,6 +398,7 @@ class Dispatcher:
                 if deadline - now() <= 0:
                     raise OpenAIError(504, "request deadline passed before the first token",
                                       code="deadline_exceeded", hop="coordinator") from None
+                node.suspect = True
                 raise Failed(f"no first token within {self.config.first_token_timeout_s:g} s"
                              ) from None
             if frame.type == FrameType.DATA:

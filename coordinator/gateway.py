@@ -123,6 +123,9 @@ class Gateway:
 
     async def _control(self, conn: NodeConn, frame: Frame) -> None:
         body = frame.body if isinstance(frame.body, dict) else {}
+        if conn.suspect:
+            conn.suspect = False  # heard from again: the link is alive
+            log.info("node %s is answering again", conn.did)
         if frame.type == FrameType.INVENTORY:
             if not isinstance(body.get("models"), list):
                 log.warning("node %s sent an inventory without a models list", conn.did)

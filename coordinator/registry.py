@@ -46,6 +46,9 @@ class NodeConn:
     per_model: dict[str, int] = field(default_factory=dict)
     served: int = 0
     touched_at: float = 0.0
+    suspect: bool = False
+    """It let a request down by going silent (no first token, a stalled stream) and has
+    sent nothing since: tried after every other node until it is heard from again."""
     results: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
     loading: dict[str, asyncio.Future[None]] = field(default_factory=dict)
 

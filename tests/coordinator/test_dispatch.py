@@ -388,3 +388,23 @@ async def test_a_node_that_cannot_load_is_passed_over_with_its_reason(fleet: Fle
     assert caught.value.status == 503
     assert "could not load m: not enough memory for m" in caught.value.message
     assert node.requests == []
+
+
+async def test_a_node_that_went_silent_is_tried_last_until_heard_from(fleet: Fleet) -> None:
+    slow = await fleet.node("slow", hang_until_cancel, decode_tps=1000.0)
+    good = await fleet.node("good", answer, decode_tps=1.0)
+    dispatcher = Dispatcher(fleet.registry, DispatchConfig(first_token_timeout_s=0.3))
+    await drain(await dispatcher.start(request(), want()))
+    assert fleet.registry.get(slow.name).suspect  # type: ignore[union-attr]
+    served = await dispatcher.start(request(), want())  # slow still ranks first, goes last
+    await drain(served)
+    assert served.node_did == good.name
+    assert served.tries == 1
+    assert len(slow.requests) == 1
+    assert slow.mux is not None
+    await slow.mux.send_control(FrameType.TELEMETRY, {"runtime": {}})
+    for _ in range(100):
+        if not fleet.registry.get(slow.name).suspect:  # type: ignore[union-attr]
+            break
+        await asyncio.sleep(0.02)
+    assert not fleet.registry.get(slow.name).suspect  # type: ignore[union-attr]
