@@ -21,6 +21,20 @@ Prints the medians and the hot/cold ratios. A hot swap costs about a cold
 start of the new runner (it must load the model too); what overlap buys is
 that requests never wait meanwhile, and neither mode fails a request
 (tests/node/test_swap.py checks that).
+
+Measured 2026-11-24 on the shared 2-core dev box (SmolLM2-135M Q4_1, CPU only; five
+other engineers' jobs running, load average 2.4-2.6, so single reps swing 0.6-3.5 s):
+``.venv/bin/python scripts/bench/swap.py --reps 9``
+
+    median cold start        -> first token: 0.829 s
+    median hot swap, overlap -> first token: 1.037 s (ratio 1.25; swap returned 1.067 s)
+    median hot swap, drain   -> first token: 0.886 s (ratio 1.07; swap returned 0.913 s)
+
+In the four quietest reps (6-9): cold 0.63-0.82 s, overlap 0.66-0.88 s, drain-first
+0.82-0.89 s: a hot swap costs a cold start of the new runner plus ~0.05 s (placement,
+routing), and drain-first adds the old runner's shutdown (~0.2 s) on top. Earlier runs
+under heavier load (load average 4.5-5.8): 5 reps cold 1.290 / overlap 1.121 /
+drain-first 1.606 s; 7 reps (overlap only) cold 2.848 / overlap 3.266 s.
 """
 
 from __future__ import annotations
