@@ -232,10 +232,15 @@ def _add_admin_routes(app: FastAPI, manager: ModelManager) -> None:
     Bodies: swap ``{"model": OLD, "to": NAME=PATH.gguf | inventory name, "n_ctx"?,
     "n_gpu_layers"?}``; load ``{"model", "from"?, "n_ctx"?, "n_gpu_layers"?, "keep_alive"?}``;
     unload ``{"model"}``. The answer is what the manager reports; errors are OpenAI errors.
+    Only clients on this box may ask (403 otherwise, even when the port listens wider).
     """
 
     def admin(op: str) -> Callable[[Request], Awaitable[dict[str, Any]]]:
         async def handler(request: Request) -> dict[str, Any]:
+            host = request.client.host if request.client else ""
+            if host not in ("127.0.0.1", "::1", "localhost"):
+                raise OpenAIError(403, f"/meshgate/{op} is for clients on this box only",
+                                  hop="node")
             try:
                 body = json.loads(await read_body(request) or b"{}")
             except ValueError:

@@ -163,3 +163,18 @@ async def test_an_unreachable_upstream_is_a_503_from_the_node(tmp_path: Path) ->
     for r in (reply, streamed):
         assert r.status_code == 503
         assert r.json()["error"]["hop"] == "node"
+
+
+async def test_admin_routes_answer_clients_on_this_box_only(manager: ModelManager) -> None:
+    app = build_app(manager)
+    far = httpx.ASGITransport(app=app, client=("10.0.0.7", 4242))
+    async with httpx.AsyncClient(transport=far, base_url="http://node") as client:
+        reply = await client.post("/meshgate/unload", json={"model": "local-gpt"})
+    assert reply.status_code == 403
+    assert "this box only" in reply.json()["error"]["message"]
+    near = httpx.ASGITransport(app=app, client=("127.0.0.1", 4242))
+    async with httpx.AsyncClient(transport=near, base_url="http://node") as client:
+        reply = await client.post("/meshgate/unload", json={"model": "local-gpt"})
+    assert reply.status_code == 400  # heard, and refused for what it asks
+    assert "not a local runner" in reply.json()["error"]["message"]
+    assert manager.stats()["local-gpt"]["state"] == "loaded"
