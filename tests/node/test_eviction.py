@@ -486,3 +486,23 @@ async def test_a_victim_that_takes_a_request_while_others_are_evicted_is_spared(
     release.set()
     await asyncio.gather(*box.tasks)
     await manager.stop()
+
+
+async def test_an_overlap_swap_whose_new_runner_fails_leaves_the_old_one_serving(
+    make: Callable[..., ModelManager],
+    box: Box,
+) -> None:
+    manager = make(2.5)
+    await manager.load("chat", "a")
+    box.fail.add("chat.2")
+    with pytest.raises(OpenAIError, match="exited with code 1") as caught:
+        await manager.swap("chat", "b")
+    assert caught.value.status == 502
+    assert box.events == ["start chat.1", "start chat.2"]
+    assert await ask(manager, "chat") == "chat.1"
+    stats = manager.stats()["chat"]
+    assert (stats["state"], stats["source"], stats["swaps"]) == ("loaded", "a", 0)
+    assert stats["memory_estimate_bytes"] == NEED
+    await manager.load("other", "c")  # the failed runner's memory was given back
+    assert manager.stats()["chat"]["state"] == "loaded"
+    await manager.stop()
