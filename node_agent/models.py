@@ -681,10 +681,18 @@ class ModelManager:
         model = _field(body, "model", str)
         n_ctx = _field(body, "n_ctx", int, required=False)
         layers = _field(body, "n_gpu_layers", int, required=False)
+        if n_ctx is not None and not 16 <= n_ctx <= 1 << 20:
+            raise OpenAIError(
+                400, f"'n_ctx' {n_ctx} is out of range (16 to 1048576)", param="n_ctx", hop="node"
+            )
         if op == "swap":
             return await self.swap(model, _field(body, "to", str), n_ctx=n_ctx, n_gpu_layers=layers)
         if op == "load":
             keep = _field(body, "keep_alive", float, required=False)
+            if keep is not None and keep < 0:
+                raise OpenAIError(
+                    400, "'keep_alive' must be >= 0 seconds", param="keep_alive", hop="node"
+                )
             return await self.load(
                 model,
                 _field(body, "from", str, required=False),

@@ -343,6 +343,8 @@ async def test_a_swap_whose_new_runner_fails_brings_the_old_model_back(
         ({"op": "swap", "model": "", "to": "b"}, 400, "'model' must be a non-empty string"),
         ({"op": "swap", "model": "chat", "to": "b", "n_ctx": "big"}, 400, "'n_ctx' must be a int"),
         ({"op": "swap", "model": "nope", "to": "b"}, 404, "nope"),
+        ({"op": "swap", "model": "chat", "to": "b", "n_ctx": 0}, 400, "out of range"),
+        ({"op": "load", "model": "x", "from": "b", "keep_alive": -1}, 400, "keep_alive"),
         ({"op": "swap", "model": "chat", "to": "m.bin"}, 400, "no model or family named 'm.bin'"),
         ({"op": "unload", "model": "nope"}, 404, "nope"),
     ],
