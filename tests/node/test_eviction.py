@@ -429,13 +429,34 @@ async def test_stopping_fails_waiting_requests_at_once_and_stops_a_runner_mid_st
     assert box.events[-2:] == ["start a.2", "stop a.2"]
 
 
+def llama7b(quantization: str, bits: float) -> ModelFile:
+    """Llama-2-7B shapes (32 layers, 4096 wide, 32 heads) at `bits` per weight."""
+    weights = int(6_738_415_616 * bits / 8)
+    return replace(
+        TINY,
+        path=f"/m/llama-7b.{quantization}.gguf",
+        name=f"llama-7b.{quantization}",
+        quantization=quantization,
+        parameter_count=6_738_415_616,
+        tensor_bytes=weights,
+        size_bytes=weights,
+        context_length=4096,
+        block_count=32,
+        embedding_length=4096,
+        head_count=32,
+        head_count_kv=32,
+    )
+
+
+Q4, Q8, F16 = llama7b("Q4_K_M", 4.85), llama7b("Q8_0", 8.5), llama7b("F16", 16.0)
+
+
 async def test_loading_a_family_picks_the_best_quantization_for_the_gpu_and_its_layers(
     box: Box,
     tmp_path: Path,
 ) -> None:
     from node_agent.placement import measure_budget
     from tests.node.fake_nvml import FakeNvml, load_fixture
-    from tests.node.test_placement import F16, Q4, Q8
 
     made: list[tuple[Path, int]] = []
 

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,14 +24,14 @@ CHAT = b'{"model":"fake","messages":[{"role":"user","content":"hi"}]}'
 pytestmark = pytest.mark.timeout(60)
 
 
-def fake(tmp_path: Path, *flags: str, **opts: float) -> Runner:
+def fake(tmp_path: Path, *flags: str, **opts: Any) -> Runner:
     return Runner(
         "fake",
         [sys.executable, FAKE, "--name", "fake", *flags],
         run_dir=tmp_path,
         kind="upstream",
         **opts,
-    )  # type: ignore[arg-type]
+    )
 
 
 async def wait_for(check: Callable[[], bool], within: float = 15.0) -> None:
