@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import typer
 
 from coordinator.errors import CoordinatorError
+from coordinator.live import LIVE_FILE, read_live
 from coordinator.state import ServeOptions, StateDir
 from coordinator.store import (
     ApiKeyRecord,
@@ -48,7 +49,6 @@ STATE_DIR = typer.Option(
     help="Where the coordinator keeps its key, database and advertised addresses.",
 )
 JSON_OUT = typer.Option(False, "--json", help="One JSON document on stdout.")
-CONNECTED_WITHIN_S = 30.0
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 
@@ -328,32 +328,90 @@ def key_rotate(
 # ----------------------------------------------------------------------------- nodes
 
 
-def _node_state(node: NodeRecord, now: float) -> str:
+def _node_state(node: NodeRecord, live: dict[str, dict[str, Any]] | None) -> str:
     if node.revoked_at is not None:
         return "revoked"
-    if node.last_seen is not None and now - node.last_seen <= CONNECTED_WITHIN_S:
+    if live is not None and node.did in live:
         return "connected"
     return "enrolled"
 
 
+GIB = 1024**3
+
+
+def _gib(value: Any) -> str:
+    return f"{value / GIB:.1f}" if isinstance(value, int | float) else "?"
+
+
+def _live_columns(summary: dict[str, Any] | None) -> list[str]:
+    """RTT, in flight, CPU, memory and GPU columns of one node's live summary."""
+    if summary is None:
+        return ["-", "-", "-", "-", "-"]
+    rtt = summary.get("rtt_ms")
+    cpu = summary.get("cpu_util_pct")
+    load = summary.get("load_1m")
+    cpu_text = "?" if cpu is None else f"{cpu:.0f}%"
+    if load is not None:
+        cpu_text += f" ld {load:.1f}"
+    total, avail = summary.get("mem_total_bytes"), summary.get("mem_available_bytes")
+    used = (
+        total - avail
+        if isinstance(total, int | float) and isinstance(avail, int | float)
+        else None
+    )
+    gpus = [
+        f"{g.get('name', '?').removeprefix('NVIDIA ')} {_gib(g.get('vram_used_bytes'))}/"
+        f"{_gib(g.get('vram_total_bytes'))}G"
+        + (f" {g['gpu_util_pct']:.0f}%" if g.get("gpu_util_pct") is not None else "")
+        for g in summary.get("gpus") or []
+    ]
+    return [
+        "?" if rtt is None else f"{rtt:.1f}ms",
+        str(summary.get("in_flight", 0)),
+        cpu_text,
+        f"{_gib(used)}/{_gib(total)}G",
+        "; ".join(gpus) or "cpu only",
+    ]
+
+
 @app.command()
 def nodes(state_dir: Path = STATE_DIR, as_json: bool = JSON_OUT) -> None:
-    """Every enrolled node: state, labels, when last seen, what it serves."""
+    """Every enrolled node: state, labels, models; live round trip, load, memory and GPUs
+    for the connected ones (from the running server's live view)."""
     now = time.time()
-    with _store(state_dir) as (_, store):
+    with _store(state_dir) as (state, store):
         records = store.list_nodes()
+        live = read_live(state.path / LIVE_FILE, now)
     if as_json:
         typer.echo(json.dumps([
-            {**asdict(n), "state": _node_state(n, now),
-             "connected": _node_state(n, now) == "connected"}
+            {**asdict(n), "state": _node_state(n, live),
+             "connected": _node_state(n, live) == "connected",
+             "live": (live or {}).get(n.did)}
             for n in records
         ], indent=2))
         return
-    _table(["DID", "STATE", "LABELS", "LAST SEEN", "MODELS"], [
-        [n.did, _node_state(n, now), ",".join(f"{k}={v}" for k, v in n.labels.items()) or "-",
-         _ago(n.last_seen, now), ",".join(n.models) or "-"]
-        for n in records
-    ])
+    if live is None:
+        typer.echo("(no coordinator is serving from this state dir: no node is connected)")
+    _table(
+        ["DID", "STATE", "LABELS", "LAST SEEN", "RTT", "INFLIGHT", "CPU", "MEM", "GPUS",
+         "MODELS"],
+        [
+            [n.did, _node_state(n, live),
+             ",".join(f"{k}={v}" for k, v in n.labels.items()) or "-",
+             _ago(n.last_seen, now), *_live_columns((live or {}).get(n.did)),
+             _models_column(n.models, (live or {}).get(n.did))]
+            for n in records
+        ],
+    )
+
+
+def _models_column(models: list[str], summary: dict[str, Any] | None) -> str:
+    """Served models; with a live view, the loaded ones marked with a *."""
+    if summary is None:
+        return ",".join(models) or "-"
+    loaded = set(summary.get("loaded") or [])
+    names = summary.get("models") or models
+    return ",".join(f"{m}*" if m in loaded else m for m in names) or "-"
 
 
 @node_app.command("revoke")

@@ -23,12 +23,14 @@ from coordinator.config import CoordinatorConfig, resolve_config
 from coordinator.dispatch import Dispatcher
 from coordinator.gateway import Gateway
 from coordinator.limits import KeyGate
+from coordinator.live import LIVE_FILE, write_live_loop
 from coordinator.logs import setup_json_logging
 from coordinator.metering import BudgetTracker
 from coordinator.metrics import Metrics
 from coordinator.registry import Registry
 from coordinator.state import ServeOptions, StateDir
 from coordinator.store import Store, UsageRecord
+from meshgate.serving import DaemonServer
 from tunnel import serve as serve_tunnel
 
 log = logging.getLogger(__name__)
@@ -86,14 +88,19 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
         lifespan="off",
         log_config=None if opts.log_format == "json" else LOGGING_CONFIG,  # JSON: ours
     )
-    server = uvicorn.Server(uv_config)
-    revocations = asyncio.create_task(gateway.watch_revocations())
+    server = DaemonServer(uv_config)
+    background = [
+        asyncio.create_task(gateway.watch_revocations(), name="revocations"),
+        asyncio.create_task(write_live_loop(state.path / LIVE_FILE, registry), name="live"),
+    ]
     try:
         await server.serve()
     finally:
-        revocations.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await revocations
+        for task in background:
+            task.cancel()
+        for task in background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         tunnel_server.close()
         await tunnel_server.wait_closed()
         for cloud in clouds.values():

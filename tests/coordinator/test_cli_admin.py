@@ -20,6 +20,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from coordinator.cli import app, parse_duration
+from coordinator.live import LIVE_FILE
 from coordinator.state import StateDir
 from coordinator.store import Store, UsageRecord
 from tunnel.token import EnrollmentToken
@@ -258,16 +259,32 @@ def _enroll(state_dir: Path, did: str, labels: dict[str, str]) -> Store:
     return store
 
 
-def test_nodes_json_marks_recently_seen_nodes_connected(state_dir: Path) -> None:
+def write_live_file(state_dir: Path, nodes: dict[str, dict[str, object]], age: float) -> None:
+    """What a running server writes (coordinator.live), `age` seconds ago."""
+    view = {"written_at": time.time() - age, "period_s": 2.0, "pid": 1, "nodes": nodes}
+    (state_dir / LIVE_FILE).write_text(json.dumps(view))
+
+
+LIVE = {
+    "rtt_ms": 1.5, "in_flight": 2, "models": ["smollm2"], "loaded": ["smollm2"],
+    "cpu_util_pct": 37.0, "load_1m": 1.25, "mem_total_bytes": 32 * 1024**3,
+    "mem_available_bytes": 20 * 1024**3,
+    "gpus": [{"name": "NVIDIA GeForce RTX 4090", "vram_used_bytes": 18 * 1024**3,
+              "vram_total_bytes": 24 * 1024**3, "gpu_util_pct": 97.0}],
+}
+
+
+def test_nodes_json_marks_nodes_in_the_live_view_connected(state_dir: Path) -> None:
     store = _enroll(state_dir, DID, {"site": "a"})
     quiet = "did:key:z6MkQUIET"
     try:
         store.touch_node(DID, time.time(), ["smollm2"])
         token_id, secret = store.create_token(60, {}, time.time())
         store.redeem_token(token_id, secret, quiet, time.time())
-        store.touch_node(quiet, time.time() - 120)
+        store.touch_node(quiet, time.time() - 1)  # seen a moment ago, but gone since
     finally:
         store.close()
+    write_live_file(state_dir, {DID: LIVE}, age=0.5)
     done = run_real(state_dir, "nodes", "--json")
     assert done.returncode == 0, done.stderr
     nodes = {n["did"]: n for n in json.loads(done.stdout)}
@@ -277,6 +294,29 @@ def test_nodes_json_marks_recently_seen_nodes_connected(state_dir: Path) -> None
     assert nodes[DID]["labels"] == {"site": "a"}
     assert nodes[quiet]["connected"] is False
     assert nodes[quiet]["state"] == "enrolled"
+    assert nodes[DID]["live"]["rtt_ms"] == 1.5
+    assert nodes[quiet]["live"] is None
+
+
+def test_nodes_table_shows_live_gpu_memory_and_round_trip(state_dir: Path) -> None:
+    _enroll(state_dir, DID, {}).close()
+    write_live_file(state_dir, {DID: LIVE}, age=0.5)
+    done = run(state_dir, "nodes")
+    assert done.exit_code == 0, done.stderr
+    [row] = [line for line in done.stdout.splitlines() if line.startswith(DID)]
+    assert "connected" in row
+    assert "1.5ms" in row
+    assert "GeForce RTX 4090 18.0/24.0G 97%" in row
+    assert "12.0/32.0G" in row  # memory used of total
+    assert "smollm2*" in row  # loaded
+
+
+def test_a_stale_live_view_means_nobody_is_connected(state_dir: Path) -> None:
+    _enroll(state_dir, DID, {}).close()
+    write_live_file(state_dir, {DID: LIVE}, age=60)  # the server died a minute ago
+    [node] = json.loads(run(state_dir, "nodes", "--json").stdout)
+    assert node["connected"] is False
+    assert "no coordinator is serving" in run(state_dir, "nodes").stdout
 
 
 def test_nodes_table_lists_each_node_with_its_state_and_labels(state_dir: Path) -> None:

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.mesh import Mesh, mesh_at
+from tests.e2e.mesh import Mesh, cli, mesh_at, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -116,12 +116,27 @@ def test_node_keys_are_private_files(mesh: Mesh) -> None:
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
 
 
+def connected(mesh: Mesh) -> list[dict[str, object]]:
+    return [n for n in mesh.nodes_json() if n.get("connected")]
+
+
 def test_nodes_command_lists_the_connected_node_and_its_models(mesh: Mesh) -> None:
-    nodes = mesh.nodes_json()
-    connected = [n for n in nodes if n.get("connected")]
-    assert len(connected) == 1
-    assert str(connected[0]["did"]).startswith("did:key:z6Mk")
-    assert MODEL in connected[0]["models"]  # type: ignore[operator]
+    wait_until(lambda: len(connected(mesh)) == 1, 20, "nodes shows the node connected")
+    [node] = connected(mesh)
+    assert str(node["did"]).startswith("did:key:z6Mk")
+    assert MODEL in node["models"]  # type: ignore[operator]
+    live = node["live"]
+    assert isinstance(live, dict)
+    assert live["models"] == [MODEL]
+    assert live["rtt_ms"] is None or live["rtt_ms"] >= 0
+    wait_until(
+        lambda: (connected(mesh)[0]["live"] or {}).get("mem_total_bytes", 0) > 0,  # type: ignore[union-attr]
+        20,
+        "the node's telemetry in the live view",
+    )
+    table = cli("coordinator", "nodes", "--state-dir", str(mesh.coord_state)).stdout
+    assert "connected" in table
+    assert "cpu only" in table  # no GPU on this box, said so rather than left blank
 
 
 def test_model_known_but_not_connected_is_a_503(mesh: Mesh) -> None:
@@ -131,3 +146,5 @@ def test_model_known_but_not_connected_is_a_503(mesh: Mesh) -> None:
     with pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(model=MODEL, messages=HELLO)
     assert caught.value.status_code == 503
+    # and the admin sees it gone within a live-view period or two, not after a timeout
+    wait_until(lambda: not connected(mesh), 6, "nodes shows the node gone")
