@@ -110,7 +110,10 @@ def run(
         None, help="Context length for llama.cpp runners (default: 2048)."
     ),
     n_gpu_layers: int | None = typer.Option(
-        None, help="Layers to offload to the GPU (-1: all) (default: 0)."
+        None, help="Layers to offload to the GPU (-1: all) (default: fit to free VRAM)."
+    ),
+    keep_alive: float | None = typer.Option(
+        None, help="Seconds an idle model stays loaded before it is unloaded (default: for ever)."
     ),
     telemetry_period: float | None = typer.Option(
         None, help="Seconds between telemetry samples (default: 2)."
@@ -148,6 +151,7 @@ def run(
         "ollama_period": ollama_period,
         "n_ctx": n_ctx,
         "n_gpu_layers": n_gpu_layers,
+        "keep_alive": keep_alive,
         "telemetry_period": telemetry_period,
         "inventory_period": inventory_period,
         "coordinator_url": coordinator_url,

@@ -48,7 +48,8 @@ class NodeOptions:
     ollama: str | None = None
     ollama_period: float = 30.0
     n_ctx: int = 2048
-    n_gpu_layers: int = 0
+    n_gpu_layers: int | None = None  # None: placement fits the layers to free VRAM
+    keep_alive: float | None = None  # seconds an idle model stays loaded; None: for ever
     telemetry_period: float = 2.0
     inventory_period: float = 5.0
     coordinator_url: str | None = None
@@ -296,6 +297,8 @@ def validate(opts: NodeOptions, source: str = "the options") -> None:
         raise ConfigError(f"{source}: inventory_period must be > 0 seconds")
     if opts.n_ctx <= 0:
         raise ConfigError(f"{source}: n_ctx must be > 0")
+    if opts.keep_alive is not None and opts.keep_alive <= 0:
+        raise ConfigError(f"{source}: keep_alive must be > 0 seconds (leave it out: for ever)")
     if opts.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(
             f"{source}: log_level {opts.log_level!r} is not one of {', '.join(LOG_LEVELS)}"

@@ -113,7 +113,11 @@ def build_manager(
     for name, path in specs:
         try:
             runners[name] = manager.add_llama(
-                name, path, n_ctx=opts.n_ctx, n_gpu_layers=opts.n_gpu_layers
+                name,
+                path,
+                n_ctx=opts.n_ctx,
+                n_gpu_layers=opts.n_gpu_layers,
+                keep_alive=opts.keep_alive,
             )
         except ValueError as exc:
             if name in explicit:
@@ -333,6 +337,7 @@ async def serve(opts: NodeOptions) -> None:
             telemetry=parts.latest,
             telemetry_period=opts.telemetry_period,
             inventory=parts.inventory_body,
+            metrics=parts.metrics,
         )
         tasks.append(asyncio.create_task(parts.link.run(), name="link"))
     try:

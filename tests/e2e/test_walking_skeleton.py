@@ -116,6 +116,24 @@ def test_node_keys_are_private_files(mesh: Mesh) -> None:
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
 
 
+def test_node_metrics_count_requests_from_both_paths(mesh: Mesh) -> None:
+    client = openai.OpenAI(base_url=mesh.api, api_key=mesh.key, max_retries=0)
+    client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
+    text = httpx.get(mesh.proxy("node-a").removesuffix("/v1") + "/metrics").text
+    served = {
+        via: sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("meshgate_node_requests_total{")
+            and f'via="{via}"' in line
+            and 'status="200"' in line
+        )
+        for via in ("tunnel", "proxy")
+    }
+    assert served["tunnel"] >= 1, text
+    assert served["proxy"] >= 1, text  # the node-path tests of this module ran before
+
+
 def connected(mesh: Mesh) -> list[dict[str, object]]:
     return [n for n in mesh.nodes_json() if n.get("connected")]
 
