@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -337,8 +338,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def exit_with_parent(period: float = 1.0) -> None:
+    """Exit when the daemon that started us is gone (killed with SIGKILL, crashed).
+
+    Runners live in their own session so that a signal to the daemon's group does
+    not reach them mid-request; the cost is that nothing else would stop them when
+    the daemon dies without its shutdown. Re-parenting is how we notice.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(period)
+        log.warning("the node daemon (pid %d) is gone: exiting", parent)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    exit_with_parent()
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
