@@ -145,6 +145,7 @@ class NodeParts:
         self.explicit: list[ModelFile] = []
         self.manager: ModelManager
         self.runners: dict[str, LlamaRunner] = {}
+        self._served_from_dir: dict[str, str] = {}  # model-dir file path -> model name
         self.link: CoordinatorLink | None = None
         self.nvml = NvmlSource(load_nvml_module())
         self.ollama = OllamaHost(opts.ollama) if opts.ollama else None
@@ -160,6 +161,7 @@ class NodeParts:
         self.manager, self.runners = build_manager(
             self.opts, self.state, self.files, inventory=lambda: self.files
         )
+        self._served_from_dir = self._dir_models()
         if self.ollama is not None:
             await self.sync_ollama()
         self.metrics = NodeMetrics(
@@ -219,12 +221,13 @@ class NodeParts:
                 "loaded": s.get("state", "loaded") == "loaded",
                 "kind": s.get("kind"),
             }
-            f = by_name.get(name) if name in self.runners else None
+            from_file = name in self.runners or name in self._served_from_dir.values()
+            f = by_name.get(name) if from_file else None
             if f is not None:
                 entry.update(_compact(f))
                 entry["name"] = name
                 entry["context_length"] = min(self.opts.n_ctx, f.context_length or self.opts.n_ctx)
-            entry["source"] = "gguf" if name in self.runners else entry["kind"]
+            entry["source"] = "gguf" if from_file else entry["kind"]
             models.append(entry)
         files = [_compact(f) for f in self.files]
         body: dict[str, Any] = {
@@ -279,8 +282,39 @@ class NodeParts:
             for f in self.files:
                 if f.path not in before and not f.usable:
                     log.warning("unusable model file %s: %s", f.path, f.reason)
+            await self.serve_new_files(before - after)
             if self.link is not None:
                 self.link.inventory_changed()
+
+    def _dir_models(self) -> dict[str, str]:
+        """path -> model name of the model-dir files being served (not the --model ones)."""
+        explicit = {str(parse_model_spec(spec)[1]) for spec in self.opts.models}
+        names = set(self.manager.names())
+        return {
+            f.path: model_name(Path(f.path))
+            for f in self.files
+            if f.usable and f.path not in explicit and model_name(Path(f.path)) in names
+        }
+
+    async def serve_new_files(self, gone: set[str]) -> None:
+        """Serve usable files that appeared (loaded on first request); forget removed ones."""
+        for path in sorted(gone):
+            name = self._served_from_dir.pop(path, None)
+            if name is not None and await self.manager.remove(name):
+                log.info("model file %s is gone: no longer serving %s", path, name)
+        for f in self.files:
+            name = model_name(Path(f.path))
+            if not f.usable or f.path in self._served_from_dir or name in self.manager.names():
+                continue
+            self.manager.declare(
+                name,
+                f.path,
+                n_ctx=self.opts.n_ctx,
+                n_gpu_layers=self.opts.n_gpu_layers,
+                keep_alive=self.opts.keep_alive,
+            )
+            self._served_from_dir[f.path] = name
+            log.info("new model file %s: serving it as %s (loaded on first request)", f.path, name)
 
 
 def _runner_memory(runtime: dict[str, Any]) -> None:

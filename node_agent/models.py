@@ -193,6 +193,33 @@ class ModelManager:
         self._live.add(backend)
         return backend.runner
 
+    def declare(self, name: str, path: Path | str, **opts: Any) -> None:
+        """Know `name` (a GGUF file) without loading it: it loads on its first request.
+
+        For files that show up in a model directory while the node runs; opts as
+        for :meth:`add_llama`. The coordinator sees the model as not loaded and may
+        send a load command ahead of demand.
+        """
+        keep_alive = opts.pop("keep_alive", None)
+        self._add(Slot(name, "llama.cpp", LlamaSpec(str(path), Path(path), **opts), keep_alive))
+
+    async def remove(self, name: str) -> bool:
+        """Forget `name` (its file or its Ollama model is gone): unload it, drain, 404 after.
+
+        Requests waiting for it fail with a clear 404; False if it was not known.
+        """
+        async with self.lock:
+            slot = self._slots.pop(name, None)
+            if slot is None:
+                return False
+            slot.spec = None  # nothing to load on demand any more
+            if slot.backend is not None and slot.backend.runner is not None:
+                with contextlib.suppress(OpenAIError):  # "not loaded" for those queued
+                    await self._unload(slot, why="removed")
+            slot.fail(unknown_model(name, hop="node"))
+            log.info("no longer serving %s", name)
+            return True
+
     def add_upstream(self, name: str, base_url: str, upstream_model: str | None = None) -> None:
         """Serve `name` from an OpenAI-compatible server already on the box."""
         runtime = OpenAIHttpRuntime(name, "upstream", base_url, upstream_model=upstream_model)

@@ -72,6 +72,8 @@ class _Manager(Protocol):
 
     def add_runtime(self, runtime: Any) -> None: ...
 
+    async def remove(self, name: str) -> bool: ...
+
 
 # --- discovery --------------------------------------------------------------------------
 
@@ -158,6 +160,7 @@ class OllamaHost:
         self.keep_alive = keep_alive
         self.client = ollama.AsyncClient(host=self.url, timeout=TIMEOUT)
         self.models: list[OllamaModel] = []
+        self._ours: set[str] = set()  # names this host added to a manager
 
     async def discover(self) -> list[OllamaModel]:
         """Every model Ollama has, with what ``ps`` says of the loaded ones."""
@@ -175,15 +178,22 @@ class OllamaHost:
     async def sync(self, manager: _Manager) -> list[str]:
         """Discover, and add a runtime for each model the manager does not serve yet.
 
-        Returns the names added. A model Ollama no longer has stays declared;
-        requests for it get Ollama's own 404.
+        Returns the names added. A model Ollama no longer has (deleted there) is
+        removed from the manager: requests for it get a 404, and the coordinator
+        stops sending them. An Ollama that cannot be reached changes nothing.
         """
         added = []
         served = set(manager.names())
-        for model in await self.discover():
+        found = await self.discover()
+        for model in found:
             if model.name not in served:
                 manager.add_runtime(self.runtime(model.name))
                 added.append(model.name)
+                self._ours.add(model.name)
+        for name in sorted(self._ours - {m.name for m in found}):
+            self._ours.discard(name)
+            if await manager.remove(name):
+                log.info("ollama at %s: %s was deleted there; no longer serving it", self.url, name)
         return added
 
     async def watch(

@@ -280,3 +280,46 @@ def test_status_says_so_when_the_daemon_is_not_running() -> None:
     assert result.returncode == 1
     assert "not running" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_gguf_added_while_running_is_served_on_demand_and_forgotten_when_removed(
+    node: Node, model_path: Path
+) -> None:
+    link = node.model_dir / "late-smol.gguf"
+    link.symlink_to(model_path)
+    wait_until(
+        lambda: "late-smol" in [m["id"] for m in node.get("/v1/models").json()["data"]],
+        15,
+        "late-smol served",
+        [node.proc],
+    )
+    [entry] = [
+        m for m in node.get("/meshgate/inventory").json()["models"] if m["name"] == "late-smol"
+    ]
+    assert entry["loaded"] is False  # known, loaded on its first request
+    assert entry["source"] == "gguf"
+    reply = httpx.post(
+        node.url + "/v1/chat/completions",
+        json={
+            "model": "late-smol",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 4,
+        },
+        timeout=120,
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] > 0
+
+    link.unlink()
+    wait_until(
+        lambda: "late-smol" not in [m["id"] for m in node.get("/v1/models").json()["data"]],
+        15,
+        "late-smol forgotten",
+        [node.proc],
+    )
+    gone = httpx.post(
+        node.url + "/v1/chat/completions",
+        json={"model": "late-smol", "messages": [{"role": "user", "content": "Hi"}]},
+        timeout=30,
+    )
+    assert gone.status_code == 404

@@ -529,3 +529,39 @@ async def test_an_overlap_swap_whose_new_runner_fails_leaves_the_old_one_serving
     await manager.load("other", "c")  # the failed runner's memory was given back
     assert manager.stats()["chat"]["state"] == "loaded"
     await manager.stop()
+
+
+async def test_a_declared_model_loads_on_its_first_request(
+    make: Callable[..., ModelManager],
+    box: Box,
+    model_path: Path,  # a real GGUF file: declare() reads it when it loads
+) -> None:
+    manager = make(100)
+    await manager.start()
+    manager.declare("late", model_path, n_ctx=2048)
+    assert manager.stats()["late"]["state"] == "unloaded"
+    assert box.events == []  # nothing started until asked
+    assert await ask(manager, "late") == "late.1"
+    assert manager.stats()["late"]["state"] == "loaded"
+    await manager.stop()
+
+
+async def test_removing_a_model_drains_it_then_answers_404(
+    make: Callable[..., ModelManager],
+    box: Box,
+) -> None:
+    manager = make(2)
+    await manager.load("a", "a")
+    async with manager.use("a") as runtime:
+        removal = asyncio.create_task(manager.remove("a"))
+        await until(lambda: "a" not in manager.names())
+        assert "stop a.1" not in box.events  # the request in flight is drained first
+        data, _ = await runtime.complete("completions", b"{}")
+        assert json.loads(data)["runner"] == "a.1"
+    assert await removal is True
+    assert box.events[-1] == "stop a.1"
+    with pytest.raises(OpenAIError) as caught:
+        await ask(manager, "a")
+    assert caught.value.status == 404
+    assert await manager.remove("a") is False
+    await manager.stop()

@@ -91,14 +91,15 @@ def test_the_daemon_serves_a_local_ollamas_models_and_follows_them(tmp_path: Pat
 
             ollama.Client(host=fake_url).delete("qwen-copy")
             wait_until(
-                lambda: entry(url, "qwen-copy:latest").get("available") is False,
+                lambda: "qwen-copy:latest" not in served(url),
                 30,
-                "the deleted model marked unavailable",
+                "the deleted model no longer served",
                 [node],
             )
             with pytest.raises(ollama.ResponseError) as caught:
                 client.chat(model="qwen-copy", messages=HELLO)
-            assert caught.value.status_code == 404  # Ollama's own answer, passed on
+            assert caught.value.status_code == 404
+            assert "llama3.2:latest" in served(url)  # the others stay
 
         with pytest.raises(ollama.ResponseError) as caught:  # Ollama gone: a clear 503
             client.chat(model="llama3.2", messages=HELLO)
