@@ -83,9 +83,9 @@ class _Connection:
             self.tasks.append(asyncio.create_task(self._read(reader, queue)))
             self.tasks.append(asyncio.create_task(self._write(direction, queue, writer)))
         try:
-            await asyncio.gather(*self.tasks)
-        except (OSError, asyncio.IncompleteReadError):
-            self.abort()  # one side broke: break the other too, as a real middlebox would
+            done, _ = await asyncio.wait(self.tasks, return_when=asyncio.FIRST_EXCEPTION)
+            if any(not task.cancelled() and task.exception() is not None for task in done):
+                self.abort()  # one side broke: break the other too, as a real middlebox would
         finally:
             for task in self.tasks:
                 task.cancel()
@@ -138,8 +138,12 @@ class _Connection:
                     await asyncio.sleep(len(piece) / rate)
 
     def abort(self) -> None:
+        """RST both sides and stop the pumps (they may be parked on a stall or a full
+        queue, where a dead socket would never wake them)."""
         for _, writer in (self.client, self.target):
             _rst(writer)
+        for task in self.tasks:
+            task.cancel()
 
 
 class FaultProxy:

@@ -330,3 +330,23 @@ def test_threaded_proxy_controls_need_a_running_proxy() -> None:
     with pytest.raises(RuntimeError, match="not running"):
         proxy.stall()
     proxy.stop()  # harmless when never started
+
+
+async def test_drop_during_a_stall_with_full_queues_ends_the_connection(
+    proxy: FaultProxy, echo: Echo
+) -> None:
+    reader, writer = await dial(proxy)
+    proxy.stall()
+    chunk = os.urandom(1 << 20)
+    # far more than the proxy queues and the loopback sockets hold: the pumps park
+    for _ in range(64):
+        writer.write(chunk)
+        if writer.transport.get_write_buffer_size() > 8 << 20:
+            break
+    await asyncio.sleep(0.2)
+    assert proxy.connections == 1
+    proxy.drop()
+    await until(lambda: proxy.connections == 0)  # parked pumps were stopped, not left
+    with pytest.raises(ConnectionError):
+        await read_to_end(reader)
+    writer.close()

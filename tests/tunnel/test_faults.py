@@ -187,3 +187,40 @@ async def test_streams_complete_intact_through_delay_and_throttle(
         assert not pair.node_link.closed
     finally:
         await pair.close()
+
+
+async def test_a_stalled_path_blocks_link_send_instead_of_buffering_without_bound() -> None:
+    """Control frames carry no credit: below the mux, websockets' write buffer (drain)
+    is what stops a sender whose bytes go nowhere."""
+    pair = await mux_pair(via_proxy=True)
+    assert pair.proxy is not None
+    transport = pair.node_link._ws.transport
+    pair.proxy.stall()
+    sent = 0
+
+    async def pump() -> None:
+        nonlocal sent
+        while True:
+            body = {"blob": os.urandom(30_000)}  # incompressible: 30 kB on the wire
+            await pair.node_link.send(Frame(FrameType.TELEMETRY, 0, 0, 0, body))
+            sent += 1
+
+    task = asyncio.create_task(pump())
+    try:
+        async with asyncio.timeout(SETTLE):
+            last = -1
+            while sent != last or transport.get_write_buffer_size() == 0:
+                last = sent
+                await asyncio.sleep(0.05)  # until the proxy and both kernels are full
+        assert not task.done()
+        assert pair.node_link._send_lock.locked()  # the sender waits inside send (drain)
+        # bounded: asyncio's buffer by websockets' write limit (+ one message), and all
+        # sent by what the proxy queue and the loopback sockets hold (a few MB)
+        assert transport.get_write_buffer_size() <= 64 * 1024 + 31_000
+        assert sent * 30_000 <= 64 * 1024 * 1024
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TunnelError):
+            await task
+        pair.proxy.drop()
+        await pair.close()
