@@ -125,6 +125,11 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     return b"".join(chunks)
 
 
+def _health(registry: Registry) -> dict[str, Any]:
+    """Liveness, and what connected nodes serve now (clouds and aliases not counted)."""
+    return {"status": "ok", "nodes": len(registry.nodes()), "node_models": registry.models()}
+
+
 def build_app(ctx: ApiContext) -> FastAPI:
     app = FastAPI(title="meshgate coordinator", docs_url=None, redoc_url=None)
 
@@ -146,7 +151,7 @@ def build_app(ctx: ApiContext) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "nodes": len(ctx.registry.nodes())}
+        return _health(ctx.registry)
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:

@@ -181,9 +181,22 @@ class Mesh:
         reply = httpx.get(f"{self.api}/models", headers={"Authorization": f"Bearer {self.key}"})
         return [m["id"] for m in reply.json()["data"]]
 
+    def node_models(self) -> list[str]:
+        """What connected nodes serve (not the cloud models /v1/models also lists)."""
+        models: list[str] = httpx.get(f"http://127.0.0.1:{self.api_port}/healthz").json()[
+            "node_models"
+        ]
+        return models
+
     def wait_serving(self, model: str, timeout: float = 120) -> None:
+        """Until a connected node serves `model` (and the API lists it)."""
         procs = [p for p in [self.coordinator, *self.nodes.values()] if p is not None]
-        wait_until(lambda: model in self.connected_models(), timeout, f"{model} served", procs)
+        wait_until(
+            lambda: model in self.node_models() and model in self.connected_models(),
+            timeout,
+            f"{model} served by a node",
+            procs,
+        )
 
     def connected_nodes(self) -> int:
         """How many nodes the running coordinator has live tunnels to (from /healthz)."""
