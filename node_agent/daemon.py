@@ -55,6 +55,8 @@ NVML_MODULE_ENV = "MESHGATE_NVML_MODULE"
 #: At most this many files are listed in one INVENTORY frame (``files_total`` says how many
 #: there are); ~300 bytes each, well inside the tunnel's 16 MiB frame limit.
 MAX_INVENTORY_FILES = 1000
+#: On stop, requests in flight over the tunnel get this long to finish (systemd waits 90 s).
+DRAIN_GRACE_S = 30.0
 
 _FILE_FIELDS = (
     "name",
@@ -377,6 +379,8 @@ async def serve(opts: NodeOptions) -> None:
     try:
         await server.serve()
     finally:
+        if parts.link is not None:  # requests from the coordinator finish before runners stop
+            await parts.link.drain(DRAIN_GRACE_S)
         for task in tasks:
             task.cancel()
         for task in tasks:

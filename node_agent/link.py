@@ -65,6 +65,8 @@ class CoordinatorLink:
         self.connected = asyncio.Event()
         self.refused: RefusedError | None = None
         self._commands: set[asyncio.Task[None]] = set()
+        self._mux: Mux | None = None
+        self._stopping = False
 
     async def run(self) -> None:
         """Keep the link up until cancelled or refused."""
@@ -78,9 +80,12 @@ class CoordinatorLink:
                 log.error("coordinator refused this node, not retrying: %s", exc.reason)
                 return
             except (TunnelError, OSError) as exc:
-                log.warning("tunnel to %s lost: %s", self.enrollment.url, exc)
+                if not self._stopping:
+                    log.warning("tunnel to %s lost: %s", self.enrollment.url, exc)
             finally:
                 self.connected.clear()
+            if self._stopping:
+                return
             if time.monotonic() - started > STABLE_AFTER_S:
                 delays = backoff()
             delay = next(delays)
@@ -96,6 +101,7 @@ class CoordinatorLink:
         )
         mux = Mux(link, initiator=True, on_stream=self._serve)
         mux.on_control = lambda frame: self._control(mux, frame)
+        self._mux = mux
         log.info("connected to coordinator %s as %s", self.enrollment.url, self.identity.did)
         self._inventory_dirty.clear()
         await self._send_inventory(mux)
@@ -111,6 +117,17 @@ class CoordinatorLink:
                 await heartbeat
             await link.close()
         raise ClosedError("coordinator closed the tunnel")
+
+    async def drain(self, grace: float) -> None:
+        """Stopping: GOAWAY (the coordinator sends nothing new here), let the requests in
+        flight finish for up to `grace` seconds, close the tunnel."""
+        self._stopping = True
+        mux, self._mux = self._mux, None
+        if mux is not None and self.connected.is_set():
+            log.info("draining the tunnel (up to %g s)", grace)
+            with contextlib.suppress(TunnelError, OSError, TimeoutError):
+                await asyncio.wait_for(mux.shutdown("node stopping", grace), grace + 5)
+            log.info("tunnel drained")
 
     def inventory(self) -> dict[str, Any]:
         """The INVENTORY body: ``models`` served here (names or maps with a ``name``), files."""
