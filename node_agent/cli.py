@@ -165,6 +165,20 @@ def run(
     run_node(opts)
 
 
+def _local_url(url: str | None, config: Path | None) -> str:
+    """The running daemon's local proxy: `url`, or where the config says it listens."""
+    if url is not None:
+        return url
+    from node_agent.config import ConfigError, load_options
+
+    try:
+        opts = load_options({}, config=config)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    host = "127.0.0.1" if opts.proxy_host in ("0.0.0.0", "::", "") else opts.proxy_host  # noqa: S104
+    return f"http://{host}:{opts.proxy_port}"
+
+
 @app.command()
 def status(
     as_json: bool = typer.Option(False, "--json", help="The raw telemetry as JSON."),
@@ -176,16 +190,9 @@ def status(
     """How this box is doing: host, GPUs and models, from the running daemon."""
     import httpx
 
-    from node_agent.config import ConfigError, load_options
     from node_agent.status import render_status
 
-    if url is None:
-        try:
-            opts = load_options({}, config=config)
-        except ConfigError as exc:
-            raise _fail(str(exc), 2) from None
-        host = "127.0.0.1" if opts.proxy_host in ("0.0.0.0", "::", "") else opts.proxy_host  # noqa: S104
-        url = f"http://{host}:{opts.proxy_port}"
+    url = _local_url(url, config)
     try:
         reply = httpx.get(f"{url.rstrip('/')}/meshgate/telemetry", timeout=5.0)
     except httpx.HTTPError as exc:
@@ -213,15 +220,7 @@ def swap(
     """Hot-swap what serves OLD to NEW without dropping a request."""
     import httpx
 
-    from node_agent.config import ConfigError, load_options
-
-    if url is None:
-        try:
-            opts = load_options({}, config=config)
-        except ConfigError as exc:
-            raise _fail(str(exc), 2) from None
-        host = "127.0.0.1" if opts.proxy_host in ("0.0.0.0", "::", "") else opts.proxy_host  # noqa: S104
-        url = f"http://{host}:{opts.proxy_port}"
+    url = _local_url(url, config)
     body = {"model": old, "to": new, "n_ctx": n_ctx, "n_gpu_layers": n_gpu_layers}
     try:
         reply = httpx.post(f"{url.rstrip('/')}/meshgate/swap", json=body, timeout=600.0)
