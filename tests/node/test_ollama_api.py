@@ -17,7 +17,7 @@ from node_agent.models import ModelManager
 from node_agent.ollama import OllamaHost
 from node_agent.ollama_api import OLLAMA_VERSION, Translator, generate_request, openai_options
 from tests.node.fake_ollama_server import CANNED, TOOL_ARGUMENTS, embedding, running
-from tests.node.test_ollama_runtime import NodeThread
+from tests.node.proxy_thread import NodeThread
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import json
 import struct
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -18,14 +17,12 @@ import httpx
 import ollama
 import openai
 import pytest
-import uvicorn
 
 from meshgate.openai import OpenAIError
-from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
 from node_agent.ollama import OllamaHost, OllamaRuntime, merge_models, options_of
-from node_agent.proxy import build_app
 from tests.node.fake_ollama_server import CANNED, TOOL_ARGUMENTS, embedding, free_port, running
+from tests.node.proxy_thread import NodeThread
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -384,58 +381,6 @@ async def test_sync_adds_a_runtime_per_model_and_picks_up_new_ones(
 
 
 # --- through the node proxy with the openai client ----------------------------------------
-
-
-class NodeThread:
-    """A model manager and the proxy in front of it, on their own event loop thread."""
-
-    def __init__(
-        self,
-        run_dir: Path,
-        setup: Callable[[ModelManager], Awaitable[Callable[[], Awaitable[None]]]],
-    ) -> None:
-        self.manager = ModelManager(run_dir=run_dir)
-        self.setup = setup
-        self.metrics = NodeMetrics(served=self.manager.names)
-        config = uvicorn.Config(
-            build_app(self.manager, metrics=self.metrics),
-            host="127.0.0.1",
-            port=0,
-            log_level="warning",
-            lifespan="off",
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=asyncio.run, args=(self._run(),), daemon=True)
-        self.failed: BaseException | None = None
-
-    async def _run(self) -> None:
-        cleanup = None
-        try:
-            cleanup = await self.setup(self.manager)
-            await self.manager.start()
-            await self.server.serve()
-        except BaseException as exc:
-            self.failed = exc
-            raise
-        finally:
-            await self.manager.stop()
-            if cleanup is not None:
-                await cleanup()
-
-    def __enter__(self) -> NodeThread:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.failed is None, self.failed
-            assert time.monotonic() < deadline, "the node did not start"
-            time.sleep(0.05)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,9 @@ model manager running our llama.cpp worker with SmolLM2, and the official
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,11 +15,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from node_agent.models import ModelManager
-from node_agent.proxy import build_app
 from node_agent.supervisor import LlamaRunner
+from tests.node.proxy_thread import ProxyThread
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -29,47 +26,17 @@ MODEL = "smollm2"
 HELLO = [{"role": "user", "content": "Say hello."}]
 
 
-class Node:
-    """A model manager and the proxy in front of it, on their own event loop thread."""
+class Node(ProxyThread):
+    """One real SmolLM2 runner behind the proxy, on their own event loop thread."""
 
     def __init__(self, run_dir: Path, model_path: Path) -> None:
-        self.manager = ModelManager(run_dir=run_dir)
-        self.runner: LlamaRunner = self.manager.add_llama(MODEL, model_path, n_ctx=512)
-        app = build_app(self.manager, telemetry=lambda: {"cpu": {"count": 2}})
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self._run(),),
-                                       daemon=True)
-        self.failed: BaseException | None = None
-
-    async def _run(self) -> None:
-        try:
-            await self.manager.start()
-            await self.server.serve()
-        except BaseException as exc:
-            self.failed = exc
-            raise
-        finally:
-            await self.manager.stop()
-
-    def start(self) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.failed is None, self.failed
-            assert time.monotonic() < deadline, "the node did not start"
-            time.sleep(0.05)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+        manager = ModelManager(run_dir=run_dir)
+        self.runner: LlamaRunner = manager.add_llama(MODEL, model_path, n_ctx=512)
+        super().__init__(manager, telemetry=lambda: {"cpu": {"count": 2}})
 
     def stats(self) -> dict[str, Any]:
-        return self.manager.stats()[MODEL]
+        stats: dict[str, Any] = self.manager.stats()[MODEL]
+        return stats
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,15 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 from openai.types.chat import ChatCompletionMessageParam
 
 from node_agent.inventory import read_model_file
 from node_agent.link import CoordinatorLink
 from node_agent.models import ModelManager
 from node_agent.placement import Budget, place
-from node_agent.proxy import build_app
 from node_agent.state import Enrollment
 from node_agent.supervisor import socket_path
+from tests.node.proxy_thread import ProxyThread
 from tests.tunnel.mux_pair import mux_pair
 from tunnel import Frame, FrameType, Identity
 
@@ -38,45 +37,14 @@ HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hell
 GiB = 1 << 30
 
 
-class Node:
-    """A model manager and the proxy in front of it, on their own event loop thread."""
+class Node(ProxyThread):
+    """A model manager (one real runner) and the proxy in front of it, on their own thread."""
 
     def __init__(self, run_dir: Path, model_path: Path, budget: Budget) -> None:
         self.run_dir = run_dir
-        self.manager = ModelManager(run_dir=run_dir, budget=budget)
-        self.manager.add_llama(MODEL, model_path, n_ctx=512)
-        app = build_app(self.manager)
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(
-            target=self.loop.run_until_complete, args=(self._run(),), daemon=True
-        )
-        self.failed: BaseException | None = None
-
-    async def _run(self) -> None:
-        try:
-            await self.manager.start()
-            await self.server.serve()
-        except BaseException as exc:
-            self.failed = exc
-            raise
-        finally:
-            await self.manager.stop()
-
-    def start(self) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.failed is None, self.failed
-            assert time.monotonic() < deadline, "the node did not start"
-            time.sleep(0.05)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+        manager = ModelManager(run_dir=run_dir, budget=budget)
+        manager.add_llama(MODEL, model_path, n_ctx=512)
+        super().__init__(manager)
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = self.manager.stats()[MODEL]
