@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -101,6 +102,13 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    tokens_at_cancel: int | None = None  # completion tokens when the stop was asked
+
+    def stop(self) -> None:
+        """Ask the worker thread to stop after the token it is on (any thread)."""
+        if not self.cancel.is_set():
+            self.tokens_at_cancel = self.completion_tokens
+            self.cancel.set()
 
     def usage(self) -> dict[str, int]:
         total = self.prompt_tokens + self.completion_tokens
@@ -155,6 +163,8 @@ class Engine:
         self.finished = 0  # this and the rest on the worker thread only
         self.served = 0
         self.cancelled = 0
+        #: The last cancelled streams: tokens generated in all, and after the stop was asked.
+        self.stopped: deque[dict[str, int]] = deque(maxlen=32)
 
     @property
     def pending(self) -> int:
@@ -178,7 +188,7 @@ class Engine:
         try:
             return await asyncio.wrap_future(self._pool.submit(self._once, job, endpoint, kwargs))
         finally:
-            job.cancel.set()  # a caller cancelled while queued or running: stop there
+            job.stop()  # a caller cancelled while queued or running: stop there
 
     def _once(self, job: Job, endpoint: str, kwargs: dict[str, Any]) -> Any:
         try:
@@ -217,7 +227,13 @@ class Engine:
                 if job.cancel.is_set():
                     chunks.close()
                     self.cancelled += 1
-                    log.info("generation cancelled after %d tokens", job.completion_tokens)
+                    late = job.completion_tokens - (job.tokens_at_cancel or 0)
+                    self.stopped.append({"tokens": job.completion_tokens, "after_stop": late})
+                    log.info(
+                        "generation cancelled after %d tokens (%d after the stop was asked)",
+                        job.completion_tokens,
+                        late,
+                    )
                     return
                 head = head or chunk
                 put(_dumps(chunk))
@@ -260,7 +276,7 @@ async def _sse(job: Job, first: bytes, queue: asyncio.Queue[Any]) -> AsyncIterat
             yield sse_event(item)
         yield SSE_DONE
     finally:
-        job.cancel.set()
+        job.stop()
 
 
 def build_app(engine: Engine) -> FastAPI:
@@ -281,6 +297,7 @@ def build_app(engine: Engine) -> FastAPI:
             "pending": engine.pending,
             "served": engine.served,
             "cancelled": engine.cancelled,
+            "stopped": list(engine.stopped),
         }
 
     @app.get("/v1/models")
@@ -308,7 +325,7 @@ def build_app(engine: Engine) -> FastAPI:
         try:
             first = await queue.get()
         except asyncio.CancelledError:
-            job.cancel.set()
+            job.stop()
             raise
         if isinstance(first, OpenAIError):
             raise first
