@@ -166,7 +166,7 @@ def build_app(ctx: ApiContext) -> FastAPI:
         request_id = (current_request_id() or request.headers.get("x-request-id")
                       or "req_" + secrets.token_hex(8))
         request.state.model = str(body["model"])
-        route, want = await _plan(ctx, body, request.headers.get(ROUTE_HEADER))
+        route, want = await plan(ctx, body, request.headers.get(ROUTE_HEADER))
         want = _for_key(ctx, key_id, body, want, request_id=request_id,
                         header=request.headers.get(ROUTE_HEADER))
         cached_as, hit = _from_cache(ctx, request_id, key_id, endpoint, body)
@@ -222,7 +222,7 @@ def _bind(
     return route
 
 
-async def _plan(ctx: ApiContext, body: dict[str, Any], header: str | None) -> tuple[Route, Want]:
+async def plan(ctx: ApiContext, body: dict[str, Any], header: str | None) -> tuple[Route, Want]:
     """The route and the scheduler's request: candidate models, sizes, policy."""
     try:
         route = parse_route(body["model"], header)

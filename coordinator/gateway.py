@@ -18,23 +18,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from coordinator.errors import EnrollmentRefused
 from coordinator.registry import NodeConn, Registry, inventory_models
 from coordinator.store import Store
-from tunnel import Frame, FrameType, Hello, Link, Mux, RefusedError, TunnelError
+from meshgate.protocol import error_body
+from tunnel import Frame, FrameType, Hello, Link, Mux, RefusedError, Stream, TunnelError
 
 log = logging.getLogger(__name__)
 
 TOUCH_EVERY_S = 10.0
 REVOCATION_POLL_S = 1.0
 
+NodeRequestHandler = Callable[[NodeConn, Stream, Frame], Awaitable[None]]
+
 
 class Gateway:
-    def __init__(self, store: Store, registry: Registry) -> None:
+    def __init__(
+        self, store: Store, registry: Registry, on_request: NodeRequestHandler | None = None
+    ) -> None:
         self.store = store
         self.registry = registry
+        #: Requests a node opens (its local port was asked for a model it lacks); None: refused.
+        self.on_request = on_request
 
     async def authorize(self, hello: Hello, remote: str) -> dict[str, Any]:
         now = time.time()
@@ -78,7 +86,14 @@ class Gateway:
             if conn is not None:
                 await self._control(conn, frame)
 
-        mux = Mux(link, initiator=False, on_control=on_control)
+        async def on_stream(stream: Stream, frame: Frame) -> None:
+            if conn is None or self.on_request is None:
+                await stream.send(FrameType.ERROR, error_body(
+                    404, "this coordinator takes no requests from nodes", hop="coordinator"))
+                return
+            await self.on_request(conn, stream, frame)
+
+        mux = Mux(link, initiator=False, on_control=on_control, on_stream=on_stream)
         conn = NodeConn(did=hello.did, labels=labels, link=link, mux=mux)
         old = self.registry.add(conn)
         if old is not None:

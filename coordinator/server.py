@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from typing import Any
@@ -28,6 +29,7 @@ from coordinator.logs import setup_json_logging
 from coordinator.metering import BudgetTracker
 from coordinator.metrics import Metrics
 from coordinator.registry import Registry
+from coordinator.relay import relay
 from coordinator.state import ServeOptions, StateDir
 from coordinator.store import Store, UsageRecord
 from meshgate.serving import DaemonServer
@@ -79,8 +81,10 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     api_host = "127.0.0.1" if opts.api_host in ("0.0.0.0", "::", "") else opts.api_host  # noqa: S104
     state.write_advertise(tunnel_url=tunnel_url, api_url=f"http://{api_host}:{opts.api_port}")
     log.info("tunnel endpoint on %s (advertised as %s)", tunnel_port, tunnel_url)
+    ctx = _context(store, registry, config, dispatcher, opts)
+    gateway.on_request = functools.partial(relay, ctx)  # apps on nodes asking for others' models
     uv_config = uvicorn.Config(
-        build_app(_context(store, registry, config, dispatcher, opts)),
+        build_app(ctx),
         host=opts.api_host,
         port=opts.api_port,
         log_level=opts.log_level.lower(),

@@ -37,6 +37,7 @@ from meshgate.serving import DaemonServer
 from node_agent.config import NodeOptions
 from node_agent.inventory import Inventory, ModelFile, ollama_entry, read_model_file
 from node_agent.link import CoordinatorLink
+from node_agent.mesh import MeshRuntime
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager, model_name, parse_model_spec
 from node_agent.nvml import NvmlSource
@@ -184,6 +185,10 @@ class NodeParts:
             with contextlib.suppress(OSError):
                 out.append(read_model_file(path))
         return out
+
+    def mesh_runtime(self, model: str) -> MeshRuntime | None:
+        """Request path 1's way out: a model not served here, asked of the coordinator."""
+        return self.link.mesh_runtime(model) if self.link is not None else None
 
     def latest(self) -> dict[str, Any] | None:
         return self.telemetry.latest()
@@ -343,7 +348,11 @@ async def serve(opts: NodeOptions) -> None:
     log.info("node %s serves %s", identity.did, manager.names())
     config = uvicorn.Config(
         build_app(
-            manager, telemetry=parts.latest, metrics=parts.metrics, inventory=parts.inventory_body
+            manager,
+            telemetry=parts.latest,
+            metrics=parts.metrics,
+            inventory=parts.inventory_body,
+            mesh=parts.mesh_runtime,
         ),
         host=opts.proxy_host,
         port=opts.proxy_port,

@@ -19,6 +19,7 @@ from typing import Any
 
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest, ProtocolViolation, error_body
+from node_agent.mesh import MeshRuntime
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
 from node_agent.runtime import usage_of
@@ -117,6 +118,15 @@ class CoordinatorLink:
                 await heartbeat
             await link.close()
         raise ClosedError("coordinator closed the tunnel")
+
+    def mesh_runtime(self, model: str) -> MeshRuntime | None:
+        """A runtime that asks the coordinator for `model`, while the tunnel is up."""
+        if self._mux is None or not self.connected.is_set():
+            return None
+        return MeshRuntime(model, self._current_mux)
+
+    def _current_mux(self) -> Mux | None:
+        return self._mux if self.connected.is_set() else None
 
     async def drain(self, grace: float) -> None:
         """Stopping: GOAWAY (the coordinator sends nothing new here), let the requests in

@@ -34,8 +34,12 @@ from meshgate.openai import (
 from node_agent.metrics import CONTENT_TYPE_LATEST, NodeMetrics, RequestTrack
 from node_agent.models import ModelManager
 from node_agent.ollama_api import add_ollama_routes
+from node_agent.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+#: A model this node does not serve -> a runtime that asks the mesh for it (None: 404 here).
+MeshLookup = Callable[[str], Runtime | None]
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -125,7 +129,11 @@ class SSEResponse(StreamingResponse):
 
 
 async def _answer(
-    manager: ModelManager, request: Request, endpoint: str, metrics: NodeMetrics | None = None
+    manager: ModelManager,
+    request: Request,
+    endpoint: str,
+    metrics: NodeMetrics | None = None,
+    mesh: MeshLookup | None = None,
 ) -> Response:
     raw = await read_body(request)
     body = parse_request(raw, endpoint)
@@ -133,7 +141,11 @@ async def _answer(
     stack = AsyncExitStack()
     streaming = False
     try:
-        runtime = await stack.enter_async_context(manager.use(body["model"]))
+        far = mesh(body["model"]) if mesh and body["model"] not in manager.names() else None
+        if far is not None:  # not served here: the coordinator places it elsewhere
+            runtime = far
+        else:
+            runtime = await stack.enter_async_context(manager.use(body["model"]))
         if not body.get("stream"):
             data, usage = await runtime.complete(endpoint, raw)
             if track is not None:
@@ -170,6 +182,7 @@ def build_app(
     telemetry: Callable[[], dict[str, Any] | None] | None = None,
     metrics: NodeMetrics | None = None,
     inventory: Callable[[], dict[str, Any]] | None = None,
+    mesh: MeshLookup | None = None,
 ) -> FastAPI:
     app = FastAPI(title="meshgate node", openapi_url=None, docs_url=None, redoc_url=None)
 
@@ -215,7 +228,7 @@ def build_app(
 
     def route(endpoint: str) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
-            return await _answer(manager, request, endpoint, metrics)
+            return await _answer(manager, request, endpoint, metrics, mesh)
 
         return handler
 

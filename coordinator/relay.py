@@ -1,0 +1,101 @@
+"""Requests that nodes send up the tunnel: request path 1's way out.
+
+An app on an edge box asks its local port (`127.0.0.1:11438`) for a model that
+box does not serve. The node opens a stream to the coordinator with the same
+OPEN body it would receive, and the coordinator treats it like a request on its
+public API: the scheduler picks another node (or a cloud), with retry before the
+first token, and the answer streams back down the same stream. The enrolled
+node's identity is its credential (no API key rides on the tunnel); the ledger
+row has no key and names the asking node in its route (``node:did:key:...``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import anyio
+
+from coordinator.api import ApiContext, plan
+from coordinator.dispatch import Served
+from coordinator.registry import NodeConn
+from meshgate.openai import OpenAIError, parse_request
+from meshgate.protocol import OpenRequest, ProtocolViolation, error_body
+from tunnel import ClosedError, Frame, FrameType, Stream, TunnelError
+
+__all__ = ["relay"]
+
+log = logging.getLogger(__name__)
+
+
+async def relay(ctx: ApiContext, asker: NodeConn, stream: Stream, frame: Frame) -> None:
+    """Answer one node-originated request; stop if the node cancels it (its client left)."""
+    work = asyncio.create_task(_answer(ctx, asker, stream, frame))
+    watch = asyncio.create_task(_wait_cancel(stream))
+    done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    if watch in done and not work.done():
+        log.info("node %s cancelled stream %s (its client left)", asker.did, stream.id)
+        work.cancel()
+    watch.cancel()
+    for task in (work, watch):
+        with contextlib.suppress(asyncio.CancelledError, TunnelError):
+            await task
+
+
+async def _answer(ctx: ApiContext, asker: NodeConn, stream: Stream, frame: Frame) -> None:
+    try:
+        request = OpenRequest.from_wire(frame.body)
+        body = parse_request(request.body, request.endpoint)
+        route, want = await plan(ctx, body, None)
+    except ProtocolViolation as exc:
+        await stream.send(FrameType.ERROR, error_body(400, str(exc), hop="coordinator"))
+        return
+    except OpenAIError as exc:
+        await _send_error(stream, exc)
+        return
+    log.info("request %s from node %s: %s %s", request.request_id, asker.did,
+             request.endpoint, body["model"])
+    wanted = OpenRequest(request.request_id, request.endpoint, want.models[0],
+                         bool(body.get("stream")), request.body)
+    assert ctx.dispatcher is not None
+    try:
+        served = await ctx.dispatcher.start(wanted, want)
+    except OpenAIError as exc:
+        await _send_error(stream, exc)
+        return
+    try:
+        await _forward(served, wanted.stream, stream)
+    except OpenAIError as exc:
+        await _send_error(stream, exc)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await served.close()
+        ctx.record(served.row(None, f"node:{asker.did}" + (f" {route}" if route.task else "")))
+
+
+async def _forward(served: Served, streaming: bool, stream: Stream) -> None:
+    if streaming:
+        await stream.send(FrameType.DATA, served.first)
+        async for chunk in served.rest():
+            await stream.send(FrameType.DATA, chunk)
+    else:
+        await stream.send(FrameType.DATA, await served.collect())
+    await stream.send(FrameType.END, {"usage": served.usage})
+
+
+async def _send_error(stream: Stream, exc: OpenAIError) -> None:
+    with contextlib.suppress(TunnelError):
+        await stream.send(
+            FrameType.ERROR,
+            error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "coordinator"),
+        )
+
+
+async def _wait_cancel(stream: Stream) -> None:
+    """Return when the node cancels the stream or the link dies."""
+    with contextlib.suppress(ClosedError):
+        while True:
+            frame = await stream.recv()
+            if frame.type == FrameType.CANCEL:
+                return
