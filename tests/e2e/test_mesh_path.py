@@ -54,8 +54,11 @@ def test_a_model_this_box_lacks_is_answered_by_another_node(mesh: Mesh) -> None:
     assert reply.choices[0].message.content
     assert reply.usage is not None
     assert reply.usage.completion_tokens > 0
-    rows = [r for r in ledger(mesh) if (r.route or "").startswith("node:")]
-    assert rows, "the coordinator kept no ledger row for the relayed request"
+    def relayed() -> list[UsageRecord]:
+        return [r for r in ledger(mesh) if (r.route or "").startswith("node:")]
+
+    wait_until(lambda: bool(relayed()), 10, "the ledger row of the relayed request")  # async
+    rows = relayed()
     assert rows[-1].key_id is None
     assert rows[-1].outcome == "ok"
     assert rows[-1].node_did is not None
