@@ -54,6 +54,7 @@ from node_agent.inventory import read_model_file
 from node_agent.metrics import NodeMetrics, RequestTrack
 from node_agent.models import ModelManager
 from node_agent.ollama import OllamaModel, OllamaRuntime
+from node_agent.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -432,9 +433,15 @@ def _keep_alive_zero(value: Any) -> bool:
 class OllamaAPI:
     """The handlers, bound to one model manager."""
 
-    def __init__(self, manager: ModelManager, metrics: NodeMetrics | None = None) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        metrics: NodeMetrics | None = None,
+        mesh: Callable[[str], Runtime | None] | None = None,
+    ) -> None:
         self.manager = manager
         self.metrics = metrics
+        self.mesh = mesh  # a model not served here, asked of the coordinator (request path 1)
         self._files: dict[str, dict[str, Any]] = {}
 
     async def _load_or_unload(self, name: str, body: dict[str, Any], *, chat: bool) -> Response:
@@ -461,9 +468,19 @@ class OllamaAPI:
         reply["done"] = True
         return JSONResponse(reply)
 
+    def _far(self, model: Any) -> Runtime | None:
+        """The mesh's runtime for a model this node does not serve, if the tunnel is up."""
+        if self.mesh is None or not isinstance(model, str) or not model:
+            return None
+        names = set(self.manager.names())
+        if any(c in names for c in (model, f"{model}:latest", model.removesuffix(":latest"))):
+            return None
+        return self.mesh(model)
+
     async def answer(self, request: Request, *, chat: bool) -> Response:
         body = await _read_json(request)
-        name = resolve(self.manager, body.get("model"))
+        far = self._far(body.get("model"))
+        name = body["model"] if far is not None else resolve(self.manager, body.get("model"))
         stream = body.get("stream", True)
         if not isinstance(stream, bool):
             raise OllamaAPIError(400, "stream must be a boolean")
@@ -480,7 +497,9 @@ class OllamaAPI:
         translate = Translator(body["model"], chat=chat, track=track)
         stack = AsyncExitStack()
         try:
-            runtime = await stack.enter_async_context(self.manager.use(name))
+            runtime: Runtime = (
+                far if far is not None else await stack.enter_async_context(self.manager.use(name))
+            )
             if not stream:
                 data, _ = await runtime.complete(endpoint, raw)
                 reply = translate.whole(data)
@@ -671,14 +690,17 @@ def _parameter_size(count: int) -> str:
 
 
 def add_ollama_routes(
-    app: FastAPI, manager: ModelManager, metrics: NodeMetrics | None = None
+    app: FastAPI,
+    manager: ModelManager,
+    metrics: NodeMetrics | None = None,
+    mesh: Callable[[str], Runtime | None] | None = None,
 ) -> None:
     """Mount Ollama's API on the proxy's `app`, serving `manager`'s models.
 
     With `metrics`, chat and generate requests count in the node's metrics like
     the OpenAI routes' (``via="proxy"``).
     """
-    api = OllamaAPI(manager, metrics)
+    api = OllamaAPI(manager, metrics, mesh)
 
     def guarded(
         handler: Callable[[Request], Awaitable[Any]],

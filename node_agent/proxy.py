@@ -234,7 +234,7 @@ def build_app(
 
     for endpoint in ENDPOINTS:
         app.add_api_route(f"/v1/{endpoint}", route(endpoint), methods=["POST"])
-    add_ollama_routes(app, manager, metrics)  # /api/chat, /api/generate, /api/tags...
+    add_ollama_routes(app, manager, metrics, mesh)  # /api/chat, /api/generate, /api/tags...
     _add_admin_routes(app, manager)
     return app
 

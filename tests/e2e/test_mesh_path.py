@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import ollama
 import openai
 import pytest
 
@@ -109,3 +110,13 @@ def test_leaving_mid_stream_on_this_box_stops_the_other_nodes_runner(mesh: Mesh)
             if n == 6:
                 break  # the app goes away
     wait_until(lambda: stops() > before, 15, "the runner on the other node stopped")
+
+
+def test_an_ollama_app_on_this_box_reaches_the_other_node_too(mesh: Mesh) -> None:
+    client = ollama.Client(host=mesh.proxy("small").removesuffix("/v1"))
+    reply = client.chat(model=MODEL, messages=HELLO, options={"num_predict": 6}, stream=False)
+    assert reply.message.content
+    assert (reply.eval_count or 0) > 0
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.chat(model="no-such-model", messages=HELLO)
+    assert caught.value.status_code == 404
