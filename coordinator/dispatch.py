@@ -31,7 +31,7 @@ from coordinator.config import DispatchConfig
 from coordinator.registry import NodeConn, Registry
 from coordinator.scheduler import Candidate, Kind, Request, schedule
 from meshgate.openai import OpenAIError
-from meshgate.protocol import OpenRequest
+from meshgate.protocol import OpenRequest, error_of
 from tunnel import ClosedError, Frame, FrameType, Stream, TunnelError
 
 if TYPE_CHECKING:
@@ -198,16 +198,9 @@ async def _send_cancel(stream: Stream) -> None:
 
 
 def error_from_frame(frame: Frame) -> OpenAIError:
-    body = frame.body if isinstance(frame.body, dict) else {}
-    status = body.get("status")
     if frame.type == FrameType.CANCEL:
         return OpenAIError(502, "the node cancelled the request", hop="node")
-    return OpenAIError(
-        status if isinstance(status, int) and 400 <= status <= 599 else 502,
-        str(body.get("message") or "node reported an error"),
-        code=body.get("code") if isinstance(body.get("code"), str) else None,
-        hop=str(body.get("hop") or "node"),
-    )
+    return error_of(frame.body, hop="node", default="node reported an error")
 
 
 def with_model(raw: bytes, model: str) -> bytes:

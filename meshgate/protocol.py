@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from meshgate.openai import ENDPOINTS
+from meshgate.openai import ENDPOINTS, OpenAIError
 
 
 class ProtocolViolation(ValueError):
@@ -73,3 +73,16 @@ def error_body(
     status: int, message: str, *, code: str | None = None, hop: str = "node"
 ) -> dict[str, Any]:
     return {"status": status, "message": message, "code": code, "hop": hop}
+
+
+def error_of(body: Any, *, hop: str, default: str) -> OpenAIError:
+    """The OpenAIError an ERROR frame's body describes (see `error_body`); a body that does
+    not say is a 502 with `default` as its message, from `hop`."""
+    got = body if isinstance(body, dict) else {}
+    status, code = got.get("status"), got.get("code")
+    return OpenAIError(
+        status if isinstance(status, int) and 400 <= status <= 599 else 502,
+        str(got.get("message") or default),
+        code=code if isinstance(code, str) else None,
+        hop=str(got.get("hop") or hop),
+    )

@@ -17,24 +17,12 @@ import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from meshgate.openai import OpenAIError
-from meshgate.protocol import OpenRequest
-from tunnel import ClosedError, Frame, FrameType, Mux, Stream, TunnelError
+from meshgate.protocol import OpenRequest, error_of
+from tunnel import ClosedError, FrameType, Mux, Stream, TunnelError
 
 __all__ = ["MeshRuntime"]
 
 log = logging.getLogger(__name__)
-
-
-def _error(frame: Frame) -> OpenAIError:
-    body = frame.body if isinstance(frame.body, dict) else {}
-    status = body.get("status")
-    code = body.get("code")
-    return OpenAIError(
-        status if isinstance(status, int) and 400 <= status <= 599 else 502,
-        str(body.get("message") or "the coordinator reported an error"),
-        code=code if isinstance(code, str) else None,
-        hop=str(body.get("hop") or "coordinator"),
-    )
 
 
 class MeshRuntime:
@@ -53,15 +41,18 @@ class MeshRuntime:
         mux = self._mux()
         if mux is None:
             raise OpenAIError(
-                503, f"{self.name} is not served here and the coordinator is not connected",
-                code="no_capacity", hop="node",
+                503,
+                f"{self.name} is not served here and the coordinator is not connected",
+                code="no_capacity",
+                hop="node",
             )
         request = OpenRequest("req_" + secrets.token_hex(8), endpoint, self.name, stream, body)
         try:
             return await mux.open(request.to_wire())
         except TunnelError as exc:
-            raise OpenAIError(503, f"the tunnel to the coordinator is down: {exc}",
-                              hop="node") from None
+            raise OpenAIError(
+                503, f"the tunnel to the coordinator is down: {exc}", hop="node"
+            ) from None
 
     async def _frames(
         self, stream: Stream, usage: list[dict[str, int] | None]
@@ -73,8 +64,12 @@ class MeshRuntime:
                 try:
                     frame = await stream.recv()
                 except ClosedError:
-                    raise OpenAIError(502, "the tunnel to the coordinator closed mid-response",
-                                      code="node_lost", hop="node") from None
+                    raise OpenAIError(
+                        502,
+                        "the tunnel to the coordinator closed mid-response",
+                        code="node_lost",
+                        hop="node",
+                    ) from None
                 if frame.type == FrameType.DATA:
                     yield frame.body if isinstance(frame.body, bytes) else bytes(frame.body)
                 elif frame.type == FrameType.END:
@@ -85,7 +80,9 @@ class MeshRuntime:
                     return
                 elif frame.type in (FrameType.ERROR, FrameType.CANCEL):
                     finished = True
-                    raise _error(frame)
+                    raise error_of(
+                        frame.body, hop="coordinator", default="the coordinator reported an error"
+                    )
         finally:
             if not finished:  # the client left: stop the work wherever it runs
                 log.info("cancelling %s upstream: the client left", self.name)
