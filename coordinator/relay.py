@@ -11,7 +11,6 @@ row has no key and names the asking node in its route (``node:did:key:...``).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 
@@ -22,7 +21,7 @@ from coordinator.dispatch import Served
 from coordinator.registry import NodeConn
 from meshgate.openai import OpenAIError, parse_request
 from meshgate.protocol import OpenRequest, ProtocolViolation, error_body
-from tunnel import ClosedError, Frame, FrameType, Stream, TunnelError
+from tunnel import Frame, FrameType, Stream, TunnelError, until_cancelled
 
 __all__ = ["relay"]
 
@@ -31,16 +30,8 @@ log = logging.getLogger(__name__)
 
 async def relay(ctx: ApiContext, asker: NodeConn, stream: Stream, frame: Frame) -> None:
     """Answer one node-originated request; stop if the node cancels it (its client left)."""
-    work = asyncio.create_task(_answer(ctx, asker, stream, frame))
-    watch = asyncio.create_task(_wait_cancel(stream))
-    done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    if watch in done and not work.done():
+    if await until_cancelled(stream, _answer(ctx, asker, stream, frame)):
         log.info("node %s cancelled stream %s (its client left)", asker.did, stream.id)
-        work.cancel()
-    watch.cancel()
-    for task in (work, watch):
-        with contextlib.suppress(asyncio.CancelledError, TunnelError):
-            await task
 
 
 async def _answer(ctx: ApiContext, asker: NodeConn, stream: Stream, frame: Frame) -> None:
@@ -90,12 +81,3 @@ async def _send_error(stream: Stream, exc: OpenAIError) -> None:
             FrameType.ERROR,
             error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "coordinator"),
         )
-
-
-async def _wait_cancel(stream: Stream) -> None:
-    """Return when the node cancels the stream or the link dies."""
-    with contextlib.suppress(ClosedError):
-        while True:
-            frame = await stream.recv()
-            if frame.type == FrameType.CANCEL:
-                return

@@ -35,6 +35,7 @@ from tunnel import (
     TunnelError,
     backoff,
     connect,
+    until_cancelled,
 )
 
 log = logging.getLogger(__name__)
@@ -198,16 +199,8 @@ class CoordinatorLink:
 
     async def _serve(self, stream: Stream, frame: Frame) -> None:
         """Run one request; stop generating if the coordinator cancels it."""
-        work = asyncio.create_task(self._answer(stream, frame))
-        watch = asyncio.create_task(_wait_cancel(stream))
-        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if watch in done and not work.done():
+        if await until_cancelled(stream, self._answer(stream, frame)):
             log.info("stream %s cancelled by the coordinator", stream.id)
-            work.cancel()
-        watch.cancel()
-        for task in (work, watch):
-            with contextlib.suppress(asyncio.CancelledError, TunnelError):
-                await task
 
     async def _answer(self, stream: Stream, frame: Frame) -> None:
         try:
@@ -245,12 +238,3 @@ class CoordinatorLink:
         finally:
             if track is not None:
                 track.finish(status)
-
-
-async def _wait_cancel(stream: Stream) -> None:
-    """Return when the coordinator cancels the stream or the link dies."""
-    with contextlib.suppress(ClosedError):
-        while True:
-            frame = await stream.recv()
-            if frame.type == FrameType.CANCEL:
-                return

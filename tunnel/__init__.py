@@ -17,7 +17,7 @@ from tunnel.errors import (
 from tunnel.frames import Frame, FrameType
 from tunnel.handshake import Hello, InitiatorHandshake, ReplayGuard, ResponderHandshake
 from tunnel.identity import Identity, did_to_ed25519, verify_binding
-from tunnel.mux import Mux, Stream
+from tunnel.mux import Mux, Stream, until_cancelled
 from tunnel.session import Session
 from tunnel.token import EnrollmentToken
 from tunnel.ws import Link, connect, serve
@@ -46,5 +46,6 @@ __all__ = [
     "did_to_ed25519",
     "retryable",
     "serve",
+    "until_cancelled",
     "verify_binding",
 ]

@@ -500,3 +500,27 @@ class Mux:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+async def until_cancelled(stream: Stream, work: Coroutine[Any, Any, None]) -> bool:
+    """Run `work` (the answer to a stream the peer opened) until it ends, or until the
+    peer sends CANCEL on `stream` or the link dies, which cancels it. True if cancelled."""
+    task = asyncio.create_task(work)
+    watch = asyncio.create_task(_wait_cancel(stream))
+    done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    cancelled = watch in done and not task.done()
+    if cancelled:
+        task.cancel()
+    watch.cancel()
+    for t in (task, watch):
+        with contextlib.suppress(asyncio.CancelledError, TunnelError):
+            await t
+    return cancelled
+
+
+async def _wait_cancel(stream: Stream) -> None:
+    with contextlib.suppress(ClosedError):
+        while True:
+            frame = await stream.recv()
+            if frame.type == FrameType.CANCEL:
+                return
