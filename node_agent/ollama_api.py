@@ -35,7 +35,6 @@ Ollama's shapes, the last streamed object with ``done``, ``done_reason``,
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -46,8 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import Send
 
 from meshgate.openai import MAX_BODY_BYTES, OpenAIError
 from node_agent.inventory import read_model_file
@@ -55,6 +54,7 @@ from node_agent.metrics import NodeMetrics, RequestTrack
 from node_agent.models import ModelManager
 from node_agent.ollama import OllamaModel, OllamaRuntime
 from node_agent.runtime import Runtime
+from node_agent.streaming import WatchedResponse, aclose
 
 log = logging.getLogger(__name__)
 
@@ -318,49 +318,23 @@ def _line(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
-async def _until_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-class NDJSONResponse(StreamingResponse):
-    """Ollama's streaming answer: one JSON object a line.
-
-    Like the proxy's SSE response it sends the lines itself and watches for
-    the client leaving, so that leaving closes the runtime's stream (which
-    stops generation) once, and the borrowed runtime (`stack`) is given back.
-    """
+class NDJSONResponse(WatchedResponse):
+    """Ollama's streaming answer: one JSON object a line."""
 
     def __init__(
         self, lines: AsyncIterator[bytes], stack: AsyncExitStack, translate: Translator
     ) -> None:
-        super().__init__(iter(()), media_type=NDJSON)
-        self._lines = lines
-        self._stack = stack
+        super().__init__(lines, stack, media_type=NDJSON)
         self._translate = translate
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        pump = asyncio.create_task(self._pump(send))
-        watch = asyncio.create_task(_until_disconnect(receive))
-        try:
-            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (pump, watch):
-                task.cancel()
-            await asyncio.gather(pump, watch, return_exceptions=True)
-            aclose = getattr(self._lines, "aclose", None)
-            if aclose is not None:
-                await aclose()
-            await self._stack.aclose()
-            self._translate.finish(499)  # no end sent: the client left
-        if pump.done() and not pump.cancelled() and pump.exception() is not None:
-            log.warning("ollama stream to the client failed: %r", pump.exception())
+    def _finished(self) -> None:
+        self._translate.finish(499)  # no end sent: the client left (a no-op after the end)
 
     async def _pump(self, send: Send) -> None:
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
-        async for line in self._lines:
+        async for line in self._chunks:
             await send({"type": "http.response.body", "body": line, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -387,9 +361,7 @@ async def _ndjson(
             yield _line(calls)
         yield _line(translate.final())
     finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await aclose(chunks)
 
 
 # --- the routes ---------------------------------------------------------------------------
@@ -513,9 +485,7 @@ class OllamaAPI:
             except StopAsyncIteration:
                 pass
             except BaseException:
-                aclose = getattr(chunks, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+                await aclose(chunks)
                 raise
             return NDJSONResponse(_ndjson(first, chunks, translate), stack.pop_all(), translate)
         except OpenAIError as exc:

@@ -9,7 +9,6 @@ event, never as a silently shortened stream.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,9 +16,9 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import Send
 
 from meshgate.openai import (
     ENDPOINTS,
@@ -35,6 +34,7 @@ from node_agent.metrics import CONTENT_TYPE_LATEST, NodeMetrics, RequestTrack
 from node_agent.models import ModelManager
 from node_agent.ollama_api import add_ollama_routes
 from node_agent.runtime import Runtime
+from node_agent.streaming import WatchedResponse, aclose
 
 log = logging.getLogger(__name__)
 
@@ -56,26 +56,8 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     return b"".join(parts)
 
 
-async def _aclose(chunks: AsyncIterator[bytes]) -> None:
-    aclose = getattr(chunks, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
-async def _until_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-class SSEResponse(StreamingResponse):
-    """A runtime's stream as server-sent events, ending in ``[DONE]`` or an error event.
-
-    It sends the chunks itself rather than through Starlette's task group so
-    that a client going away cancels the runtime's stream once, in plain
-    asyncio, and the stream's cleanup (closing the runner's response, which
-    stops generation there) runs to the end. The borrowed runtime (`stack`)
-    is given back whatever happens, even if the response never starts.
-    """
+class SSEResponse(WatchedResponse):
+    """A runtime's stream as server-sent events, ending in ``[DONE]`` or an error event."""
 
     def __init__(
         self,
@@ -84,29 +66,19 @@ class SSEResponse(StreamingResponse):
         stack: AsyncExitStack,
         track: RequestTrack | None = None,
     ) -> None:
-        super().__init__(iter(()), media_type="text/event-stream",
-                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        super().__init__(
+            chunks,
+            stack,
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
         self._first = first
-        self._chunks = chunks
-        self._stack = stack
         self._track = track
         self._end_status: int | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        pump = asyncio.create_task(self._pump(send))
-        watch = asyncio.create_task(_until_disconnect(receive))
-        try:
-            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (pump, watch):
-                task.cancel()
-            await asyncio.gather(pump, watch, return_exceptions=True)
-            await _aclose(self._chunks)
-            await self._stack.aclose()
-            if self._track is not None:
-                self._track.finish(self._end_status or 499)  # no end sent: the client left
-        if pump.done() and not pump.cancelled() and pump.exception() is not None:
-            log.warning("stream to the client failed: %r", pump.exception())
+    def _finished(self) -> None:
+        if self._track is not None:
+            self._track.finish(self._end_status or 499)  # no end sent: the client left
 
     async def _pump(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
@@ -158,7 +130,7 @@ async def _answer(
         except StopAsyncIteration:
             raise OpenAIError(502, "runner sent an empty stream", hop="runner") from None
         except BaseException:
-            await _aclose(chunks)
+            await aclose(chunks)
             raise
         if track is not None:
             track.chunk(first)
