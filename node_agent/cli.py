@@ -14,10 +14,18 @@ from node_agent.state import Enrollment, NodeState
 app = typer.Typer(help="meshgate edge-node daemon", no_args_is_help=True, add_completion=False)
 
 STATE_DIR = typer.Option(
-    Path("/var/lib/meshgate/node"),
+    None,
     "--state-dir",
     envvar="MESHGATE_NODE_STATE",
-    help="Where the node keeps its identity and enrollment.",
+    help="Where the node keeps its identity and enrollment "
+    "(default: state_dir from the config, else /var/lib/meshgate/node).",
+)
+
+
+CONFIG = typer.Option(
+    None,
+    "--config",
+    help="TOML config file (default /etc/meshgate/node.toml if it exists; env MESHGATE_CONFIG).",
 )
 
 
@@ -31,7 +39,8 @@ def enroll(
     token: str = typer.Argument(
         ..., help="The token printed by `meshgate-coordinator token create`."
     ),
-    state_dir: Path = STATE_DIR,
+    state_dir: Path | None = STATE_DIR,
+    config: Path | None = CONFIG,
 ) -> None:
     """Create this node's identity, prove the one-time token and pin the coordinator's key."""
     from tunnel import EnrollmentToken, RefusedError, TunnelError, connect
@@ -42,7 +51,7 @@ def enroll(
         raise _fail(str(exc), 2) from None
     if parsed.expires_at < time.time():
         raise _fail("this enrollment token has expired; ask for a new one", 2)
-    state = NodeState(state_dir)
+    state = NodeState(_state_dir(state_dir, config))
     if state.enrollment() is not None:
         raise _fail(f"already enrolled (see {state.path}); remove the state dir to enroll again")
     identity = state.identity()
@@ -75,13 +84,6 @@ def enroll(
         )
     )
     typer.echo(f"enrolled as {identity.did} with {parsed.url}")
-
-
-CONFIG = typer.Option(
-    None,
-    "--config",
-    help="TOML config file (default /etc/meshgate/node.toml if it exists; env MESHGATE_CONFIG).",
-)
 
 
 @app.command()
@@ -165,6 +167,18 @@ def run(
     run_node(opts)
 
 
+def _state_dir(state_dir: Path | None, config: Path | None) -> Path:
+    """`--state-dir`, else the one `meshgate-node run` would use (config file, env, default)."""
+    if state_dir is not None:
+        return state_dir
+    from node_agent.config import ConfigError, load_options
+
+    try:
+        return load_options({}, config=config).state_dir
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+
+
 def _local_url(url: str | None, config: Path | None) -> str:
     """The running daemon's local proxy: `url`, or where the config says it listens."""
     if url is not None:
@@ -234,8 +248,10 @@ def swap(
         message = (answer.get("error") or {}).get("message") if isinstance(answer, dict) else None
         raise _fail(f"swap refused ({reply.status_code}): {message or reply.text[:500]}")
     to = answer.get("to") or {}
-    typer.echo(f"{old} now served from {to.get('file')} (runner {to.get('runner')}, pid "
-               f"{to.get('pid')}, {answer.get('mode')}) in {answer.get('seconds')} s")
+    typer.echo(
+        f"{old} now served from {to.get('file')} (runner {to.get('runner')}, pid "
+        f"{to.get('pid')}, {answer.get('mode')}) in {answer.get('seconds')} s"
+    )
 
 
 @app.command("install-service")
@@ -256,9 +272,9 @@ def install_service(
 
 
 @app.command()
-def identity(state_dir: Path = STATE_DIR) -> None:
+def identity(state_dir: Path | None = STATE_DIR, config: Path | None = CONFIG) -> None:
     """Print this node's did:key and enrollment."""
-    state = NodeState(state_dir)
+    state = NodeState(_state_dir(state_dir, config))
     enrollment = state.enrollment()
     typer.echo(
         json.dumps(

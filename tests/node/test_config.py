@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -174,3 +175,25 @@ def test_run_refuses_a_bad_config_with_exit_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"{path}, line 1" in result.stderr
     assert "proxy_port must be an integer" in result.stderr
+
+
+def test_identity_and_enroll_find_the_state_dir_in_the_config(tmp_path: Path) -> None:
+    state = tmp_path / "from-config"
+    config = tmp_path / "node.toml"
+    config.write_text(f'state_dir = "{state}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHGATE_")}
+    shown = subprocess.run(
+        [sys.executable, "-m", "node_agent.cli", "identity", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, check=False, env=env,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert '"did": "did:key:z6Mk' in shown.stdout
+    assert [p.name for p in state.iterdir()] == ["identity.key"]  # made where the config says
+
+    config.write_text("state_dir = 5\n")
+    bad = subprocess.run(
+        [sys.executable, "-m", "node_agent.cli", "identity", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, check=False, env=env,
+    )
+    assert bad.returncode == 2
+    assert "state_dir" in bad.stderr
