@@ -218,12 +218,12 @@ class CoordinatorLink:
                     async for chunk in runtime.stream(request.endpoint, request.body):
                         usage = usage_of(chunk) or usage
                         if track is not None:
-                            track.chunk(chunk)
+                            track.first_token()  # usage is read once, above
                         await stream.send(FrameType.DATA, chunk)
                 else:
                     data, usage = await runtime.complete(request.endpoint, request.body)
                     if track is not None:
-                        track.chunk(data)
+                        track.first_token()
                     await stream.send(FrameType.DATA, data)
             if track is not None and usage:
                 track.usage = usage

@@ -11,13 +11,13 @@ answer like any other. A client that leaves cancels the stream upstream.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest, error_of
+from node_agent.runtime import usage_of
 from tunnel import ClosedError, FrameType, Mux, Stream, TunnelError
 
 __all__ = ["MeshRuntime"]
@@ -95,7 +95,7 @@ class MeshRuntime:
         data = b"".join([part async for part in self._frames(stream, usage)])
         if not usage:
             raise OpenAIError(502, "the coordinator ended the answer early", hop="node")
-        return data, usage[0] or _usage_in(data)
+        return data, usage[0] or usage_of(data)
 
     async def stream(self, endpoint: str, body: bytes) -> AsyncIterator[bytes]:
         stream = await self._open(endpoint, body, True)
@@ -105,11 +105,3 @@ class MeshRuntime:
                 yield chunk
         finally:
             await frames.aclose()
-
-
-def _usage_in(data: bytes) -> dict[str, int] | None:
-    with contextlib.suppress(ValueError, AttributeError):
-        usage = json.loads(data).get("usage")
-        if isinstance(usage, dict):
-            return {k: v for k, v in usage.items() if isinstance(v, int)}
-    return None

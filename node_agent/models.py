@@ -274,6 +274,10 @@ class ModelManager:
     def names(self) -> list[str]:
         return sorted(self._slots)
 
+    def serves(self, name: str) -> bool:
+        """Whether `name` is known here (loaded or not): cheaper than `in names()`."""
+        return name in self._slots
+
     @asynccontextmanager
     async def use(self, name: str) -> AsyncIterator[Runtime]:
         """Lend `name`'s runtime for one request; 404 in OpenAI's shape if not served."""

@@ -367,13 +367,17 @@ async def _ndjson(
 # --- the routes ---------------------------------------------------------------------------
 
 
+def _spellings(name: str) -> tuple[str, str, str]:
+    """The names an Ollama model name may be served under (``:latest`` added or dropped)."""
+    return (name, f"{name}:latest", name.removesuffix(":latest"))
+
+
 def resolve(manager: ModelManager, name: Any) -> str:
     """The served name an Ollama request means (``:latest`` added or dropped)."""
     if not isinstance(name, str) or not name:
         raise OllamaAPIError(400, "model is required")
-    names = set(manager.names())
-    for candidate in (name, f"{name}:latest", name.removesuffix(":latest")):
-        if candidate in names:
+    for candidate in _spellings(name):
+        if manager.serves(candidate):
             return candidate
     raise OllamaAPIError(404, f"model '{name}' not found")
 
@@ -444,8 +448,7 @@ class OllamaAPI:
         """The mesh's runtime for a model this node does not serve, if the tunnel is up."""
         if self.mesh is None or not isinstance(model, str) or not model:
             return None
-        names = set(self.manager.names())
-        if any(c in names for c in (model, f"{model}:latest", model.removesuffix(":latest"))):
+        if any(self.manager.serves(c) for c in _spellings(model)):
             return None
         return self.mesh(model)
 

@@ -113,7 +113,7 @@ async def _answer(
     stack = AsyncExitStack()
     streaming = False
     try:
-        far = mesh(body["model"]) if mesh and body["model"] not in manager.names() else None
+        far = mesh(body["model"]) if mesh and not manager.serves(body["model"]) else None
         if far is not None:  # not served here: the coordinator places it elsewhere
             runtime = far
         else:
