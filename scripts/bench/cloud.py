@@ -22,7 +22,6 @@ For each shape (non-streaming, streaming) it prints p50 and p99, the p50 ratio a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import subprocess
@@ -30,7 +29,6 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -38,7 +36,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overhead import measure, model_path, print_rows, report  # noqa: E402
+from overhead import (  # noqa: E402
+    measure_shapes,
+    model_path,
+    publish,
+    start_fake_upstream,
+)
 
 from tests.e2e.mesh import Mesh, free_port, wait_until  # noqa: E402
 
@@ -49,26 +52,37 @@ KEY_ENV = "MG_BENCH_CLOUD_KEY"
 def start_llama_cloud(root: Path, secret: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", model_path(), "--port", str(port),
-         "--host", "127.0.0.1", "--api_key", secret, "--model_alias", "cloud-model",
-         "--n_ctx", "2048", "--verbose", "false"],
-        stdout=(root / "cloud.log").open("wb"), stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            model_path(),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--api_key",
+            secret,
+            "--model_alias",
+            "cloud-model",
+            "--n_ctx",
+            "2048",
+            "--verbose",
+            "false",
+        ],
+        stdout=(root / "cloud.log").open("wb"),
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/v1"
-    wait_until(lambda: httpx.get(f"{url}/models", headers={
-        "Authorization": f"Bearer {secret}"}).status_code == 200, 90, "llama cloud")
-    return proc, url
-
-
-def start_fake_cloud(root: Path, chunks: int) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests/node/fake_openai_server.py"), "--port", str(port),
-         "--name", "cloud-model", "--chunks", str(chunks)],
-        stdout=(root / "cloud.log").open("wb"), stderr=subprocess.STDOUT,
+    wait_until(
+        lambda: (
+            httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {secret}"}).status_code
+            == 200
+        ),
+        90,
+        "llama cloud",
     )
-    url = f"http://127.0.0.1:{port}/v1"
-    wait_until(lambda: httpx.get(f"{url}/models").status_code == 200, 30, "fake cloud")
     return proc, url
 
 
@@ -91,7 +105,7 @@ def main() -> None:
             if args.upstream == "llama":
                 cloud, url = start_llama_cloud(root, secret)
             else:
-                cloud, url = start_fake_cloud(root, args.chunks)
+                cloud, url = start_fake_upstream(root, args.chunks, name="cloud-model")
             cleanup.append(cloud.kill)
             config = root / "coordinator.toml"
             config.write_text(
@@ -99,35 +113,30 @@ def main() -> None:
                 f'api_key_env = "{KEY_ENV}"\nmodels = {{ {MODEL} = "cloud-model" }}\n'
                 "price_per_1k_prompt = 0.1\nprice_per_1k_completion = 0.2\n"
             )
-            mesh.start_coordinator("--config", str(config), "--log-level", "warning",
-                                   env={KEY_ENV: secret})
+            mesh.start_coordinator(
+                "--config", str(config), "--log-level", "warning", env={KEY_ENV: secret}
+            )
             mesh.key = mesh.make_key("bench")
             targets = {
-                "direct": (httpx.Client(timeout=120, headers={
-                    "Authorization": f"Bearer {secret}"}), url),
-                "coordinator": (httpx.Client(timeout=120, headers={
-                    "Authorization": f"Bearer {mesh.key}"}), mesh.api),
+                "direct": (
+                    httpx.Client(timeout=120, headers={"Authorization": f"Bearer {secret}"}),
+                    url,
+                ),
+                "coordinator": (
+                    httpx.Client(timeout=120, headers={"Authorization": f"Bearer {mesh.key}"}),
+                    mesh.api,
+                ),
             }
-            body: dict[str, Any] = {
-                "model": MODEL,
-                "messages": [{"role": "user", "content": "Say hello."}],
-                "max_tokens": args.max_tokens,
-                "temperature": 0,
-            }
-            rows = report("non-stream", measure(targets, body, args.requests, args.warmup))
-            body = {**body, "stream": True}
-            rows += report("stream", measure(targets, body, args.requests, args.warmup))
+            rows = measure_shapes(targets, args.max_tokens, args.requests, args.warmup)
         finally:
             for step in reversed(cleanup):
                 step()
     what = (
         f"llama-cpp-python server with SmolLM2-135M Q4_1 (CPU), max_tokens={args.max_tokens}"
-        if args.upstream == "llama" else f"instant fake upstream, {args.chunks} chunks per stream"
+        if args.upstream == "llama"
+        else f"instant fake upstream, {args.chunks} chunks per stream"
     )
-    print(f"cloud fallback overhead: {what}; {args.requests} requests per path, interleaved")
-    print_rows(rows)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    publish(f"cloud fallback overhead: {what}; {args.requests} requests per path", rows, args.json)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,31 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def start_fake_upstream(root: Path, chunks: int) -> tuple[subprocess.Popen[bytes], str]:
+def measure_shapes(
+    targets: dict[str, tuple[httpx.Client, str]], max_tokens: int, requests: int, warmup: int
+) -> list[dict[str, Any]]:
+    """The same chat request, non-streaming then streaming, on every target, interleaved."""
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    rows = report("non-stream", measure(targets, body, requests, warmup))
+    return rows + report("stream", measure(targets, {**body, "stream": True}, requests, warmup))
+
+
+def publish(title: str, rows: list[dict[str, Any]], json_path: Path | None) -> None:
+    print(f"{title}, interleaved")
+    print_rows(rows)
+    if json_path:
+        json_path.write_text(json.dumps(rows, indent=2))
+
+
+def start_fake_upstream(
+    root: Path, chunks: int, name: str = MODEL
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The FAKE OpenAI server of the tests (canned words, no model), instant, on a port."""
     port = free_port()
     log = (root / "fake-upstream.log").open("wb")
     proc = subprocess.Popen(
@@ -132,7 +156,7 @@ def start_fake_upstream(root: Path, chunks: int) -> tuple[subprocess.Popen[bytes
             "--port",
             str(port),
             "--name",
-            MODEL,
+            name,
             "--chunks",
             str(chunks),
         ],
@@ -190,15 +214,7 @@ def main() -> None:
                 "node": (httpx.Client(timeout=60), mesh.proxy("node-a")),
                 "coordinator": (httpx.Client(timeout=60, headers=auth), mesh.api),
             }
-            body: dict[str, Any] = {
-                "model": MODEL,
-                "messages": [{"role": "user", "content": "Say hello."}],
-                "max_tokens": args.max_tokens,
-                "temperature": 0,
-            }
-            rows = report("non-stream", measure(targets, body, args.requests, args.warmup))
-            body = {**body, "stream": True}
-            rows += report("stream", measure(targets, body, args.requests, args.warmup))
+            rows = measure_shapes(targets, args.max_tokens, args.requests, args.warmup)
         finally:
             for step in reversed(cleanup):
                 step()
@@ -207,10 +223,9 @@ def main() -> None:
         if args.runtime == "fake"
         else f"SmolLM2-135M Q4_1 on llama.cpp (CPU), max_tokens={args.max_tokens}, temperature 0"
     )
-    print(f"meshgate request overhead: {what}; {args.requests} requests per path, interleaved")
-    print_rows(rows)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    publish(
+        f"meshgate request overhead: {what}; {args.requests} requests per path", rows, args.json
+    )
 
 
 if __name__ == "__main__":
