@@ -40,6 +40,7 @@ from node_agent.link import CoordinatorLink
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager, model_name, parse_model_spec
 from node_agent.nvml import NvmlSource
+from node_agent.pipeline import Pipeline
 from node_agent.proxy import build_app
 from node_agent.runtimes.llama.supervisor import LlamaRunner
 from node_agent.runtimes.mesh import MeshRuntime
@@ -346,13 +347,14 @@ async def serve(opts: NodeOptions) -> None:
     await manager.start()
     await parts.telemetry.refresh()
     log.info("node %s serves %s", identity.did, manager.names())
+    pipeline = Pipeline(manager, metrics=parts.metrics, mesh=parts.mesh_runtime)
     config = uvicorn.Config(
         build_app(
             manager,
             telemetry=parts.latest,
             metrics=parts.metrics,
             inventory=parts.inventory_body,
-            mesh=parts.mesh_runtime,
+            pipeline=pipeline,
         ),
         host=opts.proxy_host,
         port=opts.proxy_port,
@@ -383,6 +385,7 @@ async def serve(opts: NodeOptions) -> None:
             telemetry_period=opts.telemetry_period,
             inventory=parts.inventory_body,
             metrics=parts.metrics,
+            pipeline=pipeline,
         )
         tasks.append(asyncio.create_task(parts.link.run(), name="link"))
     try:

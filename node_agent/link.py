@@ -21,7 +21,7 @@ from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest, ProtocolViolation, error_body
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
-from node_agent.runtimes.base import usage_of
+from node_agent.pipeline import Pipeline
 from node_agent.runtimes.mesh import MeshRuntime
 from node_agent.state import Enrollment
 from tunnel import (
@@ -54,9 +54,11 @@ class CoordinatorLink:
         telemetry_period: float = 2.0,
         inventory: Callable[[], dict[str, Any]] | None = None,
         metrics: NodeMetrics | None = None,
+        pipeline: Pipeline | None = None,
     ) -> None:
         self.identity = identity
         self.metrics = metrics
+        self.pipeline = pipeline or Pipeline(manager, metrics=metrics)
         self.enrollment = enrollment
         self.manager = manager
         self.telemetry = telemetry
@@ -209,32 +211,25 @@ class CoordinatorLink:
             await stream.send(FrameType.ERROR, error_body(400, str(exc)))
             return
         log.info("request %s: %s %s", request.request_id, request.endpoint, request.model)
-        track = self.metrics.track(request.model, "tunnel") if self.metrics else None
-        status: int | str = 499  # cancelled by the coordinator unless we get further
         try:
-            async with self.manager.use(request.model) as runtime:
-                if request.stream:
-                    usage = None
-                    async for chunk in runtime.stream(request.endpoint, request.body):
-                        usage = usage_of(chunk) or usage
-                        if track is not None:
-                            track.first_token()  # usage is read once, above
+            if request.stream:
+                streamed = await self.pipeline.stream(
+                    request.endpoint, request.model, request.body, via="tunnel", local_only=True
+                )
+                try:
+                    async for chunk in streamed:
                         await stream.send(FrameType.DATA, chunk)
-                else:
-                    data, usage = await runtime.complete(request.endpoint, request.body)
-                    if track is not None:
-                        track.first_token()
-                    await stream.send(FrameType.DATA, data)
-            if track is not None and usage:
-                track.usage = usage
+                finally:
+                    await streamed.aclose()
+                usage = streamed.meter.usage
+            else:
+                data, usage = await self.pipeline.complete(
+                    request.endpoint, request.model, request.body, via="tunnel", local_only=True
+                )
+                await stream.send(FrameType.DATA, data)
             await stream.send(FrameType.END, {"usage": usage})
-            status = 200
         except OpenAIError as exc:
-            status = exc.status
             await stream.send(
                 FrameType.ERROR,
                 error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "node"),
             )
-        finally:
-            if track is not None:
-                track.finish(status)

@@ -59,7 +59,7 @@ from node_agent.placement import (
 from node_agent.runtimes.base import Runtime
 from node_agent.runtimes.llama.supervisor import LlamaRunner, RunnerError
 from node_agent.runtimes.openai_http import OpenAIHttpRuntime
-from node_agent.slots import Backend, LlamaSpec, Metered, RunnerFactory, RunnerLike, Slot
+from node_agent.slots import Backend, LlamaSpec, RunnerFactory, RunnerLike, Slot
 
 __all__ = [
     "LlamaSpec",
@@ -289,11 +289,19 @@ class ModelManager:
         backend.enter()
         slot.last_used = self.clock()
         try:
-            yield Metered(backend.runtime, slot.rates)
+            yield backend.runtime
             slot.served += 1
         finally:
             backend.leave()
             slot.last_used = self.clock()
+
+    def record(
+        self, name: str, usage: dict[str, int], prefill_s: float | None, decode_s: float
+    ) -> None:
+        """One answered request's usage and timing, into `name`'s recent token rates."""
+        slot = self._slots.get(name)
+        if slot is not None:
+            slot.rates.add(usage, prefill_s, decode_s)
 
     async def _admit(self, slot: Slot) -> Backend:
         """The slot's backend now, or after waiting in its bounded queue."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
@@ -97,6 +97,7 @@ class Meter:
         self.first_at: float | None = None
         self.usage: Usage | None = None
         self.done = False
+        self._streamed = False
         self._track: RequestTrack | None = (
             pipeline.metrics.track(model, via) if pipeline.metrics is not None else None
         )
@@ -120,9 +121,15 @@ class Meter:
         if self._track is not None:
             self._track.usage = self.usage
             self._track.finish(status)
+        ended = time.monotonic()
+        if self.where == "local" and status == 200 and self.usage:
+            streamed = self.first_at is not None and self.first_at > self.started and self._streamed
+            prefill = self.first_at - self.started if streamed and self.first_at else None
+            decode = ended - self.first_at if streamed and self.first_at else ended - self.started
+            self._pipeline.manager.record(self.model, self.usage, prefill, decode)
         finished = Finished(
             self.model, self.endpoint, self.via, self.where, status, self.usage,
-            self.started, self.first_at, time.monotonic(),
+            self.started, self.first_at, ended,
         )
         for hook in self._pipeline.hooks:
             try:
@@ -159,7 +166,7 @@ class Streamed:
             return True
         return _USAGE_ONLY not in chunk  # a usage-only chunk the client did not ask for
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def __aiter__(self) -> AsyncGenerator[bytes, None]:
         model = self.meter.model
         if self._first is not None:
             first, self._first = self._first, None
@@ -263,6 +270,7 @@ class Pipeline:
     ) -> Streamed:
         """A started stream (its first chunk read); the caller iterates it and closes it."""
         meter = Meter(self, model, endpoint, via, self._where(model))
+        meter._streamed = True
         stack = AsyncExitStack()
         chunks: AsyncIterator[bytes] | None = None
         try:

@@ -14,7 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from node_agent.models import ModelManager
-from node_agent.ollama_api import OLLAMA_VERSION, Translator
+from node_agent.ollama_ndjson import Translator
+from node_agent.ollama_routes import OLLAMA_VERSION
 from node_agent.ollama_wire import generate_request, openai_options
 from node_agent.runtimes.ollama import OllamaHost
 from tests.node.fake_ollama_server import CANNED, TOOL_ARGUMENTS, embedding, running
