@@ -201,35 +201,39 @@ class CoordinatorLink:
 
     async def _serve(self, stream: Stream, frame: Frame) -> None:
         """Run one request; stop generating if the coordinator cancels it."""
-        if await until_cancelled(stream, self._answer(stream, frame)):
+        if await until_cancelled(stream, answer(self.pipeline, stream, frame)):
             log.info("stream %s cancelled by the coordinator", stream.id)
 
-    async def _answer(self, stream: Stream, frame: Frame) -> None:
-        try:
-            request = OpenRequest.from_wire(frame.body)
-        except ProtocolViolation as exc:
-            await stream.send(FrameType.ERROR, error_body(400, str(exc)))
-            return
-        log.info("request %s: %s %s", request.request_id, request.endpoint, request.model)
-        try:
-            if request.stream:
-                streamed = await self.pipeline.stream(
-                    request.endpoint, request.model, request.body, via="tunnel", local_only=True
-                )
-                try:
-                    async for chunk in streamed:
-                        await stream.send(FrameType.DATA, chunk)
-                finally:
-                    await streamed.aclose()
-                usage = streamed.meter.usage
-            else:
-                data, usage = await self.pipeline.complete(
-                    request.endpoint, request.model, request.body, via="tunnel", local_only=True
-                )
-                await stream.send(FrameType.DATA, data)
-            await stream.send(FrameType.END, {"usage": usage})
-        except OpenAIError as exc:
-            await stream.send(
-                FrameType.ERROR,
-                error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "node"),
+
+async def answer(pipeline: Pipeline, stream: Stream, frame: Frame) -> None:
+    """Answer one OPEN frame on `stream` through `pipeline`: DATA frames, then END with the
+    usage, or ERROR. Only local runtimes answer (a request from the coordinator never goes
+    back up the tunnel)."""
+    try:
+        request = OpenRequest.from_wire(frame.body)
+    except ProtocolViolation as exc:
+        await stream.send(FrameType.ERROR, error_body(400, str(exc)))
+        return
+    log.info("request %s: %s %s", request.request_id, request.endpoint, request.model)
+    try:
+        if request.stream:
+            streamed = await pipeline.stream(
+                request.endpoint, request.model, request.body, via="tunnel", local_only=True
             )
+            try:
+                async for chunk in streamed:
+                    await stream.send(FrameType.DATA, chunk)
+            finally:
+                await streamed.aclose()
+            usage = streamed.meter.usage
+        else:
+            data, usage = await pipeline.complete(
+                request.endpoint, request.model, request.body, via="tunnel", local_only=True
+            )
+            await stream.send(FrameType.DATA, data)
+        await stream.send(FrameType.END, {"usage": usage})
+    except OpenAIError as exc:
+        await stream.send(
+            FrameType.ERROR,
+            error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "node"),
+        )

@@ -17,8 +17,8 @@ import pytest
 
 from meshgate.openai import OpenAIError
 from node_agent.models import ModelManager, model_name, parse_model_spec, scan_model_dirs
-from node_agent.placement import Budget
 from node_agent.pipeline import Pipeline
+from node_agent.placement import Budget
 from node_agent.proxy import build_app
 
 FAKE = str(Path(__file__).with_name("fake_openai_server.py"))

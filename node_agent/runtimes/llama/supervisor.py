@@ -101,14 +101,14 @@ class Runner:
         self.state = "stopped"  # stopped | starting | up | restarting
         self._proc: asyncio.subprocess.Process | None = None
         self._watch: asyncio.Task[None] | None = None
-        transport = httpx.AsyncHTTPTransport(uds=str(self.socket))
         self.runtime = OpenAIHttpRuntime(
             name,
             kind,
             "http://runner/v1",
-            transport=transport,
+            transport_factory=lambda: httpx.AsyncHTTPTransport(uds=str(self.socket)),
             health_url="http://runner/health",
             check=self._check,
+            lifecycle=self,
         )
 
     @property
@@ -126,10 +126,17 @@ class Runner:
             raise OpenAIError(503, f"runner for {self.name} is {self.state}", hop="node")
 
     async def start(self) -> None:
-        """Start the process, wait until it answers, then watch it."""
+        """Start the process, wait until it answers, then watch it (once: a runner that is
+        already up, starting or restarting is left as it is)."""
+        if self.state != "stopped":
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state = "starting"
-        await self._spawn_ready()
+        try:
+            await self._spawn_ready()
+        except BaseException:
+            self.state = "stopped"
+            raise
         self.state = "up"
         self._watch = asyncio.create_task(self.watch(), name=f"watch {self.name}")
 
