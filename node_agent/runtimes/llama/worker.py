@@ -1,6 +1,6 @@
 """Our thin llama.cpp runner: one model, one process, one unix socket.
 
-    python -m node_agent.llama_worker --model PATH --uds SOCKET --name NAME
+    python -m node_agent.runtimes.llama.worker --model PATH --uds SOCKET --name NAME
 
 It speaks OpenAI's wire format, with the semantics the node agent relies on
 and that llama-cpp-python's own server does not give:
@@ -46,7 +46,7 @@ from meshgate.openai import (
     sse_event,
 )
 
-log = logging.getLogger("node_agent.llama_worker")
+log = logging.getLogger("node_agent.runtimes.llama.worker")
 
 CHAT_KEYS = (
     "messages",
@@ -343,7 +343,7 @@ def build_app(engine: Engine) -> FastAPI:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m node_agent.llama_worker")
+    parser = argparse.ArgumentParser(prog="python -m node_agent.runtimes.llama.worker")
     parser.add_argument("--model", required=True, help="path of the .gguf file")
     parser.add_argument("--uds", required=True, help="unix socket to serve on")
     parser.add_argument("--name", required=True, help="model name to report")
