@@ -1,13 +1,14 @@
 """Per-key rate limits: token buckets on requests per minute and tokens per minute.
 
 In memory for one coordinator (`LocalBuckets`); replicas of a cluster keep the
-same buckets in Redis (`shared_state.RedisBuckets`, coordinator/CLUSTER.md). Each bucket holds up to one minute's allowance
-and refills continuously. A request is admitted only when every bucket of its
-key has room (nothing is taken from one bucket when another refuses), and is
-charged at admission with an estimate: for tokens, the prompt estimate plus
-`max_tokens`. When the request ends, `Admission.settle` corrects the token
-bucket by the actual usage (a refund, or a further charge that may leave the
-bucket in debt so the next request waits longer).
+same buckets in Redis (`shared_state.RedisBuckets`, coordinator/CLUSTER.md).
+Each bucket holds up to one minute's allowance and refills continuously. A
+request is admitted only when every bucket of its key has room (nothing is
+taken from one bucket when another refuses), and is charged at admission with
+an estimate: for tokens, the prompt estimate plus `max_tokens`. When the
+request ends, `Admission.settle` corrects the token bucket by the actual usage
+(a refund, or a further charge that may leave the bucket in debt so the next
+request waits longer).
 
 A refused request gets `RateLimited` (HTTP 429, OpenAI's `rate_limit_exceeded`)
 with the whole seconds after which the same request would be admitted, for
