@@ -17,6 +17,7 @@ from typing import Any
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
+from coordinator.admin_api import admin_context, mount_admin, watch_key_changes
 from coordinator.api import ApiContext, build_app
 from coordinator.cache import ResponseCache
 from coordinator.cloud import CloudClient
@@ -32,6 +33,7 @@ from coordinator.registry import Registry
 from coordinator.relay import relay
 from coordinator.state import ServeOptions, StateDir
 from coordinator.store import Store, UsageRecord
+from coordinator.traffic import Traffic
 from meshgate.serving import DaemonServer
 from tunnel import serve as serve_tunnel
 
@@ -39,7 +41,8 @@ log = logging.getLogger(__name__)
 
 
 def _context(store: Store, registry: Registry, config: CoordinatorConfig,
-             dispatcher: Dispatcher, opts: ServeOptions | None = None) -> ApiContext:
+             dispatcher: Dispatcher, opts: ServeOptions | None = None, *,
+             traffic: Traffic | None = None) -> ApiContext:
     gate = KeyGate(budgets=BudgetTracker(store.spend_by_key))
 
     def verify_key(plaintext: str) -> str | None:
@@ -53,6 +56,8 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
         return {m for node in store.list_nodes() if node.revoked_at is None for m in node.models}
 
     def record_usage(row: dict[str, Any]) -> None:
+        if traffic is not None:
+            traffic.add(row)  # the web pane's and `top`'s last hour
         store.record_usage(UsageRecord(**row, created_at=time.time()))
 
     cache = (ResponseCache(ttl_s=opts.cache_ttl_s, max_entries=opts.cache_entries)
@@ -81,10 +86,15 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     api_host = "127.0.0.1" if opts.api_host in ("0.0.0.0", "::", "") else opts.api_host  # noqa: S104
     state.write_advertise(tunnel_url=tunnel_url, api_url=f"http://{api_host}:{opts.api_port}")
     log.info("tunnel endpoint on %s (advertised as %s)", tunnel_port, tunnel_url)
-    ctx = _context(store, registry, config, dispatcher, opts)
+    traffic = Traffic()
+    ctx = _context(store, registry, config, dispatcher, opts, traffic=traffic)
     gateway.on_request = functools.partial(relay, ctx)  # apps on nodes asking for others' models
+    app = build_app(ctx)
+    admin = admin_context(store, state, registry, ctx, gateway=gateway,
+                          tunnel_url=tunnel_url, traffic=traffic)
+    mount_admin(app, admin)
     uv_config = uvicorn.Config(
-        build_app(ctx),
+        app,
         host=opts.api_host,
         port=opts.api_port,
         log_level=opts.log_level.lower(),
@@ -96,6 +106,7 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     background = [
         asyncio.create_task(gateway.watch_revocations(), name="revocations"),
         asyncio.create_task(write_live_loop(state.path / LIVE_FILE, registry), name="live"),
+        asyncio.create_task(watch_key_changes(store, ctx.forget_keys), name="key-changes"),
     ]
     try:
         await server.serve()
