@@ -30,6 +30,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fastapi import APIRouter, FastAPI, Request
 
 from coordinator.admin_keys import ADMIN_PREFIX, AdminKeys, ensure_admin_key
@@ -277,7 +279,8 @@ async def watch_key_changes(store: Store, forget: Callable[[], None],
 
 
 def admin_context(store: Store, state: StateDir, registry: Registry, api: ApiContext, *,
-                  gateway: Gateway, tunnel_url: str, traffic: Traffic) -> AdminContext:
+                  gateway: Gateway, tunnel_url: str, traffic: Traffic,
+                  static_key: X25519PrivateKey | None = None) -> AdminContext:
     """The running server's admin context; makes the first admin key if there is none."""
     keys = AdminKeys(store)
     written = ensure_admin_key(keys, state.path, time.time())
@@ -288,7 +291,9 @@ def admin_context(store: Store, state: StateDir, registry: Registry, api: ApiCon
         now = time.time()
         return {c.did: node_summary(c, now) for c in registry.nodes()}
 
-    ops = AdminOps(store, state.static_public, lambda: tunnel_url, live)
+    key = static_key if static_key is not None else state.static_key()
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)  # a cluster's, if shared
+    ops = AdminOps(store, lambda: public, lambda: tunnel_url, live)
     return AdminContext(ops, keys, registry, api.forget_keys, gateway.close_revoked,
                         traffic=traffic)
 

@@ -32,7 +32,7 @@ from coordinator.admin_keys import ADMIN_KEY_FILE, read_admin_key
 from coordinator.admin_ops import Admin, AdminOps
 from coordinator.errors import CoordinatorError
 from coordinator.live import LIVE_FILE, read_live
-from coordinator.state import DB_FILE, DB_URL_ENV, StateDir
+from coordinator.state import DB_FILE, StateDir
 from coordinator.store import Store
 
 CONFIG_ENV = "MESHGATE_ADMIN_CONFIG"
@@ -158,8 +158,9 @@ class RemoteAdmin:
 
 def existing_state(state_dir: Path) -> StateDir:
     """The state dir of a coordinator that has run here; never creates one."""
-    uses_file = not os.environ.get(DB_URL_ENV)
-    if not state_dir.is_dir() or (uses_file and not (state_dir / DB_FILE).exists()):
+    default_file = f"sqlite:///{(state_dir / DB_FILE).resolve()}"
+    if not state_dir.is_dir() or (StateDir(state_dir).db_url == default_file
+                                  and not (state_dir / DB_FILE).exists()):
         raise CoordinatorError(
             f"no coordinator database in {state_dir}: check --state-dir (or "
             "$MESHGATE_COORDINATOR_STATE), or make one with 'meshgate-coordinator init "

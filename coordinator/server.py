@@ -23,6 +23,7 @@ from coordinator.cache import ResponseCache
 from coordinator.cloud import CloudClient
 from coordinator.config import CoordinatorConfig, resolve_config
 from coordinator.dispatch import Dispatcher
+from coordinator.engines import Engines, write_engines
 from coordinator.gateway import Gateway
 from coordinator.limits import KeyGate
 from coordinator.live import LIVE_FILE, write_live_loop
@@ -68,7 +69,8 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
 
 async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> None:
     config = config if config is not None else resolve_config(opts.config)
-    state = StateDir(opts.state_dir)
+    state = StateDir(opts.state_dir, db_url=opts.database_url)
+    write_engines(state.path, Engines(opts.database_url, opts.redis_url))  # for the admin CLI
     store = Store(state.db_url)
     clouds = {u.name: CloudClient(u) for u in config.upstreams}
     registry = Registry(c.view() for c in clouds.values())
@@ -77,8 +79,9 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
         log.info("config %s: %d upstream(s) %s, %d alias(es), %d task route(s)", config.path,
                  len(clouds), sorted(clouds), len(config.aliases), len(config.tasks))
     gateway = Gateway(store, registry)
+    static_key = state.static_key(opts.static_key_file)
     tunnel_server = await serve_tunnel(
-        opts.tunnel_host, opts.tunnel_port, state.static_key(), gateway.authorize, gateway.on_link
+        opts.tunnel_host, opts.tunnel_port, static_key, gateway.authorize, gateway.on_link,
     )
     tunnel_port = next(iter(tunnel_server.sockets)).getsockname()[1]
     advertised_host = "127.0.0.1" if opts.tunnel_host in ("0.0.0.0", "::", "") else opts.tunnel_host  # noqa: S104
@@ -90,7 +93,7 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     ctx = _context(store, registry, config, dispatcher, opts, traffic=traffic)
     gateway.on_request = functools.partial(relay, ctx)  # apps on nodes asking for others' models
     app = build_app(ctx)
-    admin = admin_context(store, state, registry, ctx, gateway=gateway,
+    admin = admin_context(store, state, registry, ctx, gateway=gateway, static_key=static_key,
                           tunnel_url=tunnel_url, traffic=traffic)
     mount_admin(app, admin)
     uv_config = uvicorn.Config(
