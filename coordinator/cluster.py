@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -37,10 +37,13 @@ from coordinator.metering import BudgetTracker, SpendQuery
 from coordinator.registry import Registry
 from coordinator.shared_state import PREFIX, RedisLink
 from coordinator.store import Store
-from tunnel import FrameType, TunnelError
+from tunnel import FrameType, Hello, TunnelError
+
+Authorize = Callable[[Hello, str], Awaitable[dict[str, Any]]]
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 CHANNEL = f"{PREFIX}events"
 LIVE_TTL_S = 10
 RESUBSCRIBE_S = 1.0
@@ -63,30 +66,36 @@ class SharedBudgets(BudgetTracker):
 
 
 class Cluster:
-    def __init__(self, store: Store, link: RedisLink, registry: Registry, *,
-                 tunnel_url: str, api_url: str) -> None:
+    def __init__(self, store: Store, link: RedisLink, registry: Registry) -> None:
         self.store = store
         self.link = link
         self.registry = registry
-        self.me = Member(tunnel_url, tunnel_url, api_url, time.time(), time.time())
-        self.member_urls: list[str] = [tunnel_url]
+        self.me = Member("", "", "", time.time(), time.time())
+        self.member_urls: list[str] = []
         self.forget_keys: Callable[[], None] = lambda: None
         self.close_revoked: Callable[[], Awaitable[Any]] | None = None
         self.budgets: SharedBudgets | None = None
         self.events_seen = 0
         self.event = asyncio.Event()
         """set after each event from the channel is handled (tests wait on it)"""
-        members_table.create_tables(store.engine)
-        store.handshake_scope = self.me.member_id
 
-    @classmethod
-    async def join(cls, store: Store, link: RedisLink, registry: Registry, *,
-                   tunnel_url: str, api_url: str) -> Cluster:
-        """This replica, in the members table already (if the database answers)."""
-        cluster = cls(store, link, registry, tunnel_url=tunnel_url, api_url=api_url)
-        with contextlib.suppress(SQLAlchemyError):  # the membership loop logs and retries
-            await cluster.heartbeat_once()
-        return cluster
+    async def join(self, tunnel_url: str, api_url: str) -> None:
+        """Become a member (id: the advertised tunnel URL), in the table already if the
+        database answers (else the membership loop logs and retries)."""
+        self.me = Member(tunnel_url, tunnel_url, api_url, time.time(), time.time())
+        self.member_urls = [tunnel_url]
+        self.store.handshake_scope = tunnel_url
+        await asyncio.to_thread(members_table.create_tables, self.store.engine)
+        with contextlib.suppress(SQLAlchemyError):
+            await self.heartbeat_once()
+
+    def authorizer(self, authorize: Authorize) -> Authorize:
+        """The tunnel's authorize hook, with the live member list in every accept map."""
+
+        async def with_members(hello: Hello, remote: str) -> dict[str, Any]:
+            return {**await authorize(hello, remote), **self.accept_extra()}
+
+        return with_members
 
     def start(self, forget_keys: Callable[[], None],
               close_revoked: Callable[[], Awaitable[Any]]) -> list[asyncio.Task[None]]:
@@ -147,6 +156,22 @@ class Cluster:
             await asyncio.to_thread(members_table.leave, self.store.engine, self.me.member_id)
 
     # -- events
+
+    def announcing(
+        self, forget_keys: Callable[[], None], close_revoked: Callable[[], Awaitable[T]]
+    ) -> tuple[Callable[[], None], Callable[[], Awaitable[T]]]:
+        """The admin API's revoke hooks, which also tell every other replica."""
+
+        def keys() -> None:
+            forget_keys()
+            self.publish("keys")
+
+        async def nodes() -> T:
+            result = await close_revoked()
+            self.publish("nodes")
+            return result
+
+        return keys, nodes
 
     def publish(self, kind: str, **fields: Any) -> None:
         message = json.dumps({"type": kind, "from": self.me.member_id, **fields})

@@ -131,11 +131,9 @@ def test_the_cache_keeps_working_in_memory_while_redis_is_down(
 
 async def test_events_reach_the_other_replicas(tmp_path: Path, redis_url: str) -> None:
     stores = [Store(f"sqlite:///{tmp_path / 'db'}") for _ in range(2)]
-    clusters = [
-        await Cluster.join(s, RedisLink(redis_url), Registry(), tunnel_url=f"ws://r{i}",
-                           api_url=f"http://r{i}")
-        for i, s in enumerate(stores)
-    ]
+    clusters = [Cluster(s, RedisLink(redis_url), Registry()) for s in stores]
+    for i, cluster in enumerate(clusters):
+        await cluster.join(f"ws://r{i}", f"http://r{i}")
     forgotten = [asyncio.Event(), asyncio.Event()]
     closed: list[int] = []
 
@@ -180,10 +178,10 @@ async def test_events_reach_the_other_replicas(tmp_path: Path, redis_url: str) -
 def test_a_replica_that_left_is_no_member(tmp_path: Path, redis_url: str) -> None:
     async def scenario() -> list[str]:
         store = Store(f"sqlite:///{tmp_path / 'db'}")
-        a = await Cluster.join(store, RedisLink(redis_url), Registry(), tunnel_url="ws://a",
-                               api_url="http://a")
-        b = await Cluster.join(store, RedisLink(redis_url), Registry(), tunnel_url="ws://b",
-                               api_url="http://b")
+        a, b = Cluster(store, RedisLink(redis_url), Registry()), Cluster(
+            store, RedisLink(redis_url), Registry())
+        await a.join("ws://a", "http://a")
+        await b.join("ws://b", "http://b")
         await b.stop()
         await a.heartbeat_once()
         await a.stop()
