@@ -373,9 +373,33 @@ def exit_with_parent(period: float = 1.0) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def without_extra_buffer_types() -> None:
+    """Load weights into plain CPU buffers, not ggml's "extra" (AMX/repacked) ones.
+
+    On hosts whose CPUID advertises AMX but whose hypervisor does not run it (the
+    Firecracker VMs we test on), ggml's AMX matmul dies with SIGILL on the first
+    batch of more than one token: the runner vanishes mid-request. Plain buffers
+    use AVX2/AVX-512 and work everywhere. ``MESHGATE_LLAMA_EXTRA_BUFTS=1`` keeps
+    ggml's default. (llama-cpp-python has no argument for it, so the default
+    params it reads are patched in this one-model process.)
+    """
+    if os.environ.get("MESHGATE_LLAMA_EXTRA_BUFTS") == "1":
+        return
+    lowlevel = llama_cpp.llama_cpp
+    default = lowlevel.llama_model_default_params
+
+    def params() -> Any:
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    lowlevel.llama_model_default_params = params
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     exit_with_parent()
+    without_extra_buffer_types()
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
