@@ -241,11 +241,7 @@ class Pipeline:
                     data, usage = await runtime.embed(body)
                 else:
                     data, usage = await runtime.complete(endpoint, body)
-            if usage is None:
-                meter.chunk(data)  # the runtime did not say: read it from the answer, once
-            else:
-                meter.chunk(b"")
-                meter.usage = usage
+            meter.usage = usage if usage is not None else usage_of(data)  # read once
             status = 200
             return data, meter.usage
         except Exception as exc:  # noqa: BLE001
