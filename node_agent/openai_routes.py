@@ -1,14 +1,15 @@
 """OpenAI's API on the node's local port: framing only (JSON answers, SSE streams).
 
-``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings``
-read the body once, validate it with :func:`meshgate.openai.parse_request`
-and hand the original bytes to the :class:`~node_agent.pipeline.Pipeline`
-(local runtime or mesh). A stream is server-sent events ending in
-``data: [DONE]``; its usage chunk (empty ``choices``) is sent only when the
-client set ``stream_options.include_usage``, as OpenAI does. An error after a
-stream started leaves as a final error event, never as a silently shortened
-stream. ``GET /v1/models`` lists what this node serves and
-``GET /v1/models/{id}`` answers one model or a 404 in OpenAI's shape.
+``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings`` read
+the body once, validate it against OpenAI's schema with
+:func:`meshgate.openai.parse` (decoded once in this process) and hand the
+original bytes to the :class:`~node_agent.pipeline.Pipeline` (local runtime or
+mesh). A stream is server-sent events ending in ``data: [DONE]``; its usage
+chunk (empty ``choices``) is sent only when the client set
+``stream_options.include_usage``, as OpenAI does. An error after a stream
+started leaves as a final error event, never as a silently shortened stream.
+``GET /v1/models`` lists what this node serves and ``GET /v1/models/{id}``
+answers one model or a 404 in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from meshgate.openai import (
     SSE_DONE,
     OpenAIError,
     model_list,
-    parse_request,
+    parse,
     sse_error,
     unknown_model,
 )
@@ -49,21 +50,15 @@ async def _sse(streamed: Streamed) -> AsyncIterator[bytes]:
     yield SSE_DONE
 
 
-def _include_usage(body: dict[str, Any]) -> bool:
-    options = body.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
-
-
 def _answer(pipeline: Pipeline, endpoint: str) -> Callable[[Request], Any]:
     async def handler(request: Request) -> Response:
         raw = await read_body(request)
-        body = parse_request(raw, endpoint)
-        model = str(body["model"])
-        if not body.get("stream"):
-            data, _ = await pipeline.complete(endpoint, model, raw, via="proxy")
+        parsed = parse(raw, endpoint)
+        if not parsed.stream:
+            data, _ = await pipeline.complete(endpoint, parsed.model, raw, via="proxy")
             return Response(data, media_type=JSON)
         streamed = await pipeline.stream(
-            endpoint, model, raw, via="proxy", include_usage=_include_usage(body)
+            endpoint, parsed.model, raw, via="proxy", include_usage=parsed.include_usage
         )
         return WatchedResponse(
             _sse(streamed), streamed.aclose, media_type="text/event-stream", headers=SSE_HEADERS

@@ -31,7 +31,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
-from meshgate.openai import OpenAIError
+from meshgate.openai import OpenAIError, context_exceeded
 from node_agent.metrics import NodeMetrics, RequestTrack
 from node_agent.models import ModelManager
 from node_agent.runtimes.base import Runtime, Usage, usage_of
@@ -72,14 +72,8 @@ def map_error(exc: BaseException, model: str) -> OpenAIError:
         found = _OVER_CONTEXT.search(exc.message) if exc.status == 400 else None
         if found is not None and exc.code != "context_length_exceeded":
             asked, window = int(found.group(1)), int(found.group(2))
-            return OpenAIError(
-                400,
-                f"This model's maximum context length is {window} tokens. However, you "
-                f"requested {asked} tokens (prompt and completion). Please reduce the length "
-                "of the messages or the completion.",
-                code="context_length_exceeded",
-                param="messages",
-                hop=exc.hop or "runner",
+            return context_exceeded(
+                window, asked, None, param=exc.param or "messages", hop=exc.hop or "runner"
             )
         return exc
     return OpenAIError(502, f"runtime for {model} failed: {exc!r}"[:500], hop="node")
