@@ -78,8 +78,13 @@ def test_chat_answers_with_text_and_usage(client: openai.OpenAI) -> None:
 def test_streaming_chat_ends_with_one_usage_chunk_that_counts_the_tokens(
     client: openai.OpenAI, node: Node,
 ) -> None:
+    unasked = list(client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=10, stream=True, temperature=0,
+    ))
+    assert all(c.choices and c.usage is None for c in unasked)  # the docs' plain loop works
     chunks = list(client.chat.completions.create(
         model=MODEL, messages=HELLO, max_tokens=10, stream=True, temperature=0,
+        stream_options={"include_usage": True},
     ))
     pieces = [c.choices[0].delta.content for c in chunks
               if c.choices and c.choices[0].delta.content]
@@ -101,7 +106,8 @@ def test_completions_stream_and_not(client: openai.OpenAI) -> None:
     assert reply.usage is not None
     assert reply.usage.completion_tokens > 0
     chunks = list(client.completions.create(model=MODEL, prompt="The capital of France is",
-                                            max_tokens=6, temperature=0, stream=True))
+                                            max_tokens=6, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == reply.choices[0].text
     assert chunks[-1].usage == reply.usage
 
