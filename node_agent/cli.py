@@ -11,7 +11,12 @@ import typer
 
 from node_agent.state import Enrollment, NodeState
 
-app = typer.Typer(help="meshgate edge-node daemon", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="meshgate edge-node daemon",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,  # rich and pygments cost the idle daemon ~10 MB
+)
 
 STATE_DIR = typer.Option(
     None,

@@ -27,7 +27,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import uvicorn
@@ -42,11 +42,13 @@ from node_agent.models import ModelManager, model_name, parse_model_spec
 from node_agent.nvml import NvmlSource
 from node_agent.pipeline import Pipeline
 from node_agent.proxy import build_app
-from node_agent.runtimes.llama.supervisor import LlamaRunner
 from node_agent.runtimes.mesh import MeshRuntime
-from node_agent.runtimes.ollama.host import OllamaHost
 from node_agent.state import NodeState
 from node_agent.telemetry import TelemetrySampler, TelemetryService
+
+if TYPE_CHECKING:
+    from node_agent.runtimes.llama.supervisor import LlamaRunner
+    from node_agent.runtimes.ollama.host import OllamaHost
 
 __all__ = ["NodeOptions", "build_manager", "run_node", "serve"]
 
@@ -133,6 +135,12 @@ def build_manager(
     return manager, runners
 
 
+def _ollama_host(url: str) -> OllamaHost:
+    from node_agent.runtimes.ollama.host import OllamaHost  # deferred: only with --ollama
+
+    return OllamaHost(url)
+
+
 def _compact(f: ModelFile) -> dict[str, Any]:
     d = f.to_dict()
     return {k: d[k] for k in _FILE_FIELDS}
@@ -152,7 +160,7 @@ class NodeParts:
         self._served_from_dir: dict[str, str] = {}  # model-dir file path -> model name
         self.link: CoordinatorLink | None = None
         self.nvml = NvmlSource(load_nvml_module())
-        self.ollama = OllamaHost(opts.ollama) if opts.ollama else None
+        self.ollama = _ollama_host(opts.ollama) if opts.ollama else None
         self.metrics: NodeMetrics
         self.telemetry: TelemetryService
 

@@ -30,7 +30,10 @@ from pathlib import Path
 import httpx
 
 from meshgate.openai import OpenAIError
+from node_agent.runtimes.base import RunnerError
 from node_agent.runtimes.openai_http import OpenAIHttpRuntime
+
+__all__ = ["LlamaRunner", "Runner", "RunnerError", "backoff_delays", "socket_path"]
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +50,6 @@ def _child_env() -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": f"{SOURCE_ROOT}{os.pathsep}{path}" if path else SOURCE_ROOT,
     }
-
-
-class RunnerError(Exception):
-    """A runner process that would not start."""
 
 
 def backoff_delays(first: float = 0.5, cap: float = 30.0) -> Iterator[float]:
