@@ -14,7 +14,6 @@ import logging
 import time
 from typing import Any
 
-import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from coordinator.api import ApiContext, build_app
@@ -32,6 +31,8 @@ from coordinator.registry import Registry
 from coordinator.relay import relay
 from coordinator.state import ServeOptions, StateDir
 from coordinator.store import Store, UsageRecord
+from meshgate.httpserver import COORDINATOR_LIMITS, server_config
+from meshgate.logflood import install_flood_filter
 from meshgate.serving import DaemonServer
 from tunnel import serve as serve_tunnel
 
@@ -83,8 +84,9 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     log.info("tunnel endpoint on %s (advertised as %s)", tunnel_port, tunnel_url)
     ctx = _context(store, registry, config, dispatcher, opts)
     gateway.on_request = functools.partial(relay, ctx)  # apps on nodes asking for others' models
-    uv_config = uvicorn.Config(
+    uv_config = server_config(  # bounded: timeouts, connection cap (meshgate/httpserver.py)
         build_app(ctx),
+        COORDINATOR_LIMITS,
         host=opts.api_host,
         port=opts.api_port,
         log_level=opts.log_level.lower(),
@@ -92,6 +94,7 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
         lifespan="off",
         log_config=None if opts.log_format == "json" else LOGGING_CONFIG,  # JSON: ours
     )
+    install_flood_filter()  # after uvicorn set up its loggers
     server = DaemonServer(uv_config)
     background = [
         asyncio.create_task(gateway.watch_revocations(), name="revocations"),
