@@ -16,11 +16,13 @@ from typing import Any
 
 from uvicorn.config import LOGGING_CONFIG
 
+from coordinator.admin_api import admin_context, mount_admin, watch_key_changes
 from coordinator.api import ApiContext, build_app
 from coordinator.cache import ResponseCache
 from coordinator.cloud import CloudClient
 from coordinator.config import CoordinatorConfig, resolve_config
 from coordinator.dispatch import Dispatcher
+from coordinator.engines import Engines, write_engines
 from coordinator.gateway import Gateway
 from coordinator.limits import KeyGate
 from coordinator.live import LIVE_FILE, write_live_loop
@@ -31,6 +33,7 @@ from coordinator.registry import Registry
 from coordinator.relay import relay
 from coordinator.state import ServeOptions, StateDir
 from coordinator.store import Store, UsageRecord
+from coordinator.traffic import Traffic
 from meshgate.httpserver import COORDINATOR_LIMITS, server_config
 from meshgate.logflood import install_flood_filter
 from meshgate.serving import DaemonServer
@@ -40,7 +43,8 @@ log = logging.getLogger(__name__)
 
 
 def _context(store: Store, registry: Registry, config: CoordinatorConfig,
-             dispatcher: Dispatcher, opts: ServeOptions | None = None) -> ApiContext:
+             dispatcher: Dispatcher, opts: ServeOptions | None = None, *,
+             traffic: Traffic | None = None) -> ApiContext:
     gate = KeyGate(budgets=BudgetTracker(store.spend_by_key))
 
     def verify_key(plaintext: str) -> str | None:
@@ -54,6 +58,8 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
         return {m for node in store.list_nodes() if node.revoked_at is None for m in node.models}
 
     def record_usage(row: dict[str, Any]) -> None:
+        if traffic is not None:
+            traffic.add(row)  # the web pane's and `top`'s last hour
         store.record_usage(UsageRecord(**row, created_at=time.time()))
 
     cache = (ResponseCache(ttl_s=opts.cache_ttl_s, max_entries=opts.cache_entries)
@@ -64,7 +70,8 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
 
 async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> None:
     config = config if config is not None else resolve_config(opts.config)
-    state = StateDir(opts.state_dir)
+    state = StateDir(opts.state_dir, db_url=opts.database_url)
+    write_engines(state.path, Engines(opts.database_url, opts.redis_url))  # for the admin CLI
     store = Store(state.db_url)
     clouds = {u.name: CloudClient(u) for u in config.upstreams}
     registry = Registry(c.view() for c in clouds.values())
@@ -73,8 +80,9 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
         log.info("config %s: %d upstream(s) %s, %d alias(es), %d task route(s)", config.path,
                  len(clouds), sorted(clouds), len(config.aliases), len(config.tasks))
     gateway = Gateway(store, registry)
+    static_key = state.static_key(opts.static_key_file)
     tunnel_server = await serve_tunnel(
-        opts.tunnel_host, opts.tunnel_port, state.static_key(), gateway.authorize, gateway.on_link
+        opts.tunnel_host, opts.tunnel_port, static_key, gateway.authorize, gateway.on_link,
     )
     tunnel_port = next(iter(tunnel_server.sockets)).getsockname()[1]
     advertised_host = "127.0.0.1" if opts.tunnel_host in ("0.0.0.0", "::", "") else opts.tunnel_host  # noqa: S104
@@ -82,10 +90,15 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     api_host = "127.0.0.1" if opts.api_host in ("0.0.0.0", "::", "") else opts.api_host  # noqa: S104
     state.write_advertise(tunnel_url=tunnel_url, api_url=f"http://{api_host}:{opts.api_port}")
     log.info("tunnel endpoint on %s (advertised as %s)", tunnel_port, tunnel_url)
-    ctx = _context(store, registry, config, dispatcher, opts)
+    traffic = Traffic()
+    ctx = _context(store, registry, config, dispatcher, opts, traffic=traffic)
     gateway.on_request = functools.partial(relay, ctx)  # apps on nodes asking for others' models
+    app = build_app(ctx)
+    admin = admin_context(store, state, registry, ctx, gateway=gateway, static_key=static_key,
+                          tunnel_url=tunnel_url, traffic=traffic)
+    mount_admin(app, admin)
     uv_config = server_config(  # bounded: timeouts, connection cap (meshgate/httpserver.py)
-        build_app(ctx),
+        app,
         COORDINATOR_LIMITS,
         host=opts.api_host,
         port=opts.api_port,
@@ -99,6 +112,7 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     background = [
         asyncio.create_task(gateway.watch_revocations(), name="revocations"),
         asyncio.create_task(write_live_loop(state.path / LIVE_FILE, registry), name="live"),
+        asyncio.create_task(watch_key_changes(store, ctx.forget_keys), name="key-changes"),
     ]
     try:
         await server.serve()
