@@ -130,6 +130,7 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     )
     install_flood_filter()  # after uvicorn set up its loggers
     server = DaemonServer(uv_config)
+    admin.stopping = lambda: server.should_exit  # the pane's live streams end with the server
     background = [
         asyncio.create_task(gateway.watch_revocations(), name="revocations"),
         asyncio.create_task(write_live_loop(state.path / LIVE_FILE, registry), name="live"),
