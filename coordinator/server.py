@@ -38,7 +38,6 @@ from coordinator.state import ServeOptions, StateDir
 from coordinator.store import Store, UsageRecord
 from coordinator.traffic import Traffic
 from meshgate.httpserver import COORDINATOR_LIMITS, server_config
-from meshgate.logflood import install_flood_filter
 from meshgate.serving import DaemonServer
 from tunnel import serve as serve_tunnel
 
@@ -128,7 +127,6 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
         lifespan="off",
         log_config=None if opts.log_format == "json" else LOGGING_CONFIG,  # JSON: ours
     )
-    install_flood_filter()  # after uvicorn set up its loggers
     server = DaemonServer(uv_config)
     admin.stopping = lambda: server.should_exit  # the pane's live streams end with the server
     background = [

@@ -23,7 +23,8 @@ own h11 protocol with three bounds added (numbers in :class:`HttpLimits`):
 The cap is also cut to half the process's open-file limit
 (:func:`fit_to_fd_limit`), leaving the other half to tunnels, the store,
 runners and threads; the shipped systemd units raise ``LimitNOFILE``.
-``server_config`` builds a ``uvicorn.Config`` with all of it; the environment
+``server_config`` builds a ``uvicorn.Config`` with all of it, and puts the log
+flood filter (meshgate/logflood.py) on every log handler; the environment
 variables ``MESHGATE_HTTP_HEAD_TIMEOUT_S``, ``MESHGATE_HTTP_BODY_TIMEOUT_S`` and
 ``MESHGATE_HTTP_MAX_CONNECTIONS`` override the defaults.
 """
@@ -40,6 +41,8 @@ from typing import Any
 import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from meshgate.logflood import install_flood_filter
 
 __all__ = ["COORDINATOR_LIMITS", "NODE_LIMITS", "GuardedH11Protocol", "HttpLimits",
            "fit_to_fd_limit", "raise_fd_limit", "server_config"]
@@ -210,10 +213,12 @@ def server_config(app: Any, limits: HttpLimits | None = None, **options: Any) ->
     limits = fit_to_fd_limit(from_env(limits or HttpLimits()), raise_fd_limit())
     protocol = type("GuardedH11", (GuardedH11Protocol,), {"limits": limits, "waiting": {}})
     log.debug("HTTP limits: %s", limits)
-    return uvicorn.Config(
+    config = uvicorn.Config(
         app,
         http=protocol,
         timeout_keep_alive=int(max(1, limits.keep_alive_s)),
         h11_max_incomplete_event_size=limits.max_head_bytes,
         **options,
     )
+    install_flood_filter()  # on every handler, uvicorn's included (set up just above)
+    return config

@@ -32,7 +32,6 @@ from typing import Any
 import psutil
 
 from meshgate.httpserver import NODE_LIMITS, server_config
-from meshgate.logflood import install_flood_filter
 from meshgate.openai import OpenAIError
 from meshgate.serving import DaemonServer
 from node_agent.config import NodeOptions
@@ -363,7 +362,6 @@ async def serve(opts: NodeOptions) -> None:
         access_log=False,
         lifespan="off",
     )
-    install_flood_filter()  # after uvicorn set up its loggers
     server = DaemonServer(config)
     tasks = [
         asyncio.create_task(parts.telemetry.run(), name="telemetry"),
