@@ -456,7 +456,25 @@ def _usage_total(totals: list[UsageTotal]) -> dict[str, Any]:
         "avg_latency_ms": (sum(t.avg_latency_ms * t.requests for t in totals) / requests
                            if requests else 0.0),
         "cost": sum(t.cost for t in totals),
+        **_energy_total(totals),
     }
+
+
+def _energy_total(totals: list[UsageTotal]) -> dict[str, Any]:
+    """Joules over the rows that measured energy (None: none did), and J per 1k tokens."""
+    measured = [t for t in totals if t.joules is not None]
+    joules = sum(t.joules or 0.0 for t in measured) if measured else None
+    tokens = sum(t.joules_tokens for t in measured)
+    costs = [t.energy_cost for t in totals if t.energy_cost is not None]
+    return {"joules": joules,
+            "joules_per_1k_tokens": joules / tokens * 1000 if joules is not None and tokens
+            else None,
+            "energy_cost": sum(costs) if costs else None}
+
+
+def _energy_cells(joules: float | None, per_1k: float | None) -> list[str]:
+    return ["-" if joules is None else f"{joules:.1f}",
+            "-" if per_1k is None else f"{per_1k:.1f}"]
 
 
 @app.command()
@@ -468,8 +486,8 @@ def usage(
     as_json: bool = JSON_OUT,
     as_csv: bool = typer.Option(False, "--csv", help="CSV on stdout, the last row the total."),
 ) -> None:
-    """Requests, tokens, latency and cost from the usage ledger, per key, node or model,
-    with the total."""
+    """Requests, tokens, latency, cost and energy (joules, J per 1k tokens; '-' where the
+    node could not measure it) from the usage ledger, per key, node or model, with the total."""
     if by not in ("key", "node", "model"):
         raise _fail(f"bad --by {by!r}: use key, node or model", 2)
     group: UsageGroup = "key" if by == "key" else "node" if by == "node" else "model"
@@ -481,26 +499,31 @@ def usage(
         totals = store.usage_totals(group, start)
         names = {k.key_id: k.name for k in store.list_keys()} if group == "key" else {}
     rows = [{by: t.group, **({"name": names.get(t.group, "-")} if names else {}),
-             **{k: v for k, v in asdict(t).items() if k != "group"}} for t in totals]
+             **{k: v for k, v in asdict(t).items() if k not in ("group", "joules_tokens")},
+             "joules_per_1k_tokens": t.joules_per_1k_tokens} for t in totals]
     total = _usage_total(totals)
     if as_json:
         typer.echo(json.dumps({"by": by, "since": iso(start) if start is not None else None,
                                "groups": rows, "total": total}, indent=2))
     elif as_csv:
         header = [by, *(["name"] if names else []), "requests", "ok", "prompt_tokens",
-                  "completion_tokens", "avg_latency_ms", "cost"]
+                  "completion_tokens", "avg_latency_ms", "cost", "joules",
+                  "joules_per_1k_tokens", "energy_cost"]
         writer = csv.DictWriter(sys.stdout, fieldnames=header, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         writer.writerow({by: "TOTAL", **({"name": ""} if names else {}), **total})
     else:
-        _table([by.upper(), "REQUESTS", "OK", "PROMPT", "COMPLETION", "AVG MS", "COST"], [
+        _table([by.upper(), "REQUESTS", "OK", "PROMPT", "COMPLETION", "AVG MS", "COST", "J",
+                "J/1K TOK"], [
             *([t.group + (f" ({names[t.group]})" if t.group in names else ""), str(t.requests),
                str(t.ok), str(t.prompt_tokens), str(t.completion_tokens),
-               f"{t.avg_latency_ms:.0f}", f"{t.cost:.4f}"] for t in totals),
+               f"{t.avg_latency_ms:.0f}", f"{t.cost:.4f}",
+               *_energy_cells(t.joules, t.joules_per_1k_tokens)] for t in totals),
             ["TOTAL", str(total["requests"]), str(total["ok"]), str(total["prompt_tokens"]),
              str(total["completion_tokens"]), f"{total['avg_latency_ms']:.0f}",
-             f"{total['cost']:.4f}"],
+             f"{total['cost']:.4f}",
+             *_energy_cells(total["joules"], total["joules_per_1k_tokens"])],
         ])
 
 

@@ -31,7 +31,7 @@ from coordinator.config import DispatchConfig
 from coordinator.registry import NodeConn, Registry
 from coordinator.scheduler import Candidate, Kind, Request, schedule
 from meshgate.openai import OpenAIError
-from meshgate.protocol import OpenRequest, error_of
+from meshgate.protocol import EnergyReport, OpenRequest, error_of
 from tunnel import ClosedError, Frame, FrameType, Stream, TunnelError
 
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ class Served:
         self.done = False
         self.outcome = "streaming"
         self.cost = 0.0
+        self.energy = EnergyReport()  # what the node metered (END frame); clouds: not measured
         self._released = False
 
     @property
@@ -127,6 +128,9 @@ class Served:
             "outcome": self.outcome,
             "cost": self.cost,
             "route": route,
+            "joules": self.energy.joules,
+            "energy_estimated": self.energy.estimated if self.energy.joules is not None else None,
+            "energy_cost": self.energy.cost,
         }
 
 
@@ -185,6 +189,7 @@ class NodeAttempt(Served):
         body = frame.body if isinstance(frame.body, dict) else {}
         usage = body.get("usage")
         self.usage = usage if isinstance(usage, dict) else None
+        self.energy = EnergyReport.from_wire(body)
         self.done = True
         self.outcome = "ok"
         self.node.served += 1

@@ -24,6 +24,7 @@ from coordinator.config import CoordinatorConfig, resolve_config
 from coordinator.dispatch import Dispatcher
 from coordinator.engines import Engines, write_engines
 from coordinator.gateway import Gateway
+from coordinator.ingest import node_streams
 from coordinator.limits import KeyGate
 from coordinator.live import LIVE_FILE, write_live_loop
 from coordinator.logs import setup_json_logging
@@ -85,7 +86,8 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     state.write_advertise(tunnel_url=tunnel_url, api_url=f"http://{api_host}:{opts.api_port}")
     log.info("tunnel endpoint on %s (advertised as %s)", tunnel_port, tunnel_url)
     ctx = _context(store, registry, config, dispatcher, opts)
-    gateway.on_request = functools.partial(relay, ctx)  # apps on nodes asking for others' models
+    # apps on nodes asking for others' models; nodes uploading what they served offline
+    gateway.on_request = node_streams(store, ctx.metrics, functools.partial(relay, ctx))
     uv_config = uvicorn.Config(
         build_app(ctx),
         host=opts.api_host,
