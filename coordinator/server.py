@@ -17,6 +17,7 @@ from typing import Any
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
+from coordinator.admin_api import admin_context, mount_admin, watch_key_changes
 from coordinator.api import ApiContext, build_app
 from coordinator.cache import ResponseCache
 from coordinator.cloud import CloudClient
@@ -34,6 +35,7 @@ from coordinator.registry import Registry
 from coordinator.relay import relay
 from coordinator.state import ServeOptions, StateDir
 from coordinator.store import Store, UsageRecord
+from coordinator.traffic import Traffic
 from meshgate.serving import DaemonServer
 from tunnel import serve as serve_tunnel
 
@@ -41,7 +43,8 @@ log = logging.getLogger(__name__)
 
 
 def _context(store: Store, registry: Registry, config: CoordinatorConfig,
-             dispatcher: Dispatcher, opts: ServeOptions | None = None) -> ApiContext:
+             dispatcher: Dispatcher, opts: ServeOptions | None = None, *,
+             traffic: Traffic | None = None) -> ApiContext:
     gate = KeyGate(budgets=BudgetTracker(store.spend_by_key))
 
     def verify_key(plaintext: str) -> str | None:
@@ -55,6 +58,8 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
         return {m for node in store.list_nodes() if node.revoked_at is None for m in node.models}
 
     def record_usage(row: dict[str, Any]) -> None:
+        if traffic is not None:
+            traffic.add(row)  # the web pane's and `top`'s last hour
         store.record_usage(UsageRecord(**row, created_at=time.time()))
 
     cache = (ResponseCache(ttl_s=opts.cache_ttl_s, max_entries=opts.cache_entries)
@@ -75,9 +80,9 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
         log.info("config %s: %d upstream(s) %s, %d alias(es), %d task route(s)", config.path,
                  len(clouds), sorted(clouds), len(config.aliases), len(config.tasks))
     gateway = Gateway(store, registry)
+    static_key = state.static_key(opts.static_key_file)
     tunnel_server = await serve_tunnel(
-        opts.tunnel_host, opts.tunnel_port, state.static_key(opts.static_key_file),
-        gateway.authorize, gateway.on_link,
+        opts.tunnel_host, opts.tunnel_port, static_key, gateway.authorize, gateway.on_link,
     )
     tunnel_port = next(iter(tunnel_server.sockets)).getsockname()[1]
     advertised_host = "127.0.0.1" if opts.tunnel_host in ("0.0.0.0", "::", "") else opts.tunnel_host  # noqa: S104
@@ -85,11 +90,16 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     api_host = "127.0.0.1" if opts.api_host in ("0.0.0.0", "::", "") else opts.api_host  # noqa: S104
     state.write_advertise(tunnel_url=tunnel_url, api_url=f"http://{api_host}:{opts.api_port}")
     log.info("tunnel endpoint on %s (advertised as %s)", tunnel_port, tunnel_url)
-    ctx = _context(store, registry, config, dispatcher, opts)
+    traffic = Traffic()
+    ctx = _context(store, registry, config, dispatcher, opts, traffic=traffic)
     # apps on nodes asking for others' models; nodes uploading what they served offline
     gateway.on_request = node_streams(store, ctx.metrics, functools.partial(relay, ctx))
+    app = build_app(ctx)
+    admin = admin_context(store, state, registry, ctx, gateway=gateway, static_key=static_key,
+                          tunnel_url=tunnel_url, traffic=traffic)
+    mount_admin(app, admin)
     uv_config = uvicorn.Config(
-        build_app(ctx),
+        app,
         host=opts.api_host,
         port=opts.api_port,
         log_level=opts.log_level.lower(),
@@ -101,6 +111,7 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     background = [
         asyncio.create_task(gateway.watch_revocations(), name="revocations"),
         asyncio.create_task(write_live_loop(state.path / LIVE_FILE, registry), name="live"),
+        asyncio.create_task(watch_key_changes(store, ctx.forget_keys), name="key-changes"),
     ]
     try:
         await server.serve()

@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from node_agent.accounting import Accounting
 from node_agent.energy import Energy
-from node_agent.runtime import usage_of
+from node_agent.runtimes.base import usage_of
 
 __all__ = ["CONTENT_TYPE_LATEST", "NodeMetrics", "RequestTrack"]
 
