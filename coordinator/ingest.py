@@ -21,6 +21,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from coordinator.errors import CoordinatorError
 from coordinator.metrics import Metrics
 from coordinator.registry import NodeConn
 from coordinator.store import Store, UsageRecord
@@ -104,7 +107,13 @@ async def ingest(
         except ValueError as exc:
             rejected += 1
             log.warning("node %s: journal row left out: %s", node.did, exc)
-    new = await asyncio.to_thread(store.ingest_usage, records)
+    try:
+        new = await asyncio.to_thread(store.ingest_usage, records)
+    except (SQLAlchemyError, CoordinatorError, OSError) as exc:  # the database is down
+        log.warning("node %s: journal upload not stored: %r", node.did, exc)
+        await stream.send(FrameType.ERROR, error_body(
+            503, "the ledger cannot take rows now; keep them and retry", hop="coordinator"))
+        return
     if metrics is not None:
         for record in new:
             metrics.count_energy(record.model, OFFLINE_ROUTE, record.joules)
