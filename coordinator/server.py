@@ -129,6 +129,7 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
         log_config=None if opts.log_format == "json" else LOGGING_CONFIG,  # JSON: ours
     )
     server = DaemonServer(uv_config)
+    admin.stopping = lambda: server.should_exit  # the pane's live streams end with the server
     background = [
         asyncio.create_task(gateway.watch_revocations(), name="revocations"),
         asyncio.create_task(write_live_loop(state.path / LIVE_FILE, registry), name="live"),
