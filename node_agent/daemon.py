@@ -40,6 +40,7 @@ from node_agent.energy_meter import EnergyMeter, NvmlEnergy
 from node_agent.inventory import Inventory, ModelFile, ollama_entry, read_model_file
 from node_agent.journal import UsageJournal
 from node_agent.link import CoordinatorLink
+from node_agent.members import MemberLinks
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager, model_name, parse_model_spec
 from node_agent.nvml import NvmlSource
@@ -153,7 +154,7 @@ class NodeParts:
         self.manager: ModelManager
         self.runners: dict[str, LlamaRunner] = {}
         self._served_from_dir: dict[str, str] = {}  # model-dir file path -> model name
-        self.link: CoordinatorLink | None = None
+        self.link: MemberLinks | None = None
         self.nvml = NvmlSource(load_nvml_module())
         self.ollama = OllamaHost(opts.ollama) if opts.ollama else None
         self.metrics: NodeMetrics
@@ -169,7 +170,7 @@ class NodeParts:
 
     def online(self) -> bool:
         """Whether the coordinator can hear about requests now (True: no coordinator at all)."""
-        return self.link is None or self.link.connected.is_set()
+        return self.link is None or self.link.connected
 
     async def setup(self) -> None:
         self.files = await asyncio.to_thread(self.inventory.scan)
@@ -393,16 +394,21 @@ async def serve(opts: NodeOptions) -> None:
     else:
         if opts.coordinator_url:
             enrollment = dataclasses.replace(enrollment, url=opts.coordinator_url)
-        parts.link = CoordinatorLink(
-            identity,
-            enrollment,
-            manager,
-            telemetry=parts.latest,
-            telemetry_period=opts.telemetry_period,
-            inventory=parts.inventory_body,
-            metrics=parts.metrics,
-            journal=parts.journal,
-        )
+        def member_link(url: str, on_members: Callable[[Any], None]) -> CoordinatorLink:
+            link = CoordinatorLink(
+                identity,
+                dataclasses.replace(enrollment, url=url),
+                manager,
+                telemetry=parts.latest,
+                telemetry_period=opts.telemetry_period,
+                inventory=parts.inventory_body,
+                metrics=parts.metrics,
+                journal=parts.journal,  # any replica takes the upload (one at a time)
+            )
+            link.on_members = on_members
+            return link
+
+        parts.link = MemberLinks(member_link, enrollment.url)  # one link per replica
         tasks.append(asyncio.create_task(parts.link.run(), name="link"))
     try:
         await server.serve()

@@ -15,7 +15,7 @@ Rows are sent (:meth:`pending`) and confirmed (:meth:`ack`) in order. When
 every row is confirmed both files go (the offset file first: a crash between
 the two leaves the rows to be sent again, which the coordinator ignores, as
 it keys them by request id; the other order could skip rows written later).
-Not thread-safe: one event loop appends and uploads.
+Not thread-safe: one event loop appends and uploads; uploaders take ``uploading``.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ class UsageJournal:
         self.dropped = 0
         self.appended = 0
         self._rows = asyncio.Event()
+        #: held from `pending` to `ack` by an uploader: one upload at a time (a node has a
+        #: link per coordinator replica), so no confirmation can cover rows it did not send
+        self.uploading = asyncio.Lock()
         directory.mkdir(parents=True, exist_ok=True)
         self._size = self._repair()
         self._acked = min(self._read_acked(), self._size)

@@ -28,15 +28,16 @@ RETRY_S = 5.0
 
 async def upload_batch(journal: UsageJournal, mux: Mux, limit: int = MAX_JOURNAL_ROWS) -> int:
     """Send one batch and confirm it; returns how many rows were confirmed."""
-    rows, offset = journal.pending(limit)
-    if not rows:
-        journal.ack(offset)  # only unreadable lines were left
-        return 0
-    stream = await mux.open({JOURNAL_KEY: rows})
-    frame = await stream.recv()
-    if frame.type != FrameType.END:
-        raise error_of(frame.body, hop="coordinator", default="journal upload refused")
-    journal.ack(offset)
+    async with journal.uploading:
+        rows, offset = journal.pending(limit)
+        if not rows:
+            journal.ack(offset)  # nothing, or only unreadable lines, was left
+            return 0
+        stream = await mux.open({JOURNAL_KEY: rows})
+        frame = await stream.recv()
+        if frame.type != FrameType.END:
+            raise error_of(frame.body, hop="coordinator", default="journal upload refused")
+        journal.ack(offset)
     body = frame.body if isinstance(frame.body, dict) else {}
     log.info("usage journal: %d row(s) uploaded (%s new, %s already in the ledger)",
              len(rows), body.get("ingested"), body.get("duplicates"))

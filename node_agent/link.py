@@ -73,6 +73,8 @@ class CoordinatorLink:
         self._commands: set[asyncio.Task[None]] = set()
         self._mux: Mux | None = None
         self._stopping = False
+        #: A cluster's member list (accept map, `{"op": "members"}`): node_agent/members.py.
+        self.on_members: Callable[[Any], None] | None = None
 
     async def run(self) -> None:
         """Keep the link up until cancelled or refused."""
@@ -105,6 +107,8 @@ class CoordinatorLink:
             self.enrollment.coordinator_key,
             info={"host": platform.node(), "version": "0.1.0"},
         )
+        if self.on_members is not None and link.accept:
+            self.on_members(link.accept.get("members"))
         mux = Mux(link, initiator=True, on_stream=self._serve)
         mux.on_control = lambda frame: self._control(mux, frame)
         self._mux = mux
@@ -184,6 +188,10 @@ class CoordinatorLink:
     async def _control(self, mux: Mux, frame: Frame) -> None:
         """A COMMAND runs as its own task so that a long swap holds up no other frame."""
         if frame.type != FrameType.COMMAND:
+            return
+        if isinstance(frame.body, dict) and frame.body.get("op") == "members":
+            if self.on_members is not None:
+                self.on_members(frame.body.get("members"))
             return
         task = asyncio.create_task(self._command(mux, frame.body))
         self._commands.add(task)
