@@ -14,7 +14,6 @@ import logging
 import time
 from typing import Any
 
-import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from coordinator.admin_api import admin_context, mount_admin, watch_key_changes
@@ -39,6 +38,7 @@ from coordinator.spool import LedgerSpool
 from coordinator.state import ServeOptions, StateDir
 from coordinator.store import Store, UsageRecord
 from coordinator.traffic import Traffic
+from meshgate.httpserver import COORDINATOR_LIMITS, server_config
 from meshgate.serving import DaemonServer
 from tunnel import serve as serve_tunnel
 
@@ -119,8 +119,9 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
         admin.forget_keys, admin.close_revoked = cluster.announcing(
             admin.forget_keys, admin.close_revoked)
     mount_admin(app, admin)
-    uv_config = uvicorn.Config(
+    uv_config = server_config(  # bounded: timeouts, connection cap (meshgate/httpserver.py)
         app,
+        COORDINATOR_LIMITS,
         host=opts.api_host,
         port=opts.api_port,
         log_level=opts.log_level.lower(),

@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from meshgate.bounds import MAX_ERROR_CHARS, clip, is_sane_request_id
 from meshgate.openai import ENDPOINTS, OpenAIError
 
 
@@ -67,7 +68,11 @@ class OpenRequest:
         except KeyError as exc:
             raise ProtocolViolation(f"open body lacks {exc}") from None
         if request.endpoint not in ENDPOINTS:
-            raise ProtocolViolation(f"unknown endpoint {request.endpoint!r}")
+            raise ProtocolViolation(f"unknown endpoint {clip(repr(request.endpoint), 60)}")
+        if not is_sane_request_id(request.request_id):
+            raise ProtocolViolation(
+                f"request_id must be 1-128 of letters, digits and ._:- (got "
+                f"{clip(repr(request.request_id), 60)})")
         if not (
             isinstance(request.request_id, str)
             and isinstance(request.model, str)
@@ -91,9 +96,9 @@ def error_of(body: Any, *, hop: str, default: str) -> OpenAIError:
     status, code = got.get("status"), got.get("code")
     return OpenAIError(
         status if isinstance(status, int) and 400 <= status <= 599 else 502,
-        str(got.get("message") or default),
+        clip(str(got.get("message") or default), MAX_ERROR_CHARS),
         code=code if isinstance(code, str) else None,
-        hop=str(got.get("hop") or hop),
+        hop=clip(str(got.get("hop") or hop), 40),
     )
 
 

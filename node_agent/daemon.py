@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import uvicorn
 
+from meshgate.httpserver import NODE_LIMITS, server_config
 from meshgate.openai import OpenAIError
 from meshgate.serving import DaemonServer
 from node_agent.accounting import Accounting
 from node_agent.config import NodeOptions
 from node_agent.energy_meter import EnergyMeter, NvmlEnergy
+from node_agent.guard import guard_from_env
 from node_agent.inventory import Inventory, ModelFile, ollama_entry, read_model_file
 from node_agent.journal import UsageJournal
 from node_agent.link import CoordinatorLink
@@ -364,14 +365,15 @@ async def serve(opts: NodeOptions) -> None:
     await manager.start()
     await parts.telemetry.refresh()
     log.info("node %s serves %s", identity.did, manager.names())
-    config = uvicorn.Config(
-        build_app(
+    config = server_config(  # bounded: timeouts, connection cap (meshgate/httpserver.py)
+        guard_from_env(build_app(  # refuses what web pages send (node_agent/guard.py)
             manager,
             telemetry=parts.latest,
             metrics=parts.metrics,
             inventory=parts.inventory_body,
             mesh=parts.mesh_runtime,
-        ),
+        )),
+        NODE_LIMITS,
         host=opts.proxy_host,
         port=opts.proxy_port,
         log_level=opts.log_level.lower(),
