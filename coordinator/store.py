@@ -672,11 +672,13 @@ class Store:
                 stmt = (
                     sqlite_insert(UsageRow).values(**values)
                     .on_conflict_do_nothing(index_elements=["ingest_key"])
+                    .returning(UsageRow.id)
                     if dialect == "sqlite" else
                     postgresql_insert(UsageRow).values(**values)
                     .on_conflict_do_nothing(index_elements=["ingest_key"])
+                    .returning(UsageRow.id)
                 )
-                if cast("CursorResult[Any]", s.execute(stmt)).rowcount == 1:
+                if s.execute(stmt).first() is not None:  # None: the key was there already
                     new.append(r)
         return new
 
