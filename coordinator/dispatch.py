@@ -32,7 +32,7 @@ from coordinator.registry import NodeConn, Registry
 from coordinator.scheduler import Candidate, Kind, Request, schedule
 from meshgate.bounds import check_chunk, clamp_usage, clip
 from meshgate.openai import OpenAIError
-from meshgate.protocol import OpenRequest, error_of
+from meshgate.protocol import EnergyReport, OpenRequest, error_of
 from tunnel import ClosedError, Frame, FrameType, Stream, TunnelError
 
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ class Served:
         self.done = False
         self.outcome = "streaming"
         self.cost = 0.0
+        self.energy = EnergyReport()  # what the node metered (END frame); clouds: not measured
         self._released = False
 
     @property
@@ -128,6 +129,9 @@ class Served:
             "outcome": self.outcome,
             "cost": self.cost,
             "route": route,
+            "joules": self.energy.joules,
+            "energy_estimated": self.energy.estimated if self.energy.joules is not None else None,
+            "energy_cost": self.energy.cost,
         }
 
 
@@ -198,6 +202,7 @@ class NodeAttempt(Served):
         if problems:
             log.warning("request %s: node %s claimed bad usage, billed as clamped: %s",
                         self.request.request_id, self.node.did, clip("; ".join(problems)))
+        self.energy = EnergyReport.from_wire(body)
         self.done = True
         self.outcome = "ok"
         self.node.served += 1

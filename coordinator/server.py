@@ -25,6 +25,7 @@ from coordinator.config import CoordinatorConfig, resolve_config
 from coordinator.dispatch import Dispatcher
 from coordinator.engines import Engines, write_engines
 from coordinator.gateway import Gateway
+from coordinator.ingest import node_streams
 from coordinator.limits import KeyGate, RateLimiter
 from coordinator.live import LIVE_FILE, write_live_loop
 from coordinator.logs import setup_json_logging
@@ -109,7 +110,8 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     traffic = Traffic()
     ctx = _context(store, registry, config, dispatcher, opts, cluster=cluster, spool=spool,
                    traffic=traffic)
-    gateway.on_request = functools.partial(relay, ctx)  # apps on nodes asking for others' models
+    # apps on nodes asking for others' models; nodes uploading what they served offline
+    gateway.on_request = node_streams(store, ctx.metrics, functools.partial(relay, ctx))
     app = build_app(ctx)
     admin = admin_context(store, state, registry, ctx, gateway=gateway, static_key=static_key,
                           tunnel_url=tunnel_url, traffic=traffic)

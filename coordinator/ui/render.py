@@ -30,6 +30,11 @@ def num(value: Any, fmt: str = ".0f", unit: str = "") -> str:
     return f"{value:{fmt}}{unit}" if isinstance(value, int | float) else DASH
 
 
+def mbs(kb_s: Any) -> str:
+    """NVML's PCIe throughput (KB/s) as MB/s."""
+    return f"{kb_s / 1024:.0f} MB/s" if isinstance(kb_s, int | float) else DASH
+
+
 def ago(ts: Any, now: float | None = None) -> str:
     if not isinstance(ts, int | float):
         return "never"
@@ -76,7 +81,7 @@ def pct(part: Any, whole: Any) -> float:
 ENV = Environment(loader=PackageLoader("coordinator", "ui/templates"),
                   autoescape=select_autoescape(default=True), trim_blocks=True,
                   lstrip_blocks=True)
-ENV.filters.update(gib=gib, size=size, num=num, ago=ago, until=until, clock=clock,
+ENV.filters.update(gib=gib, size=size, num=num, mbs=mbs, ago=ago, until=until, clock=clock,
                    short=short)
 ENV.globals.update(pct=pct)
 
