@@ -165,3 +165,19 @@ def test_4_a_key_made_in_the_pane_works_and_its_revoke_holds_at_once(
     expect(page.locator("#keys tr[data-key='pane-made']")).to_contain_text("revoked")
     assert httpx.get(models, headers={"Authorization": f"Bearer {key}"}).status_code == 401
     shot(page, "5-key-revoked")
+
+
+def test_5_top_shows_the_same_fleet_in_a_terminal(mesh: Mesh) -> None:
+    from typer.testing import CliRunner
+
+    from coordinator.cli import app
+
+    result = CliRunner().invoke(app, ["top", "--once", "--url", f"http://127.0.0.1:{mesh.api_port}",
+                                      "--admin-key-file", str(mesh.coord_state / "admin.key")],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.stderr
+    assert "2 node(s) connected" in result.stdout
+    assert "H100" in result.stdout
+    assert MODEL in result.stdout
+    (ARTIFACTS / "top.txt").write_text(result.stdout)
+    print(f"top: {ARTIFACTS / 'top.txt'}")
