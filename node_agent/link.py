@@ -19,6 +19,8 @@ from typing import Any
 
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest, ProtocolViolation, error_body
+from node_agent.journal import UsageJournal
+from node_agent.journal_upload import upload_journal
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
 from node_agent.pipeline import Pipeline
@@ -54,9 +56,11 @@ class CoordinatorLink:
         telemetry_period: float = 2.0,
         inventory: Callable[[], dict[str, Any]] | None = None,
         metrics: NodeMetrics | None = None,
+        journal: UsageJournal | None = None,
         pipeline: Pipeline | None = None,
     ) -> None:
         self.identity = identity
+        self.journal = journal  # usage served while disconnected, uploaded on each connect
         self.metrics = metrics
         self.pipeline = pipeline or Pipeline(manager, metrics=metrics)
         self.enrollment = enrollment
@@ -71,6 +75,8 @@ class CoordinatorLink:
         self._commands: set[asyncio.Task[None]] = set()
         self._mux: Mux | None = None
         self._stopping = False
+        #: A cluster's member list (accept map, `{"op": "members"}`): node_agent/members.py.
+        self.on_members: Callable[[Any], None] | None = None
 
     async def run(self) -> None:
         """Keep the link up until cancelled or refused."""
@@ -103,6 +109,8 @@ class CoordinatorLink:
             self.enrollment.coordinator_key,
             info={"host": platform.node(), "version": "0.1.0"},
         )
+        if self.on_members is not None and link.accept:
+            self.on_members(link.accept.get("members"))
         mux = Mux(link, initiator=True, on_stream=self._serve)
         mux.on_control = lambda frame: self._control(mux, frame)
         self._mux = mux
@@ -111,10 +119,13 @@ class CoordinatorLink:
         await self._send_inventory(mux)
         self.connected.set()
         heartbeat = asyncio.create_task(self._heartbeat(mux))
+        upload = asyncio.create_task(upload_journal(self.journal, mux)) if self.journal else None
         try:
             await mux.run()
         finally:
             heartbeat.cancel()
+            if upload is not None:
+                upload.cancel()
             for command in list(self._commands):
                 command.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -180,6 +191,10 @@ class CoordinatorLink:
         """A COMMAND runs as its own task so that a long swap holds up no other frame."""
         if frame.type != FrameType.COMMAND:
             return
+        if isinstance(frame.body, dict) and frame.body.get("op") == "members":
+            if self.on_members is not None:
+                self.on_members(frame.body.get("members"))
+            return
         task = asyncio.create_task(self._command(mux, frame.body))
         self._commands.add(task)
         task.add_done_callback(self._commands.discard)
@@ -207,31 +222,29 @@ class CoordinatorLink:
 
 async def answer(pipeline: Pipeline, stream: Stream, frame: Frame) -> None:
     """Answer one OPEN frame on `stream` through `pipeline`: DATA frames, then END with the
-    usage, or ERROR. Only local runtimes answer (a request from the coordinator never goes
-    back up the tunnel)."""
+    usage (and the request's energy), or ERROR. Only local runtimes answer (a request from
+    the coordinator never goes back up the tunnel)."""
     try:
         request = OpenRequest.from_wire(frame.body)
     except ProtocolViolation as exc:
         await stream.send(FrameType.ERROR, error_body(400, str(exc)))
         return
     log.info("request %s: %s %s", request.request_id, request.endpoint, request.model)
+    args = (request.endpoint, request.model, request.body)
     try:
         if request.stream:
-            streamed = await pipeline.stream(
-                request.endpoint, request.model, request.body, via="tunnel", local_only=True
-            )
+            streamed = await pipeline.stream(*args, via="tunnel", local_only=True)
             try:
                 async for chunk in streamed:
                     await stream.send(FrameType.DATA, chunk)
+                usage, energy = streamed.meter.usage, streamed.meter.energy_report()
             finally:
                 await streamed.aclose()
-            usage = streamed.meter.usage
         else:
-            data, usage = await pipeline.complete(
-                request.endpoint, request.model, request.body, via="tunnel", local_only=True
-            )
-            await stream.send(FrameType.DATA, data)
-        await stream.send(FrameType.END, {"usage": usage})
+            async with pipeline.answer(*args, via="tunnel", local_only=True) as done:
+                await stream.send(FrameType.DATA, done.data)
+                usage, energy = done.usage, done.meter.energy_report()
+        await stream.send(FrameType.END, {"usage": usage, **energy})
     except OpenAIError as exc:
         await stream.send(
             FrameType.ERROR,

@@ -28,7 +28,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
 from meshgate.openai import OpenAIError, context_exceeded
@@ -36,7 +36,7 @@ from node_agent.metrics import NodeMetrics, RequestTrack
 from node_agent.models import ModelManager
 from node_agent.runtimes.base import Runtime, Usage, usage_of
 
-__all__ = ["Finished", "MeshLookup", "Pipeline", "Streamed"]
+__all__ = ["Answer", "Finished", "MeshLookup", "Meter", "Pipeline", "Streamed"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,15 @@ class Finished:
 FinishHook = Callable[[Finished], None]
 
 
+@dataclass(slots=True)
+class Answer:
+    """A whole answer, while :meth:`Pipeline.answer`'s block runs."""
+
+    data: bytes
+    usage: Usage | None
+    meter: Meter
+
+
 def map_error(exc: BaseException, model: str) -> OpenAIError:
     """Any failure of a runtime as an OpenAI error (OpenAI errors pass, refined)."""
     if isinstance(exc, OpenAIError):
@@ -93,8 +102,13 @@ class Meter:
         self.done = False
         self._streamed = False
         self._track: RequestTrack | None = (
-            pipeline.metrics.track(model, via) if pipeline.metrics is not None else None
+            pipeline.metrics.track(model, via, endpoint) if pipeline.metrics is not None else None
         )
+
+    def energy_report(self) -> dict[str, object]:
+        """Energy fields for the tunnel's END frame (node_agent/accounting.py); settles the
+        request's energy now. {} when there are no metrics."""
+        return self._track.energy_report() if self._track is not None else {}
 
     def chunk(self, data: bytes) -> Usage | None:
         """A chunk (or a whole answer) went out: note the first, read its usage once."""
@@ -222,31 +236,38 @@ class Pipeline:
     def _where(self, model: str) -> str:
         return "local" if self.manager.serves(model) else "mesh"
 
+    @asynccontextmanager
+    async def answer(
+        self, endpoint: str, model: str, body: bytes, *, via: str, local_only: bool = False
+    ) -> AsyncIterator[Answer]:
+        """A whole answer (``embeddings`` included), metered when the block ends: 200 if it
+        ends normally, 499 if it raises (the answer did not get out) or is cancelled."""
+        meter = Meter(self, model, endpoint, via, self._where(model))
+        status = 499
+        try:
+            try:
+                async with AsyncExitStack() as stack:
+                    runtime = await self._runtime(model, stack, local_only)
+                    if endpoint == "embeddings":
+                        data, usage = await runtime.embed(body)
+                    else:
+                        data, usage = await runtime.complete(endpoint, body)
+            except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
+                error = map_error(exc, model)
+                status = error.status
+                raise error from None
+            meter.usage = usage if usage is not None else usage_of(data)  # read once
+            yield Answer(data, meter.usage, meter)
+            status = 200
+        finally:
+            meter.finish(status)
+
     async def complete(
         self, endpoint: str, model: str, body: bytes, *, via: str, local_only: bool = False
     ) -> tuple[bytes, Usage | None]:
         """A whole answer (``embeddings`` included) and its usage."""
-        meter = Meter(self, model, endpoint, via, self._where(model))
-        status = 500
-        try:
-            async with AsyncExitStack() as stack:
-                runtime = await self._runtime(model, stack, local_only)
-                if endpoint == "embeddings":
-                    data, usage = await runtime.embed(body)
-                else:
-                    data, usage = await runtime.complete(endpoint, body)
-            meter.usage = usage if usage is not None else usage_of(data)  # read once
-            status = 200
-            return data, meter.usage
-        except Exception as exc:  # noqa: BLE001
-            error = map_error(exc, model)
-            status = error.status
-            raise error from None
-        except BaseException:
-            status = 499  # cancelled: the client or the coordinator left
-            raise
-        finally:
-            meter.finish(status)
+        async with self.answer(endpoint, model, body, via=via, local_only=local_only) as done:
+            return done.data, done.usage
 
     async def stream(
         self,
