@@ -4,17 +4,25 @@ FAKE OpenAI server of tests/node), all started as an operator would."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from coordinator.admin_keys import AdminKeys
+from coordinator.state import StateDir
+from coordinator.store import KeyScopes, Store
 from tests.cluster.engines import PostgresServer, RedisServer, free_port, wait_port
 from tests.e2e.mesh import Proc, cli, last_line, spawn, wait_until
+from tunnel.token import EnrollmentToken
 
 FAKE_SERVER = Path(__file__).resolve().parents[1] / "node" / "fake_openai_server.py"
 
@@ -125,18 +133,53 @@ class Cluster:
         return port
 
     def admin(self, *args: str) -> str:
+        """An admin command run as an operator would (a subprocess) on replica a's box."""
         return last_line(cli("coordinator", *args, "--state-dir", str(self.root / "a")))
 
-    def start_node(self, name: str, *extra: str) -> Proc:
-        token = self.admin("token", "create")
-        enrolled = cli("node", "enroll", token, "--state-dir", str(self.root / name),
+    def key(self, name: str, **scopes: Any) -> str:
+        """An API key made in the shared store directly (the CLI costs seconds a call)."""
+        store = Store(self.postgres.url)
+        try:
+            return store.create_key(name, time.time(), scopes=KeyScopes(**scopes))[1]
+        finally:
+            store.close()
+
+    def admin_key(self, name: str) -> str:
+        store = Store(self.postgres.url)
+        try:
+            return AdminKeys(store).create(name, time.time())[1]
+        finally:
+            store.close()
+
+    def token(self, uses: int) -> str:
+        """An enrollment token for replica a's tunnel, good for `uses` nodes."""
+        a = self.replicas["a"]
+        store = Store(self.postgres.url)
+        try:
+            token_id, secret = store.create_token(600, {}, time.time(), uses=uses)
+        finally:
+            store.close()
+        return EnrollmentToken(url=f"ws://127.0.0.1:{a.tunnel_port}",
+                               coordinator_key=StateDir(a.state).static_public(),
+                               token_id=token_id, secret=secret,
+                               expires_at=int(time.time() + 600)).encode()
+
+    def start_nodes(self, nodes: dict[str, tuple[str, ...]]) -> None:
+        """Enroll (in parallel, one token) and start each node with its extra options."""
+        token = self.token(len(nodes))
+
+        def enroll(name: str) -> subprocess.CompletedProcess[str]:
+            return cli("node", "enroll", token, "--state-dir", str(self.root / name),
                        check=False)
-        assert enrolled.returncode == 0, enrolled.stderr
-        proc = spawn("node", ["run", "--state-dir", str(self.root / name), "--proxy-port",
-                              str(free_port()), "--telemetry-period", "0.5", *extra],
-                     self.root / f"node-{name}.log")
-        self.nodes[name] = proc
-        return proc
+
+        with concurrent.futures.ThreadPoolExecutor(len(nodes)) as pool:
+            for name, done in zip(nodes, pool.map(enroll, nodes), strict=True):
+                assert done.returncode == 0, f"{name}: {done.stderr}"
+        for name, extra in nodes.items():
+            self.nodes[name] = spawn(
+                "node", ["run", "--state-dir", str(self.root / name), "--proxy-port",
+                         str(free_port()), "--telemetry-period", "0.5", *extra],
+                self.root / f"node-{name}.log")
 
     def procs(self) -> list[Proc]:
         return [*(r.proc for r in self.replicas.values() if r.proc is not None),
@@ -147,11 +190,12 @@ class Cluster:
                    f"{count} nodes on {[r.name for r in replicas]}", self.procs())
 
     def stop(self) -> None:
-        for proc in self.nodes.values():
+        procs = [*self.nodes.values(), *(r.proc for r in self.replicas.values() if r.proc)]
+        for proc in procs:  # all at once: each drains on its own
+            if proc.popen.poll() is None:
+                proc.popen.send_signal(signal.SIGTERM)
+        for proc in procs:
             proc.stop()
-        for replica in self.replicas.values():
-            if replica.proc is not None:
-                replica.proc.stop()
         if self.haproxy is not None:
             self.haproxy.terminate()
             self.haproxy.wait(10)

@@ -68,9 +68,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Itera
         built.config.write_text(CONFIG.format(cloud_port=cloud_port))
         a, b = built.start_replica("a"), built.start_replica("b")
         upstream = f"{FAKE}=http://127.0.0.1:{fake_port}/v1"
-        built.start_node("llama", "--model", f"smollm2={model_path}")
-        built.start_node("fake1", "--upstream", upstream)
-        built.start_node("fake2", "--upstream", upstream)
+        built.start_nodes({"llama": ("--model", f"smollm2={model_path}"),
+                           "fake1": ("--upstream", upstream),
+                           "fake2": ("--upstream", upstream)})
         built.wait_nodes([a, b], 3, 90)
         joined = time.monotonic()
         c = built.start_replica("c")
@@ -91,11 +91,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Itera
 @pytest.fixture(scope="module")
 def keys(cluster: Cluster) -> Keys:
     return Keys(
-        load=cluster.admin("key", "create", "--name", "load"),
-        limited=cluster.admin("key", "create", "--name", "limited", "--rpm", "60"),
-        budget=cluster.admin("key", "create", "--name", "budget", "--budget-day", "5"),
-        doomed=cluster.admin("key", "create", "--name", "doomed"),
-        admin=cluster.admin("admin-key", "create", "--name", "ops"),
+        load=cluster.admin("key", "create", "--name", "load"),  # the CLI finds the engines
+        limited=cluster.key("limited", rpm=60),
+        budget=cluster.key("budget", budget_day=5.0),
+        doomed=cluster.key("doomed"),
+        admin=cluster.admin_key("ops"),
     )
 
 
@@ -124,7 +124,7 @@ def test_rpm_60_across_three_replicas_is_60_not_180(cluster: Cluster, keys: Keys
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         codes = list(pool.map(lambda i: _chat(bases[i % 3], keys.limited).status_code,
-                              range(120)))
+                              range(100)))
     refill = time.monotonic() - started  # 60 a minute: one more each second
     assert set(codes) == {200, 429}
     assert 60 <= codes.count(200) <= 60 + int(refill) + 1, (codes.count(200), refill)
@@ -248,7 +248,7 @@ def _ledger_ok(cluster: Cluster, key_name: str) -> set[str]:
 def test_restarting_redis_then_postgresql_under_load_loses_nothing(
     cluster: Cluster, keys: Keys
 ) -> None:
-    restart_key = cluster.admin("key", "create", "--name", "restarts")
+    restart_key = cluster.key("restarts")
     with Load(cluster, restart_key, clients=6) as load:
         load.wait_for(12)
         cluster.redis.stop()
@@ -273,14 +273,14 @@ def test_sigkill_of_one_replica_fails_only_what_was_in_flight_on_it(
 ) -> None:
     victim = cluster.replicas["b"]
     survivors = [cluster.replicas["a"], cluster.replicas["c"]]
-    kill_key = cluster.admin("key", "create", "--name", "sigkill")
+    kill_key = cluster.key("sigkill")
     seen_nodes: list[int] = []
     with Load(cluster, kill_key, clients=20) as load:
         load.wait_for(30)
         assert victim.proc is not None
         victim.proc.popen.send_signal(signal.SIGKILL)
-        killed_at = time.monotonic()
         victim.proc.popen.wait(10)
+        killed_at = time.monotonic()  # gone: its sockets are closed, its port refuses
         for _ in range(10):  # the nodes keep their tunnels to the other two
             seen_nodes += [r.nodes() for r in survivors]
         load.wait_for(len(load.outcomes) + 40)
