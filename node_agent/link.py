@@ -19,6 +19,8 @@ from typing import Any
 
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest, ProtocolViolation, error_body
+from node_agent.journal import UsageJournal
+from node_agent.journal_upload import upload_journal
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
 from node_agent.runtimes.base import usage_of
@@ -54,8 +56,10 @@ class CoordinatorLink:
         telemetry_period: float = 2.0,
         inventory: Callable[[], dict[str, Any]] | None = None,
         metrics: NodeMetrics | None = None,
+        journal: UsageJournal | None = None,
     ) -> None:
         self.identity = identity
+        self.journal = journal  # usage served while disconnected, uploaded on each connect
         self.metrics = metrics
         self.enrollment = enrollment
         self.manager = manager
@@ -113,10 +117,13 @@ class CoordinatorLink:
         await self._send_inventory(mux)
         self.connected.set()
         heartbeat = asyncio.create_task(self._heartbeat(mux))
+        upload = asyncio.create_task(upload_journal(self.journal, mux)) if self.journal else None
         try:
             await mux.run()
         finally:
             heartbeat.cancel()
+            if upload is not None:
+                upload.cancel()
             for command in list(self._commands):
                 command.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -235,7 +242,8 @@ class CoordinatorLink:
                     await stream.send(FrameType.DATA, data)
             if track is not None and usage:
                 track.usage = usage
-            await stream.send(FrameType.END, {"usage": usage})
+            energy = track.energy_report() if track is not None else {}
+            await stream.send(FrameType.END, {"usage": usage, **energy})
             status = 200
         except OpenAIError as exc:
             status = exc.status

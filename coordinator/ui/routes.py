@@ -32,7 +32,6 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 from starlette.staticfiles import StaticFiles
 
 from coordinator.errors import CoordinatorError
-from coordinator.fleet_view import models_across
 from coordinator.ui.render import render
 from coordinator.ui.sessions import SESSION_COOKIE, SESSION_TTL_S
 from meshgate.openai import OpenAIError
@@ -44,6 +43,7 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 TICK_S = 1.0
+FLEET_SHOWN = 60  # node cards in the pane (the busiest); `meshgate-coordinator nodes` has all
 SLOW_EVERY = 5  # ticks between refreshes of what needs the database (usage, keys, tokens)
 RECHECK_SESSION_S = 15.0
 USAGE_WINDOW_S = 24 * 3600
@@ -77,11 +77,11 @@ class Pane:
     def live(self) -> dict[str, Any]:
         from coordinator.admin_api import live_snapshot
 
-        return live_snapshot(self.ctx)
+        return live_snapshot(self.ctx, FLEET_SHOWN)
 
     def fast(self) -> dict[str, str]:
         live = self.live()
-        models = models_across(live["nodes"])
+        models = live["models"]
         return {
             "summary": render("_summary.html", live=live, models=models),
             "fleet": render("_fleet.html", live=live),
@@ -108,7 +108,7 @@ class Pane:
     async def page(self) -> str:
         live = self.live()
         usage, keys, tokens = await self._stored()
-        return render("pane.html", live=live, models=models_across(live["nodes"]), usage=usage,
+        return render("pane.html", live=live, models=live["models"], usage=usage,
                       keys=keys, tokens=tokens, series_json=json.dumps(self.ctx.traffic.series()))
 
     async def events(self, request: Request, session: str) -> AsyncIterator[bytes]:
