@@ -97,6 +97,10 @@ class ApiContext:
         self._key_cache[key] = (now + KEY_CACHE_SECONDS, key_id)
         return key_id
 
+    def forget_keys(self) -> None:
+        """Drop every verified key, so a revoke or rotate holds from the next request."""
+        self._key_cache.clear()
+
     def __post_init__(self) -> None:
         if self.dispatcher is None:
             self.dispatcher = Dispatcher(self.registry, self.config.dispatch)
