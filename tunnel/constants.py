@@ -45,11 +45,11 @@ BATCH_LEN = 2
 # -- Bounds on what a peer may make this side hold (hostile-node defence) ----------------
 # Per-type caps on a frame's decoded msgpack payload, checked *before* decompressing (a
 # zstd frame declares its size; the type is read from its first two bytes). Measured on a
-# real node (SmolLM2 on llama.cpp, scripts/bench/tunnel.py --measure-frames, 2026-11-26):
-# TELEMETRY ~0.5-1 kB, INVENTORY ~0.3 kB a model, END ~0.1 kB, ERROR ~0.2 kB, COMMAND and
-# RESULT under 1 kB. Caps leave wide headroom over those (and over a box with a few
-# thousand models), and sit far below MAX_FRAME, so a burst of frames declaring 16 MiB
-# each is refused at the first one.
+# real node (SmolLM2 on llama.cpp, `scripts/bench/node_frames.py`, 2026-11-26): TELEMETRY
+# 996 bytes, INVENTORY 95 bytes (one model; node_agent/daemon.py estimates ~300 bytes a
+# model with files), GOAWAY 40 bytes. Caps leave wide headroom over those (256x for
+# TELEMETRY, a box with ~10,000 models), and sit far below MAX_FRAME, so a burst of
+# frames declaring 16 MiB each is refused at the first one.
 KiB = 1024
 MiB = 1024 * 1024
 # OPEN carries one API request: the public API's body limit is 4 MiB of JSON, and msgpack
@@ -65,8 +65,8 @@ FRAME_CAPS: dict[int, int] = {
     8: 64,  # PONG {"t": int}
     9: 8 * KiB,  # GOAWAY {"reason", "last_stream"}
     10: 64,  # KEY_UPDATE (nil)
-    11: 256 * KiB,  # TELEMETRY (~1 kB measured)
-    12: 4 * MiB,  # INVENTORY (~0.3 kB a model: ~10,000 models)
+    11: 256 * KiB,  # TELEMETRY (996 bytes measured)
+    12: 4 * MiB,  # INVENTORY (95 bytes for one model; ~300 a model with files: ~10,000)
     13: 1 * MiB,  # COMMAND
     14: 1 * MiB,  # RESULT
 }
