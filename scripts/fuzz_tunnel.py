@@ -81,7 +81,7 @@ from tunnel.errors import TunnelError
 from tunnel.frames import Frame, FrameType, decode, encode
 from tunnel.handshake import InitiatorHandshake, ResponderHandshake, parse_hello
 from tunnel.identity import Identity
-from tunnel.noise import HandshakeState, public_bytes
+from tunnel.noise import CipherState, HandshakeState, public_bytes
 from tunnel.session import Session
 from tunnel.token import PREFIX, EnrollmentToken
 from tunnel.ws import _unb64
@@ -193,11 +193,11 @@ class _Pair:
         self.fresh()
 
     def fresh(self) -> None:
-        initiator = InitiatorHandshake(NODE, public_bytes(COORDINATOR), now_ms=1)
-        responder = ResponderHandshake(COORDINATOR)
-        responder.read_first(initiator.first_message())
-        msg2, self.coord = responder.accept({})
-        self.node, _ = initiator.finish(msg2)
+        """Two sessions on shared transport keys, as a handshake leaves them (the
+        handshake itself is the `handshake` target's: no DH per session here)."""
+        up, down = os.urandom(32), os.urandom(32)
+        self.node = Session(CipherState(up), CipherState(down))
+        self.coord = Session(CipherState(down), CipherState(up))
 
 
 _pairs: list[_Pair] = []  # one session pair, made on first use, renewed when it dies
