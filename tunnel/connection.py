@@ -40,14 +40,14 @@ STREAM_SEND_TYPES = frozenset(
 MAX_PINGS = 16  # unanswered pings remembered
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Opened:
     """The peer opened a stream (its OPEN frame); answer on `frame.stream_id`."""
 
     frame: Frame
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Received:
     """A frame for the application: DATA, END, ERROR, CANCEL on an open stream, or a
     control frame (TELEMETRY, INVENTORY, COMMAND, RESULT, GOAWAY) on stream 0; `size`
@@ -57,14 +57,14 @@ class Received:
     size: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Credit:
     """The peer granted credit on `stream_id` (0: the connection): senders may go on."""
 
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pong:
     """The PONG to our PING `stamp` arrived; `rtt_ms` is set."""
 
@@ -221,6 +221,20 @@ class Connection:
         """DATA bytes this side may send on this stream now."""
         return min(state.send_credit, self.send_credit)
 
+    def send_data(self, state: StreamState, body: bytes) -> None:
+        """Queue DATA within credit (check `sendable` first): the hot path."""
+        if self.closed is not None or state.sent_end or state.peer_ended:
+            self._check()
+            raise ClosedError(f"stream {state.id} ended")
+        n = len(body)
+        if n > state.send_credit or n > self.send_credit:
+            raise TunnelError(f"stream {state.id}: {n} bytes of DATA past the credit")
+        prepared = self.session.prepare_data(state.id, body)
+        self._out.append(prepared)
+        self.pending_bytes += len(prepared[0])
+        state.send_credit -= n
+        self.send_credit -= n
+
     def send(self, state: StreamState, type: FrameType, body: Any) -> None:
         """Queue DATA (within credit: check `sendable`), END, ERROR, CANCEL or WINDOW."""
         self._check()
@@ -229,12 +243,7 @@ class Connection:
         if state.closed:
             raise ClosedError(f"stream {state.id} ended")
         if type == FrameType.DATA:
-            n = len(body)
-            if n > self.sendable(state):
-                raise TunnelError(f"stream {state.id}: {n} bytes of DATA past the credit")
-            self._queue(Frame(type, state.id, 0, 0, body))
-            state.send_credit -= n
-            self.send_credit -= n
+            self.send_data(state, body)
             return
         if type == FrameType.WINDOW:
             credit = body.get("credit") if isinstance(body, dict) else None
@@ -384,7 +393,8 @@ class Connection:
                 f"stream {state.id}: the peer sent {over} bytes of DATA past its credit"
             )
         state.buffered += n
-        state.peak_buffered = max(state.peak_buffered, state.buffered)
+        if state.buffered > state.peak_buffered:
+            state.peak_buffered = state.buffered
         events.append(Received(frame))
 
     def _on_window(self, frame: Frame, events: list[Event]) -> None:

@@ -101,12 +101,23 @@ class Stream:
     async def _send_data(self, body: bytes) -> None:
         mux = self._mux
         conn = mux.conn
+        state = self._state
+        n = len(body)
+        if (  # the hot path: credit at hand and no other sender of this stream waiting
+            n <= WHOLE_DATA
+            and not self._send_lock.locked()
+            and n <= state.send_credit
+            and n <= conn.send_credit
+        ):
+            conn.send_data(state, body)
+            await mux.link.sent()
+            return
         async with self._send_lock:
             n = len(body)
             if n <= WHOLE_DATA:  # the common case, a token event: one frame, no copy
                 if conn.sendable(self._state) < n:
                     await self._wait_credit(n)
-                conn.send(self._state, FrameType.DATA, body)
+                conn.send_data(self._state, body)
                 await mux.link.sent()
                 return
             view = memoryview(body)
@@ -115,7 +126,7 @@ class Stream:
                 await self._wait_credit(len(view) if len(view) <= WHOLE_DATA else 1)
                 n = min(len(view), conn.sendable(self._state))
                 piece, view = bytes(view[:n]), view[n:]
-                conn.send(self._state, FrameType.DATA, piece)
+                conn.send_data(self._state, piece)
                 await mux.link.sent()
 
     async def _wait_credit(self, need: int) -> None:

@@ -174,6 +174,22 @@ class Session:
         self._streams.advance(stamped, SEND)
         return payload, compressed
 
+    def prepare_data(self, stream_id: int, body: bytes) -> Prepared:
+        """`prepare` for DATA on an open stream, the hot path (same rules)."""
+        seqs = self._streams.next.get(stream_id) if stream_id else None
+        if seqs is None or self.dead is not None:
+            return self.prepare(Frame(FrameType.DATA, stream_id, 0, 0, body))
+        payload = frames.encode_data(stream_id, seqs[SEND], body)
+        if len(payload) > self.max_frame:
+            raise TunnelError(f"DATA frame of {len(payload)} bytes is over the cap")
+        compressed = False
+        if len(payload) >= COMPRESS_MIN:
+            packed = zstd.compress(payload)
+            if len(packed) < len(payload):
+                payload, compressed = packed, True
+        seqs[SEND] += 1
+        return payload, compressed
+
     def encrypt(self, prepared: list[Prepared]) -> list[bytes]:
         """Messages for these prepared frames, in order: runs of small plain frames share
         one message; a compressed or large frame goes alone (fragmented if needed)."""
@@ -325,6 +341,11 @@ class Session:
 
     def _accept(self, payload: bytes) -> tuple[Frame, int]:
         frame = frames.decode(payload, self.max_frame)
+        if frame.type is FrameType.DATA:  # the hot path: the next DATA of an open stream
+            seqs = self._streams.next.get(frame.stream_id) if frame.stream_id else None
+            if seqs is not None and frame.seq == seqs[RECV]:
+                seqs[RECV] += 1
+                return frame, len(payload)
         if self._streams.is_late(frame):
             return frame, len(payload)
         problem = self._streams.problem(frame, RECV)
