@@ -38,7 +38,7 @@ from coordinator.admin_keys import ADMIN_PREFIX, AdminKeys, ensure_admin_key
 from coordinator.admin_ops import AdminOps
 from coordinator.api import ApiContext
 from coordinator.errors import CoordinatorError, KeyNameTaken, UnknownKey, UnknownNode, UnknownToken
-from coordinator.fleet_view import fleet
+from coordinator.fleet_view import fleet, models_across
 from coordinator.gateway import Gateway
 from coordinator.live import node_summary
 from coordinator.live_requests import LiveRequests, LiveRequestsMiddleware
@@ -70,6 +70,8 @@ class AdminContext:
     traffic: Traffic = field(default_factory=Traffic)
     requests: LiveRequests = field(default_factory=LiveRequests)
     sessions: Sessions = field(default_factory=Sessions)
+    stopping: Callable[[], bool] = lambda: False
+    """true once the server is shutting down: the pane's event streams end."""
 
     async def admin(self, request: Request) -> str:
         """The admin key id behind this request, or 401."""
@@ -245,17 +247,20 @@ def admin_router(ctx: AdminContext) -> APIRouter:
         return await call(ops.usage, by, since_of(since))
 
     @router.get("/live")
-    async def live(request: Request) -> dict[str, Any]:
+    async def live(request: Request, nodes: int = 200) -> dict[str, Any]:
         await ctx.admin(request)
-        return live_snapshot(ctx)
+        if nodes < 0:
+            raise OpenAIError(400, "nodes must be 0 or more", param="nodes", hop="coordinator")
+        return live_snapshot(ctx, nodes)
 
     return router
 
 
-def live_snapshot(ctx: AdminContext) -> dict[str, Any]:
-    """The fleet, traffic and requests in flight, now (no I/O: the server's memory)."""
+def live_snapshot(ctx: AdminContext, nodes: int = 200) -> dict[str, Any]:
+    """The fleet (its `nodes` busiest), traffic and requests in flight, now (no I/O)."""
     now = time.time()
-    return {"now": now, "nodes": fleet(ctx.registry, now),
+    return {"now": now, "node_count": len(ctx.registry.nodes()),
+            "nodes": fleet(ctx.registry, now, nodes), "models": models_across(ctx.registry),
             "traffic": ctx.traffic.summary(now), "series": ctx.traffic.series(now),
             "requests": ctx.requests.snapshot(now), "recent": ctx.traffic.recent()}
 
@@ -300,8 +305,9 @@ def admin_context(store: Store, state: StateDir, registry: Registry, api: ApiCon
 
 def mount_admin(app: FastAPI, ctx: AdminContext) -> None:
     """The admin API, the web pane and the live-request tracker on the public app."""
-    from coordinator.ui.routes import ui_router
+    from coordinator.ui.routes import static_files, ui_router
 
     app.include_router(admin_router(ctx))
     app.include_router(ui_router(ctx))
+    app.mount("/ui/static", static_files(), name="ui-static")
     app.add_middleware(LiveRequestsMiddleware, tracker=ctx.requests)

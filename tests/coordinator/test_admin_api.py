@@ -231,3 +231,19 @@ async def test_live_shows_the_fleet_with_gpus_and_models_on_disk(coord: Admined)
         "smollm2": True, "gemma": False}
     assert set(live["traffic"]) >= {"requests_per_s", "tokens_per_s", "p50_ms", "p99_ms"}
     assert len(live["series"]["t"]) == 360
+    [gemma, smollm2] = live["models"]
+    assert (gemma["disk"], gemma["loaded"], smollm2["loaded"]) == (1, 0, 1)
+
+
+async def test_live_shows_the_busiest_nodes_up_to_a_limit_and_counts_them_all(
+    coord: Admined,
+) -> None:
+    busy = await coord.node(["a"], {"host": {}})
+    await coord.node(["b"], {"host": {}})
+    conn = coord.admin.registry.get(busy)
+    assert conn is not None
+    conn.in_flight = 3
+    live = (await coord.call("GET", "/live", params={"nodes": 1})).json()
+    assert live["node_count"] == 2
+    assert [n["did"] for n in live["nodes"]] == [busy]
+    assert (await coord.call("GET", "/live", params={"nodes": -1})).status_code == 400
