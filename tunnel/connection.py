@@ -393,8 +393,7 @@ class Connection:
                 f"stream {state.id}: the peer sent {over} bytes of DATA past its credit"
             )
         state.buffered += n
-        if state.buffered > state.peak_buffered:
-            state.peak_buffered = state.buffered
+        state.peak_buffered = max(state.peak_buffered, state.buffered)
         events.append(Received(frame))
 
     def _on_window(self, frame: Frame, events: list[Event]) -> None:

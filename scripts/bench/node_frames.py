@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,17 +54,17 @@ async def measure(model: Path, seconds: float) -> dict[str, int]:
         state.save_enrollment(Enrollment(url=f"ws://127.0.0.1:{port}",
                                          coordinator_key=public_bytes(key), did=identity.did,
                                          labels={}, enrolled_at=time.time()))
-        node = subprocess.Popen(
-            [sys.executable, "-m", "node_agent.cli", "run", "--state-dir", tmp,
-             "--proxy-port", "0", "--telemetry-period", "0.5", "--model", f"smollm2={model}"],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        node = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "node_agent.cli", "run", "--state-dir", tmp,
+            "--proxy-port", "0", "--telemetry-period", "0.5", "--model", f"smollm2={model}",
+            cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         try:
             await asyncio.sleep(seconds)
         finally:
             node.terminate()
-            await asyncio.to_thread(node.wait, 30)
+            await asyncio.wait_for(node.wait(), 30)
     server.close()
     await server.wait_closed()
     return largest
