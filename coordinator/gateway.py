@@ -22,9 +22,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from coordinator.errors import EnrollmentRefused
-from coordinator.registry import NodeConn, Registry, inventory_models
+from coordinator.registry import NodeConn, Registry
 from coordinator.store import Store
-from meshgate.protocol import error_body
+from meshgate.node_messages import Hello as NodeHello
+from meshgate.node_messages import Inventory, LoadDelta, parse, parse_telemetry
+from meshgate.protocol import ProtocolViolation, error_body
 from tunnel import Frame, FrameType, Hello, Link, Mux, RefusedError, Stream, TunnelError
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,12 @@ class Gateway:
         assert hello is not None
         if hello.enroll is not None:
             await link.wait_closed()  # an enrollment connection carries no traffic
+            return
+        try:
+            parse(hello.info, NodeHello)
+        except ProtocolViolation as exc:
+            log.warning("node %s sent a bad hello, closing its session: %s", hello.did, exc)
+            await link.close(f"protocol error: {exc}"[:120])
             return
         record = await asyncio.to_thread(self.store.get_node, hello.did)
         labels = dict(record.labels) if record else {}
@@ -137,29 +145,34 @@ class Gateway:
             await asyncio.sleep(period)
 
     async def _control(self, conn: NodeConn, frame: Frame) -> None:
-        body = frame.body if isinstance(frame.body, dict) else {}
-        if conn.suspect:
-            conn.suspect = False  # heard from again: the link is alive
-            log.info("node %s is answering again", conn.did)
+        try:
+            await self._message(conn, frame)
+        except ProtocolViolation as exc:
+            # one line, then the session ends: nothing of the message reached the registry
+            log.warning("node %s sent a bad %s frame, closing its session: %s", conn.did,
+                        frame.type.name, exc)
+            self.registry.remove(conn)
+            await conn.link.close(f"protocol error: {exc}"[:120])
+
+    async def _message(self, conn: NodeConn, frame: Frame) -> None:
+        body = frame.body
         if frame.type == FrameType.INVENTORY:
-            if not isinstance(body.get("models"), list):
-                log.warning("node %s sent an inventory without a models list", conn.did)
-                return
-            conn.models = sorted(inventory_models(body))
-            conn.inventory = body
-            self.registry.changed()
+            inventory = parse(body, Inventory)
+            self.registry.set_inventory(conn, inventory, body)
             await asyncio.to_thread(self.store.touch_node, conn.did, time.time(), conn.models)
             log.info("node %s serves %s", conn.did, conn.models)
         elif frame.type == FrameType.RESULT:
-            conn.on_result(body)
+            conn.on_result(body if isinstance(body, dict) else {})
         elif frame.type == FrameType.TELEMETRY:
-            conn.telemetry = body
-            self.registry.changed()
+            message = parse_telemetry(body)
+            if isinstance(message, LoadDelta):
+                self.registry.apply_delta(conn, message)
+                return
+            self.registry.set_telemetry(conn, message, body)
             now = time.time()
             if now - conn.touched_at > TOUCH_EVERY_S:
                 conn.touched_at = now
                 await asyncio.to_thread(self.store.touch_node, conn.did, now, None)
-
 
 
 def _addr(link: Link) -> str:
