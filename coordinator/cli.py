@@ -154,6 +154,21 @@ def serve(
         help="coordinator.toml: cloud upstreams, aliases, task routes, dispatch limits "
         "(default: /etc/meshgate/coordinator.toml if it exists).",
     ),
+    database_url: str | None = typer.Option(
+        None, "--database-url", envvar="MESHGATE_COORDINATOR_DB_URL",
+        help="postgresql://USER:PASS@HOST/DB to share the store with other replicas "
+        "(needs meshgate[postgres]); default: SQLite in the state directory.",
+    ),
+    redis_url: str | None = typer.Option(
+        None, "--redis-url", envvar="MESHGATE_REDIS_URL",
+        help="redis://HOST:PORT/DB: run as one replica of a cluster, sharing rate limits, "
+        "budgets, the cache and revocations (needs meshgate[redis]); default: in memory.",
+    ),
+    cluster_key: Path | None = typer.Option(
+        None, "--cluster-key", envvar="MESHGATE_CLUSTER_KEY",
+        help="The tunnel key file every replica shares (nodes pin it); default: the state "
+        "directory's own key.",
+    ),
 ) -> None:
     """Run the public API and the tunnel endpoint."""
     if advertise_url is not None and not advertise_url.startswith(("ws://", "wss://")):
@@ -167,16 +182,21 @@ def serve(
     if cache_entries <= 0:
         raise _fail("--cache-entries must be positive", 2)
     from coordinator.config import resolve_config
+    from coordinator.engines import Engines
     from coordinator.server import run_server
 
     try:
         loaded = resolve_config(config)
+        engines = Engines(database_url or loaded.cluster.database_url,
+                          redis_url or loaded.cluster.redis_url).checked()
     except CoordinatorError as exc:
         raise _fail(str(exc), 2) from None
     run_server(ServeOptions(
         state_dir=state_dir, api_host=api_host, api_port=api_port, tunnel_host=tunnel_host,
         tunnel_port=tunnel_port, advertise_url=advertise_url, log_level=log_level, config=config,
         cache=cache, cache_ttl_s=cache_ttl_s, cache_entries=cache_entries, log_format=log_format,
+        database_url=engines.database_url, redis_url=engines.redis_url,
+        static_key_file=cluster_key or loaded.cluster.key_file,
     ), loaded)
 
 

@@ -8,6 +8,11 @@
     first_token_timeout_s = 60 # no first token from a node: try the next candidate
     idle_timeout_s = 60        # a started stream silent this long ends with an error event
 
+    [cluster]                  # several replicas (coordinator/CLUSTER.md); all optional
+    database_url = "postgresql://meshgate@db/meshgate"   # or --database-url
+    redis_url = "redis://cache:6379/0"                   # or --redis-url
+    key_file = "/etc/meshgate/cluster.key"               # or --cluster-key
+
     [aliases]
     fast-chat = ["smollm2", "gpt-4o-mini"]
 
@@ -69,12 +74,20 @@ class DispatchConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    database_url: str | None = None
+    redis_url: str | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     upstreams: tuple[Upstream, ...] = ()
     aliases: dict[str, list[str]] = field(default_factory=dict)
     tasks: dict[str, list[str]] = field(default_factory=dict)
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     path: Path | None = None
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def routing(self, models: frozenset[str] | None = None) -> RoutingConfig:
         return RoutingConfig(aliases=self.aliases, tasks=self.tasks, models=models)
@@ -177,11 +190,27 @@ def _dispatch(value: Any) -> DispatchConfig:
     return DispatchConfig(**out)
 
 
+def _cluster(value: Any, base: Path) -> ClusterConfig:
+    if value is None:
+        return ClusterConfig()
+    if not isinstance(value, dict):
+        raise ConfigError("cluster: expected a table")
+    unknown = sorted(set(value) - {"database_url", "redis_url", "key_file"})
+    if unknown:
+        raise ConfigError(f"cluster: unknown key {unknown[0]!r}")
+    for name, raw in value.items():
+        if not isinstance(raw, str) or not raw:
+            raise ConfigError(f"cluster.{name}: expected a string")
+    key_file = value.get("key_file")
+    return ClusterConfig(value.get("database_url"), value.get("redis_url"),
+                         (base / key_file).expanduser() if key_file else None)
+
+
 def parse_config(data: dict[str, Any], *, base: Path = Path(".")) -> CoordinatorConfig:
-    unknown = sorted(set(data) - {"upstream", "aliases", "routes", "dispatch"})
+    unknown = sorted(set(data) - {"upstream", "aliases", "routes", "dispatch", "cluster"})
     if unknown:
         raise ConfigError(f"unknown section {unknown[0]!r} "
-                          "(known: upstream, aliases, routes, dispatch)")
+                          "(known: upstream, aliases, routes, dispatch, cluster)")
     raw_upstreams = data.get("upstream", [])
     if not isinstance(raw_upstreams, list):
         raise ConfigError("upstream: write each one as [[upstream]]")
@@ -201,6 +230,7 @@ def parse_config(data: dict[str, Any], *, base: Path = Path(".")) -> Coordinator
         aliases=tables["aliases"],
         tasks=tables["routes"],
         dispatch=_dispatch(data.get("dispatch")),
+        cluster=_cluster(data.get("cluster"), base),
     )
 
 
@@ -219,7 +249,7 @@ def load_config(path: Path) -> CoordinatorConfig:
     except ConfigError as exc:
         raise ConfigError(f"config {path}: {exc}") from None
     return CoordinatorConfig(config.upstreams, config.aliases, config.tasks, config.dispatch,
-                             path)
+                             path, config.cluster)
 
 
 def resolve_config(path: Path | None) -> CoordinatorConfig:

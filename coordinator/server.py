@@ -22,6 +22,7 @@ from coordinator.cache import ResponseCache
 from coordinator.cloud import CloudClient
 from coordinator.config import CoordinatorConfig, resolve_config
 from coordinator.dispatch import Dispatcher
+from coordinator.engines import Engines, write_engines
 from coordinator.gateway import Gateway
 from coordinator.limits import KeyGate
 from coordinator.live import LIVE_FILE, write_live_loop
@@ -63,7 +64,8 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
 
 async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> None:
     config = config if config is not None else resolve_config(opts.config)
-    state = StateDir(opts.state_dir)
+    state = StateDir(opts.state_dir, db_url=opts.database_url)
+    write_engines(state.path, Engines(opts.database_url, opts.redis_url))  # for the admin CLI
     store = Store(state.db_url)
     clouds = {u.name: CloudClient(u) for u in config.upstreams}
     registry = Registry(c.view() for c in clouds.values())
@@ -73,7 +75,8 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
                  len(clouds), sorted(clouds), len(config.aliases), len(config.tasks))
     gateway = Gateway(store, registry)
     tunnel_server = await serve_tunnel(
-        opts.tunnel_host, opts.tunnel_port, state.static_key(), gateway.authorize, gateway.on_link
+        opts.tunnel_host, opts.tunnel_port, state.static_key(opts.static_key_file),
+        gateway.authorize, gateway.on_link,
     )
     tunnel_port = next(iter(tunnel_server.sockets)).getsockname()[1]
     advertised_host = "127.0.0.1" if opts.tunnel_host in ("0.0.0.0", "::", "") else opts.tunnel_host  # noqa: S104

@@ -20,12 +20,12 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from coordinator.engines import resolve_engines
 from coordinator.errors import StateError
 
 STATIC_KEY_FILE = "coordinator_static.key"
 DB_FILE = "coordinator.db"
 ADVERTISE_FILE = "advertise.json"
-DB_URL_ENV = "MESHGATE_COORDINATOR_DB_URL"
 KEY_LEN = 32
 
 
@@ -45,6 +45,9 @@ class ServeOptions:
     cache_ttl_s: float = 300.0
     cache_entries: int = 1024
     log_format: str = "json"  # json (one object a line, with request_id) or text
+    database_url: str | None = None  # None: $MESHGATE_COORDINATOR_DB_URL, else SQLite here
+    redis_url: str | None = None  # shared fast state (cluster.py); None: in this process
+    static_key_file: Path | None = None  # the cluster's shared key; None: the state dir's
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,21 +69,27 @@ class StateDir:
 
     @property
     def db_url(self) -> str:
-        """The option, else $MESHGATE_COORDINATOR_DB_URL, else the SQLite file in this dir."""
+        """The option, else $MESHGATE_COORDINATOR_DB_URL, else the database `serve` last
+        used here (engines.json), else the SQLite file in this dir."""
         if self._db_url:
             return self._db_url
-        from_env = os.environ.get(DB_URL_ENV)
-        if from_env:
-            return from_env
+        chosen = resolve_engines(self.path).database_url
+        if chosen:
+            return chosen
         return f"sqlite:///{(self.path / DB_FILE).resolve()}"
 
-    def static_key(self) -> X25519PrivateKey:
+    def static_key(self, shared: Path | None = None) -> X25519PrivateKey:
         """Load the tunnel endpoint's static key, creating it on first use.
 
         The key is written whole to a private temporary file, then linked into
         place, so a second process never reads a half-written key and two
         first starts agree on one key.
         """
+        if shared is not None:  # a cluster's replicas share one key; never made here
+            if not shared.is_file():
+                raise StateError(f"the cluster key file {shared} does not exist; copy the "
+                                 f"first replica's {STATIC_KEY_FILE} there")
+            return self._load_key(shared)
         key_path = self.path / STATIC_KEY_FILE
         if key_path.exists():
             return self._load_key(key_path)

@@ -49,6 +49,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql.dml import Update
 
+from coordinator.engines import database_url
 from coordinator.errors import (
     CoordinatorError,
     EnrollmentRefused,
@@ -321,7 +322,7 @@ def _rowcount(session: Session, stmt: Update) -> int:
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine: Engine = create_engine(url)
+        self.engine: Engine = create_engine(database_url(url))  # a missing driver: one line
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _on_sqlite_connect)
             event.listen(self.engine, "begin", _on_sqlite_begin)

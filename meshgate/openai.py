@@ -14,7 +14,19 @@ log knows where to look.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
+
+import pydantic_core
+from pydantic import ValidationError
+
+from meshgate.schema import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    OpenAIRequest,
+    describe,
+)
 
 ENDPOINTS = ("chat/completions", "completions", "embeddings")
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -75,47 +87,156 @@ class OpenAIError(Exception):
         if isinstance(error, dict):
             message = str(error.get("message") or "unknown error")
             code = error.get("code")
+            param = error.get("param")
             return cls(
                 status,
                 message,
                 code=str(code) if code is not None else None,
+                param=str(param) if param is not None else None,
                 hop=str(error.get("hop") or hop) if (error.get("hop") or hop) else None,
             )
         return cls(status, str(body)[:500] or "unknown error", hop=hop)
 
 
-def parse_request(raw: bytes, endpoint: str, *, max_bytes: int = MAX_BODY_BYTES) -> dict[str, Any]:
-    """Validate a request body for `endpoint` and return it parsed.
+#: The deepest JSON nesting a body may have (pydantic-core's parser refuses deeper at 200).
+MAX_DEPTH = 200
+_MODELS: dict[str, type[OpenAIRequest]] = {
+    "chat/completions": ChatRequest,
+    "completions": CompletionRequest,
+    "embeddings": EmbeddingRequest,
+}
+_PROMPT_PARAM = {"chat/completions": "messages", "completions": "prompt", "embeddings": "input"}
 
-    Checks only what meshgate itself relies on (size, JSON, `model`, the
-    prompt or messages); the runner validates the rest and its errors are
-    passed through unchanged.
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A request body parsed and validated once; every later step reads it from here."""
+
+    endpoint: str
+    raw: bytes
+    body: dict[str, Any]
+    """the JSON object as sent (unknown fields included)"""
+    request: OpenAIRequest
+
+    @property
+    def model(self) -> str:
+        return self.request.model
+
+    @property
+    def stream(self) -> bool:
+        return bool(getattr(self.request, "stream", False))
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with the usage chunk (``stream_options.include_usage``)."""
+        options = getattr(self.request, "stream_options", None)
+        return bool(self.stream and options is not None and options.include_usage)
+
+    @property
+    def max_tokens(self) -> int | None:
+        """The completion tokens asked for (``max_tokens`` or ``max_completion_tokens``)."""
+        asked = getattr(self.request, "max_tokens", None)
+        if asked is None:
+            asked = getattr(self.request, "max_completion_tokens", None)
+        return asked if isinstance(asked, int) else None
+
+    @property
+    def prompt_param(self) -> str:
+        return _PROMPT_PARAM[self.endpoint]
+
+    def prompt_text(self) -> str:
+        """The prompt's text, for estimates (messages' text parts, prompts, inputs)."""
+        request = self.request
+        if isinstance(request, ChatRequest):
+            parts: list[str] = []
+            for m in request.messages:
+                parts.append(m.role)
+                if isinstance(m.content, str):
+                    parts.append(m.content)
+                elif isinstance(m.content, list):
+                    parts.extend(str(p.get("text", "")) for p in m.content)
+                for call in m.tool_calls or ():
+                    parts.extend((call.function.name, call.function.arguments))
+            for tool in request.tools or ():
+                parts.append(json.dumps(tool.function.model_dump(mode="json")))
+            return "\n".join(parts)
+        found = request.prompt if isinstance(request, CompletionRequest) else request.input
+        if isinstance(found, str):
+            return found
+        return "\n".join(x if isinstance(x, str) else " ".join(map(str, x)) if
+                         isinstance(x, list) else str(x) for x in found)
+
+    def prompt_tokens_estimate(self) -> int:
+        """Prompt tokens as a BPE tokenizer would count them on English text, rounded up
+        (about 4 bytes a token, plus a few per chat message for its template)."""
+        text = self.prompt_text().encode()
+        per_message = len(self.request.messages) * 8 if isinstance(self.request, ChatRequest) else 0
+        return len(text) // 3 + 1 + per_message
+
+
+def parse(raw: bytes, endpoint: str, *, max_bytes: int = MAX_BODY_BYTES) -> Parsed:
+    """Parse and validate a request body for `endpoint` against OpenAI's schema.
+
+    Raises :class:`OpenAIError` 413 for an oversize body and 400, naming ``param``
+    the way OpenAI does, for anything else: not JSON, nested deeper than
+    :data:`MAX_DEPTH`, not an object, a missing field, a wrong type or a value out
+    of range. Unknown fields are allowed and kept.
     """
     if len(raw) > max_bytes:
-        raise OpenAIError(413, f"request body is {len(raw)} bytes; the limit is {max_bytes}")
+        raise OpenAIError(413, f"request body is {len(raw)} bytes; the limit is {max_bytes}",
+                          code="request_too_large")
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise OpenAIError(400, f"request body is not valid JSON: {exc}") from None
+        body = pydantic_core.from_json(raw)
+    except ValueError as exc:
+        text = str(exc)
+        if "recursion limit" in text:
+            raise OpenAIError(400, f"request body is nested too deeply (more than {MAX_DEPTH} "
+                              "levels of arrays and objects)", code="invalid_json") from None
+        raise OpenAIError(400, f"We could not parse the JSON body of your request: {text}",
+                          code="invalid_json") from None
     if not isinstance(body, dict):
-        raise OpenAIError(400, "request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise OpenAIError(400, "'model' is required and must be a string", param="model")
-    if endpoint == "chat/completions":
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise OpenAIError(400, "'messages' must be a non-empty list", param="messages")
-        if not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise OpenAIError(400, "each message must be an object with a 'role'", param="messages")
-    elif endpoint == "completions" and not isinstance(body.get("prompt"), str | list):
-        raise OpenAIError(400, "'prompt' is required", param="prompt")
-    elif endpoint == "embeddings" and not isinstance(body.get("input"), str | list):
-        raise OpenAIError(400, "'input' is required", param="input")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise OpenAIError(400, "'stream' must be a boolean", param="stream")
-    return body
+        raise OpenAIError(400, "request body must be a JSON object", code="invalid_json")
+    try:
+        request = _MODELS[endpoint].model_validate(body)
+    except ValidationError as exc:
+        message, param, code = describe(exc)
+        raise OpenAIError(400, message, param=param, code=code) from None
+    if isinstance(request, ChatRequest):
+        _check_messages(request)
+    return Parsed(endpoint, raw, body, request)
+
+
+def _check_messages(request: ChatRequest) -> None:
+    """What OpenAI requires of a message beyond its fields' types."""
+    for i, m in enumerate(request.messages):
+        calls = m.tool_calls or (m.model_extra or {}).get("function_call")
+        if m.content is None and not (m.role == "assistant" and calls):
+            raise OpenAIError(400, f"Missing required parameter: 'messages[{i}].content'.",
+                              param=f"messages[{i}].content", code="missing_required_parameter")
+        if m.role == "tool" and not m.tool_call_id:
+            raise OpenAIError(400, f"Missing required parameter: 'messages[{i}].tool_call_id'.",
+                              param=f"messages[{i}].tool_call_id",
+                              code="missing_required_parameter")
+
+
+def parse_request(raw: bytes, endpoint: str, *, max_bytes: int = MAX_BODY_BYTES) -> dict[str, Any]:
+    """The body of :func:`parse` (for callers that need only the JSON)."""
+    return parse(raw, endpoint, max_bytes=max_bytes).body
+
+
+def context_exceeded(
+    n_ctx: int, prompt_tokens: int, completion_tokens: int | None, *, param: str, hop: str
+) -> OpenAIError:
+    """OpenAI's 400 for a request its model cannot hold, with the real numbers."""
+    asked = prompt_tokens + (completion_tokens or 0)
+    where = "in the messages" if param == "messages" else "in the prompt"
+    detail = (f"{prompt_tokens} {where}, {completion_tokens} in the completion"
+              if completion_tokens else f"{prompt_tokens} {where}")
+    return OpenAIError(
+        400, f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+        f"{asked} tokens ({detail}). Please reduce the length of the {param} or completion.",
+        code="context_length_exceeded", param=param, hop=hop,
+    )
 
 
 def unknown_model(model: str, *, hop: str) -> OpenAIError:

@@ -12,7 +12,7 @@ Besides the runners and the proxy, the daemon runs three small loops:
   the coordinator as an INVENTORY frame at once;
 - the link to the coordinator, when enrolled;
 - with ``--ollama URL``: every model of that Ollama server is served as an
-  :class:`~node_agent.ollama.OllamaRuntime` under Ollama's name, found again
+  :class:`~node_agent.runtimes.ollama.OllamaRuntime` under Ollama's name, found again
   every ``ollama_period`` seconds (new models are added; a model loaded or
   unloaded there, or added, is sent to the coordinator as a new inventory).
 """
@@ -37,14 +37,14 @@ from meshgate.serving import DaemonServer
 from node_agent.config import NodeOptions
 from node_agent.inventory import Inventory, ModelFile, ollama_entry, read_model_file
 from node_agent.link import CoordinatorLink
-from node_agent.mesh import MeshRuntime
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager, model_name, parse_model_spec
 from node_agent.nvml import NvmlSource
-from node_agent.ollama import OllamaHost
 from node_agent.proxy import build_app
+from node_agent.runtimes.llama.supervisor import LlamaRunner
+from node_agent.runtimes.mesh import MeshRuntime
+from node_agent.runtimes.ollama.host import OllamaHost
 from node_agent.state import NodeState
-from node_agent.supervisor import LlamaRunner
 from node_agent.telemetry import TelemetrySampler, TelemetryService
 
 __all__ = ["NodeOptions", "build_manager", "run_node", "serve"]

@@ -33,7 +33,7 @@ import gguf
 import numpy as np
 
 if TYPE_CHECKING:
-    from node_agent.ollama import OllamaModel
+    from node_agent.runtimes.ollama.host import OllamaModel
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from typing import Any
 
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest, ProtocolViolation, error_body
-from node_agent.mesh import MeshRuntime
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
-from node_agent.runtime import usage_of
+from node_agent.runtimes.base import usage_of
+from node_agent.runtimes.mesh import MeshRuntime
 from node_agent.state import Enrollment
 from tunnel import (
     ClosedError,

@@ -25,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from node_agent.runtime import usage_of
+from node_agent.runtimes.base import usage_of
 
 __all__ = ["CONTENT_TYPE_LATEST", "NodeMetrics", "RequestTrack"]
 

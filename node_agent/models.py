@@ -56,9 +56,10 @@ from node_agent.placement import (
     plan_eviction,
     reclaimable,
 )
-from node_agent.runtime import OpenAIHttpRuntime, Runtime
+from node_agent.runtimes.base import Runtime
+from node_agent.runtimes.llama.supervisor import LlamaRunner, RunnerError
+from node_agent.runtimes.openai_http import OpenAIHttpRuntime
 from node_agent.slots import Backend, LlamaSpec, Metered, RunnerFactory, RunnerLike, Slot
-from node_agent.supervisor import LlamaRunner, RunnerError
 
 __all__ = [
     "LlamaSpec",
@@ -550,10 +551,19 @@ class ModelManager:
         n_ctx: int | None = None,
         n_gpu_layers: int | None = None,
         keep_alive: float | None = None,
+        runtime_keep_alive: float | str | None = None,
     ) -> dict[str, Any]:
-        """Load `name` (from `source`, or what it was declared with), evicting idle models."""
+        """Load `name` (from `source`, or what it was declared with), evicting idle models.
+
+        A model served by a runtime the manager does not run as a process (Ollama,
+        an upstream) is asked to load itself, with `runtime_keep_alive` as given
+        (Ollama's duration).
+        """
         async with self.lock:
             slot = self._slots.get(name)
+            if slot is not None and slot.backend is not None and slot.backend.runner is None:
+                await slot.backend.runtime.load(runtime_keep_alive)
+                return {"model": name, "loaded": True, "state": slot.state}
             if slot is not None and slot.state == "loaded":
                 if source is not None and slot.spec and source != slot.spec.source:
                     raise OpenAIError(
@@ -592,9 +602,11 @@ class ModelManager:
             slot = self._slots.get(name)
             if slot is None:
                 raise unknown_model(name, hop="node")
-            if slot.backend is None or slot.backend.runner is None:
-                what = "not a local runner" if slot.backend else slot.state
-                raise OpenAIError(400, f"{name} is {what}; nothing to unload", hop="node")
+            if slot.backend is not None and slot.backend.runner is None:
+                await slot.backend.runtime.unload()  # Ollama unloads; others refuse
+                return {"model": name, "state": slot.state}
+            if slot.backend is None:
+                raise OpenAIError(400, f"{name} is {slot.state}; nothing to unload", hop="node")
             await self._unload(slot, why="asked")
             return {"model": name, "state": slot.state}
 
@@ -607,7 +619,7 @@ class ModelManager:
             slot = self._slots.get(old)
             if slot is None:
                 raise unknown_model(old, hop="node")
-            if slot.kind != "llama.cpp":
+            if slot.spec is None:
                 raise OpenAIError(
                     400,
                     f"{old} is served by {slot.kind}, not a local runner; "

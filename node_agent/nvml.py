@@ -15,6 +15,12 @@ Rules, in the order the code applies them:
 
 Fetching (calls into NVML) is kept apart from converting: :func:`gpu_sample`
 turns one GPU's raw readings into a :class:`GpuSample` and is pure.
+
+Energy (:meth:`NvmlSource.energy`, for ``energy_meter.py``): per GPU, NVML's
+total energy counter (``nvmlDeviceGetTotalEnergyConsumption``, millijoules
+since the driver loaded, Volta and later); where a GPU lacks it, its power
+draw, which the meter integrates over time (an estimate). :func:`gpu_energy`
+is the pure converter.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import Any
+
+from node_agent.energy import DeviceReading
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +114,15 @@ def _int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def gpu_energy(index: int, energy_mj: int | None, power_mw: int | None) -> DeviceReading:
+    """One GPU's energy reading: the counter in joules, else its power in watts."""
+    return DeviceReading(
+        f"gpu{index}",
+        counter_j=None if energy_mj is None else int(energy_mj) / 1000.0,
+        power_w=milliwatts_to_watts(_int(power_mw)),
+    )
+
+
 # --- fetching ----------------------------------------------------------------
 
 Reader = Callable[[Any, Any], Any]
@@ -126,6 +143,14 @@ READERS: dict[str, Reader] = {
     "pcie_tx_kb_s": lambda n, h: n.nvmlDeviceGetPcieThroughput(h, n.NVML_PCIE_UTIL_TX_BYTES),
     "pcie_rx_kb_s": lambda n, h: n.nvmlDeviceGetPcieThroughput(h, n.NVML_PCIE_UTIL_RX_BYTES),
 }
+
+
+def _read_energy(nvml: Any, handle: Any) -> Any:
+    return nvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+
+
+def _handle_of(index: int) -> Callable[[Any], Any]:
+    return lambda nvml: nvml.nvmlDeviceGetHandleByIndex(index)
 
 
 def _bind(read: Reader, handle: Any) -> Callable[[Any], Any]:
@@ -149,6 +174,24 @@ class NvmlSource:
             return []
         count = self._call(-1, "count", lambda n: n.nvmlDeviceGetCount())
         return [self._sample_one(i) for i in range(int(count or 0))]
+
+    def energy(self) -> list[DeviceReading]:
+        """Each GPU's energy counter (or, lacking one, its power draw); never raises."""
+        if self._state == "new":
+            self._init()
+        if self._state != "ready":
+            return []
+        count = self._call(-1, "count", lambda n: n.nvmlDeviceGetCount())
+        out = []
+        for i in range(int(count or 0)):
+            handle = self._call(i, "handle", _handle_of(i))
+            energy = power = None
+            if handle is not None:
+                energy = self._call(i, "energy_mj", _bind(_read_energy, handle))
+                if energy is None:
+                    power = self._call(i, "power_mw", _bind(READERS["power_mw"], handle))
+            out.append(gpu_energy(i, energy, power))
+        return out
 
     def close(self) -> None:
         if self._state == "ready":

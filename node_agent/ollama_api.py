@@ -52,8 +52,8 @@ from meshgate.openai import MAX_BODY_BYTES, OpenAIError
 from node_agent.inventory import read_model_file
 from node_agent.metrics import NodeMetrics, RequestTrack
 from node_agent.models import ModelManager
-from node_agent.ollama import OllamaModel, OllamaRuntime
-from node_agent.runtime import Runtime
+from node_agent.ollama_wire import chat_request, generate_request
+from node_agent.runtimes.base import Runtime
 from node_agent.streaming import WatchedResponse, aclose
 
 log = logging.getLogger(__name__)
@@ -62,18 +62,6 @@ log = logging.getLogger(__name__)
 OLLAMA_VERSION = "0.12.6"
 NDJSON = "application/x-ndjson"
 FOREVER = datetime(2318, 1, 1, tzinfo=UTC)
-#: Ollama options that OpenAI-compatible runtimes read under the same name.
-SAME_OPTIONS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "typical_p",
-    "repeat_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-)
 #: Ollama's model management endpoints, refused with 501 (meshgate does not pull or create).
 MANAGEMENT = ("pull", "push", "create", "copy", "delete", "blobs")
 DONE_REASON = {"stop": "stop", "length": "length", "tool_calls": "stop", "content_filter": "stop"}
@@ -94,113 +82,6 @@ def _error_response(status: int, message: str) -> Response:
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
-# --- Ollama request -> OpenAI request (pure) ---------------------------------------------
-
-
-def openai_options(body: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI sampling fields for an Ollama request's ``options`` and ``format``."""
-    options = body.get("options") or {}
-    if not isinstance(options, dict):
-        raise OllamaAPIError(400, "options must be an object")
-    out = {k: options[k] for k in SAME_OPTIONS if options.get(k) is not None}
-    limit = options.get("num_predict")
-    if limit is not None:
-        if not isinstance(limit, int) or isinstance(limit, bool):
-            raise OllamaAPIError(400, "option num_predict must be an integer")
-        if limit >= 0:  # -1: no limit, -2: fill the context
-            out["max_tokens"] = limit
-    stop = options.get("stop")
-    if stop is not None:
-        stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise OllamaAPIError(400, "option stop must be a list of strings")
-        out["stop"] = stops
-    fmt = body.get("format")
-    if fmt == "json":
-        out["response_format"] = {"type": "json_object"}
-    elif isinstance(fmt, dict):
-        out["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": "format", "schema": fmt},
-        }
-    elif fmt not in (None, ""):
-        raise OllamaAPIError(400, f'invalid format {fmt!r}: use "json" or a JSON schema')
-    return out
-
-
-def openai_messages(messages: Any) -> list[dict[str, Any]]:
-    """Ollama chat messages as OpenAI's (images as data: URLs, tool calls with JSON arguments)."""
-    if not isinstance(messages, list):
-        raise OllamaAPIError(400, "messages must be a list")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise OllamaAPIError(400, f"message {i} must be an object with a role")
-        content = m.get("content") or ""
-        if not isinstance(content, str):
-            raise OllamaAPIError(400, f"message {i}: content must be a string")
-        msg: dict[str, Any] = {"role": m["role"], "content": content}
-        images = m.get("images") or []
-        if images:
-            msg["content"] = [{"type": "text", "text": content}] + [
-                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{img}"}}
-                for img in images
-            ]
-        calls = m.get("tool_calls")
-        if calls:
-            msg["tool_calls"] = [
-                {
-                    "id": f"call_{i}_{j}",
-                    "type": "function",
-                    "function": {
-                        "name": c["function"]["name"],
-                        "arguments": json.dumps(c["function"].get("arguments") or {}),
-                    },
-                }
-                for j, c in enumerate(calls)
-            ]
-        if m["role"] == "tool" and m.get("tool_name"):
-            msg["name"] = m["tool_name"]
-        out.append(msg)
-    return out
-
-
-def chat_request(body: dict[str, Any], model: str, stream: bool) -> dict[str, Any]:
-    req: dict[str, Any] = {
-        "model": model,
-        "messages": openai_messages(body.get("messages")),
-        **openai_options(body),
-    }
-    if body.get("tools"):
-        req["tools"] = body["tools"]
-    if stream:
-        req["stream"] = True
-        req["stream_options"] = {"include_usage": True}
-    return req
-
-
-def generate_request(body: dict[str, Any], model: str, stream: bool) -> tuple[str, dict[str, Any]]:
-    """The OpenAI endpoint and request for an Ollama ``/api/generate`` body."""
-    prompt, system = body.get("prompt") or "", body.get("system") or ""
-    if not isinstance(prompt, str) or not isinstance(system, str):
-        raise OllamaAPIError(400, "prompt and system must be strings")
-    req: dict[str, Any] = {"model": model, **openai_options(body)}
-    if body.get("raw"):
-        endpoint = "completions"
-        req["prompt"] = prompt
-        if body.get("suffix"):
-            req["suffix"] = body["suffix"]
-    else:
-        endpoint = "chat/completions"
-        user = {"role": "user", "content": prompt, "images": body.get("images") or []}
-        messages = ([{"role": "system", "content": system}] if system else []) + [user]
-        req["messages"] = openai_messages(messages)
-    if stream:
-        req["stream"] = True
-        req["stream_options"] = {"include_usage": True}
-    return endpoint, req
 
 
 # --- OpenAI answer -> Ollama answer -------------------------------------------------------
@@ -422,17 +303,14 @@ class OllamaAPI:
 
     async def _load_or_unload(self, name: str, body: dict[str, Any], *, chat: bool) -> Response:
         unload = _keep_alive_zero(body.get("keep_alive"))
-        runtime = self.manager.get(name)
         try:
-            if isinstance(runtime, OllamaRuntime):
-                await (runtime.unload() if unload else runtime.load(body.get("keep_alive")))
-            elif unload:
-                if self.manager.stats().get(name, {}).get("runner") is not None:
-                    await self.manager.unload(name)
+            if unload:
+                await self.manager.unload(name)
             else:
-                await self.manager.load(name)
+                await self.manager.load(name, runtime_keep_alive=body.get("keep_alive"))
         except OpenAIError as exc:
-            raise OllamaAPIError(exc.status, exc.message) from None
+            if not (unload and exc.status == 400):  # nothing to unload: already done
+                raise OllamaAPIError(exc.status, exc.message) from None
         reply: dict[str, Any] = {"model": body["model"], "created_at": now_iso()}
         if chat:
             reply["message"] = {"role": "assistant", "content": ""}
@@ -559,9 +437,7 @@ class OllamaAPI:
         """One served model in the shape of an ``/api/tags`` entry (plus ``_stats``)."""
         stats = self.manager.stats().get(name, {})
         runtime = self.manager.get(name)
-        info: OllamaModel | None = None
-        if isinstance(runtime, OllamaRuntime):
-            info = next((m for m in runtime.host.models if m.name == runtime.model), None)
+        info = _Info(runtime.describe() if runtime is not None else None)
         file = self._file_info(stats.get("file") or stats.get("source"))
         family = (info.family if info else file.get("family")) or ""
         return {
@@ -598,7 +474,7 @@ class OllamaAPI:
         for name in self.manager.names():
             m = self.describe(name)
             stats, info = m["_stats"], m["_ollama"]
-            if info is not None:
+            if info:
                 if not info.loaded:
                     continue
                 expires, vram = info.expires_at, info.size_vram or 0
@@ -655,6 +531,19 @@ class OllamaAPI:
         }
 
 
+class _Info:
+    """A runtime's own description of its model (Ollama's list/ps entry), by attribute."""
+
+    def __init__(self, entry: dict[str, Any] | None) -> None:
+        self._entry = entry or {}
+
+    def __bool__(self) -> bool:
+        return bool(self._entry)
+
+    def __getattr__(self, key: str) -> Any:
+        return self._entry.get(key)
+
+
 def _parameter_size(count: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if count >= size:
@@ -681,7 +570,7 @@ def add_ollama_routes(
         async def route(request: Request) -> Response:
             try:
                 result = await handler(request)
-            except OllamaAPIError as exc:
+            except (OllamaAPIError, OpenAIError) as exc:
                 return _error_response(exc.status, exc.message)
             return result if isinstance(result, Response) else JSONResponse(result)
 

@@ -33,7 +33,7 @@ from meshgate.openai import (
 from node_agent.metrics import CONTENT_TYPE_LATEST, NodeMetrics, RequestTrack
 from node_agent.models import ModelManager
 from node_agent.ollama_api import add_ollama_routes
-from node_agent.runtime import Runtime
+from node_agent.runtimes.base import Runtime
 from node_agent.streaming import WatchedResponse, aclose
 
 log = logging.getLogger(__name__)

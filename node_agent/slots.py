@@ -18,11 +18,11 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from meshgate.openai import OpenAIError
 from node_agent.placement import Placement
-from node_agent.runtime import OpenAIHttpRuntime, Runtime, usage_of
+from node_agent.runtimes.base import Runtime, Usage, usage_of
 
 RATE_WINDOW = 32  # requests in the tokens/s figures
 
@@ -93,7 +93,22 @@ class Metered:
     async def health(self) -> bool:
         return await self.inner.health()
 
-    async def complete(self, endpoint: str, body: bytes) -> tuple[bytes, dict[str, int] | None]:
+    async def load(self, keep_alive: float | str | None = None) -> None:
+        await self.inner.load(keep_alive)
+
+    async def unload(self) -> None:
+        await self.inner.unload()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    def describe(self) -> dict[str, Any] | None:
+        return self.inner.describe()
+
+    async def embed(self, body: bytes) -> tuple[bytes, Usage | None]:
+        return await self.inner.embed(body)
+
+    async def complete(self, endpoint: str, body: bytes) -> tuple[bytes, Usage | None]:
         began = time.perf_counter()
         data, usage = await self.inner.complete(endpoint, body)
         if usage:
@@ -153,7 +168,7 @@ class Backend:
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.stop()
-        elif isinstance(self.runtime, OpenAIHttpRuntime):
+        else:
             await self.runtime.aclose()
 
 

@@ -16,10 +16,8 @@ api_port=${MESHGATE_API_PORT:-8470}
 tunnel_port=${MESHGATE_TUNNEL_PORT:-8471}
 proxy_port=${MESHGATE_PROXY_PORT:-11438}
 
-[ -x .venv/bin/python ] || python3 -m venv .venv
 echo "== installing meshgate into .venv (llama-cpp-python compiles once, ~5 min)"
-.venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
-.venv/bin/python -m pip install --quiet -e .
+./scripts/install.sh
 model=$(./scripts/fetch_model.sh)
 bin=.venv/bin
 state=$(mktemp -d -t meshgate-quickstart.XXXXXX)

@@ -4,9 +4,7 @@
 # Extra arguments go to pytest, e.g. ./scripts/test.sh -k tunnel -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
-.venv/bin/python -m pip install --quiet -e '.[test]'
+./scripts/install.sh test
 ./scripts/fetch_model.sh >/dev/null
 echo "== ruff"; .venv/bin/ruff check .
 echo "== mypy"; .venv/bin/mypy

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench/swap.py [--model PATH.gguf] [--reps 5] [--json OUT.json]
 
-Real parts only: our llama.cpp runner processes (``node_agent.llama_worker``)
+Real parts only: our llama.cpp runner processes (``node_agent.runtimes.llama.worker``)
 serving the GGUF (SmolLM2 from ``scripts/fetch_model.sh`` by default), under the
 model manager. Two runner configs of the same file stand for two models:
 ``A`` (n_ctx 512) and ``B`` (n_ctx 1024). Each repetition, in turn:
@@ -57,8 +57,8 @@ sys.path.insert(0, str(ROOT))
 from node_agent.inventory import read_model_file  # noqa: E402
 from node_agent.models import ModelManager  # noqa: E402
 from node_agent.placement import Budget, place  # noqa: E402
-from node_agent.runtime import Runtime  # noqa: E402
-from node_agent.supervisor import LlamaRunner  # noqa: E402
+from node_agent.runtimes.base import Runtime  # noqa: E402
+from node_agent.runtimes.llama.supervisor import LlamaRunner  # noqa: E402
 
 BODY = json.dumps(
     {

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from node_agent.supervisor import socket_path
+from node_agent.runtimes.llama.supervisor import socket_path
 from tests.e2e.mesh import Mesh, mesh_at, wait_until
 
 pytestmark = pytest.mark.slow

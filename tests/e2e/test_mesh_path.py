@@ -14,7 +14,7 @@ import pytest
 
 from coordinator.state import StateDir
 from coordinator.store import Store, UsageRecord
-from node_agent.supervisor import socket_path
+from node_agent.runtimes.llama.supervisor import socket_path
 from tests.e2e.mesh import Mesh, mesh_at, wait_until
 
 pytestmark = pytest.mark.slow

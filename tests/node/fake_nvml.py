@@ -11,11 +11,19 @@ Cues: ``FakeNvml(..., library_missing=True)`` fails ``nvmlInit`` with
 ``NVMLError_LibraryNotFound``; :meth:`FakeNvml.unsupported` makes one call on
 one GPU raise ``NVMLError_NotSupported``; :meth:`FakeNvml.lose_gpu` makes
 every call on one GPU raise (``NVMLError_GPUIsLost`` by default).
+
+Energy: ``nvmlDeviceGetTotalEnergyConsumption`` is a moving counter (mJ) that
+integrates each GPU's power draw over the fake's clock: by default a manual
+clock moved by :meth:`FakeNvml.advance`, or any ``clock`` given (a daemon
+subprocess uses ``time.monotonic``, see :func:`h100_moving_energy`).
+:meth:`FakeNvml.set_power` changes a GPU's draw from now on.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,9 +79,20 @@ class FakeNvml:
     NVML_PCIE_UTIL_TX_BYTES = NVML_PCIE_UTIL_TX_BYTES
     NVML_PCIE_UTIL_RX_BYTES = NVML_PCIE_UTIL_RX_BYTES
 
-    def __init__(self, fixture: dict[str, Any] | None = None, *, library_missing: bool = False):
+    def __init__(
+        self,
+        fixture: dict[str, Any] | None = None,
+        *,
+        library_missing: bool = False,
+        clock: Callable[[], float] | None = None,
+    ):
         fixture = fixture or {"driver_version": "", "gpus": []}
-        self.gpus: list[dict[str, Any]] = list(fixture["gpus"])
+        self.gpus: list[dict[str, Any]] = [dict(g) for g in fixture["gpus"]]
+        self.now = 0.0
+        self._clock = clock or (lambda: self.now)
+        start = self._clock()
+        #: per GPU: (energy counter in mJ, clock time it was brought up to)
+        self._energy = [(float(g.get("energy_mj", 0)), start) for g in self.gpus]
         self.driver_version: str = fixture["driver_version"]
         self.library_missing = library_missing
         self.init_calls = 0
@@ -87,6 +106,22 @@ class FakeNvml:
         if not hasattr(self, function):
             raise AttributeError(f"pynvml has no {function} in this fake")
         self._unsupported.add((index, function))
+
+    def advance(self, seconds: float) -> None:
+        """Move the manual clock (the default one) on."""
+        self.now += seconds
+
+    def set_power(self, index: int, milliwatts: int) -> None:
+        """GPU `index` draws `milliwatts` from now on (its energy so far is kept)."""
+        self._energy_now(index)
+        self.gpus[index]["power_usage_mw"] = milliwatts
+
+    def _energy_now(self, index: int) -> float:
+        counter, since = self._energy[index]
+        now = self._clock()
+        counter += max(0.0, now - since) * float(self.gpus[index]["power_usage_mw"])  # mW*s = mJ
+        self._energy[index] = (counter, now)
+        return counter
 
     def lose_gpu(self, index: int, code: int = pynvml.NVML_ERROR_GPU_IS_LOST) -> None:
         self._lost[index] = code
@@ -137,6 +172,10 @@ class FakeNvml:
     def nvmlDeviceGetPowerUsage(self, handle: FakeHandle) -> int:
         return int(self._gpu(handle, "nvmlDeviceGetPowerUsage")["power_usage_mw"])
 
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: FakeHandle) -> int:
+        self._gpu(handle, "nvmlDeviceGetTotalEnergyConsumption")
+        return int(self._energy_now(handle.index))
+
     def nvmlDeviceGetEnforcedPowerLimit(self, handle: FakeHandle) -> int:
         return int(self._gpu(handle, "nvmlDeviceGetEnforcedPowerLimit")["enforced_power_limit_mw"])
 
@@ -183,3 +222,11 @@ def rtx4090_x2_power_unsupported() -> FakeNvml:
     nvml = FakeNvml(load_fixture("nvml_rtx4090_x2.json"))
     nvml.unsupported(1, "nvmlDeviceGetPowerUsage")
     return nvml
+
+
+def h100_moving_energy() -> FakeNvml:
+    """One recorded H100 whose energy counter moves with the real clock at its recorded 71 W.
+
+    For a daemon subprocess:
+    ``MESHGATE_NVML_MODULE=tests.node.fake_nvml:h100_moving_energy``."""
+    return FakeNvml(load_fixture("nvml_h100_80gb_hbm3.json"), clock=time.monotonic)

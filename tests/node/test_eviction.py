@@ -18,7 +18,7 @@ from meshgate.openai import OpenAIError
 from node_agent.inventory import ModelFile
 from node_agent.models import LlamaSpec, ModelManager, RunnerLike
 from node_agent.placement import Budget, place
-from node_agent.supervisor import RunnerError
+from node_agent.runtimes.llama.supervisor import RunnerError
 
 pytestmark = pytest.mark.timeout(30)
 

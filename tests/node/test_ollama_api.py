@@ -14,8 +14,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from node_agent.models import ModelManager
-from node_agent.ollama import OllamaHost
-from node_agent.ollama_api import OLLAMA_VERSION, Translator, generate_request, openai_options
+from node_agent.ollama_api import OLLAMA_VERSION, Translator
+from node_agent.ollama_wire import generate_request, openai_options
+from node_agent.runtimes.ollama import OllamaHost
 from tests.node.fake_ollama_server import CANNED, TOOL_ARGUMENTS, embedding, running
 from tests.node.proxy_thread import NodeThread
 

@@ -20,7 +20,8 @@ import pytest
 
 from meshgate.openai import OpenAIError
 from node_agent.models import ModelManager
-from node_agent.ollama import OllamaHost, OllamaRuntime, merge_models, options_of
+from node_agent.ollama_wire import options_of
+from node_agent.runtimes.ollama import OllamaHost, OllamaRuntime, merge_models
 from tests.node.fake_ollama_server import CANNED, TOOL_ARGUMENTS, embedding, free_port, running
 from tests.node.proxy_thread import NodeThread
 

@@ -22,7 +22,7 @@ from node_agent.placement import (
     plan_eviction,
     reclaimable,
 )
-from node_agent.supervisor import LlamaRunner
+from node_agent.runtimes.llama.supervisor import LlamaRunner
 from tests.node.fake_nvml import FakeNvml, load_fixture
 
 MiB, GiB = 1 << 20, 1 << 30

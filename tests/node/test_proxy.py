@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from node_agent.models import ModelManager
-from node_agent.supervisor import LlamaRunner
+from node_agent.runtimes.llama.supervisor import LlamaRunner
 from tests.node.proxy_thread import ProxyThread
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]

@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 
 from meshgate.openai import OpenAIError
-from node_agent.supervisor import LlamaRunner
+from node_agent.runtimes.llama.supervisor import LlamaRunner
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
 

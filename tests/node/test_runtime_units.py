@@ -9,11 +9,11 @@ import httpx
 import pytest
 
 from meshgate.openai import OpenAIError
-from node_agent.runtime import (
+from node_agent.runtimes.base import usage_of
+from node_agent.runtimes.openai_http import (
     OpenAIHttpRuntime,
     SSEParser,
     is_error_event,
-    usage_of,
     with_model,
 )
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from meshgate.openai import OpenAIError
-from node_agent.supervisor import Runner, RunnerError, backoff_delays, socket_path
+from node_agent.runtimes.llama.supervisor import Runner, RunnerError, backoff_delays, socket_path
 
 FAKE = str(Path(__file__).with_name("fake_openai_server.py"))
 CHAT = b'{"model":"fake","messages":[{"role":"user","content":"hi"}]}'

@@ -24,8 +24,8 @@ from node_agent.inventory import read_model_file
 from node_agent.link import CoordinatorLink
 from node_agent.models import ModelManager
 from node_agent.placement import Budget, place
+from node_agent.runtimes.llama.supervisor import socket_path
 from node_agent.state import Enrollment
-from node_agent.supervisor import socket_path
 from tests.node.proxy_thread import ProxyThread
 from tests.tunnel.mux_pair import mux_pair
 from tunnel import Frame, FrameType, Identity

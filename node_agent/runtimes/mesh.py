@@ -14,10 +14,11 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
 
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest, error_of
-from node_agent.runtime import usage_of
+from node_agent.runtimes.base import Usage, usage_of
 from tunnel import ClosedError, FrameType, Mux, Stream, TunnelError
 
 __all__ = ["MeshRuntime"]
@@ -36,6 +37,21 @@ class MeshRuntime:
 
     async def health(self) -> bool:
         return self._mux() is not None
+
+    async def load(self, keep_alive: float | str | None = None) -> None:
+        """Nothing to do: the coordinator places the model (and may load it somewhere)."""
+
+    async def unload(self) -> None:
+        raise OpenAIError(400, f"{self.name} is not served here; nothing to unload", hop="node")
+
+    async def embed(self, body: bytes) -> tuple[bytes, Usage | None]:
+        return await self.complete("embeddings", body)
+
+    async def aclose(self) -> None:
+        """Nothing held: each request is its own tunnel stream."""
+
+    def describe(self) -> dict[str, Any] | None:
+        return None
 
     async def _open(self, endpoint: str, body: bytes, stream: bool) -> Stream:
         mux = self._mux()
@@ -89,7 +105,7 @@ class MeshRuntime:
                 with contextlib.suppress(TunnelError):
                     await stream.send(FrameType.CANCEL, None)
 
-    async def complete(self, endpoint: str, body: bytes) -> tuple[bytes, dict[str, int] | None]:
+    async def complete(self, endpoint: str, body: bytes) -> tuple[bytes, Usage | None]:
         usage: list[dict[str, int] | None] = []
         stream = await self._open(endpoint, body, False)
         data = b"".join([part async for part in self._frames(stream, usage)])

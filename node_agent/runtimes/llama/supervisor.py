@@ -7,7 +7,7 @@ the process dies the runner counts a crash, logs the exit code, and starts
 it again after a backoff of 0.5 s doubling to 30 s (reset once a process has
 stayed up for a minute). While it is down its runtime refuses requests at
 once with a 503 that says so. :class:`LlamaRunner` is a Runner whose process
-is our ``node_agent.llama_worker``.
+is our ``node_agent.runtimes.llama.worker``.
 
 A runner's ``instance`` (default: its model name) names its socket and log,
 so that during a hot swap two runners can serve the same public name side by
@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 from meshgate.openai import OpenAIError
-from node_agent.runtime import OpenAIHttpRuntime
+from node_agent.runtimes.openai_http import OpenAIHttpRuntime
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 class LlamaRunner(Runner):
-    """A Runner of `node_agent.llama_worker` serving one GGUF file."""
+    """A Runner of `node_agent.runtimes.llama.worker` serving one GGUF file."""
 
     def __init__(
         self,
@@ -249,7 +249,7 @@ class LlamaRunner(Runner):
         argv = [
             sys.executable,
             "-m",
-            "node_agent.llama_worker",
+            "node_agent.runtimes.llama.worker",
             "--model",
             str(model_path),
             "--name",

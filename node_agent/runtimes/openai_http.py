@@ -1,9 +1,9 @@
-"""Runtimes: whatever answers OpenAI requests for one model on this box.
+"""A runtime behind any server that speaks OpenAI's wire format.
 
-Every runtime speaks the same small interface, :class:`Runtime`. The one
-implementation here, :class:`OpenAIHttpRuntime`, talks to any server that
-speaks OpenAI's wire format: our llama.cpp worker over its unix socket, or a
-server already running on the box over TCP. Bodies pass through as bytes;
+:class:`OpenAIHttpRuntime` talks to our llama.cpp worker over its unix socket
+(kind ``llama.cpp``, made by :class:`~node_agent.runtimes.llama.LlamaRunner`),
+or to a server already running on the box over TCP (kind ``upstream``), with
+one pooled ``httpx`` client per runtime. Bodies pass through as bytes;
 only ``model`` is rewritten, and only when the server knows the model by
 another name. Errors come out as :class:`OpenAIError`: the server's own status
 and message with ``hop="runner"``, or 503 ``hop="node"`` when it cannot be
@@ -14,43 +14,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 
 from meshgate.openai import OpenAIError
+from node_agent.runtimes.base import Usage, usage_of
 
 DATA_PREFIX = b"data:"
 DONE = b"[DONE]"
 TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
-
-
-class Runtime(Protocol):
-    name: str
-    kind: str  # "llama.cpp" | "upstream" | "ollama"
-
-    async def health(self) -> bool: ...
-
-    async def complete(self, endpoint: str, body: bytes) -> tuple[bytes, dict[str, int] | None]:
-        """Answer a non-streaming request: the raw JSON response and its usage."""
-        ...
-
-    def stream(self, endpoint: str, body: bytes) -> AsyncIterator[bytes]:
-        """Answer a streaming request: each event's JSON payload, the usage chunk included."""
-        ...
-
-
-def usage_of(chunk: bytes) -> dict[str, int] | None:
-    """The usage a response or stream chunk carries, if any."""
-    if b'"usage"' not in chunk:
-        return None
-    try:
-        usage = json.loads(chunk).get("usage")
-    except (ValueError, AttributeError):
-        return None
-    if not isinstance(usage, dict):
-        return None
-    return {k: v for k, v in usage.items() if isinstance(v, int)}
 
 
 class SSEParser:
@@ -143,7 +116,21 @@ class OpenAIHttpRuntime:
             return False
         return response.status_code == 200
 
-    async def complete(self, endpoint: str, body: bytes) -> tuple[bytes, dict[str, int] | None]:
+    async def load(self, keep_alive: float | str | None = None) -> None:
+        """Nothing to do: the server loads its own models (a supervised runner is started
+        by its :class:`~node_agent.runtimes.llama.LlamaRunner`)."""
+
+    async def unload(self) -> None:
+        """Refused: the server is not ours to stop (a supervised runner is stopped by its
+        :class:`~node_agent.runtimes.llama.LlamaRunner`)."""
+        raise OpenAIError(
+            400, f"{self.name} is not a local runner; nothing to unload", hop="node"
+        )
+
+    async def embed(self, body: bytes) -> tuple[bytes, Usage | None]:
+        return await self.complete("embeddings", body)
+
+    async def complete(self, endpoint: str, body: bytes) -> tuple[bytes, Usage | None]:
         self._check()
         try:
             response = await self._client.post(endpoint, content=self._body(body))
@@ -182,4 +169,7 @@ class OpenAIHttpRuntime:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    def describe(self) -> dict[str, Any] | None:
+        return None
 

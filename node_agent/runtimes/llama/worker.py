@@ -1,6 +1,6 @@
 """Our thin llama.cpp runner: one model, one process, one unix socket.
 
-    python -m node_agent.llama_worker --model PATH --uds SOCKET --name NAME
+    python -m node_agent.runtimes.llama.worker --model PATH --uds SOCKET --name NAME
 
 It speaks OpenAI's wire format, with the semantics the node agent relies on
 and that llama-cpp-python's own server does not give:
@@ -46,7 +46,7 @@ from meshgate.openai import (
     sse_event,
 )
 
-log = logging.getLogger("node_agent.llama_worker")
+log = logging.getLogger("node_agent.runtimes.llama.worker")
 
 CHAT_KEYS = (
     "messages",
@@ -343,7 +343,7 @@ def build_app(engine: Engine) -> FastAPI:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m node_agent.llama_worker")
+    parser = argparse.ArgumentParser(prog="python -m node_agent.runtimes.llama.worker")
     parser.add_argument("--model", required=True, help="path of the .gguf file")
     parser.add_argument("--uds", required=True, help="unix socket to serve on")
     parser.add_argument("--name", required=True, help="model name to report")
@@ -373,9 +373,33 @@ def exit_with_parent(period: float = 1.0) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def without_extra_buffer_types() -> None:
+    """Load weights into plain CPU buffers, not ggml's "extra" (AMX/repacked) ones.
+
+    On hosts whose CPUID advertises AMX but whose hypervisor does not run it (the
+    Firecracker VMs we test on), ggml's AMX matmul dies with SIGILL on the first
+    batch of more than one token: the runner vanishes mid-request. Plain buffers
+    use AVX2/AVX-512 and work everywhere. ``MESHGATE_LLAMA_EXTRA_BUFTS=1`` keeps
+    ggml's default. (llama-cpp-python has no argument for it, so the default
+    params it reads are patched in this one-model process.)
+    """
+    if os.environ.get("MESHGATE_LLAMA_EXTRA_BUFTS") == "1":
+        return
+    lowlevel = llama_cpp.llama_cpp
+    default = lowlevel.llama_model_default_params
+
+    def params() -> Any:
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    lowlevel.llama_model_default_params = params
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     exit_with_parent()
+    without_extra_buffer_types()
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

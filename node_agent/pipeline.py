@@ -1,0 +1,289 @@
+"""The one request path on the node: local or mesh, borrow, read usage once, map errors, meter once.
+
+Three front doors hand requests here and keep only their framing: the OpenAI
+routes (SSE), the Ollama routes (NDJSON) and the tunnel link (frames). For
+each request the pipeline
+
+1. decides where it runs: a model the manager serves runs here (borrowed with
+   ``manager.use``, which queues while the model loads or swaps); any other,
+   while the tunnel is up, goes to the coordinator through the mesh runtime;
+   otherwise it is the manager's 404;
+2. runs it (``complete``, ``embed`` or ``stream``);
+3. reads each chunk's usage once (the usage chunk of a stream is dropped for
+   a client that did not ask for it, ``stream_options.include_usage``, and
+   counted all the same);
+4. maps whatever the runtime raised to an :class:`~meshgate.openai.OpenAIError`
+   (llama.cpp's "exceed context window" becomes 400 ``context_length_exceeded``
+   with its numbers);
+5. meters the request once, when it ends however it ends (:meth:`Meter.finish`):
+   the node's metrics, and any hook added with :meth:`Pipeline.on_finish`.
+
+A stream's first chunk is awaited before the answer starts, so an error
+before any token keeps its HTTP status; later errors end the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+from meshgate.openai import OpenAIError
+from node_agent.metrics import NodeMetrics, RequestTrack
+from node_agent.models import ModelManager
+from node_agent.runtimes.base import Runtime, Usage, usage_of
+
+__all__ = ["Finished", "MeshLookup", "Pipeline", "Streamed"]
+
+log = logging.getLogger(__name__)
+
+#: A model this node does not serve -> a runtime that asks the mesh for it (None: 404 here).
+MeshLookup = Callable[[str], Runtime | None]
+
+_OVER_CONTEXT = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
+_USAGE_ONLY = b'"choices":[]'
+
+
+@dataclass(slots=True)
+class Finished:
+    """What the metering hooks see of one request, once it has ended."""
+
+    model: str
+    endpoint: str
+    via: str  # "proxy" (either API on the local port) | "tunnel"
+    where: str  # "local" | "mesh"
+    status: int
+    usage: Usage | None
+    started: float  # time.monotonic()
+    first_at: float | None
+    ended: float
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+FinishHook = Callable[[Finished], None]
+
+
+def map_error(exc: BaseException, model: str) -> OpenAIError:
+    """Any failure of a runtime as an OpenAI error (OpenAI errors pass, refined)."""
+    if isinstance(exc, OpenAIError):
+        found = _OVER_CONTEXT.search(exc.message) if exc.status == 400 else None
+        if found is not None and exc.code != "context_length_exceeded":
+            asked, window = int(found.group(1)), int(found.group(2))
+            return OpenAIError(
+                400,
+                f"This model's maximum context length is {window} tokens. However, you "
+                f"requested {asked} tokens (prompt and completion). Please reduce the length "
+                "of the messages or the completion.",
+                code="context_length_exceeded",
+                param="messages",
+                hop=exc.hop or "runner",
+            )
+        return exc
+    return OpenAIError(502, f"runtime for {model} failed: {exc!r}"[:500], hop="node")
+
+
+class Meter:
+    """One request's accounting: usage (read once per chunk), first token, finish once."""
+
+    def __init__(
+        self, pipeline: Pipeline, model: str, endpoint: str, via: str, where: str
+    ) -> None:
+        self._pipeline = pipeline
+        self.model, self.endpoint, self.via, self.where = model, endpoint, via, where
+        self.started = time.monotonic()
+        self.first_at: float | None = None
+        self.usage: Usage | None = None
+        self.done = False
+        self._track: RequestTrack | None = (
+            pipeline.metrics.track(model, via) if pipeline.metrics is not None else None
+        )
+
+    def chunk(self, data: bytes) -> Usage | None:
+        """A chunk (or a whole answer) went out: note the first, read its usage once."""
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+            if self._track is not None:
+                self._track.first_token()
+        usage = usage_of(data)
+        if usage:
+            self.usage = usage
+        return usage
+
+    def finish(self, status: int) -> None:
+        """The request ended with `status` (499: the client or the coordinator left). Once."""
+        if self.done:
+            return
+        self.done = True
+        if self._track is not None:
+            self._track.usage = self.usage
+            self._track.finish(status)
+        finished = Finished(
+            self.model, self.endpoint, self.via, self.where, status, self.usage,
+            self.started, self.first_at, time.monotonic(),
+        )
+        for hook in self._pipeline.hooks:
+            try:
+                hook(finished)
+            except Exception:
+                log.exception("metering hook %r failed", hook)
+
+
+class Streamed:
+    """A started stream: iterate it for each chunk's payload; :meth:`aclose` exactly once.
+
+    The first chunk has already been read (an error before it kept its status).
+    With `include_usage` False the usage-only chunk (empty ``choices``) is not
+    yielded; its usage is counted all the same. An error after the start is
+    raised from the iteration as an :class:`OpenAIError` (the front door frames it).
+    """
+
+    def __init__(
+        self,
+        first: bytes | None,
+        chunks: AsyncIterator[bytes],
+        stack: AsyncExitStack,
+        meter: Meter,
+        include_usage: bool,
+    ) -> None:
+        self._first, self._chunks, self._stack = first, chunks, stack
+        self.meter = meter
+        self.include_usage = include_usage
+        self.status = 499  # unless it reaches its end or fails
+        self.usage_sent = False
+
+    def _wanted(self, chunk: bytes, usage: Usage | None) -> bool:
+        if usage is None or self.include_usage:
+            return True
+        return _USAGE_ONLY not in chunk  # a usage-only chunk the client did not ask for
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        model = self.meter.model
+        if self._first is not None:
+            first, self._first = self._first, None
+            if self._wanted(first, self.meter.usage):
+                yield first
+        try:
+            async for chunk in self._chunks:
+                usage = self.meter.chunk(chunk)
+                if self._wanted(chunk, usage):
+                    yield chunk
+        except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
+            error = map_error(exc, model)
+            self.status = error.status
+            log.warning("stream of %s failed after it started: %s", model, error.message)
+            raise error from None
+        self.status = 200
+
+    async def aclose(self) -> None:
+        """End the stream: stop the runtime's work if unfinished, give the model back, meter."""
+        try:
+            close = getattr(self._chunks, "aclose", None)
+            if close is not None:
+                await close()
+        finally:
+            await self._stack.aclose()
+            self.meter.finish(self.status)
+
+
+class Pipeline:
+    """The node's request path, shared by the local port's two APIs and the tunnel link."""
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        *,
+        metrics: NodeMetrics | None = None,
+        mesh: MeshLookup | None = None,
+    ) -> None:
+        self.manager = manager
+        self.metrics = metrics
+        self.mesh = mesh
+        self.hooks: list[FinishHook] = []
+
+    def on_finish(self, hook: FinishHook) -> None:
+        """Call `hook` once for every request that ends, with its :class:`Finished`."""
+        self.hooks.append(hook)
+
+    def serves(self, model: str) -> bool:
+        return self.manager.serves(model)
+
+    async def _runtime(self, model: str, stack: AsyncExitStack, local_only: bool) -> Runtime:
+        far = None
+        if not local_only and self.mesh is not None and not self.manager.serves(model):
+            far = self.mesh(model)  # not served here: the coordinator places it elsewhere
+        if far is not None:
+            return far
+        return await stack.enter_async_context(self.manager.use(model))
+
+    def _where(self, model: str) -> str:
+        return "local" if self.manager.serves(model) else "mesh"
+
+    async def complete(
+        self, endpoint: str, model: str, body: bytes, *, via: str, local_only: bool = False
+    ) -> tuple[bytes, Usage | None]:
+        """A whole answer (``embeddings`` included) and its usage."""
+        meter = Meter(self, model, endpoint, via, self._where(model))
+        status = 500
+        try:
+            async with AsyncExitStack() as stack:
+                runtime = await self._runtime(model, stack, local_only)
+                if endpoint == "embeddings":
+                    data, usage = await runtime.embed(body)
+                else:
+                    data, usage = await runtime.complete(endpoint, body)
+            if usage is None:
+                meter.chunk(data)  # the runtime did not say: read it from the answer, once
+            else:
+                meter.chunk(b"")
+                meter.usage = usage
+            status = 200
+            return data, meter.usage
+        except Exception as exc:  # noqa: BLE001
+            error = map_error(exc, model)
+            status = error.status
+            raise error from None
+        except BaseException:
+            status = 499  # cancelled: the client or the coordinator left
+            raise
+        finally:
+            meter.finish(status)
+
+    async def stream(
+        self,
+        endpoint: str,
+        model: str,
+        body: bytes,
+        *,
+        via: str,
+        include_usage: bool = True,
+        local_only: bool = False,
+    ) -> Streamed:
+        """A started stream (its first chunk read); the caller iterates it and closes it."""
+        meter = Meter(self, model, endpoint, via, self._where(model))
+        stack = AsyncExitStack()
+        chunks: AsyncIterator[bytes] | None = None
+        try:
+            runtime = await self._runtime(model, stack, local_only)
+            chunks = runtime.stream(endpoint, body)
+            try:
+                first: bytes | None = await anext(chunks)
+            except StopAsyncIteration:
+                raise OpenAIError(502, f"{model} sent an empty stream", hop="runner") from None
+            assert first is not None
+            meter.chunk(first)
+            return Streamed(first, chunks, stack, meter, include_usage)
+        except BaseException as exc:
+            if chunks is not None:
+                close = getattr(chunks, "aclose", None)
+                if close is not None:
+                    await close()
+            await stack.aclose()
+            if isinstance(exc, Exception):
+                error = map_error(exc, model)
+                meter.finish(error.status)
+                raise error from None
+            meter.finish(499)
+            raise
