@@ -397,8 +397,10 @@ class Dispatcher:
         try:
             sent = time.perf_counter()
             stream = await node.mux.open(wire)
-            timeout = first_token_timeout(self.config.first_token_timeout_s, pick.est_seconds,
-                                          node.observed.get(model))
+            view = node.view().models.get(model)
+            load_s = view.load_time_s if view is not None and not view.loaded else 0.0
+            timeout = first_token_timeout(self.config.first_token_timeout_s,
+                                          node.observed.get(model), load_s)
             wait = min(deadline - now(), timeout)
             try:
                 frame = await asyncio.wait_for(stream.recv(), max(wait, 0.0))

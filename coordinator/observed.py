@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ALPHA = 0.3  # weight of the newest sample in the moving averages
-TIMEOUT_FLOOR_S = 5.0  # never give up on a first token sooner than this
+TIMEOUT_FLOOR_S = 10.0  # never give up on a first token sooner than this
 TIMEOUT_FACTOR = 4.0  # ... nor sooner than this many times what we expect
 
 
@@ -45,9 +45,11 @@ class Observed:
         return self.prefill if self.prefill is not None else claimed
 
 
-def first_token_timeout(ceiling: float, expected_s: float, seen: Observed | None) -> float:
-    """How long to wait for a first token: a few times what we expect (measured when we
-    have it, else the scheduler's estimate), at least TIMEOUT_FLOOR_S, at most `ceiling`."""
-    if seen is not None and seen.ttft_s is not None:
-        expected_s = seen.ttft_s
-    return min(ceiling, max(TIMEOUT_FLOOR_S, TIMEOUT_FACTOR * max(expected_s, 0.0)))
+def first_token_timeout(ceiling: float, seen: Observed | None, load_s: float = 0.0) -> float:
+    """How long to wait for a first token: until measured, `ceiling` (the configured
+    timeout); then a few times the measured time (plus a load the node must do first), at
+    least TIMEOUT_FLOOR_S, at most `ceiling`."""
+    if seen is None or seen.ttft_s is None:
+        return ceiling
+    expected = TIMEOUT_FACTOR * seen.ttft_s + max(load_s, 0.0)
+    return min(ceiling, max(TIMEOUT_FLOOR_S, expected))

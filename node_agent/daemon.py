@@ -25,6 +25,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import uvicorn
 
 from meshgate.openai import OpenAIError
 from meshgate.serving import DaemonServer
+from node_agent import report
 from node_agent.config import NodeOptions
 from node_agent.inventory import Inventory, ModelFile, ollama_entry, read_model_file
 from node_agent.link import CoordinatorLink
@@ -154,6 +156,8 @@ class NodeParts:
         self.ollama = OllamaHost(opts.ollama) if opts.ollama else None
         self.metrics: NodeMetrics
         self.telemetry: TelemetryService
+        self.load_times = report.LoadTimes()
+        self.deltas = report.LoadDeltas()
 
     async def setup(self) -> None:
         self.files = await asyncio.to_thread(self.inventory.scan)
@@ -214,11 +218,12 @@ class NodeParts:
             if "pid" not in entry and runner is not None:
                 entry["pid"] = runner.pid
             out[name] = entry
-        return out
+        return report.clean_runtime(out)
 
     def inventory_body(self) -> dict[str, Any]:
         by_name = {model_name(Path(f.path)): f for f in [*self.explicit, *self.files]}
         models: list[dict[str, Any]] = []
+        from_files: dict[str, ModelFile] = {}
         stats = self.manager.stats()
         for name in self.manager.names():
             got = stats.get(name)
@@ -233,6 +238,7 @@ class NodeParts:
             if f is not None:
                 entry.update(_compact(f))
                 entry["name"] = name
+                from_files[name] = f
                 entry["context_length"] = min(self.opts.n_ctx, f.context_length or self.opts.n_ctx)
             entry["source"] = "gguf" if from_file else entry["kind"]
             models.append(entry)
@@ -251,7 +257,17 @@ class NodeParts:
                 elif entry["kind"] == "ollama":  # gone from Ollama: requests get its 404
                     entry.update(loaded=False, available=False)
             body["ollama"] = {"url": self.ollama.url, "models": list(known.values())}
+        body["models"] = report.annotate_inventory(models, stats, from_files, self.opts.n_ctx,
+                                                   self.load_times)
         return body
+
+    def load_delta(self) -> dict[str, Any] | None:
+        """A LoadDelta body when in flight / queued / loaded changed since the last one."""
+        stats = self.manager.load_states()
+        now = time.monotonic()
+        for name, state in stats.items():
+            self.load_times.observe(name, state.get("state"), now)
+        return self.deltas.delta(report.load_state(stats))
 
     async def sync_ollama(self) -> None:
         """Serve the local Ollama's models; an Ollama that is down is a warning, not a failure."""
@@ -383,6 +399,7 @@ async def serve(opts: NodeOptions) -> None:
             telemetry_period=opts.telemetry_period,
             inventory=parts.inventory_body,
             metrics=parts.metrics,
+            load_delta=parts.load_delta,
         )
         tasks.append(asyncio.create_task(parts.link.run(), name="link"))
     try:

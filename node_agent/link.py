@@ -17,10 +17,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from meshgate.node_messages import DELTA_COALESCE_S
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest, ProtocolViolation, error_body
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
+from node_agent.report import clean_runtime
 from node_agent.runtimes.base import usage_of
 from node_agent.runtimes.mesh import MeshRuntime
 from node_agent.state import Enrollment
@@ -54,6 +56,7 @@ class CoordinatorLink:
         telemetry_period: float = 2.0,
         inventory: Callable[[], dict[str, Any]] | None = None,
         metrics: NodeMetrics | None = None,
+        load_delta: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
         self.identity = identity
         self.metrics = metrics
@@ -62,6 +65,7 @@ class CoordinatorLink:
         self.telemetry = telemetry
         self.telemetry_period = telemetry_period
         self._inventory = inventory
+        self._load_delta = load_delta  # what changed in the load, sent within DELTA_COALESCE_S
         self._inventory_dirty = asyncio.Event()
         self.inventories_sent = 0
         self.connected = asyncio.Event()
@@ -158,10 +162,13 @@ class CoordinatorLink:
         sample = self.telemetry() if self.telemetry else None
         body: dict[str, Any] = dict(sample) if sample else {"runtime": self.manager.stats()}
         body.setdefault("ts", time.time())
+        runtime = body.get("runtime")  # only what the protocol accepts (a stats error is not)
+        body["runtime"] = clean_runtime(runtime) if isinstance(runtime, dict) else {}
         return body
 
     async def _heartbeat(self, mux: Mux) -> None:
-        """Telemetry every period; the inventory again as soon as it changes."""
+        """Telemetry every period; the inventory again as soon as it changes; load deltas
+        (in flight, queued, loaded) at most every DELTA_COALESCE_S when they changed."""
         due = time.monotonic()
         while True:
             if self._inventory_dirty.is_set():
@@ -170,8 +177,12 @@ class CoordinatorLink:
             if time.monotonic() >= due:
                 await mux.send_control(FrameType.TELEMETRY, self._telemetry_body())
                 due = time.monotonic() + self.telemetry_period
+            elif self._load_delta is not None and (delta := self._load_delta()) is not None:
+                await mux.send_control(FrameType.TELEMETRY, delta)
             with contextlib.suppress(TimeoutError):
                 wait = max(0.0, due - time.monotonic())
+                if self._load_delta is not None:
+                    wait = min(wait, DELTA_COALESCE_S)
                 await asyncio.wait_for(self._inventory_dirty.wait(), wait)
 
     async def _control(self, mux: Mux, frame: Frame) -> None:

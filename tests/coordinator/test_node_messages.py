@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from coordinator.dispatch import Dispatcher
+from coordinator.observed import TIMEOUT_FLOOR_S, Observed, first_token_timeout
 from meshgate.node_messages import (
     MAX_MODELS,
     Inventory,
@@ -127,3 +128,17 @@ async def test_load_deltas_move_a_node_in_the_index_without_a_full_report(fleet:
         await asyncio.sleep(0.02)
     assert conn.load[MODEL].decode_tps == 50.0  # kept from the full report
     assert [s.did for s in fleet.registry.index.ordered(MODEL)][-1] == busy.name
+
+
+def test_the_first_token_timeout_follows_what_was_measured() -> None:
+    assert first_token_timeout(60.0, None) == 60.0  # nothing measured: the configured one
+    seen = Observed()
+    seen.first_token(0.5, 100)
+    assert first_token_timeout(60.0, seen) == TIMEOUT_FLOOR_S  # 4 x 0.5 s, floored
+    assert first_token_timeout(60.0, seen, load_s=30.0) == 32.0  # a load first
+    seen.first_token(40.0, 100)  # a moving average: 0.5 + 0.3 x 39.5
+    assert first_token_timeout(60.0, seen) == pytest.approx(4 * 12.35)
+    seen.first_token(40.0, 100)
+    assert first_token_timeout(30.0, seen) == 30.0  # never past the configured one
+    seen.finished(101, 2.0)
+    assert seen.decode_tps(1e7) == 50.0  # our measurement beats the claim
