@@ -8,12 +8,13 @@ refused, its runner died, its tunnel dropped, no first token in time) sends
 the request to the next candidate at once, so the client sees nothing of it.
 Nodes are tried in the scheduler's order, at most `max_tries` of them; then
 the clouds it ranked (cloud only when no node can take the request); then a
-503 naming every failure. A node whose model has as many of our requests in flight as the
-capacity it states (parallel slots; `node_slots` when it states none; 0: never busy, an
-upstream pushes back itself) is busy: when every candidate left is busy the request
-waits in a bounded queue (429 when the queue is full) until a slot of one of its models
-frees or its deadline passes (504). The first-token timeout follows what was measured
-(`observed.first_token_timeout`); a node that misses it is suspect until it answers.
+503 naming every failure. A node whose model has as many of our requests in flight as it
+takes (its stated capacity in parallel slots, or `node_slots` running plus queued at the
+node when that is more; capacity 0: never busy, an upstream pushes back itself) is busy:
+when every candidate left is busy the request waits in a bounded queue (429 when the queue
+is full) until a slot of one of its models frees or its deadline passes (504). The
+first-token timeout follows what was measured (`observed.first_token_timeout`); a node
+that misses it is suspect until it answers one in time.
 
 After the first chunk went to the client, a failure can only end the stream:
 `Served.rest` raises :class:`OpenAIError`, which the API turns into an error
@@ -306,11 +307,15 @@ class Dispatcher:
         return None, busy
 
     def _full(self, conn: NodeConn, model: str) -> bool:
-        """Our requests in flight fill the capacity the node states for `model`."""
+        """Our requests on `model` fill what the node takes: its stated capacity (parallel
+        slots), or `node_slots` (running plus queued at the node) when that is more or
+        nothing is stated; capacity 0 (an upstream we do not cap) is never full."""
         view = conn.view().models.get(model)
         stated = view.capacity if view is not None else None
-        capacity = self.config.node_slots if stated is None else stated
-        return capacity > 0 and conn.per_model.get(model, 0) >= capacity
+        if stated == 0:
+            return False
+        limit = max(stated or 0, self.config.node_slots)
+        return conn.per_model.get(model, 0) >= limit
 
     def _enqueue(self, want: Request) -> None:
         if self.waiting >= self.config.queue_size:

@@ -45,6 +45,15 @@ class Gateway:
         self.registry = registry
         #: Requests a node opens (its local port was asked for a model it lacks); None: refused.
         self.on_request = on_request
+        #: Enrolled, unrevoked identities: they may handshake past their address's rate limit
+        #: (a site behind one NAT address reconnecting after a restart).
+        self.known: set[str] = set()
+
+    def load_known(self) -> None:
+        self.known = {r.did for r in self.store.list_nodes() if r.revoked_at is None}
+
+    def is_known(self, did: str) -> bool:
+        return did in self.known
 
     async def authorize(self, hello: Hello, remote: str) -> dict[str, Any]:
         now = time.time()
@@ -58,12 +67,14 @@ class Gateway:
                 log.warning("enrollment refused for %s from %s: %s", hello.did, remote, exc)
                 raise RefusedError(403, str(exc)) from None
             log.info("enrolled node %s from %s with labels %s", hello.did, remote, node.labels)
+            self.known.add(hello.did)
             return {"did": hello.did, "enrolled": True, "labels": node.labels}
         record = await asyncio.to_thread(self.store.get_node, hello.did)
         if record is None:
             log.warning("refused unknown node %s from %s", hello.did, remote)
             raise RefusedError(403, f"unknown node {hello.did}: enroll it with a token first")
         if record.revoked_at is not None:
+            self.known.discard(hello.did)
             log.warning("refused revoked node %s from %s", hello.did, remote)
             raise RefusedError(403, f"node {hello.did} has been revoked")
         fresh = await asyncio.to_thread(
@@ -130,6 +141,7 @@ class Gateway:
         revoked = [r.did for r in records if r.did in connected and r.revoked_at is not None]
         for did in revoked:
             conn = connected[did]
+            self.known.discard(did)
             log.warning("node %s was revoked; closing its tunnel", did)
             self.registry.remove(conn)
             await conn.link.close("node revoked")

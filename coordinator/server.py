@@ -74,9 +74,10 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
         log.info("config %s: %d upstream(s) %s, %d alias(es), %d task route(s)", config.path,
                  len(clouds), sorted(clouds), len(config.aliases), len(config.tasks))
     gateway = Gateway(store, registry)
+    await asyncio.to_thread(gateway.load_known)  # they may handshake past an address's limit
     tunnel_server = await serve_tunnel(
         opts.tunnel_host, opts.tunnel_port, state.static_key(opts.static_key_file),
-        gateway.authorize, gateway.on_link,
+        gateway.authorize, gateway.on_link, known=gateway.is_known,
     )
     tunnel_port = next(iter(tunnel_server.sockets)).getsockname()[1]
     advertised_host = "127.0.0.1" if opts.tunnel_host in ("0.0.0.0", "::", "") else opts.tunnel_host  # noqa: S104
