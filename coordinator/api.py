@@ -34,12 +34,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from coordinator.cache import CachedResponse, ResponseCache, cache_key
 from coordinator.config import CoordinatorConfig
 from coordinator.dispatch import Dispatcher, Served
+from coordinator.ledger_row import fit_row
 from coordinator.limits import KeyGate
 from coordinator.logs import RequestIdMiddleware, current_request_id
 from coordinator.metrics import CONTENT_TYPE, Metrics
 from coordinator.registry import Registry
 from coordinator.routing import ROUTE_HEADER, Route, RouteError, UnknownRouteError, parse_route
 from coordinator.scheduler import Request as Want
+from meshgate.bounds import clip
 from meshgate.openai import (
     MAX_BODY_BYTES,
     SSE_DONE,
@@ -97,18 +99,32 @@ class ApiContext:
         self._key_cache[key] = (now + KEY_CACHE_SECONDS, key_id)
         return key_id
 
+    def forget_keys(self) -> None:
+        """Drop every verified key, so a revoke or rotate holds from the next request."""
+        self._key_cache.clear()
+
     def __post_init__(self) -> None:
         if self.dispatcher is None:
             self.dispatcher = Dispatcher(self.registry, self.config.dispatch)
 
     def record(self, row: dict[str, Any]) -> None:
+        """Count `row` and write it in the background (see `commit` for the durable way)."""
+        task = asyncio.get_running_loop().create_task(self.commit(row))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def commit(self, row: dict[str, Any]) -> None:
+        """Count `row` and write it to the ledger, returning once it is stored: the answer's
+        last byte waits on this, so a crash after an answer was delivered loses no row."""
         if self.gate is not None:
             self.gate.finish_row(row)
         if self.metrics is not None:
             self.metrics.observe_row(row)
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.record_usage, row))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        try:
+            await asyncio.to_thread(self.record_usage, fit_row(row))
+        except Exception:
+            log.exception("the ledger row of request %s could not be written: %s",
+                          row.get("request_id"), clip(repr(row), 1000))
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -169,7 +185,7 @@ def build_app(ctx: ApiContext) -> FastAPI:
         route, want = await plan(ctx, body, request.headers.get(ROUTE_HEADER))
         want = _for_key(ctx, key_id, body, want, request_id=request_id,
                         header=request.headers.get(ROUTE_HEADER))
-        cached_as, hit = _from_cache(ctx, request_id, key_id, endpoint, body)
+        cached_as, hit = await _from_cache(ctx, request_id, key_id, endpoint, body)
         if hit is not None:
             return hit
         deadline = _deadline(ctx, request.headers.get("x-meshgate-timeout"))
@@ -184,7 +200,7 @@ def build_app(ctx: ApiContext) -> FastAPI:
         except OpenAIError as exc:
             exc = ctx.gate.refine_for(request_id, exc) if ctx.gate is not None else exc
             if exc.status in (402, 429, 499, 503, 504):
-                ctx.record(_failed_row(open_request, key_id, exc, route_text))
+                await ctx.commit(_failed_row(open_request, key_id, exc, route_text))
             raise exc from None
         if ctx.metrics is not None:
             ctx.metrics.served(served.tries, served.upstream)
@@ -195,7 +211,7 @@ def build_app(ctx: ApiContext) -> FastAPI:
             finally:
                 with anyio.CancelScope(shield=True):
                     await served.close()
-                ctx.record(served.row(key_id, route_text))
+                    await ctx.commit(served.row(key_id, route_text))
             if cached_as is not None and ctx.cache is not None and served.outcome == "ok":
                 ctx.cache.put(cached_as, CachedResponse(
                     data, served.model, served.target, *_tokens(served.usage)))
@@ -304,9 +320,9 @@ def _gauges(ctx: ApiContext) -> None:
             lambda: float(ctx.dispatcher.waiting if ctx.dispatcher else 0))
 
 
-def _from_cache(ctx: ApiContext, request_id: str, key_id: str, endpoint: str,
-                body: dict[str, Any]) -> tuple[str | None, Response | None]:
-    """(the request's cache key or None, the cached answer or None)."""
+async def _from_cache(ctx: ApiContext, request_id: str, key_id: str, endpoint: str,
+                      body: dict[str, Any]) -> tuple[str | None, Response | None]:
+    """(the request's cache key or None, the cached answer or None; its row is stored)."""
     if ctx.cache is None:
         return None, None
     cached_as = cache_key(key_id, endpoint, body)
@@ -317,7 +333,7 @@ def _from_cache(ctx: ApiContext, request_id: str, key_id: str, endpoint: str,
         (ctx.metrics.cache_hits if hit else ctx.metrics.cache_misses).inc()
     if hit is None:
         return cached_as, None
-    ctx.record(_cache_row(request_id, key_id, endpoint, hit))
+    await ctx.commit(_cache_row(request_id, key_id, endpoint, hit))
     return cached_as, Response(hit.body, media_type="application/json", headers={
         "x-request-id": request_id, "x-meshgate-cache": "hit"})
 
@@ -351,16 +367,25 @@ def _failed_row(request: OpenRequest, key_id: str | None, exc: OpenAIError,
 
 async def _sse(served: Served, ctx: ApiContext, key_id: str,
                route: str | None) -> AsyncIterator[bytes]:
+    """The answer as SSE; its ledger row is stored before the last event leaves."""
+    committed = False
     try:
         yield sse_event(served.first)
-        async for chunk in served.rest():
-            yield sse_event(chunk)
-        yield SSE_DONE
-    except OpenAIError as exc:
-        log.warning("request %s ended with an error after it started: %s",
-                    served.request.request_id, exc.message)
-        yield sse_error(exc)
-    finally:
+        try:
+            async for chunk in served.rest():
+                yield sse_event(chunk)
+            end = SSE_DONE
+        except OpenAIError as exc:
+            log.warning("request %s ended with an error after it started: %s",
+                        served.request.request_id, exc.message)
+            end = sse_error(exc)
         with anyio.CancelScope(shield=True):
             await served.close()
-            ctx.record(served.row(key_id, route))
+            committed = True
+            await ctx.commit(served.row(key_id, route))
+        yield end
+    finally:
+        if not committed:  # the client left mid-stream
+            with anyio.CancelScope(shield=True):
+                await served.close()
+                await ctx.commit(served.row(key_id, route))

@@ -41,3 +41,12 @@ class KeyNameTaken(CoordinatorError):
 
 class StateError(CoordinatorError):
     """The state directory or a file in it is missing, damaged or unsafe."""
+
+
+class UnknownToken(CoordinatorError):
+    """No enrollment token has this id."""
+
+    def __init__(self, token_id: str) -> None:
+        super().__init__(f"unknown enrollment token {token_id!r} "
+                         "(see 'meshgate-coordinator token list')")
+        self.token_id = token_id

@@ -47,10 +47,7 @@ class Gateway:
         self.on_request = on_request
         #: Enrolled, unrevoked identities: they may handshake past their address's rate limit
         #: (a site behind one NAT address reconnecting after a restart).
-        self.known: set[str] = set()
-
-    def load_known(self) -> None:
-        self.known = {r.did for r in self.store.list_nodes() if r.revoked_at is None}
+        self.known: set[str] = {r.did for r in store.list_nodes() if r.revoked_at is None}
 
     def is_known(self, did: str) -> bool:
         return did in self.known

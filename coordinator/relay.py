@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Any
 
 import anyio
 
 from coordinator.api import ApiContext, plan
 from coordinator.dispatch import Served
 from coordinator.registry import NodeConn
+from meshgate.bounds import clip
 from meshgate.openai import OpenAIError, parse_request
 from meshgate.protocol import OpenRequest, ProtocolViolation, error_body
 from tunnel import Frame, FrameType, Stream, TunnelError, until_cancelled
@@ -46,23 +48,32 @@ async def _answer(ctx: ApiContext, asker: NodeConn, stream: Stream, frame: Frame
         await _send_error(stream, exc)
         return
     log.info("request %s from node %s: %s %s", request.request_id, asker.did,
-             request.endpoint, body["model"])
+             request.endpoint, clip(body["model"]))
     wanted = OpenRequest(request.request_id, request.endpoint, want.models[0],
                          bool(body.get("stream")), request.body)
+    route_text = f"node:{asker.did}" + (f" {route}" if route.task else "")
     assert ctx.dispatcher is not None
     try:
         served = await ctx.dispatcher.start(wanted, want)
     except OpenAIError as exc:
         await _send_error(stream, exc)
         return
+    end: tuple[FrameType, Any] = (FrameType.END, None)
+    committed = False
     try:
         await _forward(served, wanted.stream, stream)
+        end = (FrameType.END, {"usage": served.usage})
     except OpenAIError as exc:
-        await _send_error(stream, exc)
+        end = (FrameType.ERROR, error_body(exc.status, exc.message, code=exc.code,
+                                           hop=exc.hop or "coordinator"))
     finally:
         with anyio.CancelScope(shield=True):
             await served.close()
-        ctx.record(served.row(None, f"node:{asker.did}" + (f" {route}" if route.task else "")))
+            committed = True  # the row is stored before the answer's end goes down
+            await ctx.commit(served.row(None, route_text))
+    if committed:
+        with contextlib.suppress(TunnelError):
+            await stream.send(*end)
 
 
 async def _forward(served: Served, streaming: bool, stream: Stream) -> None:
@@ -72,7 +83,6 @@ async def _forward(served: Served, streaming: bool, stream: Stream) -> None:
             await stream.send(FrameType.DATA, chunk)
     else:
         await stream.send(FrameType.DATA, await served.collect())
-    await stream.send(FrameType.END, {"usage": served.usage})
 
 
 async def _send_error(stream: Stream, exc: OpenAIError) -> None:

@@ -44,6 +44,8 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -56,12 +58,16 @@ from coordinator.errors import (
     KeyNameTaken,
     UnknownKey,
     UnknownNode,
+    UnknownToken,
 )
 
 KEY_PREFIX = "mg_"
 SECRET_LEN = 32
 BUSY_TIMEOUT_MS = 10_000
 _BEGIN_OPTION = "meshgate_begin"
+MAX_TOKEN_USES = 1_000_000
+KEYS_GENERATION = "api_keys"
+"""Bumped by every key revoke and rotate: a server that sees it move drops its key cache."""
 
 UsageGroup = Literal["key", "node", "model"]
 
@@ -94,8 +100,32 @@ class TokenRow(Base):
     labels: Mapped[dict[str, str]]
     created_at: Mapped[float]
     expires_at: Mapped[float]
-    used_at: Mapped[float | None]
+    used_at: Mapped[float | None]  # the latest use
     used_by: Mapped[str | None] = mapped_column(String(255))
+    max_uses: Mapped[int] = mapped_column(default=1)
+    uses: Mapped[int] = mapped_column(default=0)
+    revoked_at: Mapped[float | None]
+
+
+class TokenUseRow(Base):
+    """Each enrollment a token paid for (a fleet token is used by many nodes)."""
+
+    __tablename__ = "enrollment_token_uses"
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    token_id: Mapped[str] = mapped_column(String(64), index=True)
+    did: Mapped[str] = mapped_column(String(255))
+    used_at: Mapped[float]
+
+
+class GenerationRow(Base):
+    """A counter per kind of change other processes must notice (`api_keys`: a key was
+    revoked or rotated), so a server polls one row instead of every key."""
+
+    __tablename__ = "generations"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int]
 
 
 class NodeRow(Base):
@@ -138,6 +168,11 @@ class UsageRow(Base):
     outcome: Mapped[str] = mapped_column(String(64))
     cost: Mapped[float]
     created_at: Mapped[float] = mapped_column(index=True)
+    joules: Mapped[float | None]  # energy the node measured for it; NULL: not measured
+    energy_estimated: Mapped[bool | None]  # from power x time, not an energy counter
+    energy_cost: Mapped[float | None]  # joules at the node's electricity price
+    ingest_key: Mapped[str | None] = mapped_column(String(64), unique=True)
+    """Rows a node uploaded from its offline journal: one per (node, request id)."""
 
 
 # ----------------------------------------------------------------------------- records
@@ -264,6 +299,33 @@ class ApiKeyRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """An enrollment token as an admin sees it (never its secret)."""
+
+    token_id: str
+    labels: dict[str, str]
+    created_at: float
+    expires_at: float
+    max_uses: int
+    uses: int
+    used_at: float | None
+    used_by: str | None
+    revoked_at: float | None
+
+    def state(self, now: float) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.uses >= self.max_uses:
+            return "used"
+        return "expired" if now >= self.expires_at else "active"
+
+    @classmethod
+    def of(cls, row: TokenRow) -> TokenRecord:
+        return cls(row.token_id, dict(row.labels), row.created_at, row.expires_at,
+                   row.max_uses, row.uses, row.used_at, row.used_by, row.revoked_at)
+
+
+@dataclass(frozen=True, slots=True)
 class UsageRecord:
     """One ledger row: a request served by a node (node_did) or a cloud upstream (upstream)."""
 
@@ -280,6 +342,10 @@ class UsageRecord:
     upstream: str | None = None
     cost: float = 0.0
     route: str | None = None  # the policy it ran under: "prefer=local", a qg:// route, "cache"
+    joules: float | None = None  # None: not measured
+    energy_estimated: bool | None = None
+    energy_cost: float | None = None
+    ingest_key: str | None = None  # set on rows uploaded from a node's offline journal
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +359,15 @@ class UsageTotal:
     completion_tokens: int
     avg_latency_ms: float
     cost: float
+    joules: float | None = None  # over the rows that measured energy; None: none did
+    joules_tokens: int = 0  # prompt + completion tokens of those rows
+    energy_cost: float | None = None
+
+    @property
+    def joules_per_1k_tokens(self) -> float | None:
+        if self.joules is None or not self.joules_tokens:
+            return None
+        return self.joules / self.joules_tokens * 1000
 
 
 # ----------------------------------------------------------------------------- the store
@@ -322,7 +397,9 @@ def _rowcount(session: Session, stmt: Update) -> int:
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine: Engine = create_engine(database_url(url))  # a missing driver: one line
+        url = database_url(url)  # a missing driver: one line naming the extra
+        # a server restarted under us: test pooled connections before use, not on a request
+        self.engine: Engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _on_sqlite_connect)
             event.listen(self.engine, "begin", _on_sqlite_begin)
@@ -347,21 +424,35 @@ class Store:
         with self._reader() as session:
             yield session
 
+    @contextmanager
+    def session(self, *, write: bool = False) -> Iterator[Session]:
+        """A session for modules that keep their own tables here (`admin_keys.py`);
+        `write`: one transaction holding the write lock, committed at the end."""
+        with self._write() if write else self._read() as session:
+            yield session
+
     # -- enrollment tokens
 
-    def create_token(self, ttl_s: int, labels: dict[str, str], now: float) -> tuple[str, bytes]:
-        """A new one-time enrollment token; returns (token_id, secret). Only the hash is kept."""
+    def create_token(
+        self, ttl_s: int, labels: dict[str, str], now: float, *, uses: int = 1
+    ) -> tuple[str, bytes]:
+        """A new enrollment token good for `uses` enrollments; returns (token_id, secret).
+
+        Only the secret's hash is kept."""
         if ttl_s <= 0:
             raise CoordinatorError(f"a token's lifetime must be positive, not {ttl_s} s")
+        if isinstance(uses, bool) or not isinstance(uses, int) or not 1 <= uses <= MAX_TOKEN_USES:
+            raise CoordinatorError(f"a token's uses must be 1 to {MAX_TOKEN_USES}, not {uses!r}")
         token_id = secrets.token_urlsafe(9)
         secret = secrets.token_bytes(SECRET_LEN)
         with self._write() as s:
             s.add(TokenRow(token_id=token_id, secret_hash=_sha256(secret), labels=dict(labels),
-                           created_at=now, expires_at=now + ttl_s, used_at=None, used_by=None))
+                           created_at=now, expires_at=now + ttl_s, used_at=None, used_by=None,
+                           max_uses=uses, uses=0, revoked_at=None))
         return token_id, secret
 
     def redeem_token(self, token_id: str, secret: bytes, did: str, now: float) -> NodeRecord:
-        """Spend a token once to enroll `did`; raises EnrollmentRefused with the reason."""
+        """Spend one use of a token to enroll `did`; raises EnrollmentRefused with the reason."""
         with self._write() as s:
             token = s.scalars(
                 select(TokenRow).where(TokenRow.token_id == token_id).with_for_update()
@@ -370,7 +461,9 @@ class Store:
                 raise EnrollmentRefused("unknown enrollment token")
             if not hmac.compare_digest(token.secret_hash, _sha256(secret)):
                 raise EnrollmentRefused("enrollment token secret does not match")
-            if token.used_at is not None:
+            if token.revoked_at is not None:
+                raise EnrollmentRefused(f"enrollment token was revoked at {iso(token.revoked_at)}")
+            if token.uses >= token.max_uses:
                 raise EnrollmentRefused(_used_message(token))
             if now >= token.expires_at:
                 raise EnrollmentRefused(f"enrollment token expired at {iso(token.expires_at)}")
@@ -378,11 +471,13 @@ class Store:
             if node is not None and node.revoked_at is None:
                 raise EnrollmentRefused(f"node already enrolled: {did}")
             spent = _rowcount(s, update(TokenRow)
-                              .where(TokenRow.token_id == token_id, TokenRow.used_at.is_(None))
-                              .values(used_at=now, used_by=did))
-            if spent != 1:  # another transaction won the race
+                              .where(TokenRow.token_id == token_id,
+                                     TokenRow.uses < TokenRow.max_uses)
+                              .values(uses=TokenRow.uses + 1, used_at=now, used_by=did))
+            if spent != 1:  # another transaction won the race for the last use
                 s.refresh(token)
                 raise EnrollmentRefused(_used_message(token))
+            s.add(TokenUseRow(token_id=token_id, did=did, used_at=now))
             if node is None:
                 node = NodeRow(did=did, models=[], last_seen=None, last_ts_ms=None)
                 s.add(node)
@@ -394,6 +489,35 @@ class Store:
             node.last_seen = None
             s.flush()
             return NodeRecord.of(node)
+
+    def list_tokens(self) -> list[TokenRecord]:
+        with self._read() as s:
+            rows = s.scalars(select(TokenRow).order_by(TokenRow.created_at, TokenRow.token_id))
+            return [TokenRecord.of(r) for r in rows]
+
+    def token_uses(self, token_id: str) -> list[tuple[str, float]]:
+        """(did, when) of each enrollment the token paid for, oldest first."""
+        query = (select(TokenUseRow.did, TokenUseRow.used_at)
+                 .where(TokenUseRow.token_id == token_id).order_by(TokenUseRow.id))
+        with self._read() as s:
+            return [(str(d), float(t)) for d, t in s.execute(query)]
+
+    def revoke_token(self, token_id: str, now: float) -> bool:
+        """Refuse a token's remaining uses; False if it was already revoked."""
+        with self._write() as s:
+            if s.get(TokenRow, token_id) is None:
+                raise UnknownToken(token_id)
+            return _rowcount(s, update(TokenRow)
+                             .where(TokenRow.token_id == token_id, TokenRow.revoked_at.is_(None))
+                             .values(revoked_at=now)) == 1
+
+    # -- generations
+
+    def generation(self, name: str) -> int:
+        """The change counter `name` (0 if nothing ever bumped it); one primary-key read."""
+        with self._read() as s:
+            row = s.get(GenerationRow, name)
+            return row.value if row is not None else 0
 
     # -- nodes
 
@@ -425,8 +549,16 @@ class Store:
             s.execute(update(NodeRow).where(NodeRow.did == did).values(**values),
                       execution_options={"synchronize_session": False})
 
+    handshake_scope = ""
+    """A cluster replica sets its member id: each replica keeps its own handshake timestamp
+    per node (members.py), since a node dials every replica at once."""
+
     def advance_handshake_ts(self, did: str, ts_ms: int) -> bool:
         """Move the node's handshake timestamp forward; False if `ts_ms` is not newer."""
+        if self.handshake_scope:
+            from coordinator.members import advance_scoped
+
+            return advance_scoped(self.engine, did, self.handshake_scope, ts_ms)
         with self._write() as s:
             newer = (NodeRow.last_ts_ms.is_(None)) | (NodeRow.last_ts_ms < ts_ms)
             return _rowcount(s, update(NodeRow)
@@ -489,6 +621,7 @@ class Store:
             if row.revoked_at is not None:
                 return False
             row.revoked_at = now if now is not None else time.time()
+            _bump(s, KEYS_GENERATION)
             return True
 
     def rotate_key(self, key_id_or_name: str, now: float) -> str:
@@ -501,22 +634,53 @@ class Store:
                 raise CoordinatorError(f"API key {row.name!r} ({row.key_id}) is revoked; "
                                        "create a new one instead")
             row.secret_hash = _sha256(secret.encode())
+            _bump(s, KEYS_GENERATION)
             return f"{KEY_PREFIX}{row.key_id}_{secret}"
 
     # -- usage ledger
 
     def record_usage(self, record: UsageRecord) -> None:
         """Append one row; client-chosen strings (request id, model) are cut to fit columns."""
+        self.record_usages([record])
+
+    def record_usages(self, records: list[UsageRecord]) -> None:
+        """Append rows in one transaction: all or none (the ledger spool's replay)."""
         with self._write() as s:
-            s.add(UsageRow(
-                request_id=record.request_id[:128], key_id=record.key_id,
-                node_did=record.node_did, upstream=record.upstream and record.upstream[:200],
-                model=record.model[:255], endpoint=record.endpoint[:64],
-                route=record.route and record.route[:200],
-                prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
-                latency_ms=record.latency_ms, outcome=record.outcome[:64], cost=record.cost,
-                created_at=record.created_at,
-            ))
+            for record in records:
+                s.add(_usage_row(record))
+
+
+    def ingest_usage(self, records: list[UsageRecord]) -> list[UsageRecord]:
+        """Append rows that carry an `ingest_key`, skipping keys the ledger already holds
+        (a node sending its journal again); returns the rows that were new. One transaction."""
+        dialect = self.engine.dialect.name
+        if dialect not in ("sqlite", "postgresql"):
+            raise CoordinatorError(f"ingest needs SQLite or PostgreSQL, not {dialect}")
+        new: list[UsageRecord] = []
+        with self._write() as s:
+            for r in records:
+                if r.ingest_key is None:
+                    raise CoordinatorError("an ingested usage row needs its ingest_key")
+                values = dict(
+                    request_id=r.request_id[:128], key_id=r.key_id, node_did=r.node_did,
+                    upstream=None, model=r.model[:255], endpoint=r.endpoint[:64],
+                    route=r.route and r.route[:200], prompt_tokens=r.prompt_tokens,
+                    completion_tokens=r.completion_tokens, latency_ms=r.latency_ms,
+                    outcome=r.outcome[:64], cost=r.cost, created_at=r.created_at,
+                    **_energy_values(r),
+                )
+                stmt = (
+                    sqlite_insert(UsageRow).values(**values)
+                    .on_conflict_do_nothing(index_elements=["ingest_key"])
+                    .returning(UsageRow.id)
+                    if dialect == "sqlite" else
+                    postgresql_insert(UsageRow).values(**values)
+                    .on_conflict_do_nothing(index_elements=["ingest_key"])
+                    .returning(UsageRow.id)
+                )
+                if s.execute(stmt).first() is not None:  # None: the key was there already
+                    new.append(r)
+        return new
 
     def usage_rows(self, since: float | None = None) -> list[UsageRecord]:
         query = select(UsageRow).order_by(UsageRow.created_at, UsageRow.id)
@@ -540,14 +704,20 @@ class Store:
             func.sum(UsageRow.completion_tokens),
             func.avg(UsageRow.latency_ms),
             func.sum(UsageRow.cost),
+            func.sum(UsageRow.joules),
+            func.sum(case((UsageRow.joules.is_not(None),
+                           UsageRow.prompt_tokens + UsageRow.completion_tokens), else_=0)),
+            func.sum(UsageRow.energy_cost),
         ).group_by(column).order_by(column)
         if since is not None:
             query = query.where(UsageRow.created_at >= since)
         with self._read() as s:
             return [
                 UsageTotal(str(g), int(n), int(ok or 0), int(p or 0), int(c or 0),
-                           float(lat or 0.0), float(cost or 0.0))
-                for g, n, ok, p, c, lat, cost in s.execute(query)
+                           float(lat or 0.0), float(cost or 0.0),
+                           None if j is None else float(j), int(jt or 0),
+                           None if ec is None else float(ec))
+                for g, n, ok, p, c, lat, cost, j, jt, ec in s.execute(query)
             ]
 
 
@@ -572,10 +742,41 @@ def _add_missing_columns(conn: Any) -> None:
     have = {c["name"] for c in inspect(conn).get_columns(UsageRow.__tablename__)}
     if "route" not in have:
         conn.execute(text(f"ALTER TABLE {UsageRow.__tablename__} ADD COLUMN route VARCHAR(200)"))
+    for name, sql_type in (("joules", "FLOAT"), ("energy_estimated", "BOOLEAN"),
+                           ("energy_cost", "FLOAT"), ("ingest_key", "VARCHAR(64)")):
+        if name not in have:
+            conn.execute(text(f"ALTER TABLE {UsageRow.__tablename__} ADD COLUMN {name} {sql_type}"))
+    if "ingest_key" not in have:
+        conn.execute(text(f"CREATE UNIQUE INDEX IF NOT EXISTS ix_usage_ledger_ingest_key "
+                          f"ON {UsageRow.__tablename__} (ingest_key)"))
+    tokens = TokenRow.__tablename__
+    have = {c["name"] for c in inspect(conn).get_columns(tokens)}
+    if "max_uses" not in have:  # tokens from before reusable tokens: one use each
+        conn.execute(text(f"ALTER TABLE {tokens} ADD COLUMN max_uses BIGINT NOT NULL DEFAULT 1"))
+        conn.execute(text(f"ALTER TABLE {tokens} ADD COLUMN uses BIGINT NOT NULL DEFAULT 0"))
+        conn.execute(update(TokenRow).where(TokenRow.used_at.is_not(None)).values(uses=1))
+    if "revoked_at" not in have:
+        conn.execute(text(f"ALTER TABLE {tokens} ADD COLUMN revoked_at FLOAT"))
+
+
+def _bump(session: Session, name: str) -> None:
+    """Count one more change of `name`, inside the caller's write transaction."""
+    bumped = _rowcount(session, update(GenerationRow).where(GenerationRow.name == name)
+                       .values(value=GenerationRow.value + 1))
+    if bumped == 0:
+        session.add(GenerationRow(name=name, value=1))
+
+
+def _energy_values(record: UsageRecord) -> dict[str, Any]:
+    return {"joules": record.joules, "energy_estimated": record.energy_estimated,
+            "energy_cost": record.energy_cost, "ingest_key": record.ingest_key}
 
 
 def _used_message(token: TokenRow) -> str:
     when = iso(token.used_at) if token.used_at is not None else "an unknown time"
+    if token.max_uses > 1:
+        return (f"enrollment token has been used all {token.max_uses} times "
+                f"(last by {token.used_by} at {when})")
     return f"enrollment token was already used (by {token.used_by} at {when})"
 
 
@@ -599,5 +800,18 @@ def _usage_record(row: UsageRow) -> UsageRecord:
         endpoint=row.endpoint, prompt_tokens=row.prompt_tokens,
         completion_tokens=row.completion_tokens, latency_ms=row.latency_ms,
         outcome=row.outcome, created_at=row.created_at, upstream=row.upstream, cost=row.cost,
-        route=row.route,
+        route=row.route, joules=row.joules, energy_estimated=row.energy_estimated,
+        energy_cost=row.energy_cost, ingest_key=row.ingest_key,
+    )
+
+
+def _usage_row(record: UsageRecord) -> UsageRow:
+    return UsageRow(
+        request_id=record.request_id[:128], key_id=record.key_id,
+        node_did=record.node_did, upstream=record.upstream and record.upstream[:200],
+        model=record.model[:255], endpoint=record.endpoint[:64],
+        route=record.route and record.route[:200],
+        prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+        latency_ms=record.latency_ms, outcome=record.outcome[:64], cost=record.cost,
+        created_at=record.created_at, **_energy_values(record),
     )

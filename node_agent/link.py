@@ -14,15 +14,17 @@ import contextlib
 import logging
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from meshgate.node_messages import DELTA_COALESCE_S
+from meshgate.node_messages import DELTA_COALESCE_S, ModelLoad
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest, ProtocolViolation, error_body
+from node_agent.journal import UsageJournal
+from node_agent.journal_upload import upload_journal
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
-from node_agent.report import clean_runtime
+from node_agent.report import LoadDeltas, clean_runtime
 from node_agent.runtimes.base import usage_of
 from node_agent.runtimes.mesh import MeshRuntime
 from node_agent.state import Enrollment
@@ -56,16 +58,19 @@ class CoordinatorLink:
         telemetry_period: float = 2.0,
         inventory: Callable[[], dict[str, Any]] | None = None,
         metrics: NodeMetrics | None = None,
-        load_delta: Callable[[], dict[str, Any] | None] | None = None,
+        journal: UsageJournal | None = None,
+        load_state: Callable[[], Mapping[str, ModelLoad]] | None = None,
     ) -> None:
         self.identity = identity
+        self.journal = journal  # usage served while disconnected, uploaded on each connect
         self.metrics = metrics
         self.enrollment = enrollment
         self.manager = manager
         self.telemetry = telemetry
         self.telemetry_period = telemetry_period
         self._inventory = inventory
-        self._load_delta = load_delta  # what changed in the load, sent within DELTA_COALESCE_S
+        self._load_state = load_state  # what changed in it goes up within DELTA_COALESCE_S
+        self._deltas = LoadDeltas()
         self._inventory_dirty = asyncio.Event()
         self.inventories_sent = 0
         self.connected = asyncio.Event()
@@ -73,6 +78,8 @@ class CoordinatorLink:
         self._commands: set[asyncio.Task[None]] = set()
         self._mux: Mux | None = None
         self._stopping = False
+        #: A cluster's member list (accept map, `{"op": "members"}`): node_agent/members.py.
+        self.on_members: Callable[[Any], None] | None = None
 
     async def run(self) -> None:
         """Keep the link up until cancelled or refused."""
@@ -105,6 +112,8 @@ class CoordinatorLink:
             self.enrollment.coordinator_key,
             info={"host": platform.node(), "version": "0.1.0"},
         )
+        if self.on_members is not None and link.accept:
+            self.on_members(link.accept.get("members"))
         mux = Mux(link, initiator=True, on_stream=self._serve)
         mux.on_control = lambda frame: self._control(mux, frame)
         self._mux = mux
@@ -113,10 +122,13 @@ class CoordinatorLink:
         await self._send_inventory(mux)
         self.connected.set()
         heartbeat = asyncio.create_task(self._heartbeat(mux))
+        upload = asyncio.create_task(upload_journal(self.journal, mux)) if self.journal else None
         try:
             await mux.run()
         finally:
             heartbeat.cancel()
+            if upload is not None:
+                upload.cancel()
             for command in list(self._commands):
                 command.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -177,17 +189,22 @@ class CoordinatorLink:
             if time.monotonic() >= due:
                 await mux.send_control(FrameType.TELEMETRY, self._telemetry_body())
                 due = time.monotonic() + self.telemetry_period
-            elif self._load_delta is not None and (delta := self._load_delta()) is not None:
+            elif self._load_state is not None and (
+                    delta := self._deltas.delta(self._load_state())) is not None:
                 await mux.send_control(FrameType.TELEMETRY, delta)
             with contextlib.suppress(TimeoutError):
                 wait = max(0.0, due - time.monotonic())
-                if self._load_delta is not None:
+                if self._load_state is not None:
                     wait = min(wait, DELTA_COALESCE_S)
                 await asyncio.wait_for(self._inventory_dirty.wait(), wait)
 
     async def _control(self, mux: Mux, frame: Frame) -> None:
         """A COMMAND runs as its own task so that a long swap holds up no other frame."""
         if frame.type != FrameType.COMMAND:
+            return
+        if isinstance(frame.body, dict) and frame.body.get("op") == "members":
+            if self.on_members is not None:
+                self.on_members(frame.body.get("members"))
             return
         task = asyncio.create_task(self._command(mux, frame.body))
         self._commands.add(task)
@@ -238,7 +255,8 @@ class CoordinatorLink:
                     await stream.send(FrameType.DATA, data)
             if track is not None and usage:
                 track.usage = usage
-            await stream.send(FrameType.END, {"usage": usage})
+            energy = track.energy_report() if track is not None else {}
+            await stream.send(FrameType.END, {"usage": usage, **energy})
             status = 200
         except OpenAIError as exc:
             status = exc.status

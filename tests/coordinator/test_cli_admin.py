@@ -32,7 +32,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
-    return tmp_path / "coordinator"
+    """A coordinator's state dir, as `init` (or a first `serve`) leaves it."""
+    path = tmp_path / "coordinator"
+    done = CliRunner().invoke(app, ["init", "--state-dir", str(path)])
+    assert done.exit_code == 0, done.stderr
+    return path
 
 
 def run(state_dir: Path, *args: str) -> Result:
@@ -430,7 +434,6 @@ def test_the_state_dir_is_private_and_the_static_key_is_0600_and_stable(state_di
 
 
 def test_a_damaged_static_key_is_reported_not_replaced(state_dir: Path) -> None:
-    state_dir.mkdir(mode=0o700)
     (state_dir / "coordinator_static.key").write_bytes(b"short")
     done = run(state_dir, "token", "create", "--tunnel-url", TUNNEL_URL)
     assert done.exit_code == 2
@@ -440,12 +443,40 @@ def test_a_damaged_static_key_is_reported_not_replaced(state_dir: Path) -> None:
 
 def test_the_state_dir_comes_from_the_environment_when_not_given(tmp_path: Path) -> None:
     env = {**os.environ, "MESHGATE_COORDINATOR_STATE": str(tmp_path / "from-env")}
-    done = subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "key", "create", "--name", "x"],
-        capture_output=True, text=True, timeout=60, check=False, env=env, cwd=REPO,
-    )
-    assert done.returncode == 0, done.stderr
+    for command in (["init"], ["key", "create", "--name", "x"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "coordinator.cli", *command],
+            capture_output=True, text=True, timeout=60, check=False, env=env, cwd=REPO,
+        )
+        assert done.returncode == 0, done.stderr
     assert (tmp_path / "from-env" / "coordinator.db").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["key", "create", "--name", "x"], ["key", "list"], ["nodes"], ["usage"],
+    ["token", "create", "--tunnel-url", TUNNEL_URL], ["node", "revoke", DID],
+])
+def test_a_mistyped_state_dir_is_an_error_and_creates_nothing(
+    tmp_path: Path, command: list[str]
+) -> None:
+    wrong = tmp_path / "coordinatr"
+    done = run(wrong, *command)
+    assert done.exit_code == 2
+    assert f"no coordinator database in {wrong}" in done.stderr
+    assert done.stdout == ""
+    assert not wrong.exists()
+
+
+def test_init_writes_a_private_admin_key_once(state_dir: Path) -> None:
+    key_file = state_dir / "admin.key"
+    first = key_file.read_text()
+    assert first.startswith("mga_")
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    assert run(state_dir, "init").exit_code == 0
+    assert key_file.read_text() == first  # a live admin key exists: nothing new
+    listed = run(state_dir, "admin-key", "list").stdout
+    assert "first" in listed
+    assert first.split("_")[2].strip() not in listed
 
 
 def test_the_database_url_can_point_elsewhere(

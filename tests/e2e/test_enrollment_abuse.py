@@ -66,6 +66,7 @@ def test_a_reused_token_is_refused_and_the_first_enrollment_stands(mesh: Mesh) -
 def test_a_token_of_another_coordinator_is_refused(mesh: Mesh) -> None:
     """A token made by another coordinator (another static key) but pointing here."""
     other = mesh.root / "other-coordinator"
+    cli("coordinator", "init", "--state-dir", str(other))
     made = cli("coordinator", "token", "create", "--state-dir", str(other),
                "--tunnel-url", f"ws://127.0.0.1:{mesh.tunnel_port}")
     token = made.stdout.strip().splitlines()[-1]
