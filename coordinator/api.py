@@ -200,7 +200,7 @@ def build_app(ctx: ApiContext) -> FastAPI:
         except OpenAIError as exc:
             exc = ctx.gate.refine_for(request_id, exc) if ctx.gate is not None else exc
             if exc.status in (402, 429, 499, 503, 504):
-                await ctx.commit(_failed_row(open_request, key_id, exc, route_text))
+                await ctx.commit(failed_row(open_request, key_id, exc, route_text))
             raise exc from None
         if ctx.metrics is not None:
             ctx.metrics.served(served.tries, served.upstream)
@@ -353,10 +353,12 @@ def _cache_row(request_id: str, key_id: str, endpoint: str, hit: CachedResponse
     }
 
 
-def _failed_row(request: OpenRequest, key_id: str | None, exc: OpenAIError,
+def failed_row(request: OpenRequest, key_id: str | None, exc: OpenAIError,
                 route: str | None) -> dict[str, Any]:
     outcome = {402: "budget_exceeded", 429: "queue_full", 499: "client_cancelled",
                503: "no_capacity", 504: "deadline"}.get(exc.status, "error")
+    if exc.code == "relay_quota":
+        outcome = "relay_quota"
     return {
         "request_id": request.request_id, "key_id": key_id, "node_did": None, "upstream": None,
         "model": request.model, "endpoint": request.endpoint, "prompt_tokens": 0,
