@@ -233,7 +233,7 @@ async def test_live_shows_the_fleet_with_gpus_and_models_on_disk(coord: Admined)
            "power_draw_w": 210.5, "pcie_gen_current": 4, "pcie_width_current": 16}
     await coord.node([{"name": "smollm2", "loaded": True, "size_bytes": 100},
                       {"name": "gemma", "loaded": False, "size_bytes": 200}],
-                     {"gpus": [gpu, "junk"], "host": {"mem_total_bytes": 8 * 2**30}})
+                     {"gpus": [gpu], "host": {"mem_total_bytes": 8 * 2**30}})
     live = (await coord.call("GET", "/live")).json()
     [node] = live["nodes"]
     [seen] = node["gpus"]
