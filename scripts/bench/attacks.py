@@ -238,9 +238,9 @@ async def _relay_flood(args: argparse.Namespace) -> dict[str, Any]:
             worker.answer = answer
             asker = await EvilNode.start(mesh, "asker", [])
             await asyncio.to_thread(mesh.wait_serving, "slow", 10)
-            streams = [await asker.ask({"model": "slow", "messages": [{"role": "user",
-                                        "content": "x"}]}, request_id=f"flood-{i}")
-                       for i in range(args.relayed)]
+            for i in range(args.relayed):
+                await asker.ask({"model": "slow", "messages": [{"role": "user",
+                                 "content": "x"}]}, request_id=f"flood-{i}")
             await asyncio.sleep(1)
             loop = asyncio.get_running_loop()
             loop.call_later(5, release.set)
