@@ -90,7 +90,7 @@ async def test_node_goaway_stops_the_coordinator_opening_streams_at_once() -> No
             await p.coord_mux.open({"chunks": 1})
 
         # an OPEN that crossed the GOAWAY in flight is refused with 503, not served
-        p.coord_mux.peer_going_away = None
+        p.coord_mux.conn.peer_going_away = None
         crossed = await p.coord_mux.open({"chunks": 1})
         refused = await asyncio.wait_for(crossed.recv(), SETTLE)
         assert refused.type == FrameType.ERROR

@@ -388,9 +388,14 @@ async def test_link_rekeys_after_a_message_count_and_keeps_working(
 async def test_link_rekeys_after_an_age(coordinator: Coordinator) -> None:
     _, client, server_side = await _connected(coordinator)
     client.rekey_after_s = 0.0
+    first_key = client._session._send._key
     await client.send(Frame(FrameType.TELEMETRY, 0, 0, 0, {"n": 1}))
     assert (await asyncio.wait_for(server_side.recv(), 5)).body == {"n": 1}
-    assert client._session.sent_since_rekey == 1
+    # the frame and a KEY_UPDATE left under the old key (one message); the key changed
+    assert client._session._send._key != first_key
+    assert client._session.sent_since_rekey == 0
+    await client.send(Frame(FrameType.TELEMETRY, 0, 0, 0, {"n": 2}))
+    assert (await asyncio.wait_for(server_side.recv(), 5)).body == {"n": 2}
     await client.close()
 
 
