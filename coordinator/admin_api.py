@@ -24,6 +24,7 @@ CLI on the database directly.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -35,8 +36,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fastapi import APIRouter, FastAPI, Request
 
 from coordinator.admin_keys import ADMIN_PREFIX, AdminKeys, ensure_admin_key
-from coordinator.admin_ops import AdminOps
-from coordinator.api import ApiContext
+from coordinator.admin_ops import AdminOps, BadField
+from coordinator.api import ApiContext, read_body
 from coordinator.errors import CoordinatorError, KeyNameTaken, UnknownKey, UnknownNode, UnknownToken
 from coordinator.fleet_view import fleet, models_across
 from coordinator.gateway import Gateway
@@ -109,18 +110,16 @@ async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     except KeyNameTaken as exc:
         raise OpenAIError(409, str(exc), code="conflict", param="name",
                           hop="coordinator") from None
+    except BadField as exc:
+        raise OpenAIError(400, str(exc), param=exc.param, hop="coordinator") from None
     except CoordinatorError as exc:
         raise OpenAIError(400, str(exc), hop="coordinator") from None
 
 
 async def json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > MAX_ADMIN_BODY:
-        raise OpenAIError(413, f"admin request body over {MAX_ADMIN_BODY} bytes")
+    raw = await read_body(request, MAX_ADMIN_BODY)  # refused past the cap, not read whole
     if not raw.strip():
         return {}
-    import json
-
     try:
         body = json.loads(raw)
     except ValueError as exc:

@@ -76,14 +76,18 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
         cache = (ResponseCache(ttl_s=opts.cache_ttl_s, max_entries=opts.cache_entries)
                  if cluster is None else SharedResponseCache(
                      cluster.link, ttl_s=opts.cache_ttl_s, max_entries=opts.cache_entries))
+    metrics = Metrics()
+    dispatcher.on_decision = metrics.schedule.observe
     return ApiContext(registry, verify_key, known_models, record_usage, config=config,
-                      dispatcher=dispatcher, gate=gate, metrics=Metrics(), cache=cache)
+                      dispatcher=dispatcher, gate=gate, metrics=metrics, cache=cache)
 
 
 async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> None:
     config = config if config is not None else resolve_config(opts.config)
     state = StateDir(opts.state_dir, db_url=opts.database_url)
-    write_engines(state.path, Engines(opts.database_url, opts.redis_url))  # for the admin CLI
+    write_engines(state.path, Engines(  # for the admin commands on this box
+        opts.database_url, opts.redis_url,
+        str(opts.static_key_file.resolve()) if opts.static_key_file else None))
     store = Store(state.db_url)
     clouds = {u.name: CloudClient(u) for u in config.upstreams}
     registry = Registry(c.view() for c in clouds.values())
@@ -97,6 +101,7 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     tunnel_server = await serve_tunnel(
         opts.tunnel_host, opts.tunnel_port, static_key,
         cluster.authorizer(gateway.authorize) if cluster else gateway.authorize, gateway.on_link,
+        known=gateway.is_known,
     )
     tunnel_port = next(iter(tunnel_server.sockets)).getsockname()[1]
     advertised_host = "127.0.0.1" if opts.tunnel_host in ("0.0.0.0", "::", "") else opts.tunnel_host  # noqa: S104

@@ -35,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from meshgate.bounds import load_json
 from meshgate.openai import OpenAIError
 from node_agent.http import WatchedResponse, json_response, read_body
 from node_agent.ollama_catalog import Catalog
@@ -69,10 +70,10 @@ def _keep_alive_zero(value: Any) -> bool:
 
 
 async def _read_json(request: Request) -> dict[str, Any]:
-    raw = await read_body(request)
+    raw = await read_body(request)  # a chunked body is bounded while it is read
     try:
-        body = json.loads(raw) if raw else {}
-    except (ValueError, UnicodeDecodeError) as exc:
+        body = load_json(raw) if raw else {}
+    except ValueError as exc:  # bad JSON, or nested too deeply
         raise OpenAIError(400, f"invalid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise OpenAIError(400, "request body must be a JSON object")

@@ -15,7 +15,6 @@ models on the hot path (``scripts/bench/overhead.py`` measures the port).
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -28,6 +27,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from meshgate.bounds import load_json
 from meshgate.openai import OpenAIError
 from node_agent.http import json_response, read_body
 from node_agent.metrics import CONTENT_TYPE_LATEST, NodeMetrics
@@ -158,9 +158,10 @@ def _admin_routes(manager: ModelManager) -> list[BaseRoute]:
                 raise OpenAIError(403, f"/meshgate/{op} is for clients on this box only",
                                   hop="node")
             try:
-                body = json.loads(await read_body(request) or b"{}")
-            except ValueError:
-                raise OpenAIError(400, "the body must be a JSON object", hop="node") from None
+                body = load_json(await read_body(request) or b"{}")
+            except ValueError as exc:
+                raise OpenAIError(400, f"the body must be a JSON object: {exc}",
+                                  hop="node") from None
             if not isinstance(body, dict):
                 raise OpenAIError(400, "the body must be a JSON object", hop="node")
             return json_response(await manager.command({**body, "op": op}))

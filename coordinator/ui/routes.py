@@ -6,7 +6,8 @@
     GET  /ui/events          SSE: HTML fragments named after the element they replace
                              (summary, fleet, requests, models, usage, keys, tokens)
                              and `series` (JSON for the charts)
-    POST /ui/keys, /ui/keys/{id}/revoke, /ui/tokens, /ui/tokens/{id}/revoke
+    POST /ui/keys, /ui/keys/{id}/revoke, /ui/tokens, /ui/tokens/{id}/revoke,
+         /ui/nodes/{did}/revoke
     GET  /ui/static/...      htmx, its SSE extension, uPlot, the pane's css and js
 
 The session cookie is HttpOnly, SameSite=Strict and scoped to /ui; the admin
@@ -262,6 +263,18 @@ def change_routes(router: APIRouter, ctx: AdminContext, pane: Pane) -> None:
                            ident="new-token", secret=made["token"],
                            note=f"— good for {uses} node{'s' if uses != 1 else ''}; on each run "
                            "meshgate-node enroll TOKEN."))
+
+    @router.post("/nodes/{did}/revoke")
+    async def node_revoke(request: Request, did: str) -> Response:
+        await changing(ctx, request)
+        try:
+            done = await asyncio.to_thread(ctx.ops.revoke_node, did)
+        except CoordinatorError as exc:
+            return fragment_error(exc)
+        await ctx.close_revoked()
+        pane.version += 1
+        what = "revoked; its tunnel is closed" if done["revoked"] else "was already revoked"
+        return html(render("_notice.html", message=f"Node {did} {what}."))
 
     @router.post("/tokens/{token_id}/revoke")
     async def token_revoke(request: Request, token_id: str) -> Response:

@@ -125,3 +125,15 @@ async def test_usage_shows_energy_once_the_ledger_has_joules(coord: Admined) -> 
     assert "J / 1k tok" in after
     assert "250.0 J" in after
     assert "250.0</td>" in after  # 250 J over the 1k tokens of the one measured row
+
+
+async def test_a_node_revoked_in_the_pane_is_disconnected_at_once(coord: Admined) -> None:
+    did = await coord.node(["m"], {"host": {}})
+    session = await sign_in(coord)
+    page = (await coord.http.get("/ui", headers=with_session(session))).text
+    assert f"/ui/nodes/{did}/revoke" in page
+    reply = await coord.http.post(f"/ui/nodes/{did}/revoke",
+                                  headers=with_session(session, **{"HX-Request": "true"}))
+    assert "revoked; its tunnel is closed" in reply.text
+    assert coord.admin.registry.get(did) is None
+    assert coord.store.get_node(did).revoked_at is not None
