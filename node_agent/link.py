@@ -247,6 +247,7 @@ async def answer(pipeline: Pipeline, stream: Stream, frame: Frame) -> None:
     try:
         if request.stream:
             streamed = await pipeline.stream(*args, via="tunnel", local_only=True)
+            streamed.settle_at_end = False  # the END frame carries the energy, read before
             try:
                 async for chunk in streamed:
                     await stream.send(FrameType.DATA, chunk)

@@ -151,7 +151,9 @@ class Streamed:
 
     The first chunk has already been read (an error before it kept its status).
     With `include_usage` False the usage-only chunk (empty ``choices``) is not
-    yielded; its usage is counted all the same. An error after the start is
+    yielded; its usage is counted all the same. With `settle_at_end` (the default)
+    a stream that reaches its end closes itself before the iteration stops, so the
+    request is metered before the front door sends its last bytes. An error after the start is
     raised from the iteration as an :class:`OpenAIError` (the front door frames it).
     """
 
@@ -167,7 +169,8 @@ class Streamed:
         self.meter = meter
         self.include_usage = include_usage
         self.status = 499  # unless it reaches its end or fails
-        self.usage_sent = False
+        self.settle_at_end = True
+        self._closed = False
 
     def _wanted(self, chunk: bytes, usage: Usage | None) -> bool:
         if usage is None or self.include_usage:
@@ -191,9 +194,15 @@ class Streamed:
             log.warning("stream of %s failed after it started: %s", model, error.message)
             raise error from None
         self.status = 200
+        if self.settle_at_end:  # give the model back and meter before the client hears the end
+            await self.aclose()
 
     async def aclose(self) -> None:
-        """End the stream: stop the runtime's work if unfinished, give the model back, meter."""
+        """End the stream: stop the runtime's work if unfinished, give the model back, meter.
+        Once; later calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             close = getattr(self._chunks, "aclose", None)
             if close is not None:
