@@ -18,8 +18,9 @@ import anyio
 
 from coordinator.api import ApiContext, plan
 from coordinator.dispatch import Served
+from coordinator.refusals import with_status
 from coordinator.registry import NodeConn
-from meshgate.openai import OpenAIError, parse_request
+from meshgate.openai import OpenAIError, parse
 from meshgate.protocol import OpenRequest, ProtocolViolation, error_body
 from tunnel import Frame, FrameType, Stream, TunnelError, until_cancelled
 
@@ -37,8 +38,9 @@ async def relay(ctx: ApiContext, asker: NodeConn, stream: Stream, frame: Frame) 
 async def _answer(ctx: ApiContext, asker: NodeConn, stream: Stream, frame: Frame) -> None:
     try:
         request = OpenRequest.from_wire(frame.body)
-        body = parse_request(request.body, request.endpoint)
-        route, want = await plan(ctx, body, None)
+        parsed = parse(request.body, request.endpoint)
+        body = parsed.body
+        route, want = await plan(ctx, parsed, None)
     except ProtocolViolation as exc:
         await stream.send(FrameType.ERROR, error_body(400, str(exc), hop="coordinator"))
         return
@@ -62,7 +64,8 @@ async def _answer(ctx: ApiContext, asker: NodeConn, stream: Stream, frame: Frame
     finally:
         with anyio.CancelScope(shield=True):
             await served.close()
-        ctx.record(served.row(None, f"node:{asker.did}" + (f" {route}" if route.task else "")))
+        ctx.record(with_status(
+            served.row(None, f"node:{asker.did}" + (f" {route}" if route.task else ""))))
 
 
 async def _forward(served: Served, streaming: bool, stream: Stream) -> None:
@@ -79,5 +82,6 @@ async def _send_error(stream: Stream, exc: OpenAIError) -> None:
     with contextlib.suppress(TunnelError):
         await stream.send(
             FrameType.ERROR,
-            error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "coordinator"),
+            error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "coordinator",
+                       param=exc.param),
         )

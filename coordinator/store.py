@@ -166,6 +166,8 @@ class UsageRow(Base):
     outcome: Mapped[str] = mapped_column(String(64))
     cost: Mapped[float]
     created_at: Mapped[float] = mapped_column(index=True)
+    status: Mapped[int | None] = mapped_column(Integer(), nullable=True)
+    error: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 # ----------------------------------------------------------------------------- records
@@ -335,6 +337,8 @@ class UsageRecord:
     upstream: str | None = None
     cost: float = 0.0
     route: str | None = None  # the policy it ran under: "prefer=local", a qg:// route, "cache"
+    status: int | None = None  # the HTTP status answered (None: rows from before it was kept)
+    error: str | None = None  # the error's code or type when it was not a success
 
 
 @dataclass(frozen=True, slots=True)
@@ -619,7 +623,8 @@ class Store:
                 route=record.route and record.route[:200],
                 prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
                 latency_ms=record.latency_ms, outcome=record.outcome[:64], cost=record.cost,
-                created_at=record.created_at,
+                created_at=record.created_at, status=record.status,
+                error=record.error and record.error[:64],
             ))
 
     def usage_rows(self, since: float | None = None) -> list[UsageRecord]:
@@ -674,8 +679,9 @@ def _fields(scope: KeyScopes) -> dict[str, Any]:
 def _add_missing_columns(conn: Any) -> None:
     """Columns added after a table was first created (create_all never alters a table)."""
     have = {c["name"] for c in inspect(conn).get_columns(UsageRow.__tablename__)}
-    if "route" not in have:
-        conn.execute(text(f"ALTER TABLE {UsageRow.__tablename__} ADD COLUMN route VARCHAR(200)"))
+    for name, kind in (("route", "VARCHAR(200)"), ("status", "INTEGER"), ("error", "VARCHAR(64)")):
+        if name not in have:
+            conn.execute(text(f"ALTER TABLE {UsageRow.__tablename__} ADD COLUMN {name} {kind}"))
     tokens = TokenRow.__tablename__
     have = {c["name"] for c in inspect(conn).get_columns(tokens)}
     if "max_uses" not in have:  # tokens from before reusable tokens: one use each
@@ -722,5 +728,5 @@ def _usage_record(row: UsageRow) -> UsageRecord:
         endpoint=row.endpoint, prompt_tokens=row.prompt_tokens,
         completion_tokens=row.completion_tokens, latency_ms=row.latency_ms,
         outcome=row.outcome, created_at=row.created_at, upstream=row.upstream, cost=row.cost,
-        route=row.route,
+        route=row.route, status=row.status, error=row.error,
     )
