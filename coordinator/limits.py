@@ -1,13 +1,14 @@
 """Per-key rate limits: token buckets on requests per minute and tokens per minute.
 
-In memory, for one coordinator (several replicas would move the buckets to
-Redis, see ARCHITECTURE.md). Each bucket holds up to one minute's allowance
-and refills continuously. A request is admitted only when every bucket of its
-key has room (nothing is taken from one bucket when another refuses), and is
-charged at admission with an estimate: for tokens, the prompt estimate plus
-`max_tokens`. When the request ends, `Admission.settle` corrects the token
-bucket by the actual usage (a refund, or a further charge that may leave the
-bucket in debt so the next request waits longer).
+In memory for one coordinator (`LocalBuckets`); replicas of a cluster keep the
+same buckets in Redis (`shared_state.RedisBuckets`, coordinator/CLUSTER.md).
+Each bucket holds up to one minute's allowance and refills continuously. A
+request is admitted only when every bucket of its key has room (nothing is
+taken from one bucket when another refuses), and is charged at admission with
+an estimate: for tokens, the prompt estimate plus `max_tokens`. When the
+request ends, `Admission.settle` corrects the token bucket by the actual usage
+(a refund, or a further charge that may leave the bucket in debt so the next
+request waits longer).
 
 A refused request gets `RateLimited` (HTTP 429, OpenAI's `rate_limit_exceeded`)
 with the whole seconds after which the same request would be admitted, for
@@ -27,7 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from coordinator.metering import BudgetTracker
 from coordinator.routing import Prefer
@@ -129,69 +130,101 @@ class Admission:
         self.limiter.adjust(self.key_id, actual_tokens - self.charged_tokens)
 
 
-@dataclass
-class _KeyBuckets:
-    rpm: int | None
-    tpm: int | None
-    requests: TokenBucket | None
-    tokens: TokenBucket | None
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """One bucket a request draws on: `kind` (requests or tokens) at `per_minute`."""
+
+    kind: str
+    per_minute: int
+    amount: float
+
+
+class Buckets(Protocol):
+    """Where a limiter's buckets live: this process (`LocalBuckets`) or Redis, shared by
+    every replica (`coordinator/shared_state.py`). Both run the bucket arithmetic of
+    `TokenBucket`; the limiter's rules (what to ask, when to refuse) are in `RateLimiter`."""
+
+    def take_all(self, key_id: str, asks: Sequence[Ask]) -> tuple[float, int]:
+        """Take every ask if all have room now: (0, -1). Else take nothing and return
+        (seconds until all would have room, index of the ask that waits longest)."""
+        ...
+
+    def adjust(self, key_id: str, ask: Ask) -> None:
+        """Take `ask.amount` (give it back if negative) after the fact; may leave debt."""
+        ...
+
+
+class LocalBuckets:
+    """The buckets in this process's memory: one coordinator's default."""
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._held: dict[tuple[str, str], tuple[int, TokenBucket]] = {}
+        self._lock = threading.Lock()
+
+    def _bucket(self, key_id: str, ask: Ask) -> TokenBucket:
+        held = self._held.get((key_id, ask.kind))
+        if held is None or held[0] != ask.per_minute:  # new key, or its limit changed
+            held = (ask.per_minute, TokenBucket(ask.per_minute, self._clock))
+            self._held[(key_id, ask.kind)] = held
+        return held[1]
+
+    def take_all(self, key_id: str, asks: Sequence[Ask]) -> tuple[float, int]:
+        with self._lock:
+            buckets = [self._bucket(key_id, ask) for ask in asks]
+            waits = [b.wait_for(a.amount) for b, a in zip(buckets, asks, strict=True)]
+            worst = max(range(len(waits)), key=waits.__getitem__)
+            if waits[worst] > 0:
+                return waits[worst], worst
+            for bucket, ask in zip(buckets, asks, strict=True):
+                bucket.take(ask.amount)
+            return 0.0, -1
+
+    def adjust(self, key_id: str, ask: Ask) -> None:
+        with self._lock:
+            held = self._held.get((key_id, ask.kind))
+            if held is None or held[0] != ask.per_minute:
+                return
+            if ask.amount > 0:
+                held[1].take(ask.amount)
+            else:
+                held[1].give(-ask.amount)
 
 
 class RateLimiter:
     """The buckets of every key, created on first use; limits follow the key's scopes."""
 
-    def __init__(self, clock: Clock = time.monotonic) -> None:
-        self._clock = clock
-        self._keys: dict[str, _KeyBuckets] = {}
-        self._lock = threading.Lock()
-
-    def _buckets(self, key_id: str, rpm: int | None, tpm: int | None) -> _KeyBuckets:
-        held = self._keys.get(key_id)
-        if held is None or (held.rpm, held.tpm) != (rpm, tpm):  # new key, or its limits changed
-            held = _KeyBuckets(
-                rpm,
-                tpm,
-                TokenBucket(rpm, self._clock) if rpm else None,
-                TokenBucket(tpm, self._clock) if tpm else None,
-            )
-            self._keys[key_id] = held
-        return held
+    def __init__(self, clock: Clock = time.monotonic, buckets: Buckets | None = None) -> None:
+        self.buckets: Buckets = buckets if buckets is not None else LocalBuckets(clock)
+        self._tpm: dict[str, int] = {}
 
     def admit(self, key_id: str, *, rpm: int | None, tpm: int | None, tokens: int) -> Admission:
         """Charge one request of `tokens` estimated tokens, or raise RateLimited."""
         if not rpm and not tpm:
             return Admission(None, key_id, 0)
-        with self._lock:
-            buckets = self._buckets(key_id, rpm, tpm)
-            waits: list[tuple[float, str, str]] = []
-            if buckets.requests is not None:
-                waits.append((buckets.requests.wait_for(1), "requests", f"{rpm} requests"))
-            if buckets.tokens is not None:
-                waits.append((buckets.tokens.wait_for(tokens), "tokens", f"{tpm} tokens"))
-            wait, kind, what = max(waits)
-            if wait > 0:
-                raise RateLimited(
-                    f"rate limit of this API key reached ({what} per minute); retry after "
-                    f"{max(1, math.ceil(wait))} s",
-                    wait,
-                    kind,
-                )
-            if buckets.requests is not None:
-                buckets.requests.take(1)
-            if buckets.tokens is not None:
-                buckets.tokens.take(tokens)
-        return Admission(self, key_id, tokens if buckets.tokens is not None else 0)
+        asks: list[Ask] = []
+        if rpm:
+            asks.append(Ask("requests", rpm, 1))
+        if tpm:
+            asks.append(Ask("tokens", tpm, tokens))
+            self._tpm[key_id] = tpm
+        wait, which = self.buckets.take_all(key_id, asks)
+        if wait > 0:
+            ask = asks[which]
+            raise RateLimited(
+                f"rate limit of this API key reached ({ask.per_minute} {ask.kind} per minute); "
+                f"retry after {max(1, math.ceil(wait))} s",
+                wait,
+                ask.kind,
+            )
+        return Admission(self, key_id, tokens if tpm else 0)
 
     def adjust(self, key_id: str, delta_tokens: int) -> None:
         """Charge (positive) or refund (negative) tokens after the fact."""
-        with self._lock:
-            held = self._keys.get(key_id)
-            if held is None or held.tokens is None or delta_tokens == 0:
-                return
-            if delta_tokens > 0:
-                held.tokens.take(delta_tokens)
-            else:
-                held.tokens.give(-delta_tokens)
+        tpm = self._tpm.get(key_id)
+        if tpm is None or delta_tokens == 0:
+            return
+        self.buckets.adjust(key_id, Ask("tokens", tpm, delta_tokens))
 
 
 # ----------------------------------------------------------------------------- the gate

@@ -21,17 +21,20 @@ from coordinator.admin_api import admin_context, mount_admin, watch_key_changes
 from coordinator.api import ApiContext, build_app
 from coordinator.cache import ResponseCache
 from coordinator.cloud import CloudClient
+from coordinator.cluster import Cluster, SharedBudgets
 from coordinator.config import CoordinatorConfig, resolve_config
 from coordinator.dispatch import Dispatcher
 from coordinator.engines import Engines, write_engines
 from coordinator.gateway import Gateway
-from coordinator.limits import KeyGate
+from coordinator.limits import KeyGate, RateLimiter
 from coordinator.live import LIVE_FILE, write_live_loop
 from coordinator.logs import setup_json_logging
 from coordinator.metering import BudgetTracker
 from coordinator.metrics import Metrics
 from coordinator.registry import Registry
 from coordinator.relay import relay
+from coordinator.shared_state import RedisBuckets, RedisLink, SharedResponseCache
+from coordinator.spool import LedgerSpool
 from coordinator.state import ServeOptions, StateDir
 from coordinator.store import Store, UsageRecord
 from coordinator.traffic import Traffic
@@ -43,8 +46,13 @@ log = logging.getLogger(__name__)
 
 def _context(store: Store, registry: Registry, config: CoordinatorConfig,
              dispatcher: Dispatcher, opts: ServeOptions | None = None, *,
+             cluster: Cluster | None = None, spool: LedgerSpool | None = None,
              traffic: Traffic | None = None) -> ApiContext:
-    gate = KeyGate(budgets=BudgetTracker(store.spend_by_key))
+    if cluster is None:  # one coordinator: limits, budgets and cache in this process
+        gate = KeyGate(budgets=BudgetTracker(store.spend_by_key))
+    else:  # a replica: the same objects on Redis (cluster.py, shared_state.py)
+        cluster.budgets = SharedBudgets(store.spend_by_key, cluster.publish_spend)
+        gate = KeyGate(RateLimiter(buckets=RedisBuckets(cluster.link)), cluster.budgets)
 
     def verify_key(plaintext: str) -> str | None:
         record = store.verify_key(plaintext)
@@ -59,10 +67,14 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
     def record_usage(row: dict[str, Any]) -> None:
         if traffic is not None:
             traffic.add(row)  # the web pane's and `top`'s last hour
-        store.record_usage(UsageRecord(**row, created_at=time.time()))
+        (spool.record if spool else store.record_usage)(
+            UsageRecord(**row, created_at=time.time()))
 
-    cache = (ResponseCache(ttl_s=opts.cache_ttl_s, max_entries=opts.cache_entries)
-             if opts is not None and opts.cache else None)
+    cache: ResponseCache | None = None
+    if opts is not None and opts.cache:
+        cache = (ResponseCache(ttl_s=opts.cache_ttl_s, max_entries=opts.cache_entries)
+                 if cluster is None else SharedResponseCache(
+                     cluster.link, ttl_s=opts.cache_ttl_s, max_entries=opts.cache_entries))
     return ApiContext(registry, verify_key, known_models, record_usage, config=config,
                       dispatcher=dispatcher, gate=gate, metrics=Metrics(), cache=cache)
 
@@ -79,9 +91,11 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
         log.info("config %s: %d upstream(s) %s, %d alias(es), %d task route(s)", config.path,
                  len(clouds), sorted(clouds), len(config.aliases), len(config.tasks))
     gateway = Gateway(store, registry)
+    cluster = Cluster(store, RedisLink(opts.redis_url), registry) if opts.redis_url else None
     static_key = state.static_key(opts.static_key_file)
     tunnel_server = await serve_tunnel(
-        opts.tunnel_host, opts.tunnel_port, static_key, gateway.authorize, gateway.on_link,
+        opts.tunnel_host, opts.tunnel_port, static_key,
+        cluster.authorizer(gateway.authorize) if cluster else gateway.authorize, gateway.on_link,
     )
     tunnel_port = next(iter(tunnel_server.sockets)).getsockname()[1]
     advertised_host = "127.0.0.1" if opts.tunnel_host in ("0.0.0.0", "::", "") else opts.tunnel_host  # noqa: S104
@@ -89,12 +103,19 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     api_host = "127.0.0.1" if opts.api_host in ("0.0.0.0", "::", "") else opts.api_host  # noqa: S104
     state.write_advertise(tunnel_url=tunnel_url, api_url=f"http://{api_host}:{opts.api_port}")
     log.info("tunnel endpoint on %s (advertised as %s)", tunnel_port, tunnel_url)
+    if cluster is not None:
+        await cluster.join(tunnel_url, f"http://{api_host}:{opts.api_port}")
+    spool = LedgerSpool(store, state.path) if store.engine.dialect.name != "sqlite" else None
     traffic = Traffic()
-    ctx = _context(store, registry, config, dispatcher, opts, traffic=traffic)
+    ctx = _context(store, registry, config, dispatcher, opts, cluster=cluster, spool=spool,
+                   traffic=traffic)
     gateway.on_request = functools.partial(relay, ctx)  # apps on nodes asking for others' models
     app = build_app(ctx)
     admin = admin_context(store, state, registry, ctx, gateway=gateway, static_key=static_key,
                           tunnel_url=tunnel_url, traffic=traffic)
+    if cluster is not None:  # a revoke here reaches every replica at once (pub/sub)
+        admin.forget_keys, admin.close_revoked = cluster.announcing(
+            admin.forget_keys, admin.close_revoked)
     mount_admin(app, admin)
     uv_config = uvicorn.Config(
         app,
@@ -110,7 +131,10 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
         asyncio.create_task(gateway.watch_revocations(), name="revocations"),
         asyncio.create_task(write_live_loop(state.path / LIVE_FILE, registry), name="live"),
         asyncio.create_task(watch_key_changes(store, ctx.forget_keys), name="key-changes"),
+        *([asyncio.create_task(spool.run(), name="ledger-spool")] if spool else []),
     ]
+    if cluster is not None:
+        background += cluster.start(ctx.forget_keys, gateway.close_revoked)
     try:
         await server.serve()
     finally:
@@ -119,6 +143,8 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
         for task in background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if cluster is not None:
+            await cluster.stop()  # leaves the members table: nodes drop this replica at once
         tunnel_server.close()
         await tunnel_server.wait_closed()
         for cloud in clouds.values():

@@ -381,7 +381,9 @@ def _rowcount(session: Session, stmt: Update) -> int:
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine: Engine = create_engine(database_url(url))  # a missing driver: one line
+        url = database_url(url)  # a missing driver: one line naming the extra
+        # a server restarted under us: test pooled connections before use, not on a request
+        self.engine: Engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _on_sqlite_connect)
             event.listen(self.engine, "begin", _on_sqlite_begin)
@@ -531,8 +533,16 @@ class Store:
             s.execute(update(NodeRow).where(NodeRow.did == did).values(**values),
                       execution_options={"synchronize_session": False})
 
+    handshake_scope = ""
+    """A cluster replica sets its member id: each replica keeps its own handshake timestamp
+    per node (members.py), since a node dials every replica at once."""
+
     def advance_handshake_ts(self, did: str, ts_ms: int) -> bool:
         """Move the node's handshake timestamp forward; False if `ts_ms` is not newer."""
+        if self.handshake_scope:
+            from coordinator.members import advance_scoped
+
+            return advance_scoped(self.engine, did, self.handshake_scope, ts_ms)
         with self._write() as s:
             newer = (NodeRow.last_ts_ms.is_(None)) | (NodeRow.last_ts_ms < ts_ms)
             return _rowcount(s, update(NodeRow)
@@ -615,17 +625,14 @@ class Store:
 
     def record_usage(self, record: UsageRecord) -> None:
         """Append one row; client-chosen strings (request id, model) are cut to fit columns."""
+        self.record_usages([record])
+
+    def record_usages(self, records: list[UsageRecord]) -> None:
+        """Append rows in one transaction: all or none (the ledger spool's replay)."""
         with self._write() as s:
-            s.add(UsageRow(
-                request_id=record.request_id[:128], key_id=record.key_id,
-                node_did=record.node_did, upstream=record.upstream and record.upstream[:200],
-                model=record.model[:255], endpoint=record.endpoint[:64],
-                route=record.route and record.route[:200],
-                prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
-                latency_ms=record.latency_ms, outcome=record.outcome[:64], cost=record.cost,
-                created_at=record.created_at, status=record.status,
-                error=record.error and record.error[:64],
-            ))
+            for record in records:
+                s.add(_usage_row(record))
+
 
     def usage_rows(self, since: float | None = None) -> list[UsageRecord]:
         query = select(UsageRow).order_by(UsageRow.created_at, UsageRow.id)
@@ -729,4 +736,17 @@ def _usage_record(row: UsageRow) -> UsageRecord:
         completion_tokens=row.completion_tokens, latency_ms=row.latency_ms,
         outcome=row.outcome, created_at=row.created_at, upstream=row.upstream, cost=row.cost,
         route=row.route, status=row.status, error=row.error,
+    )
+
+
+def _usage_row(record: UsageRecord) -> UsageRow:
+    return UsageRow(
+        request_id=record.request_id[:128], key_id=record.key_id,
+        node_did=record.node_did, upstream=record.upstream and record.upstream[:200],
+        model=record.model[:255], endpoint=record.endpoint[:64],
+        route=record.route and record.route[:200],
+        prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+        latency_ms=record.latency_ms, outcome=record.outcome[:64], cost=record.cost,
+        created_at=record.created_at, status=record.status,
+        error=record.error and record.error[:64],
     )

@@ -1,0 +1,115 @@
+"""Ledger rows survive a database outage: written to a local file, replayed later.
+
+A replica on PostgreSQL writes each ledger row to the database; when that fails (the
+server is down, restarting, unreachable) the row is appended to `ledger-spool.jsonl` in
+the replica's state directory (flushed and fsynced) and the outage is logged once.
+While the spool holds rows, new rows go behind them (order kept, and no request waits
+on a database that is down); a background loop replays the spool every `REPLAY_S` in
+one transaction (all rows or none, so a failed replay duplicates nothing) and empties
+it. A replica that stops or crashes with rows spooled replays them on its next start.
+
+What a client received and what the ledger holds only differ while the database is
+down, by the rows in the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from coordinator.store import Store, UsageRecord
+
+log = logging.getLogger(__name__)
+
+SPOOL_FILE = "ledger-spool.jsonl"
+REPLAY_S = 1.0
+_FIELDS = {f.name for f in dataclasses.fields(UsageRecord)}
+
+
+class LedgerSpool:
+    def __init__(self, store: Store, state_dir: Path) -> None:
+        self.store = store
+        self.path = state_dir / SPOOL_FILE
+        self._lock = threading.Lock()
+        self.spooled = 0
+        """rows written to the spool since start"""
+        self.replayed = 0
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._count()
+
+    def _count(self) -> int:
+        try:
+            with self.path.open("rb") as spool:
+                return sum(1 for line in spool if line.strip())
+        except FileNotFoundError:
+            return 0
+
+    def record(self, record: UsageRecord) -> None:
+        """Write one row to the database, or to the spool (blocking; callers use a thread)."""
+        with self._lock:
+            if not self.path.exists():
+                try:
+                    self.store.record_usage(record)
+                    return
+                except SQLAlchemyError as exc:
+                    log.error("LEDGER: the database refused a row (%s); spooling rows to %s "
+                              "and replaying them when it is back", _first_line(exc), self.path)
+            self._append(record)
+
+    def _append(self, record: UsageRecord) -> None:
+        line = json.dumps(dataclasses.asdict(record), separators=(",", ":")) + "\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as spool:
+            spool.write(line)
+            spool.flush()
+            os.fsync(spool.fileno())
+        self.spooled += 1
+
+    def replay(self) -> int:
+        """Move every spooled row into the database in one transaction; how many moved.
+        Raises SQLAlchemyError (rows stay spooled) while the database is still down."""
+        with self._lock:
+            try:
+                text = self.path.read_text()
+            except FileNotFoundError:
+                return 0
+            read = [_record(line) for line in text.splitlines() if line.strip()]
+            records = [r for r in read if r is not None]
+            if records:
+                self.store.record_usages(records)
+            self.path.unlink()
+            self.replayed += len(records)
+        log.warning("LEDGER: the database is back; %d spooled row(s) written", len(records))
+        return len(records)
+
+    async def run(self, period: float = REPLAY_S) -> None:
+        """Until cancelled: replay the spool whenever it holds rows."""
+        while True:
+            if self.path.exists():
+                with contextlib.suppress(SQLAlchemyError):
+                    await asyncio.to_thread(self.replay)
+            await asyncio.sleep(period)
+
+
+def _record(line: str) -> UsageRecord | None:
+    try:
+        data: Any = json.loads(line)
+        return UsageRecord(**{k: v for k, v in data.items() if k in _FIELDS})
+    except (ValueError, TypeError, AttributeError):
+        log.error("LEDGER: an unreadable spool line was skipped: %.200s", line)
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

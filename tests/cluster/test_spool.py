@@ -1,0 +1,77 @@
+"""The ledger while PostgreSQL is down: rows spooled on disk, written when it is back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.exc import SQLAlchemyError
+
+from coordinator.spool import LedgerSpool
+from coordinator.store import Store, UsageRecord
+from tests.cluster.engines import PostgresServer
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    yield server
+    server.remove()
+
+
+def _row(n: int) -> UsageRecord:
+    return UsageRecord(request_id=f"req_{n}", key_id="k", node_did="did:key:z6Mk", model="m",
+                       endpoint="chat/completions", prompt_tokens=n, completion_tokens=1,
+                       latency_ms=1.0, outcome="ok", created_at=1000.0 + n)
+
+
+def test_rows_spool_while_postgres_is_down_and_nothing_is_lost(
+    postgres: PostgresServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = Store(postgres.url)
+    spool = LedgerSpool(store, tmp_path)
+    try:
+        spool.record(_row(0))
+        postgres.stop()
+        with caplog.at_level(logging.ERROR, logger="coordinator.spool"):
+            for n in range(1, 4):
+                spool.record(_row(n))
+        assert [r.getMessage()[:7] for r in caplog.records] == ["LEDGER:"]  # once
+        assert spool.pending() == 3
+        assert (tmp_path / "ledger-spool.jsonl").stat().st_mode & 0o077 == 0
+        with pytest.raises(SQLAlchemyError):
+            spool.replay()  # still down: the rows stay spooled
+        assert spool.pending() == 3
+        postgres.start()
+        spool.record(_row(4))  # behind the spooled rows, not before them
+        assert spool.replay() == 4
+        assert spool.pending() == 0
+        rows = store.usage_rows()
+        assert [r.request_id for r in rows] == [f"req_{n}" for n in range(5)]
+        assert rows[2] == _row(2)
+        spool.record(_row(5))  # back to the database directly
+        assert spool.pending() == 0
+        assert len(store.usage_rows()) == 6
+    finally:
+        store.close()
+
+
+async def test_a_spool_left_by_a_stopped_replica_is_replayed_at_start(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    store = Store(postgres.url)
+    try:
+        before = len(store.usage_rows())
+        postgres.stop()
+        LedgerSpool(store, tmp_path).record(_row(10))  # then the replica "stops"
+        postgres.start()
+        restarted = LedgerSpool(Store(postgres.url), tmp_path)
+        assert restarted.pending() == 1
+        assert await asyncio.to_thread(restarted.replay) == 1  # what run() does first
+        assert len(store.usage_rows()) == before + 1
+        restarted.store.close()
+    finally:
+        store.close()
