@@ -233,7 +233,9 @@ class NodeParts:
             if f is not None:
                 entry.update(_compact(f))
                 entry["name"] = name
-                entry["context_length"] = min(self.opts.n_ctx, f.context_length or self.opts.n_ctx)
+                # the context its runner really runs with (the coordinator sizes requests by it)
+                entry["context_length"] = s.get("n_ctx") or min(
+                    self.opts.n_ctx, f.context_length or self.opts.n_ctx)
             entry["source"] = "gguf" if from_file else entry["kind"]
             models.append(entry)
         files = [_compact(f) for f in self.files]
