@@ -70,6 +70,8 @@ class AdminContext:
     traffic: Traffic = field(default_factory=Traffic)
     requests: LiveRequests = field(default_factory=LiveRequests)
     sessions: Sessions = field(default_factory=Sessions)
+    stopping: Callable[[], bool] = lambda: False
+    """true once the server is shutting down: the pane's event streams end."""
 
     async def admin(self, request: Request) -> str:
         """The admin key id behind this request, or 401."""
@@ -300,8 +302,9 @@ def admin_context(store: Store, state: StateDir, registry: Registry, api: ApiCon
 
 def mount_admin(app: FastAPI, ctx: AdminContext) -> None:
     """The admin API, the web pane and the live-request tracker on the public app."""
-    from coordinator.ui.routes import ui_router
+    from coordinator.ui.routes import static_files, ui_router
 
     app.include_router(admin_router(ctx))
     app.include_router(ui_router(ctx))
+    app.mount("/ui/static", static_files(), name="ui-static")
     app.add_middleware(LiveRequestsMiddleware, tracker=ctx.requests)

@@ -113,7 +113,20 @@ def usage_total(totals: list[UsageTotal]) -> dict[str, Any]:
         "avg_latency_ms": (sum(t.avg_latency_ms * t.requests for t in totals) / requests
                            if requests else 0.0),
         "cost": sum(t.cost for t in totals),
+        **energy_total(totals),
     }
+
+
+def energy_total(totals: list[UsageTotal]) -> dict[str, Any]:
+    """Joules over the rows that measured energy (None: none did), and J per 1k tokens."""
+    measured = [t for t in totals if t.joules is not None]
+    joules = sum(t.joules or 0.0 for t in measured) if measured else None
+    tokens = sum(t.joules_tokens for t in measured)
+    costs = [t.energy_cost for t in totals if t.energy_cost is not None]
+    return {"joules": joules,
+            "joules_per_1k_tokens": joules / tokens * 1000 if joules is not None and tokens
+            else None,
+            "energy_cost": sum(costs) if costs else None}
 
 
 @dataclass
@@ -186,6 +199,7 @@ class AdminOps:
         totals = self.store.usage_totals(group, since)
         names = {k.key_id: k.name for k in self.store.list_keys()} if group == "key" else {}
         rows = [{by: t.group, **({"name": names.get(t.group, "-")} if names else {}),
-                 **{k: v for k, v in asdict(t).items() if k != "group"}} for t in totals]
+                 **{k: v for k, v in asdict(t).items() if k not in ("group", "joules_tokens")},
+                 "joules_per_1k_tokens": t.joules_per_1k_tokens} for t in totals]
         return {"by": by, "since": iso(since) if since is not None else None,
                 "groups": rows, "total": usage_total(totals)}

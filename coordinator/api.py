@@ -34,6 +34,7 @@ from coordinator.cache import CachedResponse, ResponseCache, cache_key
 from coordinator.config import CoordinatorConfig
 from coordinator.context_fit import fit_to_context
 from coordinator.dispatch import Dispatcher, Served
+from coordinator.ledger_row import fit_row
 from coordinator.limits import KeyGate
 from coordinator.logs import RequestIdMiddleware, current_request_id
 from coordinator.metrics import CONTENT_TYPE, Metrics
@@ -41,6 +42,7 @@ from coordinator.refusals import install_refusals, with_status
 from coordinator.registry import Registry
 from coordinator.routing import ROUTE_HEADER, Route, RouteError, UnknownRouteError, parse_route
 from coordinator.scheduler import Request as Want
+from meshgate.bounds import clip
 from meshgate.openai import (
     MAX_BODY_BYTES,
     SSE_DONE,
@@ -110,13 +112,23 @@ class ApiContext:
             self.dispatcher = Dispatcher(self.registry, self.config.dispatch)
 
     def record(self, row: dict[str, Any]) -> None:
+        """Count `row` and write it in the background (see `commit` for the durable way)."""
+        task = asyncio.get_running_loop().create_task(self.commit(row))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def commit(self, row: dict[str, Any]) -> None:
+        """Count `row` and write it to the ledger, returning once it is stored: the answer's
+        last byte waits on this, so a crash after an answer was delivered loses no row."""
         if self.gate is not None:
             self.gate.finish_row(row)
         if self.metrics is not None:
             self.metrics.observe_row(row)
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.record_usage, row))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        try:
+            await asyncio.to_thread(self.record_usage, fit_row(row))
+        except Exception:
+            log.exception("the ledger row of request %s could not be written: %s",
+                          row.get("request_id"), clip(repr(row), 1000))
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -144,7 +156,7 @@ def build_app(ctx: ApiContext) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     _gauges(ctx)
 
-    install_refusals(app, record=ctx.record,
+    install_refusals(app, record=ctx.commit,
                      count=ctx.metrics.refused if ctx.metrics is not None else None)
 
     @app.get("/metrics")
@@ -171,7 +183,7 @@ def build_app(ctx: ApiContext) -> FastAPI:
         route, want = await plan(ctx, parsed, request.headers.get(ROUTE_HEADER))
         want = _for_key(ctx, key_id, body, want, request_id=request_id,
                         header=request.headers.get(ROUTE_HEADER))
-        cached_as, hit = _from_cache(ctx, request_id, key_id, endpoint, body)
+        cached_as, hit = await _from_cache(ctx, request_id, key_id, endpoint, body)
         if hit is not None:
             return hit
         deadline = _deadline(ctx, request.headers.get("x-meshgate-timeout"))
@@ -196,7 +208,7 @@ def build_app(ctx: ApiContext) -> FastAPI:
             finally:
                 with anyio.CancelScope(shield=True):
                     await served.close()
-                ctx.record(with_status(served.row(key_id, route_text)))
+                    await ctx.commit(with_status(served.row(key_id, route_text)))
             if cached_as is not None and ctx.cache is not None and served.outcome == "ok":
                 ctx.cache.put(cached_as, CachedResponse(
                     data, served.model, served.target, *_tokens(served.usage)))
@@ -321,9 +333,9 @@ def _gauges(ctx: ApiContext) -> None:
             lambda: float(ctx.dispatcher.waiting if ctx.dispatcher else 0))
 
 
-def _from_cache(ctx: ApiContext, request_id: str, key_id: str, endpoint: str,
-                body: dict[str, Any]) -> tuple[str | None, Response | None]:
-    """(the request's cache key or None, the cached answer or None)."""
+async def _from_cache(ctx: ApiContext, request_id: str, key_id: str, endpoint: str,
+                      body: dict[str, Any]) -> tuple[str | None, Response | None]:
+    """(the request's cache key or None, the cached answer or None; its row is stored)."""
     if ctx.cache is None:
         return None, None
     cached_as = cache_key(key_id, endpoint, body)
@@ -334,7 +346,7 @@ def _from_cache(ctx: ApiContext, request_id: str, key_id: str, endpoint: str,
         (ctx.metrics.cache_hits if hit else ctx.metrics.cache_misses).inc()
     if hit is None:
         return cached_as, None
-    ctx.record(with_status(_cache_row(request_id, key_id, endpoint, hit)))
+    await ctx.commit(with_status(_cache_row(request_id, key_id, endpoint, hit)))
     return cached_as, Response(hit.body, media_type="application/json", headers={
         "x-request-id": request_id, "x-meshgate-cache": "hit"})
 
@@ -356,20 +368,29 @@ def _cache_row(request_id: str, key_id: str, endpoint: str, hit: CachedResponse
 
 async def _sse(served: Served, ctx: ApiContext, key_id: str, route: str | None, *,
                include_usage: bool) -> AsyncIterator[bytes]:
-    """The answer as SSE; the usage-only chunk only when the client asked for it
-    (``stream_options.include_usage``), though the ledger counts usage either way."""
+    """The answer as SSE; its ledger row is stored before the last event leaves. The
+    usage-only chunk goes out only when the client asked for it
+    (``stream_options.include_usage``); the ledger counts usage either way."""
+    committed = False
     try:
         if include_usage or not is_usage_only(served.first):
             yield sse_event(served.first)
-        async for chunk in served.rest():
-            if include_usage or not is_usage_only(chunk):
-                yield sse_event(chunk)
-        yield SSE_DONE
-    except OpenAIError as exc:
-        log.warning("request %s ended with an error after it started: %s",
-                    served.request.request_id, exc.message)
-        yield sse_error(exc)
-    finally:
+        try:
+            async for chunk in served.rest():
+                if include_usage or not is_usage_only(chunk):
+                    yield sse_event(chunk)
+            end = SSE_DONE
+        except OpenAIError as exc:
+            log.warning("request %s ended with an error after it started: %s",
+                        served.request.request_id, exc.message)
+            end = sse_error(exc)
         with anyio.CancelScope(shield=True):
             await served.close()
-            ctx.record(with_status(served.row(key_id, route)))
+            committed = True
+            await ctx.commit(with_status(served.row(key_id, route)))
+        yield end
+    finally:
+        if not committed:  # the client left mid-stream
+            with anyio.CancelScope(shield=True):
+                await served.close()
+                await ctx.commit(with_status(served.row(key_id, route)))

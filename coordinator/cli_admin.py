@@ -313,8 +313,8 @@ def usage(
     url: str | None = URL,
     admin_key_file: Path | None = ADMIN_KEY_FILE,
 ) -> None:
-    """Requests, tokens, latency and cost from the usage ledger, per key, node or model,
-    with the total."""
+    """Requests, tokens, latency, cost and energy (joules, J per 1k tokens; '-' where the
+    node could not measure it) from the usage ledger, per key, node or model, with the total."""
     if by not in ("key", "node", "model"):
         raise fail(f"bad --by {by!r}: use key, node or model", 2)
     try:
@@ -329,19 +329,29 @@ def usage(
         typer.echo(json.dumps(report, indent=2))
     elif as_csv:
         header = [by, *(["name"] if named else []), "requests", "ok", "prompt_tokens",
-                  "completion_tokens", "avg_latency_ms", "cost"]
+                  "completion_tokens", "avg_latency_ms", "cost", "joules",
+                  "joules_per_1k_tokens", "energy_cost"]
         writer = csv.DictWriter(sys.stdout, fieldnames=header, lineterminator="\n",
                                 extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
         writer.writerow({by: "TOTAL", **({"name": ""} if named else {}), **total})
     else:
-        table([by.upper(), "REQUESTS", "OK", "PROMPT", "COMPLETION", "AVG MS", "COST"], [
+        table([by.upper(), "REQUESTS", "OK", "PROMPT", "COMPLETION", "AVG MS", "COST", "J",
+               "J/1K TOK"], [
             *([r[by] + (f" ({r['name']})" if named and r.get("name", "-") != "-" else ""),
                str(r["requests"]), str(r["ok"]), str(r["prompt_tokens"]),
-               str(r["completion_tokens"]), f"{r['avg_latency_ms']:.0f}", f"{r['cost']:.4f}"]
+               str(r["completion_tokens"]), f"{r['avg_latency_ms']:.0f}", f"{r['cost']:.4f}",
+               *_energy_cells(r.get("joules"), r.get("joules_per_1k_tokens"))]
               for r in rows),
             ["TOTAL", str(total["requests"]), str(total["ok"]), str(total["prompt_tokens"]),
              str(total["completion_tokens"]), f"{total['avg_latency_ms']:.0f}",
-             f"{total['cost']:.4f}"],
+             f"{total['cost']:.4f}",
+             *_energy_cells(total.get("joules"), total.get("joules_per_1k_tokens"))],
         ])
+
+
+def _energy_cells(joules: float | None, per_1k: float | None) -> list[str]:
+    """J and J per 1k tokens; '-' where nothing was measured."""
+    return ["-" if joules is None else f"{joules:.1f}",
+            "-" if per_1k is None else f"{per_1k:.1f}"]

@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 from coordinator.config import DispatchConfig
 from coordinator.registry import NodeConn, Registry
 from coordinator.scheduler import Candidate, Kind, Request, schedule
+from meshgate.bounds import check_chunk, clamp_usage, clip
 from meshgate.openai import OpenAIError
-from meshgate.protocol import OpenRequest, error_of
+from meshgate.protocol import EnergyReport, OpenRequest, error_of
 from tunnel import ClosedError, Frame, FrameType, Stream, TunnelError
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ class Served:
         self.done = False
         self.outcome = "streaming"
         self.cost = 0.0
+        self.energy = EnergyReport()  # what the node metered (END frame); clouds: not measured
         self._released = False
 
     @property
@@ -113,7 +115,7 @@ class Served:
         raise NotImplementedError
 
     def row(self, key_id: str | None, route: str | None = None) -> dict[str, Any]:
-        usage = self.usage or {}
+        usage = clamp_usage(self.usage)[0] or {}  # a claim: never a failed insert
         return {
             "request_id": self.request.request_id,
             "key_id": key_id,
@@ -127,6 +129,9 @@ class Served:
             "outcome": self.outcome,
             "cost": self.cost,
             "route": route,
+            "joules": self.energy.joules,
+            "energy_estimated": self.energy.estimated if self.energy.joules is not None else None,
+            "energy_cost": self.energy.cost,
         }
 
 
@@ -154,7 +159,7 @@ class NodeAttempt(Served):
                     raise error from None
                 if frame.type == FrameType.DATA:
                     self.chunks += 1
-                    yield frame.body
+                    yield self._checked(frame.body)
                 elif frame.type == FrameType.END:
                     self._finish(frame)
                     return
@@ -181,10 +186,23 @@ class NodeAttempt(Served):
                 self.outcome = "client_cancelled"
             await _send_cancel(self.stream)
 
+    def _checked(self, data: object) -> bytes:
+        try:
+            return check_chunk(data, streaming=self.request.stream)
+        except ValueError as exc:
+            self.outcome = "bad_node_output"
+            log.warning("request %s: node %s sent a bad chunk, ending the stream: %s",
+                        self.request.request_id, self.node.did, exc)
+            raise OpenAIError(502, f"node {short(self.node.did)} sent a malformed answer: {exc}",
+                              code="bad_node_output", hop="coordinator") from None
+
     def _finish(self, frame: Frame) -> None:
         body = frame.body if isinstance(frame.body, dict) else {}
-        usage = body.get("usage")
-        self.usage = usage if isinstance(usage, dict) else None
+        self.usage, problems = clamp_usage(body.get("usage"))
+        if problems:
+            log.warning("request %s: node %s claimed bad usage, billed as clamped: %s",
+                        self.request.request_id, self.node.did, clip("; ".join(problems)))
+        self.energy = EnergyReport.from_wire(body)
         self.done = True
         self.outcome = "ok"
         self.node.served += 1
@@ -395,8 +413,12 @@ class Dispatcher:
                 raise Failed(f"no first token within {self.config.first_token_timeout_s:g} s"
                              ) from None
             if frame.type == FrameType.DATA:
+                try:
+                    first = check_chunk(frame.body, streaming=request.stream)
+                except ValueError as exc:
+                    raise Failed(f"malformed answer: {exc}") from None
                 committed = True
-                return NodeAttempt(self.registry, node, stream, request, model, first=frame.body,
+                return NodeAttempt(self.registry, node, stream, request, model, first=first,
                                    started=started, tries=tries, deadline=deadline,
                                    idle_timeout=self.config.idle_timeout_s)
             if frame.type == FrameType.ERROR:

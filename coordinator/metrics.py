@@ -79,6 +79,13 @@ class Metrics:
             ["limit"],
             registry=r,
         )
+        self.energy = Counter(
+            "meshgate_energy_joules",
+            "Energy nodes measured for the requests they served, by model and route (node: "
+            "through this coordinator; offline: uploaded from a node's journal).",
+            ["model", "route"],
+            registry=r,
+        )
         self.budget_refused = Counter(
             "meshgate_coordinator_budget_refused",
             "Requests refused because the key's budget is spent.",
@@ -122,6 +129,7 @@ class Metrics:
             route = "cloud"
         else:
             return
+        self.count_energy(str(row.get("model", "-")), route, row.get("joules"))
         self.observe(
             status=200,
             model=str(row.get("model", "-")),
@@ -131,6 +139,10 @@ class Metrics:
             prompt_tokens=int(row.get("prompt_tokens") or 0),
             completion_tokens=int(row.get("completion_tokens") or 0),
         )
+
+    def count_energy(self, model: str, route: str, joules: float | None) -> None:
+        if joules is not None and joules > 0:
+            self.energy.labels(model[:100], route).inc(joules)
 
     def served(self, tries: int, upstream: str | None) -> None:
         """A request started on its `tries`-th candidate, on a cloud when `upstream`."""

@@ -17,7 +17,7 @@ count the same requests.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -56,32 +56,37 @@ def with_status(row: dict[str, Any], status: int | None = None) -> dict[str, Any
     return row
 
 
-def refusal_row(request: Request, exc: OpenAIError) -> dict[str, Any]:
-    """The ledger row of a request under /v1/ refused before it ran."""
-    state = request.state
+def refusal_row(exc: OpenAIError, *, request_id: str, key_id: str | None, model: str,
+                endpoint: str, route: str | None) -> dict[str, Any]:
+    """The ledger row of a request refused before it ran."""
     outcome = OUTCOME_BY_STATUS.get(exc.status, "error")
     if exc.status == 429 and exc.code == "rate_limit_exceeded":
         outcome = "rate_limited"
     return {
-        "request_id": str(getattr(state, "request_id", "") or "-"),
-        "key_id": getattr(state, "key_id", None),
-        "node_did": None, "upstream": None,
-        "model": str(getattr(state, "model", "-") or "-"),
-        "endpoint": ENDPOINT_OF.get(request.url.path, request.url.path[:64]),
-        "prompt_tokens": 0, "completion_tokens": 0, "latency_ms": 0.0,
-        "outcome": outcome, "cost": 0.0, "route": getattr(state, "route", None),
+        "request_id": request_id, "key_id": key_id, "node_did": None, "upstream": None,
+        "model": model, "endpoint": endpoint, "prompt_tokens": 0, "completion_tokens": 0,
+        "latency_ms": 0.0, "outcome": outcome, "cost": 0.0, "route": route,
         "status": exc.status, "error": exc.code or exc.type,
     }
+
+
+def _row_of(request: Request, exc: OpenAIError) -> dict[str, Any]:
+    state = request.state
+    return refusal_row(
+        exc, request_id=str(getattr(state, "request_id", "") or "-"),
+        key_id=getattr(state, "key_id", None), model=str(getattr(state, "model", "-") or "-"),
+        endpoint=ENDPOINT_OF.get(request.url.path, request.url.path[:64]),
+        route=getattr(state, "route", None))
 
 
 def install_refusals(
     app: FastAPI,
     *,
-    record: Callable[[dict[str, Any]], None] | None = None,
+    record: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
     count: Callable[[int, str, str | None], None] | None = None,
 ) -> None:
-    """Answer every error on `app` in OpenAI's shape; `record` a ledger row and `count` a
-    metric (status, model, code) for each one under /v1/."""
+    """Answer every error on `app` in OpenAI's shape; `record` a ledger row (stored before
+    the answer leaves) and `count` a metric (status, model, code) for each one under /v1/."""
 
     async def answer(request: Request, exc: OpenAIError) -> Response:
         exc.hop = exc.hop or "coordinator"
@@ -90,7 +95,7 @@ def install_refusals(
                 count(exc.status, str(getattr(request.state, "model", "-") or "-"), exc.code)
             if record is not None and not getattr(request.state, "recorded", False):
                 request.state.recorded = True
-                record(refusal_row(request, exc))
+                await record(_row_of(request, exc))
         return JSONResponse(exc.body(), status_code=exc.status,
                             headers=getattr(exc, "headers", None))
 

@@ -14,7 +14,6 @@ import logging
 import time
 from typing import Any
 
-import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from coordinator.admin_api import admin_context, mount_admin, watch_key_changes
@@ -26,6 +25,7 @@ from coordinator.config import CoordinatorConfig, resolve_config
 from coordinator.dispatch import Dispatcher
 from coordinator.engines import Engines, write_engines
 from coordinator.gateway import Gateway
+from coordinator.ingest import node_streams
 from coordinator.limits import KeyGate, RateLimiter
 from coordinator.live import LIVE_FILE, write_live_loop
 from coordinator.logs import setup_json_logging
@@ -38,6 +38,7 @@ from coordinator.spool import LedgerSpool
 from coordinator.state import ServeOptions, StateDir
 from coordinator.store import Store, UsageRecord
 from coordinator.traffic import Traffic
+from meshgate.httpserver import COORDINATOR_LIMITS, server_config
 from meshgate.serving import DaemonServer
 from tunnel import serve as serve_tunnel
 
@@ -109,7 +110,8 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     traffic = Traffic()
     ctx = _context(store, registry, config, dispatcher, opts, cluster=cluster, spool=spool,
                    traffic=traffic)
-    gateway.on_request = functools.partial(relay, ctx)  # apps on nodes asking for others' models
+    # apps on nodes asking for others' models; nodes uploading what they served offline
+    gateway.on_request = node_streams(store, ctx.metrics, functools.partial(relay, ctx))
     app = build_app(ctx)
     admin = admin_context(store, state, registry, ctx, gateway=gateway, static_key=static_key,
                           tunnel_url=tunnel_url, traffic=traffic)
@@ -117,8 +119,9 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
         admin.forget_keys, admin.close_revoked = cluster.announcing(
             admin.forget_keys, admin.close_revoked)
     mount_admin(app, admin)
-    uv_config = uvicorn.Config(
+    uv_config = server_config(  # bounded: timeouts, connection cap (meshgate/httpserver.py)
         app,
+        COORDINATOR_LIMITS,
         host=opts.api_host,
         port=opts.api_port,
         log_level=opts.log_level.lower(),
@@ -127,6 +130,7 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
         log_config=None if opts.log_format == "json" else LOGGING_CONFIG,  # JSON: ours
     )
     server = DaemonServer(uv_config)
+    admin.stopping = lambda: server.should_exit  # the pane's live streams end with the server
     background = [
         asyncio.create_task(gateway.watch_revocations(), name="revocations"),
         asyncio.create_task(write_live_loop(state.path / LIVE_FILE, registry), name="live"),

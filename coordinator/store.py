@@ -44,6 +44,8 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -168,6 +170,11 @@ class UsageRow(Base):
     created_at: Mapped[float] = mapped_column(index=True)
     status: Mapped[int | None] = mapped_column(Integer(), nullable=True)
     error: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    joules: Mapped[float | None]  # energy the node measured for it; NULL: not measured
+    energy_estimated: Mapped[bool | None]  # from power x time, not an energy counter
+    energy_cost: Mapped[float | None]  # joules at the node's electricity price
+    ingest_key: Mapped[str | None] = mapped_column(String(64), unique=True)
+    """Rows a node uploaded from its offline journal: one per (node, request id)."""
 
 
 # ----------------------------------------------------------------------------- records
@@ -339,6 +346,10 @@ class UsageRecord:
     route: str | None = None  # the policy it ran under: "prefer=local", a qg:// route, "cache"
     status: int | None = None  # the HTTP status answered (None: rows from before it was kept)
     error: str | None = None  # the error's code or type when it was not a success
+    joules: float | None = None  # None: not measured
+    energy_estimated: bool | None = None
+    energy_cost: float | None = None
+    ingest_key: str | None = None  # set on rows uploaded from a node's offline journal
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,6 +363,15 @@ class UsageTotal:
     completion_tokens: int
     avg_latency_ms: float
     cost: float
+    joules: float | None = None  # over the rows that measured energy; None: none did
+    joules_tokens: int = 0  # prompt + completion tokens of those rows
+    energy_cost: float | None = None
+
+    @property
+    def joules_per_1k_tokens(self) -> float | None:
+        if self.joules is None or not self.joules_tokens:
+            return None
+        return self.joules / self.joules_tokens * 1000
 
 
 # ----------------------------------------------------------------------------- the store
@@ -634,6 +654,38 @@ class Store:
                 s.add(_usage_row(record))
 
 
+    def ingest_usage(self, records: list[UsageRecord]) -> list[UsageRecord]:
+        """Append rows that carry an `ingest_key`, skipping keys the ledger already holds
+        (a node sending its journal again); returns the rows that were new. One transaction."""
+        dialect = self.engine.dialect.name
+        if dialect not in ("sqlite", "postgresql"):
+            raise CoordinatorError(f"ingest needs SQLite or PostgreSQL, not {dialect}")
+        new: list[UsageRecord] = []
+        with self._write() as s:
+            for r in records:
+                if r.ingest_key is None:
+                    raise CoordinatorError("an ingested usage row needs its ingest_key")
+                values = dict(
+                    request_id=r.request_id[:128], key_id=r.key_id, node_did=r.node_did,
+                    upstream=None, model=r.model[:255], endpoint=r.endpoint[:64],
+                    route=r.route and r.route[:200], prompt_tokens=r.prompt_tokens,
+                    completion_tokens=r.completion_tokens, latency_ms=r.latency_ms,
+                    outcome=r.outcome[:64], cost=r.cost, created_at=r.created_at,
+                    **_energy_values(r),
+                )
+                stmt = (
+                    sqlite_insert(UsageRow).values(**values)
+                    .on_conflict_do_nothing(index_elements=["ingest_key"])
+                    .returning(UsageRow.id)
+                    if dialect == "sqlite" else
+                    postgresql_insert(UsageRow).values(**values)
+                    .on_conflict_do_nothing(index_elements=["ingest_key"])
+                    .returning(UsageRow.id)
+                )
+                if s.execute(stmt).first() is not None:  # None: the key was there already
+                    new.append(r)
+        return new
+
     def usage_rows(self, since: float | None = None) -> list[UsageRecord]:
         query = select(UsageRow).order_by(UsageRow.created_at, UsageRow.id)
         if since is not None:
@@ -656,14 +708,20 @@ class Store:
             func.sum(UsageRow.completion_tokens),
             func.avg(UsageRow.latency_ms),
             func.sum(UsageRow.cost),
+            func.sum(UsageRow.joules),
+            func.sum(case((UsageRow.joules.is_not(None),
+                           UsageRow.prompt_tokens + UsageRow.completion_tokens), else_=0)),
+            func.sum(UsageRow.energy_cost),
         ).group_by(column).order_by(column)
         if since is not None:
             query = query.where(UsageRow.created_at >= since)
         with self._read() as s:
             return [
                 UsageTotal(str(g), int(n), int(ok or 0), int(p or 0), int(c or 0),
-                           float(lat or 0.0), float(cost or 0.0))
-                for g, n, ok, p, c, lat, cost in s.execute(query)
+                           float(lat or 0.0), float(cost or 0.0),
+                           None if j is None else float(j), int(jt or 0),
+                           None if ec is None else float(ec))
+                for g, n, ok, p, c, lat, cost, j, jt, ec in s.execute(query)
             ]
 
 
@@ -686,9 +744,15 @@ def _fields(scope: KeyScopes) -> dict[str, Any]:
 def _add_missing_columns(conn: Any) -> None:
     """Columns added after a table was first created (create_all never alters a table)."""
     have = {c["name"] for c in inspect(conn).get_columns(UsageRow.__tablename__)}
-    for name, kind in (("route", "VARCHAR(200)"), ("status", "INTEGER"), ("error", "VARCHAR(64)")):
+    for name, sql_type in (("route", "VARCHAR(200)"), ("status", "INTEGER"),
+                           ("error", "VARCHAR(64)"), ("joules", "FLOAT"),
+                           ("energy_estimated", "BOOLEAN"), ("energy_cost", "FLOAT"),
+                           ("ingest_key", "VARCHAR(64)")):
         if name not in have:
-            conn.execute(text(f"ALTER TABLE {UsageRow.__tablename__} ADD COLUMN {name} {kind}"))
+            conn.execute(text(f"ALTER TABLE {UsageRow.__tablename__} ADD COLUMN {name} {sql_type}"))
+    if "ingest_key" not in have:
+        conn.execute(text(f"CREATE UNIQUE INDEX IF NOT EXISTS ix_usage_ledger_ingest_key "
+                          f"ON {UsageRow.__tablename__} (ingest_key)"))
     tokens = TokenRow.__tablename__
     have = {c["name"] for c in inspect(conn).get_columns(tokens)}
     if "max_uses" not in have:  # tokens from before reusable tokens: one use each
@@ -705,6 +769,11 @@ def _bump(session: Session, name: str) -> None:
                        .values(value=GenerationRow.value + 1))
     if bumped == 0:
         session.add(GenerationRow(name=name, value=1))
+
+
+def _energy_values(record: UsageRecord) -> dict[str, Any]:
+    return {"joules": record.joules, "energy_estimated": record.energy_estimated,
+            "energy_cost": record.energy_cost, "ingest_key": record.ingest_key}
 
 
 def _used_message(token: TokenRow) -> str:
@@ -735,7 +804,9 @@ def _usage_record(row: UsageRow) -> UsageRecord:
         endpoint=row.endpoint, prompt_tokens=row.prompt_tokens,
         completion_tokens=row.completion_tokens, latency_ms=row.latency_ms,
         outcome=row.outcome, created_at=row.created_at, upstream=row.upstream, cost=row.cost,
-        route=row.route, status=row.status, error=row.error,
+        route=row.route, status=row.status, error=row.error, joules=row.joules,
+        energy_estimated=row.energy_estimated, energy_cost=row.energy_cost,
+        ingest_key=row.ingest_key,
     )
 
 
@@ -748,5 +819,5 @@ def _usage_row(record: UsageRecord) -> UsageRow:
         prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
         latency_ms=record.latency_ms, outcome=record.outcome[:64], cost=record.cost,
         created_at=record.created_at, status=record.status,
-        error=record.error and record.error[:64],
+        error=record.error and record.error[:64], **_energy_values(record),
     )

@@ -55,6 +55,10 @@ class NodeOptions:
     coordinator_url: str | None = None
     connect: bool = True
     log_level: str = "info"
+    electricity_price_per_kwh: float | None = None  # money per kWh: energy_cost in the ledger
+    energy_period: float = 1.0  # seconds between energy readings besides each request's ends
+    powercap_dir: Path = Path("/sys/class/powercap")  # RAPL counters for CPU energy
+    journal_max_bytes: int = 64 * 2**20  # usage served offline, kept until uploaded
     extra: dict[str, str] = field(default_factory=dict)
 
 

@@ -30,17 +30,23 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import uvicorn
 
+from meshgate.httpserver import NODE_LIMITS, server_config
 from meshgate.openai import OpenAIError
 from meshgate.serving import DaemonServer
+from node_agent.accounting import Accounting
 from node_agent.config import NodeOptions
+from node_agent.energy_meter import EnergyMeter, NvmlEnergy
+from node_agent.guard import guard_from_env
 from node_agent.inventory import Inventory, ModelFile, ollama_entry, read_model_file
+from node_agent.journal import UsageJournal
 from node_agent.link import CoordinatorLink
+from node_agent.members import MemberLinks
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager, model_name, parse_model_spec
 from node_agent.nvml import NvmlSource
 from node_agent.proxy import build_app
+from node_agent.rapl import RaplSource
 from node_agent.runtimes.llama.supervisor import LlamaRunner
 from node_agent.runtimes.mesh import MeshRuntime
 from node_agent.runtimes.ollama.host import OllamaHost
@@ -149,11 +155,23 @@ class NodeParts:
         self.manager: ModelManager
         self.runners: dict[str, LlamaRunner] = {}
         self._served_from_dir: dict[str, str] = {}  # model-dir file path -> model name
-        self.link: CoordinatorLink | None = None
+        self.link: MemberLinks | None = None
         self.nvml = NvmlSource(load_nvml_module())
         self.ollama = OllamaHost(opts.ollama) if opts.ollama else None
         self.metrics: NodeMetrics
         self.telemetry: TelemetryService
+        self.energy_nvml = NvmlSource(load_nvml_module())  # its own: the sampler has a thread
+        self.meter = EnergyMeter(
+            [NvmlEnergy(self.energy_nvml), RaplSource(opts.powercap_dir)],
+            period=opts.energy_period,
+            price_per_kwh=opts.electricity_price_per_kwh,
+        )
+        self.journal = UsageJournal(state.path, opts.journal_max_bytes)
+        self.accounting = Accounting(self.meter, self.journal, online=self.online)
+
+    def online(self) -> bool:
+        """Whether the coordinator can hear about requests now (True: no coordinator at all)."""
+        return self.link is None or self.link.connected
 
     async def setup(self) -> None:
         self.files = await asyncio.to_thread(self.inventory.scan)
@@ -170,6 +188,7 @@ class NodeParts:
         self.metrics = NodeMetrics(
             served=self.manager.names, stats=self.runtime_stats, telemetry=self.latest
         )
+        self.metrics.account(self.accounting)
         sampler = TelemetrySampler(self.opts.model_dirs, self.nvml)
         self.telemetry = TelemetryService(
             sampler,
@@ -348,14 +367,15 @@ async def serve(opts: NodeOptions) -> None:
     await manager.start()
     await parts.telemetry.refresh()
     log.info("node %s serves %s", identity.did, manager.names())
-    config = uvicorn.Config(
-        build_app(
+    config = server_config(  # bounded: timeouts, connection cap (meshgate/httpserver.py)
+        guard_from_env(build_app(  # refuses what web pages send (node_agent/guard.py)
             manager,
             telemetry=parts.latest,
             metrics=parts.metrics,
             inventory=parts.inventory_body,
             mesh=parts.mesh_runtime,
-        ),
+        )),
+        NODE_LIMITS,
         host=opts.proxy_host,
         port=opts.proxy_port,
         log_level=opts.log_level.lower(),
@@ -365,6 +385,7 @@ async def serve(opts: NodeOptions) -> None:
     server = DaemonServer(config)
     tasks = [
         asyncio.create_task(parts.telemetry.run(), name="telemetry"),
+        asyncio.create_task(parts.meter.run(), name="energy"),
         asyncio.create_task(parts.watch_inventory(), name="inventory"),
     ]
     if parts.ollama is not None:
@@ -377,15 +398,21 @@ async def serve(opts: NodeOptions) -> None:
     else:
         if opts.coordinator_url:
             enrollment = dataclasses.replace(enrollment, url=opts.coordinator_url)
-        parts.link = CoordinatorLink(
-            identity,
-            enrollment,
-            manager,
-            telemetry=parts.latest,
-            telemetry_period=opts.telemetry_period,
-            inventory=parts.inventory_body,
-            metrics=parts.metrics,
-        )
+        def member_link(url: str, on_members: Callable[[Any], None]) -> CoordinatorLink:
+            link = CoordinatorLink(
+                identity,
+                dataclasses.replace(enrollment, url=url),
+                manager,
+                telemetry=parts.latest,
+                telemetry_period=opts.telemetry_period,
+                inventory=parts.inventory_body,
+                metrics=parts.metrics,
+                journal=parts.journal,  # any replica takes the upload (one at a time)
+            )
+            link.on_members = on_members
+            return link
+
+        parts.link = MemberLinks(member_link, enrollment.url)  # one link per replica
         tasks.append(asyncio.create_task(parts.link.run(), name="link"))
     try:
         await server.serve()
@@ -401,6 +428,7 @@ async def serve(opts: NodeOptions) -> None:
         if parts.ollama is not None:
             await parts.ollama.aclose()
         parts.nvml.close()
+        parts.energy_nvml.close()
         log.info("node stopped")
 
 

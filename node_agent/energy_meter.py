@@ -4,8 +4,11 @@
 packages) when a request begins, when one ends and every ``period`` seconds
 (:meth:`EnergyMeter.run`, for long requests and for counter wraps), and
 hands the readings to the pure :class:`~node_agent.energy.EnergyAttributor`.
-A reading is a few NVML calls or sysfs reads (tens of microseconds each),
-made inline; a box with no readable device makes no reading at all.
+A reading is a few NVML calls or sysfs reads, made inline; a box with no
+readable device makes no reading at all. ``scripts/bench/energy.py`` measures
+a request's begin+end: on a shared 2-vCPU VM, 19 us of CPU with two GPUs on the
+FAKE NVML (our code, not a driver's call), 90 us with three RAPL zone files,
+0.4 us with nothing to read.
 
 ``begin()`` returns a ticket; ``end(ticket)`` returns the request's
 :class:`~node_agent.energy.Energy` (``end`` is idempotent: the tunnel asks

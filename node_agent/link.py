@@ -19,6 +19,8 @@ from typing import Any
 
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest, ProtocolViolation, error_body
+from node_agent.journal import UsageJournal
+from node_agent.journal_upload import upload_journal
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
 from node_agent.runtimes.base import usage_of
@@ -54,8 +56,10 @@ class CoordinatorLink:
         telemetry_period: float = 2.0,
         inventory: Callable[[], dict[str, Any]] | None = None,
         metrics: NodeMetrics | None = None,
+        journal: UsageJournal | None = None,
     ) -> None:
         self.identity = identity
+        self.journal = journal  # usage served while disconnected, uploaded on each connect
         self.metrics = metrics
         self.enrollment = enrollment
         self.manager = manager
@@ -69,6 +73,8 @@ class CoordinatorLink:
         self._commands: set[asyncio.Task[None]] = set()
         self._mux: Mux | None = None
         self._stopping = False
+        #: A cluster's member list (accept map, `{"op": "members"}`): node_agent/members.py.
+        self.on_members: Callable[[Any], None] | None = None
 
     async def run(self) -> None:
         """Keep the link up until cancelled or refused."""
@@ -101,6 +107,8 @@ class CoordinatorLink:
             self.enrollment.coordinator_key,
             info={"host": platform.node(), "version": "0.1.0"},
         )
+        if self.on_members is not None and link.accept:
+            self.on_members(link.accept.get("members"))
         mux = Mux(link, initiator=True, on_stream=self._serve)
         mux.on_control = lambda frame: self._control(mux, frame)
         self._mux = mux
@@ -109,10 +117,13 @@ class CoordinatorLink:
         await self._send_inventory(mux)
         self.connected.set()
         heartbeat = asyncio.create_task(self._heartbeat(mux))
+        upload = asyncio.create_task(upload_journal(self.journal, mux)) if self.journal else None
         try:
             await mux.run()
         finally:
             heartbeat.cancel()
+            if upload is not None:
+                upload.cancel()
             for command in list(self._commands):
                 command.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -178,6 +189,10 @@ class CoordinatorLink:
         """A COMMAND runs as its own task so that a long swap holds up no other frame."""
         if frame.type != FrameType.COMMAND:
             return
+        if isinstance(frame.body, dict) and frame.body.get("op") == "members":
+            if self.on_members is not None:
+                self.on_members(frame.body.get("members"))
+            return
         task = asyncio.create_task(self._command(mux, frame.body))
         self._commands.add(task)
         task.add_done_callback(self._commands.discard)
@@ -228,7 +243,8 @@ class CoordinatorLink:
                     await stream.send(FrameType.DATA, data)
             if track is not None and usage:
                 track.usage = usage
-            await stream.send(FrameType.END, {"usage": usage})
+            energy = track.energy_report() if track is not None else {}
+            await stream.send(FrameType.END, {"usage": usage, **energy})
             status = 200
         except OpenAIError as exc:
             status = exc.status

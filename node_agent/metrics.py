@@ -25,6 +25,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from node_agent.accounting import Accounting
+from node_agent.energy import Energy
 from node_agent.runtimes.base import usage_of
 
 __all__ = ["CONTENT_TYPE_LATEST", "NodeMetrics", "RequestTrack"]
@@ -46,7 +48,9 @@ class _Done:
 class RequestTrack:
     """One request from arrival to its last byte; :meth:`finish` records it once."""
 
-    def __init__(self, metrics: NodeMetrics, model: str, via: str) -> None:
+    def __init__(
+        self, metrics: NodeMetrics, model: str, via: str, requested: str = "", endpoint: str = "-"
+    ) -> None:
         self.metrics = metrics
         self.model = model
         self.via = via
@@ -54,6 +58,24 @@ class RequestTrack:
         self.first_at: float | None = None
         self.usage: dict[str, int] | None = None
         self.finished = False
+        accounting = metrics.accounting  # energy, and the journal while offline
+        self.account = None if accounting is None else accounting.begin(
+            requested or model, endpoint, via, served_here=model != UNKNOWN)
+
+    def energy(self) -> Energy | None:
+        """This request's energy so far, settled now (None: no accounting here)."""
+        accounting = self.metrics.accounting
+        if accounting is None or self.account is None:
+            return None
+        return accounting.energy(self.account)
+
+    def energy_report(self) -> dict[str, Any]:
+        """The END frame's energy fields (``meshgate.protocol``); {} without accounting."""
+        energy = self.energy()
+        if energy is None or self.metrics.accounting is None:
+            return {}
+        return {"joules": energy.joules, "energy_estimated": energy.estimated,
+                "energy_cost": self.metrics.accounting.cost(energy)}
 
     def first_token(self) -> None:
         if self.first_at is None:
@@ -81,6 +103,7 @@ class NodeMetrics:
         telemetry: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
+        self.accounting: Accounting | None = None  # the daemon sets it: see `account()`
         self._served = served
         self._recent: dict[str, deque[_Done]] = {}
         self.requests = Counter(
@@ -115,10 +138,17 @@ class NodeMetrics:
     def label(self, model: str) -> str:
         return model if model in set(self._served()) else UNKNOWN
 
-    def track(self, model: str, via: str = "proxy") -> RequestTrack:
-        return RequestTrack(self, self.label(model), via)
+    def account(self, accounting: Accounting) -> None:
+        """Energy per request and the offline journal from now on (node_agent/accounting.py)."""
+        self.accounting = accounting
+        accounting.register(self.registry)
+
+    def track(self, model: str, via: str = "proxy", endpoint: str = "-") -> RequestTrack:
+        return RequestTrack(self, self.label(model), via, model, endpoint)
 
     def _finish(self, track: RequestTrack, status: str, now: float) -> None:
+        if self.accounting is not None and track.account is not None:
+            self.accounting.finish(track.account, status, track.usage, track.model)
         self.requests.labels(track.model, status, track.via).inc()
         self.latency.labels(track.model, track.via).observe(now - track.started)
         if track.first_at is not None and track.via == "proxy":

@@ -346,7 +346,7 @@ class OllamaAPI:
                 return await self._load_or_unload(name, body, chat=False)
             endpoint, req = generate_request(body, name, stream)
         raw = json.dumps(req, separators=(",", ":")).encode()
-        track = self.metrics.track(name, "proxy") if self.metrics is not None else None
+        track = self.metrics.track(name, "proxy", endpoint) if self.metrics else None
         translate = Translator(body["model"], chat=chat, track=track)
         stack = AsyncExitStack()
         try:

@@ -98,8 +98,13 @@ class Meter:
         self.usage: Usage | None = None
         self.done = False
         self._track: RequestTrack | None = (
-            pipeline.metrics.track(model, via) if pipeline.metrics is not None else None
+            pipeline.metrics.track(model, via, endpoint) if pipeline.metrics is not None else None
         )
+
+    def energy_report(self) -> dict[str, object]:
+        """Energy fields for the tunnel's END frame (node_agent/accounting.py); settles the
+        request's energy now. {} when there are no metrics."""
+        return self._track.energy_report() if self._track is not None else {}
 
     def chunk(self, data: bytes) -> Usage | None:
         """A chunk (or a whole answer) went out: note the first, read its usage once."""

@@ -109,7 +109,7 @@ async def _answer(
 ) -> Response:
     raw = await read_body(request)
     body = parse_request(raw, endpoint)
-    track = metrics.track(str(body["model"]), "proxy") if metrics is not None else None
+    track = metrics.track(str(body["model"]), "proxy", endpoint) if metrics else None
     stack = AsyncExitStack()
     streaming = False
     try:

@@ -5,16 +5,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install.sh test
-# The cluster tests start a real redis-server and HAProxy (Debian packages): install them
-# when missing and we can (CI runs as root); otherwise those tests skip saying why.
+# The cluster tests start a real redis-server and HAProxy, the web pane's tests drive the
+# distribution's chromium (Debian packages): install them when missing and we can (CI runs
+# as root); otherwise those tests skip saying why.
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v chromium >/dev/null || need+=(chromium)
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "== installing ${need[*]}"
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
         --no-install-recommends "${need[@]}"; } >/dev/null 2>&1 \
-        || echo "warning: could not install ${need[*]}; the cluster tests will skip" >&2
+        || echo "warning: could not install ${need[*]}; the tests that need them will skip" >&2
 fi
 ./scripts/fetch_model.sh >/dev/null
 echo "== ruff"; .venv/bin/ruff check .

@@ -481,3 +481,24 @@ def test_a_sqlite_ledger_from_before_the_route_column_gets_it(tmp_path: Path) ->
         assert [r.route for r in store.usage_rows()] == [None, "cache"]
     finally:
         store.close()
+
+
+def test_ingested_rows_count_once_by_their_ingest_key(store: Store) -> None:
+    """A node's journal sent again (or twice at once by two replicas) lands once."""
+    def row(i: int, key: str | None) -> UsageRecord:
+        return UsageRecord(
+            request_id=f"off_{i}", key_id=None, node_did="did:key:z6MkA", model="m",
+            endpoint="chat/completions", prompt_tokens=1, completion_tokens=1, latency_ms=1.0,
+            outcome="ok", created_at=1.0 + i, route="offline", joules=2.5,
+            energy_estimated=False, ingest_key=key)
+
+    batch = [row(i, f"k{i}") for i in range(3)]
+    assert len(store.ingest_usage(batch)) == 3
+    assert [r.request_id for r in store.ingest_usage([*batch, row(3, "k3")])] == ["off_3"]
+    store.record_usage(row(9, None))  # rows the coordinator writes have no key
+    store.record_usage(row(9, None))
+    rows = store.usage_rows()
+    assert len(rows) == 6
+    assert sum(r.joules or 0 for r in rows) == 15.0
+    with pytest.raises(CoordinatorError):
+        store.ingest_usage([row(5, None)])

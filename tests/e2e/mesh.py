@@ -159,7 +159,10 @@ class Mesh:
             check=False,
         )
 
-    def start_node(self, node: str, *models: str, extra: tuple[str, ...] = ()) -> Proc:
+    def start_node(
+        self, node: str, *models: str, extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> Proc:
         port = self.proxy_ports.setdefault(node, free_port())
         args = [
             "run",
@@ -173,7 +176,7 @@ class Mesh:
         ]
         for model in models:
             args += ["--model", model]
-        proc = spawn("node", args, self.root / f"{node}.log")
+        proc = spawn("node", args, self.root / f"{node}.log", env=env)
         self.nodes[node] = proc
         return proc
 
