@@ -24,6 +24,7 @@ CLI on the database directly.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -35,10 +36,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fastapi import APIRouter, FastAPI, Request
 
 from coordinator.admin_keys import ADMIN_PREFIX, AdminKeys, ensure_admin_key
-from coordinator.admin_ops import AdminOps
-from coordinator.api import ApiContext
+from coordinator.admin_ops import AdminOps, BadField
+from coordinator.api import ApiContext, read_body
 from coordinator.errors import CoordinatorError, KeyNameTaken, UnknownKey, UnknownNode, UnknownToken
-from coordinator.fleet_view import fleet
+from coordinator.fleet_view import fleet, models_across
 from coordinator.gateway import Gateway
 from coordinator.live import node_summary
 from coordinator.live_requests import LiveRequests, LiveRequestsMiddleware
@@ -109,18 +110,16 @@ async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     except KeyNameTaken as exc:
         raise OpenAIError(409, str(exc), code="conflict", param="name",
                           hop="coordinator") from None
+    except BadField as exc:
+        raise OpenAIError(400, str(exc), param=exc.param, hop="coordinator") from None
     except CoordinatorError as exc:
         raise OpenAIError(400, str(exc), hop="coordinator") from None
 
 
 async def json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > MAX_ADMIN_BODY:
-        raise OpenAIError(413, f"admin request body over {MAX_ADMIN_BODY} bytes")
+    raw = await read_body(request, MAX_ADMIN_BODY)  # refused past the cap, not read whole
     if not raw.strip():
         return {}
-    import json
-
     try:
         body = json.loads(raw)
     except ValueError as exc:
@@ -247,17 +246,20 @@ def admin_router(ctx: AdminContext) -> APIRouter:
         return await call(ops.usage, by, since_of(since))
 
     @router.get("/live")
-    async def live(request: Request) -> dict[str, Any]:
+    async def live(request: Request, nodes: int = 200) -> dict[str, Any]:
         await ctx.admin(request)
-        return live_snapshot(ctx)
+        if nodes < 0:
+            raise OpenAIError(400, "nodes must be 0 or more", param="nodes", hop="coordinator")
+        return live_snapshot(ctx, nodes)
 
     return router
 
 
-def live_snapshot(ctx: AdminContext) -> dict[str, Any]:
-    """The fleet, traffic and requests in flight, now (no I/O: the server's memory)."""
+def live_snapshot(ctx: AdminContext, nodes: int = 200) -> dict[str, Any]:
+    """The fleet (its `nodes` busiest), traffic and requests in flight, now (no I/O)."""
     now = time.time()
-    return {"now": now, "nodes": fleet(ctx.registry, now),
+    return {"now": now, "node_count": len(ctx.registry.nodes()),
+            "nodes": fleet(ctx.registry, now, nodes), "models": models_across(ctx.registry),
             "traffic": ctx.traffic.summary(now), "series": ctx.traffic.series(now),
             "requests": ctx.requests.snapshot(now), "recent": ctx.traffic.recent()}
 

@@ -151,8 +151,8 @@ class RemoteAdmin:
         result: dict[str, Any] = self._call("GET", "/usage", params=params)
         return result
 
-    def live(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("GET", "/live")
+    def live(self, nodes: int = 200) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/live", params={"nodes": nodes})
         return result
 
 

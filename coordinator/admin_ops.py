@@ -9,6 +9,7 @@ Every call is blocking (the store is synchronous); the API runs them in a thread
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 
 from coordinator.errors import CoordinatorError
 from coordinator.store import (
+    PREFER_VALUES,
     ApiKeyRecord,
     KeyScopes,
     NodeRecord,
@@ -71,35 +73,44 @@ def node_state(node: NodeRecord, live: Mapping[str, Any] | None) -> str:
     return "enrolled"
 
 
+class BadField(CoordinatorError):
+    """A request field with a wrong type or value; `param` names it (OpenAI's `param`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _check_scope(name: str, value: Any) -> None:
+    if name == "models" and not (isinstance(value, list)
+                                 and all(isinstance(m, str) for m in value)):
+        raise BadField(name, "models must be a list of model names or globs")
+    if name == "labels" and not (isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
+        raise BadField(name, 'labels must be an object of strings, such as {"site": "a"}')
+    if name in ("rpm", "tpm") and (isinstance(value, bool) or not isinstance(value, int)
+                                   or value <= 0):
+        raise BadField(name, f"{name} must be a positive whole number, not {value!r}")
+    if name in ("budget_day", "budget_month") and (
+            isinstance(value, bool) or not isinstance(value, int | float)
+            or not math.isfinite(value) or value <= 0):
+        raise BadField(name, f"{name} must be a positive amount, not {value!r}")
+    if name == "prefer" and value not in PREFER_VALUES:
+        raise BadField(name, f"bad prefer {value!r}: use one of " + ", ".join(PREFER_VALUES))
+
+
 def scopes_from(data: Mapping[str, Any]) -> KeyScopes:
-    """KeyScopes from a JSON object; a wrong type or value raises CoordinatorError."""
-    unknown = set(data) - set(SCOPE_FIELDS)
-    if unknown:
-        raise CoordinatorError(f"unknown key scope {sorted(unknown)[0]!r}: use "
-                               + ", ".join(SCOPE_FIELDS))
-    models = data.get("models")
-    if models is not None and not (isinstance(models, list)
-                                   and all(isinstance(m, str) for m in models)):
-        raise CoordinatorError("models must be a list of model names or globs")
-    labels = data.get("labels") or {}
-    if not isinstance(labels, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-        raise CoordinatorError("labels must be an object of strings, such as {\"site\": \"a\"}")
-    for name in ("rpm", "tpm"):
-        value = data.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise CoordinatorError(f"{name} must be a positive whole number, not {value!r}")
-    for name in ("budget_day", "budget_month"):
-        value = data.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise CoordinatorError(f"{name} must be a positive amount, not {value!r}")
-    prefer = data.get("prefer")
-    if prefer is not None and not isinstance(prefer, str):
-        raise CoordinatorError(f"bad prefer {prefer!r}")
-    budget_day, budget_month = data.get("budget_day"), data.get("budget_month")
+    """KeyScopes from a JSON object; a wrong name, type or value raises BadField."""
+    for name, value in data.items():
+        if name not in SCOPE_FIELDS:
+            raise BadField(name, f"unknown key scope {name!r}: use " + ", ".join(SCOPE_FIELDS))
+        if value is not None:
+            _check_scope(name, value)
+    models, budget_day, budget_month = (data.get("models"), data.get("budget_day"),
+                                        data.get("budget_month"))
     return KeyScopes(
-        models=tuple(models) if models else None, prefer=prefer, labels=labels,
-        rpm=data.get("rpm"), tpm=data.get("tpm"),
+        models=tuple(models) if models else None, prefer=data.get("prefer"),
+        labels=data.get("labels") or {}, rpm=data.get("rpm"), tpm=data.get("tpm"),
         budget_day=float(budget_day) if budget_day is not None else None,
         budget_month=float(budget_month) if budget_month is not None else None)
 

@@ -23,6 +23,7 @@ from rich.text import Text
 from coordinator.admin_client import AdminCallError, RemoteAdmin, admin_key_for, load_config
 from coordinator.cli_common import ADMIN_KEY_FILE, STATE_DIR, URL, fail
 from coordinator.errors import CoordinatorError
+from coordinator.fleet_view import short_did
 from coordinator.state import StateDir
 
 GIB = 1024**3
@@ -46,7 +47,9 @@ def _gpu_text(gpu: dict[str, Any]) -> str:
 
 def fleet_table(snapshot: dict[str, Any]) -> Table:
     nodes = snapshot.get("nodes") or []
-    out = Table(title=f"meshgate fleet: {len(nodes)} node(s) connected", expand=True,
+    count = snapshot.get("node_count", len(nodes))
+    busiest = f" (the {len(nodes)} busiest shown)" if count > len(nodes) else ""
+    out = Table(title=f"meshgate fleet: {count} node(s) connected{busiest}", expand=True,
                 title_justify="left")
     for column in ("node", "rtt", "in flight", "cpu", "memory", "gpus", "models"):
         out.add_column(column, overflow="fold")
@@ -57,12 +60,13 @@ def fleet_table(snapshot: dict[str, Any]) -> Table:
         models = Text()
         for model in node.get("model_detail") or []:
             models.append(model["name"] + " ", style="bold green" if model["loaded"] else "dim")
-        did = str(node.get("did", "?"))
+        labels = " ".join(f"{k}={v}" for k, v in (node.get("labels") or {}).items())
         out.add_row(
-            did[:8] + "…" + did[-6:] if len(did) > 20 else did,
-            _num(node.get("rtt_ms"), ".1f", "ms"), str(node.get("in_flight", 0)),
-            _num(node.get("cpu_util_pct"), ".0f", "%"), mem,
-            "\n".join(_gpu_text(g) for g in node.get("gpus") or []) or "cpu only", models)
+            Text(short_did(node.get("did")) + (f"\n{labels}" if labels else "")),
+            Text(_num(node.get("rtt_ms"), ".1f", "ms")), Text(str(node.get("in_flight", 0))),
+            Text(_num(node.get("cpu_util_pct"), ".0f", "%")), Text(mem),
+            Text("\n".join(_gpu_text(g) for g in node.get("gpus") or []) or "cpu only"),
+            models)
     return out
 
 
@@ -82,9 +86,10 @@ def requests_table(snapshot: dict[str, Any]) -> Table:
     for column in ("request", "model", "endpoint", "on", "chunks", "age"):
         out.add_column(column)
     for r in snapshot.get("requests") or []:
-        out.add_row(str(r.get("request_id") or "-"), str(r.get("model") or "-"),
-                    str(r.get("endpoint")), str(r.get("target") or "scheduling"),
-                    str(r.get("chunks")), _num(r.get("age_s"), ".1f", "s"))
+        out.add_row(*(Text(cell) for cell in (
+            str(r.get("request_id") or "-"), str(r.get("model") or "-"), str(r.get("endpoint")),
+            short_did(r["target"]) if r.get("target") else "scheduling",
+            str(r.get("chunks")), _num(r.get("age_s"), ".1f", "s"))))
     return out
 
 
@@ -97,11 +102,12 @@ def top(
     url: str | None = URL,
     admin_key_file: Path | None = ADMIN_KEY_FILE,
     interval: float = typer.Option(1.0, "--interval", help="Seconds between refreshes."),
+    rows: int = typer.Option(30, "--nodes", help="At most this many nodes, the busiest first."),
     once: bool = typer.Option(False, "--once", help="Print one frame and exit (for scripts)."),
 ) -> None:
     """Watch the fleet and its traffic live (rich table over the admin API)."""
-    if not interval > 0:
-        raise fail("--interval must be positive", 2)
+    if not interval > 0 or rows < 0:
+        raise fail("--interval must be positive and --nodes 0 or more", 2)
     try:
         config = load_config()
         url = url or config.url
@@ -114,16 +120,16 @@ def top(
         admin = RemoteAdmin(url, admin_key_for(state_dir, admin_key_file, config))
     except CoordinatorError as exc:
         raise fail(str(exc), 2) from None
-    console = Console()
+    console = Console(emoji=False)  # a did:key: is not the key emoji
     try:
         if once:
-            console.print(render(admin.live()))
+            console.print(render(admin.live(rows)))
             return
-        with Live(render(admin.live()), console=console, screen=False,
+        with Live(render(admin.live(rows)), console=console, screen=False,
                   refresh_per_second=4) as live:
             while True:
                 time.sleep(interval)
-                live.update(render(admin.live()))
+                live.update(render(admin.live(rows)))
     except AdminCallError as exc:
         raise fail(str(exc), 2 if 400 <= exc.status < 500 else 1) from None
     except KeyboardInterrupt:

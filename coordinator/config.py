@@ -8,6 +8,11 @@
     first_token_timeout_s = 60 # no first token from a node: try the next candidate
     idle_timeout_s = 60        # a started stream silent this long ends with an error event
 
+    [relay]                    # requests nodes send up for apps on their box (no API key)
+    cloud = false              # may they reach paid cloud upstreams? (default: no)
+    per_node = 8               # relayed requests one node may have running or starting
+    queue_share = 0.5          # share of dispatch.queue_size relayed requests may fill
+
     [cluster]                  # several replicas (coordinator/CLUSTER.md); all optional
     database_url = "postgresql://meshgate@db/meshgate"   # or --database-url
     redis_url = "redis://cache:6379/0"                   # or --redis-url
@@ -34,6 +39,7 @@ the file is a `ConfigError` naming the file and the field.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -74,6 +80,16 @@ class DispatchConfig:
 
 
 @dataclass(frozen=True)
+class RelayConfig:
+    """Requests nodes relay for the apps on their box: no API key vouches for them, so they
+    get a quota per node, a share of the queue, and no paid cloud unless `cloud` is set."""
+
+    cloud: bool = False
+    per_node: int = 8
+    queue_share: float = 0.5
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     database_url: str | None = None
     redis_url: str | None = None
@@ -88,6 +104,7 @@ class CoordinatorConfig:
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     path: Path | None = None
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
 
     def routing(self, models: frozenset[str] | None = None) -> RoutingConfig:
         return RoutingConfig(aliases=self.aliases, tasks=self.tasks, models=models)
@@ -190,6 +207,24 @@ def _dispatch(value: Any) -> DispatchConfig:
     return DispatchConfig(**out)
 
 
+def _relay(value: Any) -> RelayConfig:
+    if value is None:
+        return RelayConfig()
+    if not isinstance(value, dict):
+        raise ConfigError("relay: expected a table")
+    unknown = sorted(set(value) - {"cloud", "per_node", "queue_share"})
+    if unknown:
+        raise ConfigError(f"relay: unknown key {unknown[0]!r}")
+    cloud = value.get("cloud", False)
+    if not isinstance(cloud, bool):
+        raise ConfigError("relay.cloud: expected true or false")
+    per_node = int(_number("relay.per_node", value.get("per_node", 8), positive=True))
+    share = _number("relay.queue_share", value.get("queue_share", 0.5), positive=True)
+    if share > 1:
+        raise ConfigError("relay.queue_share: expected a share between 0 and 1")
+    return RelayConfig(cloud, per_node, share)
+
+
 def _cluster(value: Any, base: Path) -> ClusterConfig:
     if value is None:
         return ClusterConfig()
@@ -207,10 +242,11 @@ def _cluster(value: Any, base: Path) -> ClusterConfig:
 
 
 def parse_config(data: dict[str, Any], *, base: Path = Path(".")) -> CoordinatorConfig:
-    unknown = sorted(set(data) - {"upstream", "aliases", "routes", "dispatch", "cluster"})
+    unknown = sorted(set(data) - {"upstream", "aliases", "routes", "dispatch", "cluster",
+                                  "relay"})
     if unknown:
         raise ConfigError(f"unknown section {unknown[0]!r} "
-                          "(known: upstream, aliases, routes, dispatch, cluster)")
+                          "(known: upstream, aliases, routes, dispatch, cluster, relay)")
     raw_upstreams = data.get("upstream", [])
     if not isinstance(raw_upstreams, list):
         raise ConfigError("upstream: write each one as [[upstream]]")
@@ -231,6 +267,7 @@ def parse_config(data: dict[str, Any], *, base: Path = Path(".")) -> Coordinator
         tasks=tables["routes"],
         dispatch=_dispatch(data.get("dispatch")),
         cluster=_cluster(data.get("cluster"), base),
+        relay=_relay(data.get("relay")),
     )
 
 
@@ -248,8 +285,7 @@ def load_config(path: Path) -> CoordinatorConfig:
         config = parse_config(data, base=path.parent)
     except ConfigError as exc:
         raise ConfigError(f"config {path}: {exc}") from None
-    return CoordinatorConfig(config.upstreams, config.aliases, config.tasks, config.dispatch,
-                             path, config.cluster)
+    return dataclasses.replace(config, path=path)
 
 
 def resolve_config(path: Path | None) -> CoordinatorConfig:

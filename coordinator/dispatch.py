@@ -1,15 +1,20 @@
 """Run one request on the best candidate that answers: nodes first, then clouds.
 
 `Dispatcher.start` asks the scheduler for ranked candidates (`schedule()` over
-the registry's snapshot) and tries them in order. A request is committed to a
+the registry's live index, the best few only) and tries them in the order
+given: the scheduler alone ranks (policy, budget, suspects, clouds). A request is committed to a
 candidate only when its first chunk arrives: until then a failure (the node
 refused, its runner died, its tunnel dropped, no first token in time) sends
 the request to the next candidate at once, so the client sees nothing of it.
 Nodes are tried in the scheduler's order, at most `max_tries` of them; then
 the clouds it ranked (cloud only when no node can take the request); then a
-503 naming every failure. A node with `node_slots` requests in flight is busy: when every
-candidate left is busy the request waits in a bounded queue (429 when the
-queue is full) until a slot frees or its deadline passes (504).
+503 naming every failure. A node whose model has as many of our requests in flight as it
+takes (its stated capacity in parallel slots, or `node_slots` running plus queued at the
+node when that is more; capacity 0: never busy, an upstream pushes back itself) is busy:
+when every candidate left is busy the request waits in a bounded queue (429 when the queue
+is full) until a slot of one of its models frees or its deadline passes (504). The
+first-token timeout follows what was measured (`observed.first_token_timeout`); a node
+that misses it is suspect until it answers one in time.
 
 After the first chunk went to the client, a failure can only end the stream:
 `Served.rest` raises :class:`OpenAIError`, which the API turns into an error
@@ -28,6 +33,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from coordinator.config import DispatchConfig
+from coordinator.observed import first_token_timeout
 from coordinator.registry import NodeConn, Registry
 from coordinator.scheduler import Candidate, Kind, Request, schedule
 from meshgate.bounds import check_chunk, clamp_usage, clip
@@ -41,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CLIENT_ERRORS = frozenset({400, 413, 422})  # the request itself is wrong: nobody will take it
+LIMIT = 16  # candidates asked of the scheduler per decision (tries, busy nodes, clouds)
 
 
 class Failed(Exception):
@@ -145,6 +152,7 @@ class NodeAttempt(Served):
         self.node = node
         self.node_did = node.did
         self.stream = stream
+        self.first_at: float | None = time.perf_counter()
 
     async def rest(self) -> AsyncIterator[bytes]:
         """Yield the data frames after the first; set `usage` from the end frame."""
@@ -155,7 +163,7 @@ class NodeAttempt(Served):
                 except TimeoutError:
                     error = self._timed_out()
                     if self.outcome == "idle_timeout":
-                        self.node.suspect = True
+                        self.registry.set_suspect(self.node, True)
                     raise error from None
                 if frame.type == FrameType.DATA:
                     self.chunks += 1
@@ -206,6 +214,9 @@ class NodeAttempt(Served):
         self.done = True
         self.outcome = "ok"
         self.node.served += 1
+        tokens = (self.usage or {}).get("completion_tokens")
+        if self.request.stream and isinstance(tokens, int) and self.first_at is not None:
+            self.node.seen(self.model).finished(tokens, time.perf_counter() - self.first_at)
 
 
 async def _send_cancel(stream: Stream) -> None:
@@ -260,15 +271,15 @@ class Dispatcher:
         queued = False
         try:
             while True:
-                decision = schedule(want, self.registry.snapshot())
+                decision = schedule(want, self.registry.index, limit=LIMIT)
                 pick, busy = self._pick(decision.candidates, tried, node_tries)
                 if pick is not None:
                     tried.add((pick.kind.value, pick.target, pick.model))
                     try:
                         if pick.kind == Kind.NODE:
                             node_tries += 1
-                            return await self._try_node(pick.target, request, pick.model,
-                                                        len(tried), deadline)
+                            return await self._try_node(pick, request, want, len(tried),
+                                                        deadline)
                         return await self.clouds[pick.target].start(
                             request, pick.model, tries=len(tried), deadline=deadline,
                             idle_timeout=cfg.idle_timeout_s)
@@ -288,7 +299,7 @@ class Dispatcher:
                 if left <= 0:
                     raise OpenAIError(504, "request deadline passed while waiting for a free node",
                                       code="deadline_exceeded", hop="coordinator")
-                await self.registry.wait_changed(left)
+                await self.registry.wait_changed(left, want.models)
         finally:
             if queued:
                 self.waiting -= 1
@@ -298,26 +309,31 @@ class Dispatcher:
         """The best candidate not tried yet that can take the request now; and whether a
         busy node was passed over."""
         busy = False
-        # edge first, cloud only when it must: nodes in the scheduler's order (a node that
-        # went silent on a request and has not been heard from since goes last), then clouds
-        def order(cand: Candidate) -> tuple[bool, bool]:
-            conn = self.registry.get(cand.target) if cand.kind == Kind.NODE else None
-            return cand.kind != Kind.NODE, conn is not None and conn.suspect
-
-        for cand in sorted(candidates, key=order):
+        for cand in candidates:  # in the scheduler's order: it alone ranks
             if (cand.kind.value, cand.target, cand.model) in tried:
                 continue
             if cand.kind == Kind.NODE:
                 conn = self.registry.get(cand.target)
                 if node_tries >= self.config.max_tries or conn is None or conn.link.closed:
                     continue
-                if conn.in_flight >= self.config.node_slots:
+                if self._full(conn, cand.model):
                     busy = True
                     continue
             elif cand.target not in self.clouds:
                 continue
             return cand, busy
         return None, busy
+
+    def _full(self, conn: NodeConn, model: str) -> bool:
+        """Our requests on `model` fill what the node takes: its stated capacity (parallel
+        slots), or `node_slots` (running plus queued at the node) when that is more or
+        nothing is stated; capacity 0 (an upstream we do not cap) is never full."""
+        view = conn.view().models.get(model)
+        stated = view.capacity if view is not None else None
+        if stated == 0:
+            return False
+        limit = max(stated or 0, self.config.node_slots)
+        return conn.per_model.get(model, 0) >= limit
 
     def _enqueue(self, want: Request) -> None:
         if self.waiting >= self.config.queue_size:
@@ -386,9 +402,10 @@ class Dispatcher:
             message = f"no connected node or cloud serves {models} right now"
         return OpenAIError(503, message, code="no_capacity", hop="coordinator")
 
-    async def _try_node(self, did: str, request: OpenRequest, model: str, tries: int,
+    async def _try_node(self, pick: Candidate, request: OpenRequest, want: Request, tries: int,
                         deadline: float) -> NodeAttempt:
         started = time.perf_counter()
+        did, model = pick.target, pick.model
         node = self.registry.get(did)
         if node is None:
             raise Failed("node disconnected")
@@ -401,26 +418,27 @@ class Dispatcher:
         stream: Stream | None = None
         committed = False
         try:
+            sent = time.perf_counter()
             stream = await node.mux.open(wire)
-            wait = min(deadline - now(), self.config.first_token_timeout_s)
+            view = node.view().models.get(model)
+            load_s = view.load_time_s if view is not None and not view.loaded else 0.0
+            timeout = first_token_timeout(self.config.first_token_timeout_s,
+                                          node.observed.get(model), load_s)
+            wait = min(deadline - now(), timeout)
             try:
                 frame = await asyncio.wait_for(stream.recv(), max(wait, 0.0))
             except TimeoutError:
                 if deadline - now() <= 0:
                     raise OpenAIError(504, "request deadline passed before the first token",
                                       code="deadline_exceeded", hop="coordinator") from None
-                node.suspect = True
-                raise Failed(f"no first token within {self.config.first_token_timeout_s:g} s"
-                             ) from None
+                self.registry.set_suspect(node, True)
+                raise Failed(f"no first token within {timeout:g} s") from None
             if frame.type == FrameType.DATA:
-                try:
-                    first = check_chunk(frame.body, streaming=request.stream)
-                except ValueError as exc:
-                    raise Failed(f"malformed answer: {exc}") from None
+                attempt = self._committed(node, stream, frame, request, want=want,
+                                          model=model, started=started, sent=sent, tries=tries,
+                                          deadline=deadline)
                 committed = True
-                return NodeAttempt(self.registry, node, stream, request, model, first=first,
-                                   started=started, tries=tries, deadline=deadline,
-                                   idle_timeout=self.config.idle_timeout_s)
+                return attempt
             if frame.type == FrameType.ERROR:
                 error = error_from_frame(frame)
                 if error.status in CLIENT_ERRORS:
@@ -434,6 +452,24 @@ class Dispatcher:
                 self.registry.release(node, model)
                 if stream is not None:
                     _cancel_soon(stream)
+
+
+    def _committed(self, node: NodeConn, stream: Stream, frame: Frame, request: OpenRequest,
+                   *, want: Request, model: str, started: float, sent: float, tries: int,
+                   deadline: float) -> NodeAttempt:
+        """The first chunk arrived: check it, record the time it took, and commit."""
+        try:
+            first = check_chunk(frame.body, streaming=request.stream)
+        except ValueError as exc:
+            raise Failed(f"malformed answer: {exc}") from None
+        first_at = time.perf_counter()
+        node.seen(model).first_token(first_at - sent, want.prompt_tokens if request.stream else 0)
+        self.registry.set_suspect(node, False)  # it answered in time: proven again
+        attempt = NodeAttempt(self.registry, node, stream, request, model, first=first,
+                              started=started, tries=tries, deadline=deadline,
+                              idle_timeout=self.config.idle_timeout_s)
+        attempt.first_at = first_at
+        return attempt
 
 
 def _cancel_soon(stream: Stream) -> None:

@@ -18,6 +18,15 @@ GPU_FIELDS = ("index", "name", "uuid", "vram_total_bytes", "vram_used_bytes", "g
               "pcie_tx_kb_s", "pcie_rx_kb_s")
 
 
+def short_did(did: Any) -> str:
+    """`did:key:z6Mk…` names are long: the method-specific tail tells nodes apart."""
+    text = str(did or "?")
+    if text.startswith("cloud:"):
+        return text
+    tail = text.rsplit(":", 1)[-1]
+    return f"{tail[:4]}…{tail[-6:]}" if len(tail) > 12 else tail
+
+
 def _plain(value: Any) -> Any:
     """Numbers and strings pass; anything else a node sent becomes None."""
     if isinstance(value, bool):
@@ -60,19 +69,29 @@ def node_view(conn: NodeConn, now: float) -> dict[str, Any]:
             "gpus": gpus_of(telemetry), "model_detail": models_of(conn)}
 
 
-def fleet(registry: Registry, now: float) -> list[dict[str, Any]]:
-    return [node_view(conn, now) for conn in sorted(registry.nodes(), key=lambda c: c.did)]
+def fleet(registry: Registry, now: float, limit: int | None = None) -> list[dict[str, Any]]:
+    """The busiest nodes first (suspects before all), at most `limit` of them: a pane or a
+    terminal watching 10,000 nodes shows the ones that need a look, and builds no more."""
+    conns = sorted(registry.nodes(), key=lambda c: (not c.suspect, -c.in_flight, c.did))
+    return [node_view(conn, now) for conn in conns[:limit]]
 
 
-def models_across(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per model: the nodes that have it loaded, the ones with it only on disk, in flight."""
+def models_across(registry: Registry, shown: int = 8) -> list[dict[str, Any]]:
+    """Per model over every connected node: how many have it loaded or only on disk (the
+    first `shown` of each named), requests in flight, context and load time reported."""
     by_model: dict[str, dict[str, Any]] = {}
-    for node in nodes:
-        for model in node.get("model_detail", []):
+    for conn in registry.nodes():
+        for model in models_of(conn):
             entry = by_model.setdefault(model["name"], {
-                "name": model["name"], "loaded_on": [], "on_disk": [], "in_flight": 0,
-                "context_length": model.get("context_length"),
+                "name": model["name"], "loaded_on": [], "on_disk": [], "loaded": 0,
+                "disk": 0, "in_flight": 0, "context_length": model.get("context_length"),
                 "load_time_s": model.get("load_time_s")})
-            (entry["loaded_on"] if model["loaded"] else entry["on_disk"]).append(node["did"])
+            kind = "loaded" if model["loaded"] else "disk"
+            entry[kind] += 1
+            names = entry["loaded_on" if model["loaded"] else "on_disk"]
+            if len(names) < shown:
+                names.append(conn.did)
             entry["in_flight"] += model.get("in_flight") or 0
+            if entry["load_time_s"] is None:
+                entry["load_time_s"] = model.get("load_time_s")
     return [by_model[k] for k in sorted(by_model)]

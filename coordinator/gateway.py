@@ -22,9 +22,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from coordinator.errors import EnrollmentRefused
-from coordinator.registry import NodeConn, Registry, inventory_models
+from coordinator.registry import NodeConn, Registry
 from coordinator.store import Store
-from meshgate.protocol import error_body
+from meshgate.node_messages import Hello as NodeHello
+from meshgate.node_messages import Inventory, LoadDelta, parse, parse_telemetry
+from meshgate.protocol import ProtocolViolation, error_body
 from tunnel import Frame, FrameType, Hello, Link, Mux, RefusedError, Stream, TunnelError
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,12 @@ class Gateway:
         self.registry = registry
         #: Requests a node opens (its local port was asked for a model it lacks); None: refused.
         self.on_request = on_request
+        #: Enrolled, unrevoked identities: they may handshake past their address's rate limit
+        #: (a site behind one NAT address reconnecting after a restart).
+        self.known: set[str] = {r.did for r in store.list_nodes() if r.revoked_at is None}
+
+    def is_known(self, did: str) -> bool:
+        return did in self.known
 
     async def authorize(self, hello: Hello, remote: str) -> dict[str, Any]:
         now = time.time()
@@ -56,12 +64,14 @@ class Gateway:
                 log.warning("enrollment refused for %s from %s: %s", hello.did, remote, exc)
                 raise RefusedError(403, str(exc)) from None
             log.info("enrolled node %s from %s with labels %s", hello.did, remote, node.labels)
+            self.known.add(hello.did)
             return {"did": hello.did, "enrolled": True, "labels": node.labels}
         record = await asyncio.to_thread(self.store.get_node, hello.did)
         if record is None:
             log.warning("refused unknown node %s from %s", hello.did, remote)
             raise RefusedError(403, f"unknown node {hello.did}: enroll it with a token first")
         if record.revoked_at is not None:
+            self.known.discard(hello.did)
             log.warning("refused revoked node %s from %s", hello.did, remote)
             raise RefusedError(403, f"node {hello.did} has been revoked")
         fresh = await asyncio.to_thread(
@@ -77,6 +87,12 @@ class Gateway:
         assert hello is not None
         if hello.enroll is not None:
             await link.wait_closed()  # an enrollment connection carries no traffic
+            return
+        try:
+            parse(hello.info, NodeHello)
+        except ProtocolViolation as exc:
+            log.warning("node %s sent a bad hello, closing its session: %s", hello.did, exc)
+            await link.close(f"protocol error: {exc}"[:120])
             return
         record = await asyncio.to_thread(self.store.get_node, hello.did)
         labels = dict(record.labels) if record else {}
@@ -122,6 +138,7 @@ class Gateway:
         revoked = [r.did for r in records if r.did in connected and r.revoked_at is not None]
         for did in revoked:
             conn = connected[did]
+            self.known.discard(did)
             log.warning("node %s was revoked; closing its tunnel", did)
             self.registry.remove(conn)
             await conn.link.close("node revoked")
@@ -137,29 +154,34 @@ class Gateway:
             await asyncio.sleep(period)
 
     async def _control(self, conn: NodeConn, frame: Frame) -> None:
-        body = frame.body if isinstance(frame.body, dict) else {}
-        if conn.suspect:
-            conn.suspect = False  # heard from again: the link is alive
-            log.info("node %s is answering again", conn.did)
+        try:
+            await self._message(conn, frame)
+        except ProtocolViolation as exc:
+            # one line, then the session ends: nothing of the message reached the registry
+            log.warning("node %s sent a bad %s frame, closing its session: %s", conn.did,
+                        frame.type.name, exc)
+            self.registry.remove(conn)
+            await conn.link.close(f"protocol error: {exc}"[:120])
+
+    async def _message(self, conn: NodeConn, frame: Frame) -> None:
+        body = frame.body
         if frame.type == FrameType.INVENTORY:
-            if not isinstance(body.get("models"), list):
-                log.warning("node %s sent an inventory without a models list", conn.did)
-                return
-            conn.models = sorted(inventory_models(body))
-            conn.inventory = body
-            self.registry.changed()
+            inventory = parse(body, Inventory)
+            self.registry.set_inventory(conn, inventory, body)
             await asyncio.to_thread(self.store.touch_node, conn.did, time.time(), conn.models)
             log.info("node %s serves %s", conn.did, conn.models)
         elif frame.type == FrameType.RESULT:
-            conn.on_result(body)
+            conn.on_result(body if isinstance(body, dict) else {})
         elif frame.type == FrameType.TELEMETRY:
-            conn.telemetry = body
-            self.registry.changed()
+            message = parse_telemetry(body)
+            if isinstance(message, LoadDelta):
+                self.registry.apply_delta(conn, message)
+                return
+            self.registry.set_telemetry(conn, message, body)
             now = time.time()
             if now - conn.touched_at > TOUCH_EVERY_S:
                 conn.touched_at = now
                 await asyncio.to_thread(self.store.touch_node, conn.did, now, None)
-
 
 
 def _addr(link: Link) -> str:

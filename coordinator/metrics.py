@@ -3,8 +3,10 @@
 `Metrics()` makes a fresh `CollectorRegistry`, so two apps in one process
 (tests) never share or clash. `/metrics` serves `Metrics.render()`.
 Labels are bounded: `status` is the HTTP status, `model` the requested model
-(cut to 100 characters; only authenticated requests are counted), `route`
-is where it ran: `node`, `cloud`, `cache` or `none` (refused before dispatch).
+(cut to 100 characters; only authenticated requests are counted; a name no node
+or cloud offers is `_unknown`, and past MAX_MODEL_LABELS distinct names the rest
+are `_other`, so clients cannot grow the series without bound), `route` is
+where it ran: `node`, `cloud`, `cache` or `none` (refused before dispatch).
 """
 
 from __future__ import annotations
@@ -25,9 +27,15 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+MAX_MODEL_LABELS = 256
+"""Distinct model labels kept; far above the models a fleet serves, far below what hurts a
+Prometheus server (each name makes a few series per status and route)."""
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._model_labels: set[str] = set()
         r = self.registry
         self.requests = Counter(
             "meshgate_coordinator_requests",
@@ -107,13 +115,23 @@ class Metrics:
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
     ) -> None:
-        model = model[:100]
+        model = self.model_label(model)
         self.requests.labels(str(status), model, route).inc()
         self.latency.labels(endpoint, route).observe(max(0.0, seconds))
         if prompt_tokens:
             self.tokens.labels("prompt", model).inc(prompt_tokens)
         if completion_tokens:
             self.tokens.labels("completion", model).inc(completion_tokens)
+
+    def model_label(self, model: str) -> str:
+        """`model` as a label: cut to 100 characters, `_other` past MAX_MODEL_LABELS names."""
+        model = model[:100]
+        if model in self._model_labels:
+            return model
+        if len(self._model_labels) >= MAX_MODEL_LABELS:
+            return "_other"
+        self._model_labels.add(model)
+        return model
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -142,7 +160,7 @@ class Metrics:
 
     def count_energy(self, model: str, route: str, joules: float | None) -> None:
         if joules is not None and joules > 0:
-            self.energy.labels(model[:100], route).inc(joules)
+            self.energy.labels(self.model_label(model), route).inc(joules)
 
     def served(self, tries: int, upstream: str | None) -> None:
         """A request started on its `tries`-th candidate, on a cloud when `upstream`."""
@@ -153,7 +171,8 @@ class Metrics:
 
     def refused(self, status: int, model: str, code: str | None) -> None:
         """An error answered before (or instead of) running the request."""
-        self.requests.labels(str(status), model[:100], "none").inc()
+        label = "_unknown" if code == "model_not_found" else self.model_label(model)
+        self.requests.labels(str(status), label, "none").inc()
         if status == 429 and code == "rate_limit_exceeded":
             self.rate_limited.labels("key").inc()
         if code == "budget_exceeded":

@@ -62,6 +62,8 @@ def refusal_row(exc: OpenAIError, *, request_id: str, key_id: str | None, model:
     outcome = OUTCOME_BY_STATUS.get(exc.status, "error")
     if exc.status == 429 and exc.code == "rate_limit_exceeded":
         outcome = "rate_limited"
+    elif exc.code == "relay_quota":
+        outcome = "relay_quota"
     return {
         "request_id": request_id, "key_id": key_id, "node_did": None, "upstream": None,
         "model": model, "endpoint": endpoint, "prompt_tokens": 0, "completion_tokens": 0,

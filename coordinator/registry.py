@@ -2,30 +2,33 @@
 
 One entry per connected node, owned by the tunnel server's `on_link` task for
 that connection. The registry is only ever changed from the event loop, so it
-needs no locks; the dispatcher reads it through `snapshot()`, the scheduler's
-view of the fleet, rebuilt only after something changed (a node came or went,
-sent inventory or telemetry, or a request started or ended on it).
+needs no locks. Every change is incremental: a node's inventory, telemetry or
+load delta, or a request starting or ending on it, recomputes that node's
+scheduler slots and moves them in the per-model index (`FleetIndex`), which is
+the view `schedule` reads. Nothing is rebuilt per request or per fleet.
 When a node connects again with the same identity the newer connection wins
 and the older one is closed (a node that lost its uplink and came back must
 not be shadowed by its own ghost).
 
-What a node reports is read defensively: an inventory's `models` is a list of
-names or of maps (`name`, `loaded`, `context_length`, `memory_bytes`, ...);
-telemetry carries `host` (psutil), `gpus` (NVML) and `runtime` (per model:
-`in_flight`, `queue`, `prefill_tps`, `decode_tps`, `loaded`). A field that is
-missing or of the wrong type is "not known", never an error.
+What a node says arrives typed and validated (`meshgate.node_messages`); the
+coordinator still trusts its own observations over the claims: its own count
+of requests in flight, and the first-token times and decode rates it measured
+(`Observed`). A node that let a request down stays `suspect` until it answers
+one in time; its telemetry does not clear the mark.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from coordinator.fleet_index import FleetIndex
+from coordinator.observed import Observed
 from coordinator.scheduler import CloudView, ModelView, NodeView, Snapshot
+from meshgate.node_messages import Inventory, LoadDelta, ModelInfo, ModelLoad, Telemetry
 from tunnel import Link, Mux
 
 DEFAULT_CONTEXT = 4096
@@ -40,29 +43,45 @@ class NodeConn:
     mux: Mux
     connected_at: float = field(default_factory=time.time)
     models: list[str] = field(default_factory=list)
-    inventory: dict[str, Any] = field(default_factory=dict)
-    telemetry: dict[str, Any] = field(default_factory=dict)
+    inventory: dict[str, Any] = field(default_factory=dict)  # as received (validated)
+    telemetry: dict[str, Any] = field(default_factory=dict)  # as received (validated)
+    infos: dict[str, ModelInfo] = field(default_factory=dict)
+    load: dict[str, ModelLoad] = field(default_factory=dict)  # latest per model
+    host_free: int = UNKNOWN_FREE
+    gpu_count: int = 0
+    vram_total: int = 0
+    vram_free: int = 0
     in_flight: int = 0
     per_model: dict[str, int] = field(default_factory=dict)
+    observed: dict[str, Observed] = field(default_factory=dict)
     served: int = 0
     touched_at: float = 0.0
     suspect: bool = False
-    """It let a request down by going silent (no first token, a stalled stream) and has
-    sent nothing since: tried after every other node until it is heard from again."""
+    """It let a request down (no first token in time, a stalled stream): tried after every
+    other candidate until it answers a request in time."""
     results: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
     loading: dict[str, asyncio.Future[None]] = field(default_factory=dict)
+    view_cache: NodeView | None = None
 
     @property
     def rtt_ms(self) -> float | None:
         return self.link.rtt_ms
 
     def view(self) -> NodeView:
-        return node_view(self)
+        if self.view_cache is None:
+            self.view_cache = node_view(self)
+        return self.view_cache
 
     def loaded(self, model: str) -> bool:
         """Whether the node reports `model` loaded (unknown counts as loaded)."""
-        view = node_view(self).models.get(model)
+        view = self.view().models.get(model)
         return view is None or view.loaded
+
+    def seen(self, model: str) -> Observed:
+        got = self.observed.get(model)
+        if got is None:
+            got = self.observed[model] = Observed()
+        return got
 
     def on_result(self, body: dict[str, Any]) -> None:
         """A RESULT frame: complete the COMMAND waiting for it."""
@@ -80,18 +99,8 @@ class NodeConn:
         self.loading.clear()
 
 
-def _num(value: Any, default: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return default
-    return float(value) if math.isfinite(value) else default
-
-
-def _int(value: Any, default: int = 0) -> int:
-    return int(_num(value, default))
-
-
 def inventory_models(body: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """name -> details from an INVENTORY body (names alone, or maps with a `name`)."""
+    """name -> details from an INVENTORY body as received (for display)."""
     out: dict[str, dict[str, Any]] = {}
     models = body.get("models")
     if not isinstance(models, list):
@@ -104,43 +113,47 @@ def inventory_models(body: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def model_view(conn: NodeConn, name: str, info: ModelInfo) -> ModelView:
+    """One model on one node: the node's claims, our own in-flight count and measurements."""
+    load = conn.load.get(name) or ModelLoad()
+    ours = conn.per_model.get(name, 0)
+    reported = (load.in_flight or 0) + load.waiting
+    seen = conn.observed.get(name)
+    loaded = load.loaded if load.loaded is not None else info.loaded
+    decode = load.decode_tps or 0.0
+    prefill = load.prefill_tps or 0.0
+    if seen is not None:  # what we measured beats what it claims
+        decode = seen.decode_tps(decode)
+        prefill = seen.prefill_tps(prefill)
+    capacity = load.capacity if load.capacity is not None else info.capacity
+    return ModelView(
+        name=name,
+        loaded=loaded,
+        context_length=load.n_ctx or info.ctx or DEFAULT_CONTEXT,
+        memory_bytes=load.memory_bytes or info.memory_bytes or info.size_bytes or 0,
+        prefill_tps=prefill,
+        decode_tps=decode,
+        queue_depth=max(ours, reported),
+        in_flight=ours,
+        load_time_s=(load.load_time_s if load.load_time_s is not None
+                     else info.load_time_s or 0.0),
+        capacity=capacity,
+    )
+
+
 def node_view(conn: NodeConn) -> NodeView:
     """The scheduler's view of one connected node."""
-    telemetry = conn.telemetry
-    runtime = telemetry.get("runtime")
-    runtime = runtime if isinstance(runtime, dict) else {}
-    gpus = [g for g in telemetry.get("gpus") or [] if isinstance(g, dict)]
-    host = telemetry.get("host") if isinstance(telemetry.get("host"), dict) else None
-    models: dict[str, ModelView] = {}
-    for name, info in inventory_models(conn.inventory).items():
-        entry = runtime.get(name)
-        stats: dict[str, Any] = entry if isinstance(entry, dict) else {}
-        loaded = stats.get("loaded", info.get("loaded", True))
-        ours = conn.per_model.get(name, 0)
-        reported = _int(stats.get("in_flight")) + _int(stats.get("queue"))
-        models[name] = ModelView(
-            name=name,
-            loaded=bool(loaded),
-            context_length=_int(info.get("context_length"), DEFAULT_CONTEXT) or DEFAULT_CONTEXT,
-            memory_bytes=_int(info.get("memory_bytes") or info.get("size_bytes")),
-            prefill_tps=_num(stats.get("prefill_tps")),
-            decode_tps=_num(stats.get("decode_tps")),
-            queue_depth=max(ours, reported),
-            in_flight=ours,
-            load_time_s=_num(info.get("load_time_s")),
-        )
     return NodeView(
         did=conn.did,
-        models=models,
-        labels=dict(conn.labels),
+        models={name: model_view(conn, name, info) for name, info in conn.infos.items()},
+        labels=conn.labels,
         connected=not conn.link.closed,
         rtt_ms=conn.rtt_ms or 0.0,
-        gpu_count=len(gpus),
-        vram_total_bytes=sum(_int(g.get("vram_total_bytes")) for g in gpus),
-        vram_free_bytes=sum(_int(g.get("vram_free_bytes")) for g in gpus),
-        # no host figures yet: memory unknown, so a model is not filtered for want of it
-        ram_free_bytes=(_int(host.get("mem_available_bytes")) if isinstance(host, dict)
-                        else UNKNOWN_FREE),
+        gpu_count=conn.gpu_count,
+        vram_total_bytes=conn.vram_total,
+        vram_free_bytes=conn.vram_free,
+        ram_free_bytes=conn.host_free,
+        suspect=conn.suspect,
     )
 
 
@@ -148,47 +161,110 @@ class Registry:
     def __init__(self, clouds: Iterable[CloudView] = ()) -> None:
         self._nodes: dict[str, NodeConn] = {}
         self._clouds = tuple(clouds)
+        self.index = FleetIndex(self._clouds)
         self.version = 0
         self._snapshot: tuple[tuple[Any, ...], Snapshot] | None = None
-        self._waiters: set[asyncio.Future[None]] = set()
+        self._waiters: dict[str | None, set[asyncio.Future[None]]] = {}
 
-    # -- changes
+    # -- waking queued requests
 
-    def changed(self) -> None:
-        """Something the scheduler sees changed: drop the snapshot, wake queued requests."""
+    def _wake(self, models: Iterable[str]) -> None:
+        for key in (*models, None):
+            waiters = self._waiters.pop(key, None)
+            for waiter in waiters or ():
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def changed(self, models: Iterable[str] | None = None) -> None:
+        """Something the scheduler sees changed for `models` (None: anything): wake the
+        requests queued for them."""
         self.version += 1
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._waiters.clear()
+        self._wake(self.index.models() if models is None else models)
 
-    async def wait_changed(self, within: float | None) -> None:
-        """Wait until the next change (or `within` seconds; no error either way)."""
+    async def wait_changed(self, within: float | None, models: Iterable[str] = ()) -> None:
+        """Wait until capacity may have freed for one of `models` (any change when none
+        are named), or `within` seconds; no error either way."""
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.add(waiter)
+        keys: list[str | None] = [*models] or [None]
+        for key in keys:
+            self._waiters.setdefault(key, set()).add(waiter)
         try:
             await asyncio.wait_for(asyncio.shield(waiter), within)
         except TimeoutError:
             pass
         finally:
-            self._waiters.discard(waiter)
+            for key in keys:
+                self._waiters.get(key, set()).discard(waiter)
+
+    # -- changes
+
+    def _refresh(self, conn: NodeConn, models: Iterable[str] | None = None) -> None:
+        """Recompute `conn`'s view and move its slots (all, or only `models`) in the index."""
+        conn.view_cache = node_view(conn)
+        if self._nodes.get(conn.did) is conn:
+            self.index.put(conn.view_cache, models)
+        self.version += 1
 
     def add(self, conn: NodeConn) -> NodeConn | None:
         """Register `conn`; return the older connection of the same node, if any, to close."""
         old = self._nodes.get(conn.did)
+        if old is not None:
+            self.index.drop(old.did)
         self._nodes[conn.did] = conn
-        self.changed()
+        self._refresh(conn)
+        self._wake(conn.infos)
         return old
 
     def remove(self, conn: NodeConn) -> None:
         if self._nodes.get(conn.did) is conn:
             del self._nodes[conn.did]
-            self.changed()
+            self.index.drop(conn.did)
+            self.version += 1
+
+    def set_inventory(self, conn: NodeConn, inventory: Inventory, raw: dict[str, Any]) -> None:
+        conn.infos = inventory.entries()
+        conn.models = sorted(conn.infos)
+        conn.inventory = raw
+        self._refresh(conn)
+        self._wake(conn.infos)
+
+    def set_telemetry(self, conn: NodeConn, telemetry: Telemetry, raw: dict[str, Any]) -> None:
+        conn.telemetry = raw
+        host = telemetry.host
+        conn.host_free = (host.mem_available_bytes if host is not None
+                          and host.mem_available_bytes is not None else UNKNOWN_FREE)
+        conn.gpu_count = len(telemetry.gpus)
+        conn.vram_total = sum(g.vram_total_bytes or 0 for g in telemetry.gpus)
+        conn.vram_free = sum(g.vram_free_bytes or 0 for g in telemetry.gpus)
+        freed = [m for m, load in telemetry.runtime.items() if _frees(conn.load.get(m), load)]
+        conn.load.update(telemetry.runtime)
+        self._refresh(conn)
+        if freed:
+            self._wake(freed)
+
+    def apply_delta(self, conn: NodeConn, delta: LoadDelta) -> None:
+        changed = [m for m in delta.models if m in conn.infos]
+        freed = [m for m in changed if _frees(conn.load.get(m), delta.models[m])]
+        for name in changed:
+            old = conn.load.get(name) or ModelLoad()
+            new = delta.models[name]
+            conn.load[name] = ModelLoad(**{
+                f: getattr(new, f) if getattr(new, f) is not None else getattr(old, f)
+                for f in ModelLoad.__struct_fields__})
+        if changed:
+            self._refresh(conn, changed)
+        if freed:
+            self._wake(freed)
+
+    def set_suspect(self, conn: NodeConn, suspect: bool) -> None:
+        if conn.suspect != suspect:
+            conn.suspect = suspect
+            self._refresh(conn)
 
     def acquire(self, conn: NodeConn, model: str) -> None:
         conn.in_flight += 1
         conn.per_model[model] = conn.per_model.get(model, 0) + 1
-        self.changed()
+        self._refresh(conn, (model,))
 
     def release(self, conn: NodeConn, model: str) -> None:
         conn.in_flight -= 1
@@ -197,7 +273,8 @@ class Registry:
             conn.per_model[model] = left
         else:
             conn.per_model.pop(model, None)
-        self.changed()
+        self._refresh(conn, (model,))
+        self._wake((model,))
 
     # -- reads
 
@@ -208,20 +285,28 @@ class Registry:
         return list(self._nodes.values())
 
     def serving(self, model: str) -> list[NodeConn]:
-        return [n for n in self._nodes.values() if model in n.models]
+        return [c for did in self.index.dids(model) if (c := self._nodes.get(did)) is not None]
 
     def models(self) -> list[str]:
-        return sorted({m for n in self._nodes.values() for m in n.models})
+        return sorted(self.index.models())
 
     @property
     def clouds(self) -> tuple[CloudView, ...]:
         return self._clouds
 
     def snapshot(self) -> Snapshot:
-        """The scheduler's view; rebuilt only when something changed since the last call
-        (a change, or a new round-trip time measured by a tunnel ping)."""
+        """A frozen copy of the whole view (tests, the admin pane): O(fleet), rebuilt only
+        when something changed. Dispatch reads the live `index` instead."""
         key = (self.version, *(n.link.rtt_ms for n in self._nodes.values()))
         if self._snapshot is None or self._snapshot[0] != key:
             nodes = [node_view(n) for n in self._nodes.values()]
             self._snapshot = (key, Snapshot.build(nodes, self._clouds))
         return self._snapshot[1]
+
+
+def _frees(old: ModelLoad | None, new: ModelLoad) -> bool:
+    """Whether `new` may have freed capacity compared with `old` (a queued request may go)."""
+    if old is None:
+        return True
+    return ((new.in_flight or 0) < (old.in_flight or 0) or new.waiting < old.waiting
+            or bool(new.loaded) != bool(old.loaded) or new.capacity != old.capacity)

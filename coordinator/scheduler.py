@@ -11,18 +11,22 @@ orders them. No I/O, no clock, no logging, no randomness: the same snapshot
 and request give the same decision, ties broken by kind (edge first), target
 id and model name. The rules in words are in `SCHEDULER.md`.
 
-A `Snapshot` indexes its nodes by model when it is built, so a decision only
-touches the nodes that have one of the requested models. Build it once per
-registry change, not once per request.
+The view is anything with `slots_for`, `ordered`, `count` and `clouds_for`
+(`View`): a frozen `Snapshot` (tests, the simulation) or the registry's live
+`FleetIndex`, kept current node by node. Without `limit` every slot of the
+requested models is ranked; with `limit`, `ordered` (slots by their estimate
+for a reference request, ready and unsuspected first) is walked until
+`WINDOW` (at least 4 x `limit`) slots survived the filters, and only those are
+ranked exactly: a decision then costs the same at any fleet size.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from coordinator import scheduler_rules as rules
 from coordinator.routing import Prefer
@@ -40,8 +44,11 @@ __all__ = [
     "Rejection",
     "Request",
     "Snapshot",
+    "View",
     "schedule",
 ]
+
+WINDOW = 32  # slots ranked exactly per model when a `limit` is given (at least 4 x limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +60,9 @@ class ModelView:
     prefill_tps: float = 0.0
     decode_tps: float = 0.0
     queue_depth: int = 0
-    in_flight: int = 0
+    in_flight: int = 0  # the coordinator's own requests on it
     load_time_s: float = 0.0
+    capacity: int | None = None  # parallel slots; 0: not capped by us; None: not stated (1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +76,7 @@ class NodeView:
     vram_total_bytes: int = 0
     vram_free_bytes: int = 0
     ram_free_bytes: int = 0
+    suspect: bool = False  # let a request down and has not answered one since
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +98,7 @@ class Snapshot:
     clouds: tuple[CloudView, ...] = ()
     _slots: Mapping[str, tuple[Slot, ...]] = field(init=False, repr=False, compare=False)
     _clouds: Mapping[str, tuple[CloudView, ...]] = field(init=False, repr=False, compare=False)
+    _ordered: Mapping[str, tuple[Slot, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for kind, names in (("did", [n.did for n in self.nodes]),
@@ -105,6 +115,8 @@ class Snapshot:
             for name in sorted(cloud.models):
                 clouds.setdefault(name, []).append(cloud)
         object.__setattr__(self, "_slots", {k: tuple(v) for k, v in slots.items()})
+        object.__setattr__(self, "_ordered", {
+            k: tuple(sorted(v, key=lambda s: (s.ref_key, s.did))) for k, v in slots.items()})
         object.__setattr__(self, "_clouds", {k: tuple(v) for k, v in clouds.items()})
 
     @classmethod
@@ -114,8 +126,23 @@ class Snapshot:
     def slots_for(self, model: str) -> tuple[Slot, ...]:
         return self._slots.get(model, ())
 
+    def ordered(self, model: str) -> Iterator[Slot]:
+        return iter(self._ordered.get(model, ()))
+
+    def count(self, model: str) -> int:
+        return len(self._slots.get(model, ()))
+
     def clouds_for(self, model: str) -> tuple[CloudView, ...]:
         return self._clouds.get(model, ())
+
+
+class View(Protocol):
+    """What `schedule` reads: a `Snapshot`, or the registry's live `FleetIndex`."""
+
+    def slots_for(self, model: str) -> Iterable[Slot]: ...
+    def ordered(self, model: str) -> Iterator[Slot]: ...
+    def count(self, model: str) -> int: ...
+    def clouds_for(self, model: str) -> tuple[CloudView, ...]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +171,7 @@ class Candidate(NamedTuple):
     est_cost: float
     preference: int  # index of `model` in the request's candidate models
     reasons: tuple[str, ...] = ()
+    suspect: bool = False
 
 
 class Rejection(NamedTuple):
@@ -188,27 +216,38 @@ class _LabelCheck:
         return self._seen[slot.label_key]
 
 
-def _edge(req: Request, snap: Snapshot, rejected: list[Rejection]) -> list[rules.Row]:
-    """Node rows. Hot path: a ready slot whose context fits needs only the label check;
-    every other slot goes through the filters in order, which name the first failure."""
+def _edge(req: Request, snap: View, rejected: list[Rejection],
+          window: int | None) -> tuple[list[rules.Row], int]:
+    """Node rows, and how many slots were not looked at (`window` survivors per model are
+    enough). Hot path: a ready slot whose context fits needs only the label check; every
+    other slot goes through the filters in order, which name the first failure."""
     filters, labels = rules.node_filters(req), _LabelCheck(req) or None
     need = req.prompt_tokens + req.max_tokens
     out: list[rules.Row] = []
+    unseen = 0
     for pref, model in enumerate(req.models):
-        for slot in snap.slots_for(model):
+        slots: Iterable[Slot] = snap.slots_for(model) if window is None else snap.ordered(model)
+        seen = survived = 0
+        for slot in slots:
+            if window is not None and survived >= window:
+                break
+            seen += 1
             if slot.ready and need <= slot.model.context_length:
                 reason = labels.reason(slot) if labels else None
             else:
                 reason = rules.first_failure(filters, slot, req)
             if reason is None:
+                survived += 1
                 est = rules.node_estimate(slot, req)
-                out.append((est, 0.0, pref, 0, slot.did, model, slot.notes))
+                out.append((est, 0.0, pref, 0, slot.did, model, slot.notes, slot.suspect))
             else:
                 rejected.append(Rejection._make((Kind.NODE, slot.did, model, reason)))
-    return out
+        if window is not None:
+            unseen += snap.count(model) - seen
+    return out, unseen
 
 
-def _cloud(req: Request, snap: Snapshot, rejected: list[Rejection], edge: bool) -> list[rules.Row]:
+def _cloud(req: Request, snap: View, rejected: list[Rejection], edge: bool) -> list[rules.Row]:
     filters = rules.cloud_filters(req)
     notes = ("budget near: after every edge node",) if req.budget_state == Budget.NEAR else ()
     out: list[rules.Row] = []
@@ -221,30 +260,33 @@ def _cloud(req: Request, snap: Snapshot, rejected: list[Rejection], edge: bool) 
                 rejected.append(Rejection(Kind.CLOUD, cloud.name, model, reason))
                 continue
             seconds, cost = rules.cloud_estimate(cloud, req)
-            out.append((seconds, cost, pref, 1, cloud.name, model, notes))
+            out.append((seconds, cost, pref, 1, cloud.name, model, notes, False))
     return out
 
 
 def _candidate(row: rules.Row) -> Candidate:
-    est, cost, pref, kind, target, model, notes = row
-    return Candidate._make((rules.KINDS[kind], target, model, est, cost, pref, notes))
+    est, cost, pref, kind, target, model, notes, suspect = row
+    return Candidate._make((rules.KINDS[kind], target, model, est, cost, pref, notes, suspect))
 
 
-def schedule(request: Request, snapshot: Snapshot, *, limit: int | None = None) -> Decision:
-    """Rank every node and cloud that can serve `request`; say why the others cannot.
+def schedule(request: Request, snapshot: View, *, limit: int | None = None) -> Decision:
+    """Rank the nodes and clouds that can serve `request`; say why the others cannot.
 
-    With `limit`, only the best `limit` candidates are returned and `omitted`
-    counts the rest (the dispatcher needs a few tries, not the whole fleet).
+    With `limit`, only the best `limit` candidates are returned, chosen among the
+    best `WINDOW` node slots per model by the view's order, and `omitted` counts
+    what was left out (candidates not returned and slots not looked at).
     """
     rejected: list[Rejection] = [
         Rejection(None, "", m, f"no node or cloud has model {m!r}")
         for m in request.models
-        if not snapshot.slots_for(m) and not snapshot.clouds_for(m)
+        if not snapshot.count(m) and not snapshot.clouds_for(m)
     ]
-    edge = _edge(request, snapshot, rejected)
-    rows = edge + _cloud(request, snapshot, rejected, bool(edge))
+    window = None if limit is None else max(WINDOW, 4 * limit)
+    edge, unseen = _edge(request, snapshot, rejected, window)
+    rows = edge + _cloud(request, snapshot, rejected, bool(edge) or unseen > 0)
     key = rules.rank_key(request)
     if limit is None or limit >= len(rows):
-        return Decision(list(map(_candidate, sorted(rows, key=key))), rejected)
+        return Decision(list(map(_candidate, sorted(rows, key=key))), rejected, omitted=unseen)
     best = heapq.nsmallest(max(limit, 0), rows, key=key)
-    return Decision(list(map(_candidate, best)), rejected, omitted=len(rows) - len(best))
+    return Decision(list(map(_candidate, best)), rejected,
+                    omitted=len(rows) - len(best) + unseen)

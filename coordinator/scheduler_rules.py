@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 # A rate of zero, negative or not finite means "not measured yet": assume these.
 FALLBACK_PREFILL_TPS = 100.0
 FALLBACK_DECODE_TPS = 5.0
+# The reference request a live index orders each model's slots by (FleetIndex.ordered).
+REF_PROMPT = 512
+REF_OUTPUT = 256
 RESIDENCY_LABELS = ("site", "residency")
 GIB = 1024**3
 T = TypeVar("T")
@@ -62,9 +65,12 @@ class Slot:
     label_key: tuple[tuple[str, str], ...]  # the node's labels, hashable, for a per-request cache
     unfit: str | None  # why the model cannot be loaded there, or None
     fixed_s: float  # round trip + load time when not loaded
-    prompt_s: float  # seconds per prompt token, times (queue depth + 1)
-    output_s: float  # seconds per output token, times (queue depth + 1)
+    prompt_s: float  # seconds per prompt token, times the turns to wait (queue / capacity + 1)
+    output_s: float  # seconds per output token, times the turns to wait
     notes: tuple[str, ...]
+    suspect: bool  # let a request down: ranked after every other candidate
+    full: bool  # the coordinator's own requests in flight fill the stated capacity
+    ref_key: tuple[int, float]  # (tier, estimate for the reference request): live index order
 
 
 def fit_reason(node: NodeView, model: ModelView) -> str | None:
@@ -87,19 +93,32 @@ def make_slot(node: NodeView, model: ModelView) -> Slot:
     )
     if model.queue_depth > 0:
         notes += (f"queue {model.queue_depth}",)
+    if node.suspect:
+        notes += ("suspect: let a request down, not answered one since",)
     unfit = fit_reason(node, model)
-    turns = max(model.queue_depth, 0) + 1  # the queue ahead, then this request
+    capacity = model.capacity
+    # the queue ahead in turns of `capacity` parallel slots (unstated: one), then this request;
+    # capacity 0 is an upstream we do not cap: it takes everything at once
+    turns = 1 if capacity == 0 else max(model.queue_depth, 0) // (capacity or 1) + 1
+    ready = node.connected and unfit is None
+    fixed_s = max(node.rtt_ms, 0.0) / 1000.0 + load_s
+    prompt_s = turns * seconds_per_token(model.prefill_tps, FALLBACK_PREFILL_TPS)
+    output_s = turns * seconds_per_token(model.decode_tps, FALLBACK_DECODE_TPS)
+    ref = REF_PROMPT * prompt_s + REF_OUTPUT * output_s + fixed_s
     return Slot(
         node=node,
         model=model,
         did=node.did,
-        ready=node.connected and unfit is None,
+        ready=ready,
         label_key=tuple(sorted(node.labels.items())),
         unfit=unfit,
-        fixed_s=max(node.rtt_ms, 0.0) / 1000.0 + load_s,
-        prompt_s=turns * seconds_per_token(model.prefill_tps, FALLBACK_PREFILL_TPS),
-        output_s=turns * seconds_per_token(model.decode_tps, FALLBACK_DECODE_TPS),
+        fixed_s=fixed_s,
+        prompt_s=prompt_s,
+        output_s=output_s,
         notes=notes + rate_notes(model.prefill_tps, model.decode_tps),
+        suspect=node.suspect,
+        full=bool(capacity) and model.in_flight >= (capacity or 0),
+        ref_key=(2 if not ready else 1 if node.suspect else 0, ref),
     )
 
 
@@ -221,30 +240,34 @@ def cloud_estimate(cloud: CloudView, req: Request) -> tuple[float, float]:
 # --- ranking: lower key is better; kind, target and model end every key ---------------
 #
 # Survivors are ranked as plain rows, and only the rows returned become Candidates:
-#   (est_seconds, est_cost, preference, kind rank (edge 0, cloud 1), target, model, reasons)
+#   (est_seconds, est_cost, preference, kind rank (edge 0, cloud 1), target, model, reasons,
+#    suspect)
 # (target, model, kind) is unique, so no key ever ties: the order is total and deterministic.
+# A suspect node (it let a request down and has not answered one since) goes after every
+# other candidate, whatever the policy.
 
-Row = tuple[float, float, int, int, str, str, tuple[str, ...]]
-EST, COST, PREF, KIND, TARGET, MODEL, NOTES = range(7)
+Row = tuple[float, float, int, int, str, str, tuple[str, ...], bool]
+EST, COST, PREF, KIND, TARGET, MODEL, NOTES, SUSPECT = range(8)
 KINDS = (Kind.NODE, Kind.CLOUD)
 TAIL = (KIND, TARGET, MODEL)
 POLICY_KEYS: dict[Prefer, tuple[int, ...]] = {
-    Prefer.SPEED: (EST, *TAIL),  # fastest; edge wins a tie
-    Prefer.LOCAL: (KIND, EST, TARGET, MODEL),  # edge first (cloud is only there without edge)
-    Prefer.COST: (COST, EST, *TAIL),  # cheapest (edge is free), then fastest
-    Prefer.QUALITY: (PREF, EST, *TAIL),  # earliest candidate model, then fastest
+    Prefer.SPEED: (SUSPECT, EST, *TAIL),  # fastest; edge wins a tie
+    Prefer.LOCAL: (SUSPECT, KIND, EST, TARGET, MODEL),  # edge first (cloud only without edge)
+    Prefer.COST: (SUSPECT, COST, EST, *TAIL),  # cheapest (edge is free), then fastest
+    Prefer.QUALITY: (SUSPECT, PREF, EST, *TAIL),  # earliest candidate model, then fastest
 }
 
 
 def rank_key(req: Request) -> Callable[[Row], tuple[Any, ...]]:
     """The policy's key over rows; a budget near its end puts every edge row first."""
     fields = POLICY_KEYS[req.prefer]
-    if req.budget_state == Budget.NEAR and fields[0] != KIND:
-        fields = (KIND, *fields)
+    if req.budget_state == Budget.NEAR and fields[1] != KIND:
+        fields = (SUSPECT, KIND, *fields[1:])
     return itemgetter(*fields)
 
 
 def row(c: Candidate) -> Row:
     """A Candidate back as the row it was ranked as."""
     kind = KINDS.index(c.kind)
-    return (c.est_seconds, c.est_cost, c.preference, kind, c.target, c.model, c.reasons)
+    return (c.est_seconds, c.est_cost, c.preference, kind, c.target, c.model, c.reasons,
+            c.suspect)

@@ -97,6 +97,7 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     tunnel_server = await serve_tunnel(
         opts.tunnel_host, opts.tunnel_port, static_key,
         cluster.authorizer(gateway.authorize) if cluster else gateway.authorize, gateway.on_link,
+        known=gateway.is_known,
     )
     tunnel_port = next(iter(tunnel_server.sockets)).getsockname()[1]
     advertised_host = "127.0.0.1" if opts.tunnel_host in ("0.0.0.0", "::", "") else opts.tunnel_host  # noqa: S104

@@ -15,10 +15,11 @@ chosen far above any honest value and far below what would hurt us:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Any
+
+import pydantic_core
 
 __all__ = [
     "LOG_FIELD_CHARS",
@@ -29,6 +30,7 @@ __all__ = [
     "clamp_usage",
     "clip",
     "is_sane_request_id",
+    "load_json",
 ]
 
 MAX_TOKENS_CLAIM = 1_000_000_000
@@ -105,9 +107,21 @@ def check_chunk(data: object, *, streaming: bool) -> bytes:
         raise ValueError("a stream chunk is not one JSON object on one line (it holds a "
                          "line break)")
     try:
-        parsed = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+        parsed = load_json(data)
+    except ValueError:
         parsed = None
     if not isinstance(parsed, dict):
         raise ValueError("a stream chunk is not one JSON object")
     return data
+
+
+def load_json(raw: bytes | str) -> Any:
+    """JSON from a peer, parsed without recursion: nesting past 200 levels is a ValueError
+    saying so, never a RecursionError (pydantic-core's parser, as meshgate.openai uses)."""
+    try:
+        return pydantic_core.from_json(raw)
+    except ValueError as exc:
+        if "recursion limit" in str(exc):
+            raise ValueError("nested too deeply (more than 200 levels of arrays and "
+                             "objects)") from None
+        raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -34,10 +35,36 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _read_token(token: str | None, token_file: Path | None) -> str:
+    """The enrollment token from the argument, a file, or stdin (`-`)."""
+    if (token is None) == (token_file is None):
+        raise _fail("give the token as an argument, or --token-file PATH (`-` for stdin)", 2)
+    source = str(token_file) if token_file is not None else token
+    if source == "-":
+        text = sys.stdin.read()
+    elif token_file is not None:
+        try:
+            text = token_file.read_text()
+        except OSError as exc:
+            raise _fail(f"cannot read the token file {token_file}: {exc.strerror or exc}",
+                        2) from None
+    else:
+        text = token or ""
+    text = text.strip()
+    if not text:
+        raise _fail("the enrollment token is empty", 2)
+    return text
+
+
 @app.command()
 def enroll(
-    token: str = typer.Argument(
-        ..., help="The token printed by `meshgate-coordinator token create`."
+    token: str | None = typer.Argument(
+        None, help="The token printed by `meshgate-coordinator token create`; `-` reads it "
+        "from stdin. On the command line it is visible to other local users (`ps`): prefer "
+        "--token-file or stdin.",
+    ),
+    token_file: Path | None = typer.Option(
+        None, "--token-file", help="Read the token from this file (`-`: stdin).",
     ),
     state_dir: Path | None = STATE_DIR,
     config: Path | None = CONFIG,
@@ -46,7 +73,7 @@ def enroll(
     from tunnel import EnrollmentToken, RefusedError, TunnelError, connect
 
     try:
-        parsed = EnrollmentToken.decode(token)
+        parsed = EnrollmentToken.decode(_read_token(token, token_file))
     except TunnelError as exc:
         raise _fail(str(exc), 2) from None
     if parsed.expires_at < time.time():

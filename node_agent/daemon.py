@@ -25,6 +25,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,10 @@ from typing import Any
 import psutil
 
 from meshgate.httpserver import NODE_LIMITS, server_config
+from meshgate.node_messages import ModelLoad
 from meshgate.openai import OpenAIError
 from meshgate.serving import DaemonServer
+from node_agent import report
 from node_agent.accounting import Accounting
 from node_agent.config import NodeOptions
 from node_agent.energy_meter import EnergyMeter, NvmlEnergy
@@ -160,6 +163,7 @@ class NodeParts:
         self.ollama = OllamaHost(opts.ollama) if opts.ollama else None
         self.metrics: NodeMetrics
         self.telemetry: TelemetryService
+        self.load_times = report.LoadTimes()
         self.energy_nvml = NvmlSource(load_nvml_module())  # its own: the sampler has a thread
         self.meter = EnergyMeter(
             [NvmlEnergy(self.energy_nvml), RaplSource(opts.powercap_dir)],
@@ -233,11 +237,12 @@ class NodeParts:
             if "pid" not in entry and runner is not None:
                 entry["pid"] = runner.pid
             out[name] = entry
-        return out
+        return report.clean_runtime(out)
 
     def inventory_body(self) -> dict[str, Any]:
         by_name = {model_name(Path(f.path)): f for f in [*self.explicit, *self.files]}
         models: list[dict[str, Any]] = []
+        from_files: dict[str, ModelFile] = {}
         stats = self.manager.stats()
         for name in self.manager.names():
             got = stats.get(name)
@@ -252,9 +257,8 @@ class NodeParts:
             if f is not None:
                 entry.update(_compact(f))
                 entry["name"] = name
-                # the context its runner really runs with (the coordinator sizes requests by it)
-                entry["context_length"] = s.get("n_ctx") or min(
-                    self.opts.n_ctx, f.context_length or self.opts.n_ctx)
+                from_files[name] = f
+                entry["context_length"] = min(self.opts.n_ctx, f.context_length or self.opts.n_ctx)
             entry["source"] = "gguf" if from_file else entry["kind"]
             models.append(entry)
         files = [_compact(f) for f in self.files]
@@ -272,7 +276,17 @@ class NodeParts:
                 elif entry["kind"] == "ollama":  # gone from Ollama: requests get its 404
                     entry.update(loaded=False, available=False)
             body["ollama"] = {"url": self.ollama.url, "models": list(known.values())}
+        body["models"] = report.annotate_inventory(models, stats, from_files, self.opts.n_ctx,
+                                                   self.load_times)
         return body
+
+    def load_state(self) -> dict[str, ModelLoad]:
+        """In flight, queued and loaded per model now (each link sends deltas of it)."""
+        stats = self.manager.load_states()
+        now = time.monotonic()
+        for name, state in stats.items():
+            self.load_times.observe(name, state.get("state"), now)
+        return report.load_state(stats)
 
     async def sync_ollama(self) -> None:
         """Serve the local Ollama's models; an Ollama that is down is a warning, not a failure."""
@@ -408,6 +422,7 @@ async def serve(opts: NodeOptions) -> None:
                 inventory=parts.inventory_body,
                 metrics=parts.metrics,
                 journal=parts.journal,  # any replica takes the upload (one at a time)
+                load_state=parts.load_state,  # each link sends its own deltas
             )
             link.on_members = on_members
             return link

@@ -14,15 +14,17 @@ import contextlib
 import logging
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from meshgate.node_messages import DELTA_COALESCE_S, ModelLoad
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest, ProtocolViolation, error_body
 from node_agent.journal import UsageJournal
 from node_agent.journal_upload import upload_journal
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
+from node_agent.report import LoadDeltas, clean_runtime
 from node_agent.runtimes.base import usage_of
 from node_agent.runtimes.mesh import MeshRuntime
 from node_agent.state import Enrollment
@@ -57,6 +59,7 @@ class CoordinatorLink:
         inventory: Callable[[], dict[str, Any]] | None = None,
         metrics: NodeMetrics | None = None,
         journal: UsageJournal | None = None,
+        load_state: Callable[[], Mapping[str, ModelLoad]] | None = None,
     ) -> None:
         self.identity = identity
         self.journal = journal  # usage served while disconnected, uploaded on each connect
@@ -66,6 +69,8 @@ class CoordinatorLink:
         self.telemetry = telemetry
         self.telemetry_period = telemetry_period
         self._inventory = inventory
+        self._load_state = load_state  # what changed in it goes up within DELTA_COALESCE_S
+        self._deltas = LoadDeltas()
         self._inventory_dirty = asyncio.Event()
         self.inventories_sent = 0
         self.connected = asyncio.Event()
@@ -169,10 +174,13 @@ class CoordinatorLink:
         sample = self.telemetry() if self.telemetry else None
         body: dict[str, Any] = dict(sample) if sample else {"runtime": self.manager.stats()}
         body.setdefault("ts", time.time())
+        runtime = body.get("runtime")  # only what the protocol accepts (a stats error is not)
+        body["runtime"] = clean_runtime(runtime) if isinstance(runtime, dict) else {}
         return body
 
     async def _heartbeat(self, mux: Mux) -> None:
-        """Telemetry every period; the inventory again as soon as it changes."""
+        """Telemetry every period; the inventory again as soon as it changes; load deltas
+        (in flight, queued, loaded) at most every DELTA_COALESCE_S when they changed."""
         due = time.monotonic()
         while True:
             if self._inventory_dirty.is_set():
@@ -181,8 +189,13 @@ class CoordinatorLink:
             if time.monotonic() >= due:
                 await mux.send_control(FrameType.TELEMETRY, self._telemetry_body())
                 due = time.monotonic() + self.telemetry_period
+            elif self._load_state is not None and (
+                    delta := self._deltas.delta(self._load_state())) is not None:
+                await mux.send_control(FrameType.TELEMETRY, delta)
             with contextlib.suppress(TimeoutError):
                 wait = max(0.0, due - time.monotonic())
+                if self._load_state is not None:
+                    wait = min(wait, DELTA_COALESCE_S)
                 await asyncio.wait_for(self._inventory_dirty.wait(), wait)
 
     async def _control(self, mux: Mux, frame: Frame) -> None:

@@ -762,6 +762,11 @@ class ModelManager:
             "placement": p.reason if p else None,
         }
 
+    def load_states(self) -> dict[str, dict[str, Any]]:
+        """Per public name: state, in flight, queued (cheap: for the coordinator's deltas)."""
+        return {name: {"state": slot.state, "in_flight": slot.in_flight, "queued": slot.queued}
+                for name, slot in self._slots.items()}
+
     def stats(self) -> dict[str, Any]:
         """Per public name: state, runner, memory, load, rates, crashes, last use."""
         return {name: self._stats(slot) for name, slot in sorted(self._slots.items())}

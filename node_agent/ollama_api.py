@@ -48,6 +48,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Send
 
+from meshgate.bounds import load_json
 from meshgate.openai import MAX_BODY_BYTES, OpenAIError
 from node_agent.inventory import read_model_file
 from node_agent.metrics import NodeMetrics, RequestTrack
@@ -269,12 +270,15 @@ async def _read_json(request: Request) -> dict[str, Any]:
         raise OllamaAPIError(
             413, f"request body is {declared} bytes; the limit is {MAX_BODY_BYTES}"
         )
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise OllamaAPIError(413, f"request body exceeds the limit of {MAX_BODY_BYTES} bytes")
+    parts, size = [], 0
+    async for part in request.stream():  # a chunked body is bounded while it is read
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise OllamaAPIError(413, f"request body exceeds the limit of {MAX_BODY_BYTES} bytes")
+        parts.append(part)
     try:
-        body = json.loads(raw) if raw else {}
-    except (ValueError, UnicodeDecodeError) as exc:
+        body = load_json(b"".join(parts)) if parts else {}
+    except ValueError as exc:
         raise OllamaAPIError(400, f"invalid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise OllamaAPIError(400, "request body must be a JSON object")

@@ -9,7 +9,6 @@ event, never as a silently shortened stream.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -20,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import Send
 
+from meshgate.bounds import load_json
 from meshgate.openai import (
     ENDPOINTS,
     MAX_BODY_BYTES,
@@ -227,9 +227,10 @@ def _add_admin_routes(app: FastAPI, manager: ModelManager) -> None:
                 raise OpenAIError(403, f"/meshgate/{op} is for clients on this box only",
                                   hop="node")
             try:
-                body = json.loads(await read_body(request) or b"{}")
-            except ValueError:
-                raise OpenAIError(400, "the body must be a JSON object", hop="node") from None
+                body = load_json(await read_body(request) or b"{}")
+            except ValueError as exc:
+                raise OpenAIError(400, f"the body must be a JSON object: {exc}",
+                                  hop="node") from None
             if not isinstance(body, dict):
                 raise OpenAIError(400, "the body must be a JSON object", hop="node")
             return await manager.command({**body, "op": op})

@@ -1,5 +1,8 @@
 """Token buckets, pure: the caller passes the time. Used to rate-limit handshakes
-per source address before any Diffie-Hellman work is done."""
+per source address before any Diffie-Hellman work is done; `IdentityLimiter`
+admits known identities past their address's limit (a site of 1,000 nodes
+behind one NAT address reconnecting after a restart), with the extra DH work
+bounded by one shared bucket and each identity by its own."""
 
 from __future__ import annotations
 
@@ -53,3 +56,24 @@ class SourceLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class IdentityLimiter:
+    """Handshakes past the source limit: a shared bucket bounds the DH work done to learn
+    who is asking; then each known identity gets its own small bucket."""
+
+    def __init__(self, shared_rate: float = 200.0, shared_burst: float = 400.0,
+                 per_identity_rate: float = 0.5, per_identity_burst: float = 2.0,
+                 max_identities: int = 100_000) -> None:
+        self.shared = TokenBucket(shared_rate, shared_burst, 0.0)
+        self.identities = SourceLimiter(per_identity_rate, per_identity_burst, max_identities)
+        self._primed = False
+
+    def may_try(self, now: float) -> bool:
+        """Whether one more handshake past its source's limit may be read (costs a DH)."""
+        if not self._primed:
+            self.shared.updated, self._primed = now, True
+        return self.shared.take(now)
+
+    def allow(self, identity: str, now: float) -> bool:
+        return self.identities.allow(identity, now)

@@ -48,7 +48,7 @@ from tunnel.errors import ClosedError, FrameError, HandshakeError, RefusedError,
 from tunnel.frames import Frame, FrameType
 from tunnel.handshake import Hello, InitiatorHandshake, ReplayGuard, ResponderHandshake
 from tunnel.identity import Identity
-from tunnel.ratelimit import SourceLimiter
+from tunnel.ratelimit import IdentityLimiter, SourceLimiter
 from tunnel.session import Session
 
 log = logging.getLogger(__name__)
@@ -387,19 +387,26 @@ class _Gate:
         limiter: SourceLimiter,
         guard: ReplayGuard,
         now_ms: Callable[[], int],
+        known: Callable[[str], bool] | None = None,
     ) -> None:
         self.static_key = static_key
         self.authorize = authorize
         self.limiter = limiter
+        self.known = known  # identities admitted past their address's limit
+        self.overflow = IdentityLimiter()
         self.guard = guard
         self.now_ms = now_ms
         self.ready: weakref.WeakKeyDictionary[ServerConnection, tuple[Session, Hello, str]] = (
             weakref.WeakKeyDictionary()
         )
 
-    async def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+    async def process_request(  # noqa: PLR0911  (one return per HTTP answer)
+        self, conn: ServerConnection, request: Request
+    ) -> Response | None:
         source = _host(conn.remote_address)
-        if not self.limiter.allow(source, time.monotonic()):
+        now = time.monotonic()
+        past_limit = not self.limiter.allow(source, now)
+        if past_limit and (self.known is None or not self.overflow.may_try(now)):
             return conn.respond(429, "too many handshakes from this address; slow down\n")
         header = request.headers.get(HANDSHAKE_HEADER)
         if header is None:
@@ -410,6 +417,9 @@ class _Gate:
         except HandshakeError as exc:
             log.warning("handshake from %s failed: %s", source, exc)
             return conn.respond(401, f"{exc}\n")
+        if past_limit and not (self.known is not None and self.known(hello.did)
+                               and self.overflow.allow(hello.did, now)):
+            return conn.respond(429, "too many handshakes from this address; slow down\n")
         try:
             self.guard.check(hello.did, hello.timestamp_ms, self.now_ms())
         except HandshakeError as exc:
@@ -453,16 +463,19 @@ async def serve(
     handshake_burst: float = 40.0,
     replay_guard: ReplayGuard | None = None,
     now_ms: Callable[[], int] | None = None,
+    known: Callable[[str], bool] | None = None,
 ) -> Server:
     """Listen for nodes. `on_link` runs for each connection's lifetime, only after the
     node's first encrypted frame arrived; the Link is closed when it returns.
-    `ping_interval`, `ping_timeout`, `ws_keepalive`: as for `connect`."""
+    `ping_interval`, `ping_timeout`, `ws_keepalive`: as for `connect`. `known(did)`: an
+    identity that may handshake past its address's rate limit (see `IdentityLimiter`)."""
     gate = _Gate(
         static_key,
         authorize,
         limiter=SourceLimiter(handshake_rate, handshake_burst),
         guard=replay_guard or ReplayGuard(),
         now_ms=now_ms or _now_ms,
+        known=known,
     )
 
     async def handler(conn: ServerConnection) -> None:

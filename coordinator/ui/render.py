@@ -12,6 +12,8 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from coordinator.fleet_view import short_did
+
 GIB = 1024**3
 DASH = "\u2013"  # what a missing figure shows
 
@@ -28,6 +30,11 @@ def size(value: Any) -> str:
 
 def num(value: Any, fmt: str = ".0f", unit: str = "") -> str:
     return f"{value:{fmt}}{unit}" if isinstance(value, int | float) else DASH
+
+
+def mbs(kb_s: Any) -> str:
+    """NVML's PCIe throughput (KB/s) as MB/s."""
+    return f"{kb_s / 1024:.0f} MB/s" if isinstance(kb_s, int | float) else DASH
 
 
 def ago(ts: Any, now: float | None = None) -> str:
@@ -58,15 +65,6 @@ def clock(ts: Any) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S")
 
 
-def short(did: Any) -> str:
-    """`did:key:z6Mk…` names are long: the method-specific tail is enough to tell nodes apart."""
-    text = str(did or "?")
-    if text.startswith("cloud:"):
-        return text
-    tail = text.rsplit(":", 1)[-1]
-    return f"{tail[:4]}…{tail[-6:]}" if len(tail) > 12 else tail
-
-
 def pct(part: Any, whole: Any) -> float:
     if isinstance(part, int | float) and isinstance(whole, int | float) and whole > 0:
         return max(0.0, min(100.0, 100.0 * part / whole))
@@ -76,8 +74,8 @@ def pct(part: Any, whole: Any) -> float:
 ENV = Environment(loader=PackageLoader("coordinator", "ui/templates"),
                   autoescape=select_autoescape(default=True), trim_blocks=True,
                   lstrip_blocks=True)
-ENV.filters.update(gib=gib, size=size, num=num, ago=ago, until=until, clock=clock,
-                   short=short)
+ENV.filters.update(gib=gib, size=size, num=num, mbs=mbs, ago=ago, until=until, clock=clock,
+                   short=short_did)
 ENV.globals.update(pct=pct)
 
 

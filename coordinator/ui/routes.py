@@ -6,7 +6,8 @@
     GET  /ui/events          SSE: HTML fragments named after the element they replace
                              (summary, fleet, requests, models, usage, keys, tokens)
                              and `series` (JSON for the charts)
-    POST /ui/keys, /ui/keys/{id}/revoke, /ui/tokens, /ui/tokens/{id}/revoke
+    POST /ui/keys, /ui/keys/{id}/revoke, /ui/tokens, /ui/tokens/{id}/revoke,
+         /ui/nodes/{did}/revoke
     GET  /ui/static/...      htmx, its SSE extension, uPlot, the pane's css and js
 
 The session cookie is HttpOnly, SameSite=Strict and scoped to /ui; the admin
@@ -32,7 +33,6 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 from starlette.staticfiles import StaticFiles
 
 from coordinator.errors import CoordinatorError
-from coordinator.fleet_view import models_across
 from coordinator.ui.render import render
 from coordinator.ui.sessions import SESSION_COOKIE, SESSION_TTL_S
 from meshgate.openai import OpenAIError
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 TICK_S = 1.0
+FLEET_SHOWN = 60  # node cards in the pane (the busiest); `meshgate-coordinator nodes` has all
 SLOW_EVERY = 5  # ticks between refreshes of what needs the database (usage, keys, tokens)
 RECHECK_SESSION_S = 15.0
 USAGE_WINDOW_S = 24 * 3600
@@ -77,11 +78,11 @@ class Pane:
     def live(self) -> dict[str, Any]:
         from coordinator.admin_api import live_snapshot
 
-        return live_snapshot(self.ctx)
+        return live_snapshot(self.ctx, FLEET_SHOWN)
 
     def fast(self) -> dict[str, str]:
         live = self.live()
-        models = models_across(live["nodes"])
+        models = live["models"]
         return {
             "summary": render("_summary.html", live=live, models=models),
             "fleet": render("_fleet.html", live=live),
@@ -108,7 +109,7 @@ class Pane:
     async def page(self) -> str:
         live = self.live()
         usage, keys, tokens = await self._stored()
-        return render("pane.html", live=live, models=models_across(live["nodes"]), usage=usage,
+        return render("pane.html", live=live, models=live["models"], usage=usage,
                       keys=keys, tokens=tokens, series_json=json.dumps(self.ctx.traffic.series()))
 
     async def events(self, request: Request, session: str) -> AsyncIterator[bytes]:
@@ -262,6 +263,18 @@ def change_routes(router: APIRouter, ctx: AdminContext, pane: Pane) -> None:
                            ident="new-token", secret=made["token"],
                            note=f"— good for {uses} node{'s' if uses != 1 else ''}; on each run "
                            "meshgate-node enroll TOKEN."))
+
+    @router.post("/nodes/{did}/revoke")
+    async def node_revoke(request: Request, did: str) -> Response:
+        await changing(ctx, request)
+        try:
+            done = await asyncio.to_thread(ctx.ops.revoke_node, did)
+        except CoordinatorError as exc:
+            return fragment_error(exc)
+        await ctx.close_revoked()
+        pane.version += 1
+        what = "revoked; its tunnel is closed" if done["revoked"] else "was already revoked"
+        return html(render("_notice.html", message=f"Node {did} {what}."))
 
     @router.post("/tokens/{token_id}/revoke")
     async def token_revoke(request: Request, token_id: str) -> Response:

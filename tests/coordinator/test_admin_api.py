@@ -150,9 +150,12 @@ async def test_a_key_revoked_in_the_database_by_the_cli_is_refused_within_a_seco
 
 
 @pytest.mark.parametrize(("body", "status", "param"), [
-    ({}, 400, "name"), ({"name": 5}, 400, "name"), ({"name": "x", "rpm": 0}, 400, None),
-    ({"name": "x", "prefer": "fastest"}, 400, None), ({"name": "x", "colour": "red"}, 400, None),
-    ({"name": "x", "models": "smollm2"}, 400, None),
+    ({}, 400, "name"), ({"name": 5}, 400, "name"), ({"name": "x", "rpm": 0}, 400, "rpm"),
+    ({"name": "x", "tpm": 1.5}, 400, "tpm"), ({"name": "x", "budget_day": -1}, 400, "budget_day"),
+    ({"name": "x", "prefer": "fastest"}, 400, "prefer"),
+    ({"name": "x", "colour": "red"}, 400, "colour"),
+    ({"name": "x", "models": "smollm2"}, 400, "models"),
+    ({"name": "x", "labels": {"site": 1}}, 400, "labels"),
 ])
 async def test_a_bad_key_request_is_refused_in_openais_shape(
     coord: Admined, body: dict[str, object], status: int, param: str | None
@@ -163,6 +166,15 @@ async def test_a_bad_key_request_is_refused_in_openais_shape(
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
     assert (await coord.call("GET", "/keys")).json()["data"] == []
+
+
+async def test_an_oversize_or_non_json_body_is_refused(coord: Admined) -> None:
+    big = await coord.call("POST", "/keys", content=b'{"name": "' + b"x" * 70_000 + b'"}')
+    assert big.status_code == 413
+    for raw in (b"{not json", b"[1]"):
+        reply = await coord.call("POST", "/keys", content=raw)
+        assert reply.status_code == 400
+        assert reply.json()["error"]["type"] == "invalid_request_error"
 
 
 async def test_a_duplicate_name_is_a_409_and_an_unknown_key_a_404(coord: Admined) -> None:
@@ -221,7 +233,7 @@ async def test_live_shows_the_fleet_with_gpus_and_models_on_disk(coord: Admined)
            "power_draw_w": 210.5, "pcie_gen_current": 4, "pcie_width_current": 16}
     await coord.node([{"name": "smollm2", "loaded": True, "size_bytes": 100},
                       {"name": "gemma", "loaded": False, "size_bytes": 200}],
-                     {"gpus": [gpu, "junk"], "host": {"mem_total_bytes": 8 * 2**30}})
+                     {"gpus": [gpu], "host": {"mem_total_bytes": 8 * 2**30}})
     live = (await coord.call("GET", "/live")).json()
     [node] = live["nodes"]
     [seen] = node["gpus"]
@@ -231,3 +243,19 @@ async def test_live_shows_the_fleet_with_gpus_and_models_on_disk(coord: Admined)
         "smollm2": True, "gemma": False}
     assert set(live["traffic"]) >= {"requests_per_s", "tokens_per_s", "p50_ms", "p99_ms"}
     assert len(live["series"]["t"]) == 360
+    [gemma, smollm2] = live["models"]
+    assert (gemma["disk"], gemma["loaded"], smollm2["loaded"]) == (1, 0, 1)
+
+
+async def test_live_shows_the_busiest_nodes_up_to_a_limit_and_counts_them_all(
+    coord: Admined,
+) -> None:
+    busy = await coord.node(["a"], {"host": {}})
+    await coord.node(["b"], {"host": {}})
+    conn = coord.admin.registry.get(busy)
+    assert conn is not None
+    conn.in_flight = 3
+    live = (await coord.call("GET", "/live", params={"nodes": 1})).json()
+    assert live["node_count"] == 2
+    assert [n["did"] for n in live["nodes"]] == [busy]
+    assert (await coord.call("GET", "/live", params={"nodes": -1})).status_code == 400

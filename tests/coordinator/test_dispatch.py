@@ -390,21 +390,38 @@ async def test_a_node_that_cannot_load_is_passed_over_with_its_reason(fleet: Fle
     assert node.requests == []
 
 
-async def test_a_node_that_went_silent_is_tried_last_until_heard_from(fleet: Fleet) -> None:
+async def test_a_node_that_went_silent_stays_last_until_it_answers_a_request(
+        fleet: Fleet) -> None:
     slow = await fleet.node("slow", hang_until_cancel, decode_tps=1000.0)
     good = await fleet.node("good", answer, decode_tps=1.0)
     dispatcher = Dispatcher(fleet.registry, DispatchConfig(first_token_timeout_s=0.3))
     await drain(await dispatcher.start(request(), want()))
-    assert fleet.registry.get(slow.name).suspect  # type: ignore[union-attr]
-    served = await dispatcher.start(request(), want())  # slow still ranks first, goes last
+    conn = fleet.registry.get(slow.name)
+    assert conn is not None
+    assert conn.suspect
+    served = await dispatcher.start(request(), want())  # slow still claims more, goes last
     await drain(served)
-    assert served.node_did == good.name
-    assert served.tries == 1
+    assert (served.node_did, served.tries) == (good.name, 1)
     assert len(slow.requests) == 1
     assert slow.mux is not None
-    await slow.mux.send_control(FrameType.TELEMETRY, {"runtime": {}})
+    # its telemetry is a claim, not proof (issue 9: a liar cleared its mark this way)
+    await slow.mux.send_control(FrameType.TELEMETRY, {"runtime": {MODEL: {"decode_tps": 1e6}}})
+    await slow.mux.send_control(FrameType.INVENTORY, {"models": [MODEL]})  # in order: after
     for _ in range(100):
-        if not fleet.registry.get(slow.name).suspect:  # type: ignore[union-attr]
+        if conn.telemetry["runtime"][MODEL]["decode_tps"] == 1e6 and conn.inventory["models"] \
+                == [MODEL]:
             break
         await asyncio.sleep(0.02)
-    assert not fleet.registry.get(slow.name).suspect  # type: ignore[union-attr]
+    assert conn.suspect
+    assert (await dispatcher.start(request(), want())).node_did == good.name
+    # only an answer in time clears it
+    slow.behaviour = answer
+    await good.link.close()
+    for _ in range(100):
+        if fleet.registry.get(good.name) is None:
+            break
+        await asyncio.sleep(0.02)
+    served = await dispatcher.start(request(), want())
+    await drain(served)
+    assert served.node_did == slow.name
+    assert not conn.suspect

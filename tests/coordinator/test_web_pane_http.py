@@ -105,3 +105,35 @@ async def test_static_files_are_served_with_the_package(coord: Admined) -> None:
     for name in ("htmx.min.js", "htmx-ext-sse.js", "uPlot.iife.min.js", "pane.js", "pane.css"):
         reply = await coord.http.get(f"/ui/static/{name}")
         assert reply.status_code == 200, name
+
+
+async def test_usage_shows_energy_once_the_ledger_has_joules(coord: Admined) -> None:
+    import time
+
+    from coordinator.store import UsageRecord
+
+    session = await sign_in(coord)
+    base = {"key_id": None, "node_did": "did:key:z6MkGPU", "model": "m", "endpoint": "chat",
+            "prompt_tokens": 400, "completion_tokens": 600, "latency_ms": 9.0, "outcome": "ok",
+            "created_at": time.time()}
+    coord.store.record_usage(UsageRecord(request_id="r1", **base))
+    before = (await coord.http.get("/ui", headers=with_session(session))).text
+    assert "J / 1k tok" not in before  # nothing measured: no energy column, no made-up 0
+    coord.store.record_usage(UsageRecord(request_id="r2", joules=250.0,
+                                         **base))
+    after = (await coord.http.get("/ui", headers=with_session(session))).text
+    assert "J / 1k tok" in after
+    assert "250.0 J" in after
+    assert "250.0</td>" in after  # 250 J over the 1k tokens of the one measured row
+
+
+async def test_a_node_revoked_in_the_pane_is_disconnected_at_once(coord: Admined) -> None:
+    did = await coord.node(["m"], {"host": {}})
+    session = await sign_in(coord)
+    page = (await coord.http.get("/ui", headers=with_session(session))).text
+    assert f"/ui/nodes/{did}/revoke" in page
+    reply = await coord.http.post(f"/ui/nodes/{did}/revoke",
+                                  headers=with_session(session, **{"HX-Request": "true"}))
+    assert "revoked; its tunnel is closed" in reply.text
+    assert coord.admin.registry.get(did) is None
+    assert coord.store.get_node(did).revoked_at is not None

@@ -128,3 +128,15 @@ def test_usage_and_top_work_over_the_url(mesh: Mesh) -> None:
     assert top.returncode == 0, top.stderr
     assert "meshgate fleet" in top.stdout
     assert "requests in flight" in top.stdout
+
+
+def test_the_url_and_key_file_can_come_from_the_admin_config(mesh: Mesh) -> None:
+    config = mesh.root / "admin.toml"
+    config.write_text(f'url = "http://127.0.0.1:{mesh.api_port}"\n'
+                      f'admin_key_file = "{mesh.coord_state / "admin.key"}"\n')
+    result = CliRunner().invoke(app, ["key", "list", "--json"], env={
+        "MESHGATE_ADMIN_CONFIG": str(config), "MESHGATE_ADMIN_KEY": "",
+        "MESHGATE_COORDINATOR_STATE": str(mesh.root / "not-a-state-dir")})
+    assert result.exit_code == 0, result.stderr
+    assert isinstance(json.loads(result.stdout), list)
+    assert not (mesh.root / "not-a-state-dir").exists()

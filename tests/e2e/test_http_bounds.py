@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import psutil
 import pytest
 
 from tests.e2e.mesh import Mesh, Proc, free_port, mesh_at, spawn, wait_until
@@ -117,3 +118,60 @@ def test_the_node_port_still_answers_programs(node: tuple[Proc, int]) -> None:
                        json={"model": "nothing-here", "messages": [{"role": "user",
                                                                     "content": "x"}]})
     assert reply.status_code == 404  # past the guard: the route answered
+
+
+def test_unknown_model_names_fold_into_one_metrics_label(mesh: Mesh) -> None:
+    headers = {"Authorization": f"Bearer {mesh.key}"}
+    with httpx.Client(timeout=10) as client:
+        for i in range(300):
+            reply = client.post(f"{mesh.api}/chat/completions", headers=headers, json={
+                "model": f"no-such-model-{i}", "messages": [{"role": "user", "content": "x"}]})
+            assert reply.status_code == 404
+        text = client.get(f"http://127.0.0.1:{mesh.api_port}/metrics").text
+    series = [line for line in text.splitlines() if "no-such-model" in line]
+    assert series == []
+    assert 'model="_unknown"' in text
+
+
+def test_deep_json_is_a_400_on_the_coordinator(mesh: Mesh) -> None:
+    deep = b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "x": ' + (
+        b"[" * 100_000 + b"]" * 100_000 + b"}")
+    reply = httpx.post(f"{mesh.api}/chat/completions", content=deep, headers={
+        "Authorization": f"Bearer {mesh.key}", "Content-Type": "application/json"})
+    assert reply.status_code == 400
+    assert "nested too deeply" in reply.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions", "/meshgate/load"])
+def test_deep_json_is_a_400_on_the_node(node: tuple[Proc, int], path: str) -> None:
+    _, port = node
+    deep = b'{"model": "m", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    reply = httpx.post(f"http://127.0.0.1:{port}{path}", content=deep,
+                       headers={"Content-Type": "application/json"})
+    assert reply.status_code == 400, reply.text
+    assert "nested too deeply" in reply.text
+
+
+def test_a_huge_chunked_ollama_body_is_cut_while_it_is_read(node: tuple[Proc, int]) -> None:
+    proc, port = node
+    memory = psutil.Process(proc.popen.pid)
+    before = memory.memory_info().rss
+    sent = 0
+
+    def body() -> Iterator[bytes]:
+        nonlocal sent
+        piece = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * 65_000
+        yield piece
+        sent += len(piece)
+        while sent < 200_000_000:
+            yield b"x" * 65_536
+            sent += 65_536
+
+    try:
+        reply = httpx.post(f"http://127.0.0.1:{port}/api/chat", content=body(), timeout=30,
+                           headers={"Content-Type": "application/json"})
+        assert reply.status_code == 413
+    except httpx.HTTPError:
+        pass  # the node answered 413 and closed while we were still sending
+    grown = memory.memory_info().rss - before
+    assert grown < 40_000_000, f"node RSS grew {grown / 1e6:.0f} MB"

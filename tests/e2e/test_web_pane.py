@@ -1,8 +1,10 @@
 """The web pane in a real headless Chromium (the distribution's `chromium`, driven by
 Playwright; never a downloaded browser) against a real coordinator and a real node
 serving the real SmolLM2 model: sign in, see the node and its model, watch a request
-appear live, make and revoke a key. Screenshots go to test-artifacts/ui/ (the path is
-printed) for a person to look at."""
+appear live, make and revoke a key. A second real node agent reports a recorded H100
+through the FAKE NVML module (`tests/node/fake_nvml.py`: there is no GPU here), so the
+GPU columns are shown and checked too. Screenshots go to test-artifacts/ui/ (the path
+is printed) for a person to look at."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.mesh import Mesh, mesh_at
+from tests.e2e.mesh import Mesh, free_port, mesh_at, spawn
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +41,13 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator
         enrolled = mesh.enroll("node-a")
         assert enrolled.returncode == 0, enrolled.stderr
         mesh.start_node("node-a", f"{MODEL}={model_path}")
+        enrolled = mesh.enroll("gpu-box", mesh.token("--label", "gpu=h100"))
+        assert enrolled.returncode == 0, enrolled.stderr
+        mesh.nodes["gpu-box"] = spawn(
+            "node", ["run", "--state-dir", str(mesh.root / "gpu-box"), "--proxy-port",
+                     str(free_port()), "--telemetry-period", "0.5"],
+            mesh.root / "gpu-box.log",
+            env={"MESHGATE_NVML_MODULE": "tests.node.fake_nvml:h100_moving_energy"})
         mesh.wait_serving(MODEL)
         yield mesh
 
@@ -92,10 +101,15 @@ def test_2_the_real_node_shows_with_the_real_model_loaded(
     mesh: Mesh, page: sync_api.Page
 ) -> None:
     expect = sync_api.expect
-    node = page.locator("#fleet .node")
-    expect(node).to_have_count(1)
+    expect(page.locator("#fleet .node")).to_have_count(2, timeout=30_000)
+    node = page.locator("#fleet .node", has=page.locator(".chip.loaded"))
     expect(node.locator(".chip.loaded")).to_contain_text(MODEL)
     expect(node.locator(".stats")).to_contain_text("RTT")
+    gpu = page.locator("#fleet .node", has_text="gpu=h100").locator(".gpu")
+    expect(gpu).to_contain_text("H100")  # the recorded H100 of the fake NVML
+    expect(gpu).to_contain_text("°C")
+    expect(gpu).to_contain_text(" W")
+    expect(gpu).to_contain_text("Gen")
     expect(page.locator("#models")).to_contain_text(MODEL)
     expect(page.locator("#live-dot.on")).to_be_visible()  # the SSE stream is flowing
     shot(page, "2-fleet")
@@ -151,3 +165,19 @@ def test_4_a_key_made_in_the_pane_works_and_its_revoke_holds_at_once(
     expect(page.locator("#keys tr[data-key='pane-made']")).to_contain_text("revoked")
     assert httpx.get(models, headers={"Authorization": f"Bearer {key}"}).status_code == 401
     shot(page, "5-key-revoked")
+
+
+def test_5_top_shows_the_same_fleet_in_a_terminal(mesh: Mesh) -> None:
+    from typer.testing import CliRunner
+
+    from coordinator.cli import app
+
+    result = CliRunner().invoke(app, ["top", "--once", "--url", f"http://127.0.0.1:{mesh.api_port}",
+                                      "--admin-key-file", str(mesh.coord_state / "admin.key")],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.stderr
+    assert "2 node(s) connected" in result.stdout
+    assert "H100" in result.stdout
+    assert MODEL in result.stdout
+    (ARTIFACTS / "top.txt").write_text(result.stdout)
+    print(f"top: {ARTIFACTS / 'top.txt'}")

@@ -14,6 +14,7 @@ from meshgate.bounds import (
     clamp_usage,
     clip,
     is_sane_request_id,
+    load_json,
 )
 from meshgate.protocol import OpenRequest, ProtocolViolation
 
@@ -59,6 +60,7 @@ def test_an_open_frame_with_a_huge_request_id_is_a_protocol_violation() -> None:
 
 @pytest.mark.parametrize("data", [
     b'{"a": 1}\n\ndata: [DONE]', b'{"a": 1}\r', b"[DONE]", b"[1, 2]", b"not json", b"\xff",
+    b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     "a str", None,
 ])
 def test_stream_chunks_that_would_not_be_one_event_are_refused(data: object) -> None:
@@ -85,3 +87,9 @@ def test_a_ledger_row_always_fits_its_columns() -> None:
     assert row["route"] is None
     assert (row["prompt_tokens"], row["completion_tokens"]) == (MAX_TOKENS_CLAIM, 0)
     assert (row["latency_ms"], row["cost"]) == (0.0, 0.0)
+
+
+def test_deep_json_is_a_value_error_not_a_recursion_error() -> None:
+    with pytest.raises(ValueError, match="nested too deeply"):
+        load_json(b"[" * 100_000 + b"]" * 100_000)
+    assert load_json(b'{"a": [1]}') == {"a": [1]}

@@ -1,0 +1,144 @@
+"""Typed node messages: what a node may say, and what happens when it says something absurd."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from typing import Any
+
+import pytest
+
+from coordinator.dispatch import Dispatcher
+from coordinator.observed import TIMEOUT_FLOOR_S, Observed, first_token_timeout
+from meshgate.node_messages import (
+    MAX_MODELS,
+    Inventory,
+    LoadDelta,
+    ModelInfo,
+    ModelLoad,
+    Telemetry,
+    parse,
+    parse_telemetry,
+    to_wire,
+)
+from meshgate.protocol import ProtocolViolation
+from tests.coordinator.test_dispatch import MODEL, Fleet, answer, drain, fleet, request, want
+from tunnel import FrameType
+
+__all__ = ["fleet"]  # the fixture, used by name below
+
+
+def test_a_message_goes_to_the_wire_and_back_unchanged() -> None:
+    inv = Inventory(models=[ModelInfo(name="m", loaded=False, n_ctx=2048, memory_bytes=5 << 20,
+                                      load_time_s=1.5, capacity=1)])
+    wire = to_wire(inv)
+    assert wire["v"] == 1
+    assert parse(wire, Inventory) == inv
+    assert parse(wire, Inventory).entries()["m"].ctx == 2048
+    delta = LoadDelta(delta=True, models={"m": ModelLoad(in_flight=3, queued=1)})
+    assert parse_telemetry(to_wire(delta)) == delta
+
+
+def test_older_shapes_still_parse() -> None:
+    """Bare names, `queue` for queued, fields a node adds that we do not know."""
+    inv = parse({"models": ["a", {"name": "b", "size_bytes": 9, "quantization": "Q4"}]}, Inventory)
+    assert inv.entries()["a"].loaded
+    assert inv.entries()["b"].size_bytes == 9
+    tel = parse_telemetry({"runtime": {"a": {"queue": 2, "pid": 7}}, "host": {"extra": [1]}})
+    assert isinstance(tel, Telemetry)
+    assert tel.runtime["a"].waiting == 2
+
+
+ABSURD: list[tuple[dict[str, Any], str]] = [
+    ({"gpus": [{"vram_total_bytes": -1}]}, ">= 0"),
+    ({"gpus": [{"vram_free_bytes": 1 << 60}]}, "<="),
+    ({"runtime": {"m": {"decode_tps": math.nan}}}, ">= 0"),
+    ({"runtime": {"m": {"prefill_tps": math.inf}}}, "<="),
+    ({"runtime": {"m": {"decode_tps": 1e300}}}, "<="),
+    ({"runtime": {"m": {"in_flight": True}}}, "got `bool`"),
+    ({"runtime": {"x" * 10_000_000: {}}}, "length <= 256"),
+    ({"host": {"cpu_count": "x" * 10_000_000}}, "got `str`"),
+    ({"runtime": {f"m{i}": {} for i in range(MAX_MODELS + 1)}}, "length <= 512"),
+    ({"v": 2}, "<= 1"),
+    ({"gpus": "all of them"}, "Expected `array`"),
+]
+
+
+@pytest.mark.parametrize(("body", "why"), ABSURD)
+def test_absurd_telemetry_is_a_protocol_violation(body: dict[str, Any], why: str) -> None:
+    with pytest.raises(ProtocolViolation, match="bad telemetry") as caught:
+        parse_telemetry(body)
+    assert why in str(caught.value)
+    assert len(str(caught.value)) < 300  # the log line stays short whatever was sent
+
+
+def test_a_huge_inventory_is_refused_before_any_of_it_is_kept() -> None:
+    with pytest.raises(ProtocolViolation, match="length <= 512"):
+        parse({"models": [f"m{i}" for i in range(1_000_000)]}, Inventory)
+    with pytest.raises(ProtocolViolation, match="length <= 256"):
+        parse({"models": ["y" * 10_000_000]}, Inventory)
+    with pytest.raises(ProtocolViolation, match="must be a map"):
+        parse(["models"], Inventory)
+
+
+BAD_FRAMES: list[tuple[FrameType, dict[str, Any]]] = [
+    (FrameType.TELEMETRY, {"gpus": [{"vram_total_bytes": -5}]}),
+    (FrameType.TELEMETRY, {"runtime": {MODEL: {"decode_tps": math.nan}}}),
+    (FrameType.TELEMETRY, {"delta": True, "models": {MODEL: {"queued": -1}}}),
+    (FrameType.INVENTORY, {"models": [f"m{i}" for i in range(100_000)]}),
+    (FrameType.INVENTORY, {"models": ["z" * 1_000_000]}),
+]
+
+
+@pytest.mark.parametrize(("kind", "body"), BAD_FRAMES)
+async def test_a_node_that_sends_an_absurd_message_loses_its_session_and_nobody_else_notices(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture, kind: FrameType, body: dict[str, Any]
+) -> None:
+    bad = await fleet.node("bad", answer)
+    good = await fleet.node("good", answer)
+    assert bad.mux is not None
+    with caplog.at_level(logging.WARNING, logger="coordinator.gateway"):
+        await bad.mux.send_control(kind, body)
+        await asyncio.wait_for(bad.link.wait_closed(), 5)
+    lines = [r.getMessage() for r in caplog.records if "closing its session" in r.getMessage()]
+    assert len(lines) == 1
+    assert bad.name in lines[0]
+    assert len(lines[0]) < 500
+    assert fleet.registry.get(bad.name) is None
+    assert {c.did for c in fleet.registry.serving(MODEL)} == {good.name}
+    served = await Dispatcher(fleet.registry).start(request(), want())
+    await drain(served)
+    assert served.node_did == good.name
+
+
+async def test_load_deltas_move_a_node_in_the_index_without_a_full_report(fleet: Fleet) -> None:
+    a = await fleet.node("a", answer, decode_tps=50.0)
+    b = await fleet.node("b", answer, decode_tps=50.0)
+    first = next(s.did for s in fleet.registry.index.ordered(MODEL))
+    busy = a if first == a.name else b
+    assert busy.mux is not None
+    await busy.mux.send_control(FrameType.TELEMETRY, {"delta": True, "models": {
+        MODEL: {"in_flight": 1, "queued": 6}}})
+    conn = fleet.registry.get(busy.name)
+    assert conn is not None
+    for _ in range(100):
+        if conn.load.get(MODEL) and conn.load[MODEL].waiting == 6:
+            break
+        await asyncio.sleep(0.02)
+    assert conn.load[MODEL].decode_tps == 50.0  # kept from the full report
+    assert [s.did for s in fleet.registry.index.ordered(MODEL)][-1] == busy.name
+
+
+def test_the_first_token_timeout_follows_what_was_measured() -> None:
+    assert first_token_timeout(60.0, None) == 60.0  # nothing measured: the configured one
+    seen = Observed()
+    seen.first_token(0.5, 100)
+    assert first_token_timeout(60.0, seen) == TIMEOUT_FLOOR_S  # 4 x 0.5 s, floored
+    assert first_token_timeout(60.0, seen, load_s=30.0) == 32.0  # a load first
+    seen.first_token(40.0, 100)  # a moving average: 0.5 + 0.3 x 39.5
+    assert first_token_timeout(60.0, seen) == pytest.approx(4 * 12.35)
+    seen.first_token(40.0, 100)
+    assert first_token_timeout(30.0, seen) == 30.0  # never past the configured one
+    seen.finished(101, 2.0)
+    assert seen.decode_tps(1e7) == 50.0  # our measurement beats the claim

@@ -1,0 +1,77 @@
+"""The node's report of its models: what the coordinator's protocol accepts, nothing else."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from meshgate.node_messages import Inventory, ModelLoad, Telemetry, parse, parse_telemetry
+from node_agent.inventory import read_model_file
+from node_agent.report import (
+    LoadDeltas,
+    LoadTimes,
+    annotate_inventory,
+    capacity,
+    clean_runtime,
+    load_state,
+)
+
+
+def test_a_gguf_model_is_reported_with_its_context_memory_load_time_and_one_slot(
+        model_path: Path) -> None:
+    f = read_model_file(model_path)
+    entry = {"name": "smollm2", "loaded": False, "kind": "llama.cpp", "path": str(model_path)}
+    (out,) = annotate_inventory([entry], {"smollm2": {"kind": "llama.cpp"}}, {"smollm2": f}, 2048)
+    info = parse({"models": [out]}, Inventory).entries()["smollm2"]
+    assert info.n_ctx == 2048
+    assert info.capacity == 1
+    assert info.memory_bytes is not None
+    assert f.size_bytes < info.memory_bytes < 4 * f.size_bytes  # weights + KV + buffers
+    assert info.load_time_s is not None
+    assert not info.load_time_measured
+
+
+def test_a_measured_load_time_replaces_the_estimate() -> None:
+    times = LoadTimes()
+    times.observe("m", "loading", 10.0)
+    times.observe("m", "loading", 10.5)
+    times.observe("m", "loaded", 13.25)
+    (out,) = annotate_inventory([{"name": "m", "kind": "upstream"}], {}, {}, 2048, times)
+    assert (out["load_time_s"], out["load_time_measured"], out["capacity"]) == (3.25, True, 0)
+
+
+def test_names_past_the_bound_and_models_past_the_count_are_not_sent() -> None:
+    models = [{"name": "x" * 300}, *({"name": f"m{i}"} for i in range(600))]
+    out = annotate_inventory(models, {}, {}, 2048)
+    assert len(out) == 512
+    assert out[0]["name"] == "m0"
+    parse({"models": out}, Inventory)
+
+
+def test_runtime_figures_the_protocol_refuses_are_dropped() -> None:
+    runtime = {"m": {"decode_tps": math.nan, "prefill_tps": 1e300, "in_flight": -1,
+                     "queued": 2, "kind": "ollama"}, "error": "boom"}
+    clean = clean_runtime(runtime)
+    assert set(clean) == {"m"}
+    tel = parse_telemetry({"runtime": clean})
+    assert isinstance(tel, Telemetry)
+    load = tel.runtime["m"]
+    assert (load.decode_tps, load.prefill_tps, load.in_flight, load.queued) == (
+        None, None, None, 2)
+    assert load.capacity == capacity("ollama") == 1
+
+
+def test_load_deltas_carry_only_what_changed() -> None:
+    deltas = LoadDeltas()
+    stats = {"a": {"state": "loaded", "in_flight": 0, "queued": 0},
+             "b": {"state": "unloaded", "in_flight": 0, "queued": 0}}
+    first = deltas.delta(load_state(stats))
+    assert first is not None
+    assert set(first["models"]) == {"a", "b"}
+    assert deltas.delta(load_state(stats)) is None
+    stats["a"]["in_flight"] = 2
+    body = deltas.delta(load_state(stats))
+    assert body is not None
+    delta = parse_telemetry(body)
+    assert not isinstance(delta, Telemetry)
+    assert delta.models == {"a": ModelLoad(loaded=True, in_flight=2, queued=0)}
