@@ -42,22 +42,37 @@ def gpus_of(telemetry: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def models_of(conn: NodeConn) -> list[dict[str, Any]]:
-    """Each model the node offers: loaded or only on disk, its size and context."""
+    """Each model the node offers: loaded or only on disk, its size, context, queue, rates.
+
+    The registry's typed view (`infos`, and `load` kept current by the node's deltas) wins
+    over the raw inventory and telemetry, which older nodes alone send."""
     runtime = conn.telemetry.get("runtime") if isinstance(conn.telemetry, dict) else None
     stats = runtime if isinstance(runtime, dict) else {}
+    infos = getattr(conn, "infos", {}) or {}
+    loads = getattr(conn, "load", {}) or {}
     out = []
-    for name, info in sorted(inventory_models(conn.inventory or {}).items()):
+    for name, raw_info in sorted(inventory_models(conn.inventory or {}).items()):
         raw = stats.get(name)
         model_stats: dict[str, Any] = raw if isinstance(raw, dict) else {}
-        loaded = model_stats.get("loaded", info.get("loaded", True))
+        info, load = infos.get(name), loads.get(name)
+        loaded = getattr(load, "loaded", None)
+        if loaded is None:
+            loaded = model_stats.get("loaded", raw_info.get("loaded", True))
+        context = (getattr(info, "n_ctx", None) or getattr(load, "n_ctx", None)
+                   or raw_info.get("context_length"))
+        load_time = getattr(load, "load_time_s", None) or getattr(info, "load_time_s", None)
         out.append({
             "name": name, "loaded": bool(loaded),
-            "size_bytes": _plain(info.get("size_bytes")),
-            "context_length": _plain(info.get("context_length")),
-            "source": _plain(info.get("source")) or "gguf",
+            "size_bytes": _plain(raw_info.get("size_bytes")),
+            "memory_bytes": _plain(getattr(info, "memory_bytes", None)),
+            "context_length": _plain(context),
+            "source": _plain(raw_info.get("source")) or "gguf",
             "in_flight": conn.per_model.get(name, 0),
-            "decode_tps": _plain(model_stats.get("decode_tps")),
-            "load_time_s": _plain(info.get("load_time_s")),
+            "queued": getattr(load, "waiting", 0) if load is not None else 0,
+            "decode_tps": _plain(getattr(load, "decode_tps", None)
+                                 or model_stats.get("decode_tps")),
+            "load_time_s": _plain(load_time if load_time is not None
+                                  else raw_info.get("load_time_s")),
         })
     return out
 
@@ -84,7 +99,8 @@ def models_across(registry: Registry, shown: int = 8) -> list[dict[str, Any]]:
         for model in models_of(conn):
             entry = by_model.setdefault(model["name"], {
                 "name": model["name"], "loaded_on": [], "on_disk": [], "loaded": 0,
-                "disk": 0, "in_flight": 0, "context_length": model.get("context_length"),
+                "disk": 0, "in_flight": 0, "queued": 0,
+                "context_length": model.get("context_length"),
                 "load_time_s": model.get("load_time_s")})
             kind = "loaded" if model["loaded"] else "disk"
             entry[kind] += 1
@@ -92,6 +108,7 @@ def models_across(registry: Registry, shown: int = 8) -> list[dict[str, Any]]:
             if len(names) < shown:
                 names.append(conn.did)
             entry["in_flight"] += model.get("in_flight") or 0
+            entry["queued"] += model.get("queued") or 0
             if entry["load_time_s"] is None:
                 entry["load_time_s"] = model.get("load_time_s")
     return [by_model[k] for k in sorted(by_model)]

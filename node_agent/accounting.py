@@ -17,7 +17,9 @@ daemon gives them an :class:`Accounting`, each track opens a
 
 Every settled energy also counts in ``meshgate_node_energy_joules_total``
 (per model); what the devices measured in all, idle included, is
-``meshgate_node_energy_measured_joules_total`` (per device).
+``meshgate_node_energy_measured_joules_total`` (per device). The journal's
+backlog is ``meshgate_node_usage_journal_pending_bytes``, and rows it had to
+drop (full) ``meshgate_node_usage_journal_dropped_total``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from node_agent.energy import Energy
@@ -90,6 +92,8 @@ class Accounting:
         )
         if self.meter is not None:
             registry.register(_MeasuredCollector(self.meter))
+        if self.journal is not None:
+            registry.register(_JournalCollector(self.journal))
 
     def _offline(self) -> bool:
         return self.online is not None and not self.online()
@@ -161,3 +165,19 @@ class _MeasuredCollector(Collector):
         for device, joules in sorted(self.meter.totals.by_device.items()):
             family.add_metric([device], joules)
         yield family
+
+
+class _JournalCollector(Collector):
+    def __init__(self, journal: UsageJournal) -> None:
+        self.journal = journal
+
+    def collect(self) -> Iterator[Metric]:
+        pending = GaugeMetricFamily(
+            "meshgate_node_usage_journal_pending_bytes",
+            "Usage served while the coordinator could not hear, not yet uploaded.")
+        pending.add_metric([], float(self.journal.unacked_bytes))
+        dropped = CounterMetricFamily(
+            "meshgate_node_usage_journal_dropped",
+            "Usage rows dropped because the journal was full (journal_max_bytes).")
+        dropped.add_metric([], float(self.journal.dropped))
+        yield from (pending, dropped)

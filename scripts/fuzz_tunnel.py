@@ -11,7 +11,12 @@ Targets (the first input byte picks one):
                carrying the fuzzed payload (so the parser behind the DH is reached)
     zstd       compress.decompress with a cap
     session    Session.open of genuine ciphertexts of fuzzed plaintexts (header bits,
-               fragments, compression, frames, seq rules), several per session
+               fragments, compression, batches, frames, seq rules), several per session
+    connection two sans-I/O Connections (node, coordinator) driven by a fuzzed script of
+               operations: open, DATA within and past credit, END/ERROR/CANCEL, reads
+               granting credit, WINDOW, GOAWAY, pings, ticks, rekeys, raw frames and raw
+               plaintexts from a peer holding the keys; invariants checked after each
+               step (no queue past its window, credit never negative)
     token      EnrollmentToken.decode, and the upgrade header's base64
 
 Any exception that is not a TunnelError subclass is a finding. With atheris (coverage
@@ -52,6 +57,7 @@ if __name__ == "__main__" and atheris is not None and "--random" not in sys.argv
     # coverage for the fuzzer: instrument the tunnel package before anything imports it
     with atheris.instrument_imports(include=["tunnel"]):
         import tunnel.compress
+        import tunnel.connection
         import tunnel.frames
         import tunnel.handshake
         import tunnel.noise
@@ -63,12 +69,19 @@ import zstandard
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tunnel.compress import decompress
-from tunnel.constants import HDR_COMPRESSED, HDR_MORE, PROLOGUE
+from tunnel.connection import Connection
+from tunnel.constants import (
+    HDR_BATCH,
+    HDR_COMPRESSED,
+    HDR_MORE,
+    INITIAL_STREAM_WINDOW,
+    PROLOGUE,
+)
 from tunnel.errors import TunnelError
 from tunnel.frames import Frame, FrameType, decode, encode
 from tunnel.handshake import InitiatorHandshake, ResponderHandshake, parse_hello
 from tunnel.identity import Identity
-from tunnel.noise import HandshakeState, public_bytes
+from tunnel.noise import CipherState, HandshakeState, public_bytes
 from tunnel.session import Session
 from tunnel.token import PREFIX, EnrollmentToken
 from tunnel.ws import _unb64
@@ -78,7 +91,7 @@ NODE = Identity.generate()
 TUNNEL_KEY = NODE.x25519_pub
 CAP = 1 << 16
 
-TARGETS = ["frame", "msgpack", "hello", "handshake", "zstd", "session", "token"]
+TARGETS = ["frame", "msgpack", "hello", "handshake", "zstd", "session", "token", "connection"]
 runs: Counter[str] = Counter()
 findings: dict[tuple[str, str, int], tuple[str, bytes, str]] = {}
 
@@ -180,11 +193,11 @@ class _Pair:
         self.fresh()
 
     def fresh(self) -> None:
-        initiator = InitiatorHandshake(NODE, public_bytes(COORDINATOR), now_ms=1)
-        responder = ResponderHandshake(COORDINATOR)
-        responder.read_first(initiator.first_message())
-        msg2, self.coord = responder.accept({})
-        self.node, _ = initiator.finish(msg2)
+        """Two sessions on shared transport keys, as a handshake leaves them (the
+        handshake itself is the `handshake` target's: no DH per session here)."""
+        up, down = os.urandom(32), os.urandom(32)
+        self.node = Session(CipherState(up), CipherState(down))
+        self.coord = Session(CipherState(down), CipherState(up))
 
 
 _pairs: list[_Pair] = []  # one session pair, made on first use, renewed when it dies
@@ -206,6 +219,8 @@ def _plaintexts(data: bytes) -> list[bytes]:
             out.append(bytes([0]) + chunk)
         elif mode == 2:  # compressed
             out.append(bytes([HDR_COMPRESSED]) + zstandard.ZstdCompressor().compress(chunk))
+        elif mode == 3 and head & 0x40:  # a batch of length-prefixed entries
+            out.append(bytes([HDR_BATCH]) + len(chunk).to_bytes(2, "big")[head >> 7 :] + chunk)
         elif mode == 3:  # a fragment with more to come
             out.append(bytes([HDR_MORE | (head >> 7)]) + chunk)
         else:
@@ -232,6 +247,79 @@ def t_session(data: bytes) -> None:
             raise
 
 
+_STREAM_KINDS = (FrameType.END, FrameType.ERROR, FrameType.CANCEL, FrameType.WINDOW)
+
+
+def _conn_pair() -> tuple[Connection, Connection]:
+    pair = _Pair()
+    return Connection(pair.node, initiator=True), Connection(pair.coord, initiator=False)
+
+
+def _check(conn: Connection) -> None:
+    """Invariants of a live core (an AssertionError is a finding)."""
+    assert conn.send_credit >= 0
+    for state in conn.streams.values():
+        assert state.send_credit >= 0
+        assert 0 <= state.buffered <= state.recv_limit
+        assert state.buffered <= max(conn.stream_window, INITIAL_STREAM_WINDOW)
+
+
+def t_connection(data: bytes) -> None:
+    node, coord = _conn_pair()
+    sides = (node, coord)
+    clock = [0.0]
+    while len(data) >= 2 and node.dead is None and coord.dead is None:
+        op, arg, data = data[0], data[1], data[2:]
+        with contextlib.suppress(TunnelError):  # a refusal; the script goes on
+            data = _step(sides[op & 1], sides[1 - (op & 1)], op, arg, data, clock)
+        _check(node)
+        _check(coord)
+
+
+def _step(
+    me: Connection, peer: Connection, op: int, arg: int, data: bytes, clock: list[float]
+) -> bytes:
+    """One operation of a `connection` script; the rest of the input."""
+    now = clock[0]
+    action = (op >> 1) % 12
+    live = sorted(me.streams)
+    state = me.streams[live[arg % len(live)]] if live else None
+    if action == 0:
+        me.open_stream({"n": arg})
+    elif action == 1 and state is not None:  # DATA within credit
+        n = min(arg * 97, me.sendable(state))
+        if n:
+            me.send(state, FrameType.DATA, bytes(n))
+    elif action == 2 and state is not None:
+        me.send(state, _STREAM_KINDS[arg % 4], {"credit": arg} if arg % 4 == 3 else {})
+    elif action == 3 and state is not None:  # the application reads what is buffered
+        me.consumed(state, min(state.buffered, arg * 1024))
+    elif action == 4:
+        me.goaway(f"r{arg}")
+    elif action == 5:
+        me.ping(now)
+    elif action == 6:
+        clock[0] = now = now + arg / 8
+        me.tick(now)
+    elif action == 7:  # deliver what one side has queued
+        for message in me.data_to_send(now):
+            peer.receive(message, now)
+    elif action == 8:  # a raw frame from a peer holding the keys (any kind, any body)
+        value, data = _value(data[: arg])[0], data[arg:]
+        kind = FrameType(1 + arg % 14)
+        sid = 0 if arg & 0x80 else (live[0] if live else arg)
+        me.send_raw(Frame(kind, sid, 0, 0, value))
+    elif action == 9:  # raw plaintexts, as `session` makes them
+        chunk, data = data[: arg * 2], data[arg * 2 :]
+        for plaintext in _plaintexts(chunk)[:4]:
+            peer.receive(me.session._send.encrypt_with_ad(b"", plaintext), now)
+    elif action == 10 and state is not None:  # DATA past the credit, raw
+        me.send_raw(Frame(FrameType.DATA, state.id, 0, 0, bytes(arg * 4099)))
+    elif action == 11:
+        me.rekey_after_messages = 1 + arg % 5
+    return data
+
+
 def t_token(data: bytes) -> None:
     text = data.decode("utf-8", "replace")
     if data[:1] == b"\x01":
@@ -249,6 +337,7 @@ FUNCS: dict[str, Callable[[bytes], None]] = {
     "zstd": t_zstd,
     "session": t_session,
     "token": t_token,
+    "connection": t_connection,
 }
 
 

@@ -47,14 +47,31 @@ def frame_length(data: bytes) -> int:
     return pos
 
 
-def decompress(data: bytes, max_size: int) -> bytes:
-    """Decompress exactly one zstd frame that declares a content size <= max_size."""
+def head(data: bytes, n: int) -> bytes:
+    """The first `n` decompressed bytes of the zstd frame `data` (at most one block is
+    decoded, <= 128 KiB): enough to read a frame's type before deciding its cap."""
+    try:
+        for chunk in zstandard.ZstdDecompressor().read_to_iter(data, write_size=max(n, 1)):
+            return bytes(chunk[:n])
+        return b""
+    except zstandard.ZstdError:
+        raise FrameError("zstd frame is corrupt") from None
+
+
+def declared_size(data: bytes) -> int:
+    """The content size the zstd frame `data` declares; FrameError if it declares none."""
     try:
         size = zstandard.frame_content_size(data)
     except zstandard.ZstdError:
         raise FrameError("not a zstd frame") from None
     if size < 0:
         raise FrameError("zstd frame does not declare its content size; refused")
+    return int(size)
+
+
+def decompress(data: bytes, max_size: int) -> bytes:
+    """Decompress exactly one zstd frame that declares a content size <= max_size."""
+    size = declared_size(data)
     if size > max_size:
         raise FrameError(f"zstd frame declares {size} bytes, over the {max_size}-byte cap")
     if frame_length(data) != len(data):

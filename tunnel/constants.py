@@ -35,3 +35,51 @@ REKEY_AFTER_S = 600.0
 INITIAL_STREAM_WINDOW = 256 * 1024
 INITIAL_CONNECTION_WINDOW = 4 * 1024 * 1024
 MAX_WINDOW = 2**31 - 1  # credit may never grow past this (as HTTP/2)
+
+# Coalescing: several small whole frames in one Noise message (header bit 2), each
+# prefixed by its length (2 bytes, big-endian). Frames that are compressed or need
+# fragmenting always go alone.
+HDR_BATCH = 0x04
+BATCH_LEN = 2
+
+# -- Bounds on what a peer may make this side hold (hostile-node defence) ----------------
+# Per-type caps on a frame's decoded msgpack payload, checked *before* decompressing (a
+# zstd frame declares its size; the type is read from its first two bytes). Measured on a
+# real node (SmolLM2 on llama.cpp, `scripts/bench/node_frames.py`, 2026-11-26): TELEMETRY
+# 996 bytes, INVENTORY 95 bytes (one model; node_agent/daemon.py estimates ~300 bytes a
+# model with files), GOAWAY 40 bytes. Caps leave wide headroom over those (256x for
+# TELEMETRY, a box with ~10,000 models), and sit far below MAX_FRAME, so a burst of
+# frames declaring 16 MiB each is refused at the first one.
+KiB = 1024
+MiB = 1024 * 1024
+# OPEN carries one API request: the public API's body limit is 4 MiB of JSON, and msgpack
+# of parsed JSON is at most ~2x it (floats: 9 bytes for "0.1,").
+FRAME_CAPS: dict[int, int] = {
+    1: 8 * MiB,  # OPEN
+    # 2 DATA: bounded by the receiver's stream window (credit); see DATA_CAP_SLACK
+    3: 64 * KiB,  # END (usage, a few fields)
+    4: 64 * KiB,  # ERROR (status, message)
+    5: 64,  # CANCEL (nil)
+    6: 64,  # WINDOW {"credit": int}
+    7: 64,  # PING {"t": int}
+    8: 64,  # PONG {"t": int}
+    9: 8 * KiB,  # GOAWAY {"reason", "last_stream"}
+    10: 64,  # KEY_UPDATE (nil)
+    11: 256 * KiB,  # TELEMETRY (996 bytes measured)
+    12: 4 * MiB,  # INVENTORY (95 bytes for one model; ~300 a model with files: ~10,000)
+    13: 1 * MiB,  # COMMAND
+    14: 1 * MiB,  # RESULT
+}
+DATA_CAP_SLACK = 64  # msgpack framing around a DATA body as large as the whole window
+# Streams the peer may hold open at once on one link. Upward (node-opened, at the
+# coordinator): a node relays its local apps' requests for models it lacks; 256 is well
+# past a box's concurrent local clients. Downward (coordinator-opened, at the node): the
+# coordinator is trusted more, but a cap still bounds memory.
+MAX_UPWARD_STREAMS = 256
+MAX_DOWNWARD_STREAMS = 4096
+# OPEN payload bytes of the peer's streams that are open now, per link: what a peer can
+# make this side hold in request bodies at once (DATA is bounded by credit).
+MAX_OPEN_BYTES = 64 * MiB
+# Decoded control frames (stream 0) queued for the control handler, per link: past this
+# the reader stops reading the socket until the handler catches up (backpressure).
+MAX_CONTROL_QUEUED = 4 * MiB

@@ -27,19 +27,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from tunnel.constants import INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW, MAX_WINDOW
+from tunnel.connection import STREAM_SEND_TYPES, Credit, Event, Opened, Received, StreamState
+from tunnel.constants import INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW, MAX_CONTROL_QUEUED
 from tunnel.errors import ClosedError, FrameError, TunnelError
 from tunnel.frames import TERMINAL, Frame, FrameType
 from tunnel.ws import Link
 
 log = logging.getLogger(__name__)
 
-STREAM_SEND_TYPES = frozenset(
-    {FrameType.DATA, FrameType.END, FrameType.ERROR, FrameType.CANCEL, FrameType.WINDOW}
-)
 # DATA bodies up to this size wait for credit for all of their bytes and go as one frame;
 # larger ones go in pieces as credit allows. Below half the smallest window, so the
 # credit a drained receiver leaves (over half a window) always admits one.
@@ -47,80 +46,38 @@ WHOLE_DATA = 16 * 1024
 OnStream = Callable[["Stream", Frame], Awaitable[None]]
 OnControl = Callable[[Frame], Awaitable[None]]
 
-
-class _Credit:
-    """Bytes the peer allows us to send, and the senders waiting for more."""
-
-    def __init__(self, initial: int) -> None:
-        self.available = initial
-        self.dead: str | None = None
-        self.waiters: set[asyncio.Future[None]] = set()
-
-    def grant(self, n: int) -> bool:
-        """Add credit; False if that would pass MAX_WINDOW (the peer broke the protocol)."""
-        if self.available + n > MAX_WINDOW:
-            return False
-        self.available += n
-        self._wake()
-        return True
-
-    def kill(self, reason: str) -> None:
-        if self.dead is None:
-            self.dead = reason
-        self._wake()
-
-    def _wake(self) -> None:
-        for waiter in self.waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self.waiters.clear()
-
-
-async def _wait_credit(stream: _Credit, connection: _Credit, need: int) -> None:
-    """Until both have `need` bytes of credit; ClosedError as soon as either is dead."""
-    while True:
-        for credit in (stream, connection):
-            if credit.dead is not None:
-                raise ClosedError(credit.dead)
-        if stream.available >= need and connection.available >= need:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        stream.waiters.add(waiter)
-        connection.waiters.add(waiter)
-        try:
-            await waiter
-        finally:
-            stream.waiters.discard(waiter)
-            connection.waiters.discard(waiter)
+__all__ = ["STREAM_SEND_TYPES", "Mux", "OnControl", "OnStream", "Stream", "until_cancelled"]
 
 
 class Stream:
-    def __init__(self, mux: Mux, stream_id: int) -> None:
-        self.id = stream_id
+    def __init__(self, mux: Mux, state: StreamState) -> None:
+        self.id = state.id
         self._mux = mux
-        self._queue: asyncio.Queue[Frame | None] = asyncio.Queue()
-        self._sent_end = False
-        self._peer_ended = False
+        self._state = state
+        self._frames: deque[Frame] = deque()
+        self._reader: asyncio.Future[None] | None = None
+        self._credit: asyncio.Future[None] | None = None
         self._dead: str | None = None
-        # flow control, sending side
-        self._credit = _Credit(INITIAL_STREAM_WINDOW)
         self._send_lock = asyncio.Lock()
-        # flow control, receiving side
-        self.buffered = 0  # DATA body bytes queued, not yet read by the consumer
-        self.peak_buffered = 0  # the most that were ever queued at once
-        self._recv_total = 0  # DATA body bytes received on this stream
-        self._recv_limit = INITIAL_STREAM_WINDOW  # what we allowed the peer to send, in all
-        self._ungranted = 0  # bytes read but not yet granted back
-        self._released = False  # the connection credit of queued bytes was given back
 
     @property
     def closed(self) -> bool:
-        return self._sent_end or self._peer_ended or self._dead is not None
+        return self._state.closed or self._dead is not None
 
     @property
     def send_credit(self) -> int:
         """Bytes of DATA this side may send on this stream now."""
-        return self._credit.available
+        return self._state.send_credit
+
+    @property
+    def buffered(self) -> int:
+        """DATA body bytes queued, not yet read by the consumer."""
+        return self._state.buffered
+
+    @property
+    def peak_buffered(self) -> int:
+        """The most DATA bytes that were ever queued at once."""
+        return self._state.peak_buffered
 
     async def send(self, type: FrameType, body: Any) -> None:
         """Send DATA, END, ERROR, CANCEL or WINDOW on this stream.
@@ -134,56 +91,95 @@ class Stream:
         if type == FrameType.DATA and isinstance(body, bytes) and body:
             await self._send_data(body)
             return
-        if type == FrameType.WINDOW:
-            credit = body.get("credit") if isinstance(body, dict) else None
-            if isinstance(credit, int) and not isinstance(credit, bool) and credit > 0:
-                self._recv_limit += credit  # the peer may now send that much more
-        await self._mux.link.send(Frame(type, self.id, 0, 0, body))
+        mux = self._mux
+        mux.conn.send(self._state, type, body)
         if type in TERMINAL:
-            self._sent_end = True
-            self._credit.kill(f"stream {self.id} ended")
-            self._mux._forget(self.id)
-            self._release()
-            self._queue.put_nowait(None)
+            mux._forget(self.id)
+            self._wake_credit()
+        await mux.link.sent()
 
     async def _send_data(self, body: bytes) -> None:
         mux = self._mux
+        conn = mux.conn
+        state = self._state
+        n = len(body)
+        if (  # the hot path: credit at hand and no other sender of this stream waiting
+            n <= WHOLE_DATA
+            and not self._send_lock.locked()
+            and n <= state.send_credit
+            and n <= conn.send_credit
+        ):
+            conn.send_data(state, body)
+            await mux.link.sent()
+            return
         async with self._send_lock:
             n = len(body)
             if n <= WHOLE_DATA:  # the common case, a token event: one frame, no copy
-                if self._credit.available < n or mux._credit.available < n:
-                    await _wait_credit(self._credit, mux._credit, n)
-                self._credit.available -= n
-                mux._credit.available -= n
-                await mux.link.send(Frame(FrameType.DATA, self.id, 0, 0, body))
+                if conn.sendable(self._state) < n:
+                    await self._wait_credit(n)
+                conn.send_data(self._state, body)
+                await mux.link.sent()
                 return
             view = memoryview(body)
             while view:
                 # a small body (a token event) goes whole, never split by a credit edge
-                need = len(view) if len(view) <= WHOLE_DATA else 1
-                await _wait_credit(self._credit, mux._credit, need)
-                n = min(len(view), self._credit.available, mux._credit.available)
+                await self._wait_credit(len(view) if len(view) <= WHOLE_DATA else 1)
+                n = min(len(view), conn.sendable(self._state))
                 piece, view = bytes(view[:n]), view[n:]
-                self._credit.available -= n
-                mux._credit.available -= n
-                await mux.link.send(Frame(FrameType.DATA, self.id, 0, 0, piece))
+                conn.send_data(self._state, piece)
+                await mux.link.sent()
+
+    async def _wait_credit(self, need: int) -> None:
+        """Until stream and connection have `need` bytes of credit; ClosedError as soon
+        as the stream or the link ends."""
+        state, conn = self._state, self._mux.conn
+        while True:
+            if self._dead is not None:
+                raise ClosedError(f"stream {self.id}: {self._dead}")
+            if state.sent_end:
+                raise ClosedError(f"stream {self.id} ended")
+            if state.peer_ended:
+                raise ClosedError(f"stream {self.id} ended by the peer")
+            if conn.closed is not None:
+                raise ClosedError(f"link is closed: {conn.closed}")
+            if conn.sendable(state) >= need:
+                return
+            self._credit = asyncio.get_running_loop().create_future()
+            self._mux._credit_waiting.add(self)
+            try:
+                await self._credit
+            finally:
+                self._credit = None
+                self._mux._credit_waiting.discard(self)
+
+    def _wake_credit(self) -> None:
+        if self._credit is not None and not self._credit.done():
+            self._credit.set_result(None)
 
     async def recv(self) -> Frame:
         """The peer's next frame on this stream; ClosedError once it ended or the link died."""
-        item = await self._queue.get()
-        if item is None:
-            self._queue.put_nowait(None)  # every later call fails the same way
-            raise ClosedError(f"stream {self.id}: {self._dead or 'ended'}")
-        if item.type == FrameType.DATA:
-            self._consumed(len(item.body))
-        return item
+        while not self._frames:
+            if self._dead is not None or self._state.peer_ended:
+                raise ClosedError(f"stream {self.id}: {self._dead or 'ended'}")
+            self._reader = asyncio.get_running_loop().create_future()
+            try:
+                await self._reader
+            finally:
+                self._reader = None
+        frame = self._frames.popleft()
+        if frame.type == FrameType.DATA:
+            mux = self._mux
+            mux.conn.consumed(self._state, len(frame.body))
+            if mux.conn.pending_bytes:
+                mux.link.kick()  # a WINDOW
+        return frame
 
     def __aiter__(self) -> Stream:
         return self
 
     async def __anext__(self) -> Frame:
         """Frames up to and including the peer's END, ERROR or CANCEL."""
-        if self._peer_ended and self._queue.empty():
+        if self._state.peer_ended and not self._frames:
             raise StopAsyncIteration
         try:
             return await self.recv()
@@ -194,60 +190,29 @@ class Stream:
 
     # -- called by the mux's reader --------------------------------------------------
 
-    def _accept_data(self, n: int) -> str | None:
-        """Count n received DATA bytes; why that breaks the peer's credit, or None."""
-        self._recv_total += n
-        if self._recv_total > self._recv_limit:
-            return (
-                f"stream {self.id}: the peer sent {self._recv_total - self._recv_limit} "
-                "bytes of DATA past its credit"
-            )
-        return None
-
     def _deliver(self, frame: Frame) -> None:
-        if frame.type == FrameType.DATA:
-            self.buffered += len(frame.body)
-            self.peak_buffered = max(self.peak_buffered, self.buffered)
-        self._queue.put_nowait(frame)
+        self._frames.append(frame)
         if frame.type in TERMINAL:
-            self._peer_ended = True
-            self._credit.kill(f"stream {self.id} ended by the peer")
-            self._queue.put_nowait(None)
+            self._wake_credit()
+        if self._reader is not None and not self._reader.done():
+            self._reader.set_result(None)
 
     def _kill(self, reason: str) -> None:
         """The link died under an unfinished stream: it fails at once, queued frames
         included (it can never be complete; one that got its END stays readable)."""
-        if self._dead is None:
+        if self._dead is None and not self._state.peer_ended:
             self._dead = reason
-            self._credit.kill(f"stream {self.id}: {reason}")
-            while not self._queue.empty():
-                self._queue.get_nowait()
-            self.buffered = 0
-            self._queue.put_nowait(None)
-
-    # -- credit back to the peer -----------------------------------------------------
-
-    def _consumed(self, n: int) -> None:
-        self.buffered -= n
-        if self._released:
-            return  # its connection credit went back when this side ended the stream
-        self._mux._conn_consumed(n)
-        if self.closed:
-            return  # nothing more will come on it
-        self._ungranted += n
-        if self._ungranted >= self._mux.stream_window // 2:
-            grant, self._ungranted = self._ungranted, 0
-            self._recv_limit += grant
-            self._mux._grant(self.id, grant)
-
-    def _release(self) -> None:
-        """This side ended the stream: queued bytes no longer hold connection credit."""
-        if not self._released:
-            self._released = True
-            self._mux._conn_consumed(self.buffered)
+            self._frames.clear()
+            self._state.buffered = 0
+        self._wake_credit()
+        if self._reader is not None and not self._reader.done():
+            self._reader.set_result(None)
 
 
 class Mux:
+    """Streams and control frames over one Link: the asyncio side of the core's
+    streams (the `Connection` at `link.conn` keeps their credit and state)."""
+
     def __init__(
         self,
         link: Link,
@@ -258,33 +223,24 @@ class Mux:
         stream_window: int = INITIAL_STREAM_WINDOW,
         connection_window: int = INITIAL_CONNECTION_WINDOW,
     ) -> None:
-        if not INITIAL_STREAM_WINDOW <= stream_window <= MAX_WINDOW:
-            raise ValueError(f"stream_window must be in {INITIAL_STREAM_WINDOW}..{MAX_WINDOW}")
-        if not INITIAL_CONNECTION_WINDOW <= connection_window <= MAX_WINDOW:
-            raise ValueError(
-                f"connection_window must be in {INITIAL_CONNECTION_WINDOW}..{MAX_WINDOW}"
-            )
+        link.conn.set_windows(stream_window, connection_window)  # ValueError if too small
+        link.conn.set_role(initiator)
         self.link = link
+        self.conn = link.conn
         self.initiator = initiator
         self.on_stream = on_stream
         self.on_control = on_control
         self.stream_window = stream_window
         self.connection_window = connection_window
         self._streams: dict[int, Stream] = {}
-        self._next_id = 1 if initiator else 2
+        self._credit_waiting: set[Stream] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._control: asyncio.Queue[Frame] = asyncio.Queue()
+        self._control: deque[tuple[Frame, int]] = deque()
+        self._control_bytes = 0
+        self._control_ready = asyncio.Event()
+        self._control_room = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        # flow control
-        self._credit = _Credit(INITIAL_CONNECTION_WINDOW)
-        self._recv_total = 0
-        self._recv_limit = INITIAL_CONNECTION_WINDOW
-        self._ungranted = 0
-        # GOAWAY
-        self.going_away: str | None = None  # why this side sent GOAWAY
-        self.peer_going_away: str | None = None  # why the peer did
-        self._last_peer_stream = 0
 
     @property
     def open_streams(self) -> int:
@@ -293,42 +249,45 @@ class Mux:
     @property
     def send_credit(self) -> int:
         """Bytes of DATA this side may send on the connection now (all streams together)."""
-        return self._credit.available
+        return self.conn.send_credit
 
     @property
     def buffered(self) -> int:
         """DATA bytes queued on open streams, not yet read by their consumers."""
         return sum(stream.buffered for stream in self._streams.values())
 
+    @property
+    def _ungranted(self) -> int:
+        return self.conn.ungranted
+
+    @property
+    def going_away(self) -> str | None:
+        """Why this side sent GOAWAY."""
+        return self.conn.going_away
+
+    @property
+    def peer_going_away(self) -> str | None:
+        """Why the peer did."""
+        return self.conn.peer_going_away
+
     async def open(self, body: dict[str, Any]) -> Stream:
         """Send OPEN on a fresh stream id and return the stream.
 
         ClosedError once either side sent GOAWAY: open it on another connection."""
-        if self.peer_going_away is not None:
-            raise ClosedError(f"the peer is going away: {self.peer_going_away}")
-        if self.going_away is not None:
-            raise ClosedError(f"this side is going away: {self.going_away}")
-        stream_id, self._next_id = self._next_id, self._next_id + 2
-        stream = self._streams[stream_id] = Stream(self, stream_id)
+        stream_id = self.conn.open_stream(body)
+        stream = self._streams[stream_id] = Stream(self, self.conn.streams[stream_id])
         self._idle.clear()
-        try:
-            await self.link.send(Frame(FrameType.OPEN, stream_id, 0, 0, body))
-        except BaseException:
-            self._forget(stream_id)
-            raise
-        self._grant_initial(stream)
+        await self.link.sent()
         return stream
 
     async def send_control(self, type: FrameType, body: Any) -> None:
-        await self.link.send(Frame(type, 0, 0, 0, body))
+        self.conn.send_control(type, body)
+        await self.link.sent()
 
     async def goaway(self, reason: str = "shutting down") -> None:
         """Tell the peer to open no more streams here; streams already open go on."""
-        if self.going_away is not None:
-            return
-        self.going_away = reason
-        body = {"reason": reason, "last_stream": self._last_peer_stream}
-        await self.send_control(FrameType.GOAWAY, body)
+        if self.conn.goaway(reason):
+            await self.link.sent()
 
     async def wait_idle(self) -> None:
         """Return once no stream is open."""
@@ -349,25 +308,33 @@ class Mux:
 
     async def run(self) -> None:
         """Read until the link closes; then every open stream's recv raises ClosedError.
-        Returns when the link closed; raises FrameError when the peer broke the protocol."""
+        Returns when the link closed; raises FrameError when the peer broke the protocol
+        or passed a bound (logged once, by the link)."""
         control = self._spawn(self._control_loop())
         reason = "link closed"
+        link = self.link
         try:
-            if self.connection_window > INITIAL_CONNECTION_WINDOW:
-                self._recv_limit = self.connection_window
-                self._grant(0, self.connection_window - INITIAL_CONNECTION_WINDOW)
-            async for frame in self.link:
-                problem = self._dispatch(frame)
-                if problem is not None:
-                    await self.link.fail(problem)
+            events = list(link._pending)
+            link._pending.clear()
+            link.kick()  # what the core queued before us (a WINDOW for a larger window)
+            while True:
+                self._dispatch(events)
+                while self._control_bytes > MAX_CONTROL_QUEUED:  # backpressure
+                    self._control_room.clear()
+                    await self._control_room.wait()
+                await asyncio.sleep(0)  # handlers run between two messages of a burst
+                events = await link._read_events()
+        except ClosedError:
+            pass
         except FrameError as exc:
             reason = f"link failed: {exc}"
             raise
         finally:
-            if reason == "link closed" and self.link.closed_reason:
-                reason = f"link closed: {self.link.closed_reason}"
-            self._credit.kill(reason)
+            if reason == "link closed" and link.closed_reason:
+                reason = f"link closed: {link.closed_reason}"
             for stream in list(self._streams.values()):
+                stream._kill(reason)
+            for stream in list(self._credit_waiting):
                 stream._kill(reason)
             self._streams.clear()
             self._idle.set()
@@ -376,74 +343,42 @@ class Mux:
             with contextlib.suppress(asyncio.CancelledError):
                 await control
 
-    def _dispatch(self, frame: Frame) -> str | None:
-        """Route one frame; a protocol violation (returned as text) ends the session."""
-        if frame.type == FrameType.WINDOW:
-            return self._on_window(frame)
-        if frame.stream_id == 0:
-            if frame.type == FrameType.GOAWAY:
-                reason = frame.body.get("reason")
-                self.peer_going_away = reason if isinstance(reason, str) else "going away"
-            self._control.put_nowait(frame)
-            return None
-        if frame.type == FrameType.OPEN:
-            self._accept_stream(frame)
-            return None
-        return self._on_stream_frame(frame)
-
-    def _on_stream_frame(self, frame: Frame) -> str | None:
-        if frame.type == FrameType.DATA:
-            self._recv_total += len(frame.body)
-            if self._recv_total > self._recv_limit:
-                over = self._recv_total - self._recv_limit
-                return f"the peer sent {over} bytes of DATA past the connection's credit"
-        stream = self._streams.get(frame.stream_id)
-        if stream is None:
-            # crossed our END or CANCEL in flight; nobody wants it
-            if frame.type == FrameType.DATA:
-                self._conn_consumed(len(frame.body))
-            return None
-        if frame.type == FrameType.DATA:
-            problem = stream._accept_data(len(frame.body))
-            if problem is not None:
-                return problem
-        if frame.type in TERMINAL:
-            self._forget(frame.stream_id)
-        stream._deliver(frame)
-        return None
-
-    def _on_window(self, frame: Frame) -> str | None:
-        credit: int = frame.body["credit"]
-        if frame.stream_id == 0:
-            target = self._credit
-        else:
-            stream = self._streams.get(frame.stream_id)
-            if stream is None:
-                return None  # the stream ended meanwhile
-            target = stream._credit
-        if not target.grant(credit):
-            return f"WINDOW on stream {frame.stream_id} grows the credit past {MAX_WINDOW}"
-        return None
+    def _dispatch(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, Received):
+                frame = event.frame
+                if frame.stream_id == 0:
+                    self._control.append((frame, event.size))
+                    self._control_bytes += event.size
+                    self._control_ready.set()
+                    continue
+                stream = self._streams.get(frame.stream_id)
+                if stream is None:
+                    continue
+                if frame.type in TERMINAL:
+                    self._forget(frame.stream_id)
+                stream._deliver(frame)
+            elif isinstance(event, Credit):
+                if event.stream_id == 0:
+                    for waiting in list(self._credit_waiting):
+                        waiting._wake_credit()
+                else:
+                    stream = self._streams.get(event.stream_id)
+                    if stream is not None:
+                        stream._wake_credit()
+            elif isinstance(event, Opened):
+                self._accept_stream(event.frame)
 
     def _accept_stream(self, frame: Frame) -> None:
-        peer_parity = 0 if self.initiator else 1
-        if frame.stream_id % 2 != peer_parity or self.on_stream is None:
+        state = self.conn.streams[frame.stream_id]
+        if self.on_stream is None:
             log.warning("refusing stream %s opened by the peer", frame.stream_id)
-            self._spawn(self._refuse(frame.stream_id, 400, "this side does not accept streams"))
+            self.conn.refuse(frame.stream_id, 400, "this side does not accept streams")
+            self.link.kick()
             return
-        if self.going_away is not None:
-            self._spawn(self._refuse(frame.stream_id, 503, f"going away: {self.going_away}"))
-            return
-        self._last_peer_stream = max(self._last_peer_stream, frame.stream_id)
-        stream = self._streams[frame.stream_id] = Stream(self, frame.stream_id)
+        stream = self._streams[frame.stream_id] = Stream(self, state)
         self._idle.clear()
-        self._grant_initial(stream)
         self._spawn(self._serve(stream, frame))
-
-    async def _refuse(self, stream_id: int, status: int, message: str) -> None:
-        with contextlib.suppress(TunnelError):
-            body = {"status": status, "message": message}
-            await self.link.send(Frame(FrameType.ERROR, stream_id, 0, 0, body))
 
     async def _serve(self, stream: Stream, frame: Frame) -> None:
         assert self.on_stream is not None
@@ -457,35 +392,18 @@ class Mux:
             with contextlib.suppress(TunnelError):
                 body = {"status": 500, "message": "the stream's handler ended without END"}
                 await stream.send(FrameType.ERROR, body)
-        stream._release()  # nobody will read what is still queued
-
-    # -- granting credit -------------------------------------------------------------
-
-    def _grant_initial(self, stream: Stream) -> None:
-        if self.stream_window > INITIAL_STREAM_WINDOW:
-            stream._recv_limit = self.stream_window
-            self._grant(stream.id, self.stream_window - INITIAL_STREAM_WINDOW)
-
-    def _conn_consumed(self, n: int) -> None:
-        self._ungranted += n
-        if self._ungranted >= self.connection_window // 2:
-            grant, self._ungranted = self._ungranted, 0
-            self._recv_limit += grant
-            self._grant(0, grant)
-
-    def _grant(self, stream_id: int, credit: int) -> None:
-        """Send WINDOW from a task of its own: a consumer's recv never waits on the link
-        (and so cannot be cancelled half way through handing over a frame)."""
-        if credit > 0 and not self.link.closed:
-            self._spawn(self._send_window(stream_id, credit))
-
-    async def _send_window(self, stream_id: int, credit: int) -> None:
-        with contextlib.suppress(TunnelError):  # the stream or the link ended meanwhile
-            await self.link.send(Frame(FrameType.WINDOW, stream_id, 0, 0, {"credit": credit}))
+        self.conn.release(stream._state)  # nobody will read what is still queued
+        if self.conn.pending_bytes:
+            self.link.kick()
 
     async def _control_loop(self) -> None:
         while True:
-            frame = await self._control.get()
+            while not self._control:
+                self._control_ready.clear()
+                await self._control_ready.wait()
+            frame, size = self._control.popleft()
+            self._control_bytes -= size
+            self._control_room.set()
             if self.on_control is None:
                 continue
             try:

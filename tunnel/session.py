@@ -12,16 +12,25 @@ this direction (the seq the caller put in the Frame is ignored), and checks
 the peer's: see `_Streams`. Any failure on the receiving side (decrypt,
 header, size, decompression, decode, sequence) kills the session: that call
 and every later `open` or `seal` raise FrameError.
+
+Coalescing: `prepare` stamps and encodes a frame now; `encrypt` turns a run of prepared
+frames into messages, packing small plain ones into one message (header bit 2, each
+frame prefixed by its 2-byte big-endian length). Per-type caps (`caps`, by frame type)
+bound each frame's decoded payload, checked before decompressing.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 
 from tunnel import compress as zstd
 from tunnel import frames
 from tunnel.constants import (
+    BATCH_LEN,
     COMPRESS_MIN,
+    FRAME_CAPS,
+    HDR_BATCH,
     HDR_COMPRESSED,
     HDR_KNOWN,
     HDR_MORE,
@@ -42,6 +51,9 @@ BOTH = frozenset({FrameType.WINDOW})
 SEND, RECV = 0, 1
 _HEADER_PLAIN = bytes([0])
 _HEADER_COMPRESSED = bytes([HDR_COMPRESSED])
+_HEADER_BATCH = bytes([HDR_BATCH])
+_FIXARRAY_5 = 0x95  # msgpack: a 5-element array, how every frame starts
+Prepared = tuple[bytes, bool]  # a frame's payload, and whether it is zstd-compressed
 RECENT_ENDED = 8192  # ended stream ids remembered, so frames that crossed the end are let by
 
 
@@ -109,6 +121,7 @@ class Session:
         *,
         max_message: int = MAX_MESSAGE,
         max_frame: int = MAX_FRAME,
+        caps: Mapping[int, int] | None = None,
     ) -> None:
         if not TAG_LEN + 2 <= max_message <= MAX_MESSAGE:
             raise ValueError(f"max_message must be in {TAG_LEN + 2}..{MAX_MESSAGE}")
@@ -116,12 +129,17 @@ class Session:
         self._recv = recv
         self.max_message = max_message
         self.max_frame = max_frame
+        # decoded payload caps by frame type, for what arrives and for what we send
+        self.caps: dict[int, int] = dict(FRAME_CAPS if caps is None else caps)
         self._streams = _Streams()
         self._chunks: list[bytes] = []
         self._chunks_len = 0
         self._chunks_compressed: bool | None = None
         self.dead: str | None = None
         self.sent_since_rekey = 0
+
+    def cap(self, kind: int) -> int:
+        return min(self.caps.get(kind, self.max_frame), self.max_frame)
 
     # -- sending --------------------------------------------------------------
 
@@ -131,6 +149,11 @@ class Session:
 
     def seal(self, frame: Frame) -> list[bytes]:
         """Stamp `frame` with its seq, encode, maybe compress, fragment and encrypt it."""
+        return self.encrypt([self.prepare(frame)])
+
+    def prepare(self, frame: Frame) -> Prepared:
+        """Stamp `frame` with its seq and encode it (maybe compressed): the stream
+        bookkeeping advances now; `encrypt` must then send these in the same order."""
         self._check_alive()
         seq = self._streams.next_seq(frame.stream_id, SEND)
         stamped = Frame(frame.type, frame.stream_id, seq, frame.flags, frame.body)
@@ -138,16 +161,69 @@ class Session:
         if problem is not None:
             raise TunnelError(f"cannot send: {problem}")
         payload = frames.encode(stamped)
-        if len(payload) > self.max_frame:
-            raise TunnelError(f"frame of {len(payload)} bytes is over the {self.max_frame} cap")
+        cap = self.max_frame if frame.type == FrameType.DATA else self.cap(frame.type)
+        if len(payload) > cap:
+            raise TunnelError(
+                f"{frame.type.name} frame of {len(payload)} bytes is over its {cap}-byte cap"
+            )
         compressed = False
         if len(payload) >= COMPRESS_MIN:
             packed = zstd.compress(payload)
             if len(packed) < len(payload):
                 payload, compressed = packed, True
-        messages = self._encrypt_chunks(payload, compressed)
         self._streams.advance(stamped, SEND)
+        return payload, compressed
+
+    def prepare_data(self, stream_id: int, body: bytes) -> Prepared:
+        """`prepare` for DATA on an open stream, the hot path (same rules)."""
+        seqs = self._streams.next.get(stream_id) if stream_id else None
+        if seqs is None or self.dead is not None:
+            return self.prepare(Frame(FrameType.DATA, stream_id, 0, 0, body))
+        payload = frames.encode_data(stream_id, seqs[SEND], body)
+        if len(payload) > self.max_frame:
+            raise TunnelError(f"DATA frame of {len(payload)} bytes is over the cap")
+        compressed = False
+        if len(payload) >= COMPRESS_MIN:
+            packed = zstd.compress(payload)
+            if len(packed) < len(payload):
+                payload, compressed = packed, True
+        seqs[SEND] += 1
+        return payload, compressed
+
+    def encrypt(self, prepared: list[Prepared]) -> list[bytes]:
+        """Messages for these prepared frames, in order: runs of small plain frames share
+        one message; a compressed or large frame goes alone (fragmented if needed)."""
+        self._check_alive()
+        step = self.max_message - TAG_LEN - 1
+        messages: list[bytes] = []
+        batch: list[bytes] = []
+        batch_len = 0
+        for payload, compressed in prepared:
+            size = len(payload) + BATCH_LEN
+            if not compressed and size <= step:
+                if batch_len + size > step:
+                    messages.append(self._seal_batch(batch))
+                    batch, batch_len = [], 0
+                batch.append(payload)
+                batch_len += size
+                continue
+            if batch:
+                messages.append(self._seal_batch(batch))
+                batch, batch_len = [], 0
+            messages.extend(self._encrypt_chunks(payload, compressed))
+        if batch:
+            messages.append(self._seal_batch(batch))
         return messages
+
+    def _seal_batch(self, batch: list[bytes]) -> bytes:
+        self.sent_since_rekey += 1
+        if len(batch) == 1:
+            return self._send.encrypt_with_ad(b"", _HEADER_PLAIN + batch[0])
+        parts = [_HEADER_BATCH]
+        for payload in batch:
+            parts.append(len(payload).to_bytes(BATCH_LEN, "big"))
+            parts.append(payload)
+        return self._send.encrypt_with_ad(b"", b"".join(parts))
 
     def _encrypt_chunks(self, payload: bytes, compressed: bool) -> list[bytes]:
         step = self.max_message - TAG_LEN - 1
@@ -166,17 +242,37 @@ class Session:
         self.sent_since_rekey += len(messages)
         return messages
 
-    def send_key_update(self) -> list[bytes]:
-        """Seal a KEY_UPDATE frame under the current key, then rekey the send cipher."""
-        messages = self.seal(Frame(FrameType.KEY_UPDATE, 0, 0, 0, None))
+    def key_update(self) -> Prepared:
+        """A prepared KEY_UPDATE; after encrypting it (last), call `rekey_send`."""
+        return self.prepare(Frame(FrameType.KEY_UPDATE, 0, 0, 0, None))
+
+    def rekey_send(self) -> None:
         self._send.rekey()
         self.sent_since_rekey = 0
+
+    def send_key_update(self) -> list[bytes]:
+        """Seal a KEY_UPDATE frame under the current key, then rekey the send cipher."""
+        messages = self.encrypt([self.key_update()])
+        self.rekey_send()
         return messages
 
     # -- receiving ------------------------------------------------------------
 
     def open(self, message: bytes) -> Frame | None:
-        """The frame this message completes, or None while a fragmented frame is incomplete."""
+        """The frame this message completes, or None while a fragmented frame is
+        incomplete. (A message carrying several frames: use `open_all`.)"""
+        got = self.open_all(message)
+        if len(got) > 1:
+            raise TunnelError("this message carries several frames: use open_all")
+        return got[0] if got else None
+
+    def open_all(self, message: bytes) -> list[Frame]:
+        """The frames this message completes, in order (none while a fragmented frame is
+        incomplete)."""
+        return [frame for frame, _ in self.open_sized(message)]
+
+    def open_sized(self, message: bytes) -> list[tuple[Frame, int]]:
+        """As `open_all`, each frame with the size of its decoded payload."""
         self._check_alive()
         try:
             return self._open(message)
@@ -184,13 +280,18 @@ class Session:
             self.dead = str(exc)
             raise
 
-    def _open(self, message: bytes) -> Frame | None:
+    def _open(self, message: bytes) -> list[tuple[Frame, int]]:
         if len(message) > self.max_message:
             raise FrameError("message longer than the maximum")
         plaintext = self._recv.decrypt_with_ad(b"", message)
-        if not plaintext or plaintext[0] & ~HDR_KNOWN:
+        if not plaintext or plaintext[0] & ~(HDR_KNOWN | HDR_BATCH):
             raise FrameError("bad chunk header")
-        compressed = bool(plaintext[0] & HDR_COMPRESSED)
+        header = plaintext[0]
+        if header & HDR_BATCH:
+            if header != HDR_BATCH or self._chunks_compressed is not None:
+                raise FrameError("bad chunk header")
+            return self._open_batch(plaintext)
+        compressed = bool(header & HDR_COMPRESSED)
         if self._chunks_compressed not in (None, compressed):
             raise FrameError("compression bit changed inside a fragmented frame")
         self._chunks_compressed = compressed
@@ -198,19 +299,72 @@ class Session:
         self._chunks_len += len(plaintext) - 1
         if self._chunks_len > self.max_frame:
             raise FrameError(f"frame over the {self.max_frame}-byte cap")
-        if plaintext[0] & HDR_MORE:
-            return None
-        payload = b"".join(self._chunks)
+        if header & HDR_MORE:
+            return []
+        payload = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
         self._chunks, self._chunks_len, self._chunks_compressed = [], 0, None
         if compressed:
-            payload = zstd.decompress(payload, self.max_frame)
+            declared = zstd.declared_size(payload)
+            if declared > self.max_frame:  # refused before decoding a byte
+                raise FrameError(
+                    f"zstd frame declares {declared} bytes, over the {self.max_frame}-byte cap"
+                )
+            kind = _kind(zstd.head(payload, 2))
+            if declared > self.cap(kind):
+                raise FrameError(_over(kind, declared, self.cap(kind)))
+            payload = zstd.decompress(payload, self.cap(kind))
+        else:
+            kind = _kind(payload)
+            if len(payload) > self.cap(kind):
+                raise FrameError(_over(kind, len(payload), self.cap(kind)))
+        return [self._accept(payload)]
+
+    def _open_batch(self, plaintext: bytes) -> list[tuple[Frame, int]]:
+        got: list[tuple[Frame, int]] = []
+        pos, end = 1, len(plaintext)
+        if pos == end:
+            raise FrameError("empty batch")
+        while pos < end:
+            if pos + BATCH_LEN > end:
+                raise FrameError("batch entry is truncated")
+            size = int.from_bytes(plaintext[pos : pos + BATCH_LEN], "big")
+            pos += BATCH_LEN
+            if size == 0 or pos + size > end:
+                raise FrameError("batch entry is empty or truncated")
+            payload = plaintext[pos : pos + size]
+            pos += size
+            kind = _kind(payload)
+            if size > self.cap(kind):
+                raise FrameError(_over(kind, size, self.cap(kind)))
+            got.append(self._accept(payload))
+        return got
+
+    def _accept(self, payload: bytes) -> tuple[Frame, int]:
         frame = frames.decode(payload, self.max_frame)
+        if frame.type is FrameType.DATA:  # the hot path: the next DATA of an open stream
+            seqs = self._streams.next.get(frame.stream_id) if frame.stream_id else None
+            if seqs is not None and frame.seq == seqs[RECV]:
+                seqs[RECV] += 1
+                return frame, len(payload)
         if self._streams.is_late(frame):
-            return frame
+            return frame, len(payload)
         problem = self._streams.problem(frame, RECV)
         if problem is not None:
             raise FrameError(problem)
         self._streams.advance(frame, RECV)
         if frame.type == FrameType.KEY_UPDATE:
             self._recv.rekey()
-        return frame
+        return frame, len(payload)
+
+
+def _kind(head: bytes) -> int:
+    """The frame type in a payload's first two bytes (0 if they are not a frame's start:
+    the decoder then refuses it)."""
+    if len(head) >= 2 and head[0] == _FIXARRAY_5 and head[1] < 0x80:
+        return head[1]
+    return 0
+
+
+def _over(kind: int, size: int, cap: int) -> str:
+    name = FrameType(kind).name if kind in FrameType._value2member_map_ else f"type {kind}"
+    return f"{name} frame of {size} bytes is over its {cap}-byte cap"

@@ -37,13 +37,9 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.http11 import Request, Response
 
-from tunnel.constants import (
-    HANDSHAKE_HEADER,
-    MAX_HANDSHAKE_MESSAGE,
-    MAX_MESSAGE,
-    REKEY_AFTER_MESSAGES,
-    REKEY_AFTER_S,
-)
+from tunnel.connection import Connection as TunnelConnection
+from tunnel.connection import Event, Opened, Pong, Received
+from tunnel.constants import HANDSHAKE_HEADER, MAX_HANDSHAKE_MESSAGE, MAX_MESSAGE
 from tunnel.errors import ClosedError, FrameError, HandshakeError, RefusedError, TunnelError
 from tunnel.frames import Frame, FrameType
 from tunnel.handshake import Hello, InitiatorHandshake, ReplayGuard, ResponderHandshake
@@ -54,7 +50,9 @@ from tunnel.session import Session
 log = logging.getLogger(__name__)
 
 WS_MAX_SIZE = MAX_MESSAGE + 1024
-_LINK_TYPES = frozenset({FrameType.PING, FrameType.PONG, FrameType.KEY_UPDATE})
+# Frames queued in the core past this many bytes make senders wait for the writer.
+WRITE_HIGH_WATER = 256 * 1024
+CLOSE_FLUSH_S = 5.0  # how long close() waits to send what is queued
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_POLICY = 1008
 
@@ -79,9 +77,11 @@ def _unb64(text: str) -> bytes:
 class Link:
     """One established, authenticated tunnel connection; either side.
 
-    Call `recv` (or run a `Mux`) continuously: PING is answered, PONG measured
-    and KEY_UPDATE applied inside it, and none of them is returned. `send` is
-    safe from many tasks: one lock seals and writes each frame in one step.
+    A thin shell on the sans-I/O `Connection` (`link.conn`): one writer task writes
+    whatever the core has to send (frames queued while it was writing leave together,
+    in one message), one reader (`recv`, or a `Mux`) feeds it what arrives, a timer
+    task pings. PING is answered, PONG measured and KEY_UPDATE applied in the core;
+    none of them is returned by `recv`. `send` is safe from many tasks.
     """
 
     def __init__(
@@ -89,6 +89,7 @@ class Link:
         ws: Connection,
         session: Session,
         *,
+        initiator: bool = False,
         hello: Hello | None = None,
         accept: dict[str, Any] | None = None,
         ping_interval: float | None = None,
@@ -96,21 +97,46 @@ class Link:
     ) -> None:
         self._ws = ws
         self._session = session
+        self.conn = TunnelConnection(
+            session,
+            initiator=initiator,
+            now=time.monotonic(),
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+        )
         self.hello = hello
         self.accept = accept
-        self.rtt_ms: float | None = None
-        self._ping_interval = ping_interval
-        self._ping_timeout = ping_timeout
         self._pongs: dict[int, asyncio.Future[None]] = {}
-        self._send_lock = asyncio.Lock()
         self._recv_lock = asyncio.Lock()
-        self._pending: deque[Frame] = deque()
-        self._pings: dict[int, float] = {}
-        self._rekeyed_at = time.monotonic()
-        self.rekey_after_messages = REKEY_AFTER_MESSAGES
-        self.rekey_after_s = REKEY_AFTER_S
-        self._pinger: asyncio.Task[None] | None = None
-        self._closed_reason: str | None = None
+        self._pending: deque[Event] = deque()
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._kicks = 0  # rounds asked of the writer
+        self._written = 0  # rounds it finished
+        self._flushes: list[asyncio.Future[None]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+
+    @property
+    def rtt_ms(self) -> float | None:
+        return self.conn.rtt_ms
+
+    @property
+    def rekey_after_messages(self) -> int:
+        return self.conn.rekey_after_messages
+
+    @rekey_after_messages.setter
+    def rekey_after_messages(self, value: int) -> None:
+        self.conn.rekey_after_messages = value
+
+    @property
+    def rekey_after_s(self) -> float:
+        return self.conn.rekey_after_s
+
+    @rekey_after_s.setter
+    def rekey_after_s(self, value: float) -> None:
+        self.conn.rekey_after_s = value
 
     @property
     def remote_address(self) -> Any:
@@ -118,73 +144,100 @@ class Link:
 
     @property
     def closed(self) -> bool:
-        return self._closed_reason is not None
+        return self.conn.closed is not None
 
     @property
     def closed_reason(self) -> str | None:
         """Why the link closed (None while it is open)."""
-        return self._closed_reason
+        return self.conn.closed
 
     def _start(self) -> None:
-        if self._ping_interval and self._pinger is None:
-            self._pinger = asyncio.create_task(self._ping_loop(self._ping_interval))
+        if self.conn.ping_interval and self._ticker is None:
+            self._ticker = asyncio.create_task(self._tick_loop())
 
     # -- sending --------------------------------------------------------------
 
     async def send(self, frame: Frame) -> None:
-        """Seal and write one frame (its seq is assigned by the session)."""
-        async with self._send_lock:
-            if self._closed_reason is not None:
-                raise ClosedError(f"link is closed: {self._closed_reason}")
-            if self._rekey_due():
-                await self._write(self._session.send_key_update())
-                self._rekeyed_at = time.monotonic()
-            await self._write(self._session.seal(frame))
+        """Queue one frame (its seq is assigned by the session) and let the writer send
+        it; waits while too much is queued (the socket is slow or stalled)."""
+        self.conn.send_raw(frame)
+        await self.sent()
 
-    def _rekey_due(self) -> bool:
-        return (
-            self._session.sent_since_rekey >= self.rekey_after_messages
-            or time.monotonic() - self._rekeyed_at >= self.rekey_after_s
-        )
+    async def sent(self) -> None:
+        """Wake the writer for what the core has queued; wait while over the high-water
+        mark (backpressure: websockets' drain stops the writer, the writer stops us)."""
+        self.kick()
+        while self.conn.pending_bytes > WRITE_HIGH_WATER:
+            if self.conn.closed is not None:
+                raise ClosedError(f"link is closed: {self.conn.closed}")
+            self._room.clear()
+            await self._room.wait()
 
-    async def _write(self, messages: list[bytes]) -> None:
+    def kick(self) -> None:
+        """The core has something to send: the writer sends it on its next round (in
+        this loop iteration's wake-ups: an idle link adds no delay)."""
+        if self.conn.closed is not None:
+            return
+        self._kicks += 1
+        self._wake.set()
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_loop())
+
+    async def _write_loop(self) -> None:
         try:
-            for message in messages:
-                await self._ws.send(message)  # waits while the write buffer is full
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                target = self._kicks
+                messages = self.conn.data_to_send(time.monotonic())
+                self._room.set()
+                for message in messages:
+                    await self._ws.send(message)  # waits while the write buffer is full
+                self._written = target
+                self._wake_flushes()
         except ConnectionClosed as exc:
             self._mark_closed(f"connection closed ({exc})")
-            raise ClosedError(f"link is closed: {self._closed_reason}") from None
+        except FrameError as exc:  # the session died under us
+            self._mark_closed(str(exc))
 
-    async def _ping_loop(self, interval: float) -> None:
-        """Ping every `interval`; with a `ping_timeout`, a PONG that does not come back in
-        time (a dead or silently stalled path: no FIN, no RST) closes the link."""
-        with contextlib.suppress(TunnelError):
-            while True:
-                await asyncio.sleep(interval)
-                if self._ping_timeout is None:
-                    await self.ping()
-                    continue
-                try:
-                    async with asyncio.timeout(self._ping_timeout):
-                        await self.ping(wait=True)  # the send itself may hang on a stall
-                except TimeoutError:
-                    self.abort(f"no PONG within {self._ping_timeout:g} s: the peer is unreachable")
-                    return
+    def _wake_flushes(self) -> None:
+        waiting, self._flushes = self._flushes, []
+        for flush in waiting:
+            if not flush.done():
+                flush.set_result(None)
+
+    async def flush(self) -> None:
+        """Return once every frame queued so far was written (or the link closed)."""
+        target = self._kicks
+        while self._written < target and self.conn.closed is None:
+            flush = asyncio.get_running_loop().create_future()
+            self._flushes.append(flush)
+            await flush
+
+    async def _tick_loop(self) -> None:
+        while self.conn.closed is None:
+            deadline = self.conn.next_deadline()
+            if deadline is None:
+                return
+            await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+            reason = self.conn.tick(time.monotonic())
+            if reason is not None:
+                self.abort(reason)
+                return
+            self.kick()
 
     async def ping(self, *, wait: bool = False) -> None:
         """Send an authenticated app-level PING; `rtt_ms` is set when its PONG comes back.
         With `wait`, return only once the PONG arrived."""
-        stamp = _now_ms()
-        while stamp in self._pings:
-            stamp += 1
-        self._pings[stamp] = time.monotonic()
-        if len(self._pings) > 16:
-            self._pings.pop(next(iter(self._pings)))
+        if self.conn.closed is not None:
+            raise ClosedError(f"link is closed: {self.conn.closed}")
+        stamp = self.conn.ping(time.monotonic())
         pong: asyncio.Future[None] | None = None
         if wait:
             pong = self._pongs[stamp] = asyncio.get_running_loop().create_future()
         try:
-            await self.send(Frame(FrameType.PING, 0, 0, 0, {"t": stamp}))
+            await self.sent()
+            await self.flush()
             if pong is not None:
                 await pong
         finally:
@@ -193,14 +246,21 @@ class Link:
     # -- receiving ------------------------------------------------------------
 
     async def recv(self) -> Frame:
-        """The next frame for the caller; ClosedError when the link is closed."""
+        """The next frame for the caller; ClosedError when the link is closed. (Without
+        a Mux: DATA read here gives its credit back at once.)"""
         async with self._recv_lock:
             while True:
-                if self._pending:
-                    return self._pending.popleft()
-                frame = await self._read_frame()
-                if frame.type not in _LINK_TYPES or not await self._handled(frame):
-                    return frame
+                while self._pending:
+                    event = self._pending.popleft()
+                    if isinstance(event, Received | Opened):
+                        frame = event.frame
+                        if frame.type == FrameType.DATA:
+                            state = self.conn.streams.get(frame.stream_id)
+                            if state is not None:
+                                self.conn.consumed(state, len(frame.body))
+                                self.kick()
+                        return frame
+                self._pending.extend(await self._read_events())
 
     def __aiter__(self) -> AsyncIterator[Frame]:
         return self._frames()
@@ -213,10 +273,11 @@ class Link:
                 return
             yield frame
 
-    async def _read_frame(self) -> Frame:
+    async def _read_events(self) -> list[Event]:
+        """Read one message and feed it to the core: its events (maybe none)."""
         while True:
-            if self._closed_reason is not None:
-                raise ClosedError(f"link is closed: {self._closed_reason}")
+            if self.conn.closed is not None:
+                raise ClosedError(f"link is closed: {self.conn.closed}")
             try:
                 message = await self._ws.recv()
             except ConnectionClosed as exc:
@@ -225,53 +286,47 @@ class Link:
             if isinstance(message, str):
                 await self._fail(CLOSE_PROTOCOL_ERROR, "text message on a binary tunnel")
             try:
-                frame = self._session.open(message)
+                events = self.conn.receive(message, time.monotonic())
             except FrameError as exc:
                 await self._fail(CLOSE_PROTOCOL_ERROR, str(exc))
-            if frame is not None:
-                return frame
+            if self.conn.pending_bytes:
+                self.kick()  # PONG, WINDOW, a refusal
+            for event in events:
+                if isinstance(event, Pong):
+                    pong = self._pongs.pop(event.stamp, None)
+                    if pong is not None and not pong.done():
+                        pong.set_result(None)
+            return events
 
     async def _fail(self, code: int, reason: str) -> NoReturn:
+        log.warning("tunnel link closed: %s", reason)
+        self.conn.session.dead = self.conn.session.dead or reason
         self._mark_closed(reason)
         with contextlib.suppress(ConnectionClosed):
             await self._ws.close(code, reason[:120])
         raise FrameError(reason)
 
-    async def _handled(self, frame: Frame) -> bool:
-        """Answer or absorb the frames the link itself owns."""
-        if frame.type == FrameType.PING:
-            with contextlib.suppress(ClosedError):
-                await self.send(Frame(FrameType.PONG, 0, 0, 0, {"t": frame.body["t"]}))
-            return True
-        if frame.type == FrameType.PONG:
-            sent = self._pings.pop(frame.body["t"], None)
-            if sent is not None:
-                self.rtt_ms = (time.monotonic() - sent) * 1000.0
-            pong = self._pongs.pop(frame.body["t"], None)
-            if pong is not None and not pong.done():
-                pong.set_result(None)
-            return True
-        return frame.type == FrameType.KEY_UPDATE
-
     async def _first_frame(self) -> None:
-        """Wait for the peer's first encrypted frame (key confirmation), keeping it if it
-        is one the caller should see."""
+        """Wait for the peer's first encrypted message (key confirmation), keeping what it
+        carries for the caller."""
         async with self._recv_lock:
-            frame = await self._read_frame()
-            if not await self._handled(frame):
-                self._pending.append(frame)
+            self._pending.extend(await self._read_events())
 
     # -- closing --------------------------------------------------------------
 
     def _mark_closed(self, reason: str) -> None:
-        if self._closed_reason is None:
-            self._closed_reason = reason or "closed"
-        if self._pinger is not None and self._pinger is not asyncio.current_task():
-            self._pinger.cancel()
+        if self.conn.closed is None:
+            self.conn.closed = reason or "closed"
+        current = asyncio.current_task()
+        for task in (self._ticker, self._writer):
+            if task is not None and task is not current:
+                task.cancel()
         for pong in self._pongs.values():
             if not pong.done():
-                pong.set_exception(ClosedError(f"link is closed: {self._closed_reason}"))
+                pong.set_exception(ClosedError(f"link is closed: {self.conn.closed}"))
         self._pongs.clear()
+        self._room.set()
+        self._wake_flushes()
 
     def abort(self, reason: str) -> None:
         """Drop the connection at once, without a closing handshake (the path is dead or
@@ -282,12 +337,15 @@ class Link:
             transport.abort()
 
     async def fail(self, reason: str) -> NoReturn:
-        """The peer broke the protocol above the session (e.g. flow control): close with
-        1002 and raise FrameError(reason)."""
-        self._session.dead = self._session.dead or reason
+        """The peer broke the protocol above the session: close with 1002 and raise
+        FrameError(reason)."""
         await self._fail(CLOSE_PROTOCOL_ERROR, reason)
 
     async def close(self, reason: str = "") -> None:
+        """Send what is queued (a few seconds at most), then close the websocket."""
+        if self.conn.closed is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.flush(), CLOSE_FLUSH_S)
         self._mark_closed(reason or "closed by this side")
         with contextlib.suppress(ConnectionClosed):
             await self._ws.close(1000, reason[:120])
@@ -333,7 +391,12 @@ async def connect(
             raise HandshakeError("the server answered without a handshake: not a meshgate tunnel")
         session, accept = handshake.finish(_unb64(reply))
         link = Link(
-            ws, session, accept=accept, ping_interval=ping_interval, ping_timeout=ping_timeout
+            ws,
+            session,
+            initiator=True,
+            accept=accept,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
         )
         await link.ping()  # the first encrypted frame: proves our keys to the coordinator
     except BaseException:
@@ -485,7 +548,12 @@ async def serve(
             return
         session, hello, _ = entry
         link = Link(
-            conn, session, hello=hello, ping_interval=ping_interval, ping_timeout=ping_timeout
+            conn,
+            session,
+            initiator=False,
+            hello=hello,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
         )
         try:
             async with asyncio.timeout(first_frame_timeout):

@@ -1,10 +1,8 @@
 """Energy per request and usage kept while offline, end to end: a real coordinator and a
 real node (subprocesses), the node's tunnel through the fault proxy. The node's GPU is the
 FAKE NVML (one recorded H100 at 71 W whose energy counter moves with the clock): this box
-has no GPU, and its RAPL counters are not readable. The model is served through the
-node's upstream runtime from the FAKE OpenAI server (tests/node/fake_openai_server.py):
-what is tested here (metering, END frames, the journal, ingest) is the same for every
-runtime, and a node restarted twice loads nothing.
+has no GPU, and its RAPL counters are not readable. The model is the real SmolLM2 in a
+llama.cpp runner.
 
 1. A request through the coordinator: its ledger row carries the joules the node measured
    and their cost at the node's electricity price; /metrics counts them.
@@ -18,8 +16,6 @@ runtime, and a node restarted twice loads nothing.
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,13 +27,12 @@ import pytest
 from coordinator.state import StateDir
 from coordinator.store import Store, UsageRecord
 from node_agent.journal import ACKED, JOURNAL
-from tests.e2e.mesh import Mesh, free_port, mesh_at, wait_until
+from tests.e2e.mesh import Mesh, mesh_at, wait_until
 from tests.faultproxy import ThreadedFaultProxy
 
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2"
-FAKE_SERVER = Path(__file__).resolve().parents[1] / "node" / "fake_openai_server.py"
 HELLO: list[Any] = [{"role": "user", "content": "Say hello."}]
 PRICE = 0.30  # per kWh
 NODE_ENV = {
@@ -47,12 +42,12 @@ NODE_ENV = {
 
 
 class Rig:
-    def __init__(self, mesh: Mesh, proxy: ThreadedFaultProxy, upstream: str) -> None:
-        self.mesh, self.proxy, self.upstream = mesh, proxy, upstream
+    def __init__(self, mesh: Mesh, proxy: ThreadedFaultProxy, model_path: Path) -> None:
+        self.mesh, self.proxy, self.model_path = mesh, proxy, model_path
 
     def start_node(self) -> None:
-        self.mesh.start_node("node-a", extra=("--upstream", f"{MODEL}={self.upstream}"),
-                             env=NODE_ENV)
+        self.mesh.start_node("node-a", f"{MODEL}={self.model_path}",
+                             extra=("--n-ctx", "512"), env=NODE_ENV)
 
     @property
     def node_state(self) -> Path:
@@ -102,21 +97,7 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[str]:
-    port = free_port()
-    server = subprocess.Popen([sys.executable, str(FAKE_SERVER), "--port", str(port),
-                               "--name", MODEL, "--chunks", "4"])
-    try:
-        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200,
-                   30, "the fake upstream")
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.kill()
-        server.wait(10)
-
-
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory, upstream: str) -> Iterator[Rig]:
+def rig(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[Rig]:
     for mesh in mesh_at(tmp_path_factory.mktemp("energy")):
         mesh.start_coordinator()
         mesh.key = mesh.make_key("energy")
@@ -124,7 +105,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory, upstream: str) -> Iterator[Rig
         port = proxy.start()
         assert mesh.enroll("node-a", mesh.token("--tunnel-url", f"ws://127.0.0.1:{port}")
                            ).returncode == 0
-        rig = Rig(mesh, proxy, upstream)
+        rig = Rig(mesh, proxy, model_path)
         rig.start_node()
         mesh.wait_serving(MODEL)
         try:
@@ -180,7 +161,7 @@ def test_a_node_killed_mid_upload_still_counts_each_row_once(rig: Rig) -> None:
     rig.serve_locally(2)
     rig.mesh.nodes["node-a"].stop(signal.SIGKILL)
     rig.proxy.heal()
-    rig.proxy.delay(1.5)  # every chunk 1.5 s late: the END of the upload too
+    rig.proxy.delay(2.0)  # every chunk 2 s late: the END of the upload too
     rig.start_node()
     wait_until(lambda: len(rig.offline_rows()) >= before + 2, 120, "the coordinator ingested",
                rig.procs())

@@ -133,6 +133,10 @@ def test_requests_served_here_while_offline_are_journaled_with_their_energy(
     scrape = metrics.render().decode()
     assert 'meshgate_node_energy_joules_total{model="smollm2"}' in scrape
     assert 'meshgate_node_energy_measured_joules_total{device="gpu0"}' in scrape
+    pending = acct.journal.unacked_bytes
+    assert pending > 0
+    assert f"meshgate_node_usage_journal_pending_bytes {float(pending)}" in scrape
+    assert "meshgate_node_usage_journal_dropped_total 0.0" in scrape
 
 
 def test_a_request_that_started_offline_and_ended_online_is_journaled(tmp_path: Path) -> None:

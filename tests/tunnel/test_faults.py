@@ -15,6 +15,7 @@ import pytest
 from mux_pair import Pair, mux_pair
 
 from tunnel import ClosedError, Frame, FrameError, FrameType, Stream, TunnelError
+from tunnel.ws import WRITE_HIGH_WATER
 
 SETTLE = 10.0  # generous bound for "promptly" on a loaded 2-core machine
 
@@ -213,9 +214,12 @@ async def test_a_stalled_path_blocks_link_send_instead_of_buffering_without_boun
                 last = sent
                 await asyncio.sleep(0.05)  # until the proxy and both kernels are full
         assert not task.done()
-        assert pair.node_link._send_lock.locked()  # the sender waits inside send (drain)
-        # bounded: asyncio's buffer by websockets' write limit (+ one message), and all
-        # sent by what the proxy queue and the loopback sockets hold (a few MB)
+        # the sender waits in send for room: the writer waits on websockets' drain
+        assert pair.node_link.conn.pending_bytes > WRITE_HIGH_WATER
+        # bounded: frames queued in the core by the high-water mark (+ one frame),
+        # asyncio's buffer by websockets' write limit (+ one message), and all sent by
+        # what the proxy queue and the loopback sockets hold (a few MB)
+        assert pair.node_link.conn.pending_bytes <= WRITE_HIGH_WATER + 31_000
         assert transport.get_write_buffer_size() <= 64 * 1024 + 31_000
         assert sent * 30_000 <= 64 * 1024 * 1024
     finally:

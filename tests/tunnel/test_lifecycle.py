@@ -90,7 +90,7 @@ async def test_node_goaway_stops_the_coordinator_opening_streams_at_once() -> No
             await p.coord_mux.open({"chunks": 1})
 
         # an OPEN that crossed the GOAWAY in flight is refused with 503, not served
-        p.coord_mux.peer_going_away = None
+        p.coord_mux.conn.peer_going_away = None
         crossed = await p.coord_mux.open({"chunks": 1})
         refused = await asyncio.wait_for(crossed.recv(), SETTLE)
         assert refused.type == FrameType.ERROR
@@ -155,5 +155,31 @@ async def test_streams_survive_rekeys_in_both_directions_mid_stream() -> None:
         assert p.coord_link._session._send._key != coord_key
         assert p.node_link._session.sent_since_rekey < 4
         assert not p.node_link.closed
+    finally:
+        await p.close()
+
+
+async def test_recv_under_asyncio_timeout_loses_nothing() -> None:
+    """What the coordinator's dispatch does per frame (no task per frame, as wait_for)."""
+    release = asyncio.Event()
+
+    async def later(stream: Stream, frame: Frame) -> None:
+        await release.wait()
+        await stream.send(FrameType.DATA, b"late")
+        await stream.send(FrameType.END, {})
+
+    p = await mux_pair(node_on_stream=later)
+    try:
+        stream = await p.coord_mux.open({})
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await stream.recv()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0):
+                await stream.recv()
+        release.set()
+        async with asyncio.timeout(SETTLE):
+            assert (await stream.recv()).body == b"late"
+            assert (await stream.recv()).type == FrameType.END
     finally:
         await p.close()
