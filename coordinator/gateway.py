@@ -24,6 +24,7 @@ from typing import Any
 from coordinator.errors import EnrollmentRefused
 from coordinator.registry import NodeConn, Registry
 from coordinator.store import Store
+from meshgate.bounds import clip
 from meshgate.node_messages import Hello as NodeHello
 from meshgate.node_messages import Inventory, LoadDelta, parse, parse_telemetry
 from meshgate.protocol import ProtocolViolation, error_body
@@ -169,7 +170,8 @@ class Gateway:
             inventory = parse(body, Inventory)
             self.registry.set_inventory(conn, inventory, body)
             await asyncio.to_thread(self.store.touch_node, conn.did, time.time(), conn.models)
-            log.info("node %s serves %s", conn.did, conn.models)
+            log.info("node %s serves %d model(s): %s", conn.did, len(conn.models),
+                     clip(", ".join(conn.models), 500))  # peer data: never a huge line
         elif frame.type == FrameType.RESULT:
             conn.on_result(body if isinstance(body, dict) else {})
         elif frame.type == FrameType.TELEMETRY:

@@ -23,6 +23,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+SCHEDULE_BUCKETS = (25e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -54,6 +55,12 @@ class Metrics:
             "meshgate_coordinator_tokens",
             "Tokens served, by kind (prompt, completion) and model.",
             ["kind", "model"],
+            registry=r,
+        )
+        self.schedule = Histogram(
+            "meshgate_coordinator_schedule_seconds",
+            "Time one scheduling decision took (the scheduler over the live fleet index).",
+            buckets=SCHEDULE_BUCKETS,
             registry=r,
         )
         self.queue_length = Gauge(

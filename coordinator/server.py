@@ -76,8 +76,10 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
         cache = (ResponseCache(ttl_s=opts.cache_ttl_s, max_entries=opts.cache_entries)
                  if cluster is None else SharedResponseCache(
                      cluster.link, ttl_s=opts.cache_ttl_s, max_entries=opts.cache_entries))
+    metrics = Metrics()
+    dispatcher.on_decision = metrics.schedule.observe
     return ApiContext(registry, verify_key, known_models, record_usage, config=config,
-                      dispatcher=dispatcher, gate=gate, metrics=Metrics(), cache=cache)
+                      dispatcher=dispatcher, gate=gate, metrics=metrics, cache=cache)
 
 
 async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> None:

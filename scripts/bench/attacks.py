@@ -3,6 +3,8 @@
     .venv/bin/python scripts/bench/attacks.py slowloris [--code DIR] [--conns 1100]
         [--hold 40] [--nofile 1024]
     .venv/bin/python scripts/bench/attacks.py ledger-kill [--code DIR] [--answers 6]
+    .venv/bin/python scripts/bench/attacks.py request-id [--code DIR] [--id-bytes 4000000]
+    .venv/bin/python scripts/bench/attacks.py relay-flood [--code DIR] [--relayed 300]
 
 ``--code DIR`` runs the daemons from another checkout of meshgate (e.g. a
 ``git worktree add --detach /tmp/base <commit>`` of the code before a fix), so
@@ -17,6 +19,11 @@ checkout.
 * ``ledger-kill``: ``--answers`` requests are answered by a node (an instant
   fake node on the real tunnel library), the coordinator is SIGKILLed the
   moment the last answer is read, and the ledger is counted.
+* ``request-id``: a node opens one request upward with a ``--id-bytes`` request
+  id; the coordinator's log growth and its answer.
+* ``relay-flood``: one node relays ``--relayed`` requests for a model whose only
+  node never answers until released; then an app with a key asks for it: its
+  status and latency (released after 5 s), and the ledger rows of the relayed.
 """
 
 from __future__ import annotations
@@ -180,17 +187,104 @@ async def _ledger_kill(args: argparse.Namespace) -> dict[str, Any]:
                 "ledger_rows": rows}
 
 
+async def _request_id(args: argparse.Namespace) -> dict[str, Any]:
+    from tests.e2e.evil_node import EvilNode, completion, drain
+    from tunnel import FrameType
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mesh = CodeMesh(root=Path(tmp), api_port=free_port(), tunnel_port=free_port())
+        mesh.code = Path(args.code)
+        try:
+            mesh.start_coordinator()
+            mesh.key = mesh.make_key("bench")
+            node = await EvilNode.start(mesh, "chatty", ["chatty"])
+            node.reply = [(FrameType.DATA, completion("hi", "chatty")),
+                          (FrameType.END, {"usage": None})]
+            await asyncio.to_thread(mesh.wait_serving, "chatty", 10)
+            log = mesh.root / "coordinator.log"
+            before = log.stat().st_size
+            stream = await node.ask({"model": "chatty", "messages": [{"role": "user",
+                                     "content": "x"}]}, request_id="x" * args.id_bytes)
+            frames = await drain(stream)
+            await asyncio.sleep(1)  # let the log lines land
+            await node.close()
+            end = frames[-1]
+            return {"attack": "request-id", "code": str(args.code), "id_bytes": args.id_bytes,
+                    "answer": end.type.name, "status": (end.body or {}).get("status")
+                    if isinstance(end.body, dict) else None,
+                    "coordinator_log_bytes_added": log.stat().st_size - before}
+        finally:
+            mesh.stop()
+
+
+async def _relay_flood(args: argparse.Namespace) -> dict[str, Any]:
+    from tests.e2e.evil_node import EvilNode, completion
+    from tunnel import Frame, FrameType, Stream
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mesh = CodeMesh(root=Path(tmp), api_port=free_port(), tunnel_port=free_port())
+        mesh.code = Path(args.code)
+        try:
+            mesh.start_coordinator()
+            mesh.key = mesh.make_key("keyed")
+            release = asyncio.Event()
+            worker = await EvilNode.start(mesh, "worker", ["slow"])
+
+            async def answer(stream: Stream, frame: Frame) -> None:
+                await release.wait()
+                await stream.send(FrameType.DATA, completion("done", "slow"))
+                await stream.send(FrameType.END, {"usage": None})
+
+            worker.answer = answer
+            asker = await EvilNode.start(mesh, "asker", [])
+            await asyncio.to_thread(mesh.wait_serving, "slow", 10)
+            for i in range(args.relayed):
+                await asker.ask({"model": "slow", "messages": [{"role": "user",
+                                 "content": "x"}]}, request_id=f"flood-{i}")
+            await asyncio.sleep(1)
+            loop = asyncio.get_running_loop()
+            loop.call_later(5, release.set)
+            started = time.perf_counter()
+            async with httpx.AsyncClient(timeout=60) as client:
+                reply = await client.post(
+                    f"{mesh.api}/chat/completions", json={"model": "slow", "messages": [
+                        {"role": "user", "content": "x"}]},
+                    headers={"Authorization": f"Bearer {mesh.key}"})
+            keyed_s = time.perf_counter() - started
+            release.set()
+            await asyncio.sleep(2)
+            await asker.close()
+            await worker.close()
+            import sqlite3
+            db = sqlite3.connect(mesh.coord_state / "coordinator.db")
+            rows = db.execute("select outcome, count(*) from usage_ledger where request_id "
+                              "like 'flood-%' group by outcome").fetchall()
+            db.close()
+            return {"attack": "relay-flood", "code": str(args.code), "relayed": args.relayed,
+                    "keyed_status": reply.status_code, "keyed_s": round(keyed_s, 2),
+                    "keyed_error": reply.json().get("error", {}).get("code")
+                    if reply.status_code != 200 else None,
+                    "relayed_ledger_rows": dict(rows)}
+        finally:
+            mesh.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("attack", choices=["slowloris", "ledger-kill"])
+    parser.add_argument("attack", choices=["slowloris", "ledger-kill", "request-id",
+                                           "relay-flood"])
     parser.add_argument("--code", default=str(ROOT))
     parser.add_argument("--conns", type=int, default=1100)
     parser.add_argument("--hold", type=float, default=40)
     parser.add_argument("--nofile", type=int, default=1024)
     parser.add_argument("--answers", type=int, default=6)
+    parser.add_argument("--id-bytes", type=int, default=4_000_000)
+    parser.add_argument("--relayed", type=int, default=300)
     args = parser.parse_args()
-    result = slowloris(args) if args.attack == "slowloris" else asyncio.run(_ledger_kill(args))
+    runs = {"ledger-kill": _ledger_kill, "request-id": _request_id, "relay-flood": _relay_flood}
+    result = slowloris(args) if args.attack == "slowloris" else asyncio.run(
+        runs[args.attack](args))
     print(json.dumps(result, indent=1))
 
 

@@ -1,0 +1,359 @@
+"""One coordinator, a simulated fleet of N nodes on the real tunnel, load through the public API.
+
+    .venv/bin/python scripts/bench/fleet.py --nodes 1000 [--procs 4] [--concurrency 32]
+                                            [--seconds 15] [--idle-seconds 8] [--seed 1]
+
+- A real `meshgate-coordinator serve` process (SQLite in a temporary state dir).
+- N identities enrolled with one reusable fleet token (`create_token(uses=N)`,
+  redeemed in the store before the coordinator starts), then connected by
+  `--procs` simulator processes over the real tunnel (Noise handshake,
+  encrypted frames, zstd): all from 127.0.0.1, so the handshake rate limit
+  for known identities is exercised too (`connect_s`, `connect_retries`).
+- Each simulated node has its own hardware (GPUs or none, VRAM, RAM), 2-4
+  models from a catalog (one popular model everywhere), its own speed; it
+  sends the typed inventory, then telemetry at 1 Hz (jittered), and answers
+  each request after its own synthetic time (4 tokens at its decode rate)
+  with a chat completion whose body says that time (`sim_service_s`).
+- Idle phase: coordinator CPU with only telemetry flowing (`telemetry_cpu_pct`).
+- Load phase: `--concurrency` clients send non-stream chat requests for the
+  popular model for `--seconds`: requests/s, latency, and added latency
+  (client latency minus the node's synthetic time), the coordinator's CPU and
+  RSS, and its own scheduling histogram (`/metrics`,
+  `meshgate_coordinator_schedule_seconds`): decisions/s, p50/p99 (bucket
+  bounds, linearly interpolated).
+
+Prints one JSON line. Loopback only, bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from coordinator.state import StateDir
+from coordinator.store import Store
+from meshgate.node_messages import (
+    GpuInfo,
+    HostInfo,
+    Inventory,
+    ModelInfo,
+    ModelLoad,
+    Telemetry,
+    to_wire,
+)
+from tunnel import Frame, FrameType, Identity, Mux, Stream, TunnelError, connect
+
+CATALOG = [f"model-{i:02}" for i in range(12)]
+POPULAR = CATALOG[0]
+GIB = 1 << 30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- the simulated node -----------------------------------------------------------------
+
+
+class SimNode:
+    def __init__(self, identity: Identity, rng: random.Random) -> None:
+        self.identity = identity
+        self.gpus = rng.choice([0, 0, 1, 1, 2, 4, 8])
+        self.vram = rng.choice([16, 24, 48, 80]) * GIB
+        others = rng.sample(CATALOG[1:], rng.randint(1, 3))
+        self.models = [POPULAR, *others]
+        self.loaded = {m: rng.random() < 0.7 for m in self.models}
+        self.loaded[POPULAR] = True
+        self.decode = rng.uniform(200.0, 2000.0) if self.gpus else rng.uniform(50.0, 300.0)
+        self.prefill = self.decode * rng.uniform(10, 40)
+        self.capacity = rng.choice([1, 2, 4, 8]) if self.gpus else 1
+        self.in_flight = 0
+
+    def inventory(self) -> dict[str, Any]:
+        return to_wire(Inventory(models=[
+            ModelInfo(name=m, loaded=self.loaded[m], n_ctx=8192, memory_bytes=4 * GIB,
+                      load_time_s=4.0, capacity=self.capacity) for m in self.models]))
+
+    def telemetry(self) -> dict[str, Any]:
+        gpus = [GpuInfo(index=i, name="SIM-GPU", vram_total_bytes=self.vram,
+                        vram_free_bytes=self.vram // 2, gpu_util_pct=30.0)
+                for i in range(self.gpus)]
+        runtime = {m: ModelLoad(loaded=self.loaded[m], in_flight=self.in_flight if m == POPULAR
+                                else 0, queued=0, prefill_tps=self.prefill,
+                                decode_tps=self.decode, capacity=self.capacity)
+                   for m in self.models}
+        return to_wire(Telemetry(ts=time.time(), host=HostInfo(
+            cpu_count=16, cpu_util_pct=20.0, mem_total_bytes=64 * GIB,
+            mem_available_bytes=32 * GIB), gpus=gpus, runtime=runtime))
+
+    async def answer(self, stream: Stream, frame: Frame) -> None:
+        body = frame.body if isinstance(frame.body, dict) else {}
+        service = 4 / self.decode
+        self.in_flight += 1
+        try:
+            await asyncio.sleep(service)
+        finally:
+            self.in_flight -= 1
+        reply = {"id": "chatcmpl-sim", "object": "chat.completion", "created": int(time.time()),
+                 "model": body.get("model", POPULAR), "sim_service_s": service,
+                 "choices": [{"index": 0, "finish_reason": "stop",
+                              "message": {"role": "assistant", "content": "one two three four"}}],
+                 "usage": {"prompt_tokens": 8, "completion_tokens": 4, "total_tokens": 12}}
+        await stream.send(FrameType.DATA, json.dumps(reply).encode())
+        await stream.send(FrameType.END, {"usage": reply["usage"]})
+
+
+async def run_node(node: SimNode, url: str, key: bytes, gate: asyncio.Semaphore,
+                   stats: dict[str, int]) -> None:
+    delay = 0.5
+    while True:
+        try:
+            async with gate:
+                link = await connect(url, node.identity, key, open_timeout=60)
+            break
+        except (TunnelError, OSError):
+            stats["retries"] += 1
+            await asyncio.sleep(delay * random.random())
+            delay = min(delay * 2, 10.0)
+    stats["connected"] += 1
+    mux = Mux(link, initiator=True, on_stream=node.answer)
+    task = asyncio.create_task(mux.run())
+    await mux.send_control(FrameType.INVENTORY, node.inventory())
+    await asyncio.sleep(random.random())
+    try:
+        while not task.done():
+            await mux.send_control(FrameType.TELEMETRY, node.telemetry())
+            stats["telemetry"] += 1
+            await asyncio.sleep(1.0)
+    except TunnelError:
+        stats["lost"] += 1
+
+
+async def sim_worker(spec: dict[str, Any]) -> None:
+    rng = random.Random(spec["seed"])
+    nodes = [SimNode(Identity.from_bytes(bytes.fromhex(h)), rng) for h in spec["identities"]]
+    stats = {"connected": 0, "retries": 0, "telemetry": 0, "lost": 0}
+    gate = asyncio.Semaphore(64)
+    key = bytes.fromhex(spec["key"])
+    tasks = [asyncio.create_task(run_node(n, spec["url"], key, gate, stats)) for n in nodes]
+    out = Path(spec["stats"])
+    while True:
+        await asyncio.to_thread(out.write_text, json.dumps(stats))
+        await asyncio.sleep(0.5)
+        if all(t.done() for t in tasks):
+            return
+
+
+# --- the driver -------------------------------------------------------------------------
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system)
+
+
+def histogram(text: str, name: str) -> tuple[list[tuple[float, float]], float]:
+    buckets: list[tuple[float, float]] = []
+    count = 0.0
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket"):
+            bound = re.search(r'le="([^"]+)"', line)
+            if bound:
+                buckets.append((float(bound.group(1)), float(line.rsplit(" ", 1)[1])))
+        elif line.startswith(f"{name}_count"):
+            count = float(line.rsplit(" ", 1)[1])
+    return buckets, count
+
+
+def quantile(before: list[tuple[float, float]], after: list[tuple[float, float]],
+             q: float) -> float | None:
+    diffs = [(b, a - dict(before).get(b, 0.0)) for b, a in after]
+    total = diffs[-1][1] if diffs else 0.0
+    if total <= 0:
+        return None
+    want, low, below = q * total, 0.0, 0.0
+    for bound, cum in diffs:
+        if cum >= want:
+            if bound == float("inf"):
+                return low
+            return low + (bound - low) * (want - below) / max(cum - below, 1e-9)
+        low, below = bound, cum
+    return low
+
+
+async def load(api: str, key: str, seconds: float, concurrency: int) -> dict[str, Any]:
+    lat: list[float] = []
+    added: list[float] = []
+    errors: dict[str, int] = {}
+    body = {"model": POPULAR, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=api, timeout=60, limits=limits,
+                                 headers={"Authorization": f"Bearer {key}"}) as client:
+        async def worker() -> None:
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                try:
+                    reply = await client.post("/v1/chat/completions", json=body)
+                except httpx.HTTPError as exc:
+                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                    continue
+                took = time.perf_counter() - t0
+                if reply.status_code != 200:
+                    errors[str(reply.status_code)] = errors.get(str(reply.status_code), 0) + 1
+                    continue
+                lat.append(took)
+                added.append(took - float(reply.json().get("sim_service_s", 0.0)))
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - began
+    lat.sort()
+    added.sort()
+
+    def pct(xs: list[float], q: float) -> float | None:
+        return round(xs[min(int(len(xs) * q), len(xs) - 1)] * 1000, 2) if xs else None
+
+    return {"requests": len(lat), "requests_per_s": round(len(lat) / wall, 1),
+            "latency_p50_ms": pct(lat, 0.5), "latency_p99_ms": pct(lat, 0.99),
+            "added_latency_p50_ms": pct(added, 0.5), "added_latency_p99_ms": pct(added, 0.99),
+            "errors": errors, "wall_s": round(wall, 1)}
+
+
+def enroll(state: StateDir, n: int, seed: int) -> list[Identity]:
+    store = Store(state.db_url)
+    now = time.time()
+    token_id, secret = store.create_token(3600, {"fleet": "bench"}, now, uses=n)
+    identities = [Identity.generate() for _ in range(n)]
+    for ident in identities:
+        store.redeem_token(token_id, secret, ident.did, now)
+    store.close()
+    return identities
+
+
+async def driver(args: argparse.Namespace) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="meshgate-fleet-"))
+    state = StateDir(root / "coordinator")
+    t0 = time.perf_counter()
+    identities = enroll(state, args.nodes, args.seed)
+    enroll_s = time.perf_counter() - t0
+    store = Store(state.db_url)
+    _, api_key = store.create_key("bench", time.time())
+    store.close()
+    api_port, tunnel_port = free_port(), free_port()
+    exe = Path(sys.executable).with_name("meshgate-coordinator")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c",
+                                           "from coordinator.cli import app; app()"]
+    coord = subprocess.Popen(  # noqa: ASYNC220
+        [*cmd, "serve", "--state-dir", str(state.path), "--api-host", "127.0.0.1",
+         "--api-port", str(api_port), "--tunnel-host", "127.0.0.1", "--tunnel-port",
+         str(tunnel_port), "--log-level", "warning"],
+        stdout=(root / "coordinator.log").open("wb"), stderr=subprocess.STDOUT)
+    api = f"http://127.0.0.1:{api_port}"
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        async with httpx.AsyncClient(base_url=api, timeout=5) as http:
+            for _ in range(200):
+                try:
+                    if (await http.get("/healthz")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.1)
+            proc = psutil.Process(coord.pid)
+            key = state.static_public().hex()
+            url = f"ws://127.0.0.1:{tunnel_port}"
+            per = -(-args.nodes // args.procs)
+            connect_start = time.perf_counter()
+            for i in range(args.procs):
+                chunk = identities[i * per:(i + 1) * per]
+                spec = root / f"sim{i}.json"
+                spec.write_text(json.dumps({
+                    "url": url, "key": key, "seed": args.seed + i, "stats": str(root / f"s{i}"),
+                    "identities": [x.to_bytes().hex() for x in chunk]}))
+                workers.append(subprocess.Popen(  # noqa: ASYNC220
+                    [sys.executable, __file__, "--sim-worker", str(spec)],
+                    stdout=(root / f"sim{i}.log").open("wb"), stderr=subprocess.STDOUT))
+            deadline = time.perf_counter() + args.connect_timeout
+            nodes = 0
+            while time.perf_counter() < deadline:
+                nodes = (await http.get("/healthz")).json().get("nodes", 0)
+                if nodes >= args.nodes:
+                    break
+                await asyncio.sleep(0.5)
+            connect_s = time.perf_counter() - connect_start
+            await asyncio.sleep(2.0)  # every node past its first telemetry
+            c0, w0 = cpu_seconds(proc), time.perf_counter()
+            await asyncio.sleep(args.idle_seconds)
+            idle_cpu = (cpu_seconds(proc) - c0) / (time.perf_counter() - w0) * 100
+            m0, _ = histogram((await http.get("/metrics")).text,
+                              "meshgate_coordinator_schedule_seconds")
+            _, n0 = histogram((await http.get("/metrics")).text,
+                              "meshgate_coordinator_schedule_seconds")
+            c1, w1 = cpu_seconds(proc), time.perf_counter()
+            result = await load(api, api_key, args.seconds, args.concurrency)
+            busy_cpu = (cpu_seconds(proc) - c1) / (time.perf_counter() - w1) * 100
+            text = (await http.get("/metrics")).text
+            m1, n1 = histogram(text, "meshgate_coordinator_schedule_seconds")
+            rss = proc.memory_info().rss
+        sims = [json.loads((root / f"s{i}").read_text()) for i in range(args.procs)
+                if (root / f"s{i}").exists()]
+        p50, p99 = quantile(m0, m1, 0.5), quantile(m0, m1, 0.99)
+        return {
+            "nodes": args.nodes, "connected": nodes, "procs": args.procs,
+            "enroll_s": round(enroll_s, 1), "connect_s": round(connect_s, 1),
+            "connect_retries": sum(s["retries"] for s in sims),
+            "telemetry_cpu_pct": round(idle_cpu, 1), "load_cpu_pct": round(busy_cpu, 1),
+            "rss_mib": round(rss / 2**20, 1),
+            "decisions_per_s": round((n1 - n0) / result["wall_s"], 1),
+            "schedule_p50_ms": None if p50 is None else round(p50 * 1000, 3),
+            "schedule_p99_ms": None if p99 is None else round(p99 * 1000, 3),
+            "concurrency": args.concurrency, **result,
+            "cpu_count": os.cpu_count(),
+        }
+    finally:
+        for w in workers:
+            w.terminate()
+        coord.terminate()
+        for w in workers:
+            w.wait(10)
+        coord.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--procs", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--idle-seconds", type=float, default=8.0)
+    parser.add_argument("--connect-timeout", type=float, default=240.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--sim-worker", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.sim_worker:
+        asyncio.run(sim_worker(json.loads(args.sim_worker.read_text())))
+        return
+    print(json.dumps(asyncio.run(driver(args))))
+
+
+if __name__ == "__main__":
+    main()
