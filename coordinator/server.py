@@ -85,7 +85,9 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
 async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> None:
     config = config if config is not None else resolve_config(opts.config)
     state = StateDir(opts.state_dir, db_url=opts.database_url)
-    write_engines(state.path, Engines(opts.database_url, opts.redis_url))  # for the admin CLI
+    write_engines(state.path, Engines(  # for the admin commands on this box
+        opts.database_url, opts.redis_url,
+        str(opts.static_key_file.resolve()) if opts.static_key_file else None))
     store = Store(state.db_url)
     clouds = {u.name: CloudClient(u) for u in config.upstreams}
     registry = Registry(c.view() for c in clouds.values())

@@ -409,6 +409,7 @@ class Store:
             event.listen(self.engine, "begin", _on_sqlite_begin)
         immediate = self.engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
         with immediate.begin() as conn:  # two first starts must not both create a table
+            lock_schema(conn)
             Base.metadata.create_all(conn)
             _add_missing_columns(conn)
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
@@ -821,3 +822,14 @@ def _usage_row(record: UsageRecord) -> UsageRow:
         created_at=record.created_at, status=record.status,
         error=record.error and record.error[:64], **_energy_values(record),
     )
+
+
+SCHEMA_LOCK = 0x6D657368  # "mesh": PostgreSQL advisory lock id for schema changes
+
+
+def lock_schema(conn: Any) -> None:
+    """On PostgreSQL, hold an advisory lock until this transaction ends: replicas that start
+    at once on a new database would otherwise race in CREATE TABLE (SQLite: BEGIN
+    IMMEDIATE already serialises them)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": SCHEMA_LOCK})

@@ -9,6 +9,7 @@ SIGKILL of a replica) last.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import threading
@@ -24,7 +25,7 @@ import pytest
 from coordinator.store import Store
 from tests.cluster.engines import PostgresServer, RedisServer
 from tests.cluster.harness import Cluster, Replica
-from tests.e2e.mesh import wait_until
+from tests.e2e.mesh import cli, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +67,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Itera
         cloud_port = built.start_fake_upstream("cloud")
         fake_port = built.start_fake_upstream(FAKE, "--chunks", "10", "--chunk-delay", "0.03")
         built.config.write_text(CONFIG.format(cloud_port=cloud_port))
-        a, b = built.start_replica("a"), built.start_replica("b")
+        a, b = built.start_replicas("a", "b")
         upstream = f"{FAKE}=http://127.0.0.1:{fake_port}/v1"
         built.start_nodes({"llama": ("--model", f"smollm2={model_path}"),
                            "fake1": ("--upstream", upstream),
@@ -109,6 +110,11 @@ def test_a_replica_that_joins_later_is_learned_by_every_node(cluster: Cluster) -
     assert cluster.late_join_s < 10, cluster.late_join_s  # type: ignore[attr-defined]
     for replica in cluster.replicas.values():
         assert replica.nodes() == 3, replica.name
+    listed = json.loads(cli("coordinator", "nodes", "--json", "--state-dir",  # on a's box
+                            str(cluster.replicas["a"].state)).stdout)
+    tunnels = sorted(f"ws://127.0.0.1:{r.tunnel_port}" for r in cluster.replicas.values())
+    assert [n["state"] for n in listed] == ["connected"] * 3
+    assert all(sorted(n["live"]["replicas"]) == tunnels for n in listed), listed
 
 
 def test_the_real_model_answers_through_the_balancer(cluster: Cluster, keys: Keys) -> None:
@@ -305,3 +311,19 @@ def _same_ledger(cluster: Cluster, key_name: str, load: Load) -> None:
                 "row, not answered": [(i, by_id.get(i)) for i in sorted(ledger - load.ok_ids())],
             })
         time.sleep(0.2)
+
+
+def test_a_node_revoked_through_one_replica_is_cut_off_by_all(
+    cluster: Cluster, keys: Keys
+) -> None:
+    survivors = [r for r in cluster.replicas.values() if r.proc and r.proc.popen.poll() is None]
+    listed = httpx.get(f"{survivors[0].api}/admin/v1/nodes", timeout=10,
+                       headers={"Authorization": f"Bearer {keys.admin}"}).json()
+    did = next(n["did"] for n in listed["nodes"] if n["state"] == "connected"
+               and n["did"] in cluster.nodes["fake2"].log_text())
+    revoked = httpx.delete(f"{survivors[0].api}/admin/v1/nodes/{did}", timeout=10,
+                           headers={"Authorization": f"Bearer {keys.admin}"})
+    assert revoked.status_code == 200, revoked.text
+    at = time.monotonic()
+    wait_until(lambda: all(r.nodes() == 2 for r in survivors), 1.5, "the node cut off")
+    assert time.monotonic() - at < 1.5
