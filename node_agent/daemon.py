@@ -39,6 +39,7 @@ from meshgate.serving import DaemonServer
 from node_agent import report
 from node_agent.accounting import Accounting
 from node_agent.config import NodeOptions
+from node_agent.energy import Uses, cpu_only
 from node_agent.energy_meter import EnergyMeter, NvmlEnergy
 from node_agent.guard import guard_from_env
 from node_agent.inventory import Inventory, ModelFile, ollama_entry, read_model_file
@@ -180,7 +181,15 @@ class NodeParts:
             price_per_kwh=opts.electricity_price_per_kwh,
         )
         self.journal = UsageJournal(state.path, opts.journal_max_bytes)
-        self.accounting = Accounting(self.meter, self.journal, online=self.online)
+        self.accounting = Accounting(self.meter, self.journal, online=self.online,
+                                     devices_for=self.devices_for)
+
+    def devices_for(self, model: str) -> Uses | None:
+        """A model with no layer on a GPU (latest telemetry) is metered on the CPU alone."""
+        sample = self.telemetry.latest() if hasattr(self, "telemetry") else None
+        entry = ((sample or {}).get("runtime") or {}).get(model)
+        layers = entry.get("n_gpu_layers") if isinstance(entry, dict) else None
+        return cpu_only if layers == 0 else None
 
     def online(self) -> bool:
         """Whether the coordinator can hear about requests now (True: no coordinator at all)."""

@@ -222,7 +222,8 @@ class CoordinatorLink:
             self.inventory_changed()
         except OpenAIError as exc:
             log.warning("command %s failed: %s", head, exc.message)
-            error = error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "node")
+            error = error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "node",
+                               param=exc.param)
             reply = {**head, "ok": False, "error": error}
         with contextlib.suppress(TunnelError):
             await mux.send_control(FrameType.RESULT, reply)
@@ -262,5 +263,6 @@ async def answer(pipeline: Pipeline, stream: Stream, frame: Frame) -> None:
     except OpenAIError as exc:
         await stream.send(
             FrameType.ERROR,
-            error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "node"),
+            error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "node",
+                       param=exc.param),
         )

@@ -74,13 +74,20 @@ async def _openai_error(_: Request, exc: Exception) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    # the coordinator's words and codes (meshgate/http_errors.py), without importing FastAPI
+    where = f"{request.method} {request.url.path}"
+    code = None
     if exc.status_code == 404:
-        message = f"{request.method} {request.url.path}: no such route on this node"
+        message = (f"Invalid URL ({where}): no such route. The OpenAI API is under /v1/: "
+                   "chat/completions, completions, embeddings, models.")
+        code = "unknown_url"
     elif exc.status_code == 405:
-        message = f"{request.method} is not allowed on {request.url.path}"
+        allow = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
+        message = f"Invalid method ({where})" + (f"; this route takes {allow}" if allow else "")
+        code = "method_not_allowed"
     else:
         message = str(exc.detail)
-    error = OpenAIError(exc.status_code, message, hop="node")
+    error = OpenAIError(exc.status_code, message, code=code, hop="node")
     response = json_response(error.body(), exc.status_code)
     if exc.headers:
         response.headers.update(exc.headers)

@@ -99,8 +99,12 @@ async def test_unknown_paths_and_wrong_methods_answer_in_openais_shape(
     assert "/v1/nothing-here" in lost.json()["error"]["message"]
     wrong = await client.get("/v1/chat/completions")
     assert wrong.status_code == 405
-    assert wrong.json()["error"]["message"] == "GET is not allowed on /v1/chat/completions"
+    assert wrong.json()["error"]["message"] == (
+        "Invalid method (GET /v1/chat/completions); this route takes POST"
+    )
+    assert wrong.json()["error"]["code"] == "method_not_allowed"
     assert wrong.headers["allow"] == "POST"
+    assert lost.json()["error"]["code"] == "unknown_url"
 
 
 async def test_every_response_carries_a_request_id(
