@@ -157,7 +157,7 @@ def test_a_client_leaving_mid_stream_stops_generation(node: Node) -> None:
     before = worker_health(node)["cancelled"]
     body = {"model": MODEL, "prompt": "Count from 1 to 100: 1, 2, 3,", "max_tokens": 400,
             "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{node.url}/v1/completions", json=body) as reply:
+    with httpx.stream("POST", f"{node.url}/v1/completions", json=body, timeout=60) as reply:
         lines = reply.iter_lines()
         assert next(lines).startswith("data: ")
     deadline = time.monotonic() + 5
@@ -185,7 +185,7 @@ def test_an_error_after_the_stream_started_ends_it_with_an_error_event(node: Nod
             "temperature": 0, "stream": True}
     events: list[str] = []
     crashes = node.stats()["crashes"]
-    with httpx.stream("POST", f"{node.url}/v1/completions", json=body) as reply:
+    with httpx.stream("POST", f"{node.url}/v1/completions", json=body, timeout=60) as reply:
         for line in reply.iter_lines():
             if line.startswith("data: "):
                 events.append(line[6:])
