@@ -33,6 +33,7 @@ from typing import Any
 import psutil
 
 from meshgate.httpserver import NODE_LIMITS, server_config
+from meshgate.logs import AccessLogMiddleware, RequestIdMiddleware, setup_logging
 from meshgate.node_messages import ModelLoad
 from meshgate.openai import OpenAIError
 from meshgate.serving import DaemonServer
@@ -390,20 +391,23 @@ async def serve(opts: NodeOptions) -> None:
     await manager.start()
     await parts.telemetry.refresh()
     log.info("node %s serves %s", identity.did, manager.names())
+    app = guard_from_env(build_app(  # refuses what web pages send (node_agent/guard.py)
+        manager,
+        telemetry=parts.latest,
+        metrics=parts.metrics,
+        inventory=parts.inventory_body,
+        mesh=parts.mesh_runtime,
+    ))
     config = server_config(  # bounded: timeouts, connection cap (meshgate/httpserver.py)
-        guard_from_env(build_app(  # refuses what web pages send (node_agent/guard.py)
-            manager,
-            telemetry=parts.latest,
-            metrics=parts.metrics,
-            inventory=parts.inventory_body,
-            mesh=parts.mesh_runtime,
-        )),
+        # X-Request-Id on every answer, one access line each (meshgate/logs.py)
+        RequestIdMiddleware(AccessLogMiddleware(app)),
         NODE_LIMITS,
         host=opts.proxy_host,
         port=opts.proxy_port,
         log_level=opts.log_level.lower(),
         access_log=False,
         lifespan="off",
+        log_config=None,  # ours (meshgate/logs.py)
     )
     server = DaemonServer(config)
     tasks = [
@@ -457,8 +461,5 @@ async def serve(opts: NodeOptions) -> None:
 
 
 def run_node(opts: NodeOptions) -> None:
-    logging.basicConfig(
-        level=opts.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(opts.log_format, opts.log_level)
     asyncio.run(serve(opts))
