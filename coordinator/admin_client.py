@@ -31,7 +31,6 @@ import httpx
 from coordinator.admin_keys import ADMIN_KEY_FILE, read_admin_key
 from coordinator.admin_ops import Admin, AdminOps
 from coordinator.errors import CoordinatorError
-from coordinator.live import LIVE_FILE, read_live
 from coordinator.state import DB_FILE, StateDir
 from coordinator.store import Store
 
@@ -175,7 +174,14 @@ def local_ops(state: StateDir, store: Store) -> AdminOps:
         return advertised.tunnel_url if advertised else None
 
     return AdminOps(store, state.static_public, tunnel_url,
-                    lambda: read_live(state.path / LIVE_FILE, time.time()))
+                    lambda: _live(state.path))
+
+
+def _live(state_dir: Path) -> dict[str, dict[str, Any]] | None:
+    """This server's live view, or every replica's merged (coordinator/cluster.py)."""
+    from coordinator.cluster import cluster_live
+
+    return cluster_live(state_dir, time.time())
 
 
 def admin_key_for(state_dir: Path, key_file: Path | None, config: AdminConfig) -> str:

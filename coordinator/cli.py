@@ -25,11 +25,26 @@ from coordinator.cli_top import top
 from coordinator.errors import CoordinatorError
 from coordinator.state import ServeOptions, StateDir
 from coordinator.store import Store, iso
+from meshgate.version import version_callback
 
 __all__ = ["app", "parse_duration"]
 
-app = typer.Typer(help="meshgate coordinator", no_args_is_help=True, add_completion=False)
-admin_key_app = typer.Typer(help="Admin keys for the admin API and the web pane.",
+app = typer.Typer(
+    rich_markup_mode=None,  # click's plain help: rich's panels label every flag <bool>
+    help="meshgate coordinator", no_args_is_help=True, add_completion=False)
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=version_callback("meshgate-coordinator"), is_eager=True,
+        help="Print the version and exit.",
+    ),
+) -> None:
+    """meshgate coordinator"""
+admin_key_app = typer.Typer(
+    rich_markup_mode=None,  # click's plain help: rich's panels label every flag <bool>
+    help="Admin keys for the admin API and the web pane.",
                             no_args_is_help=True)
 app.add_typer(admin_key_app, name="admin-key")
 

@@ -25,13 +25,14 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from coordinator import members as members_table
-from coordinator.engines import redis_module
-from coordinator.live import live_view
+from coordinator.engines import redis_module, resolve_engines
+from coordinator.live import LIVE_FILE, live_view, read_live
 from coordinator.members import MAX_MEMBERS, Member
 from coordinator.metering import BudgetTracker, SpendQuery
 from coordinator.registry import Registry
@@ -243,6 +244,44 @@ class Cluster:
             self.link.call("the live view", functools.partial(
                 _set, key=key, value=json.dumps(view, separators=(",", ":"))), lambda: None)
             await asyncio.sleep(period)
+
+
+def merge_live(views: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """did -> one summary from every replica's live view: the freshest telemetry, requests
+    in flight summed over the replicas, and which replicas the node is connected to."""
+    merged: dict[str, dict[str, Any]] = {}
+    for member in sorted(views):
+        nodes = views[member].get("nodes")
+        for did, summary in (nodes.items() if isinstance(nodes, dict) else ()):
+            if not isinstance(summary, dict):
+                continue
+            held = merged.get(did)
+            flight = summary.get("in_flight") if isinstance(summary.get("in_flight"), int) else 0
+            if held is None:
+                merged[did] = {**summary, "in_flight": flight, "replicas": [member]}
+                continue
+            held["in_flight"] += flight
+            held["replicas"].append(member)
+            age, held_age = summary.get("telemetry_age_s"), held.get("telemetry_age_s")
+            if isinstance(age, int | float) and (held_age is None or age < held_age):
+                merged[did] = {**summary, "in_flight": held["in_flight"],
+                               "replicas": held["replicas"]}
+    return merged
+
+
+def cluster_live(state_dir: Path, now: float) -> dict[str, dict[str, Any]] | None:
+    """The live view for admin commands on a replica's box: every replica's, merged, when
+    the state dir names a Redis (engines.json); else (or Redis down) this server's own."""
+    local = read_live(state_dir / LIVE_FILE, now)
+    url = resolve_engines(state_dir).redis_url
+    if url is None:
+        return local
+    try:
+        views = read_cluster_live(url)
+    except (redis_module().RedisError, OSError) as exc:
+        log.warning("redis unreachable (%s): showing this replica's live view only", exc)
+        return local
+    return merge_live(views) if views else local
 
 
 def _set(client: Any, *, key: str, value: str) -> None:

@@ -159,7 +159,8 @@ class NodeAttempt(Served):
         try:
             while True:
                 try:
-                    frame = await asyncio.wait_for(self.stream.recv(), self._wait())
+                    async with asyncio.timeout(self._wait()):  # no task per frame
+                        frame = await self.stream.recv()
                 except TimeoutError:
                     error = self._timed_out()
                     if self.outcome == "idle_timeout":
@@ -431,7 +432,8 @@ class Dispatcher:
                                           node.observed.get(model), load_s)
             wait = min(deadline - now(), timeout)
             try:
-                frame = await asyncio.wait_for(stream.recv(), max(wait, 0.0))
+                async with asyncio.timeout(max(wait, 0.0)):
+                    frame = await stream.recv()
             except TimeoutError:
                 if deadline - now() <= 0:
                     raise OpenAIError(504, "request deadline passed before the first token",

@@ -9,7 +9,8 @@ driver is one line naming the extra, at start, before anything listens.
 
 `serve` writes the engines it was given to `engines.json` in its state
 directory (0600: a URL may hold a password), so that the admin commands run on
-the same box find the same database and Redis without being told again.
+the same box find the same database, Redis and cluster key (which goes into
+enrollment tokens) without being told again.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class Engines:
 
     database_url: str | None = None
     redis_url: str | None = None
+    cluster_key: str | None = None  # the key file every replica shares (--cluster-key)
 
     @property
     def clustered(self) -> bool:
@@ -88,6 +90,7 @@ class Engines:
         return Engines(
             database_url(self.database_url) if self.database_url else None,
             check_redis_url(self.redis_url) if self.redis_url else None,
+            self.cluster_key,
         )
 
 
@@ -98,6 +101,7 @@ def resolve_engines(state_dir: Path, database: str | None = None,
     return Engines(
         database or os.environ.get(DB_URL_ENV) or saved.database_url,
         redis or os.environ.get(REDIS_URL_ENV) or saved.redis_url,
+        saved.cluster_key,
     )
 
 
@@ -108,17 +112,19 @@ def read_engines(state_dir: Path) -> Engines:
         return Engines()
     if not isinstance(data, dict):
         return Engines()
-    db, redis = data.get("database_url"), data.get("redis_url")
-    return Engines(db if isinstance(db, str) else None, redis if isinstance(redis, str) else None)
+    db, redis, key = data.get("database_url"), data.get("redis_url"), data.get("cluster_key")
+    return Engines(db if isinstance(db, str) else None, redis if isinstance(redis, str) else None,
+                   key if isinstance(key, str) else None)
 
 
 def write_engines(state_dir: Path, engines: Engines) -> None:
     path = state_dir / ENGINES_FILE
-    if engines.database_url is None and engines.redis_url is None:
+    if engines == Engines():
         path.unlink(missing_ok=True)
         return
     tmp = path.with_name(f"{ENGINES_FILE}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
-        json.dump({"database_url": engines.database_url, "redis_url": engines.redis_url}, out)
+        json.dump({"database_url": engines.database_url, "redis_url": engines.redis_url,
+                   "cluster_key": engines.cluster_key}, out)
     tmp.replace(path)

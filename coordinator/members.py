@@ -20,7 +20,7 @@ from sqlalchemy import BigInteger, Engine, Float, String, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from coordinator.store import Base
+from coordinator.store import Base, lock_schema
 
 HEARTBEAT_S = 1.0
 MEMBER_TTL_S = 5.0
@@ -48,7 +48,9 @@ _TABLES = [MemberRow.__table__, HandshakeMarkRow.__table__]
 
 
 def create_tables(engine: Engine) -> None:
-    Base.metadata.create_all(engine, tables=_TABLES)  # type: ignore[arg-type]
+    with engine.begin() as conn:
+        lock_schema(conn)
+        Base.metadata.create_all(conn, tables=_TABLES)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,8 +14,6 @@ import logging
 import time
 from typing import Any
 
-from uvicorn.config import LOGGING_CONFIG
-
 from coordinator.admin_api import admin_context, mount_admin, watch_key_changes
 from coordinator.api import ApiContext, build_app
 from coordinator.cache import ResponseCache
@@ -28,7 +26,6 @@ from coordinator.gateway import Gateway
 from coordinator.ingest import node_streams
 from coordinator.limits import KeyGate, RateLimiter
 from coordinator.live import LIVE_FILE, write_live_loop
-from coordinator.logs import setup_json_logging
 from coordinator.metering import BudgetTracker
 from coordinator.metrics import Metrics
 from coordinator.registry import Registry
@@ -39,6 +36,7 @@ from coordinator.state import ServeOptions, StateDir
 from coordinator.store import Store, UsageRecord
 from coordinator.traffic import Traffic
 from meshgate.httpserver import COORDINATOR_LIMITS, server_config
+from meshgate.logs import setup_logging
 from meshgate.serving import DaemonServer
 from tunnel import serve as serve_tunnel
 
@@ -85,7 +83,9 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
 async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> None:
     config = config if config is not None else resolve_config(opts.config)
     state = StateDir(opts.state_dir, db_url=opts.database_url)
-    write_engines(state.path, Engines(opts.database_url, opts.redis_url))  # for the admin CLI
+    write_engines(state.path, Engines(  # for the admin commands on this box
+        opts.database_url, opts.redis_url,
+        str(opts.static_key_file.resolve()) if opts.static_key_file else None))
     store = Store(state.db_url)
     clouds = {u.name: CloudClient(u) for u in config.upstreams}
     registry = Registry(c.view() for c in clouds.values())
@@ -130,7 +130,7 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
         log_level=opts.log_level.lower(),
         access_log=False,
         lifespan="off",
-        log_config=None if opts.log_format == "json" else LOGGING_CONFIG,  # JSON: ours
+        log_config=None,  # ours (meshgate/logs.py), in either format
     )
     server = DaemonServer(uv_config)
     admin.stopping = lambda: server.should_exit  # the pane's live streams end with the server
@@ -163,11 +163,5 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
 def run_server(opts: ServeOptions, config: CoordinatorConfig | None = None) -> None:
     if config is None:
         config = resolve_config(opts.config)  # a bad file fails here, before anything listens
-    if opts.log_format == "json":
-        setup_json_logging(opts.log_level)
-    else:
-        logging.basicConfig(
-            level=opts.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+    setup_logging(opts.log_format, opts.log_level)
     asyncio.run(serve(opts, config))

@@ -85,6 +85,8 @@ class StateDir:
         place, so a second process never reads a half-written key and two
         first starts agree on one key.
         """
+        if shared is None and (saved := resolve_engines(self.path).cluster_key):
+            shared = Path(saved)  # the key `serve` was given (engines.json)
         if shared is not None:  # a cluster's replicas share one key; never made here
             if not shared.is_file():
                 raise StateError(f"the cluster key file {shared} does not exist; copy the "

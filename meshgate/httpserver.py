@@ -11,6 +11,9 @@ own h11 protocol with three bounds added (numbers in :class:`HttpLimits`):
   kept-alive connection; else the connection is closed (Slowloris).
 - **body timeout**: while a request body is being read, ``body_timeout_s``
   without a byte closes the connection (the app sees the client gone).
+- **write timeout**: a client that stops reading its answer (the socket's
+  send buffer stays full) for ``write_timeout_s`` is disconnected, so it
+  cannot hold a node's slot by never reading a stream.
 - **connection cap**: at ``max_connections`` open connections, a new one
   takes the place of the connection that has waited longest for a request
   head (a slow or idle one), which is closed; when every open connection has a
@@ -25,13 +28,15 @@ The cap is also cut to half the process's open-file limit
 runners and threads; the shipped systemd units raise ``LimitNOFILE``.
 ``server_config`` builds a ``uvicorn.Config`` with all of it, and puts the log
 flood filter (meshgate/logflood.py) on every log handler; the environment
-variables ``MESHGATE_HTTP_HEAD_TIMEOUT_S``, ``MESHGATE_HTTP_BODY_TIMEOUT_S`` and
-``MESHGATE_HTTP_MAX_CONNECTIONS`` override the defaults.
+variables ``MESHGATE_HTTP_HEAD_TIMEOUT_S``, ``MESHGATE_HTTP_BODY_TIMEOUT_S``,
+``MESHGATE_HTTP_WRITE_TIMEOUT_S`` and ``MESHGATE_HTTP_MAX_CONNECTIONS`` override the
+defaults.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import resource
@@ -62,6 +67,8 @@ class HttpLimits:
     """Silence allowed between body bytes (a 4 MiB body at 1 Mbit/s still never waits 1 s)."""
     keep_alive_s: float = 5.0
     """Idle time between requests on a kept-alive connection (uvicorn's default)."""
+    write_timeout_s: float = 60.0
+    """A full send buffer this long (the client reads nothing) ends the connection."""
     max_connections: int = 4096
     """Open connections at once; cut to half the open-file limit at start."""
     max_head_bytes: int = 16 * 1024
@@ -85,6 +92,7 @@ class GuardedH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
         self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -151,11 +159,32 @@ class GuardedH11Protocol(H11Protocol):
         if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
             self.waiting[self] = None  # idle, kept alive: first to go when the cap is reached
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.limits.write_timeout_s,
+                                                     self._not_reading)
+
+    def resume_writing(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        super().resume_writing()
+
+    def _not_reading(self) -> None:
+        self._write_timer = None
+        if self.transport.is_closing():
+            return
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+        log.info("closing the connection of %s: it read nothing of its answer for %g s",
+                 client, self.limits.write_timeout_s)
+        self.transport.abort()  # close() would wait for the buffer to drain: never
+
     def _cancel_timers(self) -> None:
-        for timer in (self._head_timer, self._body_timer):
+        for timer in (self._head_timer, self._body_timer, self._write_timer):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._body_timer = None
+        self._head_timer = self._body_timer = self._write_timer = None
 
     def _too_slow(self, what: str) -> None:
         self._head_timer = self._body_timer = None
@@ -191,19 +220,18 @@ def fit_to_fd_limit(limits: HttpLimits, soft_limit: int | None = None) -> HttpLi
     cap = max(16, min(limits.max_connections, soft_limit // 2))
     if cap == limits.max_connections:
         return limits
-    return HttpLimits(limits.head_timeout_s, limits.body_timeout_s, limits.keep_alive_s, cap,
-                      limits.max_head_bytes)
+    return dataclasses.replace(limits, max_connections=cap)
 
 
 def from_env(limits: HttpLimits) -> HttpLimits:
     """`limits` with what the MESHGATE_HTTP_* environment variables set."""
     env = os.environ.get
-    return HttpLimits(
-        float(env("MESHGATE_HTTP_HEAD_TIMEOUT_S") or limits.head_timeout_s),
-        float(env("MESHGATE_HTTP_BODY_TIMEOUT_S") or limits.body_timeout_s),
-        limits.keep_alive_s,
-        int(env("MESHGATE_HTTP_MAX_CONNECTIONS") or limits.max_connections),
-        limits.max_head_bytes,
+    return dataclasses.replace(
+        limits,
+        head_timeout_s=float(env("MESHGATE_HTTP_HEAD_TIMEOUT_S") or limits.head_timeout_s),
+        body_timeout_s=float(env("MESHGATE_HTTP_BODY_TIMEOUT_S") or limits.body_timeout_s),
+        write_timeout_s=float(env("MESHGATE_HTTP_WRITE_TIMEOUT_S") or limits.write_timeout_s),
+        max_connections=int(env("MESHGATE_HTTP_MAX_CONNECTIONS") or limits.max_connections),
     )
 
 

@@ -15,6 +15,10 @@ daemon gives them an :class:`Accounting`, each track opens a
   marks the row ``route = "offline"``. A node that is not enrolled has no
   coordinator to tell and journals nothing.
 
+Which devices a request's model uses comes from ``devices_for(model)``
+(the daemon: a llama.cpp model with no layer on a GPU uses the CPU's meters
+only, per the latest telemetry sample; anything else every device).
+
 Every settled energy also counts in ``meshgate_node_energy_joules_total``
 (per model); what the devices measured in all, idle included, is
 ``meshgate_node_energy_measured_joules_total`` (per device). The journal's
@@ -35,7 +39,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from node_agent.energy import Energy
+from node_agent.energy import Energy, Uses
 from node_agent.energy_meter import EnergyMeter, Ticket
 from node_agent.journal import UsageJournal
 
@@ -74,8 +78,10 @@ class Accounting:
         meter: EnergyMeter | None = None,
         journal: UsageJournal | None = None,
         online: Callable[[], bool] | None = None,
+        devices_for: Callable[[str], Uses | None] | None = None,
     ) -> None:
         self.meter = meter
+        self.devices_for = devices_for
         self.journal = journal
         self.online = online
         self.journaled = 0
@@ -99,7 +105,10 @@ class Accounting:
         return self.online is not None and not self.online()
 
     def begin(self, model: str, endpoint: str, via: str, served_here: bool) -> RequestAccount:
-        ticket = self.meter.begin() if self.meter is not None and served_here else None
+        ticket = None
+        if self.meter is not None and served_here:
+            uses = self.devices_for(model) if self.devices_for is not None else None
+            ticket = self.meter.begin(uses)
         return RequestAccount(
             request_id="off_" + secrets.token_hex(12),
             model=model,

@@ -10,9 +10,22 @@ from pathlib import Path
 
 import typer
 
+from meshgate.version import version_callback
 from node_agent.state import Enrollment, NodeState
 
-app = typer.Typer(help="meshgate edge-node daemon", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    rich_markup_mode=None,  # click's plain help: rich's panels label every flag <bool>
+    help="meshgate edge-node daemon", no_args_is_help=True, add_completion=False)
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=version_callback("meshgate-node"), is_eager=True,
+        help="Print the version and exit.",
+    ),
+) -> None:
+    """meshgate edge-node daemon"""
 
 STATE_DIR = typer.Option(
     None,
@@ -159,6 +172,9 @@ def run(
     log_level: str | None = typer.Option(
         None, help="critical, error, warning, info (default) or debug."
     ),
+    log_format: str | None = typer.Option(
+        None, help="text (default) or json: one JSON object a line, for log collectors."
+    ),
 ) -> None:
     """Run the node daemon: model runners, the local proxy and the coordinator link.
 
@@ -186,6 +202,7 @@ def run(
         "coordinator_url": coordinator_url,
         "connect": connect,
         "log_level": log_level,
+        "log_format": log_format,
     }
     try:
         opts = load_options(given, config=config)

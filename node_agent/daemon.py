@@ -33,12 +33,14 @@ from typing import Any
 import psutil
 
 from meshgate.httpserver import NODE_LIMITS, server_config
+from meshgate.logs import AccessLogMiddleware, RequestIdMiddleware, setup_logging
 from meshgate.node_messages import ModelLoad
 from meshgate.openai import OpenAIError
 from meshgate.serving import DaemonServer
 from node_agent import report
 from node_agent.accounting import Accounting
 from node_agent.config import NodeOptions
+from node_agent.energy import Uses, cpu_only
 from node_agent.energy_meter import EnergyMeter, NvmlEnergy
 from node_agent.guard import guard_from_env
 from node_agent.inventory import Inventory, ModelFile, ollama_entry, read_model_file
@@ -171,7 +173,15 @@ class NodeParts:
             price_per_kwh=opts.electricity_price_per_kwh,
         )
         self.journal = UsageJournal(state.path, opts.journal_max_bytes)
-        self.accounting = Accounting(self.meter, self.journal, online=self.online)
+        self.accounting = Accounting(self.meter, self.journal, online=self.online,
+                                     devices_for=self.devices_for)
+
+    def devices_for(self, model: str) -> Uses | None:
+        """A model with no layer on a GPU (latest telemetry) is metered on the CPU alone."""
+        sample = self.telemetry.latest() if hasattr(self, "telemetry") else None
+        entry = ((sample or {}).get("runtime") or {}).get(model)
+        layers = entry.get("n_gpu_layers") if isinstance(entry, dict) else None
+        return cpu_only if layers == 0 else None
 
     def online(self) -> bool:
         """Whether the coordinator can hear about requests now (True: no coordinator at all)."""
@@ -381,20 +391,23 @@ async def serve(opts: NodeOptions) -> None:
     await manager.start()
     await parts.telemetry.refresh()
     log.info("node %s serves %s", identity.did, manager.names())
+    app = guard_from_env(build_app(  # refuses what web pages send (node_agent/guard.py)
+        manager,
+        telemetry=parts.latest,
+        metrics=parts.metrics,
+        inventory=parts.inventory_body,
+        mesh=parts.mesh_runtime,
+    ))
     config = server_config(  # bounded: timeouts, connection cap (meshgate/httpserver.py)
-        guard_from_env(build_app(  # refuses what web pages send (node_agent/guard.py)
-            manager,
-            telemetry=parts.latest,
-            metrics=parts.metrics,
-            inventory=parts.inventory_body,
-            mesh=parts.mesh_runtime,
-        )),
+        # X-Request-Id on every answer, one access line each (meshgate/logs.py)
+        RequestIdMiddleware(AccessLogMiddleware(app)),
         NODE_LIMITS,
         host=opts.proxy_host,
         port=opts.proxy_port,
         log_level=opts.log_level.lower(),
         access_log=False,
         lifespan="off",
+        log_config=None,  # ours (meshgate/logs.py)
     )
     server = DaemonServer(config)
     tasks = [
@@ -448,8 +461,5 @@ async def serve(opts: NodeOptions) -> None:
 
 
 def run_node(opts: NodeOptions) -> None:
-    logging.basicConfig(
-        level=opts.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(opts.log_format, opts.log_level)
     asyncio.run(serve(opts))

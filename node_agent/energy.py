@@ -16,8 +16,10 @@ reads a device (``energy_sources.py`` does) or a clock (the caller passes
 - The caller takes a reading whenever a request starts or finishes (and on a
   period, for long requests and counter wraps), so between two readings the
   set of running requests is constant: each interval's joules on a device
-  are split equally among the requests running through it; an interval
-  with none running is idle energy, nobody's.
+  are split equally among the requests running through it that use that
+  device (a request may name the devices it uses, e.g. only the CPU's for a
+  model with no layer on a GPU; by default every device); an interval with
+  none of them running is idle energy, nobody's.
 - Hence, at any time: ``attributed + idle == measured`` (what :class:`Totals`
   keeps), which the tests check.
 
@@ -27,7 +29,7 @@ measured"), not 0.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -97,11 +99,21 @@ def interval_energy(
     return None, False
 
 
+#: Which devices a request uses, by device name (``gpu0``, ``rapl:intel-rapl:0``).
+Uses = Callable[[str], bool]
+
+
+def cpu_only(device: str) -> bool:
+    """A request that runs on the CPU alone: the CPU's meters (RAPL), no GPU."""
+    return device.startswith("rapl:")
+
+
 @dataclass
 class _Account:
     joules: float = 0.0
     measured: bool = False
     estimated: bool = False
+    uses: Uses | None = None  # None: every device
 
     def energy(self) -> Energy:
         return Energy(self.joules if self.measured else None, self.estimated)
@@ -138,7 +150,7 @@ class EnergyAttributor:
     def observe(self, t: float, readings: Iterable[DeviceReading]) -> None:
         """Close the interval since the last reading at time `t` (seconds, monotonic)."""
         seconds = 0.0 if self._last_t is None else max(0.0, t - self._last_t)
-        accounts = list(self._running.values())
+        running = list(self._running.values())
         for cur in readings:
             prev = self._last.get(cur.device)
             self._last[cur.device] = cur
@@ -147,7 +159,9 @@ class EnergyAttributor:
             joules, estimated = interval_energy(prev, cur, seconds)
             if joules is None:
                 continue
-            self._count(cur.device, joules, estimated, accounts)
+            device = cur.device
+            accounts = [a for a in running if a.uses is None or a.uses(device)]
+            self._count(device, joules, estimated, accounts)
         self._last_t = t
 
     def _count(
@@ -169,12 +183,15 @@ class EnergyAttributor:
             account.estimated = account.estimated or estimated
         totals.attributed_j += joules
 
-    def start(self, key: Hashable, t: float, readings: Iterable[DeviceReading]) -> None:
-        """`key` starts running at `t` (readings taken at `t`)."""
+    def start(
+        self, key: Hashable, t: float, readings: Iterable[DeviceReading], uses: Uses | None = None
+    ) -> None:
+        """`key` starts running at `t` (readings taken at `t`) on the devices `uses` accepts
+        (None: all of them)."""
         self.observe(t, readings)
         if key in self._running:
             raise KeyError(f"request {key!r} is already running")
-        self._running[key] = _Account()
+        self._running[key] = _Account(uses=uses)
 
     def finish(self, key: Hashable, t: float, readings: Iterable[DeviceReading]) -> Energy:
         """`key` stops at `t`: what it was given over its whole run."""

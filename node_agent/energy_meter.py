@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from node_agent.energy import DeviceReading, Energy, EnergyAttributor, Totals
+from node_agent.energy import DeviceReading, Energy, EnergyAttributor, Totals, Uses
 
 __all__ = ["EnergyMeter", "EnergySource", "Ticket"]
 
@@ -105,12 +105,13 @@ class EnergyMeter:
                 log.exception("energy source %r failed", source)
         return out
 
-    def begin(self) -> Ticket:
+    def begin(self, uses: Uses | None = None) -> Ticket:
+        """A request starts, on the devices `uses` accepts (None: every device)."""
         ticket = Ticket(next(self._keys))
         if self.measuring:
             readings = self._read()
             with self._lock:
-                self._attributor.start(ticket.key, self.clock(), readings)
+                self._attributor.start(ticket.key, self.clock(), readings, uses)
         return ticket
 
     def end(self, ticket: Ticket) -> Energy:

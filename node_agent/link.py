@@ -220,7 +220,8 @@ class CoordinatorLink:
             self.inventory_changed()
         except OpenAIError as exc:
             log.warning("command %s failed: %s", head, exc.message)
-            error = error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "node")
+            error = error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "node",
+                               param=exc.param)
             reply = {**head, "ok": False, "error": error}
         with contextlib.suppress(TunnelError):
             await mux.send_control(FrameType.RESULT, reply)
@@ -262,7 +263,8 @@ class CoordinatorLink:
             status = exc.status
             await stream.send(
                 FrameType.ERROR,
-                error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "node"),
+                error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "node",
+                           param=exc.param),
             )
         finally:
             if track is not None:

@@ -5,6 +5,7 @@
     .venv/bin/python scripts/bench/attacks.py ledger-kill [--code DIR] [--answers 6]
     .venv/bin/python scripts/bench/attacks.py request-id [--code DIR] [--id-bytes 4000000]
     .venv/bin/python scripts/bench/attacks.py relay-flood [--code DIR] [--relayed 300]
+    .venv/bin/python scripts/bench/attacks.py ollama-body [--code DIR] [--body-mb 200]
 
 ``--code DIR`` runs the daemons from another checkout of meshgate (e.g. a
 ``git worktree add --detach /tmp/base <commit>`` of the code before a fix), so
@@ -24,6 +25,8 @@ checkout.
 * ``relay-flood``: one node relays ``--relayed`` requests for a model whose only
   node never answers until released; then an app with a key asks for it: its
   status and latency (released after 5 s), and the ledger rows of the relayed.
+* ``ollama-body``: a node (no model, not connected) gets a ``--body-mb`` MB chunked
+  body on ``/api/chat``: its answer and how much its RSS grew.
 """
 
 from __future__ import annotations
@@ -269,11 +272,49 @@ async def _relay_flood(args: argparse.Namespace) -> dict[str, Any]:
             mesh.stop()
 
 
+def ollama_body(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        log = Path(tmp) / "node.log"
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "node_agent.cli", "run", "--state-dir", f"{tmp}/node",
+             "--proxy-port", str(port), "--no-connect"], cwd=args.code,
+            stdout=log.open("wb"), stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(args.code)})
+        try:
+            from tests.e2e.mesh import Proc
+            wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200,
+                       60, "node", [Proc(popen, log)])
+            proc = psutil.Process(popen.pid)
+            before = proc.memory_info().rss
+            limit = args.body_mb * 1_000_000
+
+            def body() -> Any:
+                yield b'{"model": "m", "messages": [{"role": "user", "content": "'
+                sent = 0
+                while sent < limit:
+                    yield b"x" * 65_536
+                    sent += 65_536
+                yield b'"}]}'
+
+            try:
+                status: Any = httpx.post(f"http://127.0.0.1:{port}/api/chat", content=body(),
+                                         timeout=120).status_code
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            return {"attack": "ollama-body", "code": str(args.code), "body_mb": args.body_mb,
+                    "answer": status, "rss_before_mb": round(before / 1e6, 1),
+                    "rss_growth_mb": round((proc.memory_info().rss - before) / 1e6, 1)}
+        finally:
+            popen.terminate()
+            popen.wait(20)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("attack", choices=["slowloris", "ledger-kill", "request-id",
-                                           "relay-flood"])
+                                           "relay-flood", "ollama-body"])
     parser.add_argument("--code", default=str(ROOT))
     parser.add_argument("--conns", type=int, default=1100)
     parser.add_argument("--hold", type=float, default=40)
@@ -281,9 +322,11 @@ def main() -> None:
     parser.add_argument("--answers", type=int, default=6)
     parser.add_argument("--id-bytes", type=int, default=4_000_000)
     parser.add_argument("--relayed", type=int, default=300)
+    parser.add_argument("--body-mb", type=int, default=200)
     args = parser.parse_args()
     runs = {"ledger-kill": _ledger_kill, "request-id": _request_id, "relay-flood": _relay_flood}
-    result = slowloris(args) if args.attack == "slowloris" else asyncio.run(
+    sync = {"slowloris": slowloris, "ollama-body": ollama_body}
+    result = sync[args.attack](args) if args.attack in sync else asyncio.run(
         runs[args.attack](args))
     print(json.dumps(result, indent=1))
 

@@ -132,8 +132,7 @@ def main() -> None:
                                    str(single.coord_state), "--name", "b", "--rpm", "1000000"))
         single.key = single_key
         single.wait_serving(MODEL, 60)
-        for name in ("a", "b", "c"):
-            cluster.start_replica(name)
+        cluster.start_replicas("a", "b", "c")
         cluster.start_node("node", "--upstream", upstream)
         cluster.wait_nodes(list(cluster.replicas.values()), 1, 60)
         replica_key = cluster.admin("key", "create", "--name", "b", "--rpm", "1000000")

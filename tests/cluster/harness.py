@@ -89,22 +89,32 @@ class Cluster:
 
     @property
     def key_file(self) -> Path:
-        return self.root / "a" / "coordinator_static.key"
+        """The cluster's static key, shared by every replica (made on first use)."""
+        keys = StateDir(self.root / "cluster-key")
+        keys.static_key()
+        return keys.path / "coordinator_static.key"
 
     def start_replica(self, name: str) -> Replica:
-        replica = Replica(name, self.root / name, free_port(), free_port())
-        replica.proc = spawn("coordinator", [
-            "serve", "--state-dir", str(replica.state), "--api-host", "127.0.0.1",
-            "--api-port", str(replica.api_port), "--tunnel-host", "127.0.0.1",
-            "--tunnel-port", str(replica.tunnel_port), "--database-url", self.postgres.url,
-            "--redis-url", self.redis.url, "--config", str(self.config), "--cache",
-            "--log-format", "text",
-            *(["--cluster-key", str(self.key_file)] if name != "a" else []),
-        ], self.root / f"replica-{name}.log")
-        self.replicas[name] = replica
-        wait_until(lambda: httpx.get(f"{replica.api}/healthz").status_code == 200, 60,
-                   f"replica {name}", [replica.proc])
-        return replica
+        return self.start_replicas(name)[0]
+
+    def start_replicas(self, *names: str) -> list[Replica]:
+        """Start each replica at once, then wait for all."""
+        started = []
+        for name in names:
+            replica = Replica(name, self.root / name, free_port(), free_port())
+            replica.proc = spawn("coordinator", [
+                "serve", "--state-dir", str(replica.state), "--api-host", "127.0.0.1",
+                "--api-port", str(replica.api_port), "--tunnel-host", "127.0.0.1",
+                "--tunnel-port", str(replica.tunnel_port), "--database-url", self.postgres.url,
+                "--redis-url", self.redis.url, "--config", str(self.config), "--cache",
+                "--log-format", "text", "--cluster-key", str(self.key_file),
+            ], self.root / f"replica-{name}.log")
+            self.replicas[name] = replica
+            started.append(replica)
+        for replica in started:
+            wait_until(lambda r=replica: httpx.get(f"{r.api}/healthz").status_code == 200,
+                       60, f"replica {replica.name}", [p for r in started if (p := r.proc)])
+        return started
 
     def start_haproxy(self) -> None:
         binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -160,7 +170,7 @@ class Cluster:
         finally:
             store.close()
         return EnrollmentToken(url=f"ws://127.0.0.1:{a.tunnel_port}",
-                               coordinator_key=StateDir(a.state).static_public(),
+                               coordinator_key=StateDir(a.state).static_public(),  # the cluster's
                                token_id=token_id, secret=secret,
                                expires_at=int(time.time() + 600)).encode()
 

@@ -100,7 +100,11 @@ def test_admin_commands_find_the_engines_serve_used(
     assert StateDir(state).db_url.endswith("coordinator.db")
 
 
-def test_replicas_share_one_cluster_key_file(tmp_path: Path) -> None:
+def test_replicas_share_one_cluster_key_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MESHGATE_COORDINATOR_DB_URL", raising=False)
+    monkeypatch.delenv("MESHGATE_REDIS_URL", raising=False)
     first = StateDir(tmp_path / "a")
     shared = first.path / "coordinator_static.key"
     key = first.static_key()
@@ -108,3 +112,7 @@ def test_replicas_share_one_cluster_key_file(tmp_path: Path) -> None:
     assert other.private_bytes_raw() == key.private_bytes_raw()
     with pytest.raises(CoordinatorError, match="cluster key file"):
         StateDir(tmp_path / "c").static_key(tmp_path / "missing.key")
+    # serve --cluster-key notes the file, so `token create` on that box puts it in tokens
+    write_engines(StateDir(tmp_path / "d").path, Engines(cluster_key=str(shared)))
+    assert StateDir(tmp_path / "d").static_public() == first.static_public()
+    assert not (tmp_path / "d" / "coordinator_static.key").exists()

@@ -193,3 +193,18 @@ def test_a_replica_that_left_is_no_member(tmp_path: Path, redis_url: str) -> Non
 
 def test_asks_are_plain_values() -> None:
     assert Ask("requests", 60, 1) == Ask("requests", 60, 1)
+
+
+def test_live_views_of_the_replicas_merge() -> None:
+    from coordinator.cluster import merge_live
+
+    views = {
+        "ws://a": {"nodes": {"n1": {"in_flight": 2, "telemetry_age_s": 3.0, "rtt_ms": 1},
+                             "n2": {"in_flight": 0, "telemetry_age_s": 0.5}}},
+        "ws://b": {"nodes": {"n1": {"in_flight": 1, "telemetry_age_s": 0.2, "rtt_ms": 9}}},
+        "ws://c": {"nodes": "garbage"},
+    }
+    merged = merge_live(views)
+    assert merged["n1"] == {"in_flight": 3, "telemetry_age_s": 0.2, "rtt_ms": 9,
+                            "replicas": ["ws://a", "ws://b"]}
+    assert merged["n2"]["replicas"] == ["ws://a"]

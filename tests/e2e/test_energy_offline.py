@@ -1,8 +1,12 @@
 """Energy per request and usage kept while offline, end to end: a real coordinator and a
 real node (subprocesses), the node's tunnel through the fault proxy. The node's GPU is the
 FAKE NVML (one recorded H100 at 71 W whose energy counter moves with the clock): this box
-has no GPU, and its RAPL counters are not readable. The model is the real SmolLM2 in a
-llama.cpp runner.
+has no GPU, and its RAPL counters are not readable. The node serves the real SmolLM2 in a
+llama.cpp runner, placed on the CPU (placement reads the real NVML: no GPU), so metered on
+the CPU's meters alone: none readable here, so "not measured". It also serves
+``gpu-model`` through its upstream runtime from the FAKE OpenAI server (standing in for a
+local GPU server such as vLLM): an upstream may use every device, so its requests share the
+fake GPU's energy.
 
 1. A request through the coordinator: its ledger row carries the joules the node measured
    and their cost at the node's electricity price; /metrics counts them.
@@ -16,6 +20,8 @@ llama.cpp runner.
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,12 +33,14 @@ import pytest
 from coordinator.state import StateDir
 from coordinator.store import Store, UsageRecord
 from node_agent.journal import ACKED, JOURNAL
-from tests.e2e.mesh import Mesh, mesh_at, wait_until
+from tests.e2e.mesh import Mesh, free_port, mesh_at, wait_until
 from tests.faultproxy import ThreadedFaultProxy
 
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2"
+GPU_MODEL = "gpu-model"
+FAKE_SERVER = Path(__file__).resolve().parents[1] / "node" / "fake_openai_server.py"
 HELLO: list[Any] = [{"role": "user", "content": "Say hello."}]
 PRICE = 0.30  # per kWh
 NODE_ENV = {
@@ -42,12 +50,16 @@ NODE_ENV = {
 
 
 class Rig:
-    def __init__(self, mesh: Mesh, proxy: ThreadedFaultProxy, model_path: Path) -> None:
-        self.mesh, self.proxy, self.model_path = mesh, proxy, model_path
+    def __init__(
+        self, mesh: Mesh, proxy: ThreadedFaultProxy, model_path: Path, upstream: str
+    ) -> None:
+        self.mesh, self.proxy, self.model_path, self.upstream = mesh, proxy, model_path, upstream
 
     def start_node(self) -> None:
-        self.mesh.start_node("node-a", f"{MODEL}={self.model_path}",
-                             extra=("--n-ctx", "512"), env=NODE_ENV)
+        self.mesh.start_node(
+            "node-a", f"{MODEL}={self.model_path}",
+            extra=("--n-ctx", "512", "--upstream", f"{GPU_MODEL}={self.upstream}"),
+            env=NODE_ENV)
 
     @property
     def node_state(self) -> Path:
@@ -82,9 +94,9 @@ class Rig:
     def procs(self) -> list[Any]:
         return [p for p in [self.mesh.coordinator, *self.mesh.nodes.values()] if p is not None]
 
-    def serve_locally(self, n: int) -> None:
-        for _ in range(n):
-            reply = self.local().chat.completions.create(model=MODEL, messages=HELLO,
+    def serve_locally(self, *models: str) -> None:
+        for model in models:
+            reply = self.local().chat.completions.create(model=model, messages=HELLO,
                                                          max_tokens=4)
             assert reply.choices[0].message.content is not None
 
@@ -97,7 +109,23 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[Rig]:
+def upstream() -> Iterator[str]:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(FAKE_SERVER), "--port", str(port),
+                               "--name", GPU_MODEL, "--chunks", "4"])
+    try:
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200,
+                   30, "the fake upstream")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+@pytest.fixture(scope="module")
+def rig(
+    tmp_path_factory: pytest.TempPathFactory, model_path: Path, upstream: str
+) -> Iterator[Rig]:
     for mesh in mesh_at(tmp_path_factory.mktemp("energy")):
         mesh.start_coordinator()
         mesh.key = mesh.make_key("energy")
@@ -105,7 +133,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[
         port = proxy.start()
         assert mesh.enroll("node-a", mesh.token("--tunnel-url", f"ws://127.0.0.1:{port}")
                            ).returncode == 0
-        rig = Rig(mesh, proxy, model_path)
+        rig = Rig(mesh, proxy, model_path, upstream)
         rig.start_node()
         mesh.wait_serving(MODEL)
         try:
@@ -117,11 +145,16 @@ def rig(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[
 def test_a_request_through_the_coordinator_carries_its_energy_to_the_ledger(rig: Rig) -> None:
     client = openai.OpenAI(base_url=rig.mesh.api, api_key=rig.mesh.key, max_retries=0,
                            timeout=60)
+    assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6).choices
     reply = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=HELLO, max_tokens=6)
+        model=GPU_MODEL, messages=HELLO, max_tokens=6)
     request_id = reply.headers.get("x-request-id")
-    wait_until(lambda: any(r.outcome == "ok" for r in rig.ledger()), 20, "the ledger row")
-    [row] = [r for r in rig.ledger() if r.outcome == "ok"]
+    wait_until(lambda: sum(r.outcome == "ok" for r in rig.ledger()) == 2, 20, "the ledger rows")
+    [on_cpu] = [r for r in rig.ledger() if r.model == MODEL]
+    assert on_cpu.completion_tokens > 0
+    assert on_cpu.joules is None  # a CPU with no readable meter: not measured, never 0
+    assert on_cpu.energy_cost is None
+    [row] = [r for r in rig.ledger() if r.model == GPU_MODEL]
     if request_id:
         assert row.request_id == request_id
     assert row.joules is not None
@@ -130,7 +163,7 @@ def test_a_request_through_the_coordinator_carries_its_energy_to_the_ledger(rig:
     assert row.energy_cost == pytest.approx(row.joules / 3.6e6 * PRICE, rel=1e-6)
     scrape = httpx.get(f"http://127.0.0.1:{rig.mesh.api_port}/metrics").text
     [line] = [x for x in scrape.splitlines()
-              if x.startswith(f'meshgate_energy_joules_total{{model="{MODEL}",route="node"}}')]
+              if x.startswith(f'meshgate_energy_joules_total{{model="{GPU_MODEL}",route="node"}}')]
     assert float(line.split()[-1]) == pytest.approx(row.joules)
 
 
@@ -138,7 +171,7 @@ def test_requests_served_offline_reach_the_ledger_once_when_the_tunnel_is_back(
     rig: Rig,
 ) -> None:
     rig.cut()
-    rig.serve_locally(3)
+    rig.serve_locally(MODEL, GPU_MODEL, MODEL)
     assert rig.journal_pending()
     assert rig.offline_rows() == []
     rig.proxy.heal()
@@ -148,17 +181,22 @@ def test_requests_served_offline_reach_the_ledger_once_when_the_tunnel_is_back(
     assert len(rows) == 3
     assert len({r.request_id for r in rows}) == 3
     did = rig.mesh.nodes_json()[0]["did"]
+    assert sorted(r.model for r in rows) == [GPU_MODEL, MODEL, MODEL]
     for r in rows:
-        assert (r.node_did, r.model, r.key_id, r.outcome) == (did, MODEL, None, "ok")
+        assert (r.node_did, r.key_id, r.outcome) == (did, None, "ok")
         assert r.completion_tokens > 0
-        assert r.joules is not None
-        assert r.joules > 0
+        if r.model == MODEL:
+            assert r.joules is None  # on this box's CPU, which has no readable meter
+        else:
+            assert r.joules is not None
+            assert r.joules > 0  # its share of the (fake) GPU's counter
+            assert r.energy_cost == pytest.approx(r.joules / 3.6e6 * PRICE, rel=1e-6)
 
 
 def test_a_node_killed_mid_upload_still_counts_each_row_once(rig: Rig) -> None:
     before = len(rig.offline_rows())
     rig.cut()
-    rig.serve_locally(2)
+    rig.serve_locally(MODEL, GPU_MODEL)
     rig.mesh.nodes["node-a"].stop(signal.SIGKILL)
     rig.proxy.heal()
     rig.proxy.delay(2.0)  # every chunk 2 s late: the END of the upload too

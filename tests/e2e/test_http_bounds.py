@@ -5,6 +5,9 @@ web page could send (DNS rebinding, cross-site Origin, simple requests)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -13,12 +16,16 @@ import httpx
 import psutil
 import pytest
 
+from coordinator.state import StateDir
+from coordinator.store import Store
+from tests.e2e.evil_node import EvilNode, chunk
 from tests.e2e.mesh import Mesh, Proc, free_port, mesh_at, spawn, wait_until
+from tunnel import Frame, FrameType, Stream
 
 pytestmark = pytest.mark.slow
 
 LIMITS = {"MESHGATE_HTTP_HEAD_TIMEOUT_S": "1.5", "MESHGATE_HTTP_BODY_TIMEOUT_S": "1.5",
-          "MESHGATE_HTTP_MAX_CONNECTIONS": "100"}
+          "MESHGATE_HTTP_WRITE_TIMEOUT_S": "1.5", "MESHGATE_HTTP_MAX_CONNECTIONS": "100"}
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +182,41 @@ def test_a_huge_chunked_ollama_body_is_cut_while_it_is_read(node: tuple[Proc, in
         pass  # the node answered 413 and closed while we were still sending
     grown = memory.memory_info().rss - before
     assert grown < 40_000_000, f"node RSS grew {grown / 1e6:.0f} MB"
+
+
+async def test_a_client_that_reads_nothing_of_its_stream_is_cut(mesh: Mesh) -> None:
+    """It would hold the node's slot for as long as it liked; the node is told to stop."""
+    evil = await EvilNode.start(mesh, "firehose", ["firehose"])
+    piece = chunk("x" * 2000, "firehose")
+
+    async def answer(stream: Stream, frame: Frame) -> None:
+        with contextlib.suppress(Exception):
+            for _ in range(100_000):
+                await stream.send(FrameType.DATA, piece)
+            await stream.send(FrameType.END, {"usage": None})
+
+    evil.answer = answer
+    sock = socket.socket()
+    try:
+        await asyncio.to_thread(mesh.wait_serving, "firehose", 10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", mesh.api_port))
+        body = json.dumps({"model": "firehose", "stream": True,
+                           "messages": [{"role": "user", "content": "x"}]}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     + mesh.key.encode() + b"\r\nX-Request-Id: never-reads\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+        def cancelled() -> bool:
+            store = Store(StateDir(mesh.coord_state).db_url)
+            try:
+                rows = [r for r in store.usage_rows() if r.request_id == "never-reads"]
+            finally:
+                store.close()
+            return bool(rows) and rows[0].outcome == "client_cancelled"
+
+        await asyncio.to_thread(wait_until, cancelled, 20, "the non-reader cut, node told")
+    finally:
+        sock.close()
+        await evil.close()

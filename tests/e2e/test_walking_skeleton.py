@@ -51,6 +51,7 @@ def test_chat_completion_answers_with_text_and_usage(client: openai.OpenAI) -> N
 def test_streaming_chat_ends_with_usage_that_counts_the_chunks(client: openai.OpenAI) -> None:
     chunks = list(client.chat.completions.create(
         model=MODEL, messages=HELLO, max_tokens=12, stream=True, temperature=0,
+        stream_options={"include_usage": True},
     ))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     usage = [c.usage for c in chunks if c.usage is not None]

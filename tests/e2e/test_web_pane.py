@@ -122,8 +122,11 @@ def test_3_a_request_appears_live_without_a_reload(mesh: Mesh, page: sync_api.Pa
 
     def ask() -> None:
         try:
+            # SmolLM2's end tokens (<|endoftext|> 0, <|im_end|> 2) banned: it runs the whole
+            # max_tokens, long enough for the pane's once-a-second updates to catch it
             stream = client.chat.completions.create(
-                model=MODEL, stream=True, max_tokens=300, temperature=0,
+                model=MODEL, stream=True, max_tokens=120, temperature=0,
+                logit_bias={"0": -100, "2": -100},
                 messages=[{"role": "user", "content": "Count from 1 to 300, one per line."}],
                 extra_headers={"X-Request-Id": "pane-req-1"})
             for _ in stream:

@@ -11,6 +11,7 @@ from node_agent.energy import (
     Energy,
     EnergyAttributor,
     counter_delta,
+    cpu_only,
     interval_energy,
     joules_cost,
 )
@@ -64,6 +65,27 @@ def test_shares_are_per_device_and_devices_add_up() -> None:
     energy = a.finish("r", 1.0, [gpu(300.0), DeviceReading("rapl:intel-rapl:0", 1.0, 262.143)])
     assert energy.joules == pytest.approx(300.0 + 258.143)  # the RAPL counter wrapped
     assert a.totals.by_device == pytest.approx({"gpu0": 300.0, "rapl:intel-rapl:0": 258.143})
+
+
+def test_a_cpu_only_request_gets_no_share_of_the_gpus() -> None:
+    a = EnergyAttributor()
+    cpu = "rapl:intel-rapl:0"
+
+    def both(g: float, c: float) -> list[DeviceReading]:
+        return [gpu(g), DeviceReading(cpu, counter_j=c)]
+
+    a.start("on-gpu", 0.0, both(0.0, 0.0))
+    a.start("on-cpu", 1.0, both(100.0, 10.0), uses=cpu_only)
+    on_cpu = a.finish("on-cpu", 2.0, both(300.0, 30.0))  # gpu +200 J, cpu +20 J
+    on_gpu = a.finish("on-gpu", 3.0, both(400.0, 40.0))
+    assert on_cpu.joules == pytest.approx(10.0)  # half the CPU's 20 J, none of the GPU's
+    assert on_gpu.joules == pytest.approx(100.0 + 10.0 + 200.0 + 10.0 + 100.0 + 10.0)
+    alone = EnergyAttributor()
+    alone.start("on-cpu", 0.0, both(0.0, 0.0), uses=cpu_only)
+    assert alone.finish("on-cpu", 1.0, both(50.0, 5.0)).joules == pytest.approx(5.0)
+    assert alone.totals.idle_j == pytest.approx(50.0)  # the GPU's draw was nobody's
+    assert cpu_only(cpu)
+    assert not cpu_only("gpu0")
 
 
 def test_power_only_gpu_gives_an_estimate_marked_as_such() -> None:

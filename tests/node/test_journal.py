@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from node_agent.accounting import Accounting, outcome_of
+from node_agent.energy import cpu_only
 from node_agent.energy_meter import EnergyMeter, NvmlEnergy
 from node_agent.journal import ACKED, JOURNAL, UsageJournal
 from node_agent.metrics import NodeMetrics
@@ -170,3 +171,12 @@ def test_tunnel_requests_and_models_served_elsewhere_are_never_journaled(
 
 def test_outcome_words() -> None:
     assert [outcome_of(s) for s in (200, "499", 503)] == ["ok", "client_cancelled", "error_503"]
+
+
+def test_a_model_on_the_cpu_alone_gets_none_of_the_gpus_energy(tmp_path: Path) -> None:
+    acct, metrics, fake = accounting(tmp_path, Link())
+    acct.devices_for = lambda model: cpu_only if model == "smollm2" else None
+    track = metrics.track("smollm2", "tunnel", "chat/completions")
+    fake.advance(1.0)
+    assert track.energy_report()["joules"] is None  # the only meter here is the GPU's
+    track.finish(200)

@@ -157,3 +157,29 @@ async def test_streams_survive_rekeys_in_both_directions_mid_stream() -> None:
         assert not p.node_link.closed
     finally:
         await p.close()
+
+
+async def test_recv_under_asyncio_timeout_loses_nothing() -> None:
+    """What the coordinator's dispatch does per frame (no task per frame, as wait_for)."""
+    release = asyncio.Event()
+
+    async def later(stream: Stream, frame: Frame) -> None:
+        await release.wait()
+        await stream.send(FrameType.DATA, b"late")
+        await stream.send(FrameType.END, {})
+
+    p = await mux_pair(node_on_stream=later)
+    try:
+        stream = await p.coord_mux.open({})
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await stream.recv()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0):
+                await stream.recv()
+        release.set()
+        async with asyncio.timeout(SETTLE):
+            assert (await stream.recv()).body == b"late"
+            assert (await stream.recv()).type == FrameType.END
+    finally:
+        await p.close()

@@ -435,3 +435,26 @@ async def test_mux_run_raises_when_the_peer_breaks_the_protocol(
 async def _drain(stream: Stream) -> None:
     while True:
         await stream.recv()
+
+
+async def test_frames_queued_together_leave_in_one_message_and_an_idle_link_adds_no_wait(
+    coordinator: Coordinator,
+) -> None:
+    _, client, server_side = await _connected(coordinator)
+    session = client._session
+    # idle: one frame goes out on its own, nothing waits for company
+    before = session.sent_since_rekey
+    await client.send(Frame(FrameType.TELEMETRY, 0, 0, 0, {"n": -1}))
+    await client.flush()
+    assert session.sent_since_rekey == before + 1
+    assert (await asyncio.wait_for(server_side.recv(), 5)).body == {"n": -1}
+    # 100 frames queued in one go (as 100 token streams would): a message or two
+    before = session.sent_since_rekey
+    await asyncio.gather(
+        *(client.send(Frame(FrameType.TELEMETRY, 0, 0, 0, {"n": n})) for n in range(100))
+    )
+    await client.flush()
+    assert session.sent_since_rekey - before <= 2
+    got = [(await asyncio.wait_for(server_side.recv(), 5)).body["n"] for _ in range(100)]
+    assert got == list(range(100))
+    await client.close()
