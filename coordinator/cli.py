@@ -132,13 +132,19 @@ def serve(
                           redis_url or loaded.cluster.redis_url).checked()
     except CoordinatorError as exc:
         raise _fail(str(exc), 2) from None
-    run_server(ServeOptions(
-        state_dir=state_dir, api_host=api_host, api_port=api_port, tunnel_host=tunnel_host,
-        tunnel_port=tunnel_port, advertise_url=advertise_url, log_level=log_level, config=config,
-        cache=cache, cache_ttl_s=cache_ttl_s, cache_entries=cache_entries, log_format=log_format,
-        database_url=engines.database_url, redis_url=engines.redis_url,
-        static_key_file=cluster_key or loaded.cluster.key_file,
-    ), loaded)
+    from meshgate.startup import StartupError
+
+    try:
+        run_server(ServeOptions(
+            state_dir=state_dir, api_host=api_host, api_port=api_port,
+            tunnel_host=tunnel_host, tunnel_port=tunnel_port, advertise_url=advertise_url,
+            log_level=log_level, config=config, cache=cache, cache_ttl_s=cache_ttl_s,
+            cache_entries=cache_entries, log_format=log_format,
+            database_url=engines.database_url, redis_url=engines.redis_url,
+            static_key_file=cluster_key or loaded.cluster.key_file,
+        ), loaded)
+    except StartupError as exc:
+        raise _fail(str(exc), 1) from None
 
 
 # ----------------------------------------------------------------------------- setup

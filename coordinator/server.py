@@ -38,6 +38,7 @@ from coordinator.traffic import Traffic
 from meshgate.httpserver import COORDINATOR_LIMITS, server_config
 from meshgate.logs import setup_logging
 from meshgate.serving import DaemonServer
+from meshgate.startup import check_port
 from tunnel import serve as serve_tunnel
 
 log = logging.getLogger(__name__)
@@ -164,4 +165,6 @@ def run_server(opts: ServeOptions, config: CoordinatorConfig | None = None) -> N
     if config is None:
         config = resolve_config(opts.config)  # a bad file fails here, before anything listens
     setup_logging(opts.log_format, opts.log_level)
+    check_port(opts.api_host, opts.api_port, what="API", option="--api-port")
+    check_port(opts.tunnel_host, opts.tunnel_port, what="tunnel endpoint", option="--tunnel-port")
     asyncio.run(serve(opts, config))

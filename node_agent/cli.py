@@ -208,7 +208,12 @@ def run(
         opts = load_options(given, config=config)
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
-    run_node(opts)
+    from meshgate.startup import StartupError
+
+    try:
+        run_node(opts)
+    except StartupError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _state_dir(state_dir: Path | None, config: Path | None) -> Path:

@@ -37,6 +37,7 @@ from meshgate.logs import AccessLogMiddleware, RequestIdMiddleware, setup_loggin
 from meshgate.node_messages import ModelLoad
 from meshgate.openai import OpenAIError
 from meshgate.serving import DaemonServer
+from meshgate.startup import StartupError, check_port, model_dir_warnings
 from node_agent import report
 from node_agent.accounting import Accounting
 from node_agent.config import NodeOptions
@@ -461,5 +462,22 @@ async def serve(opts: NodeOptions) -> None:
 
 
 def run_node(opts: NodeOptions) -> None:
+    """Run the daemon; :class:`StartupError` (one line naming the fix) if it cannot start."""
     setup_logging(opts.log_format, opts.log_level)
+    check_startup(opts)
     asyncio.run(serve(opts))
+
+
+def check_startup(opts: NodeOptions) -> None:
+    """What would stop the node from starting, as one :class:`StartupError`; warnings logged."""
+    for spec in opts.models:
+        try:
+            _, path = parse_model_spec(spec)
+        except ValueError as exc:
+            raise StartupError(f"--model {spec}: {exc}") from None
+        if not path.is_file():
+            raise StartupError(f"--model {spec}: no such file {path}: fix the path "
+                               "(--model NAME=/path/to/model.gguf) or leave the option out")
+    check_port(opts.proxy_host, opts.proxy_port, what="local proxy", option="--proxy-port")
+    for warning in model_dir_warnings(list(opts.model_dirs)):
+        log.warning(warning)
