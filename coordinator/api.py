@@ -36,13 +36,13 @@ from coordinator.context_fit import fit_to_context
 from coordinator.dispatch import Dispatcher, Served
 from coordinator.ledger_row import fit_row
 from coordinator.limits import KeyGate
-from coordinator.logs import RequestIdMiddleware, current_request_id
 from coordinator.metrics import CONTENT_TYPE, Metrics
 from coordinator.refusals import install_refusals, with_status
 from coordinator.registry import Registry
 from coordinator.routing import ROUTE_HEADER, Route, RouteError, UnknownRouteError, parse_route
 from coordinator.scheduler import Request as Want
 from meshgate.bounds import clip
+from meshgate.logs import AccessLogMiddleware, RequestIdMiddleware, current_request_id
 from meshgate.openai import (
     MAX_BODY_BYTES,
     SSE_DONE,
@@ -153,6 +153,7 @@ def _health(registry: Registry) -> dict[str, Any]:
 def build_app(ctx: ApiContext) -> FastAPI:
     app = FastAPI(title="meshgate coordinator", docs_url=None, redoc_url=None)
 
+    app.add_middleware(AccessLogMiddleware)  # inside the next: its line carries the id
     app.add_middleware(RequestIdMiddleware)
     _gauges(ctx)
 
@@ -199,6 +200,7 @@ def build_app(ctx: ApiContext) -> FastAPI:
         except OpenAIError as exc:  # its ledger row is written where it is answered
             exc = ctx.gate.refine_for(request_id, exc) if ctx.gate is not None else exc
             raise exc from None
+        request.state.served = served  # its usage, for the access line
         if ctx.metrics is not None:
             ctx.metrics.served(served.tries, served.upstream)
         headers = {"x-request-id": request_id, **served.headers()}

@@ -33,9 +33,11 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from meshgate.httpserver import NODE_LIMITS, server_config
+from meshgate.logs import AccessLogMiddleware, RequestIdMiddleware, setup_logging
 from meshgate.node_messages import ModelLoad
 from meshgate.openai import OpenAIError
 from meshgate.serving import DaemonServer
+from meshgate.startup import StartupError, check_port, model_dir_warnings
 from node_agent import report
 from node_agent.accounting import Accounting
 from node_agent.config import NodeOptions
@@ -400,20 +402,23 @@ async def serve(opts: NodeOptions) -> None:
     await parts.telemetry.refresh()
     log.info("node %s serves %s", identity.did, manager.names())
     pipeline = Pipeline(manager, metrics=parts.metrics, mesh=parts.mesh_runtime)
+    app = guard_from_env(build_app(  # refuses what web pages send (node_agent/guard.py)
+        manager,
+        telemetry=parts.latest,
+        metrics=parts.metrics,
+        inventory=parts.inventory_body,
+        pipeline=pipeline,
+    ))
     config = server_config(  # bounded: timeouts, connection cap (meshgate/httpserver.py)
-        guard_from_env(build_app(  # refuses what web pages send (node_agent/guard.py)
-            manager,
-            telemetry=parts.latest,
-            metrics=parts.metrics,
-            inventory=parts.inventory_body,
-            pipeline=pipeline,
-        )),
+        # X-Request-Id on every answer, one access line each (meshgate/logs.py)
+        RequestIdMiddleware(AccessLogMiddleware(app)),
         NODE_LIMITS,
         host=opts.proxy_host,
         port=opts.proxy_port,
         log_level=opts.log_level.lower(),
         access_log=False,
         lifespan="off",
+        log_config=None,  # ours (meshgate/logs.py)
     )
     server = DaemonServer(config)
     tasks = [
@@ -468,8 +473,22 @@ async def serve(opts: NodeOptions) -> None:
 
 
 def run_node(opts: NodeOptions) -> None:
-    logging.basicConfig(
-        level=opts.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    """Run the daemon; :class:`StartupError` (one line naming the fix) if it cannot start."""
+    setup_logging(opts.log_format, opts.log_level)
+    check_startup(opts)
     asyncio.run(serve(opts))
+
+
+def check_startup(opts: NodeOptions) -> None:
+    """What would stop the node from starting, as one :class:`StartupError`; warnings logged."""
+    for spec in opts.models:
+        try:
+            _, path = parse_model_spec(spec)
+        except ValueError as exc:
+            raise StartupError(f"--model {spec}: {exc}") from None
+        if not path.is_file():
+            raise StartupError(f"--model {spec}: no such file {path}: fix the path "
+                               "(--model NAME=/path/to/model.gguf) or leave the option out")
+    check_port(opts.proxy_host, opts.proxy_port, what="local proxy", option="--proxy-port")
+    for warning in model_dir_warnings(list(opts.model_dirs)):
+        log.warning(warning)

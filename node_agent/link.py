@@ -20,6 +20,7 @@ from typing import Any
 from meshgate.node_messages import DELTA_COALESCE_S, ModelLoad
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest, ProtocolViolation, error_body
+from meshgate.token_frames import ChunkEncoder
 from node_agent.journal import UsageJournal
 from node_agent.journal_upload import upload_journal
 from node_agent.metrics import NodeMetrics
@@ -249,9 +250,12 @@ async def answer(pipeline: Pipeline, stream: Stream, frame: Frame) -> None:
         if request.stream:
             streamed = await pipeline.stream(*args, via="tunnel", local_only=True)
             streamed.settle_at_end = False  # the END frame carries the energy, read before
+            # compact token frames when the coordinator asks (meshgate/token_frames.py)
+            compact = ChunkEncoder() if frame.body.get("compact") else None
             try:
                 async for chunk in streamed:
-                    await stream.send(FrameType.DATA, chunk)
+                    body = compact.encode(chunk) if compact is not None else chunk
+                    await stream.send(FrameType.DATA, body)
                 usage, energy = streamed.meter.usage, streamed.meter.energy_report()
             finally:
                 await streamed.aclose()

@@ -6,17 +6,16 @@ Ollama's routes (:mod:`node_agent.ollama_routes`), both over one
 telemetry, inventory, Prometheus metrics and the manager's commands
 (``/meshgate/{swap,load,unload}``, for clients on this box only).
 
-Every response carries an ``X-Request-Id`` (the client's own, if it sent a
-sane one). Every error leaves as an OpenAI error object, unknown paths (404)
-and wrong methods (405) included; the Ollama routes answer in Ollama's shape.
+The daemon wraps the app in :mod:`meshgate.logs`' request-id and access-log
+middleware (an ``X-Request-Id`` on every response) and the local guard. Every
+error leaves as an OpenAI error object, unknown paths (404) and wrong methods
+(405) included; the Ollama routes answer in Ollama's shape.
 Plain Starlette routes, not FastAPI: no dependency injection or response
 models on the hot path (``scripts/bench/overhead.py`` measures the port).
 """
 
 from __future__ import annotations
 
-import re
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,7 +24,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meshgate.bounds import load_json
 from meshgate.openai import OpenAIError
@@ -36,34 +34,8 @@ from node_agent.ollama_routes import ollama_routes
 from node_agent.openai_routes import openai_routes
 from node_agent.pipeline import MeshLookup, Pipeline
 
-__all__ = ["MeshLookup", "RequestIdMiddleware", "build_app", "read_body"]
+__all__ = ["MeshLookup", "build_app", "read_body"]
 
-_SANE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
-
-
-class RequestIdMiddleware:
-    """``X-Request-Id`` on every response: the client's (if sane) or a fresh ``req_...``.
-
-    The id is in ``scope["state"]["request_id"]`` for handlers and logs.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
-        rid = given if _SANE_ID.fullmatch(given) else b"req_" + secrets.token_hex(8).encode()
-        scope.setdefault("state", {})["request_id"] = rid.decode()
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
 
 
 async def _openai_error(_: Request, exc: Exception) -> Response:
@@ -144,7 +116,6 @@ def build_app(
             OpenAIError: _openai_error, HTTPException: _http_error, Exception: _server_error
         },
     )
-    app.add_middleware(RequestIdMiddleware)
     app.state.pipeline = pipe
     return app
 

@@ -208,3 +208,23 @@ def test_every_outcome_is_a_ledger_row_so_usage_and_metrics_agree(
     keyed = {error: key for _, error, key, _ in rows}
     assert keyed["invalid_api_key"] is None
     assert keyed["model_not_found"] is not None  # the key is known by then
+
+
+def test_both_ports_give_a_request_id_and_log_one_access_line(mesh: Mesh) -> None:
+    auth = {"Authorization": f"Bearer {mesh.key}"}
+    for n, (base, log) in enumerate([(mesh.api, mesh.root / "coordinator.log"),
+                                     (mesh.proxy("node-a"), mesh.root / "node-a.log")]):
+        rid = f"req_access_{n}"
+        reply = httpx.post(f"{base}/chat/completions", headers={**auth, "x-request-id": rid},
+                           json={"model": MODEL, "messages": HELLO, "max_tokens": 2})
+        assert reply.status_code == 200
+        assert reply.headers["x-request-id"] == rid
+
+        def logged(rid: str = rid, log: Path = log) -> bool:
+            return any("meshgate.access" in line and rid in line
+                       for line in log.read_text().splitlines())
+
+        wait_until(logged, 10, f"the access line of {rid}")
+        text = log.read_text()
+        assert "object at 0x" not in text
+        assert "HTTP Request:" not in text  # no per-request line of the http client

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from meshgate.logs import RequestIdMiddleware
 from meshgate.openai import OpenAIError
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
@@ -42,7 +43,7 @@ async def setup(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, NodeMe
     app = build_app(manager, metrics=metrics)
     finished: list[Finished] = []
     app.state.pipeline.on_finish(finished.append)
-    transport = httpx.ASGITransport(app=app)
+    transport = httpx.ASGITransport(app=RequestIdMiddleware(app))  # as the daemon serves it
     async with httpx.AsyncClient(transport=transport, base_url="http://node") as client:
         yield client, metrics, finished
 
