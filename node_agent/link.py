@@ -20,6 +20,7 @@ from typing import Any
 from meshgate.node_messages import DELTA_COALESCE_S, ModelLoad
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest, ProtocolViolation, error_body
+from meshgate.token_frames import ChunkEncoder
 from node_agent.journal import UsageJournal
 from node_agent.journal_upload import upload_journal
 from node_agent.metrics import NodeMetrics
@@ -244,11 +245,14 @@ class CoordinatorLink:
             async with self.manager.use(request.model) as runtime:
                 if request.stream:
                     usage = None
+                    # compact token frames when the coordinator asks (meshgate/token_frames.py)
+                    compact = ChunkEncoder() if frame.body.get("compact") else None
                     async for chunk in runtime.stream(request.endpoint, request.body):
                         usage = usage_of(chunk) or usage
                         if track is not None:
                             track.first_token()  # usage is read once, above
-                        await stream.send(FrameType.DATA, chunk)
+                        body = compact.encode(chunk) if compact is not None else chunk
+                        await stream.send(FrameType.DATA, body)
                 else:
                     data, usage = await runtime.complete(request.endpoint, request.body)
                     if track is not None:
