@@ -31,7 +31,7 @@ from coordinator.metrics import Metrics
 from coordinator.registry import Registry
 from coordinator.relay import relay
 from coordinator.shared_state import RedisBuckets, RedisLink, SharedResponseCache
-from coordinator.spool import LedgerSpool
+from coordinator.spool import LedgerSpool, answering_database_outages
 from coordinator.state import ServeOptions, StateDir
 from coordinator.store import Store, UsageRecord
 from coordinator.traffic import Traffic
@@ -116,7 +116,7 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
                    traffic=traffic)
     # apps on nodes asking for others' models; nodes uploading what they served offline
     gateway.on_request = node_streams(store, ctx.metrics, functools.partial(relay, ctx))
-    app = build_app(ctx)
+    app = answering_database_outages(build_app(ctx))  # a 503, not a bare 500
     admin = admin_context(store, state, registry, ctx, gateway=gateway, static_key=static_key,
                           tunnel_url=tunnel_url, traffic=traffic)
     if cluster is not None:  # a revoke here reaches every replica at once (pub/sub)
