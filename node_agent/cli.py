@@ -303,6 +303,42 @@ def swap(
     )
 
 
+@app.command()
+def join(
+    token: str | None = typer.Argument(
+        None, help="The token from `meshgate-coordinator token create` (`-`: stdin)."),
+    model: list[str] = typer.Option([], "--model", help="NAME=PATH.gguf to serve, repeatable."),
+    model_dir: list[Path] = typer.Option([], "--model-dir", help="Serve every .gguf below DIR."),
+    token_file: Path | None = typer.Option(None, "--token-file", help="Read the token here."),
+    state_dir: Path = typer.Option(Path("/var/lib/meshgate/node"), "--state-dir"),
+    config: Path = typer.Option(Path("/etc/meshgate/node.toml"), "--config"),
+    user: str = typer.Option("meshgate", help="The system user the service runs as."),
+    unit_dir: Path = typer.Option(Path("/etc/systemd/system"), help="Where the unit goes."),
+    service: bool = typer.Option(True, "--service/--no-service",
+                                 help="Install and start the systemd service (default)."),
+) -> None:
+    """Enroll this box, write its config and install + start the service, in one step."""
+    from node_agent.join import JoinError, join_steps
+    from node_agent.service import _run
+
+    state = NodeState(state_dir)
+    enrollment = state.enrollment() if state.path.exists() else None
+
+    def do_enroll() -> str:
+        enroll(token=token, token_file=token_file, state_dir=state_dir, config=None)
+        return f"enrolled into {state_dir}"
+
+    try:
+        for line in join_steps(
+            enroll=do_enroll, enrolled=enrollment.did if enrollment else None,
+            state_dir=state_dir, config=config, models=model, model_dirs=model_dir,
+            user=user, unit_dir=unit_dir, service=service, run=_run,
+        ):
+            typer.echo(line)
+    except JoinError as exc:
+        raise _fail(str(exc)) from None
+
+
 @app.command("install-service")
 def install_service(
     user: str = typer.Option("meshgate", help="The system user the daemon runs as."),
