@@ -8,6 +8,8 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshgate.token_frames import MAGIC, ChunkDecoder, ChunkEncoder
 
@@ -96,3 +98,21 @@ def test_deep_nesting_from_a_node_is_refused() -> None:
     decoder._previous = encoder_side
     with pytest.raises(ValueError, match="malformed"):
         decoder.decode(MAGIC + msgpack.packb(deep))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=2), inner,
+                                                                max_size=3),
+    max_leaves=12,
+))
+def test_whatever_a_node_sends_is_a_json_chunk_or_a_value_error(raw: bytes, value: Any) -> None:
+    decoder = ChunkDecoder()
+    decoder.decode(MAGIC + msgpack.packb([0, {"a": [1, {"b": None}]}]))  # some state
+    for body in (MAGIC + raw, MAGIC + msgpack.packb(value)):
+        try:
+            out = decoder.decode(body)
+        except ValueError:
+            continue
+        assert isinstance(json.loads(out), dict)

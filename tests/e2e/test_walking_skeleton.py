@@ -179,7 +179,7 @@ def test_streamed_chunks_through_the_coordinator_match_the_runners_field_by_fiel
         else:
             chunks = list(client.completions.create(
                 model=MODEL, prompt="The capital of France is", max_tokens=8, stream=True,
-                temperature=0, seed=7,
+                temperature=0, seed=7, stream_options={"include_usage": True},
             ))
         seen[name] = [c.model_dump(exclude={"id", "created"}) for c in chunks]
         assert len({c.id for c in chunks}) == 1  # one id through the stream
