@@ -47,6 +47,7 @@ from node_agent.guard import guard_from_env
 from node_agent.inventory import Inventory, ModelFile, ollama_entry, read_model_file
 from node_agent.journal import UsageJournal
 from node_agent.link import CoordinatorLink
+from node_agent.local_daemon import announce, forget
 from node_agent.members import MemberLinks
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager, model_name, parse_model_spec
@@ -454,9 +455,12 @@ async def serve(opts: NodeOptions) -> None:
 
         parts.link = MemberLinks(member_link, enrollment.url)  # one link per replica
         tasks.append(asyncio.create_task(parts.link.run(), name="link"))
+    tasks.append(asyncio.create_task(announce(opts.state_dir, server, opts.proxy_host),
+                                     name="announce"))  # daemon.json: where status finds us
     try:
         await server.serve()
     finally:
+        forget(opts.state_dir)
         if parts.link is not None:  # requests from the coordinator finish before runners stop
             await parts.link.drain(DRAIN_GRACE_S)
         for task in tasks:
