@@ -252,8 +252,10 @@ class NodeParts:
             ):
                 if entry.get(ours) is None:
                     entry[ours] = entry.get(theirs) or rate.get(theirs)
-            if entry.get("kind") == "ollama" and self.ollama is not None:
-                entry["loaded"] = any(m.name == name and m.loaded for m in self.ollama.models)
+            runtime = self.manager.get(name)
+            own = runtime.describe() if runtime is not None else None
+            if own and "loaded" in own:  # the runtime knows better (Ollama's own ps)
+                entry["loaded"] = bool(own["loaded"])
             runner = self.runners.get(name)
             if "pid" not in entry and runner is not None:
                 entry["pid"] = runner.pid
