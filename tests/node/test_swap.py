@@ -180,7 +180,8 @@ def test_two_concurrent_streams_both_complete_in_turn(node: Node) -> None:
     def stream() -> None:
         chunks = list(
             client.completions.create(
-                model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stream=True
+                model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stream=True,
+                stream_options={"include_usage": True},
             )
         )
         texts.append("".join(c.choices[0].text for c in chunks if c.choices))
