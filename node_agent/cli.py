@@ -15,6 +15,7 @@ from node_agent.state import Enrollment, NodeState
 
 app = typer.Typer(
     rich_markup_mode=None,  # click's plain help: rich's panels label every flag <bool>
+    pretty_exceptions_enable=False,  # rich and pygments cost the idle daemon ~10 MB
     help="meshgate edge-node daemon", no_args_is_help=True, add_completion=False)
 
 

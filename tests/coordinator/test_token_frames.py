@@ -49,7 +49,10 @@ def test_a_stream_round_trips_exactly_in_a_fraction_of_the_bytes() -> None:
         raw = json.dumps(original).encode()
         body = encoder.encode(raw)
         assert body.startswith(MAGIC)
-        rebuilt = json.loads(decoder.decode(body))
+        out = decoder.decode(body)
+        assert b"\n" not in out
+        assert b"\r" not in out  # one event when the coordinator frames it (SSE injection)
+        rebuilt = json.loads(out)
         assert rebuilt == original
         assert list(rebuilt) == list(original)  # key order too
         for got, sent in zip(rebuilt["choices"], original["choices"], strict=True):
