@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import time
@@ -33,21 +32,26 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from coordinator.cache import CachedResponse, ResponseCache, cache_key
 from coordinator.config import CoordinatorConfig
+from coordinator.context_fit import fit_to_context
 from coordinator.dispatch import Dispatcher, Served
 from coordinator.ledger_row import fit_row
 from coordinator.limits import KeyGate
-from coordinator.logs import RequestIdMiddleware, current_request_id
 from coordinator.metrics import CONTENT_TYPE, Metrics
+from coordinator.refusals import install_refusals, with_status
 from coordinator.registry import Registry
 from coordinator.routing import ROUTE_HEADER, Route, RouteError, UnknownRouteError, parse_route
 from coordinator.scheduler import Request as Want
 from meshgate.bounds import clip
+from meshgate.logs import AccessLogMiddleware, RequestIdMiddleware, current_request_id
 from meshgate.openai import (
     MAX_BODY_BYTES,
     SSE_DONE,
     OpenAIError,
+    Parsed,
+    is_usage_only,
     model_list,
-    parse_request,
+    model_object,
+    parse,
     sse_error,
     sse_event,
     unknown_model,
@@ -149,15 +153,12 @@ def _health(registry: Registry) -> dict[str, Any]:
 def build_app(ctx: ApiContext) -> FastAPI:
     app = FastAPI(title="meshgate coordinator", docs_url=None, redoc_url=None)
 
+    app.add_middleware(AccessLogMiddleware)  # inside the next: its line carries the id
     app.add_middleware(RequestIdMiddleware)
     _gauges(ctx)
 
-    @app.exception_handler(OpenAIError)
-    async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
-        if ctx.metrics is not None:
-            ctx.metrics.refused(exc.status, getattr(request.state, "model", "-"), exc.code)
-        return JSONResponse(exc.body(), status_code=exc.status,
-                            headers=getattr(exc, "headers", None))
+    install_refusals(app, record=ctx.commit,
+                     count=ctx.metrics.refused if ctx.metrics is not None else None)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -169,20 +170,18 @@ def build_app(ctx: ApiContext) -> FastAPI:
     async def healthz() -> dict[str, Any]:
         return _health(ctx.registry)
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> JSONResponse:
-        await ctx.authenticate(request)
-        return JSONResponse(model_list(_served_names(ctx), owned_by="meshgate"))
+    _add_model_routes(app, ctx)
 
     async def handle(request: Request, endpoint: str) -> Response:
         key_id = await ctx.authenticate(request)
+        request.state.key_id = key_id
         raw = await read_body(request)
-        body = parse_request(raw, endpoint)
-        stream = bool(body.get("stream", False))
+        parsed = parse(raw, endpoint)
+        body, stream = parsed.body, parsed.stream
         request_id = (current_request_id() or request.headers.get("x-request-id")
                       or "req_" + secrets.token_hex(8))
         request.state.model = str(body["model"])
-        route, want = await plan(ctx, body, request.headers.get(ROUTE_HEADER))
+        route, want = await plan(ctx, parsed, request.headers.get(ROUTE_HEADER))
         want = _for_key(ctx, key_id, body, want, request_id=request_id,
                         header=request.headers.get(ROUTE_HEADER))
         cached_as, hit = await _from_cache(ctx, request_id, key_id, endpoint, body)
@@ -194,14 +193,14 @@ def build_app(ctx: ApiContext) -> FastAPI:
         assert dispatcher is not None
         route_text = str(route) if route.task or body["model"].startswith("qg://") else None
         route_text = route_text or f"qg://prefer={want.prefer.value}"  # the policy it ran under
+        request.state.route = route_text
         try:
             served = await _unless_disconnected(
                 request, dispatcher.start(open_request, want, deadline=deadline))
-        except OpenAIError as exc:
+        except OpenAIError as exc:  # its ledger row is written where it is answered
             exc = ctx.gate.refine_for(request_id, exc) if ctx.gate is not None else exc
-            if exc.status in (402, 429, 499, 503, 504):
-                await ctx.commit(failed_row(open_request, key_id, exc, route_text))
             raise exc from None
+        request.state.served = served  # its usage, for the access line
         if ctx.metrics is not None:
             ctx.metrics.served(served.tries, served.upstream)
         headers = {"x-request-id": request_id, **served.headers()}
@@ -211,13 +210,14 @@ def build_app(ctx: ApiContext) -> FastAPI:
             finally:
                 with anyio.CancelScope(shield=True):
                     await served.close()
-                    await ctx.commit(served.row(key_id, route_text))
+                    await ctx.commit(with_status(served.row(key_id, route_text)))
             if cached_as is not None and ctx.cache is not None and served.outcome == "ok":
                 ctx.cache.put(cached_as, CachedResponse(
                     data, served.model, served.target, *_tokens(served.usage)))
             return Response(data, media_type="application/json", headers=headers)
         return StreamingResponse(
-            _sse(served, ctx, key_id, route_text), media_type="text/event-stream",
+            _sse(served, ctx, key_id, route_text, include_usage=parsed.include_usage),
+            media_type="text/event-stream",
             headers=headers,
         )
 
@@ -226,6 +226,21 @@ def build_app(ctx: ApiContext) -> FastAPI:
             f"/v1/{endpoint}", _bind(handle, endpoint), methods=["POST"], name=endpoint
         )
     return app
+
+
+def _add_model_routes(app: FastAPI, ctx: ApiContext) -> None:
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        await ctx.authenticate(request)
+        return JSONResponse(model_list(_served_names(ctx), owned_by="meshgate"))
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str) -> JSONResponse:
+        await ctx.authenticate(request)
+        request.state.model = model_id
+        if model_id not in _served_names(ctx):
+            raise unknown_model(model_id, hop="coordinator")
+        return JSONResponse(model_object(model_id, owned_by="meshgate"))
 
 
 def _bind(
@@ -238,8 +253,9 @@ def _bind(
     return route
 
 
-async def plan(ctx: ApiContext, body: dict[str, Any], header: str | None) -> tuple[Route, Want]:
+async def plan(ctx: ApiContext, parsed: Parsed, header: str | None) -> tuple[Route, Want]:
     """The route and the scheduler's request: candidate models, sizes, policy."""
+    body = parsed.body
     try:
         route = parse_route(body["model"], header)
         models = ctx.config.routing().resolve(route)
@@ -254,12 +270,11 @@ async def plan(ctx: ApiContext, body: dict[str, Any], header: str | None) -> tup
         known = await asyncio.to_thread(ctx.known_models)
         if not any(m in known for m in models):
             raise unknown_model(route.model or "/".join(models), hop="coordinator")
-    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 0
+    prompt, completion = fit_to_context(ctx, models, parsed)
     want = Want(
         models=models,
-        prompt_tokens=len(json.dumps(body.get("messages") or body.get("prompt") or
-                                     body.get("input") or "")) // 4,
-        max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 0,
+        prompt_tokens=prompt,
+        max_tokens=completion,
         prefer=route.prefer,
         residency=route.residency,
     )
@@ -333,7 +348,7 @@ async def _from_cache(ctx: ApiContext, request_id: str, key_id: str, endpoint: s
         (ctx.metrics.cache_hits if hit else ctx.metrics.cache_misses).inc()
     if hit is None:
         return cached_as, None
-    await ctx.commit(_cache_row(request_id, key_id, endpoint, hit))
+    await ctx.commit(with_status(_cache_row(request_id, key_id, endpoint, hit)))
     return cached_as, Response(hit.body, media_type="application/json", headers={
         "x-request-id": request_id, "x-meshgate-cache": "hit"})
 
@@ -353,29 +368,19 @@ def _cache_row(request_id: str, key_id: str, endpoint: str, hit: CachedResponse
     }
 
 
-def failed_row(request: OpenRequest, key_id: str | None, exc: OpenAIError,
-                route: str | None) -> dict[str, Any]:
-    outcome = {402: "budget_exceeded", 429: "queue_full", 499: "client_cancelled",
-               503: "no_capacity", 504: "deadline"}.get(exc.status, "error")
-    if exc.code == "relay_quota":
-        outcome = "relay_quota"
-    return {
-        "request_id": request.request_id, "key_id": key_id, "node_did": None, "upstream": None,
-        "model": request.model, "endpoint": request.endpoint, "prompt_tokens": 0,
-        "completion_tokens": 0, "latency_ms": 0.0, "outcome": outcome, "cost": 0.0,
-        "route": route,
-    }
-
-
-async def _sse(served: Served, ctx: ApiContext, key_id: str,
-               route: str | None) -> AsyncIterator[bytes]:
-    """The answer as SSE; its ledger row is stored before the last event leaves."""
+async def _sse(served: Served, ctx: ApiContext, key_id: str, route: str | None, *,
+               include_usage: bool) -> AsyncIterator[bytes]:
+    """The answer as SSE; its ledger row is stored before the last event leaves. The
+    usage-only chunk goes out only when the client asked for it
+    (``stream_options.include_usage``); the ledger counts usage either way."""
     committed = False
     try:
-        yield sse_event(served.first)
+        if include_usage or not is_usage_only(served.first):
+            yield sse_event(served.first)
         try:
             async for chunk in served.rest():
-                yield sse_event(chunk)
+                if include_usage or not is_usage_only(chunk):
+                    yield sse_event(chunk)
             end = SSE_DONE
         except OpenAIError as exc:
             log.warning("request %s ended with an error after it started: %s",
@@ -384,10 +389,10 @@ async def _sse(served: Served, ctx: ApiContext, key_id: str,
         with anyio.CancelScope(shield=True):
             await served.close()
             committed = True
-            await ctx.commit(served.row(key_id, route))
+            await ctx.commit(with_status(served.row(key_id, route)))
         yield end
     finally:
         if not committed:  # the client left mid-stream
             with anyio.CancelScope(shield=True):
                 await served.close()
-                await ctx.commit(served.row(key_id, route))
+                await ctx.commit(with_status(served.row(key_id, route)))

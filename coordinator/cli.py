@@ -25,11 +25,26 @@ from coordinator.cli_top import top
 from coordinator.errors import CoordinatorError
 from coordinator.state import ServeOptions, StateDir
 from coordinator.store import Store, iso
+from meshgate.version import version_callback
 
 __all__ = ["app", "parse_duration"]
 
-app = typer.Typer(help="meshgate coordinator", no_args_is_help=True, add_completion=False)
-admin_key_app = typer.Typer(help="Admin keys for the admin API and the web pane.",
+app = typer.Typer(
+    rich_markup_mode=None,  # click's plain help: rich's panels label every flag <bool>
+    help="meshgate coordinator", no_args_is_help=True, add_completion=False)
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=version_callback("meshgate-coordinator"), is_eager=True,
+        help="Print the version and exit.",
+    ),
+) -> None:
+    """meshgate coordinator"""
+admin_key_app = typer.Typer(
+    rich_markup_mode=None,  # click's plain help: rich's panels label every flag <bool>
+    help="Admin keys for the admin API and the web pane.",
                             no_args_is_help=True)
 app.add_typer(admin_key_app, name="admin-key")
 
@@ -117,13 +132,19 @@ def serve(
                           redis_url or loaded.cluster.redis_url).checked()
     except CoordinatorError as exc:
         raise _fail(str(exc), 2) from None
-    run_server(ServeOptions(
-        state_dir=state_dir, api_host=api_host, api_port=api_port, tunnel_host=tunnel_host,
-        tunnel_port=tunnel_port, advertise_url=advertise_url, log_level=log_level, config=config,
-        cache=cache, cache_ttl_s=cache_ttl_s, cache_entries=cache_entries, log_format=log_format,
-        database_url=engines.database_url, redis_url=engines.redis_url,
-        static_key_file=cluster_key or loaded.cluster.key_file,
-    ), loaded)
+    from meshgate.startup import StartupError
+
+    try:
+        run_server(ServeOptions(
+            state_dir=state_dir, api_host=api_host, api_port=api_port,
+            tunnel_host=tunnel_host, tunnel_port=tunnel_port, advertise_url=advertise_url,
+            log_level=log_level, config=config, cache=cache, cache_ttl_s=cache_ttl_s,
+            cache_entries=cache_entries, log_format=log_format,
+            database_url=engines.database_url, redis_url=engines.redis_url,
+            static_key_file=cluster_key or loaded.cluster.key_file,
+        ), loaded)
+    except StartupError as exc:
+        raise _fail(str(exc), 1) from None
 
 
 # ----------------------------------------------------------------------------- setup

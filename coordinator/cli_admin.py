@@ -37,9 +37,15 @@ from coordinator.cli_common import (
 from coordinator.errors import CoordinatorError
 from coordinator.store import iso
 
-token_app = typer.Typer(help="Enrollment tokens for new nodes.", no_args_is_help=True)
-key_app = typer.Typer(help="API keys for apps.", no_args_is_help=True)
-node_app = typer.Typer(help="One enrolled node.", no_args_is_help=True)
+token_app = typer.Typer(
+    rich_markup_mode=None,  # click's plain help: rich's panels label every flag <bool>
+    help="Enrollment tokens for new nodes.", no_args_is_help=True)
+key_app = typer.Typer(
+    rich_markup_mode=None,  # click's plain help: rich's panels label every flag <bool>
+    help="API keys for apps.", no_args_is_help=True)
+node_app = typer.Typer(
+    rich_markup_mode=None,  # click's plain help: rich's panels label every flag <bool>
+    help="One enrolled node.", no_args_is_help=True)
 GIB = 1024**3
 
 

@@ -39,6 +39,7 @@ from coordinator.scheduler import Candidate, Kind, Request, schedule
 from meshgate.bounds import check_chunk, clamp_usage, clip
 from meshgate.openai import OpenAIError
 from meshgate.protocol import EnergyReport, OpenRequest, error_of
+from meshgate.token_frames import MAGIC, ChunkDecoder
 from tunnel import ClosedError, Frame, FrameType, Stream, TunnelError
 
 if TYPE_CHECKING:
@@ -153,6 +154,7 @@ class NodeAttempt(Served):
         self.node_did = node.did
         self.stream = stream
         self.first_at: float | None = time.perf_counter()
+        self.decoder = ChunkDecoder()
 
     async def rest(self) -> AsyncIterator[bytes]:
         """Yield the data frames after the first; set `usage` from the end frame."""
@@ -197,6 +199,9 @@ class NodeAttempt(Served):
 
     def _checked(self, data: object) -> bytes:
         try:
+            if isinstance(data, bytes) and data[:1] == MAGIC:
+                # rebuilt and written here as one JSON object on one line: nothing to check
+                return self.decoder.decode(data)
             return check_chunk(data, streaming=self.request.stream)
         except ValueError as exc:
             self.outcome = "bad_node_output"
@@ -418,6 +423,8 @@ class Dispatcher:
         if not node.loaded(model):
             await self._load(node, model, deadline)
         wire = request.to_wire()
+        if request.stream:
+            wire["compact"] = 1  # the node may send compact token frames (token_frames.py)
         wire["model"] = model
         wire["body"] = with_model(request.body, model)
         self.registry.acquire(node, model)
@@ -465,8 +472,10 @@ class Dispatcher:
                    *, want: Request, model: str, started: float, sent: float, tries: int,
                    deadline: float) -> NodeAttempt:
         """The first chunk arrived: check it, record the time it took, and commit."""
+        decoder = ChunkDecoder()
         try:
-            first = check_chunk(frame.body, streaming=request.stream)
+            body = decoder.decode(frame.body) if isinstance(frame.body, bytes) else frame.body
+            first = check_chunk(body, streaming=request.stream)
         except ValueError as exc:
             raise Failed(f"malformed answer: {exc}") from None
         first_at = time.perf_counter()
@@ -475,6 +484,7 @@ class Dispatcher:
         attempt = NodeAttempt(self.registry, node, stream, request, model, first=first,
                               started=started, tries=tries, deadline=deadline,
                               idle_timeout=self.config.idle_timeout_s)
+        attempt.decoder = decoder
         attempt.first_at = first_at
         return attempt
 

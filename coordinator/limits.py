@@ -28,7 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from coordinator.metering import BudgetTracker
 from coordinator.routing import Prefer
@@ -130,8 +130,7 @@ class Admission:
         self.limiter.adjust(self.key_id, actual_tokens - self.charged_tokens)
 
 
-@dataclass(frozen=True, slots=True)
-class Ask:
+class Ask(NamedTuple):
     """One bucket a request draws on: `kind` (requests or tokens) at `per_minute`."""
 
     kind: str
@@ -171,13 +170,18 @@ class LocalBuckets:
 
     def take_all(self, key_id: str, asks: Sequence[Ask]) -> tuple[float, int]:
         with self._lock:
-            buckets = [self._bucket(key_id, ask) for ask in asks]
-            waits = [b.wait_for(a.amount) for b, a in zip(buckets, asks, strict=True)]
-            worst = max(range(len(waits)), key=waits.__getitem__)
-            if waits[worst] > 0:
-                return waits[worst], worst
+            buckets = []
+            worst, which = 0.0, -1
+            for i, ask in enumerate(asks):
+                bucket = self._bucket(key_id, ask)
+                buckets.append(bucket)
+                wait = bucket.wait_for(ask.amount)
+                if wait > worst:
+                    worst, which = wait, i
+            if worst > 0:
+                return worst, which
             for bucket, ask in zip(buckets, asks, strict=True):
-                bucket.take(ask.amount)
+                bucket.level -= ask.amount  # wait_for just refilled it
             return 0.0, -1
 
     def adjust(self, key_id: str, ask: Ask) -> None:

@@ -229,16 +229,25 @@ class Registry:
         self._wake(conn.infos)
 
     def set_telemetry(self, conn: NodeConn, telemetry: Telemetry, raw: dict[str, Any]) -> None:
+        """A full report. Most are the same as the last one for what scheduling reads
+        (free memory, GPUs, per-model load): those move nothing in the index."""
         conn.telemetry = raw
         host = telemetry.host
-        conn.host_free = (host.mem_available_bytes if host is not None
-                          and host.mem_available_bytes is not None else UNKNOWN_FREE)
-        conn.gpu_count = len(telemetry.gpus)
-        conn.vram_total = sum(g.vram_total_bytes or 0 for g in telemetry.gpus)
-        conn.vram_free = sum(g.vram_free_bytes or 0 for g in telemetry.gpus)
-        freed = [m for m, load in telemetry.runtime.items() if _frees(conn.load.get(m), load)]
+        hw = (host.mem_available_bytes if host is not None
+              and host.mem_available_bytes is not None else UNKNOWN_FREE,
+              len(telemetry.gpus) << 28, sum(g.vram_total_bytes or 0 for g in telemetry.gpus),
+              sum(g.vram_free_bytes or 0 for g in telemetry.gpus))
+        # free memory moves by bytes every sample: only a 256 MiB step is a change
+        same_hw = [x >> 28 for x in hw] == [x >> 28 for x in (
+            conn.host_free, conn.gpu_count << 28, conn.vram_total, conn.vram_free)]
+        changed = [m for m, load in telemetry.runtime.items() if conn.load.get(m) != load]
+        if same_hw and not changed:
+            return
+        conn.host_free, gpus, conn.vram_total, conn.vram_free = hw
+        conn.gpu_count = gpus >> 28
+        freed = [m for m in changed if _frees(conn.load.get(m), telemetry.runtime[m])]
         conn.load.update(telemetry.runtime)
-        self._refresh(conn)
+        self._refresh(conn, None if not same_hw else changed)
         if freed:
             self._wake(freed)
 

@@ -27,13 +27,14 @@ from typing import Any
 
 import anyio
 
-from coordinator.api import ApiContext, failed_row, plan
+from coordinator.api import ApiContext, plan
 from coordinator.config import RelayConfig
 from coordinator.dispatch import Served
+from coordinator.refusals import refusal_row, with_status
 from coordinator.registry import NodeConn
 from coordinator.scheduler import Budget
 from meshgate.bounds import clip
-from meshgate.openai import OpenAIError, parse_request
+from meshgate.openai import OpenAIError, parse
 from meshgate.protocol import OpenRequest, ProtocolViolation, error_body
 from tunnel import Frame, FrameType, Stream, TunnelError, until_cancelled
 
@@ -97,13 +98,11 @@ async def relay(ctx: ApiContext, asker: NodeConn, stream: Stream, frame: Frame) 
 async def _answer(ctx: ApiContext, asker: NodeConn, stream: Stream, request: OpenRequest,
                   quota: RelayQuota) -> None:
     try:
-        body = parse_request(request.body, request.endpoint)
-        route, want = await plan(ctx, body, None)
-    except ProtocolViolation as exc:
-        await stream.send(FrameType.ERROR, error_body(400, str(exc), hop="coordinator"))
-        return
+        parsed = parse(request.body, request.endpoint)
+        body = parsed.body
+        route, want = await plan(ctx, parsed, None)
     except OpenAIError as exc:
-        await _send_error(stream, exc)
+        await _refuse(ctx, stream, request, exc, f"node:{asker.did}")
         return
     log.info("request %s from node %s: %s %s", request.request_id, asker.did,
              request.endpoint, clip(body["model"]))
@@ -131,12 +130,12 @@ async def _answer(ctx: ApiContext, asker: NodeConn, stream: Stream, request: Ope
         end = (FrameType.END, {"usage": served.usage})
     except OpenAIError as exc:
         end = (FrameType.ERROR, error_body(exc.status, exc.message, code=exc.code,
-                                           hop=exc.hop or "coordinator"))
+                                           hop=exc.hop or "coordinator", param=exc.param))
     finally:
         with anyio.CancelScope(shield=True):
             await served.close()
             committed = True  # the row is stored before the answer's end goes down
-            await ctx.commit(served.row(None, route_text))
+            await ctx.commit(with_status(served.row(None, route_text)))
     if committed:
         with contextlib.suppress(TunnelError):
             await stream.send(*end)
@@ -154,7 +153,10 @@ async def _forward(served: Served, streaming: bool, stream: Stream) -> None:
 async def _refuse(ctx: ApiContext, stream: Stream, request: OpenRequest, exc: OpenAIError,
                   route: str) -> None:
     """Answer `exc` to the node, with the request's ledger row (every outcome has one)."""
-    await ctx.commit(failed_row(request, None, exc, route))
+    if ctx.metrics is not None:
+        ctx.metrics.refused(exc.status, request.model, exc.code)
+    await ctx.commit(refusal_row(exc, request_id=request.request_id, key_id=None,
+                                 model=request.model, endpoint=request.endpoint, route=route))
     await _send_error(stream, exc)
 
 
@@ -162,5 +164,6 @@ async def _send_error(stream: Stream, exc: OpenAIError) -> None:
     with contextlib.suppress(TunnelError):
         await stream.send(
             FrameType.ERROR,
-            error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "coordinator"),
+            error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "coordinator",
+                       param=exc.param),
         )

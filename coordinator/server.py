@@ -14,8 +14,6 @@ import logging
 import time
 from typing import Any
 
-from uvicorn.config import LOGGING_CONFIG
-
 from coordinator.admin_api import admin_context, mount_admin, watch_key_changes
 from coordinator.api import ApiContext, build_app
 from coordinator.cache import ResponseCache
@@ -28,18 +26,19 @@ from coordinator.gateway import Gateway
 from coordinator.ingest import node_streams
 from coordinator.limits import KeyGate, RateLimiter
 from coordinator.live import LIVE_FILE, write_live_loop
-from coordinator.logs import setup_json_logging
 from coordinator.metering import BudgetTracker
 from coordinator.metrics import Metrics
 from coordinator.registry import Registry
 from coordinator.relay import relay
 from coordinator.shared_state import RedisBuckets, RedisLink, SharedResponseCache
-from coordinator.spool import LedgerSpool
+from coordinator.spool import LedgerSpool, answering_database_outages
 from coordinator.state import ServeOptions, StateDir
 from coordinator.store import Store, UsageRecord
 from coordinator.traffic import Traffic
 from meshgate.httpserver import COORDINATOR_LIMITS, server_config
+from meshgate.logs import setup_logging
 from meshgate.serving import DaemonServer
+from meshgate.startup import check_port
 from tunnel import serve as serve_tunnel
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,7 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
                    traffic=traffic)
     # apps on nodes asking for others' models; nodes uploading what they served offline
     gateway.on_request = node_streams(store, ctx.metrics, functools.partial(relay, ctx))
-    app = build_app(ctx)
+    app = answering_database_outages(build_app(ctx))  # a 503, not a bare 500
     admin = admin_context(store, state, registry, ctx, gateway=gateway, static_key=static_key,
                           tunnel_url=tunnel_url, traffic=traffic)
     if cluster is not None:  # a revoke here reaches every replica at once (pub/sub)
@@ -132,7 +131,7 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
         log_level=opts.log_level.lower(),
         access_log=False,
         lifespan="off",
-        log_config=None if opts.log_format == "json" else LOGGING_CONFIG,  # JSON: ours
+        log_config=None,  # ours (meshgate/logs.py), in either format
     )
     server = DaemonServer(uv_config)
     admin.stopping = lambda: server.should_exit  # the pane's live streams end with the server
@@ -165,11 +164,7 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
 def run_server(opts: ServeOptions, config: CoordinatorConfig | None = None) -> None:
     if config is None:
         config = resolve_config(opts.config)  # a bad file fails here, before anything listens
-    if opts.log_format == "json":
-        setup_json_logging(opts.log_level)
-    else:
-        logging.basicConfig(
-            level=opts.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+    setup_logging(opts.log_format, opts.log_level)
+    check_port(opts.api_host, opts.api_port, what="API", option="--api-port")
+    check_port(opts.tunnel_host, opts.tunnel_port, what="tunnel endpoint", option="--tunnel-port")
     asyncio.run(serve(opts, config))

@@ -9,7 +9,9 @@ one transaction (all rows or none, so a failed replay duplicates nothing) and em
 it. A replica that stops or crashes with rows spooled replays them on its next start.
 
 What a client received and what the ledger holds only differ while the database is
-down, by the rows in the spool.
+down, by the rows in the spool. A request that needs the database while it is down (a
+key not verified in the last seconds) gets a 503 in OpenAI's shape with Retry-After
+(`database_unavailable`), not a bare 500.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 
 from coordinator.store import Store, UsageRecord
+from meshgate.openai import OpenAIError
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +118,17 @@ def _record(line: str) -> UsageRecord | None:
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+
+
+async def database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    """The API's answer when the store fails under a request: 503, retry in a second."""
+    log.error("the database failed under a request: %s", _first_line(exc))
+    error = OpenAIError(503, "the coordinator's database is unreachable; retry shortly",
+                        code="database_unavailable", hop="coordinator")
+    return JSONResponse(error.body(), status_code=503, headers={"Retry-After": "1"})
+
+
+def answering_database_outages(app: FastAPI) -> FastAPI:
+    """`app`, answering a store failure under any request with `database_unavailable`."""
+    app.add_exception_handler(SQLAlchemyError, database_unavailable)
+    return app

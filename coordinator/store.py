@@ -168,6 +168,8 @@ class UsageRow(Base):
     outcome: Mapped[str] = mapped_column(String(64))
     cost: Mapped[float]
     created_at: Mapped[float] = mapped_column(index=True)
+    status: Mapped[int | None] = mapped_column(Integer(), nullable=True)
+    error: Mapped[str | None] = mapped_column(String(64), nullable=True)
     joules: Mapped[float | None]  # energy the node measured for it; NULL: not measured
     energy_estimated: Mapped[bool | None]  # from power x time, not an energy counter
     energy_cost: Mapped[float | None]  # joules at the node's electricity price
@@ -342,6 +344,8 @@ class UsageRecord:
     upstream: str | None = None
     cost: float = 0.0
     route: str | None = None  # the policy it ran under: "prefer=local", a qg:// route, "cache"
+    status: int | None = None  # the HTTP status answered (None: rows from before it was kept)
+    error: str | None = None  # the error's code or type when it was not a success
     joules: float | None = None  # None: not measured
     energy_estimated: bool | None = None
     energy_cost: float | None = None
@@ -741,10 +745,10 @@ def _fields(scope: KeyScopes) -> dict[str, Any]:
 def _add_missing_columns(conn: Any) -> None:
     """Columns added after a table was first created (create_all never alters a table)."""
     have = {c["name"] for c in inspect(conn).get_columns(UsageRow.__tablename__)}
-    if "route" not in have:
-        conn.execute(text(f"ALTER TABLE {UsageRow.__tablename__} ADD COLUMN route VARCHAR(200)"))
-    for name, sql_type in (("joules", "FLOAT"), ("energy_estimated", "BOOLEAN"),
-                           ("energy_cost", "FLOAT"), ("ingest_key", "VARCHAR(64)")):
+    for name, sql_type in (("route", "VARCHAR(200)"), ("status", "INTEGER"),
+                           ("error", "VARCHAR(64)"), ("joules", "FLOAT"),
+                           ("energy_estimated", "BOOLEAN"), ("energy_cost", "FLOAT"),
+                           ("ingest_key", "VARCHAR(64)")):
         if name not in have:
             conn.execute(text(f"ALTER TABLE {UsageRow.__tablename__} ADD COLUMN {name} {sql_type}"))
     if "ingest_key" not in have:
@@ -801,8 +805,9 @@ def _usage_record(row: UsageRow) -> UsageRecord:
         endpoint=row.endpoint, prompt_tokens=row.prompt_tokens,
         completion_tokens=row.completion_tokens, latency_ms=row.latency_ms,
         outcome=row.outcome, created_at=row.created_at, upstream=row.upstream, cost=row.cost,
-        route=row.route, joules=row.joules, energy_estimated=row.energy_estimated,
-        energy_cost=row.energy_cost, ingest_key=row.ingest_key,
+        route=row.route, status=row.status, error=row.error, joules=row.joules,
+        energy_estimated=row.energy_estimated, energy_cost=row.energy_cost,
+        ingest_key=row.ingest_key,
     )
 
 
@@ -814,7 +819,8 @@ def _usage_row(record: UsageRecord) -> UsageRow:
         route=record.route and record.route[:200],
         prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
         latency_ms=record.latency_ms, outcome=record.outcome[:64], cost=record.cost,
-        created_at=record.created_at, **_energy_values(record),
+        created_at=record.created_at, status=record.status,
+        error=record.error and record.error[:64], **_energy_values(record),
     )
 
 

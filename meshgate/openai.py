@@ -256,10 +256,23 @@ def sse_error(error: OpenAIError) -> bytes:
     return sse_event(json.dumps(error.body()).encode())
 
 
+def model_object(name: str, *, owned_by: str) -> dict[str, Any]:
+    """One model as ``GET /v1/models/{id}`` answers it."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": owned_by}
+
+
 def model_list(names: list[str], *, owned_by: str) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": [
-            {"id": n, "object": "model", "created": 0, "owned_by": owned_by} for n in sorted(names)
-        ],
-    }
+    return {"object": "list", "data": [model_object(n, owned_by=owned_by) for n in sorted(names)]}
+
+
+def is_usage_only(chunk: bytes) -> bool:
+    """Whether a stream chunk is the usage-only one (``choices: []`` and ``usage``) that
+    OpenAI sends only with ``stream_options.include_usage``. Reads the JSON only when
+    the bytes name a usage."""
+    if b'"usage"' not in chunk or b'"choices"' not in chunk:
+        return False
+    try:
+        data = json.loads(chunk)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("choices") == [] and bool(data.get("usage"))

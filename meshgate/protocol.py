@@ -84,20 +84,25 @@ class OpenRequest:
 
 
 def error_body(
-    status: int, message: str, *, code: str | None = None, hop: str = "node"
+    status: int, message: str, *, code: str | None = None, hop: str = "node",
+    param: str | None = None,
 ) -> dict[str, Any]:
-    return {"status": status, "message": message, "code": code, "hop": hop}
+    body: dict[str, Any] = {"status": status, "message": message, "code": code, "hop": hop}
+    if param is not None:
+        body["param"] = param
+    return body
 
 
 def error_of(body: Any, *, hop: str, default: str) -> OpenAIError:
     """The OpenAIError an ERROR frame's body describes (see `error_body`); a body that does
     not say is a 502 with `default` as its message, from `hop`."""
     got = body if isinstance(body, dict) else {}
-    status, code = got.get("status"), got.get("code")
+    status, code, param = got.get("status"), got.get("code"), got.get("param")
     return OpenAIError(
         status if isinstance(status, int) and 400 <= status <= 599 else 502,
         clip(str(got.get("message") or default), MAX_ERROR_CHARS),
         code=code if isinstance(code, str) else None,
+        param=param if isinstance(param, str) else None,
         hop=clip(str(got.get("hop") or hop), 40),
     )
 

@@ -10,9 +10,23 @@ from pathlib import Path
 
 import typer
 
+from meshgate.version import version_callback
 from node_agent.state import Enrollment, NodeState
 
-app = typer.Typer(help="meshgate edge-node daemon", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    rich_markup_mode=None,  # click's plain help: rich's panels label every flag <bool>
+    pretty_exceptions_enable=False,  # rich and pygments cost the idle daemon ~10 MB
+    help="meshgate edge-node daemon", no_args_is_help=True, add_completion=False)
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=version_callback("meshgate-node"), is_eager=True,
+        help="Print the version and exit.",
+    ),
+) -> None:
+    """meshgate edge-node daemon"""
 
 STATE_DIR = typer.Option(
     None,
@@ -159,6 +173,9 @@ def run(
     log_level: str | None = typer.Option(
         None, help="critical, error, warning, info (default) or debug."
     ),
+    log_format: str | None = typer.Option(
+        None, help="text (default) or json: one JSON object a line, for log collectors."
+    ),
 ) -> None:
     """Run the node daemon: model runners, the local proxy and the coordinator link.
 
@@ -186,12 +203,18 @@ def run(
         "coordinator_url": coordinator_url,
         "connect": connect,
         "log_level": log_level,
+        "log_format": log_format,
     }
     try:
         opts = load_options(given, config=config)
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
-    run_node(opts)
+    from meshgate.startup import StartupError
+
+    try:
+        run_node(opts)
+    except StartupError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _state_dir(state_dir: Path | None, config: Path | None) -> Path:
@@ -206,16 +229,22 @@ def _state_dir(state_dir: Path | None, config: Path | None) -> Path:
         raise _fail(str(exc), 2) from None
 
 
-def _local_url(url: str | None, config: Path | None) -> str:
-    """The running daemon's local proxy: `url`, or where the config says it listens."""
+def _local_url(url: str | None, config: Path | None, state_dir: Path | None = None) -> str:
+    """The running daemon's local proxy: `url`; else the one the daemon of the state dir
+    (`--state-dir`, else the config's) announced in its daemon.json; else where the
+    config says it listens."""
     if url is not None:
         return url
     from node_agent.config import ConfigError, load_options
+    from node_agent.local_daemon import local_url_of
 
     try:
-        opts = load_options({}, config=config)
+        opts = load_options({"state_dir": state_dir}, config=config)
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
+    announced = local_url_of(opts.state_dir)
+    if announced is not None:
+        return announced
     host = "127.0.0.1" if opts.proxy_host in ("0.0.0.0", "::", "") else opts.proxy_host  # noqa: S104
     return f"http://{host}:{opts.proxy_port}"
 
@@ -224,16 +253,18 @@ def _local_url(url: str | None, config: Path | None) -> str:
 def status(
     as_json: bool = typer.Option(False, "--json", help="The raw telemetry as JSON."),
     url: str | None = typer.Option(
-        None, help="The node's local proxy (default: http://127.0.0.1:PROXY_PORT from the config)."
+        None, help="The node's local proxy (default: the running daemon's, found from its "
+        "state dir, else PROXY_PORT from the config)."
     ),
     config: Path | None = CONFIG,
+    state_dir: Path | None = STATE_DIR,
 ) -> None:
     """How this box is doing: host, GPUs and models, from the running daemon."""
     import httpx
 
     from node_agent.status import render_status
 
-    url = _local_url(url, config)
+    url = _local_url(url, config, state_dir)
     try:
         reply = httpx.get(f"{url.rstrip('/')}/meshgate/telemetry", timeout=5.0)
     except httpx.HTTPError as exc:
@@ -254,14 +285,16 @@ def swap(
     n_ctx: int | None = typer.Option(None, help="Context length (default: the old runner's)."),
     n_gpu_layers: int | None = typer.Option(None, help="GPU layers (default: placement decides)."),
     url: str | None = typer.Option(
-        None, help="The node's local proxy (default: http://127.0.0.1:PROXY_PORT from the config)."
+        None, help="The node's local proxy (default: the running daemon's, found from its "
+        "state dir, else PROXY_PORT from the config)."
     ),
     config: Path | None = CONFIG,
+    state_dir: Path | None = STATE_DIR,
 ) -> None:
     """Hot-swap what serves OLD to NEW without dropping a request."""
     import httpx
 
-    url = _local_url(url, config)
+    url = _local_url(url, config, state_dir)
     body = {"model": old, "to": new, "n_ctx": n_ctx, "n_gpu_layers": n_gpu_layers}
     try:
         reply = httpx.post(f"{url.rstrip('/')}/meshgate/swap", json=body, timeout=600.0)
@@ -279,6 +312,42 @@ def swap(
         f"{old} now served from {to.get('file')} (runner {to.get('runner')}, pid "
         f"{to.get('pid')}, {answer.get('mode')}) in {answer.get('seconds')} s"
     )
+
+
+@app.command()
+def join(
+    token: str | None = typer.Argument(
+        None, help="The token from `meshgate-coordinator token create` (`-`: stdin)."),
+    model: list[str] = typer.Option([], "--model", help="NAME=PATH.gguf to serve, repeatable."),
+    model_dir: list[Path] = typer.Option([], "--model-dir", help="Serve every .gguf below DIR."),
+    token_file: Path | None = typer.Option(None, "--token-file", help="Read the token here."),
+    state_dir: Path = typer.Option(Path("/var/lib/meshgate/node"), "--state-dir"),
+    config: Path = typer.Option(Path("/etc/meshgate/node.toml"), "--config"),
+    user: str = typer.Option("meshgate", help="The system user the service runs as."),
+    unit_dir: Path = typer.Option(Path("/etc/systemd/system"), help="Where the unit goes."),
+    service: bool = typer.Option(True, "--service/--no-service",
+                                 help="Install and start the systemd service (default)."),
+) -> None:
+    """Enroll this box, write its config and install + start the service, in one step."""
+    from node_agent.join import JoinError, join_steps
+    from node_agent.service import _run
+
+    state = NodeState(state_dir)
+    enrollment = state.enrollment() if state.path.exists() else None
+
+    def do_enroll() -> str:
+        enroll(token=token, token_file=token_file, state_dir=state_dir, config=None)
+        return f"enrolled into {state_dir}"
+
+    try:
+        for line in join_steps(
+            enroll=do_enroll, enrolled=enrollment.did if enrollment else None,
+            state_dir=state_dir, config=config, models=model, model_dirs=model_dir,
+            user=user, unit_dir=unit_dir, service=service, run=_run,
+        ):
+            typer.echo(line)
+    except JoinError as exc:
+        raise _fail(str(exc)) from None
 
 
 @app.command("install-service")

@@ -55,6 +55,7 @@ class NodeOptions:
     coordinator_url: str | None = None
     connect: bool = True
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one JSON object a line (meshgate/logs.py)
     electricity_price_per_kwh: float | None = None  # money per kWh: energy_cost in the ledger
     energy_period: float = 1.0  # seconds between energy readings besides each request's ends
     powercap_dir: Path = Path("/sys/class/powercap")  # RAPL counters for CPU energy
@@ -307,6 +308,8 @@ def validate(opts: NodeOptions, source: str = "the options") -> None:
         raise ConfigError(
             f"{source}: log_level {opts.log_level!r} is not one of {', '.join(LOG_LEVELS)}"
         )
+    if opts.log_format not in ("json", "text"):
+        raise ConfigError(f"{source}: log_format {opts.log_format!r} must be json or text")
     if opts.ollama is not None and not opts.ollama.startswith(("http://", "https://")):
         raise ConfigError(f"{source}: ollama {opts.ollama!r} must be http://HOST:PORT")
     if opts.ollama_period <= 0:

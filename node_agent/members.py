@@ -10,7 +10,8 @@ key, so the key pinned at enrollment holds for every member.
 A member dropped from the list is drained (GOAWAY, requests in flight finish) and its
 link stopped. The enrollment URL is dialed while no member list is known, and kept if
 it is a member; when it is not (a load balancer's address, say), the members' own
-addresses replace it.
+addresses replace it, and it is dialed again only after `FALLBACK_S` with no tunnel up
+(every member gone or moved).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 MAX_MEMBERS = 5
 MAX_URL = 255
 DRAIN_S = 5.0
+FALLBACK_S = 30.0
 
 
 class MemberLink(Protocol):
@@ -68,11 +70,24 @@ class MemberLinks:
         self.changed = asyncio.Event()
         """set whenever the set of links changes (tests wait on it)"""
 
-    async def run(self) -> None:
-        """Run every member's link until cancelled."""
+    async def run(self, fallback_s: float = FALLBACK_S) -> None:
+        """Run every member's link until cancelled; with no tunnel up for `fallback_s`, dial
+        the enrollment URL again (every member may have moved)."""
         self._start(self.first_url)
+        down_since: float | None = None
         try:
-            await asyncio.Event().wait()
+            while True:
+                await asyncio.sleep(min(1.0, fallback_s / 4))
+                now = asyncio.get_running_loop().time()
+                if self.connected or self.first_url in self.links:
+                    down_since = None
+                elif down_since is None:
+                    down_since = now
+                elif now - down_since >= fallback_s:
+                    log.warning("no coordinator tunnel for %.0f s: dialing %s again",
+                                fallback_s, self.first_url)
+                    self._start(self.first_url, force=True)
+                    down_since = None
         finally:
             for task in [*self._tasks.values(), *self._leaving]:
                 task.cancel()
@@ -94,8 +109,8 @@ class MemberLinks:
             if url not in self.links:
                 self._start(url)
 
-    def _start(self, url: str) -> None:
-        if len(self.links) >= MAX_MEMBERS:
+    def _start(self, url: str, *, force: bool = False) -> None:
+        if len(self.links) >= MAX_MEMBERS and not force:
             log.warning("not dialing %s: already %d coordinator tunnels", url, MAX_MEMBERS)
             return
         link = self._make(url, self.on_members)

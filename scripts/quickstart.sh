@@ -20,6 +20,19 @@ echo "== installing meshgate into .venv (llama-cpp-python compiles once, ~5 min)
 ./scripts/install.sh
 model=$(./scripts/fetch_model.sh)
 bin=.venv/bin
+
+# a port another process holds is named here, not found out later as a confusing failure
+$bin/python - "$api_port" "$tunnel_port" "$proxy_port" <<'PY' || exit 1
+import sys
+from meshgate.startup import StartupError, check_port
+names = (("coordinator API", "MESHGATE_API_PORT"), ("coordinator tunnel", "MESHGATE_TUNNEL_PORT"),
+         ("node proxy", "MESHGATE_PROXY_PORT"))
+for port, (what, var) in zip(map(int, sys.argv[1:]), names):
+    try:
+        check_port("127.0.0.1", port, what=what, option=f"{var}=PORT")
+    except StartupError as exc:
+        sys.exit(f"quickstart: {exc}")
+PY
 state=$(mktemp -d -t meshgate-quickstart.XXXXXX)
 pids=()
 stop() {

@@ -54,8 +54,7 @@ def start_llama_cloud(root: Path, secret: str) -> tuple[subprocess.Popen[bytes],
     proc = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "llama_cpp.server",
+            str(Path(__file__).resolve().parents[2] / "tests" / "llama_server.py"),
             "--model",
             model_path(),
             "--port",

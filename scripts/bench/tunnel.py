@@ -43,6 +43,7 @@ from websockets.asyncio.client import connect as ws_connect  # noqa: E402
 from websockets.asyncio.server import ServerConnection  # noqa: E402
 from websockets.asyncio.server import serve as ws_serve  # noqa: E402
 
+from meshgate.token_frames import ChunkEncoder  # noqa: E402
 from tests.faultproxy import FaultProxy  # noqa: E402
 from tunnel import Frame, FrameType, Hello, Identity, Link, Mux, Stream, connect, serve  # noqa: E402
 from tunnel.noise import public_bytes  # noqa: E402
@@ -110,7 +111,14 @@ class Tunnel:
         return self
 
     async def _answer(self, stream: Stream, frame: Frame) -> None:
-        make = bulk_body if frame.body["kind"] == "bulk" else sse_chunk
+        kind = frame.body["kind"]
+        if kind == "compact":  # what the node sends: compact token frames of the JSON
+            encoder = ChunkEncoder()
+            for index in range(frame.body["n"]):
+                await stream.send(FrameType.DATA, encoder.encode(sse_chunk(index)[6:-2]))
+            await stream.send(FrameType.END, {"n": frame.body["n"]})
+            return
+        make = bulk_body if kind == "bulk" else sse_chunk
         for index in range(frame.body["n"]):
             await stream.send(FrameType.DATA, make(index))
         await stream.send(FrameType.END, {"n": frame.body["n"]})
@@ -236,6 +244,10 @@ async def wire(n: int = 256) -> dict[str, Any]:
         await asyncio.sleep(0.05)  # let trailing WINDOW frames through the proxy
         tunnel_down = proxy.bytes["up"] - before["up"]  # node -> coordinator: the answer
         tunnel_back = proxy.bytes["down"] - before["down"]  # OPEN and WINDOW
+        before = dict(proxy.bytes)
+        assert await tunnel.fetch(n, "compact") == n
+        await asyncio.sleep(0.05)
+        compact_down = proxy.bytes["up"] - before["up"]
     proxy = FaultProxy("127.0.0.1", 0)
     async with Direct(via=proxy) as direct:
         await direct.send_all(1, 1)
@@ -249,6 +261,8 @@ async def wire(n: int = 256) -> dict[str, Any]:
         "tunnel_request_and_credit_bytes": tunnel_back,
         "direct_ws_bytes": direct_bytes,
         "tunnel_vs_sse": tunnel_down / sse,
+        "tunnel_compact_bytes": compact_down,
+        "tunnel_compact_vs_sse": compact_down / sse,
         "direct_vs_sse": direct_bytes / sse,
     }
 
@@ -315,6 +329,10 @@ def main() -> None:
         f"x{w['tunnel_vs_sse']:.3f} of SSE"
     )
     print(f"{'direct websocket':>26} {w['direct_ws_bytes']:>8}  x{w['direct_vs_sse']:.3f} of SSE")
+    print(
+        f"{'tunnel, compact frames':>26} {w['tunnel_compact_bytes']:>8}  "
+        f"x{w['tunnel_compact_vs_sse']:.3f} of SSE"
+    )
     print(f"{'tunnel, other way':>26} {w['tunnel_request_and_credit_bytes']:>8}  (OPEN + credit)")
 
     shares = [

@@ -74,3 +74,34 @@ async def test_links_follow_the_member_list() -> None:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class DeadLink(StubLink):
+    async def run(self) -> None:  # a member that never answers
+        self.running.set()
+        await asyncio.Event().wait()
+
+
+async def test_with_no_tunnel_up_the_enrollment_url_is_dialed_again() -> None:
+    made: list[str] = []
+
+    def make(url: str, on_members: Any) -> StubLink:
+        made.append(url)
+        return DeadLink(url)
+
+    links = MemberLinks(make, "ws://lb")
+    task = asyncio.create_task(links.run(fallback_s=0.2))
+    try:
+        async with asyncio.timeout(5):
+            await links.changed.wait()
+        links.on_members(["ws://gone-a", "ws://gone-b"])
+        assert "ws://lb" not in links.links
+        links.changed.clear()
+        async with asyncio.timeout(5):
+            while "ws://lb" not in links.links:
+                await links.changed.wait()
+                links.changed.clear()
+        assert made.count("ws://lb") == 2
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -163,6 +163,7 @@ async def test_events_reach_the_other_replicas(tmp_path: Path, redis_url: str) -
         async with asyncio.timeout(5):
             await clusters[1].event.wait()
         assert budgets[1].status("key-a").spent_day == pytest.approx(0.25)
+        await clusters[0].heartbeat_once()  # r0 joined first: it learns r1 at a heartbeat
         assert sorted(clusters[0].member_urls) == sorted(clusters[1].member_urls) == [
             "ws://r0", "ws://r1"]
     finally:

@@ -75,3 +75,34 @@ async def test_a_spool_left_by_a_stopped_replica_is_replayed_at_start(
         restarted.store.close()
     finally:
         store.close()
+
+
+def test_a_request_that_needs_the_database_while_it_is_down_gets_a_clear_503(
+    postgres: PostgresServer,
+) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from coordinator.spool import answering_database_outages
+
+    store = Store(postgres.url)
+    app = FastAPI()
+
+    @app.get("/check")
+    def check() -> dict[str, bool]:
+        return {"known": store.verify_key("mg_abc_def") is not None}
+
+    client = TestClient(answering_database_outages(app))
+    try:
+        assert client.get("/check").json() == {"known": False}
+        postgres.stop()
+        try:
+            reply = client.get("/check")
+        finally:
+            postgres.start()
+        assert reply.status_code == 503
+        assert reply.headers["retry-after"] == "1"
+        assert reply.json()["error"]["code"] == "database_unavailable"
+        assert client.get("/check").status_code == 200  # back (pre-ping: no stale error)
+    finally:
+        store.close()

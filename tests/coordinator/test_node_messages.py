@@ -142,3 +142,23 @@ def test_the_first_token_timeout_follows_what_was_measured() -> None:
     assert first_token_timeout(30.0, seen) == 30.0  # never past the configured one
     seen.finished(101, 2.0)
     assert seen.decode_tps(1e7) == 50.0  # our measurement beats the claim
+
+
+async def test_a_repeated_telemetry_moves_nothing_and_a_new_rate_moves_one_slot(
+        fleet: Fleet) -> None:
+    node = await fleet.node("a", answer, decode_tps=50.0)
+    conn = fleet.registry.get(node.name)
+    assert conn is not None
+    same = parse_telemetry(conn.telemetry)
+    assert isinstance(same, Telemetry)
+    version = fleet.registry.version
+    fleet.registry.set_telemetry(conn, same, conn.telemetry)
+    assert fleet.registry.version == version
+    body = {**conn.telemetry, "runtime": {MODEL: {"decode_tps": 5.0, "prefill_tps": 50.0}}}
+    faster = parse_telemetry(body)
+    assert isinstance(faster, Telemetry)
+    fleet.registry.set_telemetry(conn, faster, body)
+    assert fleet.registry.version == version + 1
+    slot = fleet.registry.index.slot(MODEL, node.name)
+    assert slot is not None
+    assert slot.model.decode_tps == 5.0

@@ -59,7 +59,8 @@ def start_cloud(root: Path, model: Path, secret: str) -> tuple[Proc, str]:
     port = free_port()
     log = root / "cloud.log"
     popen = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port),
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "llama_server.py"),
+         "--model", str(model), "--port", str(port),
          "--host", "127.0.0.1", "--api_key", secret, "--model_alias", "cloud-small",
          "--n_ctx", "2048", "--verbose", "false"],
         stdout=log.open("wb"), stderr=subprocess.STDOUT,

@@ -51,6 +51,7 @@ def test_chat_completion_answers_with_text_and_usage(client: openai.OpenAI) -> N
 def test_streaming_chat_ends_with_usage_that_counts_the_chunks(client: openai.OpenAI) -> None:
     chunks = list(client.chat.completions.create(
         model=MODEL, messages=HELLO, max_tokens=12, stream=True, temperature=0,
+        stream_options={"include_usage": True},
     ))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     usage = [c.usage for c in chunks if c.usage is not None]
@@ -157,6 +158,34 @@ def test_nodes_command_lists_the_connected_node_and_its_models(mesh: Mesh) -> No
     assert "cpu only" in table  # no GPU on this box, said so rather than left blank
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_streamed_chunks_through_the_coordinator_match_the_runners_field_by_field(
+    mesh: Mesh, endpoint: str
+) -> None:
+    """The node sends compact token frames (meshgate/token_frames.py) and the coordinator
+    rebuilds each chunk: the openai SDK sees the same chunks, field by field, as on the
+    node's own port (which passes the runner's through), bar the per-request id and time."""
+    ports = {
+        "coordinator": openai.OpenAI(base_url=mesh.api, api_key=mesh.key, max_retries=0),
+        "node": openai.OpenAI(base_url=mesh.proxy("node-a"), api_key="unused", max_retries=0),
+    }
+    seen: dict[str, list[dict[str, object]]] = {}
+    for name, client in ports.items():
+        if endpoint == "chat":
+            chunks = list(client.chat.completions.create(
+                model=MODEL, messages=HELLO, max_tokens=12, stream=True, temperature=0,
+                stream_options={"include_usage": True}, seed=7,
+            ))
+        else:
+            chunks = list(client.completions.create(
+                model=MODEL, prompt="The capital of France is", max_tokens=8, stream=True,
+                temperature=0, seed=7, stream_options={"include_usage": True},
+            ))
+        seen[name] = [c.model_dump(exclude={"id", "created"}) for c in chunks]
+        assert len({c.id for c in chunks}) == 1  # one id through the stream
+    assert seen["coordinator"] == seen["node"]
+
+
 def test_model_known_but_not_connected_is_a_503(mesh: Mesh) -> None:
     """Last in the module: it stops the node."""
     mesh.nodes["node-a"].stop()
@@ -166,3 +195,4 @@ def test_model_known_but_not_connected_is_a_503(mesh: Mesh) -> None:
     assert caught.value.status_code == 503
     # and the admin sees it gone within a live-view period or two, not after a timeout
     wait_until(lambda: not connected(mesh), 6, "nodes shows the node gone")
+

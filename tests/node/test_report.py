@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import httpx
+import psutil
+import pytest
 
 from meshgate.node_messages import Inventory, ModelLoad, Telemetry, parse, parse_telemetry
 from node_agent.inventory import read_model_file
@@ -14,6 +21,7 @@ from node_agent.report import (
     capacity,
     clean_runtime,
     load_state,
+    resident_bytes,
 )
 
 
@@ -75,3 +83,46 @@ def test_load_deltas_carry_only_what_changed() -> None:
     delta = parse_telemetry(body)
     assert not isinstance(delta, Telemetry)
     assert delta.models == {"a": ModelLoad(loaded=True, in_flight=2, queued=0)}
+
+
+GEMMA = Path.home() / ".cache" / "meshgate" / "models" / "gemma-3-270m-q4_k_m.gguf"
+
+
+def runner_rss_after_one_request(path: Path, tmp: Path) -> int:
+    """Start the real llama.cpp runner on `path` (n_ctx 2048, CPU), answer one request,
+    return its resident set size."""
+    sock = tmp / "r.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node_agent.runtimes.llama.worker", "--model", str(path),
+         "--uds", str(sock), "--name", "m", "--n-ctx", "2048", "--n-gpu-layers", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock), retries=50),
+                          timeout=120) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if client.get("http://runner/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "the runner never came up"
+                    time.sleep(0.2)
+            reply = client.post("http://runner/v1/completions",
+                                json={"model": "m", "prompt": "Hello " * 300, "max_tokens": 8})
+            assert reply.status_code == 200
+        return int(psutil.Process(proc.pid).memory_info().rss)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["smollm2", "gemma"])
+def test_the_memory_estimate_sent_is_within_15_percent_of_the_runners_rss(
+        which: str, model_path: Path, tmp_path: Path) -> None:
+    path = model_path if which == "smollm2" else GEMMA
+    if not path.exists():
+        pytest.skip("Gemma 3 270M not fetched: ./scripts/fetch_model.sh gemma")
+    estimate = resident_bytes(read_model_file(path), 2048)
+    rss = runner_rss_after_one_request(path, tmp_path)
+    assert abs(estimate - rss) / rss <= 0.15, (estimate, rss)

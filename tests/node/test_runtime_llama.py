@@ -144,16 +144,37 @@ async def test_a_prompt_longer_than_the_context_is_a_400_from_the_runner(
     with pytest.raises(OpenAIError) as caught:
         await runner.runtime.complete("completions", completion("word " * 600))
     assert (caught.value.status, caught.value.hop) == (400, "runner")
-    assert "context window" in caught.value.message
+    assert caught.value.code == "context_length_exceeded"
+    assert "maximum context length is 512 tokens" in caught.value.message
     with pytest.raises(OpenAIError) as streamed:
         await anext(runner.runtime.stream("completions", completion("word " * 600, stream=True)))
-    assert streamed.value.status == 400
+    assert (streamed.value.status, streamed.value.code) == (400, "context_length_exceeded")
 
 
-async def test_embeddings_are_refused_clearly_when_not_enabled(runner: LlamaRunner) -> None:
-    with pytest.raises(OpenAIError, match="not started with embeddings") as caught:
-        await runner.runtime.complete("embeddings", b'{"model":"smollm2","input":"x"}')
-    assert caught.value.status == 400
+async def test_max_tokens_past_the_context_is_a_400_not_a_shortened_answer(
+    runner: LlamaRunner,
+) -> None:
+    body = json.dumps({"model": "smollm2", "prompt": "Hi", "max_tokens": 100000}).encode()
+    with pytest.raises(OpenAIError) as caught:
+        await runner.runtime.complete("completions", body)
+    assert (caught.value.status, caught.value.code) == (400, "context_length_exceeded")
+    assert "100000 in the completion" in caught.value.message
+
+
+async def test_embeddings_open_their_own_context_on_the_first_request(
+    runner: LlamaRunner,
+) -> None:
+    assert not (await worker_health(runner))["embeddings_open"]
+    data, _ = await runner.runtime.complete(
+        "embeddings", b'{"model":"smollm2","input":["a cat","a dog"]}')
+    vectors = [d["embedding"] for d in json.loads(data)["data"]]
+    assert len(vectors) == 2
+    assert all(abs(sum(x * x for x in v) - 1) < 1e-3 for v in vectors)  # unit length
+    assert (await worker_health(runner))["embeddings_open"]
+    with pytest.raises(OpenAIError) as caught:
+        await runner.runtime.complete(
+            "embeddings", json.dumps({"model": "smollm2", "input": "word " * 700}).encode())
+    assert (caught.value.status, caught.value.code) == (400, "context_length_exceeded")
 
 
 async def test_models_and_health_name_the_model(runner: LlamaRunner) -> None:

@@ -36,8 +36,7 @@ def upstream(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iter
     popen = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "llama_cpp.server",
+            str(Path(__file__).resolve().parents[1] / "llama_server.py"),
             "--model",
             str(model_path),
             "--host",
@@ -113,12 +112,13 @@ def test_completions_through_meshgate(client: openai.OpenAI) -> None:
 def test_the_servers_own_errors_come_back_in_openais_shape(node: ProxyThread) -> None:
     reply = httpx.post(
         node.url + "/v1/chat/completions",
-        json={"model": NAME, "messages": HELLO, "temperature": "hot"},
+        # valid for OpenAI's schema (the node passes unknown fields on), not for this server
+        json={"model": NAME, "messages": HELLO, "mirostat_mode": "hot"},
         timeout=60,
     )
     assert reply.status_code >= 400, reply.text  # llama-cpp-python's server says 500 here
     error = reply.json()["error"]
-    assert "temperature" in error["message"]  # the server's own reason, passed on
+    assert "mirostat_mode" in error["message"]  # the server's own reason, passed on
     assert error["hop"] == "runner"  # and where it came from
 
 

@@ -13,6 +13,11 @@ and that llama-cpp-python's own server does not give:
   (prompt tokens as evaluated, sampled tokens short of the end-of-generation
   token), taken by counting what ``Llama.generate`` hands out;
 - a client that goes away stops generation within one token;
+- a request the context cannot hold (prompt plus ``max_tokens``) is OpenAI's
+  400 ``context_length_exceeded`` with the real counts, never a completion
+  silently cut short;
+- ``/v1/embeddings`` works for every model: a second context for them opens
+  on the first request (``embed.py``);
 - errors are OpenAI error objects with ``hop: runner``.
 """
 
@@ -23,6 +28,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -40,11 +46,13 @@ from meshgate.openai import (
     ENDPOINTS,
     SSE_DONE,
     OpenAIError,
+    context_exceeded,
     model_list,
     parse_request,
     sse_error,
     sse_event,
 )
+from node_agent.runtimes.llama.embed import Embedder, open_embedder
 
 log = logging.getLogger("node_agent.runtimes.llama.worker")
 
@@ -89,6 +97,7 @@ COMPLETION_KEYS = (
     "logit_bias",
 )
 _END = object()
+_OVER_CONTEXT = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
 
 
 def _dumps(data: Any) -> bytes:
@@ -103,6 +112,8 @@ class Job:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     tokens_at_cancel: int | None = None  # completion tokens when the stop was asked
+    max_tokens: int | None = None  # as the client asked (llama-cpp-python would cut it)
+    param: str = "messages"  # where the prompt came from, for errors
 
     def stop(self) -> None:
         """Ask the worker thread to stop after the token it is on (any thread)."""
@@ -127,6 +138,10 @@ class CountingLlama(llama_cpp.Llama):
     def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[int]:  # type: ignore[override]
         job = self.job or Job()
         job.prompt_tokens, job.completion_tokens = len(tokens), 0
+        window = self.n_ctx()
+        if job.max_tokens and len(tokens) + job.max_tokens > window:
+            raise context_exceeded(window, len(tokens), job.max_tokens, param=job.param,
+                                   hop="runner")
         for token in super().generate(tokens, *args, **kwargs):
             if job.cancel.is_set():
                 return
@@ -155,9 +170,10 @@ def llama_kwargs(endpoint: str, body: dict[str, Any], name: str) -> dict[str, An
 class Engine:
     """The single worker thread and the FIFO queue in front of it."""
 
-    def __init__(self, llm: CountingLlama, name: str) -> None:
+    def __init__(self, llm: CountingLlama, name: str, embedder: Embedder | None = None) -> None:
         self.llm = llm
         self.name = name
+        self.embedder = embedder
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         self.submitted = 0  # changed on the event loop only
         self.finished = 0  # this and the rest on the worker thread only
@@ -173,14 +189,26 @@ class Engine:
 
     def _call(self, job: Job, endpoint: str, kwargs: dict[str, Any]) -> Any:
         self.llm.job = job
+        job.max_tokens = kwargs.get("max_tokens")
+        job.param = "messages" if endpoint == "chat/completions" else "prompt"
         try:
             if endpoint == "chat/completions":
                 return self.llm.create_chat_completion(**kwargs)
             if endpoint == "completions":
                 return self.llm.create_completion(**kwargs)
-            return self.llm.create_embedding(input=kwargs["input"], model=self.name)
+            if self.embedder is None:
+                raise OpenAIError(400, f"{self.name} serves no embeddings", hop="runner")
+            return self.embedder.answer(kwargs)
         except (ValueError, TypeError, KeyError) as exc:
-            raise OpenAIError(400, str(exc), hop="runner") from None
+            raise self._client_error(exc, job) from None
+
+    def _client_error(self, exc: Exception, job: Job) -> OpenAIError:
+        """llama-cpp-python's refusal of a request as OpenAI's error."""
+        found = _OVER_CONTEXT.search(str(exc))
+        if found is None:
+            return OpenAIError(400, str(exc), hop="runner")
+        prompt, window = int(found.group(1)), int(found.group(2))
+        return context_exceeded(window, prompt, job.max_tokens, param=job.param, hop="runner")
 
     async def complete(self, endpoint: str, kwargs: dict[str, Any]) -> Any:
         job = Job()
@@ -242,7 +270,7 @@ class Engine:
         except OpenAIError as exc:
             put(exc)
         except (ValueError, TypeError, KeyError) as exc:  # raised lazily, once iterating
-            put(OpenAIError(400, str(exc), hop="runner"))
+            put(self._client_error(exc, job))
         except Exception as exc:
             log.exception("generation failed")
             put(OpenAIError(500, f"generation failed: {exc}", hop="runner"))
@@ -264,6 +292,8 @@ class Engine:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.embedder is not None:
+            self.embedder.close()
 
 
 async def _sse(job: Job, first: bytes, queue: asyncio.Queue[Any]) -> AsyncIterator[bytes]:
@@ -298,6 +328,8 @@ def build_app(engine: Engine) -> FastAPI:
             "served": engine.served,
             "cancelled": engine.cancelled,
             "stopped": list(engine.stopped),
+            "n_ctx": engine.llm.n_ctx(),
+            "embeddings_open": engine.embedder is not None and engine.embedder.llm is not None,
         }
 
     @app.get("/v1/models")
@@ -311,11 +343,7 @@ def build_app(engine: Engine) -> FastAPI:
             exc.hop = "runner"
             raise
         if endpoint == "embeddings":
-            if not engine.llm.context_params.embeddings:
-                raise OpenAIError(
-                    400, f"{engine.name} was not started with embeddings enabled", hop="runner"
-                )
-            result = await engine.complete(endpoint, {"input": body["input"]})
+            result = await engine.complete(endpoint, body)
             return Response(_dumps(result), media_type="application/json")
         kwargs = llama_kwargs(endpoint, body, engine.name)
         if not body.get("stream"):
@@ -350,7 +378,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--n-gpu-layers", type=int, default=0)
     parser.add_argument("--n-threads", type=int, default=None)
-    parser.add_argument("--embedding", action="store_true", help="load for embeddings")
+    parser.add_argument("--embed-n-ctx", type=int, default=512,
+                        help="longest embeddings input in tokens (memory grows ~0.4 MiB a token)")
+    parser.add_argument("--embedding", action="store_true",
+                        help="open the embeddings context at start (default: on first use)")
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
 
@@ -408,11 +439,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         n_ctx=args.n_ctx,
         n_gpu_layers=args.n_gpu_layers,
         n_threads=args.n_threads,
-        embedding=args.embedding,
         verbose=False,
     )
-    log.info("loaded %s from %s (n_ctx=%d)", args.name, args.model, args.n_ctx)
-    engine = Engine(llm, args.name)
+    log.info("loaded %s from %s (n_ctx=%d)", args.name, args.model, llm.n_ctx())
+    embedder = Embedder(args.name, lambda: open_embedder(
+        args.model, n_ctx=min(args.embed_n_ctx, llm.n_ctx()), n_gpu_layers=args.n_gpu_layers,
+        n_threads=args.n_threads))
+    if args.embedding:
+        embedder.open()
+    engine = Engine(llm, args.name, embedder)
     config = uvicorn.Config(
         build_app(engine),
         uds=args.uds,

@@ -1,0 +1,241 @@
+"""Both daemons' logs: JSON or text lines that carry the request id, one access line each.
+
+Every API request gets an id: the client's `X-Request-Id` when it is a sane
+token (1-128 characters of letters, digits and `._:-`), else a fresh
+`req_<16 hex>`. `RequestIdMiddleware` puts it in a context variable for the
+whole request (so every log line written while handling it, in any module,
+carries `request_id`), in `request.state.request_id`, and in the response's
+`X-Request-Id` header. The same id goes to the node in the OPEN frame
+(`OpenRequest.request_id`), so the node's log lines carry it too.
+
+`setup_logging(format, level)` (``--log-format json|text``) makes the root
+logger write one JSON object a line (ts, level, logger, message, request_id
+when there is one, and any `extra={...}` fields that are plain JSON values:
+a library's objects, like the websocket websockets attaches to its records,
+are left out rather than written as ``<ServerConnection object at 0x...>``)
+or one text line (the same fields, ``key=value``). It quiets the loggers that
+would write a line per request of their own: httpx's and httpcore's
+``HTTP Request: ...`` (the node's runner calls, the coordinator's cloud calls)
+and uvicorn's access log, which `AccessLogMiddleware` replaces with one line
+per request: request id, method, route, status, model, tokens and latency.
+Handlers put what they know in ``request.state``: ``model``, and ``usage``
+(a dict) or ``served`` (an object with ``usage``) once the answer is done.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import secrets
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+REQUEST_ID_HEADER = "x-request-id"
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "meshgate_request_id", default=None
+)
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",  # uvicorn's copy of the message with terminal colours
+}
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(8)
+
+
+def accept_request_id(value: str | None) -> str:
+    """The client's id if it is sane, else a fresh one."""
+    return value if value and _SANE_ID.match(value) else new_request_id()
+
+
+def current_request_id() -> str | None:
+    return request_id_var.get()
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds `request_id` to every record (None outside a request)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = request_id_var.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None) or request_id_var.get()
+        if request_id:
+            out["request_id"] = request_id
+        out.update(_extras(record))
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, list | tuple):
+        return all(isinstance(v, _PLAIN) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and isinstance(v, _PLAIN) for k, v in value.items())
+    return False
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    """A record's `extra` fields that are plain JSON values (a library's objects are not)."""
+    return {name: value for name, value in vars(record).items()
+            if name not in _STANDARD and name != "request_id" and not name.startswith("_")
+            and _plain(value)}
+
+
+class TextFormatter(logging.Formatter):
+    """``ts LEVEL logger: message [request_id=...] [key=value ...]``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        line = f"{ts} {record.levelname} {record.name}: {record.getMessage()}"
+        request_id = getattr(record, "request_id", None) or request_id_var.get()
+        fields = ({"request_id": request_id} if request_id else {}) | _extras(record)
+        if fields:
+            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+#: Loggers that would write a line of their own for every request.
+CHATTY = ("httpx", "httpcore", "uvicorn.access", "websockets.server", "websockets.client")
+LOG_FORMATS = ("json", "text")
+
+
+def setup_logging(fmt: str = "json", level: str = "info",
+                  stream: TextIO | None = None) -> logging.Handler:
+    """One handler on the root logger writing `fmt` ("json" or "text") lines; returns it."""
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format must be json or text, not {fmt!r}")
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RequestIdFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    if logging.getLevelName(level.upper()) != logging.DEBUG:
+        for name in CHATTY:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    return handler
+
+
+def setup_json_logging(level: str = "info", stream: TextIO | None = None) -> logging.Handler:
+    """Replace the root logger's handlers with one JSON handler; returns it."""
+    return setup_logging("json", level, stream)
+
+
+class RequestIdMiddleware:
+    """Pure ASGI (streaming responses keep the id in their context to the last chunk)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = None
+        for name, value in scope.get("headers", []):
+            if name.decode("latin-1").lower() == REQUEST_ID_HEADER:
+                given = value.decode("latin-1")
+                break
+        request_id = accept_request_id(given)
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [
+                    (k, v)
+                    for k, v in message.get("headers", [])
+                    if k.decode("latin-1").lower() != REQUEST_ID_HEADER
+                ]
+                headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+
+
+access_log = logging.getLogger("meshgate.access")
+
+
+class AccessLogMiddleware:
+    """One info line per HTTP request when its answer has been sent (pure ASGI, so a
+    stream's line comes after its last byte): request id, method, route, status, model,
+    tokens, latency. Put it inside `RequestIdMiddleware` (added before it)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_noting(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting)
+        except BaseException:
+            status = 499 if status == 500 else status
+            raise
+        finally:
+            _access_line(scope, status, time.perf_counter() - started)
+
+
+def _access_line(scope: Scope, status: int, seconds: float) -> None:
+    state = scope.get("state") or {}
+    route = scope.get("route")
+    path = getattr(route, "path", None) or scope.get("path", "")
+    usage = state.get("usage")
+    served = state.get("served")
+    if usage is None and served is not None:
+        usage = getattr(served, "usage", None)
+    fields: dict[str, Any] = {
+        **({} if request_id_var.get() else {"request_id": state.get("request_id")}),
+        "method": scope.get("method", ""), "route": str(path)[:200], "status": status,
+        "model": str(state.get("model") or "-")[:200],
+        "latency_ms": round(seconds * 1000, 1),
+    }
+    if isinstance(usage, dict):
+        fields["prompt_tokens"] = usage.get("prompt_tokens")
+        fields["completion_tokens"] = usage.get("completion_tokens")
+    access_log.info("%s %s %d %.1f ms", fields["method"], fields["route"], status,
+                    fields["latency_ms"], extra=fields)

@@ -1,0 +1,109 @@
+"""Both daemons' logs: JSON or text lines, an access line per request, the id on every answer."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from meshgate.logs import AccessLogMiddleware, RequestIdMiddleware, setup_logging
+from meshgate.version import version as version_of
+
+
+class Opaque:
+    """Stands for a library's object attached to a record (websockets attaches its connection)."""
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    out = io.StringIO()
+    yield out
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+    for name in ("httpx", "httpcore", "uvicorn.access", "websockets.server", "websockets.client"):
+        logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def test_json_lines_leave_out_objects_instead_of_writing_their_repr(captured: io.StringIO) -> None:
+    setup_logging("json", "info", captured)
+    logging.getLogger("websockets.server").warning("closed", extra={"websocket": Opaque(),
+                                                                     "code": 1006})
+    line = json.loads(captured.getvalue())
+    assert line["message"] == "closed"
+    assert line["code"] == 1006
+    assert "websocket" not in line
+    assert "object at 0x" not in captured.getvalue()
+
+
+def test_text_lines_carry_the_fields_and_no_reprs(captured: io.StringIO) -> None:
+    setup_logging("text", "info", captured)
+    logging.getLogger("x").info("hello", extra={"model": "m", "conn": Opaque()})
+    text = captured.getvalue()
+    assert " INFO x: hello model=m" in text
+    assert "object at 0x" not in text
+
+
+def test_per_request_lines_of_http_clients_are_quieted(captured: io.StringIO) -> None:
+    setup_logging("json", "info", captured)
+    logging.getLogger("httpx").info('HTTP Request: POST http://runner/v1/chat "200 OK"')
+    assert captured.getvalue() == ""
+
+
+def test_a_bad_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="json or text"):
+        setup_logging("xml")
+
+
+async def test_every_request_gets_an_id_and_one_access_line(captured: io.StringIO) -> None:
+    setup_logging("json", "info", captured)
+
+    async def chat(request: Request) -> Response:
+        request.state.model = "smollm2"
+        request.state.usage = {"prompt_tokens": 7, "completion_tokens": 3}
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    wrapped = RequestIdMiddleware(AccessLogMiddleware(app))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=wrapped),
+                                 base_url="http://node") as client:
+        given = await client.post("/v1/chat/completions", headers={"x-request-id": "req_abc"})
+        fresh = await client.get("/nope")
+    assert given.headers["x-request-id"] == "req_abc"
+    assert fresh.headers["x-request-id"].startswith("req_")
+    lines = [json.loads(x) for x in captured.getvalue().splitlines()]
+    access = [x for x in lines if x["logger"] == "meshgate.access"]
+    assert len(access) == 2
+    first, second = access
+    assert first["request_id"] == "req_abc"
+    assert (first["status"], first["model"], first["route"]) == (200, "smollm2",
+                                                                "/v1/chat/completions")
+    assert (first["prompt_tokens"], first["completion_tokens"]) == (7, 3)
+    assert first["latency_ms"] >= 0
+    assert (second["status"], second["request_id"]) == (404, fresh.headers["x-request-id"])
+
+
+@pytest.mark.parametrize(("command", "prog"), [("node_agent.cli", "meshgate-node"),
+                                             ("coordinator.cli", "meshgate-coordinator")])
+def test_both_commands_say_their_version_and_help_has_no_type_noise(command: str,
+                                                                     prog: str) -> None:
+    run = [sys.executable, "-c", f"from {command} import app; app()"]
+    version = subprocess.run([*run, "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.split() == [prog, version_of()]
+    helped = subprocess.run([*run, "--help"], capture_output=True, text=True, check=True)
+    assert "--version" in helped.stdout
+    assert "<bool>" not in helped.stdout

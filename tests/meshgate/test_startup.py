@@ -1,0 +1,86 @@
+"""Startup errors: one line naming the fix and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshgate.startup import StartupError, check_port, model_dir_warnings
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_a_taken_port_is_named_with_the_option_that_moves_it(held_port: int) -> None:
+    with pytest.raises(StartupError) as caught:
+        check_port("127.0.0.1", held_port, what="local proxy", option="--proxy-port")
+    assert f"127.0.0.1:{held_port} is taken" in str(caught.value)
+    assert "--proxy-port" in str(caught.value)
+
+
+def test_a_free_or_any_port_passes() -> None:
+    check_port("127.0.0.1", 0, what="API", option="--api-port")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        free = sock.getsockname()[1]
+    check_port("127.0.0.1", free, what="API", option="--api-port")
+
+
+def test_an_address_not_of_this_machine_is_named() -> None:
+    with pytest.raises(StartupError, match="not an address of this machine"):
+        check_port("192.0.2.1", 8470, what="API", option="--api-port")  # TEST-NET-1
+
+
+def test_missing_and_empty_model_dirs_are_warnings(tmp_path: Path) -> None:
+    empty, full = tmp_path / "empty", tmp_path / "full"
+    empty.mkdir()
+    (full / "sub").mkdir(parents=True)
+    (full / "sub" / "m.gguf").write_bytes(b"GGUF")
+    warnings = model_dir_warnings([tmp_path / "nope", empty, full])
+    assert len(warnings) == 2
+    assert "does not exist" in warnings[0]
+    assert "holds no .gguf" in warnings[1]
+
+
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", f"from {module} import app; app()", *args],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_the_node_names_a_missing_model_file_in_one_line(tmp_path: Path) -> None:
+    run = _cli("node_agent.cli", "run", "--state-dir", str(tmp_path), "--no-connect",
+               "--proxy-port", "0", "--model", "x=/missing.gguf")
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        "error: --model x=/missing.gguf: no such file /missing.gguf: fix the path "
+        "(--model NAME=/path/to/model.gguf) or leave the option out")
+    assert "Traceback" not in run.stderr
+
+
+def test_the_node_names_its_taken_port(tmp_path: Path, held_port: int) -> None:
+    run = _cli("node_agent.cli", "run", "--state-dir", str(tmp_path), "--no-connect",
+               "--proxy-port", str(held_port))
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    assert f"error: local proxy port 127.0.0.1:{held_port} is taken" in run.stderr
+
+
+def test_the_coordinator_names_its_taken_port(tmp_path: Path, held_port: int) -> None:
+    state = str(tmp_path / "coordinator")
+    assert _cli("coordinator.cli", "init", "--state-dir", state).returncode == 0
+    run = _cli("coordinator.cli", "serve", "--state-dir", state, "--api-host", "127.0.0.1",
+               "--api-port", "0", "--tunnel-host", "127.0.0.1", "--tunnel-port", str(held_port))
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        f"error: tunnel endpoint port 127.0.0.1:{held_port} is taken")
