@@ -39,7 +39,7 @@ from coordinator.scheduler import Candidate, Kind, Request, schedule
 from meshgate.bounds import check_chunk, clamp_usage, clip
 from meshgate.openai import OpenAIError
 from meshgate.protocol import EnergyReport, OpenRequest, error_of
-from meshgate.token_frames import ChunkDecoder
+from meshgate.token_frames import MAGIC, ChunkDecoder
 from tunnel import ClosedError, Frame, FrameType, Stream, TunnelError
 
 if TYPE_CHECKING:
@@ -199,8 +199,9 @@ class NodeAttempt(Served):
 
     def _checked(self, data: object) -> bytes:
         try:
-            if isinstance(data, bytes):
-                data = self.decoder.decode(data)
+            if isinstance(data, bytes) and data[:1] == MAGIC:
+                # rebuilt and written here as one JSON object on one line: nothing to check
+                return self.decoder.decode(data)
             return check_chunk(data, streaming=self.request.stream)
         except ValueError as exc:
             self.outcome = "bad_node_output"

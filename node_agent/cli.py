@@ -15,6 +15,7 @@ from node_agent.state import Enrollment, NodeState
 
 app = typer.Typer(
     rich_markup_mode=None,  # click's plain help: rich's panels label every flag <bool>
+    pretty_exceptions_enable=False,  # rich and pygments cost the idle daemon ~10 MB
     help="meshgate edge-node daemon", no_args_is_help=True, add_completion=False)
 
 
@@ -228,16 +229,22 @@ def _state_dir(state_dir: Path | None, config: Path | None) -> Path:
         raise _fail(str(exc), 2) from None
 
 
-def _local_url(url: str | None, config: Path | None) -> str:
-    """The running daemon's local proxy: `url`, or where the config says it listens."""
+def _local_url(url: str | None, config: Path | None, state_dir: Path | None = None) -> str:
+    """The running daemon's local proxy: `url`; else the one the daemon of the state dir
+    (`--state-dir`, else the config's) announced in its daemon.json; else where the
+    config says it listens."""
     if url is not None:
         return url
     from node_agent.config import ConfigError, load_options
+    from node_agent.local_daemon import local_url_of
 
     try:
-        opts = load_options({}, config=config)
+        opts = load_options({"state_dir": state_dir}, config=config)
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
+    announced = local_url_of(opts.state_dir)
+    if announced is not None:
+        return announced
     host = "127.0.0.1" if opts.proxy_host in ("0.0.0.0", "::", "") else opts.proxy_host  # noqa: S104
     return f"http://{host}:{opts.proxy_port}"
 
@@ -246,16 +253,18 @@ def _local_url(url: str | None, config: Path | None) -> str:
 def status(
     as_json: bool = typer.Option(False, "--json", help="The raw telemetry as JSON."),
     url: str | None = typer.Option(
-        None, help="The node's local proxy (default: http://127.0.0.1:PROXY_PORT from the config)."
+        None, help="The node's local proxy (default: the running daemon's, found from its "
+        "state dir, else PROXY_PORT from the config)."
     ),
     config: Path | None = CONFIG,
+    state_dir: Path | None = STATE_DIR,
 ) -> None:
     """How this box is doing: host, GPUs and models, from the running daemon."""
     import httpx
 
     from node_agent.status import render_status
 
-    url = _local_url(url, config)
+    url = _local_url(url, config, state_dir)
     try:
         reply = httpx.get(f"{url.rstrip('/')}/meshgate/telemetry", timeout=5.0)
     except httpx.HTTPError as exc:
@@ -276,14 +285,16 @@ def swap(
     n_ctx: int | None = typer.Option(None, help="Context length (default: the old runner's)."),
     n_gpu_layers: int | None = typer.Option(None, help="GPU layers (default: placement decides)."),
     url: str | None = typer.Option(
-        None, help="The node's local proxy (default: http://127.0.0.1:PROXY_PORT from the config)."
+        None, help="The node's local proxy (default: the running daemon's, found from its "
+        "state dir, else PROXY_PORT from the config)."
     ),
     config: Path | None = CONFIG,
+    state_dir: Path | None = STATE_DIR,
 ) -> None:
     """Hot-swap what serves OLD to NEW without dropping a request."""
     import httpx
 
-    url = _local_url(url, config)
+    url = _local_url(url, config, state_dir)
     body = {"model": old, "to": new, "n_ctx": n_ctx, "n_gpu_layers": n_gpu_layers}
     try:
         reply = httpx.post(f"{url.rstrip('/')}/meshgate/swap", json=body, timeout=600.0)

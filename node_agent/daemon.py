@@ -28,7 +28,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -47,17 +47,21 @@ from node_agent.guard import guard_from_env
 from node_agent.inventory import Inventory, ModelFile, ollama_entry, read_model_file
 from node_agent.journal import UsageJournal
 from node_agent.link import CoordinatorLink
+from node_agent.local_daemon import announce, forget
 from node_agent.members import MemberLinks
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager, model_name, parse_model_spec
 from node_agent.nvml import NvmlSource
+from node_agent.pipeline import Pipeline
 from node_agent.proxy import build_app
 from node_agent.rapl import RaplSource
-from node_agent.runtimes.llama.supervisor import LlamaRunner
 from node_agent.runtimes.mesh import MeshRuntime
-from node_agent.runtimes.ollama.host import OllamaHost
 from node_agent.state import NodeState
 from node_agent.telemetry import TelemetrySampler, TelemetryService
+
+if TYPE_CHECKING:
+    from node_agent.runtimes.llama.supervisor import LlamaRunner
+    from node_agent.runtimes.ollama.host import OllamaHost
 
 __all__ = ["NodeOptions", "build_manager", "run_node", "serve"]
 
@@ -144,6 +148,12 @@ def build_manager(
     return manager, runners
 
 
+def _ollama_host(url: str) -> OllamaHost:
+    from node_agent.runtimes.ollama.host import OllamaHost  # deferred: only with --ollama
+
+    return OllamaHost(url)
+
+
 def _compact(f: ModelFile) -> dict[str, Any]:
     d = f.to_dict()
     return {k: d[k] for k in _FILE_FIELDS}
@@ -163,7 +173,7 @@ class NodeParts:
         self._served_from_dir: dict[str, str] = {}  # model-dir file path -> model name
         self.link: MemberLinks | None = None
         self.nvml = NvmlSource(load_nvml_module())
-        self.ollama = OllamaHost(opts.ollama) if opts.ollama else None
+        self.ollama = _ollama_host(opts.ollama) if opts.ollama else None
         self.metrics: NodeMetrics
         self.telemetry: TelemetryService
         self.load_times = report.LoadTimes()
@@ -392,12 +402,13 @@ async def serve(opts: NodeOptions) -> None:
     await manager.start()
     await parts.telemetry.refresh()
     log.info("node %s serves %s", identity.did, manager.names())
+    pipeline = Pipeline(manager, metrics=parts.metrics, mesh=parts.mesh_runtime)
     app = guard_from_env(build_app(  # refuses what web pages send (node_agent/guard.py)
         manager,
         telemetry=parts.latest,
         metrics=parts.metrics,
         inventory=parts.inventory_body,
-        mesh=parts.mesh_runtime,
+        pipeline=pipeline,
     ))
     config = server_config(  # bounded: timeouts, connection cap (meshgate/httpserver.py)
         # X-Request-Id on every answer, one access line each (meshgate/logs.py)
@@ -436,6 +447,7 @@ async def serve(opts: NodeOptions) -> None:
                 inventory=parts.inventory_body,
                 metrics=parts.metrics,
                 journal=parts.journal,  # any replica takes the upload (one at a time)
+                pipeline=pipeline,
                 load_state=parts.load_state,  # each link sends its own deltas
             )
             link.on_members = on_members
@@ -443,9 +455,12 @@ async def serve(opts: NodeOptions) -> None:
 
         parts.link = MemberLinks(member_link, enrollment.url)  # one link per replica
         tasks.append(asyncio.create_task(parts.link.run(), name="link"))
+    tasks.append(asyncio.create_task(announce(opts.state_dir, server, opts.proxy_host),
+                                     name="announce"))  # daemon.json: where status finds us
     try:
         await server.serve()
     finally:
+        forget(opts.state_dir)
         if parts.link is not None:  # requests from the coordinator finish before runners stop
             await parts.link.drain(DRAIN_GRACE_S)
         for task in tasks:

@@ -9,7 +9,7 @@
 - Metadata comes from ``gguf.GGUFReader`` (memory-mapped). The stock reader
   turns every element of every array into its own numpy view, which costs
   ~2 s on SmolLM2's 49k-token vocabulary (longer on 128k vocabularies);
-  :class:`_HeaderReader` skips over array *values* (tokens, merges) while
+  :class:`~node_agent.gguf_header.HeaderReader` skips over array *values* (tokens, merges) while
   keeping their length, which is all the inventory needs.
 - sha256 is computed only when asked, and cached by (path, size, mtime_ns) in
   ``sha256.json`` under a cache directory.
@@ -22,15 +22,11 @@ import json
 import logging
 import os
 import struct
-import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import gguf
-import numpy as np
 
 if TYPE_CHECKING:
     from node_agent.runtimes.ollama.host import OllamaModel
@@ -40,53 +36,6 @@ log = logging.getLogger(__name__)
 FileKey = tuple[str, int, int]  # (path, size, mtime_ns)
 
 _BAD_FILE = (ValueError, IndexError, KeyError, OverflowError, struct.error, OSError, TypeError)
-
-
-class _HeaderReader(gguf.GGUFReader):
-    """GGUFReader that records arrays by type and length and skips their values."""
-
-    def _get_field_parts(
-        self, orig_offs: int, raw_type: int
-    ) -> tuple[int, list[Any], list[int], list[Any]]:
-        if gguf.GGUFValueType(raw_type) != gguf.GGUFValueType.ARRAY:
-            return super()._get_field_parts(orig_offs, raw_type)
-        raw_itype = self._get(orig_offs, np.uint32)
-        alen = self._get(orig_offs + 4, np.uint64)
-        offs = orig_offs + 12
-        itype, n = gguf.GGUFValueType(int(raw_itype[0])), int(alen[0])
-        if itype == gguf.GGUFValueType.STRING:
-            offs = _skip_strings(self.data, offs, n, self.byte_order)
-        elif itype in self.gguf_scalar_to_np:
-            offs += n * np.dtype(self.gguf_scalar_to_np[itype]).itemsize
-        else:
-            raise ValueError(f"unsupported array element type {itype.name}")
-        if offs > len(self.data):
-            raise ValueError("array runs past the end of the file")
-        return offs - orig_offs, [raw_itype, alen], [], [gguf.GGUFValueType.ARRAY, itype]
-
-    def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
-        """Name a truncated file as such before the stock reader fails on a short view."""
-        for field in fields:
-            dims, raw_dtype, offset = field.parts[3], field.parts[4], field.parts[5]
-            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_dtype[0]))]
-            end = start_offs + int(offset[0]) + int(np.prod(dims)) * type_size // block
-            if end > len(self.data):
-                size = len(self.data)
-                raise ValueError(f"truncated: tensor data ends at byte {end}, file has {size}")
-        super()._build_tensors(start_offs, fields)
-
-
-def _skip_strings(data: Any, offs: int, count: int, byte_order: str) -> int:
-    """Offset after ``count`` GGUF strings (u64 length + bytes) starting at ``offs``."""
-    swapped = byte_order == "S"
-    fmt = ("<Q" if sys.byteorder == "big" else ">Q") if swapped else "=Q"
-    buf, end = memoryview(data), len(data)
-    for _ in range(count):
-        (n,) = struct.unpack_from(fmt, buf, offs)
-        offs += 8 + n
-        if offs > end:
-            raise ValueError("string array runs past the end of the file")
-    return offs
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,12 +125,16 @@ def _scalar(reader: Any, key: str) -> Any:
 
 def _int(reader: Any, key: str) -> int | None:
     value = _scalar(reader, key)
-    return int(value) if isinstance(value, int | float | np.integer) else None
+    if isinstance(value, int | float):
+        return int(value)
+    return int(value.__index__()) if hasattr(value, "__index__") else None  # numpy integers
 
 
 def quantization_name(file_type: int | None, tensor_bytes_by_type: Counter[str]) -> str | None:
     """``general.file_type`` as a name (3 -> "Q4_1"), else the type holding most weight bytes."""
     if file_type is not None:
+        import gguf  # deferred: gguf and numpy weigh ~20 MB, and only a scan needs them
+
         try:
             return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_")
         except ValueError:
@@ -197,8 +150,10 @@ def read_model_file(path: Path, stat: os.stat_result | None = None) -> ModelFile
     base: dict[str, Any] = {
         "path": str(path), "name": path.stem, "size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns
     }
+    from node_agent.gguf_header import HeaderReader  # deferred with gguf and numpy
+
     try:
-        reader = _HeaderReader(path)
+        reader = HeaderReader(path)
         meta = _metadata(reader)
     except _BAD_FILE as exc:
         why = f"unreadable GGUF: {type(exc).__name__}: {exc}"

@@ -25,8 +25,8 @@ from node_agent.journal import UsageJournal
 from node_agent.journal_upload import upload_journal
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
+from node_agent.pipeline import Pipeline
 from node_agent.report import LoadDeltas, clean_runtime
-from node_agent.runtimes.base import usage_of
 from node_agent.runtimes.mesh import MeshRuntime
 from node_agent.state import Enrollment
 from tunnel import (
@@ -60,11 +60,13 @@ class CoordinatorLink:
         inventory: Callable[[], dict[str, Any]] | None = None,
         metrics: NodeMetrics | None = None,
         journal: UsageJournal | None = None,
+        pipeline: Pipeline | None = None,
         load_state: Callable[[], Mapping[str, ModelLoad]] | None = None,
     ) -> None:
         self.identity = identity
         self.journal = journal  # usage served while disconnected, uploaded on each connect
         self.metrics = metrics
+        self.pipeline = pipeline or Pipeline(manager, metrics=metrics)
         self.enrollment = enrollment
         self.manager = manager
         self.telemetry = telemetry
@@ -229,47 +231,42 @@ class CoordinatorLink:
 
     async def _serve(self, stream: Stream, frame: Frame) -> None:
         """Run one request; stop generating if the coordinator cancels it."""
-        if await until_cancelled(stream, self._answer(stream, frame)):
+        if await until_cancelled(stream, answer(self.pipeline, stream, frame)):
             log.info("stream %s cancelled by the coordinator", stream.id)
 
-    async def _answer(self, stream: Stream, frame: Frame) -> None:
-        try:
-            request = OpenRequest.from_wire(frame.body)
-        except ProtocolViolation as exc:
-            await stream.send(FrameType.ERROR, error_body(400, str(exc)))
-            return
-        log.info("request %s: %s %s", request.request_id, request.endpoint, request.model)
-        track = self.metrics.track(request.model, "tunnel") if self.metrics else None
-        status: int | str = 499  # cancelled by the coordinator unless we get further
-        try:
-            async with self.manager.use(request.model) as runtime:
-                if request.stream:
-                    usage = None
-                    # compact token frames when the coordinator asks (meshgate/token_frames.py)
-                    compact = ChunkEncoder() if frame.body.get("compact") else None
-                    async for chunk in runtime.stream(request.endpoint, request.body):
-                        usage = usage_of(chunk) or usage
-                        if track is not None:
-                            track.first_token()  # usage is read once, above
-                        body = compact.encode(chunk) if compact is not None else chunk
-                        await stream.send(FrameType.DATA, body)
-                else:
-                    data, usage = await runtime.complete(request.endpoint, request.body)
-                    if track is not None:
-                        track.first_token()
-                    await stream.send(FrameType.DATA, data)
-            if track is not None and usage:
-                track.usage = usage
-            energy = track.energy_report() if track is not None else {}
-            await stream.send(FrameType.END, {"usage": usage, **energy})
-            status = 200
-        except OpenAIError as exc:
-            status = exc.status
-            await stream.send(
-                FrameType.ERROR,
-                error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "node",
-                           param=exc.param),
-            )
-        finally:
-            if track is not None:
-                track.finish(status)
+
+async def answer(pipeline: Pipeline, stream: Stream, frame: Frame) -> None:
+    """Answer one OPEN frame on `stream` through `pipeline`: DATA frames, then END with the
+    usage (and the request's energy), or ERROR. Only local runtimes answer (a request from
+    the coordinator never goes back up the tunnel)."""
+    try:
+        request = OpenRequest.from_wire(frame.body)
+    except ProtocolViolation as exc:
+        await stream.send(FrameType.ERROR, error_body(400, str(exc)))
+        return
+    log.info("request %s: %s %s", request.request_id, request.endpoint, request.model)
+    args = (request.endpoint, request.model, request.body)
+    try:
+        if request.stream:
+            streamed = await pipeline.stream(*args, via="tunnel", local_only=True)
+            streamed.settle_at_end = False  # the END frame carries the energy, read before
+            # compact token frames when the coordinator asks (meshgate/token_frames.py)
+            compact = ChunkEncoder() if frame.body.get("compact") else None
+            try:
+                async for chunk in streamed:
+                    body = compact.encode(chunk) if compact is not None else chunk
+                    await stream.send(FrameType.DATA, body)
+                usage, energy = streamed.meter.usage, streamed.meter.energy_report()
+            finally:
+                await streamed.aclose()
+        else:
+            async with pipeline.answer(*args, via="tunnel", local_only=True) as done:
+                await stream.send(FrameType.DATA, done.data)
+                usage, energy = done.usage, done.meter.energy_report()
+        await stream.send(FrameType.END, {"usage": usage, **energy})
+    except OpenAIError as exc:
+        await stream.send(
+            FrameType.ERROR,
+            error_body(exc.status, exc.message, code=exc.code, hop=exc.hop or "node",
+                       param=exc.param),
+        )

@@ -40,7 +40,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import psutil
 
@@ -56,10 +56,11 @@ from node_agent.placement import (
     plan_eviction,
     reclaimable,
 )
-from node_agent.runtimes.base import Runtime
-from node_agent.runtimes.llama.supervisor import LlamaRunner, RunnerError
-from node_agent.runtimes.openai_http import OpenAIHttpRuntime
-from node_agent.slots import Backend, LlamaSpec, Metered, RunnerFactory, RunnerLike, Slot
+from node_agent.runtimes.base import RunnerError, Runtime
+from node_agent.slots import Backend, LlamaSpec, RunnerFactory, RunnerLike, Slot
+
+if TYPE_CHECKING:
+    from node_agent.runtimes.llama.supervisor import LlamaRunner
 
 __all__ = [
     "LlamaSpec",
@@ -111,6 +112,8 @@ def _default_factory(run_dir: Path) -> RunnerFactory:
     def make(
         name: str, instance: str, spec: LlamaSpec, path: Path, n_gpu_layers: int
     ) -> RunnerLike:
+        from node_agent.runtimes.llama.supervisor import LlamaRunner  # deferred: httpx
+
         return LlamaRunner(
             name,
             path,
@@ -187,6 +190,8 @@ class ModelManager:
             backend = self._prepare(slot, spec, self._place(name, spec, self._free()))
         except OpenAIError as exc:
             raise ValueError(exc.message) from None
+        from node_agent.runtimes.llama.supervisor import LlamaRunner
+
         if not isinstance(backend.runner, LlamaRunner):
             raise TypeError("add_llama needs the default runner factory; use load()")
         self._add(slot)
@@ -223,6 +228,8 @@ class ModelManager:
 
     def add_upstream(self, name: str, base_url: str, upstream_model: str | None = None) -> None:
         """Serve `name` from an OpenAI-compatible server already on the box."""
+        from node_agent.runtimes.openai_http import OpenAIHttpRuntime  # deferred: httpx
+
         runtime = OpenAIHttpRuntime(name, "upstream", base_url, upstream_model=upstream_model)
         self.add_runtime(runtime)
 
@@ -289,11 +296,19 @@ class ModelManager:
         backend.enter()
         slot.last_used = self.clock()
         try:
-            yield Metered(backend.runtime, slot.rates)
+            yield backend.runtime
             slot.served += 1
         finally:
             backend.leave()
             slot.last_used = self.clock()
+
+    def record(
+        self, name: str, usage: dict[str, int], prefill_s: float | None, decode_s: float
+    ) -> None:
+        """One answered request's usage and timing, into `name`'s recent token rates."""
+        slot = self._slots.get(name)
+        if slot is not None:
+            slot.rates.add(usage, prefill_s, decode_s)
 
     async def _admit(self, slot: Slot) -> Backend:
         """The slot's backend now, or after waiting in its bounded queue."""

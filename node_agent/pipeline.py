@@ -27,16 +27,16 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
-from meshgate.openai import OpenAIError
+from meshgate.openai import OpenAIError, context_exceeded
 from node_agent.metrics import NodeMetrics, RequestTrack
 from node_agent.models import ModelManager
 from node_agent.runtimes.base import Runtime, Usage, usage_of
 
-__all__ = ["Finished", "MeshLookup", "Pipeline", "Streamed"]
+__all__ = ["Answer", "Finished", "MeshLookup", "Meter", "Pipeline", "Streamed"]
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +66,23 @@ class Finished:
 FinishHook = Callable[[Finished], None]
 
 
+@dataclass(slots=True)
+class Answer:
+    """A whole answer, while :meth:`Pipeline.answer`'s block runs."""
+
+    data: bytes
+    usage: Usage | None
+    meter: Meter
+
+
 def map_error(exc: BaseException, model: str) -> OpenAIError:
     """Any failure of a runtime as an OpenAI error (OpenAI errors pass, refined)."""
     if isinstance(exc, OpenAIError):
         found = _OVER_CONTEXT.search(exc.message) if exc.status == 400 else None
         if found is not None and exc.code != "context_length_exceeded":
             asked, window = int(found.group(1)), int(found.group(2))
-            return OpenAIError(
-                400,
-                f"This model's maximum context length is {window} tokens. However, you "
-                f"requested {asked} tokens (prompt and completion). Please reduce the length "
-                "of the messages or the completion.",
-                code="context_length_exceeded",
-                param="messages",
-                hop=exc.hop or "runner",
+            return context_exceeded(
+                window, asked, None, param=exc.param or "messages", hop=exc.hop or "runner"
             )
         return exc
     return OpenAIError(502, f"runtime for {model} failed: {exc!r}"[:500], hop="node")
@@ -97,6 +100,7 @@ class Meter:
         self.first_at: float | None = None
         self.usage: Usage | None = None
         self.done = False
+        self._streamed = False
         self._track: RequestTrack | None = (
             pipeline.metrics.track(model, via, endpoint) if pipeline.metrics is not None else None
         )
@@ -125,9 +129,15 @@ class Meter:
         if self._track is not None:
             self._track.usage = self.usage
             self._track.finish(status)
+        ended = time.monotonic()
+        if self.where == "local" and status == 200 and self.usage:
+            streamed = self.first_at is not None and self.first_at > self.started and self._streamed
+            prefill = self.first_at - self.started if streamed and self.first_at else None
+            decode = ended - self.first_at if streamed and self.first_at else ended - self.started
+            self._pipeline.manager.record(self.model, self.usage, prefill, decode)
         finished = Finished(
             self.model, self.endpoint, self.via, self.where, status, self.usage,
-            self.started, self.first_at, time.monotonic(),
+            self.started, self.first_at, ended,
         )
         for hook in self._pipeline.hooks:
             try:
@@ -141,7 +151,9 @@ class Streamed:
 
     The first chunk has already been read (an error before it kept its status).
     With `include_usage` False the usage-only chunk (empty ``choices``) is not
-    yielded; its usage is counted all the same. An error after the start is
+    yielded; its usage is counted all the same. With `settle_at_end` (the default)
+    a stream that reaches its end closes itself before the iteration stops, so the
+    request is metered before the front door sends its last bytes. An error after the start is
     raised from the iteration as an :class:`OpenAIError` (the front door frames it).
     """
 
@@ -157,14 +169,15 @@ class Streamed:
         self.meter = meter
         self.include_usage = include_usage
         self.status = 499  # unless it reaches its end or fails
-        self.usage_sent = False
+        self.settle_at_end = True
+        self._closed = False
 
     def _wanted(self, chunk: bytes, usage: Usage | None) -> bool:
         if usage is None or self.include_usage:
             return True
         return _USAGE_ONLY not in chunk  # a usage-only chunk the client did not ask for
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def __aiter__(self) -> AsyncGenerator[bytes, None]:
         model = self.meter.model
         if self._first is not None:
             first, self._first = self._first, None
@@ -181,9 +194,15 @@ class Streamed:
             log.warning("stream of %s failed after it started: %s", model, error.message)
             raise error from None
         self.status = 200
+        if self.settle_at_end:  # give the model back and meter before the client hears the end
+            await self.aclose()
 
     async def aclose(self) -> None:
-        """End the stream: stop the runtime's work if unfinished, give the model back, meter."""
+        """End the stream: stop the runtime's work if unfinished, give the model back, meter.
+        Once; later calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             close = getattr(self._chunks, "aclose", None)
             if close is not None:
@@ -226,35 +245,38 @@ class Pipeline:
     def _where(self, model: str) -> str:
         return "local" if self.manager.serves(model) else "mesh"
 
+    @asynccontextmanager
+    async def answer(
+        self, endpoint: str, model: str, body: bytes, *, via: str, local_only: bool = False
+    ) -> AsyncIterator[Answer]:
+        """A whole answer (``embeddings`` included), metered when the block ends: 200 if it
+        ends normally, 499 if it raises (the answer did not get out) or is cancelled."""
+        meter = Meter(self, model, endpoint, via, self._where(model))
+        status = 499
+        try:
+            try:
+                async with AsyncExitStack() as stack:
+                    runtime = await self._runtime(model, stack, local_only)
+                    if endpoint == "embeddings":
+                        data, usage = await runtime.embed(body)
+                    else:
+                        data, usage = await runtime.complete(endpoint, body)
+            except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
+                error = map_error(exc, model)
+                status = error.status
+                raise error from None
+            meter.usage = usage if usage is not None else usage_of(data)  # read once
+            yield Answer(data, meter.usage, meter)
+            status = 200
+        finally:
+            meter.finish(status)
+
     async def complete(
         self, endpoint: str, model: str, body: bytes, *, via: str, local_only: bool = False
     ) -> tuple[bytes, Usage | None]:
         """A whole answer (``embeddings`` included) and its usage."""
-        meter = Meter(self, model, endpoint, via, self._where(model))
-        status = 500
-        try:
-            async with AsyncExitStack() as stack:
-                runtime = await self._runtime(model, stack, local_only)
-                if endpoint == "embeddings":
-                    data, usage = await runtime.embed(body)
-                else:
-                    data, usage = await runtime.complete(endpoint, body)
-            if usage is None:
-                meter.chunk(data)  # the runtime did not say: read it from the answer, once
-            else:
-                meter.chunk(b"")
-                meter.usage = usage
-            status = 200
-            return data, meter.usage
-        except Exception as exc:  # noqa: BLE001
-            error = map_error(exc, model)
-            status = error.status
-            raise error from None
-        except BaseException:
-            status = 499  # cancelled: the client or the coordinator left
-            raise
-        finally:
-            meter.finish(status)
+        async with self.answer(endpoint, model, body, via=via, local_only=local_only) as done:
+            return done.data, done.usage
 
     async def stream(
         self,
@@ -268,6 +290,7 @@ class Pipeline:
     ) -> Streamed:
         """A started stream (its first chunk read); the caller iterates it and closes it."""
         meter = Meter(self, model, endpoint, via, self._where(model))
+        meter._streamed = True
         stack = AsyncExitStack()
         chunks: AsyncIterator[bytes] | None = None
         try:

@@ -1,151 +1,74 @@
-"""The node's local OpenAI-compatible port (127.0.0.1:11438 by default).
+"""The node's local port (127.0.0.1:11438 by default): one Starlette app, two APIs.
 
-Bodies pass through as bytes: the proxy checks only what it needs (size,
-JSON, ``model``) with :func:`meshgate.openai.parse_request` and hands the
-original bytes to the model's runtime. Every error leaves as an OpenAI error
-object; one that happens after a stream started leaves as a final error
-event, never as a silently shortened stream.
+:func:`build_app` puts together the OpenAI routes (:mod:`node_agent.openai_routes`),
+Ollama's routes (:mod:`node_agent.ollama_routes`), both over one
+:class:`~node_agent.pipeline.Pipeline`, and the node's own routes: health,
+telemetry, inventory, Prometheus metrics and the manager's commands
+(``/meshgate/{swap,load,unload}``, for clients on this box only).
+
+The daemon wraps the app in :mod:`meshgate.logs`' request-id and access-log
+middleware (an ``X-Request-Id`` on every response) and the local guard. Every
+error leaves as an OpenAI error object, unknown paths (404) and wrong methods
+(405) included; the Ollama routes answer in Ollama's shape.
+Plain Starlette routes, not FastAPI: no dependency injection or response
+models on the hot path (``scripts/bench/overhead.py`` measures the port).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.types import Send
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
 
 from meshgate.bounds import load_json
-from meshgate.openai import (
-    ENDPOINTS,
-    MAX_BODY_BYTES,
-    SSE_DONE,
-    OpenAIError,
-    model_list,
-    parse_request,
-    sse_error,
-    sse_event,
-)
-from node_agent.metrics import CONTENT_TYPE_LATEST, NodeMetrics, RequestTrack
+from meshgate.openai import OpenAIError
+from node_agent.http import json_response, read_body
+from node_agent.metrics import CONTENT_TYPE_LATEST, NodeMetrics
 from node_agent.models import ModelManager
-from node_agent.ollama_api import add_ollama_routes
-from node_agent.runtimes.base import Runtime
-from node_agent.streaming import WatchedResponse, aclose
+from node_agent.ollama_routes import ollama_routes
+from node_agent.openai_routes import openai_routes
+from node_agent.pipeline import MeshLookup, Pipeline
 
-log = logging.getLogger(__name__)
-
-#: A model this node does not serve -> a runtime that asks the mesh for it (None: 404 here).
-MeshLookup = Callable[[str], Runtime | None]
+__all__ = ["MeshLookup", "build_app", "read_body"]
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit`."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise OpenAIError(413, f"request body is {declared} bytes; the limit is {limit}")
-    parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise OpenAIError(413, f"request body exceeds the limit of {limit} bytes")
-        parts.append(part)
-    return b"".join(parts)
+
+async def _openai_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, OpenAIError)
+    exc.hop = exc.hop or "node"
+    return json_response(exc.body(), exc.status)
 
 
-class SSEResponse(WatchedResponse):
-    """A runtime's stream as server-sent events, ending in ``[DONE]`` or an error event."""
-
-    def __init__(
-        self,
-        first: bytes,
-        chunks: AsyncIterator[bytes],
-        stack: AsyncExitStack,
-        track: RequestTrack | None = None,
-    ) -> None:
-        super().__init__(
-            chunks,
-            stack,
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-        )
-        self._first = first
-        self._track = track
-        self._end_status: int | None = None
-
-    def _finished(self) -> None:
-        if self._track is not None:
-            self._track.finish(self._end_status or 499)  # no end sent: the client left
-
-    async def _pump(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": self.raw_headers})
-        await send({"type": "http.response.body", "body": sse_event(self._first),
-                    "more_body": True})
-        status = 200
-        try:
-            async for chunk in self._chunks:
-                if self._track is not None:
-                    self._track.chunk(chunk)
-                await send({"type": "http.response.body", "body": sse_event(chunk),
-                            "more_body": True})
-            end = SSE_DONE
-        except OpenAIError as exc:
-            log.warning("stream failed after it started: %s", exc.message)
-            end, status = sse_error(exc), exc.status
-        await send({"type": "http.response.body", "body": end, "more_body": False})
-        self._end_status = status
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    # the coordinator's words and codes (meshgate/http_errors.py), without importing FastAPI
+    where = f"{request.method} {request.url.path}"
+    code = None
+    if exc.status_code == 404:
+        message = (f"Invalid URL ({where}): no such route. The OpenAI API is under /v1/: "
+                   "chat/completions, completions, embeddings, models.")
+        code = "unknown_url"
+    elif exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
+        message = f"Invalid method ({where})" + (f"; this route takes {allow}" if allow else "")
+        code = "method_not_allowed"
+    else:
+        message = str(exc.detail)
+    error = OpenAIError(exc.status_code, message, code=code, hop="node")
+    response = json_response(error.body(), exc.status_code)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
 
 
-async def _answer(
-    manager: ModelManager,
-    request: Request,
-    endpoint: str,
-    metrics: NodeMetrics | None = None,
-    mesh: MeshLookup | None = None,
-) -> Response:
-    raw = await read_body(request)
-    body = parse_request(raw, endpoint)
-    track = metrics.track(str(body["model"]), "proxy", endpoint) if metrics else None
-    stack = AsyncExitStack()
-    streaming = False
-    try:
-        far = mesh(body["model"]) if mesh and not manager.serves(body["model"]) else None
-        if far is not None:  # not served here: the coordinator places it elsewhere
-            runtime = far
-        else:
-            runtime = await stack.enter_async_context(manager.use(body["model"]))
-        if not body.get("stream"):
-            data, usage = await runtime.complete(endpoint, raw)
-            if track is not None:
-                track.usage = usage
-                track.finish(200)
-            return Response(data, media_type="application/json")
-        chunks = runtime.stream(endpoint, raw)
-        try:
-            first = await anext(chunks)
-        except StopAsyncIteration:
-            raise OpenAIError(502, "runner sent an empty stream", hop="runner") from None
-        except BaseException:
-            await aclose(chunks)
-            raise
-        if track is not None:
-            track.chunk(first)
-        streaming = True
-        return SSEResponse(first, chunks, stack.pop_all(), track)
-    except OpenAIError as exc:
-        if track is not None:
-            track.finish(exc.status)
-        raise
-    except BaseException:
-        if track is not None and not streaming:
-            track.finish(500)
-        raise
-    finally:
-        await stack.aclose()
+async def _server_error(_: Request, exc: Exception) -> Response:
+    error = OpenAIError(500, f"the node failed to answer: {exc!r}"[:300], hop="node")
+    return json_response(error.body(), 500)
 
 
 def build_app(
@@ -155,63 +78,49 @@ def build_app(
     metrics: NodeMetrics | None = None,
     inventory: Callable[[], dict[str, Any]] | None = None,
     mesh: MeshLookup | None = None,
-) -> FastAPI:
-    app = FastAPI(title="meshgate node", openapi_url=None, docs_url=None, redoc_url=None)
+    pipeline: Pipeline | None = None,
+) -> Starlette:
+    pipe = pipeline or Pipeline(manager, metrics=metrics, mesh=mesh)
 
-    async def openai_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, OpenAIError)
-        exc.hop = exc.hop or "node"
-        return JSONResponse(exc.body(), status_code=exc.status)
+    async def healthz(_: Request) -> Response:
+        return json_response({"status": "ok", "models": manager.names()})
 
-    async def http_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        return JSONResponse(OpenAIError(exc.status_code, str(exc.detail), hop="node").body(),
-                            status_code=exc.status_code)
-
-    app.add_exception_handler(OpenAIError, openai_error)
-    app.add_exception_handler(HTTPException, http_error)
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return model_list(manager.names(), owned_by="meshgate-node")
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "models": manager.names()}
-
-    @app.get("/meshgate/telemetry")
-    async def read_telemetry() -> dict[str, Any]:
+    async def read_telemetry(_: Request) -> Response:
         sample = telemetry() if telemetry is not None else None
         if sample is None:
             raise OpenAIError(503 if telemetry else 404, "no telemetry sample yet", hop="node")
-        return sample
+        return json_response(sample)
 
-    @app.get("/meshgate/inventory")
-    async def read_inventory() -> dict[str, Any]:
+    async def read_inventory(_: Request) -> Response:
         if inventory is None:
             raise OpenAIError(404, "this node serves no inventory here", hop="node")
-        return inventory()
+        return json_response(inventory())
 
-    @app.get("/metrics")
-    async def read_metrics() -> Response:
+    async def read_metrics(_: Request) -> Response:
         if metrics is None:
             raise OpenAIError(404, "this node serves no metrics here", hop="node")
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    def route(endpoint: str) -> Callable[[Request], Awaitable[Response]]:
-        async def handler(request: Request) -> Response:
-            return await _answer(manager, request, endpoint, metrics, mesh)
-
-        return handler
-
-    for endpoint in ENDPOINTS:
-        app.add_api_route(f"/v1/{endpoint}", route(endpoint), methods=["POST"])
-    add_ollama_routes(app, manager, metrics, mesh)  # /api/chat, /api/generate, /api/tags...
-    _add_admin_routes(app, manager)
+    routes: list[BaseRoute] = [
+        *openai_routes(pipe),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/meshgate/telemetry", read_telemetry, methods=["GET"]),
+        Route("/meshgate/inventory", read_inventory, methods=["GET"]),
+        Route("/metrics", read_metrics, methods=["GET"]),
+        *_admin_routes(manager),
+        *ollama_routes(pipe),  # /api/chat, /api/generate, /api/tags... and GET /
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={
+            OpenAIError: _openai_error, HTTPException: _http_error, Exception: _server_error
+        },
+    )
+    app.state.pipeline = pipe
     return app
 
 
-def _add_admin_routes(app: FastAPI, manager: ModelManager) -> None:
+def _admin_routes(manager: ModelManager) -> list[BaseRoute]:
     """``POST /meshgate/{swap,load,unload}``: the manager's commands on the local port.
 
     Bodies: swap ``{"model": OLD, "to": NAME=PATH.gguf | inventory name, "n_ctx"?,
@@ -220,8 +129,8 @@ def _add_admin_routes(app: FastAPI, manager: ModelManager) -> None:
     Only clients on this box may ask (403 otherwise, even when the port listens wider).
     """
 
-    def admin(op: str) -> Callable[[Request], Awaitable[dict[str, Any]]]:
-        async def handler(request: Request) -> dict[str, Any]:
+    def admin(op: str) -> Callable[[Request], Awaitable[Response]]:
+        async def handler(request: Request) -> Response:
             host = request.client.host if request.client else ""
             if host not in ("127.0.0.1", "::1", "localhost"):
                 raise OpenAIError(403, f"/meshgate/{op} is for clients on this box only",
@@ -233,9 +142,9 @@ def _add_admin_routes(app: FastAPI, manager: ModelManager) -> None:
                                   hop="node") from None
             if not isinstance(body, dict):
                 raise OpenAIError(400, "the body must be a JSON object", hop="node")
-            return await manager.command({**body, "op": op})
+            return json_response(await manager.command({**body, "op": op}))
 
         return handler
 
-    for op in ("swap", "load", "unload"):
-        app.add_api_route(f"/meshgate/{op}", admin(op), methods=["POST"])
+    ops = ("swap", "load", "unload")
+    return [Route(f"/meshgate/{op}", admin(op), methods=["POST"]) for op in ops]

@@ -5,7 +5,6 @@
 - :class:`Backend`: one runtime serving a slot, with its placement and requests in flight.
 - :class:`Slot`: one public name: its backend, the runners draining for it, the
   gate that holds requests while it is not loaded, and its counters.
-- :class:`Metered`: a runtime that times requests into recent tokens per second.
 
 The decisions (what to load, evict or swap) are :class:`node_agent.models.ModelManager`'s.
 """
@@ -13,16 +12,15 @@ The decisions (what to load, evict or swap) are :class:`node_agent.models.ModelM
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from meshgate.openai import OpenAIError
 from node_agent.placement import Placement
-from node_agent.runtimes.base import Runtime, Usage, usage_of
+from node_agent.runtimes.base import Runtime
 
 RATE_WINDOW = 32  # requests in the tokens/s figures
 
@@ -81,54 +79,6 @@ class Rates:
             "prompt_tokens_per_s": self._rate(self._prompt),
             "generation_tokens_per_s": self._rate(self._gen),
         }
-
-
-class Metered:
-    """A runtime that times its requests into a slot's rates."""
-
-    def __init__(self, inner: Runtime, rates: Rates) -> None:
-        self.inner, self.rates = inner, rates
-        self.name, self.kind = inner.name, inner.kind
-
-    async def health(self) -> bool:
-        return await self.inner.health()
-
-    async def load(self, keep_alive: float | str | None = None) -> None:
-        await self.inner.load(keep_alive)
-
-    async def unload(self) -> None:
-        await self.inner.unload()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-    def describe(self) -> dict[str, Any] | None:
-        return self.inner.describe()
-
-    async def embed(self, body: bytes) -> tuple[bytes, Usage | None]:
-        return await self.inner.embed(body)
-
-    async def complete(self, endpoint: str, body: bytes) -> tuple[bytes, Usage | None]:
-        began = time.perf_counter()
-        data, usage = await self.inner.complete(endpoint, body)
-        if usage:
-            self.rates.add(usage, None, time.perf_counter() - began)
-        return data, usage
-
-    async def stream(self, endpoint: str, body: bytes) -> AsyncIterator[bytes]:
-        began, first, usage = time.perf_counter(), 0.0, None
-        chunks = self.inner.stream(endpoint, body)
-        try:
-            async for chunk in chunks:
-                first = first or time.perf_counter()
-                usage = usage_of(chunk) or usage
-                yield chunk
-        finally:
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        if usage and first:
-            self.rates.add(usage, first - began, time.perf_counter() - first)
 
 
 class Backend:

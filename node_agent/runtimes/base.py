@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from meshgate.openai import OpenAIError
 
-__all__ = ["FakeRuntime", "Runtime", "Usage", "usage_of"]
+__all__ = ["FakeRuntime", "RunnerError", "Runtime", "Usage", "usage_of"]
 
 Usage = dict[str, int]
 
@@ -70,6 +70,10 @@ class Runtime(Protocol):
     def describe(self) -> dict[str, Any] | None:
         """What the runtime itself knows of its model (Ollama: its list/ps entry), or None."""
         ...
+
+
+class RunnerError(Exception):
+    """A runner process that would not start."""
 
 
 def usage_of(chunk: bytes) -> Usage | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -58,11 +58,24 @@ def with_model(body: bytes, model: str) -> bytes:
     """`body` with its ``model`` replaced (parses only when it differs)."""
     if b'"model":"' + model.encode() + b'"' in body:
         return body
-    data = json.loads(body)
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise OpenAIError(400, f"request body is not valid JSON: {exc}", hop="node") from None
+    if not isinstance(data, dict):
+        raise OpenAIError(400, "request body must be a JSON object", hop="node")
     if data.get("model") == model:
         return body
     data["model"] = model
     return json.dumps(data, separators=(",", ":")).encode()
+
+
+class Lifecycle(Protocol):
+    """What starts and stops the process behind a runtime (a supervised runner)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 def _error_of(response: httpx.Response) -> OpenAIError:
@@ -88,19 +101,36 @@ class OpenAIHttpRuntime:
         base_url: str,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
+        transport_factory: Callable[[], httpx.AsyncBaseTransport] | None = None,
         upstream_model: str | None = None,
         health_url: str | None = None,
         check: Callable[[], None] | None = None,
+        lifecycle: Lifecycle | None = None,
     ) -> None:
         self.name = name
         self.kind = kind
         self.upstream_model = upstream_model
         self.health_url = health_url or base_url.rstrip("/") + "/models"
         self._check = check or (lambda: None)
-        self._client = httpx.AsyncClient(
-            base_url=base_url, transport=transport, timeout=TIMEOUT,
+        self._lifecycle = lifecycle
+        self._base_url = base_url
+        self._transport_factory = transport_factory
+        self._client = self._new_client(transport)
+
+    def _new_client(self, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+        if transport is None and self._transport_factory is not None:
+            transport = self._transport_factory()
+        return httpx.AsyncClient(
+            base_url=self._base_url, transport=transport, timeout=TIMEOUT,
             headers={"content-type": "application/json"},
         )
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The pooled client (made again after :meth:`aclose`, for a runner started again)."""
+        if self._client.is_closed and self._transport_factory is not None:
+            self._client = self._new_client()
+        return self._client
 
     def _body(self, body: bytes) -> bytes:
         return with_model(body, self.upstream_model) if self.upstream_model else body
@@ -111,21 +141,23 @@ class OpenAIHttpRuntime:
 
     async def health(self) -> bool:
         try:
-            response = await self._client.get(self.health_url, timeout=5.0)
+            response = await self.client.get(self.health_url, timeout=5.0)
         except httpx.HTTPError:
             return False
         return response.status_code == 200
 
     async def load(self, keep_alive: float | str | None = None) -> None:
-        """Nothing to do: the server loads its own models (a supervised runner is started
-        by its :class:`~node_agent.runtimes.llama.LlamaRunner`)."""
+        """Start the supervised runner behind it, if any (a server not ours loads itself)."""
+        if self._lifecycle is not None:
+            await self._lifecycle.start()
 
     async def unload(self) -> None:
-        """Refused: the server is not ours to stop (a supervised runner is stopped by its
-        :class:`~node_agent.runtimes.llama.LlamaRunner`)."""
-        raise OpenAIError(
-            400, f"{self.name} is not a local runner; nothing to unload", hop="node"
-        )
+        """Stop the supervised runner behind it; refused for a server that is not ours."""
+        if self._lifecycle is None:
+            raise OpenAIError(
+                400, f"{self.name} is not a local runner; nothing to unload", hop="node"
+            )
+        await self._lifecycle.stop()
 
     async def embed(self, body: bytes) -> tuple[bytes, Usage | None]:
         return await self.complete("embeddings", body)
@@ -133,7 +165,7 @@ class OpenAIHttpRuntime:
     async def complete(self, endpoint: str, body: bytes) -> tuple[bytes, Usage | None]:
         self._check()
         try:
-            response = await self._client.post(endpoint, content=self._body(body))
+            response = await self.client.post(endpoint, content=self._body(body))
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from None
         if response.status_code != 200:
@@ -142,9 +174,10 @@ class OpenAIHttpRuntime:
 
     async def stream(self, endpoint: str, body: bytes) -> AsyncIterator[bytes]:
         self._check()
-        request = self._client.build_request("POST", endpoint, content=self._body(body))
+        client = self.client
+        request = client.build_request("POST", endpoint, content=self._body(body))
         try:
-            response = await self._client.send(request, stream=True)
+            response = await client.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from None
         try:

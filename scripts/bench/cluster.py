@@ -23,9 +23,11 @@ limiter: in memory for ``single``, the Lua script on Redis for ``replica``.
    Every process shares this box's cores (two on the shared VM): three replicas cannot
    add CPU here, so this measures the cost of spreading, not the gain of more machines.
 
-On the shared two-core VM (load average ~20 from other work), 200 requests each:
-single p50 5.86 ms / p99 50.4 ms, replica p50 6.91 ms / p99 56.6 ms (x1.18, +1.06 ms
-p50); 24 clients for 8 s: three replicas 58.6 req/s, one replica 42.3 req/s (x1.38).
+Two runs on the shared two-core VM (load average 10-20 from other work):
+latency, single vs replica p50 5.86 vs 6.91 ms (x1.18, +1.06 ms; p99 50.4 vs 56.6) and
+7.42 vs 9.07 ms (x1.22, +1.65 ms; p99 37.8 vs 35.4); throughput, 24 clients, three
+replicas vs one 58.6 vs 42.3 req/s (x1.38) and 80.6 vs 97.8 req/s (x0.82): on two shared
+cores the replica count changes nothing measurable but noise.
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def main() -> None:
         single.key = single_key
         single.wait_serving(MODEL, 60)
         cluster.start_replicas("a", "b", "c")
-        cluster.start_node("node", "--upstream", upstream)
+        cluster.start_nodes({"node": ("--upstream", upstream)})
         cluster.wait_nodes(list(cluster.replicas.values()), 1, 60)
         replica_key = cluster.admin("key", "create", "--name", "b", "--rpm", "1000000")
         a = cluster.replicas["a"]

@@ -10,7 +10,17 @@ request three ways, interleaved round-robin so that drift hits all three alike:
 * ``direct``: straight to the runner the node uses;
 * ``node``: through the node's local OpenAI proxy (the app-on-the-box path);
 * ``coordinator``: through the coordinator's API, the encrypted tunnel and the
-  node (the remote path).
+  node (the remote path);
+* ``litellm`` (with ``--runtime fake``, when LiteLLM's proxy is installed): the
+  same upstream behind LiteLLM's own proxy server, the yardstick for the node's
+  local port (issue 10: the node's added p50 at most 0.05x LiteLLM's).
+
+LiteLLM is a bench tool, never a meshgate dependency: install it in a venv of
+its own and name its ``litellm`` command with ``--litellm`` (default: ``litellm``
+on PATH)::
+
+    python3 -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install 'litellm[proxy]'
+    .venv/bin/python scripts/bench/overhead.py --chunks 16 --litellm /tmp/litellm-venv/bin/litellm
 
 ``--runtime fake`` puts an instant OpenAI-compatible upstream behind the node
 (``tests/node/fake_openai_server.py``, named a fake: canned words, no model) so
@@ -27,6 +37,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -44,6 +57,8 @@ sys.path.insert(0, str(ROOT))
 from tests.e2e.mesh import Mesh, free_port, wait_until  # noqa: E402
 
 MODEL = "bench"
+#: LiteLLM's proxy refuses to start without a master key; clients send it as their key.
+LITELLM_KEY = "sk-bench-" + secrets.token_hex(16)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -168,6 +183,55 @@ def start_fake_upstream(
     return proc, url
 
 
+def start_litellm(
+    root: Path, command: str, upstream: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """LiteLLM's proxy server (its own process, one worker) in front of `upstream`."""
+    config = root / "litellm.yaml"
+    config.write_text(
+        "model_list:\n"
+        f"  - model_name: {MODEL}\n"
+        "    litellm_params:\n"
+        f"      model: openai/{MODEL}\n"
+        f"      api_base: {upstream}\n"
+        "      api_key: fake-key\n"
+        "litellm_settings:\n"
+        "  drop_params: true\n"
+        "  telemetry: false\n"
+    )
+    port = free_port()
+    log = (root / "litellm.log").open("wb")
+    env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False",
+           "DISABLE_SCHEMA_UPDATE": "true", "LITELLM_MASTER_KEY": LITELLM_KEY}
+    proc = subprocess.Popen(
+        [command, "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
+         "--num_workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise SystemExit(f"litellm exited: {(root / 'litellm.log').read_text()[-2000:]}")
+        return httpx.get(f"{url}/health/liveliness", timeout=2).status_code == 200
+
+    wait_until(ready, 300, "litellm proxy")
+    return proc, f"{url}/v1"
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[str]:
+    """The node's added p50 as a fraction of LiteLLM's, per shape (the issue's target)."""
+    lines = []
+    for shape in ("non-stream", "stream"):
+        added = {r["path"]: r["added_p50_ms"] for r in rows if r["shape"] == shape}
+        if "litellm" in added and "node" in added and added["litellm"] > 0:
+            lines.append(
+                f"{shape}: node adds {added['node']:.2f} ms p50, litellm {added['litellm']:.2f} "
+                f"ms: node/litellm = {added['node'] / added['litellm']:.3f}"
+            )
+    return lines
+
+
 def model_path() -> str:
     out = subprocess.run(
         [str(ROOT / "scripts/fetch_model.sh")], capture_output=True, text=True, check=True
@@ -183,6 +247,12 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=64, help="fake: chunks per streamed answer")
     parser.add_argument("--max-tokens", type=int, default=16, help="llama: tokens per answer")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--litellm", default=shutil.which("litellm"),
+        help="LiteLLM's `litellm` command (fake runtime only; default: on PATH)",
+    )
+    parser.add_argument("--no-coordinator", action="store_true",
+                        help="leave out the coordinator path (node and litellm only)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="mg-bench-") as tmp:
@@ -212,8 +282,16 @@ def main() -> None:
             targets = {
                 "direct": (direct, upstream),
                 "node": (httpx.Client(timeout=60), mesh.proxy("node-a")),
-                "coordinator": (httpx.Client(timeout=60, headers=auth), mesh.api),
             }
+            if not args.no_coordinator:
+                targets["coordinator"] = (httpx.Client(timeout=60, headers=auth), mesh.api)
+            if args.runtime == "fake" and args.litellm:
+                litellm, litellm_url = start_litellm(root, args.litellm, upstream)
+                cleanup.append(litellm.kill)
+                litellm_auth = {"Authorization": f"Bearer {LITELLM_KEY}"}
+                targets["litellm"] = (httpx.Client(timeout=60, headers=litellm_auth), litellm_url)
+            elif args.runtime == "fake":
+                print("no litellm command (see --litellm): the litellm column is left out")
             rows = measure_shapes(targets, args.max_tokens, args.requests, args.warmup)
         finally:
             for step in reversed(cleanup):
@@ -226,6 +304,8 @@ def main() -> None:
     publish(
         f"meshgate request overhead: {what}; {args.requests} requests per path", rows, args.json
     )
+    for line in summarize(rows):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshgate.token_frames import MAGIC, ChunkDecoder, ChunkEncoder
 
@@ -47,7 +49,10 @@ def test_a_stream_round_trips_exactly_in_a_fraction_of_the_bytes() -> None:
         raw = json.dumps(original).encode()
         body = encoder.encode(raw)
         assert body.startswith(MAGIC)
-        rebuilt = json.loads(decoder.decode(body))
+        out = decoder.decode(body)
+        assert b"\n" not in out
+        assert b"\r" not in out  # one event when the coordinator frames it (SSE injection)
+        rebuilt = json.loads(out)
         assert rebuilt == original
         assert list(rebuilt) == list(original)  # key order too
         for got, sent in zip(rebuilt["choices"], original["choices"], strict=True):
@@ -96,3 +101,21 @@ def test_deep_nesting_from_a_node_is_refused() -> None:
     decoder._previous = encoder_side
     with pytest.raises(ValueError, match="malformed"):
         decoder.decode(MAGIC + msgpack.packb(deep))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=2), inner,
+                                                                max_size=3),
+    max_leaves=12,
+))
+def test_whatever_a_node_sends_is_a_json_chunk_or_a_value_error(raw: bytes, value: Any) -> None:
+    decoder = ChunkDecoder()
+    decoder.decode(MAGIC + msgpack.packb([0, {"a": [1, {"b": None}]}]))  # some state
+    for body in (MAGIC + raw, MAGIC + msgpack.packb(value)):
+        try:
+            out = decoder.decode(body)
+        except ValueError:
+            continue
+        assert isinstance(json.loads(out), dict)

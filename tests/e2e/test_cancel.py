@@ -57,7 +57,8 @@ def test_leaving_mid_stream_stops_generation_within_a_chunk(mesh: Mesh, port: st
     }
     headers = {"Authorization": f"Bearer {mesh.key}"}
     read = 0
-    with httpx.stream("POST", f"{url}/completions", json=body, headers=headers) as reply:
+    with httpx.stream("POST", f"{url}/completions", json=body, headers=headers,
+                      timeout=60) as reply:  # a fresh runner answers its first in seconds
         assert reply.status_code == 200
         for line in reply.iter_lines():
             if line.startswith("data: "):

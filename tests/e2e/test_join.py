@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,3 +54,8 @@ def test_join_enrolls_writes_the_config_installs_the_service_and_the_node_serves
     mesh.nodes["joined"] = spawn("node", ["run", "--config", str(config), "--proxy-port",
                                           str(port)], mesh.root / "joined.log")
     mesh.wait_serving(MODEL)
+    # status finds the daemon from its state dir (it listens on a port the config never named)
+    status = cli("node", "status", "--config", str(config), "--json")
+    assert json.loads(status.stdout)["runtime"][MODEL]
+    by_state = cli("node", "status", "--state-dir", str(state), "--json", check=False)
+    assert by_state.returncode == 0, by_state.stderr

@@ -104,7 +104,7 @@ def test_leaving_mid_stream_on_this_box_stops_the_other_nodes_runner(mesh: Mesh)
 
     before = stops()
     body = {"model": MODEL, "prompt": "Count to 500: 1, 2,", "max_tokens": 400, "stream": True}
-    with httpx.stream("POST", mesh.proxy("small") + "/completions", json=body) as reply:
+    with httpx.stream("POST", mesh.proxy("small") + "/completions", json=body, timeout=60) as reply:
         assert reply.status_code == 200
         for n, _ in enumerate(reply.iter_lines()):
             if n == 6:

@@ -1,7 +1,7 @@
 """A FAKE OpenAI-compatible server for tests: no model, canned answers.
 
 It speaks the real wire format (``/health``, ``/v1/models``,
-``/v1/chat/completions`` and ``/v1/completions``, streaming as SSE with a
+``/v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings``, streaming as SSE with a
 final usage chunk and ``[DONE]``) so supervisors and runtimes are tested
 against a real process, the way llama-swap tests with its simple-responder.
 Misbehaviour on cue, by flag::
@@ -87,6 +87,20 @@ def build_app(args: argparse.Namespace) -> Starlette:
                              "text_completion", "created": 0, "model": body.get("model"),
                              "choices": [choice], "usage": usage})
 
+    async def embeddings(request: Request) -> Response:
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            return JSONResponse({"error": {"message": "bad json", "type": "invalid_request_error",
+                                           "param": None, "code": None}}, status_code=400)
+        given = body.get("input")
+        inputs = [given] if isinstance(given, str) else list(given or [])
+        data = [{"object": "embedding", "index": i, "embedding": [float(len(str(x))), 0.5]}
+                for i, x in enumerate(inputs)]
+        tokens = sum(len(str(x).split()) for x in inputs)
+        return JSONResponse({"object": "list", "model": body.get("model"), "data": data,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
     async def stream(chat: bool, body: dict[str, Any]) -> AsyncIterator[bytes]:
         kind = "chat.completion.chunk" if chat else "text_completion"
         for word in words:
@@ -105,6 +119,7 @@ def build_app(args: argparse.Namespace) -> Starlette:
         Route("/v1/models", models),
         Route("/v1/chat/completions", answer, methods=["POST"]),
         Route("/v1/completions", answer, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
     ])
 
 

@@ -78,8 +78,13 @@ def test_chat_answers_with_text_and_usage(client: openai.OpenAI) -> None:
 def test_streaming_chat_ends_with_one_usage_chunk_that_counts_the_tokens(
     client: openai.OpenAI, node: Node,
 ) -> None:
+    unasked = list(client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=10, stream=True, temperature=0,
+    ))
+    assert all(c.choices and c.usage is None for c in unasked)  # the docs' plain loop works
     chunks = list(client.chat.completions.create(
         model=MODEL, messages=HELLO, max_tokens=10, stream=True, temperature=0,
+        stream_options={"include_usage": True},
     ))
     pieces = [c.choices[0].delta.content for c in chunks
               if c.choices and c.choices[0].delta.content]
@@ -101,7 +106,8 @@ def test_completions_stream_and_not(client: openai.OpenAI) -> None:
     assert reply.usage is not None
     assert reply.usage.completion_tokens > 0
     chunks = list(client.completions.create(model=MODEL, prompt="The capital of France is",
-                                            max_tokens=6, temperature=0, stream=True))
+                                            max_tokens=6, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == reply.choices[0].text
     assert chunks[-1].usage == reply.usage
 
@@ -151,7 +157,7 @@ def test_a_client_leaving_mid_stream_stops_generation(node: Node) -> None:
     before = worker_health(node)["cancelled"]
     body = {"model": MODEL, "prompt": "Count from 1 to 100: 1, 2, 3,", "max_tokens": 400,
             "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{node.url}/v1/completions", json=body) as reply:
+    with httpx.stream("POST", f"{node.url}/v1/completions", json=body, timeout=60) as reply:
         lines = reply.iter_lines()
         assert next(lines).startswith("data: ")
     deadline = time.monotonic() + 5
@@ -179,7 +185,7 @@ def test_an_error_after_the_stream_started_ends_it_with_an_error_event(node: Nod
             "temperature": 0, "stream": True}
     events: list[str] = []
     crashes = node.stats()["crashes"]
-    with httpx.stream("POST", f"{node.url}/v1/completions", json=body) as reply:
+    with httpx.stream("POST", f"{node.url}/v1/completions", json=body, timeout=60) as reply:
         for line in reply.iter_lines():
             if line.startswith("data: "):
                 events.append(line[6:])

@@ -17,6 +17,7 @@ import pytest
 
 from meshgate.openai import OpenAIError
 from node_agent.models import ModelManager, model_name, parse_model_spec, scan_model_dirs
+from node_agent.pipeline import Pipeline
 from node_agent.placement import Budget
 from node_agent.proxy import build_app
 
@@ -104,7 +105,11 @@ async def test_use_counts_in_flight_and_served_requests(manager: ModelManager) -
         "served": 1,
         "crashes": 0,
     }
-    assert stats["generation_tokens_per_s"] > 0  # the upstream's usage, timed by the manager
+    assert stats["generation_tokens_per_s"] is None  # borrowing alone times nothing
+    await Pipeline(manager).complete("chat/completions", "local-gpt", body, via="proxy")
+    stats = manager.stats()["local-gpt"]
+    assert stats["served"] == 2
+    assert stats["generation_tokens_per_s"] > 0  # the upstream's usage, timed by the pipeline
     assert stats["idle_s"] is not None
     assert manager.names() == ["local-gpt"]
     assert manager.get("nope") is None

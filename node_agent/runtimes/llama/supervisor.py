@@ -30,7 +30,10 @@ from pathlib import Path
 import httpx
 
 from meshgate.openai import OpenAIError
+from node_agent.runtimes.base import RunnerError
 from node_agent.runtimes.openai_http import OpenAIHttpRuntime
+
+__all__ = ["LlamaRunner", "Runner", "RunnerError", "backoff_delays", "socket_path"]
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +50,6 @@ def _child_env() -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": f"{SOURCE_ROOT}{os.pathsep}{path}" if path else SOURCE_ROOT,
     }
-
-
-class RunnerError(Exception):
-    """A runner process that would not start."""
 
 
 def backoff_delays(first: float = 0.5, cap: float = 30.0) -> Iterator[float]:
@@ -101,14 +100,14 @@ class Runner:
         self.state = "stopped"  # stopped | starting | up | restarting
         self._proc: asyncio.subprocess.Process | None = None
         self._watch: asyncio.Task[None] | None = None
-        transport = httpx.AsyncHTTPTransport(uds=str(self.socket))
         self.runtime = OpenAIHttpRuntime(
             name,
             kind,
             "http://runner/v1",
-            transport=transport,
+            transport_factory=lambda: httpx.AsyncHTTPTransport(uds=str(self.socket)),
             health_url="http://runner/health",
             check=self._check,
+            lifecycle=self,
         )
 
     @property
@@ -126,10 +125,17 @@ class Runner:
             raise OpenAIError(503, f"runner for {self.name} is {self.state}", hop="node")
 
     async def start(self) -> None:
-        """Start the process, wait until it answers, then watch it."""
+        """Start the process, wait until it answers, then watch it (once: a runner that is
+        already up, starting or restarting is left as it is)."""
+        if self.state != "stopped":
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state = "starting"
-        await self._spawn_ready()
+        try:
+            await self._spawn_ready()
+        except BaseException:
+            self.state = "stopped"
+            raise
         self.state = "up"
         self._watch = asyncio.create_task(self.watch(), name=f"watch {self.name}")
 

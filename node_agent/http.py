@@ -1,0 +1,95 @@
+"""HTTP pieces both APIs of the local port share: the body, JSON answers, streamed answers.
+
+:func:`read_body` reads a request body, refused with 413 as soon as it is
+known to exceed the limit. :class:`WatchedResponse` sends an already framed body (SSE events, NDJSON
+lines) itself and watches ``receive`` for ``http.disconnect`` beside it, so
+that a client that leaves cancels the sender once, plainly in asyncio, and
+`close` (which stops the runtime's work wherever it runs, gives the model
+back and meters the request) runs exactly once, whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from meshgate.openai import MAX_BODY_BYTES, OpenAIError
+
+__all__ = ["JSON", "WatchedResponse", "json_response", "read_body"]
+
+JSON = "application/json"
+
+log = logging.getLogger(__name__)
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit`."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise OpenAIError(413, f"request body is {declared} bytes; the limit is {limit}")
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise OpenAIError(413, f"request body exceeds the limit of {limit} bytes")
+        parts.append(part)
+    return b"".join(parts)
+
+
+def json_response(data: object, status: int = 200) -> Response:
+    """`data` as compact JSON."""
+    body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+    return Response(body, status_code=status, media_type=JSON)
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class WatchedResponse(StreamingResponse):
+    """`body`'s parts as one streamed response; `close` once it ended, however it ended."""
+
+    def __init__(
+        self,
+        body: AsyncIterator[bytes],
+        close: Callable[[], Awaitable[None]],
+        *,
+        media_type: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(iter(()), media_type=media_type, headers=headers)
+        self._parts = body
+        self._close = close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pump = asyncio.create_task(self._pump(send))
+        watch = asyncio.create_task(_until_disconnect(receive))
+        try:
+            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pump, watch):
+                task.cancel()
+            await asyncio.gather(pump, watch, return_exceptions=True)
+            close = getattr(self._parts, "aclose", None)
+            try:
+                if close is not None:
+                    await close()
+            finally:
+                await self._close()
+        if pump.done() and not pump.cancelled() and pump.exception() is not None:
+            log.warning("stream to the client failed: %r", pump.exception())
+
+    async def _pump(self, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        async for part in self._parts:
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
