@@ -18,7 +18,7 @@ __all__ = ["WIDTHS", "fit_row"]
 
 WIDTHS = {"request_id": 128, "key_id": 64, "node_did": 255, "upstream": 200, "model": 255,
           "endpoint": 64, "route": 200, "outcome": 64}
-"""The ledger's string columns and their widths (coordinator/store.py, UsageRow)."""
+"""The ledger's string columns and their widths (coordinator/store/schema.py, UsageRow)."""
 
 
 def fit_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -67,7 +67,10 @@ def node_summary(conn: NodeConn, now: float) -> dict[str, Any]:
     gpus: list[Any] = raw_gpus if isinstance(raw_gpus, list) else []
     load = host.get("load_avg")
     models = inventory_models(conn.inventory) if conn.inventory else {}
-    loaded = sorted(name for name, info in models.items() if info.get("loaded", True))
+    # what the scheduler sees: the inventory, then telemetry and load deltas on top
+    view = conn.view().models
+    loaded = sorted(name for name, info in models.items()
+                    if (view[name].loaded if name in view else info.get("loaded", True)))
     ts = _number(telemetry.get("ts"))
     return {
         "connected_at": conn.connected_at,

@@ -3,9 +3,9 @@
 A node reports its own prefill and decode rates; a node can be wrong or lie
 (issue 9: one claiming 1e300 tok/s that never answered was always picked).
 The coordinator times every request it sends: seconds to the first token and
-completion tokens per second after it. Once it has a figure of its own, the
-scheduler's view uses it instead of the claim, and the first-token timeout
-follows it instead of a fixed 60 s.
+completion tokens per second after it. Once it has a decode rate of its own,
+the scheduler's view uses it instead of the claim, and the first-token
+timeout follows the measured first-token time instead of a fixed 60 s.
 """
 
 from __future__ import annotations

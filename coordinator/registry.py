@@ -122,9 +122,8 @@ def model_view(conn: NodeConn, name: str, info: ModelInfo) -> ModelView:
     loaded = load.loaded if load.loaded is not None else info.loaded
     decode = load.decode_tps or 0.0
     prefill = load.prefill_tps or 0.0
-    if seen is not None:  # what we measured beats what it claims
-        decode = seen.decode_tps(decode)
-        prefill = seen.prefill_tps(prefill)
+    if seen is not None:  # what we measured beats what it claims (the decode rate: a
+        decode = seen.decode_tps(decode)  # first-token time is mostly overhead on short prompts)
     capacity = load.capacity if load.capacity is not None else info.capacity
     return ModelView(
         name=name,

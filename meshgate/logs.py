@@ -168,6 +168,11 @@ class RequestIdMiddleware:
                 break
         request_id = accept_request_id(given)
         scope.setdefault("state", {})["request_id"] = request_id
+        if given != request_id:  # handlers and inner middleware read the same id
+            scope["headers"] = [
+                *(h for h in scope.get("headers", []) if h[0].lower() != b"x-request-id"),
+                (b"x-request-id", request_id.encode()),
+            ]
         token = request_id_var.set(request_id)
 
         async def send_with_id(message: Message) -> None:

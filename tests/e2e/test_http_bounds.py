@@ -57,6 +57,8 @@ def slow_clients(port: int, count: int, data: bytes) -> list[socket.socket]:
 def test_a_flood_of_slow_clients_is_cut_and_others_are_served(mesh: Mesh) -> None:
     log = mesh.coordinator.log  # type: ignore[union-attr]
     before = log.stat().st_size
+    memory = psutil.Process(mesh.coordinator.popen.pid)  # type: ignore[union-attr]
+    rss = memory.memory_info().rss
     socks = slow_clients(mesh.api_port, 300, b"POST /v1/chat/completions HTTP/1.1\r\n")
     try:
         started = time.monotonic()
@@ -68,6 +70,7 @@ def test_a_flood_of_slow_clients_is_cut_and_others_are_served(mesh: Mesh) -> Non
         assert time.monotonic() - started < 1.5 + 4
         grown = log.stat().st_size - before
         assert grown < 100_000, f"{grown} log bytes for 300 slow clients"
+        assert memory.memory_info().rss - rss < 30_000_000
     finally:
         for sock in socks:
             sock.close()

@@ -52,8 +52,8 @@ def coordinator(mesh: Mesh) -> openai.OpenAI:
     return openai.OpenAI(base_url=mesh.api, api_key=mesh.key, max_retries=0)
 
 
-def test_the_docs_plain_streaming_loop_runs_to_the_end(coordinator: openai.OpenAI) -> None:
-    stream = coordinator.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8,
+def test_the_docs_plain_streaming_loop_runs_to_the_end(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8,
                                                  stream=True)
     out = io.StringIO()
     with redirect_stdout(out):
@@ -62,8 +62,8 @@ def test_the_docs_plain_streaming_loop_runs_to_the_end(coordinator: openai.OpenA
     assert out.getvalue()
 
 
-def test_the_usage_chunk_comes_only_when_asked(coordinator: openai.OpenAI) -> None:
-    chunks = list(coordinator.chat.completions.create(
+def test_the_usage_chunk_comes_only_when_asked(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(
         model=MODEL, messages=HELLO, max_tokens=8, stream=True,
         stream_options={"include_usage": True}))
     assert chunks[-1].choices == []
@@ -94,11 +94,11 @@ def test_ollama_embed_on_the_node_port(mesh: Mesh) -> None:
     assert reply.embeddings[0] != reply.embeddings[1]
 
 
-def test_models_retrieve_names_one_model_or_is_a_404(coordinator: openai.OpenAI) -> None:
-    model = coordinator.models.retrieve(MODEL)
+def test_models_retrieve_names_one_model_or_is_a_404(client: openai.OpenAI) -> None:
+    model = client.models.retrieve(MODEL)
     assert (model.id, model.object) == (MODEL, "model")
     with pytest.raises(openai.NotFoundError) as caught:
-        coordinator.models.retrieve("no-such-model")
+        client.models.retrieve("no-such-model")
     assert caught.value.code == "model_not_found"
 
 

@@ -6,6 +6,8 @@ malicious nodes on the real tunnel library)."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import pytest
 from coordinator.state import StateDir
 from coordinator.store import Store
 from tests.e2e.evil_node import EvilNode, completion, drain
-from tests.e2e.mesh import Mesh, mesh_at
+from tests.e2e.mesh import Mesh, Proc, free_port, mesh_at, wait_until
 from tunnel import Frame, FrameType, Stream
 
 pytestmark = pytest.mark.slow
@@ -31,6 +33,13 @@ per_node = 4
 queue_share = 0.5
 """
 HELLO: list[Any] = [{"role": "user", "content": "hi"}]
+FAKE_OPENAI = Path(__file__).resolve().parents[1] / "node" / "fake_openai_server.py"
+
+
+def spawn_script(script: Path, args: list[str], log: Path) -> Proc:
+    popen = subprocess.Popen([sys.executable, str(script), *args], stdout=log.open("wb"),
+                             stderr=subprocess.STDOUT)
+    return Proc(popen, log)
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +110,45 @@ async def test_one_nodes_relay_flood_does_not_starve_a_keyed_app(mesh: Mesh,
         release.set()
         await asker.close()
         await worker.close()
+
+
+async def test_relayed_requests_never_reach_a_paid_cloud_by_default(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A node's local port takes requests from any local program without a key, so what it
+    relays may not spend cloud money unless the coordinator's [relay] cloud = true."""
+    root = tmp_path_factory.mktemp("relaycloud")
+    port = free_port()
+    cloud = spawn_script(FAKE_OPENAI, ["--port", str(port), "--name", "paid"], root / "cloud.log")
+    try:
+        await asyncio.to_thread(wait_until, lambda: httpx.get(
+            f"http://127.0.0.1:{port}/health").status_code == 200, 30, "fake cloud", [cloud])
+        config = root / "coordinator.toml"
+        config.write_text(f"""
+[[upstream]]
+name = "paid"
+base_url = "http://127.0.0.1:{port}/v1"
+api_key_env = "PAID_KEY"
+models = {{ cloudy = "paid" }}
+""")
+        for mesh in mesh_at(root):
+            await asyncio.to_thread(mesh.start_coordinator, "--config", str(config),
+                                    env={"PAID_KEY": "sk-fake"})
+            mesh.key = await asyncio.to_thread(mesh.make_key, "keyed")
+            asker = await EvilNode.start(mesh, "asker", [])
+            try:
+                frames = await drain(await asker.ask({"model": "cloudy", "messages": HELLO},
+                                                     request_id="relay-cloud"))
+                assert frames[-1].type == FrameType.ERROR
+                assert frames[-1].body["status"] == 503
+                assert "[relay] cloud = true" in frames[-1].body["message"]
+                async with httpx.AsyncClient(timeout=30) as client:  # a keyed app may
+                    reply = await client.post(
+                        f"{mesh.api}/chat/completions", json={"model": "cloudy",
+                                                              "messages": HELLO},
+                        headers={"Authorization": f"Bearer {mesh.key}"})
+                assert reply.status_code == 200, reply.text
+                assert reply.headers["x-meshgate-upstream"] == "paid"
+            finally:
+                await asker.close()
+    finally:
+        cloud.stop()

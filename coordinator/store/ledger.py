@@ -1,0 +1,144 @@
+"""The usage ledger: one row per request, and the queries summed in the database."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import case, func, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from coordinator.errors import CoordinatorError
+from coordinator.store.core import StoreCore
+from coordinator.store.records import UsageGroup, UsageRecord, UsageTotal
+from coordinator.store.schema import UsageRow
+
+
+class LedgerStore(StoreCore):
+    """The usage ledger: append, idempotent ingest, rows and grouped totals."""
+
+    def record_usage(self, record: UsageRecord) -> None:
+        """Append one row; client-chosen strings (request id, model) are cut to fit columns."""
+        self.record_usages([record])
+
+    def record_usages(self, records: list[UsageRecord]) -> None:
+        """Append rows in one transaction: all or none (the ledger spool's replay)."""
+        with self._write() as s:
+            for record in records:
+                s.add(_usage_row(record))
+
+
+    def ingest_usage(self, records: list[UsageRecord]) -> list[UsageRecord]:
+        """Append rows that carry an `ingest_key`, skipping keys the ledger already holds
+        (a node sending its journal again); returns the rows that were new. One transaction."""
+        dialect = self.engine.dialect.name
+        if dialect not in ("sqlite", "postgresql"):
+            raise CoordinatorError(f"ingest needs SQLite or PostgreSQL, not {dialect}")
+        new: list[UsageRecord] = []
+        with self._write() as s:
+            for r in records:
+                if r.ingest_key is None:
+                    raise CoordinatorError("an ingested usage row needs its ingest_key")
+                values = dict(
+                    request_id=r.request_id[:128], key_id=r.key_id, node_did=r.node_did,
+                    upstream=None, model=r.model[:255], endpoint=r.endpoint[:64],
+                    route=r.route and r.route[:200], prompt_tokens=r.prompt_tokens,
+                    completion_tokens=r.completion_tokens, latency_ms=r.latency_ms,
+                    outcome=r.outcome[:64], cost=r.cost, created_at=r.created_at,
+                    **_energy_values(r),
+                )
+                stmt = (
+                    sqlite_insert(UsageRow).values(**values)
+                    .on_conflict_do_nothing(index_elements=["ingest_key"])
+                    .returning(UsageRow.id)
+                    if dialect == "sqlite" else
+                    postgresql_insert(UsageRow).values(**values)
+                    .on_conflict_do_nothing(index_elements=["ingest_key"])
+                    .returning(UsageRow.id)
+                )
+                if s.execute(stmt).first() is not None:  # None: the key was there already
+                    new.append(r)
+        return new
+
+    def usage_rows(self, since: float | None = None) -> list[UsageRecord]:
+        query = select(UsageRow).order_by(UsageRow.created_at, UsageRow.id)
+        if since is not None:
+            query = query.where(UsageRow.created_at >= since)
+        with self._read() as s:
+            return [_usage_record(r) for r in s.scalars(query)]
+
+    def usage_totals(self, by: UsageGroup, since: float | None = None) -> list[UsageTotal]:
+        """The ledger summed per key, node (or upstream) or model, in the database."""
+        column = {
+            "key": func.coalesce(UsageRow.key_id, "-"),
+            "node": func.coalesce(UsageRow.node_did, UsageRow.upstream, "-"),
+            "model": UsageRow.model,
+        }[by]
+        query = select(
+            column,
+            func.count(UsageRow.id),
+            func.sum(case((UsageRow.outcome == "ok", 1), else_=0)),
+            func.sum(UsageRow.prompt_tokens),
+            func.sum(UsageRow.completion_tokens),
+            func.avg(UsageRow.latency_ms),
+            func.sum(UsageRow.cost),
+            func.sum(UsageRow.joules),
+            func.sum(case((UsageRow.joules.is_not(None),
+                           UsageRow.prompt_tokens + UsageRow.completion_tokens), else_=0)),
+            func.sum(UsageRow.energy_cost),
+        ).group_by(column).order_by(column)
+        if since is not None:
+            query = query.where(UsageRow.created_at >= since)
+        with self._read() as s:
+            return [
+                UsageTotal(str(g), int(n), int(ok or 0), int(p or 0), int(c or 0),
+                           float(lat or 0.0), float(cost or 0.0),
+                           None if j is None else float(j), int(jt or 0),
+                           None if ec is None else float(ec))
+                for g, n, ok, p, c, lat, cost, j, jt, ec in s.execute(query)
+            ]
+
+
+    def spend_by_key(self, day_start: float, month_start: float) -> dict[str, tuple[float, float]]:
+        """key id -> (cost since `day_start`, cost since `month_start`), one grouped query."""
+        start = min(day_start, month_start)
+        today = func.sum(case((UsageRow.created_at >= day_start, UsageRow.cost), else_=0.0))
+        month = func.sum(case((UsageRow.created_at >= month_start, UsageRow.cost), else_=0.0))
+        query = (select(UsageRow.key_id, today, month)
+                 .where(UsageRow.created_at >= start, UsageRow.key_id.is_not(None))
+                 .group_by(UsageRow.key_id))
+        with self._read() as s:
+            return {str(k): (float(d or 0.0), float(m or 0.0)) for k, d, m in s.execute(query)}
+
+
+
+def _energy_values(record: UsageRecord) -> dict[str, Any]:
+    return {"joules": record.joules, "energy_estimated": record.energy_estimated,
+            "energy_cost": record.energy_cost, "ingest_key": record.ingest_key}
+
+
+
+def _usage_record(row: UsageRow) -> UsageRecord:
+    return UsageRecord(
+        request_id=row.request_id, key_id=row.key_id, node_did=row.node_did, model=row.model,
+        endpoint=row.endpoint, prompt_tokens=row.prompt_tokens,
+        completion_tokens=row.completion_tokens, latency_ms=row.latency_ms,
+        outcome=row.outcome, created_at=row.created_at, upstream=row.upstream, cost=row.cost,
+        route=row.route, status=row.status, error=row.error, joules=row.joules,
+        energy_estimated=row.energy_estimated, energy_cost=row.energy_cost,
+        ingest_key=row.ingest_key,
+    )
+
+
+def _usage_row(record: UsageRecord) -> UsageRow:
+    return UsageRow(
+        request_id=record.request_id[:128], key_id=record.key_id,
+        node_did=record.node_did, upstream=record.upstream and record.upstream[:200],
+        model=record.model[:255], endpoint=record.endpoint[:64],
+        route=record.route and record.route[:200],
+        prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+        latency_ms=record.latency_ms, outcome=record.outcome[:64], cost=record.cost,
+        created_at=record.created_at, status=record.status,
+        error=record.error and record.error[:64], **_energy_values(record),
+    )
+
