@@ -7,7 +7,8 @@ A client names what it wants in three ways, all in the OpenAI `model` field:
     qg://task=summarize;prefer=speed      a capability route
 
 and may add an `X-Meshgate-Route: k=v;k=v` header with the same keys. Keys are
-`task`, `prefer` (speed | cost | local | quality), `residency` and `model`.
+`task`, `prefer` (edge | speed | cost | local | quality; edge, the default, ranks
+every node first and keeps clouds as the fallback), `residency` and `model`.
 Precedence, highest first: the header, the `model` field, the API key's
 defaults. Parsing is pure and strict: a bad hint is a `RouteError` whose
 message says what was wrong, never a silent fallback.
@@ -28,6 +29,7 @@ ROUTE_KEYS = ("model", "task", "prefer", "residency")
 
 
 class Prefer(StrEnum):
+    EDGE = "edge"  # the default: nodes first, a cloud only when no node can serve or all failed
     SPEED = "speed"
     COST = "cost"
     LOCAL = "local"
@@ -46,7 +48,7 @@ class UnknownRouteError(RouteError):
 class Route:
     model: str | None = None
     task: str | None = None
-    prefer: Prefer = Prefer.SPEED
+    prefer: Prefer = Prefer.EDGE
     residency: str | None = None
 
     def __str__(self) -> str:
@@ -117,7 +119,7 @@ def parse_route(
     return Route(
         model=merged.get("model"),
         task=merged.get("task"),
-        prefer=_prefer(merged["prefer"]) if "prefer" in merged else Prefer.SPEED,
+        prefer=_prefer(merged["prefer"]) if "prefer" in merged else Prefer.EDGE,
         residency=merged.get("residency"),
     )
 

@@ -150,7 +150,7 @@ class Request:
     models: Sequence[str]  # candidate model names, most preferred first
     prompt_tokens: int
     max_tokens: int
-    prefer: Prefer = Prefer.SPEED
+    prefer: Prefer = Prefer.EDGE
     residency: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)  # required node labels
     budget_state: Budget = Budget.OK

@@ -251,6 +251,7 @@ EST, COST, PREF, KIND, TARGET, MODEL, NOTES, SUSPECT = range(8)
 KINDS = (Kind.NODE, Kind.CLOUD)
 TAIL = (KIND, TARGET, MODEL)
 POLICY_KEYS: dict[Prefer, tuple[int, ...]] = {
+    Prefer.EDGE: (SUSPECT, KIND, EST, TARGET, MODEL),  # edge first, clouds kept as the fallback
     Prefer.SPEED: (SUSPECT, EST, *TAIL),  # fastest; edge wins a tie
     Prefer.LOCAL: (SUSPECT, KIND, EST, TARGET, MODEL),  # edge first (cloud only without edge)
     Prefer.COST: (SUSPECT, COST, EST, *TAIL),  # cheapest (edge is free), then fastest

@@ -30,7 +30,7 @@ class NodeRecord:
                    row.last_seen, list(row.models), row.last_ts_ms)
 
 
-PREFER_VALUES = ("speed", "cost", "local", "quality")
+PREFER_VALUES = ("edge", "speed", "cost", "local", "quality")
 
 
 @dataclass(frozen=True, slots=True)

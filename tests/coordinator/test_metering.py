@@ -11,6 +11,7 @@ import pytest
 from coordinator_harness import LOCAL_MODEL, MODEL, coordinator
 
 from coordinator.metering import BudgetTracker, budget_state, cost_of, period_starts
+from coordinator.routing import Prefer
 from coordinator.scheduler import CloudView, ModelView, NodeView, Request, Snapshot, schedule
 from coordinator.scheduler_rules import Budget
 from coordinator.store import KeyScopes, Store, UsageRecord
@@ -178,7 +179,7 @@ async def test_over_http_spend_near_then_past_the_budget_refuses_the_cloud_with_
     assert len(coord.cloud.requests) == 2
     assert refreshes == 1  # one ledger query for three requests
     rows = Store(f"sqlite:///{tmp_path / 'coordinator.db'}").usage_rows()
-    assert all(r.route == "qg://prefer=speed" for r in rows)
+    assert all(r.route == "qg://prefer=edge" for r in rows)
     assert [(r.outcome, r.upstream, r.cost) for r in rows] == [
         ("ok", "paid", pytest.approx(0.02)),
         ("ok", "paid", pytest.approx(0.02)),
@@ -207,7 +208,9 @@ def test_the_scheduler_keeps_local_nodes_and_drops_the_cloud_once_over_budget(
             tracker.refresh()
         state = tracker.budget_for("a")
         decision = schedule(
-            Request(models=["m"], prompt_tokens=10, max_tokens=100, budget_state=state), snapshot
+            Request(models=["m"], prompt_tokens=10, max_tokens=100, budget_state=state,
+                    prefer=Prefer.SPEED),
+            snapshot,
         )
         kinds[state] = [c.kind.value for c in decision.candidates]
     assert kinds[Budget.OK] == ["cloud", "node"]  # speed: the fast cloud first

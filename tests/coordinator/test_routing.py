@@ -20,7 +20,7 @@ CONFIG = RoutingConfig(
 
 
 def test_a_plain_model_name_is_a_model_route_with_default_policy() -> None:
-    assert parse_route("llama-8b") == Route(model="llama-8b", prefer=Prefer.SPEED)
+    assert parse_route("llama-8b") == Route(model="llama-8b", prefer=Prefer.EDGE)
 
 
 def test_a_capability_route_reads_every_key() -> None:

@@ -232,6 +232,10 @@ def test_speed_picks_the_shortest_estimate_even_in_the_cloud() -> None:
     assert order(decide(node("a"), fast_cloud(), prefer=Prefer.SPEED)) == ["openai", "a"]
 
 
+def test_by_default_every_node_goes_before_a_faster_cloud_which_stays_the_fallback() -> None:
+    assert order(decide(node("a"), fast_cloud())) == ["a", "openai"]
+
+
 def test_speed_lets_the_edge_win_a_tie_with_the_cloud() -> None:
     same = cloud("aaa", rtt_ms=10.0, prefill_tps=1000.0, decode_tps=50.0)
     assert order(decide(same, node("zzz"), prefer=Prefer.SPEED)) == ["zzz", "aaa"]
