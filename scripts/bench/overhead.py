@@ -54,6 +54,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from node_agent.runtimes.llama.supervisor import socket_path  # noqa: E402
 from tests.e2e.mesh import Mesh, free_port, wait_until  # noqa: E402
 
 MODEL = "bench"
@@ -275,7 +276,9 @@ def main() -> None:
             mesh.start_node("node-a", extra=node_args)
             mesh.wait_serving(MODEL)
             if args.runtime == "llama":
-                sock = root / "node-a" / "run" / f"{MODEL}.sock"
+                base = mesh.proxy("node-a").removesuffix("/v1")
+                runner = httpx.get(base + "/meshgate/telemetry").json()["runtime"][MODEL]["runner"]
+                sock = socket_path(root / "node-a" / "run", runner)  # named per runner
                 direct = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=60)
                 upstream = "http://runner/v1"
             auth = {"Authorization": f"Bearer {mesh.key}"}
