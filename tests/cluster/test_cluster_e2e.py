@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -112,11 +113,20 @@ def test_a_replica_that_joins_later_is_learned_by_every_node(cluster: Cluster) -
           "answered")
     for replica in cluster.replicas.values():
         assert replica.nodes() == 3, replica.name
-    listed = json.loads(cli("coordinator", "nodes", "--json", "--state-dir",  # on a's box
-                            str(cluster.replicas["a"].state)).stdout)
     tunnels = sorted(f"ws://127.0.0.1:{r.tunnel_port}" for r in cluster.replicas.values())
-    assert [n["state"] for n in listed] == ["connected"] * 3
-    assert all(sorted(n["live"]["replicas"]) == tunnels for n in listed), listed
+
+    def listed() -> list[dict[str, Any]]:  # on a's box; each replica's live view lags <= 2 s
+        out: list[dict[str, Any]] = json.loads(cli(
+            "coordinator", "nodes", "--json", "--state-dir", str(cluster.replicas["a"].state)
+        ).stdout)
+        return out
+
+    def every_node_lists_every_replica() -> bool:
+        nodes = listed()
+        return [n["state"] for n in nodes] == ["connected"] * 3 and all(
+            sorted(n["live"]["replicas"]) == tunnels for n in nodes)
+
+    wait_until(every_node_lists_every_replica, 15, "every node listed on every replica")
 
 
 def test_the_real_model_answers_through_the_balancer(cluster: Cluster, keys: Keys) -> None:
