@@ -8,6 +8,7 @@ so as root it runs as `postgres` through `runuser`, as in test_store_postgres.py
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import pwd
 import shutil
@@ -104,13 +105,27 @@ class PostgresServer:
         self.data = self.dir / "data"
         self.port = free_port()
         self.pg_ctl = pg_ctl
+        self._names = itertools.count()
         self._run([initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust",
                    "--encoding=UTF8", "--no-sync"])
         self.start()
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        return self.url_of("postgres")
+
+    def url_of(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def fresh_database(self) -> str:
+        """A new, empty database on this server; its URL."""
+        import psycopg
+
+        name = f"fresh_{next(self._names)}"
+        dsn = f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")  # name is ours, not input
+        return self.url_of(name)
 
     def start(self) -> None:
         options = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
