@@ -49,6 +49,7 @@ from coordinator.store import KEY_PREFIX, KEYS_GENERATION, Store
 from coordinator.traffic import Traffic
 from coordinator.ui.sessions import SESSION_COOKIE, Sessions
 from meshgate.openai import OpenAIError
+from meshgate.outage import OutageLog
 
 log = logging.getLogger(__name__)
 
@@ -269,13 +270,15 @@ async def watch_key_changes(store: Store, forget: Callable[[], None],
     """Until cancelled: drop the key cache when the store's key generation moves (a revoke
     or rotate by the CLI on the database, or by another replica): one primary-key read."""
     seen = await asyncio.to_thread(store.generation, KEYS_GENERATION)
+    outage = OutageLog(log, "reading the key generation")
     while True:
         await asyncio.sleep(period)
         try:
             now = await asyncio.to_thread(store.generation, KEYS_GENERATION)
-        except Exception:
-            log.exception("reading the key generation failed; retrying")
+        except Exception as exc:  # noqa: BLE001 (logged by OutageLog; the watcher goes on)
+            outage.failed(exc)
             continue
+        outage.succeeded()
         if now != seen:
             seen = now
             forget()

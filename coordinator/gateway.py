@@ -27,6 +27,7 @@ from coordinator.store import Store
 from meshgate.bounds import clip
 from meshgate.node_messages import Hello as NodeHello
 from meshgate.node_messages import Inventory, LoadDelta, parse, parse_telemetry
+from meshgate.outage import OutageLog
 from meshgate.protocol import ProtocolViolation, error_body
 from tunnel import Frame, FrameType, Hello, Link, Mux, RefusedError, Stream, TunnelError
 
@@ -147,11 +148,14 @@ class Gateway:
 
     async def watch_revocations(self, period: float = REVOCATION_POLL_S) -> None:
         """Until cancelled: every `period`, close the tunnels of revoked nodes."""
+        outage = OutageLog(log, "checking for revoked nodes")
         while True:
             try:
                 await self.close_revoked()
-            except Exception:
-                log.exception("checking for revoked nodes failed; retrying")
+            except Exception as exc:  # noqa: BLE001 (logged by OutageLog; keep watching)
+                outage.failed(exc)
+            else:
+                outage.succeeded()
             await asyncio.sleep(period)
 
     async def _control(self, conn: NodeConn, frame: Frame) -> None:
