@@ -133,13 +133,14 @@ class Gateway:
 
     async def close_revoked(self) -> list[str]:
         """Close the tunnel of every connected node the store says is revoked."""
-        connected = {c.did: c for c in self.registry.nodes()}
-        if not connected:
+        if not self.registry.nodes():
             return []
-        records = await asyncio.to_thread(self.store.list_nodes)
-        revoked = [r.did for r in records if r.did in connected and r.revoked_at is not None]
-        for did in revoked:
-            conn = connected[did]
+        revoked: list[str] = []
+        for did in await asyncio.to_thread(self.store.revoked_nodes):
+            conn = self.registry.get(did)
+            if conn is None:
+                continue
+            revoked.append(did)
             self.known.discard(did)
             log.warning("node %s was revoked; closing its tunnel", did)
             self.registry.remove(conn)
