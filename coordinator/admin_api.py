@@ -69,9 +69,10 @@ class AdminContext:
     """drop the API's cache of verified app keys (after a revoke or rotate)."""
     close_revoked: Callable[[], Awaitable[list[str]]]
     """close the tunnels of revoked nodes now."""
+    sessions: Sessions
+    """the web pane's sign-ins (in the store: every replica sees them)."""
     traffic: Traffic = field(default_factory=Traffic)
     requests: LiveRequests = field(default_factory=LiveRequests)
-    sessions: Sessions = field(default_factory=Sessions)
     stopping: Callable[[], bool] = lambda: False
     """true once the server is shutting down: the pane's event streams end."""
 
@@ -79,7 +80,7 @@ class AdminContext:
         """The admin key id behind this request, or 401."""
         session = request.cookies.get(SESSION_COOKIE)
         if session:
-            key_id = self.sessions.get(session)
+            key_id = await asyncio.to_thread(self.sessions.get, session)
             if key_id is not None and await self.key_live(key_id):
                 return key_id
         header = request.headers.get("authorization", "")
@@ -302,7 +303,7 @@ def admin_context(store: Store, state: StateDir, registry: Registry, api: ApiCon
     public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)  # a cluster's, if shared
     ops = AdminOps(store, lambda: public, lambda: tunnel_url, live)
     return AdminContext(ops, keys, registry, api.forget_keys, gateway.close_revoked,
-                        traffic=traffic)
+                        Sessions(store), traffic=traffic)
 
 
 def mount_admin(app: FastAPI, ctx: AdminContext) -> None:
