@@ -27,6 +27,7 @@ from coordinator.store import Store
 from meshgate.bounds import clip
 from meshgate.node_messages import Hello as NodeHello
 from meshgate.node_messages import Inventory, LoadDelta, parse, parse_telemetry
+from meshgate.outage import OutageLog
 from meshgate.protocol import ProtocolViolation, error_body
 from tunnel import Frame, FrameType, Hello, Link, Mux, RefusedError, Stream, TunnelError
 
@@ -132,13 +133,14 @@ class Gateway:
 
     async def close_revoked(self) -> list[str]:
         """Close the tunnel of every connected node the store says is revoked."""
-        connected = {c.did: c for c in self.registry.nodes()}
-        if not connected:
+        if not self.registry.nodes():
             return []
-        records = await asyncio.to_thread(self.store.list_nodes)
-        revoked = [r.did for r in records if r.did in connected and r.revoked_at is not None]
-        for did in revoked:
-            conn = connected[did]
+        revoked: list[str] = []
+        for did in await asyncio.to_thread(self.store.revoked_nodes):
+            conn = self.registry.get(did)
+            if conn is None:
+                continue
+            revoked.append(did)
             self.known.discard(did)
             log.warning("node %s was revoked; closing its tunnel", did)
             self.registry.remove(conn)
@@ -147,11 +149,14 @@ class Gateway:
 
     async def watch_revocations(self, period: float = REVOCATION_POLL_S) -> None:
         """Until cancelled: every `period`, close the tunnels of revoked nodes."""
+        outage = OutageLog(log, "checking for revoked nodes")
         while True:
             try:
                 await self.close_revoked()
-            except Exception:
-                log.exception("checking for revoked nodes failed; retrying")
+            except Exception as exc:  # noqa: BLE001 (logged by OutageLog; keep watching)
+                outage.failed(exc)
+            else:
+                outage.succeeded()
             await asyncio.sleep(period)
 
     async def _control(self, conn: NodeConn, frame: Frame) -> None:

@@ -214,6 +214,14 @@ def test_revoking_a_node_is_recorded_and_reported_only_the_first_time(store: Sto
     assert node.revoked_at == NOW + 5
 
 
+def test_revoked_nodes_lists_exactly_the_revoked_ones(store: Store) -> None:
+    enroll(store, DID_A)
+    enroll(store, DID_B)
+    assert store.revoked_nodes() == set()
+    store.revoke_node(DID_B, NOW + 1)
+    assert store.revoked_nodes() == {DID_B}
+
+
 def test_revoking_an_unknown_node_raises_unknown_node(store: Store) -> None:
     with pytest.raises(UnknownNode, match=DID_A):
         store.revoke_node(DID_A, NOW)
