@@ -35,6 +35,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.context_fit import fit_to_context
 from coordinator.dispatch import Dispatcher, Served
 from coordinator.ledger_row import fit_row
+from coordinator.ledger_writer import LedgerWriter
 from coordinator.limits import KeyGate
 from coordinator.metrics import CONTENT_TYPE, Metrics
 from coordinator.refusals import install_refusals, with_status
@@ -76,6 +77,8 @@ class ApiContext:
     """every model an enrolled node has offered; blocking."""
     record_usage: Callable[[dict[str, Any]], None]
     """one ledger row; blocking."""
+    record_usages: Callable[[list[dict[str, Any]]], None] | None = None
+    """many ledger rows in one transaction; blocking. None: `record_usage` row by row."""
     config: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     dispatcher: Dispatcher | None = None
     gate: KeyGate | None = None
@@ -85,6 +88,7 @@ class ApiContext:
     """responses to deterministic requests (cache.py); None: off."""
     _key_cache: dict[str, tuple[float, str]] = field(default_factory=dict)
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
+    _ledger: LedgerWriter | None = None
 
     async def authenticate(self, request: Request) -> str:
         header = request.headers.get("authorization", "")
@@ -124,11 +128,23 @@ class ApiContext:
             self.gate.finish_row(row)
         if self.metrics is not None:
             self.metrics.observe_row(row)
+        if self._ledger is None:  # rows one at a time unless the store writes them together
+            self._ledger = (LedgerWriter(self.record_usages) if self.record_usages is not None
+                            else LedgerWriter(self._row_by_row, max_batch=1))
         try:
-            await asyncio.to_thread(self.record_usage, fit_row(row))
+            await self._ledger.write(fit_row(row))
         except Exception:
             log.exception("the ledger row of request %s could not be written: %s",
                           row.get("request_id"), clip(repr(row), 1000))
+
+    def _row_by_row(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self.record_usage(row)
+
+    def close(self) -> None:
+        """Store the ledger rows still queued and stop the writer thread (blocking)."""
+        if self._ledger is not None:
+            self._ledger.close()
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:

@@ -33,6 +33,7 @@ from coordinator.store import Store
 from meshgate.bounds import clip
 from meshgate.node_messages import Hello as NodeHello
 from meshgate.node_messages import Inventory, LoadDelta, parse, parse_telemetry
+from meshgate.outage import OutageLog
 from meshgate.protocol import ProtocolViolation, error_body
 from tunnel import Frame, FrameType, Hello, Link, Mux, RefusedError, Stream, TunnelError
 
@@ -181,7 +182,7 @@ class Gateway:
 
     async def flush_seen_loop(self, period: float = FLUSH_SEEN_S) -> None:
         """Until cancelled: `flush_seen` every `period`, or at once when a node left."""
-        failing = False
+        outage = OutageLog(log, "writing when nodes were last seen")
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
@@ -189,16 +190,11 @@ class Gateway:
                         await self._seen_now.wait()
                 self._seen_now.clear()
                 try:
-                    await self.flush_seen()
+                    await self.flush_seen()  # what failed is kept for the next try
                 except (SQLAlchemyError, CoordinatorError, OSError) as exc:  # database down
-                    if not failing:
-                        log.warning("cannot write when nodes were last seen (%r); "
-                                    "keeping it and retrying", exc)
-                    failing = True
-                    continue
-                if failing:
-                    log.info("writing when nodes were last seen works again")
-                failing = False
+                    outage.failed(exc)
+                else:
+                    outage.succeeded()
         finally:
             with contextlib.suppress(SQLAlchemyError, CoordinatorError, OSError):
                 await self.flush_seen()  # stopping: what was heard is not lost
@@ -207,12 +203,12 @@ class Gateway:
         """Close the tunnel of every connected node the store says is revoked."""
         if not self.registry.count():
             return []
-        revoked_dids = await asyncio.to_thread(self.store.revoked_dids)
-        revoked = [did for did in revoked_dids if self.registry.get(did) is not None]
-        for did in revoked:
+        revoked: list[str] = []
+        for did in await asyncio.to_thread(self.store.revoked_nodes):
             conn = self.registry.get(did)
             if conn is None:
                 continue
+            revoked.append(did)
             self.known.discard(did)
             self._models_gen += 1
             log.warning("node %s was revoked; closing its tunnel", did)
@@ -222,11 +218,14 @@ class Gateway:
 
     async def watch_revocations(self, period: float = REVOCATION_POLL_S) -> None:
         """Until cancelled: every `period`, close the tunnels of revoked nodes."""
+        outage = OutageLog(log, "checking for revoked nodes")
         while True:
             try:
                 await self.close_revoked()
-            except Exception:
-                log.exception("checking for revoked nodes failed; retrying")
+            except Exception as exc:  # noqa: BLE001 (logged by OutageLog; keep watching)
+                outage.failed(exc)
+            else:
+                outage.succeeded()
             await asyncio.sleep(period)
 
     async def _control(self, conn: NodeConn, frame: Frame) -> None:

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from coordinator.admin_api import admin_context, mount_admin, watch_key_changes
@@ -67,10 +67,15 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
         return store.served_models() | set(registry.models())
 
     def record_usage(row: dict[str, Any]) -> None:
+        record_usages([row])
+
+    def record_usages(rows: list[dict[str, Any]]) -> None:  # one transaction (ledger_writer.py)
+        now = time.time()
+        (spool.record_many if spool else store.record_usages)(
+            [UsageRecord(**row, created_at=now) for row in rows])
         if traffic is not None:
-            traffic.add(row)  # the web pane's and `top`'s last hour
-        (spool.record if spool else store.record_usage)(
-            UsageRecord(**row, created_at=time.time()))
+            for row in rows:
+                traffic.add(row)  # the web pane's and `top`'s last hour
 
     cache: ResponseCache | None = None
     if opts is not None and opts.cache:
@@ -79,7 +84,8 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
                      cluster.link, ttl_s=opts.cache_ttl_s, max_entries=opts.cache_entries))
     metrics = Metrics()
     dispatcher.on_decision = metrics.schedule.observe
-    return ApiContext(registry, verify_key, known or known_models, record_usage, config=config,
+    return ApiContext(registry, verify_key, known or known_models, record_usage,
+                      record_usages=record_usages, config=config,
                       dispatcher=dispatcher, gate=gate, metrics=metrics, cache=cache)
 
 
@@ -158,10 +164,15 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
             await cluster.stop()  # leaves the members table: nodes drop this replica at once
         tunnel_server.close()
         await tunnel_server.wait_closed()
-        for cloud in clouds.values():
-            await cloud.aclose()
-        store.close()
+        await _close(ctx, clouds.values(), store)
         log.info("coordinator stopped")
+
+
+async def _close(ctx: ApiContext, clouds: Iterable[CloudClient], store: Store) -> None:
+    for cloud in clouds:
+        await cloud.aclose()
+    await asyncio.to_thread(ctx.close)  # the ledger rows still queued, then its thread
+    store.close()
 
 
 def run_server(opts: ServeOptions, config: CoordinatorConfig | None = None) -> None:

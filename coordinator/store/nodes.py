@@ -26,6 +26,12 @@ class NodeStore(StoreCore):
             rows = s.scalars(select(NodeRow).order_by(NodeRow.enrolled_at, NodeRow.did))
             return [NodeRecord.of(r) for r in rows]
 
+    def revoked_nodes(self) -> set[str]:
+        """The DIDs of revoked nodes: what the revocation watcher reads every second,
+        without loading every enrolled node."""
+        with self._read() as s:
+            return set(s.scalars(select(NodeRow.did).where(NodeRow.revoked_at.is_not(None))))
+
     def revoke_node(self, did: str, now: float) -> bool:
         """Revoke an enrolled node; False if it was already revoked. Unknown: UnknownNode."""
         with self._write() as s:
@@ -65,11 +71,6 @@ class NodeStore(StoreCore):
                              .values(last_seen=bindparam("b_seen"),
                                      models=bindparam("b_models", type_=NodeRow.models.type)),
                              listed)
-
-    def revoked_dids(self) -> set[str]:
-        """The dids of revoked nodes (one column, no records: polled every second)."""
-        with self._read() as s:
-            return set(s.scalars(select(NodeRow.did).where(NodeRow.revoked_at.is_not(None))))
 
     def served_models(self) -> set[str]:
         """Every model an unrevoked enrolled node last said it serves (one column)."""
