@@ -49,6 +49,7 @@ from coordinator.store import KEY_PREFIX, KEYS_GENERATION, Store
 from coordinator.traffic import Traffic
 from coordinator.ui.sessions import SESSION_COOKIE, Sessions
 from meshgate.openai import OpenAIError
+from meshgate.outage import OutageLog
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,10 @@ class AdminContext:
     """drop the API's cache of verified app keys (after a revoke or rotate)."""
     close_revoked: Callable[[], Awaitable[list[str]]]
     """close the tunnels of revoked nodes now."""
+    sessions: Sessions
+    """the web pane's sign-ins (in the store: every replica sees them)."""
     traffic: Traffic = field(default_factory=Traffic)
     requests: LiveRequests = field(default_factory=LiveRequests)
-    sessions: Sessions = field(default_factory=Sessions)
     stopping: Callable[[], bool] = lambda: False
     """true once the server is shutting down: the pane's event streams end."""
 
@@ -78,7 +80,7 @@ class AdminContext:
         """The admin key id behind this request, or 401."""
         session = request.cookies.get(SESSION_COOKIE)
         if session:
-            key_id = self.sessions.get(session)
+            key_id = await asyncio.to_thread(self.sessions.get, session)
             if key_id is not None and await self.key_live(key_id):
                 return key_id
         header = request.headers.get("authorization", "")
@@ -269,13 +271,15 @@ async def watch_key_changes(store: Store, forget: Callable[[], None],
     """Until cancelled: drop the key cache when the store's key generation moves (a revoke
     or rotate by the CLI on the database, or by another replica): one primary-key read."""
     seen = await asyncio.to_thread(store.generation, KEYS_GENERATION)
+    outage = OutageLog(log, "reading the key generation")
     while True:
         await asyncio.sleep(period)
         try:
             now = await asyncio.to_thread(store.generation, KEYS_GENERATION)
-        except Exception:
-            log.exception("reading the key generation failed; retrying")
+        except Exception as exc:  # noqa: BLE001 (logged by OutageLog; the watcher goes on)
+            outage.failed(exc)
             continue
+        outage.succeeded()
         if now != seen:
             seen = now
             forget()
@@ -299,7 +303,7 @@ def admin_context(store: Store, state: StateDir, registry: Registry, api: ApiCon
     public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)  # a cluster's, if shared
     ops = AdminOps(store, lambda: public, lambda: tunnel_url, live)
     return AdminContext(ops, keys, registry, api.forget_keys, gateway.close_revoked,
-                        traffic=traffic)
+                        Sessions(store), traffic=traffic)
 
 
 def mount_admin(app: FastAPI, ctx: AdminContext) -> None:

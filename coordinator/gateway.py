@@ -10,29 +10,38 @@ server notices within a second).
 
 `last_seen` in the store is when the coordinator last heard from the node
 (inventory, or telemetry at most every TOUCH_EVERY_S); a disconnect does not
-move it forward, so a node that dropped stops looking connected.
+move it forward, so a node that dropped stops looking connected. What was
+heard is gathered in memory and written by `flush_seen` in one transaction
+every FLUSH_SEEN_S (and at once when a node leaves): a fleet's telemetry
+costs one store write a period, not one per node and frame.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from coordinator.errors import EnrollmentRefused
+from sqlalchemy.exc import SQLAlchemyError
+
+from coordinator.errors import CoordinatorError, EnrollmentRefused
 from coordinator.registry import NodeConn, Registry
 from coordinator.store import Store
 from meshgate.bounds import clip
 from meshgate.node_messages import Hello as NodeHello
 from meshgate.node_messages import Inventory, LoadDelta, parse, parse_telemetry
+from meshgate.outage import OutageLog
 from meshgate.protocol import ProtocolViolation, error_body
 from tunnel import Frame, FrameType, Hello, Link, Mux, RefusedError, Stream, TunnelError
 
 log = logging.getLogger(__name__)
 
 TOUCH_EVERY_S = 10.0
+FLUSH_SEEN_S = 0.5
+KNOWN_MODELS_S = 5.0
 REVOCATION_POLL_S = 1.0
 
 NodeRequestHandler = Callable[[NodeConn, Stream, Frame], Awaitable[None]]
@@ -49,6 +58,11 @@ class Gateway:
         #: Enrolled, unrevoked identities: they may handshake past their address's rate limit
         #: (a site behind one NAT address reconnecting after a restart).
         self.known: set[str] = {r.did for r in store.list_nodes() if r.revoked_at is None}
+        #: did -> (when heard, models from an inventory or None): not yet in the store
+        self._seen: dict[str, tuple[float, list[str] | None]] = {}
+        self._seen_now = asyncio.Event()
+        self._models_gen = 0  # moves when the store's node models may have changed
+        self._known: tuple[int, float, set[str]] | None = None
 
     def is_known(self, did: str) -> bool:
         return did in self.known
@@ -128,18 +142,75 @@ class Gateway:
         finally:
             self.registry.remove(conn)
             conn.fail_pending("node disconnected")
+            if hello.did in self._seen:
+                self._seen_now.set()  # what we heard from it is in the store soon after
             log.info("node %s disconnected", hello.did)
+
+    def heard(self, did: str, now: float, models: list[str] | None = None) -> None:
+        """Note that `did` was heard from (with its models after an inventory)."""
+        held = self._seen.get(did)
+        if models is None and held is not None:
+            models = held[1]  # an inventory not yet written keeps its models
+        self._seen[did] = (now, models)
+
+    async def flush_seen(self) -> int:
+        """Write what was heard since the last flush in one transaction; how many nodes."""
+        seen, self._seen = self._seen, {}
+        if seen:
+            try:
+                await asyncio.to_thread(self.store.touch_nodes, seen)
+            except BaseException:
+                for did, value in seen.items():  # kept for the next try, newer news first
+                    self._seen.setdefault(did, value)
+                raise
+            if any(models is not None for _, models in seen.values()):
+                self._models_gen += 1
+        return len(seen)
+
+    def known_models(self) -> set[str]:
+        """Every model a connected or enrolled, unrevoked node said it serves (a request for
+        one while no node serving it is connected is a 503, not a 404). The store's part is
+        read again only after the gateway wrote new models there or KNOWN_MODELS_S passed,
+        so requests for made-up names cannot make the coordinator scan its node table each.
+        Safe to call from a worker thread (it copies what the loop changes)."""
+        now = time.monotonic()
+        cached = self._known
+        if cached is None or cached[0] != self._models_gen or now - cached[1] > KNOWN_MODELS_S:
+            cached = self._known = (self._models_gen, now, self.store.served_models())
+        pending = [models for _, models in list(self._seen.values()) if models]
+        return cached[2].union(*pending, self.registry.models())
+
+    async def flush_seen_loop(self, period: float = FLUSH_SEEN_S) -> None:
+        """Until cancelled: `flush_seen` every `period`, or at once when a node left."""
+        outage = OutageLog(log, "writing when nodes were last seen")
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(period):
+                        await self._seen_now.wait()
+                self._seen_now.clear()
+                try:
+                    await self.flush_seen()  # what failed is kept for the next try
+                except (SQLAlchemyError, CoordinatorError, OSError) as exc:  # database down
+                    outage.failed(exc)
+                else:
+                    outage.succeeded()
+        finally:
+            with contextlib.suppress(SQLAlchemyError, CoordinatorError, OSError):
+                await self.flush_seen()  # stopping: what was heard is not lost
 
     async def close_revoked(self) -> list[str]:
         """Close the tunnel of every connected node the store says is revoked."""
-        connected = {c.did: c for c in self.registry.nodes()}
-        if not connected:
+        if not self.registry.count():
             return []
-        records = await asyncio.to_thread(self.store.list_nodes)
-        revoked = [r.did for r in records if r.did in connected and r.revoked_at is not None]
-        for did in revoked:
-            conn = connected[did]
+        revoked: list[str] = []
+        for did in await asyncio.to_thread(self.store.revoked_nodes):
+            conn = self.registry.get(did)
+            if conn is None:
+                continue
+            revoked.append(did)
             self.known.discard(did)
+            self._models_gen += 1
             log.warning("node %s was revoked; closing its tunnel", did)
             self.registry.remove(conn)
             await conn.link.close("node revoked")
@@ -147,11 +218,14 @@ class Gateway:
 
     async def watch_revocations(self, period: float = REVOCATION_POLL_S) -> None:
         """Until cancelled: every `period`, close the tunnels of revoked nodes."""
+        outage = OutageLog(log, "checking for revoked nodes")
         while True:
             try:
                 await self.close_revoked()
-            except Exception:
-                log.exception("checking for revoked nodes failed; retrying")
+            except Exception as exc:  # noqa: BLE001 (logged by OutageLog; keep watching)
+                outage.failed(exc)
+            else:
+                outage.succeeded()
             await asyncio.sleep(period)
 
     async def _control(self, conn: NodeConn, frame: Frame) -> None:
@@ -169,7 +243,7 @@ class Gateway:
         if frame.type == FrameType.INVENTORY:
             inventory = parse(body, Inventory)
             self.registry.set_inventory(conn, inventory, body)
-            await asyncio.to_thread(self.store.touch_node, conn.did, time.time(), conn.models)
+            self.heard(conn.did, time.time(), conn.models)
             log.info("node %s serves %d model(s): %s", conn.did, len(conn.models),
                      clip(", ".join(conn.models), 500))  # peer data: never a huge line
         elif frame.type == FrameType.RESULT:
@@ -183,7 +257,7 @@ class Gateway:
             now = time.time()
             if now - conn.touched_at > TOUCH_EVERY_S:
                 conn.touched_at = now
-                await asyncio.to_thread(self.store.touch_node, conn.did, now, None)
+                self.heard(conn.did, now)
 
 
 def _addr(link: Link) -> str:

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 LIVE_FILE = "live.json"
 #: A live file older than this many periods is stale: its server is gone or stuck.
 STALE_PERIODS = 5
+#: The live file is written at most once every DUTY times what writing it took.
+DUTY = 50
 
 
 def _number(value: Any) -> float | None:
@@ -105,15 +107,28 @@ def write_live(path: Path, registry: Registry, period: float, now: float | None 
     tmp.replace(path)
 
 
+def paced(period: float, took: float, before: float) -> float:
+    """The next period of a writer whose last write took `took` seconds: `period`, or long
+    enough that writing costs at most 1/DUTY of a core (a fleet of 10,000 nodes is a big
+    file), growing at most STALE_PERIODS - 1 times the `before` period at a step so a
+    reader never finds the file stale in between."""
+    return max(period, min(took * DUTY, before * (STALE_PERIODS - 1)))
+
+
 async def write_live_loop(path: Path, registry: Registry, period: float = 2.0) -> None:
-    """Write the live view every `period` seconds, and once more (empty) when cancelled."""
+    """Write the live view every `period` seconds (longer for a fleet so large that writing
+    it that often would cost more than 1/DUTY of a core), and once more (empty) when
+    cancelled."""
+    now_period = period
     try:
         while True:
+            began = time.perf_counter()
             try:
-                write_live(path, registry, period)
+                write_live(path, registry, now_period)
             except OSError as exc:  # a full disk must not take the coordinator down
                 log.warning("cannot write the live view %s: %s", path, exc)
-            await asyncio.sleep(period)
+            now_period = paced(period, time.perf_counter() - began, now_period)
+            await asyncio.sleep(now_period)
     finally:
         clear_live(path)  # stopped: nobody is connected
 

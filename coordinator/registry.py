@@ -292,6 +292,10 @@ class Registry:
     def nodes(self) -> list[NodeConn]:
         return list(self._nodes.values())
 
+    def count(self) -> int:
+        """How many nodes are connected."""
+        return len(self._nodes)
+
     def serving(self, model: str) -> list[NodeConn]:
         return [c for did in self.index.dids(model) if (c := self._nodes.get(did)) is not None]
 

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from coordinator.admin_api import admin_context, mount_admin, watch_key_changes
@@ -47,7 +48,8 @@ log = logging.getLogger(__name__)
 def _context(store: Store, registry: Registry, config: CoordinatorConfig,
              dispatcher: Dispatcher, opts: ServeOptions | None = None, *,
              cluster: Cluster | None = None, spool: LedgerSpool | None = None,
-             traffic: Traffic | None = None) -> ApiContext:
+             traffic: Traffic | None = None,
+             known: Callable[[], set[str]] | None = None) -> ApiContext:
     if cluster is None:  # one coordinator: limits, budgets and cache in this process
         gate = KeyGate(budgets=BudgetTracker(store.spend_by_key))
     else:  # a replica: the same objects on Redis (cluster.py, shared_state.py)
@@ -61,14 +63,19 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
         gate.remember(record.key_id, record.scope)  # scopes and budgets, fresh at every verify
         return record.key_id
 
-    def known_models() -> set[str]:
-        return {m for node in store.list_nodes() if node.revoked_at is None for m in node.models}
+    def known_models() -> set[str]:  # the gateway's cached view, when there is a gateway
+        return store.served_models() | set(registry.models())
 
     def record_usage(row: dict[str, Any]) -> None:
+        record_usages([row])
+
+    def record_usages(rows: list[dict[str, Any]]) -> None:  # one transaction (ledger_writer.py)
+        now = time.time()
+        (spool.record_many if spool else store.record_usages)(
+            [UsageRecord(**row, created_at=now) for row in rows])
         if traffic is not None:
-            traffic.add(row)  # the web pane's and `top`'s last hour
-        (spool.record if spool else store.record_usage)(
-            UsageRecord(**row, created_at=time.time()))
+            for row in rows:
+                traffic.add(row)  # the web pane's and `top`'s last hour
 
     cache: ResponseCache | None = None
     if opts is not None and opts.cache:
@@ -77,7 +84,8 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
                      cluster.link, ttl_s=opts.cache_ttl_s, max_entries=opts.cache_entries))
     metrics = Metrics()
     dispatcher.on_decision = metrics.schedule.observe
-    return ApiContext(registry, verify_key, known_models, record_usage, config=config,
+    return ApiContext(registry, verify_key, known or known_models, record_usage,
+                      record_usages=record_usages, config=config,
                       dispatcher=dispatcher, gate=gate, metrics=metrics, cache=cache)
 
 
@@ -113,7 +121,7 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     spool = LedgerSpool(store, state.path) if store.engine.dialect.name != "sqlite" else None
     traffic = Traffic()
     ctx = _context(store, registry, config, dispatcher, opts, cluster=cluster, spool=spool,
-                   traffic=traffic)
+                   traffic=traffic, known=gateway.known_models)
     # apps on nodes asking for others' models; nodes uploading what they served offline
     gateway.on_request = node_streams(store, ctx.metrics, functools.partial(relay, ctx))
     app = answering_database_outages(build_app(ctx))  # a 503, not a bare 500
@@ -137,6 +145,7 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     admin.stopping = lambda: server.should_exit  # the pane's live streams end with the server
     background = [
         asyncio.create_task(gateway.watch_revocations(), name="revocations"),
+        asyncio.create_task(gateway.flush_seen_loop(), name="last-seen"),
         asyncio.create_task(write_live_loop(state.path / LIVE_FILE, registry), name="live"),
         asyncio.create_task(watch_key_changes(store, ctx.forget_keys), name="key-changes"),
         *([asyncio.create_task(spool.run(), name="ledger-spool")] if spool else []),
@@ -155,10 +164,15 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
             await cluster.stop()  # leaves the members table: nodes drop this replica at once
         tunnel_server.close()
         await tunnel_server.wait_closed()
-        for cloud in clouds.values():
-            await cloud.aclose()
-        store.close()
+        await _close(ctx, clouds.values(), store)
         log.info("coordinator stopped")
+
+
+async def _close(ctx: ApiContext, clouds: Iterable[CloudClient], store: Store) -> None:
+    for cloud in clouds:
+        await cloud.aclose()
+    await asyncio.to_thread(ctx.close)  # the ledger rows still queued, then its thread
+    store.close()
 
 
 def run_server(opts: ServeOptions, config: CoordinatorConfig | None = None) -> None:

@@ -62,24 +62,29 @@ class LedgerSpool:
 
     def record(self, record: UsageRecord) -> None:
         """Write one row to the database, or to the spool (blocking; callers use a thread)."""
+        self.record_many([record])
+
+    def record_many(self, records: list[UsageRecord]) -> None:
+        """Write rows to the database in one transaction, or all to the spool (blocking)."""
         with self._lock:
             if not self.path.exists():
                 try:
-                    self.store.record_usage(record)
+                    self.store.record_usages(records)
                     return
                 except SQLAlchemyError as exc:
                     log.error("LEDGER: the database refused a row (%s); spooling rows to %s "
                               "and replaying them when it is back", _first_line(exc), self.path)
-            self._append(record)
+            self._append(records)
 
-    def _append(self, record: UsageRecord) -> None:
-        line = json.dumps(dataclasses.asdict(record), separators=(",", ":")) + "\n"
+    def _append(self, records: list[UsageRecord]) -> None:
+        text = "".join(json.dumps(dataclasses.asdict(r), separators=(",", ":")) + "\n"
+                       for r in records)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "a") as spool:
-            spool.write(line)
+            spool.write(text)
             spool.flush()
             os.fsync(spool.fileno())
-        self.spooled += 1
+        self.spooled += len(records)
 
     def replay(self) -> int:
         """Move every spooled row into the database in one transaction; how many moved.

@@ -73,6 +73,7 @@ class StoreCore:
             _add_missing_columns(conn)
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
         self._writer = sessionmaker(immediate, expire_on_commit=False)
+        self._immediate = immediate  # Core writes on the request path (no ORM session)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from coordinator.errors import UnknownNode
 from coordinator.store.core import StoreCore, _rowcount
@@ -25,6 +26,12 @@ class NodeStore(StoreCore):
             rows = s.scalars(select(NodeRow).order_by(NodeRow.enrolled_at, NodeRow.did))
             return [NodeRecord.of(r) for r in rows]
 
+    def revoked_nodes(self) -> set[str]:
+        """The DIDs of revoked nodes: what the revocation watcher reads every second,
+        without loading every enrolled node."""
+        with self._read() as s:
+            return set(s.scalars(select(NodeRow.did).where(NodeRow.revoked_at.is_not(None))))
+
     def revoke_node(self, did: str, now: float) -> bool:
         """Revoke an enrolled node; False if it was already revoked. Unknown: UnknownNode."""
         with self._write() as s:
@@ -42,6 +49,34 @@ class NodeStore(StoreCore):
         with self._write() as s:
             s.execute(update(NodeRow).where(NodeRow.did == did).values(**values),
                       execution_options={"synchronize_session": False})
+
+    def touch_nodes(self, seen: Mapping[str, tuple[float, list[str] | None]]) -> None:
+        """`touch_node` for many nodes in one transaction: did -> (when, models or None).
+
+        The gateway gathers what it heard and writes it here every fraction of a second,
+        so a fleet's telemetry costs one write a period, not one per node."""
+        plain = [{"b_did": did, "b_seen": when} for did, (when, models) in seen.items()
+                 if models is None]
+        listed = [{"b_did": did, "b_seen": when, "b_models": list(models)}
+                  for did, (when, models) in seen.items() if models is not None]
+        if not plain and not listed:
+            return
+        with self._write() as s:
+            conn = s.connection()
+            if plain:
+                conn.execute(update(NodeRow).where(NodeRow.did == bindparam("b_did"))
+                             .values(last_seen=bindparam("b_seen")), plain)
+            if listed:
+                conn.execute(update(NodeRow).where(NodeRow.did == bindparam("b_did"))
+                             .values(last_seen=bindparam("b_seen"),
+                                     models=bindparam("b_models", type_=NodeRow.models.type)),
+                             listed)
+
+    def served_models(self) -> set[str]:
+        """Every model an unrevoked enrolled node last said it serves (one column)."""
+        with self._read() as s:
+            rows = s.scalars(select(NodeRow.models).where(NodeRow.revoked_at.is_(None)))
+            return {m for models in rows for m in (models or ())}
 
     handshake_scope = ""
     """A cluster replica sets its member id: each replica keeps its own handshake timestamp

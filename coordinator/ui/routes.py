@@ -125,7 +125,7 @@ class Pane:
             tick += 1
             if time.monotonic() - checked > RECHECK_SESSION_S:
                 checked = time.monotonic()
-                key_id = self.ctx.sessions.get(session)
+                key_id = await asyncio.to_thread(self.ctx.sessions.get, session)
                 if key_id is None or not await self.ctx.key_live(key_id):
                     return  # signed out or its admin key revoked: the stream ends
             await asyncio.sleep(TICK_S)
@@ -144,7 +144,7 @@ async def form(request: Request) -> dict[str, str]:
 async def session_of(ctx: AdminContext, request: Request) -> str | None:
     """The request's live session (its admin key still live), or None."""
     session = request.cookies.get(SESSION_COOKIE)
-    key_id = ctx.sessions.get(session) if session else None
+    key_id = await asyncio.to_thread(ctx.sessions.get, session) if session else None
     if key_id is None or not await ctx.key_live(key_id):
         return None
     return session
@@ -174,7 +174,8 @@ def ui_router(ctx: AdminContext) -> APIRouter:
                         if request.client else "?")
             return html(render("login.html", error="That is not a live admin key."), 401)
         response = RedirectResponse("/ui", status_code=303, headers=SECURITY_HEADERS)
-        response.set_cookie(SESSION_COOKIE, ctx.sessions.open(record.key_id),
+        opened = await asyncio.to_thread(ctx.sessions.open, record.key_id)
+        response.set_cookie(SESSION_COOKIE, opened,
                             max_age=SESSION_TTL_S, path="/ui", httponly=True,
                             samesite="strict", secure=request.url.scheme == "https")
         log.info("web pane sign-in with admin key %s", record.key_id)
@@ -184,7 +185,7 @@ def ui_router(ctx: AdminContext) -> APIRouter:
     async def logout(request: Request) -> Response:
         session = request.cookies.get(SESSION_COOKIE)
         if session:
-            ctx.sessions.close(session)
+            await asyncio.to_thread(ctx.sessions.close, session)
         response = RedirectResponse("/ui", status_code=303, headers=SECURITY_HEADERS)
         response.delete_cookie(SESSION_COOKIE, path="/ui")
         return response

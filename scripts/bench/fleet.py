@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench/fleet.py --nodes 1000 [--procs 4] [--concurrency 32]
                                             [--seconds 15] [--idle-seconds 8] [--seed 1]
+                                            [--nice 10] [--telemetry-period 1.0] [--profile DIR]
 
 - A real `meshgate-coordinator serve` process (SQLite in a temporary state dir).
 - N identities enrolled with one reusable fleet token (`create_token(uses=N)`,
@@ -22,6 +23,16 @@
   `meshgate_coordinator_schedule_seconds`): decisions/s, p50/p99 (bucket
   bounds, linearly interpolated).
 
+On a small box the simulators compete with the coordinator for the CPU:
+`--nice` runs them (and only them) at a lower priority, and every CPU figure
+is the coordinator process's own (psutil of its pid). `--telemetry-period`
+sends telemetry less often than 1 Hz (when the box cannot simulate 10,000
+nodes at 1 Hz): `telemetry_frames_per_s` says what the coordinator really got,
+and `telemetry_us_per_frame` is its idle CPU per frame, the figure to scale.
+`--profile DIR` records the coordinator with py-spy (if installed) in the
+idle and the load phase (`idle.txt`, `load.txt`, collapsed stacks); the
+figures of a profiled run are not the ones to quote.
+
 Prints one JSON line. Loopback only, bounded in time.
 """
 
@@ -29,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -122,7 +134,7 @@ class SimNode:
 
 
 async def run_node(node: SimNode, url: str, key: bytes, gate: asyncio.Semaphore,
-                   stats: dict[str, int]) -> None:
+                   stats: dict[str, int], period: float) -> None:
     delay = 0.5
     while True:
         try:
@@ -137,12 +149,12 @@ async def run_node(node: SimNode, url: str, key: bytes, gate: asyncio.Semaphore,
     mux = Mux(link, initiator=True, on_stream=node.answer)
     task = asyncio.create_task(mux.run())
     await mux.send_control(FrameType.INVENTORY, node.inventory())
-    await asyncio.sleep(random.random())
+    await asyncio.sleep(random.random() * period)
     try:
         while not task.done():
             await mux.send_control(FrameType.TELEMETRY, node.telemetry())
             stats["telemetry"] += 1
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(period)
     except TunnelError:
         stats["lost"] += 1
 
@@ -153,11 +165,13 @@ async def sim_worker(spec: dict[str, Any]) -> None:
     stats = {"connected": 0, "retries": 0, "telemetry": 0, "lost": 0}
     gate = asyncio.Semaphore(64)
     key = bytes.fromhex(spec["key"])
-    tasks = [asyncio.create_task(run_node(n, spec["url"], key, gate, stats)) for n in nodes]
+    period = float(spec.get("period", 1.0))
+    tasks = [asyncio.create_task(run_node(n, spec["url"], key, gate, stats, period))
+             for n in nodes]
     out = Path(spec["stats"])
     while True:
         await asyncio.to_thread(out.write_text, json.dumps(stats))
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.25)
         if all(t.done() for t in tasks):
             return
 
@@ -288,9 +302,11 @@ async def driver(args: argparse.Namespace) -> dict[str, Any]:
                 spec = root / f"sim{i}.json"
                 spec.write_text(json.dumps({
                     "url": url, "key": key, "seed": args.seed + i, "stats": str(root / f"s{i}"),
+                    "period": args.telemetry_period,
                     "identities": [x.to_bytes().hex() for x in chunk]}))
                 workers.append(subprocess.Popen(  # noqa: ASYNC220
-                    [sys.executable, __file__, "--sim-worker", str(spec)],
+                    ["nice", "-n", str(args.nice), sys.executable, __file__, "--sim-worker",
+                     str(spec)],
                     stdout=(root / f"sim{i}.log").open("wb"), stderr=subprocess.STDOUT))
             deadline = time.perf_counter() + args.connect_timeout
             nodes = 0
@@ -300,10 +316,15 @@ async def driver(args: argparse.Namespace) -> dict[str, Any]:
                     break
                 await asyncio.sleep(0.5)
             connect_s = time.perf_counter() - connect_start
-            await asyncio.sleep(2.0)  # every node past its first telemetry
-            c0, w0 = cpu_seconds(proc), time.perf_counter()
+            await asyncio.sleep(2.0 + args.telemetry_period)  # every node past its first telemetry
+            spy = profile(args.profile, coord.pid, "idle", args.idle_seconds)
+            f0, c0, w0 = sent(root, args.procs), cpu_seconds(proc), time.perf_counter()
             await asyncio.sleep(args.idle_seconds)
-            idle_cpu = (cpu_seconds(proc) - c0) / (time.perf_counter() - w0) * 100
+            idle_wall = time.perf_counter() - w0
+            idle_cpu = (cpu_seconds(proc) - c0) / idle_wall * 100
+            frames_per_s = (sent(root, args.procs) - f0) / idle_wall
+            finish(spy)
+            spy = profile(args.profile, coord.pid, "load", args.seconds)
             m0, _ = histogram((await http.get("/metrics")).text,
                               "meshgate_coordinator_schedule_seconds")
             _, n0 = histogram((await http.get("/metrics")).text,
@@ -314,6 +335,7 @@ async def driver(args: argparse.Namespace) -> dict[str, Any]:
             text = (await http.get("/metrics")).text
             m1, n1 = histogram(text, "meshgate_coordinator_schedule_seconds")
             rss = proc.memory_info().rss
+            finish(spy)
         sims = [json.loads((root / f"s{i}").read_text()) for i in range(args.procs)
                 if (root / f"s{i}").exists()]
         p50, p99 = quantile(m0, m1, 0.5), quantile(m0, m1, 0.99)
@@ -321,7 +343,12 @@ async def driver(args: argparse.Namespace) -> dict[str, Any]:
             "nodes": args.nodes, "connected": nodes, "procs": args.procs,
             "enroll_s": round(enroll_s, 1), "connect_s": round(connect_s, 1),
             "connect_retries": sum(s["retries"] for s in sims),
-            "telemetry_cpu_pct": round(idle_cpu, 1), "load_cpu_pct": round(busy_cpu, 1),
+            "telemetry_period_s": args.telemetry_period,
+            "telemetry_frames_per_s": round(frames_per_s, 1),
+            "telemetry_cpu_pct": round(idle_cpu, 1),
+            "telemetry_us_per_frame": round(idle_cpu / 100 / frames_per_s * 1e6, 1)
+            if frames_per_s else None,
+            "load_cpu_pct": round(busy_cpu, 1),
             "rss_mib": round(rss / 2**20, 1),
             "decisions_per_s": round((n1 - n0) / result["wall_s"], 1),
             "schedule_p50_ms": None if p50 is None else round(p50 * 1000, 3),
@@ -338,6 +365,33 @@ async def driver(args: argparse.Namespace) -> dict[str, Any]:
         coord.wait(10)
 
 
+def sent(root: Path, procs: int) -> int:
+    """Telemetry frames the simulators have sent so far (their stats files, every 0.25 s)."""
+    total = 0
+    for i in range(procs):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            total += int(json.loads((root / f"s{i}").read_text())["telemetry"])
+    return total
+
+
+def profile(out: Path | None, pid: int, phase: str,
+            seconds: float) -> subprocess.Popen[bytes] | None:
+    """py-spy on the coordinator for one phase (collapsed stacks in OUT/PHASE.txt)."""
+    spy = Path(sys.executable).with_name("py-spy")
+    if out is None or not spy.exists():
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([str(spy), "record", "--pid", str(pid), "-d", str(int(seconds)),
+                             "-r", "200", "--nonblocking", "--format", "raw",
+                             "-o", str(out / f"{phase}.txt")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def finish(spy: subprocess.Popen[bytes] | None) -> None:
+    if spy is not None:
+        spy.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=1000)
@@ -347,6 +401,10 @@ def main() -> None:
     parser.add_argument("--idle-seconds", type=float, default=8.0)
     parser.add_argument("--connect-timeout", type=float, default=240.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--nice", type=int, default=10,
+                        help="niceness of the simulator processes (0: same as the coordinator)")
+    parser.add_argument("--telemetry-period", type=float, default=1.0)
+    parser.add_argument("--profile", type=Path, help="py-spy the coordinator into this folder")
     parser.add_argument("--sim-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sim_worker:

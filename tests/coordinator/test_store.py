@@ -214,6 +214,14 @@ def test_revoking_a_node_is_recorded_and_reported_only_the_first_time(store: Sto
     assert node.revoked_at == NOW + 5
 
 
+def test_revoked_nodes_lists_exactly_the_revoked_ones(store: Store) -> None:
+    enroll(store, DID_A)
+    enroll(store, DID_B)
+    assert store.revoked_nodes() == set()
+    store.revoke_node(DID_B, NOW + 1)
+    assert store.revoked_nodes() == {DID_B}
+
+
 def test_revoking_an_unknown_node_raises_unknown_node(store: Store) -> None:
     with pytest.raises(UnknownNode, match=DID_A):
         store.revoke_node(DID_A, NOW)
@@ -227,6 +235,31 @@ def test_touching_a_node_records_when_it_was_seen_and_what_it_serves(store: Stor
     assert node is not None
     assert node.last_seen == NOW + 20
     assert node.models == ["smollm2", "qwen"]
+
+
+def test_touching_many_nodes_at_once_records_each_ones_time_and_models(store: Store) -> None:
+    enroll(store, DID_A)
+    enroll(store, DID_B)
+    store.touch_node(DID_B, NOW, ["old"])
+    store.touch_nodes({DID_A: (NOW + 10, ["smollm2", "qwen"]), DID_B: (NOW + 11, None),
+                       "did:key:z6MkUNKNOWN": (NOW + 12, ["m"])})
+    a, b = store.get_node(DID_A), store.get_node(DID_B)
+    assert a is not None
+    assert b is not None
+    assert (a.last_seen, a.models) == (NOW + 10, ["smollm2", "qwen"])
+    assert (b.last_seen, b.models) == (NOW + 11, ["old"])  # None: its models stay
+    assert sorted(n.did for n in store.list_nodes()) == [DID_A, DID_B]
+    store.touch_nodes({})  # nothing to write is no error
+
+
+def test_served_models_are_read_from_unrevoked_nodes_only(store: Store) -> None:
+    enroll(store, DID_A)
+    enroll(store, DID_B)
+    store.touch_node(DID_A, NOW, ["smollm2"])
+    store.touch_node(DID_B, NOW, ["qwen", "smollm2"])
+    assert store.served_models() == {"smollm2", "qwen"}
+    store.revoke_node(DID_B, NOW + 1)
+    assert store.served_models() == {"smollm2"}
 
 
 def test_touching_an_unknown_node_changes_nothing(store: Store) -> None:

@@ -1,12 +1,10 @@
-"""The last hour of traffic the pane and `top` chart, and the pane's sessions: pure, with
-an injected clock."""
+"""The last hour of traffic the pane and `top` chart: pure, with an injected clock."""
 
 from __future__ import annotations
 
 import pytest
 
 from coordinator.traffic import BUCKET_S, WINDOW_S, Traffic, percentile
-from coordinator.ui.sessions import SESSION_TTL_S, Sessions
 
 
 class Clock:
@@ -54,19 +52,3 @@ def test_rows_older_than_an_hour_fall_out_of_every_figure() -> None:
     assert sum(series["errors"]) == 1
     assert sum(series["rps"]) * BUCKET_S == 1
     assert traffic.recent()[0]["outcome"] == "deadline"  # newest first
-
-
-def test_sessions_expire_and_close_and_stay_bounded() -> None:
-    clock = Clock()
-    sessions = Sessions(clock)
-    first = sessions.open("admin-1")
-    assert sessions.get(first) == "admin-1"
-    assert sessions.get("made-up") is None
-    clock.now += SESSION_TTL_S
-    assert sessions.get(first) is None
-    second = sessions.open("admin-1")
-    sessions.close(second)
-    assert sessions.get(second) is None
-    opened = [sessions.open("a") for _ in range(1001)]
-    assert sessions.get(opened[0]) is None  # the oldest login went first
-    assert sessions.get(opened[-1]) == "a"

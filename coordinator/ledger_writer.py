@@ -1,0 +1,123 @@
+"""Ledger rows written by one thread, many rows per transaction (group commit).
+
+A request's ledger row is stored before its answer's last byte leaves (issue 9:
+a coordinator killed the moment an answer was read has its row). Writing each
+row in its own ``asyncio.to_thread`` call cost a thread-pool hand-off and one
+transaction per request; here one long-lived writer thread takes every row
+queued while it was busy and stores them in one transaction, then wakes the
+waiting requests with one loop callback per batch. A lone request pays one
+hand-off each way; 500 concurrent streams share a handful of commits.
+
+A batch the store refuses is retried row by row, so one bad row fails alone
+(its waiter gets the exception) and the others are still stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 512
+"""Rows per transaction at most (bounds one commit's time under a burst)."""
+
+Row = dict[str, Any]
+_Item = tuple[Row, asyncio.Future[None], asyncio.AbstractEventLoop]
+
+
+class LedgerWriter:
+    """Store rows with `write_many` (blocking, one transaction) on a thread of its own."""
+
+    def __init__(self, write_many: Callable[[list[Row]], None], *,
+                 max_batch: int = MAX_BATCH) -> None:
+        self._write_many = write_many
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.batches = 0
+        """transactions written since start (a bench and the tests read it)"""
+
+    async def write(self, row: Row) -> None:
+        """Return once `row` is stored; raise what the store raised for it."""
+        self._ensure_thread()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._queue.put((row, done, loop))
+        await asyncio.shield(done)  # a cancelled request still gets its row stored
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Store what is queued, then stop the thread."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="ledger-writer",
+                                                    daemon=True)
+                    self._thread.start()
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self._max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._store(batch)
+
+    def _store(self, batch: list[_Item]) -> None:
+        outcomes: list[BaseException | None]
+        try:
+            self._write_many([row for row, _, _ in batch])
+            outcomes = [None] * len(batch)
+        except Exception as exc:  # noqa: BLE001 - handed to the row's waiter
+            if len(batch) == 1:
+                outcomes = [exc]
+            else:  # one bad row must not fail the others: each alone
+                outcomes = []
+                for row, _, _ in batch:
+                    try:
+                        self._write_many([row])
+                        outcomes.append(None)
+                    except Exception as alone:  # noqa: BLE001 - handed to its waiter
+                        outcomes.append(alone)
+        self.batches += 1
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None],
+                                                            BaseException | None]]] = {}
+        for (_, done, loop), outcome in zip(batch, outcomes, strict=True):
+            by_loop.setdefault(loop, []).append((done, outcome))
+        for loop, waiters in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, waiters)
+            except RuntimeError:  # that loop is closed: nobody waits any more
+                log.debug("ledger writer: a loop closed before its rows were settled")
+
+
+def _settle(waiters: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
+    for done, outcome in waiters:
+        if done.cancelled():
+            continue
+        if outcome is None:
+            done.set_result(None)
+        else:
+            done.set_exception(outcome)

@@ -1,0 +1,108 @@
+"""The ledger writer: rows stored before `write` returns, many per transaction, a bad row alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator.ledger_writer import LedgerWriter
+from coordinator.store import Store, UsageRecord
+
+
+def _row(i: int, **extra: Any) -> dict[str, Any]:
+    return {"request_id": f"r{i}", "key_id": "k", "node_did": "n", "model": "m",
+            "endpoint": "chat/completions", "prompt_tokens": 1, "completion_tokens": 2,
+            "latency_ms": 1.0, "outcome": "ok", "cost": 0.0, **extra}
+
+
+async def test_rows_queued_while_a_commit_runs_share_the_next_transaction(
+        tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path}/ledger.db")
+    batches: list[int] = []
+    first_started = threading.Event()
+    release = threading.Event()
+
+    def write_many(rows: list[dict[str, Any]]) -> None:
+        if not batches:  # hold the first commit until every other row is queued
+            first_started.set()
+            release.wait(10)
+        batches.append(len(rows))
+        store.record_usages([UsageRecord(**r, created_at=0.0) for r in rows])
+
+    writer = LedgerWriter(write_many)
+    try:
+        first = asyncio.create_task(writer.write(_row(0)))
+        await asyncio.to_thread(first_started.wait, 10)
+        rest = [asyncio.create_task(writer.write(_row(i))) for i in range(1, 50)]
+        await asyncio.sleep(0)  # every row of `rest` is queued now
+        assert not any(t.done() for t in [first, *rest])  # nothing returns before its commit
+        release.set()
+        await asyncio.gather(first, *rest)
+        assert batches == [1, 49]
+        assert sorted(r.request_id for r in store.usage_rows()) == sorted(
+            f"r{i}" for i in range(50))
+    finally:
+        writer.close()
+        store.close()
+
+
+async def test_a_row_the_store_refuses_fails_alone(tmp_path: Path) -> None:
+    stored: list[str] = []
+    entered, gate = threading.Event(), threading.Event()
+
+    def write_many(rows: list[dict[str, Any]]) -> None:  # all or none, like the store
+        entered.set()
+        gate.wait(10)
+        if any(r["request_id"] == "bad" for r in rows):
+            raise ValueError("refused")
+        stored.extend(r["request_id"] for r in rows)
+
+    writer = LedgerWriter(write_many)
+    try:
+        tasks = [asyncio.create_task(writer.write(_row(0)))]
+        await asyncio.to_thread(entered.wait, 10)  # the writer holds row 0 at the gate
+        tasks += [asyncio.create_task(writer.write({"request_id": r})) for r in ("a", "bad", "b")]
+        await asyncio.sleep(0)
+        gate.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert [type(r).__name__ for r in results] == ["NoneType", "NoneType", "ValueError",
+                                                      "NoneType"]
+        assert sorted(stored) == ["a", "b", "r0"]
+    finally:
+        writer.close()
+
+
+async def test_close_stores_what_is_queued_and_a_closed_writer_restarts() -> None:
+    stored: list[str] = []
+    writer = LedgerWriter(lambda rows: stored.extend(r["request_id"] for r in rows))
+    await writer.write(_row(1))
+    await asyncio.to_thread(writer.close)
+    await writer.write(_row(2))  # a later row starts a fresh thread
+    await asyncio.to_thread(writer.close)
+    assert stored == ["r1", "r2"]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+async def test_max_batch_bounds_one_transaction(batch: int) -> None:
+    sizes: list[int] = []
+    entered, gate = threading.Event(), threading.Event()
+
+    def write_many(rows: list[dict[str, Any]]) -> None:
+        entered.set()
+        gate.wait(10)
+        sizes.append(len(rows))
+
+    writer = LedgerWriter(write_many, max_batch=batch)
+    try:
+        tasks = [asyncio.create_task(writer.write(_row(i))) for i in range(7)]
+        await asyncio.to_thread(entered.wait, 10)  # every row is queued before the first wait
+        gate.set()
+        await asyncio.gather(*tasks)
+        assert max(sizes) <= batch
+        assert sum(sizes) == 7
+    finally:
+        writer.close()
