@@ -225,7 +225,9 @@ def build_app(ctx: ApiContext) -> FastAPI:
                            include_usage=parsed.include_usage, headers=headers)
 
     for endpoint in ("chat/completions", "completions", "embeddings"):
-        app.add_api_route(
+        # a plain Starlette route: the handler reads the request itself, so FastAPI's
+        # dependency solving (and the throwaway Response it builds per request) is cost only
+        app.router.add_route(
             f"/v1/{endpoint}", _bind(handle, endpoint), methods=["POST"], name=endpoint
         )
     return app
