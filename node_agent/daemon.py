@@ -238,20 +238,18 @@ class NodeParts:
         return self.telemetry.latest()
 
     def runtime_stats(self) -> dict[str, Any]:
-        """Per model: the manager's figures, recent token rates and the runner's pid."""
-        rates = self.metrics.recent_rates()
+        """Per model: the manager's figures (recent token rates included) and the runner's pid."""
         out: dict[str, Any] = {}
         for name, stats in self.manager.stats().items():
             entry = dict(stats) if isinstance(stats, dict) else {}
             entry.setdefault("loaded", entry.get("state", "loaded") == "loaded")
             entry.setdefault("queue", entry.get("queued", 0))
-            rate = rates.get(name, {})
             for ours, theirs in (
                 ("prefill_tps", "prompt_tokens_per_s"),
                 ("decode_tps", "generation_tokens_per_s"),
             ):
                 if entry.get(ours) is None:
-                    entry[ours] = entry.get(theirs) or rate.get(theirs)
+                    entry[ours] = entry.get(theirs)
             runtime = self.manager.get(name)
             own = runtime.describe() if runtime is not None else None
             if own and "loaded" in own:  # the runtime knows better (Ollama's own ps)
