@@ -113,6 +113,24 @@ def _leaf_edit(patch: Any) -> tuple[Path, str] | None:
     return None
 
 
+def _same_leaf(patch: Any, path: Path) -> str | None:
+    """The text when `patch` replaces only the string at `path` (as `_leaf_edit` would
+    say, without building the path: the decoder's per-token check), else None."""
+    for key in path:
+        ok = type(patch) is list and (
+            (len(patch) == 3 and patch[0] == EDIT_MAP and patch[2] == []) if type(key) is str
+            else (len(patch) == 2 and patch[0] == EDIT_LIST))
+        edits = patch[1] if ok else None
+        if type(edits) is not dict or len(edits) != 1:
+            return None
+        ((got, patch),) = edits.items()
+        if type(got) is not type(key) or got != key:
+            return None
+    if type(patch) is list and len(patch) == 2 and patch[0] == REPLACE and type(patch[1]) is str:
+        return patch[1]
+    return None
+
+
 def _chain(path: Path, text: str) -> Any:
     """The patch that replaces the string at `path` with `text` (what `_patch` makes)."""
     patch: Any = [REPLACE, text]
@@ -229,16 +247,17 @@ class ChunkDecoder:
         except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
                 msgpack.StackError):
             raise ValueError("a compact chunk is not msgpack") from None
-        edit = _leaf_edit(patch)
         template = self._template
-        if edit is not None and template is not None and edit[0] == template[2]:
-            path, text = edit
+        text = _same_leaf(patch, template[2]) if template is not None else None
+        if text is not None and template is not None:
+            path = template[2]
             try:
                 literal = pydantic_core.to_json(text)
             except pydantic_core.PydanticSerializationError as exc:
                 raise ValueError(f"a compact chunk cannot be JSON: {exc}") from None
             _parent(self._previous, path)[path[-1]] = text
             return template[0] + literal + template[1]
+        edit = _leaf_edit(patch)
         value = _apply(self._previous, patch)
         if not isinstance(value, dict):
             raise ValueError("a compact chunk is not a JSON object")
