@@ -74,6 +74,9 @@ class ApiContext:
     """one ledger row; blocking."""
     record_usages: Callable[[list[dict[str, Any]]], None] | None = None
     """many ledger rows in one transaction; blocking. None: `record_usage` row by row."""
+    record_now: Callable[[list[dict[str, Any]]], bool] | None = None
+    """rows stored at once if that cannot wait (False: not stored); see ledger_writer.py"""
+    ledger_housekeeping: Callable[[], None] | None = None
     config: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     dispatcher: Dispatcher | None = None
     gate: KeyGate | None = None
@@ -124,7 +127,9 @@ class ApiContext:
         if self.metrics is not None:
             self.metrics.observe_row(row)
         if self._ledger is None:  # rows one at a time unless the store writes them together
-            self._ledger = (LedgerWriter(self.record_usages) if self.record_usages is not None
+            self._ledger = (LedgerWriter(self.record_usages, write_now=self.record_now,
+                                         housekeeping=self.ledger_housekeeping)
+                            if self.record_usages is not None
                             else LedgerWriter(self._row_by_row, max_batch=1))
         try:
             await self._ledger.write(fit_row(row))
