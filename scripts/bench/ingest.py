@@ -1,11 +1,13 @@
 """What one telemetry frame costs the coordinator, on the real tunnel, by stage.
 
     .venv/bin/python scripts/bench/ingest.py [--nodes 200] [--frames 20] [--procs 2]
-                                             [--nice 10] [--profile] [--changing]
+                                             [--nice 10] [--rate 1000] [--profile]
+                                             [--changing] [--queued] [--no-gc-policy]
 
 The coordinator side runs in this process: the real tunnel endpoint
-(`tunnel.serve`), `Gateway` and `Registry` on a real SQLite store, exactly as
-`meshgate-coordinator serve` wires them (no HTTP API). `--procs` simulator
+(`tunnel.serve`), `Gateway` and `Registry` on a real SQLite store and the GC
+policy (`coordinator/gcpolicy.py`), as `meshgate-coordinator serve` wires them
+(no HTTP API); `gc_s_by_generation` is the collector's own time. `--procs` simulator
 processes (niced) connect `--nodes` enrolled identities and each sends
 `--frames` typed telemetry frames shaped like `scripts/bench/fleet.py`'s, at
 `--rate` frames/s all together (one frame a websocket message, as real nodes).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import json
 import pstats
 import subprocess
@@ -37,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from coordinator.gateway import Gateway
+from coordinator.gcpolicy import gc_loop
 from coordinator.registry import Registry
 from coordinator.store import Store
-from tunnel import FrameType, Identity, Mux, connect
+from tunnel import FrameType, Identity, Mux, TunnelError, connect
 from tunnel import serve as serve_tunnel
 from tunnel.noise import public_bytes
 
@@ -62,8 +66,15 @@ async def sender(spec: dict[str, Any]) -> None:
     gate = asyncio.Semaphore(64)
 
     async def join(node: SimNode) -> Mux:
-        async with gate:
-            link = await connect(spec["url"], node.identity, key, open_timeout=60)
+        for attempt in range(20):  # a 429 from the handshake limit: back off, try again
+            try:
+                async with gate:
+                    link = await connect(spec["url"], node.identity, key, open_timeout=60)
+                break
+            except TunnelError:
+                await asyncio.sleep(0.5 * random.random() * (attempt + 1))
+        else:
+            raise TunnelError("could not connect")
         mux = Mux(link, initiator=True)
         tasks.append(asyncio.create_task(mux.run()))
         await mux.send_control(FrameType.INVENTORY, node.inventory())
@@ -100,18 +111,19 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
     frames = 0
     first: float | None = None
     last = 0.0
-    handled = gateway._message  # the gateway's own handler, counted
+    handled = gateway._telemetry  # the gateway's own handler (either path), counted
 
-    async def counting(conn: Any, frame: Any) -> None:
+    def counting(conn: Any, message: Any, body: Any) -> None:
         nonlocal frames, first, last
-        await handled(conn, frame)
-        if frame.type == FrameType.TELEMETRY:
-            frames += 1
-            last = time.perf_counter()
-            if first is None:
-                first = last
+        handled(conn, message, body)
+        frames += 1
+        last = time.perf_counter()
+        if first is None:
+            first = last
 
-    gateway._message = counting  # type: ignore[method-assign]
+    gateway._telemetry = counting  # type: ignore[method-assign]
+    if args.queued:  # every frame the queued way (the control task), as before on_control_now
+        gateway._control_now = lambda conn, frame: False  # type: ignore[method-assign]
     static = X25519PrivateKey.generate()
     server = await serve_tunnel("127.0.0.1", 0, static, gateway.authorize, gateway.on_link,
                                 known=gateway.is_known)
@@ -135,6 +147,20 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
     for i in range(args.procs):
         await asyncio.to_thread(wait_for_file, root / f"ready{i}", 300)
     await asyncio.sleep(1.0)  # the inventories are in
+    gc_s = [0.0, 0.0, 0.0]
+    gc_n = [0, 0, 0]
+    gc_began = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_began[0] = time.perf_counter()
+        else:
+            gc_s[info["generation"]] += time.perf_counter() - gc_began[0]
+            gc_n[info["generation"]] += 1
+
+    policy = None if args.no_gc_policy else asyncio.create_task(gc_loop())
+
+    gc.callbacks.append(on_gc)
     c0, f0 = time.process_time(), frames
     (root / "go").touch()
     if profiler:
@@ -146,17 +172,24 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
     if profiler:
         profiler.disable()
     cpu, got = time.process_time() - c0, frames - f0
+    gc.callbacks.remove(on_gc)
     wall = last - (first or last)
     for p in procs:
         p.wait(60)
     flusher.cancel()
+    if policy is not None:
+        policy.cancel()
     server.close()
     store.close()
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     return {"nodes": args.nodes, "frames": got, "changing": args.changing,
+            "queued": args.queued,
             "frames_per_s": round(got / wall, 1) if wall else None,
-            "cpu_s": round(cpu, 3), "us_per_frame": round(cpu / got * 1e6, 1) if got else None}
+            "cpu_s": round(cpu, 3), "us_per_frame": round(cpu / got * 1e6, 1) if got else None,
+            "gc_s_by_generation": [round(x, 3) for x in gc_s], "gc_runs": gc_n,
+            "gc_policy": not args.no_gc_policy,
+            "gc_objects": len(gc.get_objects())}
 
 
 def main() -> None:
@@ -169,6 +202,10 @@ def main() -> None:
                         help="frames per second from all nodes together")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--changing", action="store_true")
+    parser.add_argument("--no-gc-policy", action="store_true",
+                        help="without the server's gc_loop (coordinator/gcpolicy.py)")
+    parser.add_argument("--queued", action="store_true",
+                        help="no on_control_now: each frame through the Mux's control task")
     parser.add_argument("--sender", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sender:
