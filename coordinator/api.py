@@ -18,18 +18,18 @@ and the node told to stop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
+from coordinator.answer_stream import EventStream, unless_disconnected
 from coordinator.cache import CachedResponse, ResponseCache, cache_key
 from coordinator.config import CoordinatorConfig
 from coordinator.context_fit import fit_to_context
@@ -46,15 +46,11 @@ from meshgate.bounds import clip
 from meshgate.logs import AccessLogMiddleware, RequestIdMiddleware, current_request_id
 from meshgate.openai import (
     MAX_BODY_BYTES,
-    SSE_DONE,
     OpenAIError,
     Parsed,
-    is_usage_only,
     model_list,
     model_object,
     parse,
-    sse_error,
-    sse_event,
     unknown_model,
 )
 from meshgate.protocol import OpenRequest
@@ -62,7 +58,6 @@ from meshgate.protocol import OpenRequest
 log = logging.getLogger(__name__)
 
 KEY_CACHE_SECONDS = 5.0
-DISCONNECT_POLL_S = 0.5
 T = TypeVar("T")
 
 
@@ -211,8 +206,8 @@ def build_app(ctx: ApiContext) -> FastAPI:
         route_text = route_text or f"qg://prefer={want.prefer.value}"  # the policy it ran under
         request.state.route = route_text
         try:
-            served = await _unless_disconnected(
-                request, dispatcher.start(open_request, want, deadline=deadline))
+            async with unless_disconnected(request.receive):
+                served = await dispatcher.start(open_request, want, deadline=deadline)
         except OpenAIError as exc:  # its ledger row is written where it is answered
             exc = ctx.gate.refine_for(request_id, exc) if ctx.gate is not None else exc
             raise exc from None
@@ -221,27 +216,33 @@ def build_app(ctx: ApiContext) -> FastAPI:
             ctx.metrics.served(served.tries, served.upstream)
         headers = {"x-request-id": request_id, **served.headers()}
         if not stream:
-            try:
-                data = await _unless_disconnected(request, served.collect())
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await served.close()
-                    await ctx.commit(with_status(served.row(key_id, route_text)))
+            data = await _whole(ctx, request, served, key_id, route_text)
             if cached_as is not None and ctx.cache is not None and served.outcome == "ok":
                 ctx.cache.put(cached_as, CachedResponse(
                     data, served.model, served.target, *_tokens(served.usage)))
             return Response(data, media_type="application/json", headers=headers)
-        return StreamingResponse(
-            _sse(served, ctx, key_id, route_text, include_usage=parsed.include_usage),
-            media_type="text/event-stream",
-            headers=headers,
-        )
+        return EventStream(served, ctx.commit, key_id, route_text,
+                           include_usage=parsed.include_usage, headers=headers)
 
     for endpoint in ("chat/completions", "completions", "embeddings"):
-        app.add_api_route(
+        # a plain Starlette route: the handler reads the request itself, so FastAPI's
+        # dependency solving (and the throwaway Response it builds per request) is cost only
+        app.router.add_route(
             f"/v1/{endpoint}", _bind(handle, endpoint), methods=["POST"], name=endpoint
         )
     return app
+
+
+async def _whole(ctx: ApiContext, request: Request, served: Served, key_id: str,
+                 route: str | None) -> bytes:
+    """A non-streamed answer's body; its ledger row is stored before it is returned."""
+    try:
+        async with unless_disconnected(request.receive):
+            return await served.collect()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await served.close()
+            await ctx.commit(with_status(served.row(key_id, route)))
 
 
 def _add_model_routes(app: FastAPI, ctx: ApiContext) -> None:
@@ -319,20 +320,6 @@ def _deadline(ctx: ApiContext, header: str | None) -> float:
     return asyncio.get_running_loop().time() + seconds
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client goes away first."""
-    task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, OpenAIError):
-                await task
-            raise OpenAIError(499, "client closed the request", hop="coordinator")
-
-
 def _for_key(ctx: ApiContext, key_id: str, body: dict[str, Any], want: Want, *,
              request_id: str, header: str | None) -> Want:
     """Admit the request for its key (403 out of scope, 429 rate limited) and fit the
@@ -382,33 +369,3 @@ def _cache_row(request_id: str, key_id: str, endpoint: str, hit: CachedResponse
         "model": hit.model, "endpoint": endpoint, "prompt_tokens": 0, "completion_tokens": 0,
         "latency_ms": 0.0, "outcome": "cache_hit", "cost": 0.0, "route": "cache",
     }
-
-
-async def _sse(served: Served, ctx: ApiContext, key_id: str, route: str | None, *,
-               include_usage: bool) -> AsyncIterator[bytes]:
-    """The answer as SSE; its ledger row is stored before the last event leaves. The
-    usage-only chunk goes out only when the client asked for it
-    (``stream_options.include_usage``); the ledger counts usage either way."""
-    committed = False
-    try:
-        if include_usage or not is_usage_only(served.first):
-            yield sse_event(served.first)
-        try:
-            async for chunk in served.rest():
-                if include_usage or not is_usage_only(chunk):
-                    yield sse_event(chunk)
-            end = SSE_DONE
-        except OpenAIError as exc:
-            log.warning("request %s ended with an error after it started: %s",
-                        served.request.request_id, exc.message)
-            end = sse_error(exc)
-        with anyio.CancelScope(shield=True):
-            await served.close()
-            committed = True
-            await ctx.commit(with_status(served.row(key_id, route)))
-        yield end
-    finally:
-        if not committed:  # the client left mid-stream
-            with anyio.CancelScope(shield=True):
-                await served.close()
-                await ctx.commit(with_status(served.row(key_id, route)))

@@ -29,7 +29,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from coordinator.config import DispatchConfig
@@ -112,11 +112,23 @@ class Served:
     def rest(self) -> AsyncIterator[bytes]:
         raise NotImplementedError
 
+    def queued(self) -> bool:
+        """Whether more of the answer has arrived already (the first chunk need not go
+        to the client alone)."""
+        return False
+
+    async def batches(self) -> AsyncGenerator[list[bytes], None]:
+        """The chunks after the first, as lists of those that arrived together (one write
+        to the client for a burst); a subclass that can see a burst overrides this."""
+        async for chunk in self.rest():
+            yield [chunk]
+
     async def collect(self) -> bytes:
         """For a non-streaming request: the whole response body."""
         parts = [self.first]
-        async for part in self.rest():
-            parts.append(part)
+        async with contextlib.aclosing(self.batches()) as batches:
+            async for batch in batches:
+                parts += batch
         return b"".join(parts)
 
     async def close(self) -> None:
@@ -156,27 +168,42 @@ class NodeAttempt(Served):
         self.first_at: float | None = time.perf_counter()
         self.decoder = ChunkDecoder()
 
+    def queued(self) -> bool:
+        return self.stream.queued > 0
+
     async def rest(self) -> AsyncIterator[bytes]:
         """Yield the data frames after the first; set `usage` from the end frame."""
+        async with contextlib.aclosing(self.batches()) as batches:
+            async for batch in batches:
+                for chunk in batch:
+                    yield chunk
+
+    async def batches(self) -> AsyncGenerator[list[bytes], None]:
+        """The data frames after the first, each list all that had arrived when it was
+        read (the tunnel coalesces a burst: one wait, one timer, one client write for it);
+        sets `usage` from the end frame. An error frame ends it after the data before it."""
+        stream = self.stream
         try:
             while True:
-                try:
-                    async with asyncio.timeout(self._wait()):  # no task per frame
-                        frame = await self.stream.recv()
-                except TimeoutError:
-                    error = self._timed_out()
-                    if self.outcome == "idle_timeout":
-                        self.registry.set_suspect(self.node, True)
-                    raise error from None
-                if frame.type == FrameType.DATA:
-                    self.chunks += 1
-                    yield self._checked(frame.body)
-                elif frame.type == FrameType.END:
-                    self._finish(frame)
+                frame = stream.recv_nowait()
+                if frame is None:
+                    try:
+                        async with asyncio.timeout(self._wait()):  # no task per frame
+                            frame = await stream.recv()
+                    except TimeoutError:
+                        error = self._timed_out()
+                        if self.outcome == "idle_timeout":
+                            self.registry.set_suspect(self.node, True)
+                        raise error from None
+                else:
+                    self._wait()  # the deadline holds for a stream that never pauses too
+                batch, end = self._drain(frame)
+                if batch:
+                    yield batch
+                if isinstance(end, OpenAIError):
+                    raise end
+                if end:
                     return
-                elif frame.type in (FrameType.ERROR, FrameType.CANCEL):
-                    self.outcome = "error_after_start"
-                    raise error_from_frame(frame)
         except ClosedError:
             self.outcome = "node_lost_mid_stream"
             raise OpenAIError(
@@ -185,6 +212,23 @@ class NodeAttempt(Served):
             ) from None
         finally:
             await self.close()
+
+    def _drain(self, frame: Frame | None) -> tuple[list[bytes], bool | OpenAIError]:
+        """`frame` and every frame queued behind it: the data, and whether the stream ended
+        (True) or failed (the error to raise once the data before it went out)."""
+        batch: list[bytes] = []
+        while frame is not None:
+            if frame.type == FrameType.DATA:
+                self.chunks += 1
+                batch.append(self._checked(frame.body))
+            elif frame.type == FrameType.END:
+                self._finish(frame)
+                return batch, True
+            elif frame.type in (FrameType.ERROR, FrameType.CANCEL):
+                self.outcome = "error_after_start"
+                return batch, error_from_frame(frame)
+            frame = self.stream.recv_nowait()
+        return batch, False
 
     async def close(self) -> None:
         """Release the node; tell it to stop if the request did not finish."""

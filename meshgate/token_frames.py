@@ -19,7 +19,8 @@ ends the stream as a bad node answer).
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, cast
 
 import msgpack
 import pydantic_core
@@ -82,13 +83,94 @@ def _apply(old: Any, patch: Any, depth: int = 0) -> Any:
     raise ValueError("a compact chunk is malformed")
 
 
+Path = tuple[str | int, ...]
+_MARK = "\ue000meshgate\ue001"  # a private-use string: stands for the leaf in a template
+
+
+def _leaf_edit(patch: Any) -> tuple[Path, str] | None:
+    """(path, text) when `patch` only replaces one string leaf (a token's text), else None."""
+    path: list[str | int] = []
+    for _ in range(MAX_DEPTH):
+        if not isinstance(patch, list) or not patch:
+            return None
+        tag = patch[0]
+        if tag == REPLACE and len(patch) == 2:
+            return (tuple(path), patch[1]) if isinstance(patch[1], str) else None
+        # a map is edited by key (str), a list by index (int): the path's types say which
+        if tag == EDIT_MAP and len(patch) == 3 and patch[2] == []:
+            want: type = str
+        elif tag == EDIT_LIST and len(patch) == 2:
+            want = int
+        else:
+            return None
+        edits = patch[1]
+        if not isinstance(edits, dict) or len(edits) != 1:
+            return None
+        ((key, patch),) = edits.items()
+        if type(key) is not want:
+            return None
+        path.append(cast("str | int", key))
+    return None
+
+
+def _same_leaf(patch: Any, path: Path) -> str | None:
+    """The text when `patch` replaces only the string at `path` (as `_leaf_edit` would
+    say, without building the path: the decoder's per-token check), else None."""
+    for key in path:
+        ok = type(patch) is list and (
+            (len(patch) == 3 and patch[0] == EDIT_MAP and patch[2] == []) if type(key) is str
+            else (len(patch) == 2 and patch[0] == EDIT_LIST))
+        edits = patch[1] if ok else None
+        if type(edits) is not dict or len(edits) != 1:
+            return None
+        ((got, patch),) = edits.items()
+        if type(got) is not type(key) or got != key:
+            return None
+    if type(patch) is list and len(patch) == 2 and patch[0] == REPLACE and type(patch[1]) is str:
+        return patch[1]
+    return None
+
+
+def _chain(path: Path, text: str) -> Any:
+    """The patch that replaces the string at `path` with `text` (what `_patch` makes)."""
+    patch: Any = [REPLACE, text]
+    for key in reversed(path):
+        patch = [EDIT_LIST, {key: patch}] if isinstance(key, int) else [EDIT_MAP, {key: patch}, []]
+    return patch
+
+
+def _parent(value: Any, path: Path) -> Any:
+    for key in path[:-1]:
+        value = value[key]
+    return value
+
+
+def _with_leaf(value: Any, path: Path, leaf: str) -> Any:
+    """A copy of `value` (copied along `path` only) whose string at `path` is `leaf`."""
+    if not path:
+        return leaf
+    head, rest = path[0], path[1:]
+    copy = list(value) if isinstance(value, list) else dict(value)
+    copy[head] = _with_leaf(value[head], rest, leaf)  # type: ignore[index]
+    return copy
+
+
 class ChunkEncoder:
-    """The node's side, one per stream."""
+    """The node's side, one per stream.
+
+    A token's chunk usually differs from the one before in one string (the text): once
+    a chunk showed that, its bytes around that string are kept as a template, and a
+    chunk with the same bytes around a new string is encoded without parsing the chunk
+    or diffing it (the string alone is read). Anything else takes the general way."""
 
     def __init__(self) -> None:
         self._previous: Any = {}
+        self._template: tuple[bytes, bytes, Path] | None = None
 
     def encode(self, chunk: bytes) -> bytes:
+        fast = self._fast(chunk)
+        if fast is not None:
+            return fast
         try:
             value = load_json(chunk)
         except ValueError:
@@ -97,16 +179,65 @@ class ChunkEncoder:
             return chunk
         patch = _patch(self._previous, value)
         self._previous = value
+        self._template = None
         if patch is _SAME:
             patch = [EDIT_MAP, {}, []]
+        else:
+            edit = _leaf_edit(patch)
+            if edit is not None:
+                self._template = _source_template(chunk, value, *edit)
         return MAGIC + msgpack.packb(patch, use_bin_type=True)
+
+    def _fast(self, chunk: bytes) -> bytes | None:
+        template = self._template
+        if template is None:
+            return None
+        prefix, suffix, path = template
+        if (len(chunk) < len(prefix) + len(suffix) + 2 or not chunk.startswith(prefix)
+                or not chunk.endswith(suffix)):
+            return None
+        try:  # one JSON string and nothing else (the bytes around it are the template's)
+            text = json.loads(chunk[len(prefix):len(chunk) - len(suffix)])
+        except ValueError:
+            return None
+        if not isinstance(text, str):
+            return None
+        _parent(self._previous, path)[path[-1]] = text
+        return MAGIC + msgpack.packb(_chain(path, text), use_bin_type=True)
+
+
+def _source_template(chunk: bytes, value: Any, path: Path, text: str
+                     ) -> tuple[bytes, bytes, Path] | None:
+    """The bytes of `chunk` before and after the string at `path`, if they can be told
+    for sure: the string's JSON appears once, and parsing the bytes around a marker gives
+    `value` with the marker at `path`."""
+    if not path:
+        return None
+    for literal in {json.dumps(text).encode(), json.dumps(text, ensure_ascii=False).encode()}:
+        if chunk.count(literal) != 1:
+            continue
+        at = chunk.index(literal)
+        prefix, suffix = chunk[:at], chunk[at + len(literal):]
+        try:
+            marked = load_json(prefix + json.dumps(_MARK).encode() + suffix)
+        except ValueError:
+            continue
+        if marked == _with_leaf(value, path, _MARK):
+            return prefix, suffix, path
+    return None
 
 
 class ChunkDecoder:
-    """The coordinator's side, one per stream: the JSON chunk a DATA body stands for."""
+    """The coordinator's side, one per stream: the JSON chunk a DATA body stands for.
+
+    When a patch only replaces the string that the patch before it replaced too (a
+    token's text), the chunk is the last one's JSON with that string swapped: its bytes
+    around the string are kept as a template, so the chunk is neither rebuilt nor
+    serialized whole."""
 
     def __init__(self) -> None:
         self._previous: Any = {}
+        self._template: tuple[bytes, bytes, Path] | None = None
 
     def decode(self, body: bytes) -> bytes:
         if body[:1] != MAGIC:
@@ -116,11 +247,46 @@ class ChunkDecoder:
         except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
                 msgpack.StackError):
             raise ValueError("a compact chunk is not msgpack") from None
+        template = self._template
+        text = _same_leaf(patch, template[2]) if template is not None else None
+        if text is not None and template is not None:
+            path = template[2]
+            try:
+                literal = pydantic_core.to_json(text)
+            except pydantic_core.PydanticSerializationError as exc:
+                raise ValueError(f"a compact chunk cannot be JSON: {exc}") from None
+            _parent(self._previous, path)[path[-1]] = text
+            return template[0] + literal + template[1]
+        edit = _leaf_edit(patch)
         value = _apply(self._previous, patch)
         if not isinstance(value, dict):
             raise ValueError("a compact chunk is not a JSON object")
         self._previous = value
+        self._template = None
         try:
-            return pydantic_core.to_json(value)
+            out = pydantic_core.to_json(value)
+            if edit is not None and edit[0] and isinstance(_leaf_or_none(value, edit[0]), str):
+                self._template = _output_template(value, edit[0])
         except pydantic_core.PydanticSerializationError as exc:
             raise ValueError(f"a compact chunk cannot be JSON: {exc}") from None
+        return out
+
+
+def _leaf_or_none(value: Any, path: Path) -> Any:
+    try:
+        for key in path:
+            if isinstance(value, dict) == isinstance(key, int) or isinstance(value, str):
+                return None
+            value = value[key]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return value
+
+
+def _output_template(value: Any, path: Path) -> tuple[bytes, bytes, Path] | None:
+    marker = pydantic_core.to_json(_MARK)
+    out = pydantic_core.to_json(_with_leaf(value, path, _MARK))
+    if out.count(marker) != 1:
+        return None
+    at = out.index(marker)
+    return out[:at], out[at + len(marker):], path

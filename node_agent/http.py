@@ -1,11 +1,12 @@
 """HTTP pieces both APIs of the local port share: the body, JSON answers, streamed answers.
 
-:func:`read_body` reads a request body, refused with 413 as soon as it is
-known to exceed the limit. :class:`WatchedResponse` sends an already framed body (SSE events, NDJSON
-lines) itself and watches ``receive`` for ``http.disconnect`` beside it, so
-that a client that leaves cancels the sender once, plainly in asyncio, and
-`close` (which stops the runtime's work wherever it runs, gives the model
-back and meters the request) runs exactly once, whatever happens.
+:func:`read_body` reads a request body, refused with 413 as soon as it is known to
+exceed the limit. :func:`note` and :func:`noted_close` put a request's model and usage
+where the access line reads them. :class:`WatchedResponse` sends an already framed body
+(SSE events, NDJSON lines) itself and watches ``receive`` for ``http.disconnect`` beside
+it, so that a client that leaves cancels the sender once, plainly in asyncio, and
+`close` (which stops the runtime's work wherever it runs, gives the model back and
+meters the request) runs exactly once, whatever happens.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -21,7 +23,10 @@ from starlette.types import Receive, Scope, Send
 
 from meshgate.openai import MAX_BODY_BYTES, OpenAIError
 
-__all__ = ["JSON", "WatchedResponse", "json_response", "read_body"]
+if TYPE_CHECKING:
+    from node_agent.pipeline import Streamed
+
+__all__ = ["JSON", "WatchedResponse", "json_response", "note", "noted_close", "read_body"]
 
 JSON = "application/json"
 
@@ -40,6 +45,25 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
             raise OpenAIError(413, f"request body exceeds the limit of {limit} bytes")
         parts.append(part)
     return b"".join(parts)
+
+
+def note(request: Request, model: str, usage: Mapping[str, int] | None = None) -> None:
+    """What the access line (meshgate/logs.py) reports of this request: model, tokens."""
+    request.state.model = model
+    if usage:
+        request.state.usage = dict(usage)
+
+
+def noted_close(request: Request, streamed: Streamed) -> Callable[[], Awaitable[None]]:
+    """`streamed`'s close, then its usage noted for the access line (written after it)."""
+
+    async def close() -> None:
+        try:
+            await streamed.aclose()
+        finally:
+            note(request, streamed.meter.model, streamed.meter.usage)
+
+    return close
 
 
 def json_response(data: object, status: int = 200) -> Response:

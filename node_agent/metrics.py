@@ -1,4 +1,4 @@
-"""The node's Prometheus metrics and its recent token rates.
+"""The node's Prometheus metrics.
 
 :class:`NodeMetrics` owns its own ``CollectorRegistry`` (never the global one,
 so two daemons in one test process, or a library user's own metrics, do not
@@ -10,14 +10,14 @@ telemetry sample, so there is one source for each number.
 
 Model labels are limited to the models this node serves (anything else is
 ``_unknown``), so a client sending random model names cannot grow the series.
+Recent token rates are not kept here: the one tracker is each model slot's
+(:class:`node_agent.slots.Rates`, in the manager's stats).
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -27,22 +27,11 @@ from prometheus_client.registry import Collector
 
 from node_agent.accounting import Accounting
 from node_agent.energy import Energy
-from node_agent.runtimes.base import usage_of
 
 __all__ = ["CONTENT_TYPE_LATEST", "NodeMetrics", "RequestTrack"]
 
 UNKNOWN = "_unknown"
-RECENT_S = 60.0
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-
-
-@dataclass
-class _Done:
-    at: float
-    prompt_tokens: int
-    completion_tokens: int
-    prefill_s: float | None
-    decode_s: float | None
 
 
 class RequestTrack:
@@ -81,13 +70,6 @@ class RequestTrack:
         if self.first_at is None:
             self.first_at = time.monotonic()
 
-    def chunk(self, data: bytes) -> None:
-        """A response body or stream chunk went out: note the first and any usage."""
-        self.first_token()
-        usage = usage_of(data)
-        if usage:
-            self.usage = usage
-
     def finish(self, status: int | str) -> None:
         if not self.finished:
             self.finished = True
@@ -105,7 +87,6 @@ class NodeMetrics:
         self.registry = CollectorRegistry()
         self.accounting: Accounting | None = None  # the daemon sets it: see `account()`
         self._served = served
-        self._recent: dict[str, deque[_Done]] = {}
         self.requests = Counter(
             "meshgate_node_requests",
             "Requests finished, by model, status (HTTP code, or 499 when the client left) and "
@@ -159,45 +140,8 @@ class NodeMetrics:
             self.tokens.labels(track.model, "prompt").inc(prompt)
         if completion:
             self.tokens.labels(track.model, "completion").inc(completion)
-        if track.model == UNKNOWN or not (prompt or completion):
-            return
-        streamed = track.first_at is not None and track.first_at > track.started
-        prefill = (track.first_at - track.started) if streamed and track.first_at else None
-        decode = (now - track.first_at) if streamed and track.first_at else now - track.started
-        recent = self._recent.setdefault(track.model, deque(maxlen=256))
-        recent.append(_Done(now, prompt, completion, prefill, decode))
-
-    def recent_rates(self, now: float | None = None) -> dict[str, dict[str, float | None]]:
-        """Per model, over the last minute: prompt and generation tokens per second.
-
-        Prompt rate = prompt tokens / time to first chunk (streamed requests only);
-        generation rate = completion tokens / time after the first chunk (or the
-        whole request when it was not streamed). None where nothing was measured.
-        """
-        now = time.monotonic() if now is None else now
-        out: dict[str, dict[str, float | None]] = {}
-        for model, done in self._recent.items():
-            while done and now - done[0].at > RECENT_S:
-                done.popleft()
-            pre = [d for d in done if d.prefill_s]
-            dec = [d for d in done if d.decode_s]
-            out[model] = {
-                "prompt_tokens_per_s": _rate(
-                    sum(d.prompt_tokens for d in pre), sum(d.prefill_s or 0.0 for d in pre)
-                ),
-                "generation_tokens_per_s": _rate(
-                    sum(d.completion_tokens for d in dec), sum(d.decode_s or 0.0 for d in dec)
-                ),
-                "requests_last_min": float(len(done)),
-            }
-        return out
-
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def _rate(tokens: int, seconds: float) -> float | None:
-    return round(tokens / seconds, 2) if tokens and seconds > 0 else None
 
 
 class _SnapshotCollector(Collector):

@@ -27,6 +27,11 @@ until it answers, send new requests to it, let the old runner drain (at most
 queue new requests, drain and stop the old runner, start the new one, let the
 queue through; if the new one fails to start, the old one is started again.
 If it fits neither way, refuse with the reason and change nothing.
+
+The manager is in parts, one job each: this module declares, lends (the queue),
+reaps and reports; :mod:`node_agent.manager_memory` places, evicts and starts and
+stops runners; :mod:`node_agent.manager_commands` runs load, unload and swap;
+:mod:`node_agent.model_names` names files; :mod:`node_agent.slots` holds the state.
 """
 
 from __future__ import annotations
@@ -34,29 +39,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from meshgate.openai import OpenAIError, unknown_model
-from node_agent.inventory import ModelFile, read_model_file
-from node_agent.placement import (
-    Budget,
-    Placement,
-    Resident,
-    candidates,
-    measure_budget,
-    place,
-    plan_eviction,
-    reclaimable,
-)
-from node_agent.runtimes.base import RunnerError, Runtime
+from node_agent.inventory import ModelFile
+from node_agent.manager_commands import ManagerCommands
+from node_agent.model_names import model_name, parse_model_spec, scan_model_dirs
+from node_agent.placement import Budget, measure_budget
+from node_agent.runtimes.base import Runtime
 from node_agent.slots import Backend, LlamaSpec, RunnerFactory, RunnerLike, Slot
 
 if TYPE_CHECKING:
@@ -73,39 +69,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_SHARD = re.compile(r"-(\d{5})-of-(\d{5})$")
-
-
-def parse_model_spec(spec: str) -> tuple[str, Path]:
-    """``NAME=PATH.gguf`` (or just ``PATH.gguf``, named by its stem) -> (name, path)."""
-    name, sep, path = spec.partition("=")
-    if not sep:
-        name, path = "", spec
-    name, path = name.strip(), path.strip()
-    if not path.endswith(".gguf"):
-        raise ValueError(f"model spec {spec!r}: expected NAME=PATH.gguf")
-    return name or model_name(Path(path)), Path(path).expanduser()
-
-
-def model_name(path: Path) -> str:
-    """The name a GGUF file is served under: its stem, without a shard suffix."""
-    return _SHARD.sub("", path.stem)
-
-
-def scan_model_dirs(dirs: Iterable[Path]) -> list[tuple[str, Path]]:
-    """Every ``*.gguf`` under `dirs` as (name, path); the first of a name wins.
-
-    Of a split model only the first shard is listed (llama.cpp finds the rest).
-    """
-    found: dict[str, Path] = {}
-    for directory in dirs:
-        for path in sorted(Path(directory).expanduser().rglob("*.gguf")):
-            shard = _SHARD.search(path.stem)
-            if shard and int(shard.group(1)) != 1:
-                continue
-            found.setdefault(model_name(path), path)
-    return list(found.items())
 
 
 def _default_factory(run_dir: Path) -> RunnerFactory:
@@ -128,11 +91,7 @@ def _default_factory(run_dir: Path) -> RunnerFactory:
     return make
 
 
-def _no_room(name: str, why: str) -> OpenAIError:
-    return OpenAIError(503, f"cannot load {name}: {why}", code="insufficient_memory", hop="node")
-
-
-class ModelManager:
+class ModelManager(ManagerCommands):
     """Declares, loads, swaps, evicts, stops and lends out this node's runtimes."""
 
     def __init__(
@@ -161,14 +120,6 @@ class ModelManager:
         self._lock: asyncio.Lock | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._headers: dict[tuple[str, int, int], ModelFile] = {}
-
-    @property
-    def lock(self) -> asyncio.Lock:
-        if self._lock is None:  # made on the loop that runs the manager
-            self._lock = asyncio.Lock()
-        return self._lock
-
-    # --- declaring (before start) ----------------------------------------------------
 
     def _add(self, slot: Slot) -> None:
         if slot.name in self._slots:
@@ -273,8 +224,6 @@ class ModelManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # --- lending -----------------------------------------------------------------------
-
     def get(self, name: str) -> Runtime | None:
         slot = self._slots.get(name)
         return slot.backend.runtime if slot and slot.backend else None
@@ -357,353 +306,6 @@ class ModelManager:
                 log.warning("loading %s on demand failed: %s", slot.name, exc.message)
                 slot.fail(exc)
 
-    # --- memory ------------------------------------------------------------------------
-
-    def _free(self) -> Budget:
-        return self.budget.minus(
-            sum(b.ram_bytes for b in self._live), sum(b.vram_bytes for b in self._live)
-        )
-
-    def _residents(self) -> list[Resident]:
-        return [
-            Resident(
-                s.name,
-                s.backend.ram_bytes,
-                s.backend.vram_bytes,
-                s.in_flight + s.queued,
-                s.last_used or 0.0,
-            )
-            for s in self._slots.values()
-            if s.state == "loaded" and s.backend is not None and s.backend.runner is not None
-        ]
-
-    def _files(self, spec: LlamaSpec) -> list[ModelFile]:
-        if spec.path is not None:
-            if not spec.path.is_file():
-                raise OpenAIError(400, f"no such model file: {spec.path}", hop="node")
-            model = self._read(spec.path)
-            if not model.usable:
-                raise OpenAIError(
-                    400, f"{spec.path} is not a usable GGUF file: {model.reason}", hop="node"
-                )
-            return [model]
-        found = candidates(spec.source, self.inventory() if self.inventory else [])
-        if not found:
-            raise OpenAIError(
-                400,
-                f"no model or family named {spec.source!r} in the inventory; give NAME=PATH.gguf",
-                hop="node",
-            )
-        return found
-
-    def _read(self, path: Path) -> ModelFile:
-        """The file's metadata, read once per (path, size, mtime)."""
-        st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns)
-        if key not in self._headers:
-            self._headers[key] = read_model_file(path, st)
-        return self._headers[key]
-
-    def _place(self, name: str, spec: LlamaSpec, free: Budget) -> Placement:
-        placement = place(self._files(spec), spec.n_ctx, free, n_gpu_layers=spec.n_gpu_layers)
-        if not placement.fits:
-            raise _no_room(name, placement.reason)
-        return placement
-
-    async def _make_room(
-        self,
-        name: str,
-        spec: LlamaSpec,
-        *,
-        extra: Budget = Budget(0, 0),
-        protect: Iterable[str] = (),
-    ) -> Placement:
-        """Place `spec`, evicting idle models least recently used first if it must.
-
-        A victim that took a request since the plan was made is not evicted: plan again.
-        """
-        files = self._files(spec)
-        while True:
-            free = self._free().minus(-extra.ram_bytes, -extra.vram_bytes)
-            placement = place(files, spec.n_ctx, free, n_gpu_layers=spec.n_gpu_layers)
-            if placement.fits:
-                return placement
-            residents = [r for r in self._residents() if r.name != name]
-            most = reclaimable(free, residents, protect)
-            placement = place(files, spec.n_ctx, most, n_gpu_layers=spec.n_gpu_layers)
-            if not placement.fits:
-                self._refuse(name, spec, files, free, residents=residents, reason=placement.reason)
-            plan = plan_eviction(
-                placement.ram_bytes, placement.vram_bytes, free, residents, protect=protect
-            )
-            if not plan.fits:
-                raise _no_room(name, plan.reason)
-            log.info("to load %s: %s", name, plan.reason)
-            for victim in map(self._slots.__getitem__, plan.evict):
-                if victim.in_flight or victim.queued or victim.state != "loaded":
-                    break
-                await self._unload(victim, why=f"evicted to make room for {name}")
-            else:
-                return placement
-
-    @staticmethod
-    def _refuse(
-        name: str,
-        spec: LlamaSpec,
-        files: list[ModelFile],
-        free: Budget,
-        *,
-        residents: list[Resident],
-        reason: str,
-    ) -> NoReturn:
-        """Say why: if busy models are what stands in the way, name them."""
-        everything = free.minus(
-            -sum(r.ram_bytes for r in residents), -sum(r.vram_bytes for r in residents)
-        )
-        if any(r.busy for r in residents):
-            p = place(files, spec.n_ctx, everything, n_gpu_layers=spec.n_gpu_layers)
-            if p.fits:
-                reason = plan_eviction(p.ram_bytes, p.vram_bytes, free, residents).reason
-        raise _no_room(name, reason)
-
-    # --- acting ------------------------------------------------------------------------
-
-    def _prepare(self, slot: Slot, spec: LlamaSpec, placement: Placement) -> Backend:
-        assert placement.model is not None
-        self._generation += 1
-        instance = f"{slot.name}.{self._generation}"
-        runner = self.factory(
-            slot.name, instance, spec, Path(placement.model.path), placement.n_gpu_layers
-        )
-        return Backend(runner.runtime, runner, spec, placement, instance)
-
-    async def _start(self, backend: Backend) -> None:
-        assert backend.runner is not None
-        self._live.add(backend)
-        try:
-            await backend.runner.start()
-        except RunnerError as exc:
-            self._live.discard(backend)
-            raise OpenAIError(502, f"{exc}", code="runner_failed", hop="node") from None
-        except BaseException:  # cancelled: leave no process behind
-            self._live.discard(backend)
-            await backend.stop()
-            raise
-
-    async def _bring_up(
-        self,
-        slot: Slot,
-        spec: LlamaSpec,
-        *,
-        extra: Budget = Budget(0, 0),
-        protect: Iterable[str] = (),
-    ) -> Backend:
-        placement = await self._make_room(slot.name, spec, extra=extra, protect=protect)
-        backend = self._prepare(slot, spec, placement)
-        await self._start(backend)
-        log.info(
-            "loaded %s from %s: %s",
-            slot.name,
-            placement.model and placement.model.path,
-            placement.reason,
-        )
-        return backend
-
-    async def _retire(self, slot: Slot, backend: Backend) -> None:
-        """Let `backend` finish what it took (at most drain_timeout), then stop it."""
-        slot.retiring.append(backend)
-        try:
-            await asyncio.wait_for(backend.idle.wait(), self.drain_timeout)
-        except TimeoutError:
-            log.warning(
-                "%s: %d requests still running after %g s; stopping the runner anyway",
-                backend.instance,
-                backend.in_flight,
-                self.drain_timeout,
-            )
-        finally:
-            slot.retire(backend)
-            await backend.stop()
-            slot.retiring.remove(backend)
-            self._live.discard(backend)
-
-    async def _unload(self, slot: Slot, *, why: str) -> None:
-        """Close the slot to new requests, drain and stop its runner; waiters reload it."""
-        backend = slot.backend
-        if backend is None or slot.state != "loaded":
-            return
-        slot.state, slot.backend = "unloading", None
-        slot.gate()
-        log.info("unloading %s: %s", slot.name, why)
-        await self._retire(slot, backend)
-        slot.state = "unloaded"
-        if slot.queued:
-            self._load_on_demand(slot)
-
-    # --- commands ----------------------------------------------------------------------
-
-    def _spec(self, source: str, base: LlamaSpec | None, **opts: Any) -> LlamaSpec:
-        given = {k: v for k, v in opts.items() if v is not None}
-        keep = base or LlamaSpec(source)
-        fixed_layers = "n_gpu_layers" in given
-        if source.endswith(".gguf"):
-            try:
-                label, path = parse_model_spec(source)
-            except ValueError as exc:
-                raise OpenAIError(400, str(exc), hop="node") from None
-            spec = replace(keep, source=f"{label}={path}", path=path)
-        else:
-            spec = replace(keep, source=source, path=None)
-        if not fixed_layers:
-            spec = replace(spec, n_gpu_layers=None)
-        return replace(spec, **given)
-
-    async def load(
-        self,
-        name: str,
-        source: str | None = None,
-        *,
-        n_ctx: int | None = None,
-        n_gpu_layers: int | None = None,
-        keep_alive: float | None = None,
-        runtime_keep_alive: float | str | None = None,
-    ) -> dict[str, Any]:
-        """Load `name` (from `source`, or what it was declared with), evicting idle models.
-
-        A model served by a runtime the manager does not run as a process (Ollama,
-        an upstream) is asked to load itself, with `runtime_keep_alive` as given
-        (Ollama's duration).
-        """
-        async with self.lock:
-            slot = self._slots.get(name)
-            if slot is not None and slot.backend is not None and slot.backend.runner is None:
-                await slot.backend.runtime.load(runtime_keep_alive)
-                return {"model": name, "loaded": True, "state": slot.state}
-            if slot is not None and slot.state == "loaded":
-                if source is not None and slot.spec and source != slot.spec.source:
-                    raise OpenAIError(
-                        409,
-                        f"{name} is loaded from {slot.spec.source}; use swap to change it",
-                        hop="node",
-                    )
-                return {"model": name, "loaded": False, "state": slot.state}
-            if slot is None and source is None:
-                raise unknown_model(name, hop="node")
-            target = slot or Slot(name, "llama.cpp", None, keep_alive)
-            base = target.spec
-            spec = (
-                self._spec(source, base, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers) if source else base
-            )
-            if spec is None:
-                raise OpenAIError(
-                    400, f"{name} has nothing to load from; give a source", hop="node"
-                )
-            if keep_alive is not None:
-                target.keep_alive = keep_alive
-            target.state = "loading"
-            target.gate()
-            try:
-                backend = await self._bring_up(target, spec, protect={name})
-            except OpenAIError as exc:
-                target.fail(exc)
-                raise
-            self._slots.setdefault(name, target)
-            target.open(backend, self.clock())
-            return {"model": name, "loaded": True, **self._describe(backend)}
-
-    async def unload(self, name: str) -> dict[str, Any]:
-        """Drain and stop `name`'s runner; it stays known and loads again on demand."""
-        async with self.lock:
-            slot = self._slots.get(name)
-            if slot is None:
-                raise unknown_model(name, hop="node")
-            if slot.backend is not None and slot.backend.runner is None:
-                await slot.backend.runtime.unload()  # Ollama unloads; others refuse
-                return {"model": name, "state": slot.state}
-            if slot.backend is None:
-                raise OpenAIError(400, f"{name} is {slot.state}; nothing to unload", hop="node")
-            await self._unload(slot, why="asked")
-            return {"model": name, "state": slot.state}
-
-    async def swap(
-        self, old: str, new: str, *, n_ctx: int | None = None, n_gpu_layers: int | None = None
-    ) -> dict[str, Any]:
-        """Serve `old`'s public name from `new` without dropping a request (see the module doc)."""
-        began = time.monotonic()
-        async with self.lock:
-            slot = self._slots.get(old)
-            if slot is None:
-                raise unknown_model(old, hop="node")
-            if slot.spec is None:
-                raise OpenAIError(
-                    400,
-                    f"{old} is served by {slot.kind}, not a local runner; "
-                    "only llama.cpp models are swapped",
-                    hop="node",
-                )
-            spec = self._spec(new, slot.spec, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
-            current = slot.backend if slot.state == "loaded" else None
-            if current is None:
-                mode = "load"
-                slot.state = "loading"
-                slot.gate()
-                try:
-                    slot.open(await self._bring_up(slot, spec, protect={old}), self.clock())
-                except OpenAIError as exc:
-                    slot.fail(exc)
-                    raise
-            elif self._fits_beside(old, spec):
-                mode, fresh = "overlap", await self._bring_up(slot, spec, protect={old})
-                slot.open(fresh, self.clock())
-            else:
-                mode = "drain-first"
-                await self._swap_in_place(slot, current, spec)
-            slot.swaps += 1
-            assert slot.backend is not None
-            result: dict[str, Any] = {
-                "model": old,
-                "mode": mode,
-                "to": self._describe(slot.backend),
-                "from": self._describe(current) if current else None,
-            }
-        if mode == "overlap" and current is not None:
-            await self._retire(slot, current)  # new requests already go to the new runner
-        result["seconds"] = round(time.monotonic() - began, 3)
-        log.info("swapped %s (%s) in %.2f s", old, mode, result["seconds"])
-        return result
-
-    def _fits_beside(self, old: str, spec: LlamaSpec) -> bool:
-        most = reclaimable(self._free(), [r for r in self._residents() if r.name != old])
-        return place(self._files(spec), spec.n_ctx, most, n_gpu_layers=spec.n_gpu_layers).fits
-
-    async def _swap_in_place(self, slot: Slot, current: Backend, spec: LlamaSpec) -> None:
-        """Queue new requests, drain and stop the old runner, start the new one."""
-        freed = Budget(current.ram_bytes, current.vram_bytes)
-        self._place_or_refuse(slot.name, spec, freed)  # refuse before touching anything
-        slot.state, slot.backend = "swapping", None
-        slot.gate()
-        await self._retire(slot, current)
-        try:
-            fresh = await self._bring_up(slot, spec, protect={slot.name})
-        except OpenAIError as exc:
-            log.warning(
-                "swap of %s failed (%s); starting the old model again", slot.name, exc.message
-            )
-            assert current.spec is not None
-            try:
-                slot.open(
-                    await self._bring_up(slot, current.spec, protect={slot.name}), self.clock()
-                )
-            except OpenAIError as again:
-                slot.fail(again)
-            raise
-        slot.open(fresh, self.clock())
-
-    def _place_or_refuse(self, name: str, spec: LlamaSpec, extra: Budget) -> None:
-        free = self._free().minus(-extra.ram_bytes, -extra.vram_bytes)
-        most = reclaimable(free, [r for r in self._residents() if r.name != name])
-        self._place(name, spec, most)
-
     async def reap(self) -> list[str]:
         """Unload idle models whose keep-alive has run out; returns their names."""
         now, gone = self.clock(), []
@@ -726,56 +328,6 @@ class ModelManager:
         while True:
             await asyncio.sleep(self.reap_period)
             await self.reap()
-
-    async def command(self, body: Any) -> dict[str, Any]:
-        """Run ``{"op": "load"|"unload"|"swap", ...}`` (proxy admin routes, link COMMAND)."""
-        if not isinstance(body, dict):
-            raise OpenAIError(400, "a command is a JSON object with an 'op'", hop="node")
-        op = body.get("op")
-        if op not in ("swap", "load", "unload"):
-            raise OpenAIError(
-                400, f"unknown op {op!r}; expected load, unload or swap", param="op", hop="node"
-            )
-        model = _field(body, "model", str)
-        n_ctx = _field(body, "n_ctx", int, required=False)
-        layers = _field(body, "n_gpu_layers", int, required=False)
-        if n_ctx is not None and not 16 <= n_ctx <= 1 << 20:
-            raise OpenAIError(
-                400, f"'n_ctx' {n_ctx} is out of range (16 to 1048576)", param="n_ctx", hop="node"
-            )
-        if op == "swap":
-            return await self.swap(model, _field(body, "to", str), n_ctx=n_ctx, n_gpu_layers=layers)
-        if op == "load":
-            keep = _field(body, "keep_alive", float, required=False)
-            if keep is not None and keep < 0:
-                raise OpenAIError(
-                    400, "'keep_alive' must be >= 0 seconds", param="keep_alive", hop="node"
-                )
-            return await self.load(
-                model,
-                _field(body, "from", str, required=False),
-                n_ctx=n_ctx,
-                n_gpu_layers=layers,
-                keep_alive=keep,
-            )
-        return await self.unload(model)
-
-    # --- reporting ---------------------------------------------------------------------
-
-    @staticmethod
-    def _describe(backend: Backend) -> dict[str, Any]:
-        p, runner = backend.placement, backend.runner
-        return {
-            "runner": backend.instance or None,
-            "pid": runner.pid if runner else None,
-            "file": p.model.path if p and p.model else None,
-            "quantization": p.model.quantization if p and p.model else None,
-            "n_ctx": backend.spec.n_ctx if backend.spec else None,
-            "n_gpu_layers": p.n_gpu_layers if p else None,
-            "memory_estimate_bytes": backend.ram_bytes,
-            "vram_estimate_bytes": backend.vram_bytes,
-            "placement": p.reason if p else None,
-        }
 
     def load_states(self) -> dict[str, dict[str, Any]]:
         """Per public name: state, in flight, queued (cheap: for the coordinator's deltas)."""
@@ -814,17 +366,3 @@ def _rss(pid: int) -> int | None:
     with contextlib.suppress(psutil.Error):
         return int(psutil.Process(pid).memory_info().rss)
     return None
-
-
-def _field(body: dict[str, Any], key: str, kind: type, *, required: bool = True) -> Any:
-    value = body.get(key)
-    if value is None:
-        if required:
-            raise OpenAIError(400, f"missing '{key}'", param=key, hop="node")
-        return None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool) or (kind is str and not value):
-        what = "non-empty string" if kind is str else kind.__name__
-        raise OpenAIError(400, f"'{key}' must be a {what}", param=key, hop="node")
-    return value

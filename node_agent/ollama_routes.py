@@ -37,11 +37,12 @@ from starlette.routing import BaseRoute, Route
 
 from meshgate.bounds import load_json
 from meshgate.openai import OpenAIError
-from node_agent.http import WatchedResponse, json_response, read_body
+from node_agent.http import WatchedResponse, json_response, note, noted_close, read_body
 from node_agent.ollama_catalog import Catalog
 from node_agent.ollama_ndjson import Translator, line, now_iso
 from node_agent.ollama_wire import chat_request, generate_request
 from node_agent.pipeline import Pipeline, Streamed
+from node_agent.runtimes.base import Body
 
 __all__ = ["OLLAMA_VERSION", "ollama_routes"]
 
@@ -145,6 +146,7 @@ class OllamaAPI:
     async def answer(self, request: Request, *, chat: bool) -> Response:
         body = await _read_json(request)
         name = self.resolve(body.get("model"), mesh=True)
+        note(request, name)
         stream = body.get("stream", True)
         if not isinstance(stream, bool):
             raise OpenAIError(400, "stream must be a boolean", param="stream")
@@ -156,16 +158,17 @@ class OllamaAPI:
             if not body.get("prompt"):
                 return await self._load_or_unload(name, body, chat=False)
             endpoint, req = generate_request(body, name, stream)
-        raw = json.dumps(req, separators=(",", ":")).encode()
+        raw = Body(json.dumps(req, separators=(",", ":")).encode(), req)
         translate = Translator(body["model"], chat=chat)
         if not stream:
-            data, _ = await self.pipeline.complete(endpoint, name, raw, via="proxy")
+            data, usage = await self.pipeline.complete(endpoint, name, raw, via="proxy")
+            note(request, name, usage)
             return json_response(translate.whole(data))
         streamed = await self.pipeline.stream(endpoint, name, raw, via="proxy")
-        return await self._streamed(streamed, translate)
+        return await self._streamed(request, streamed, translate)
 
     @staticmethod
-    async def _streamed(streamed: Streamed, translate: Translator) -> Response:
+    async def _streamed(request: Request, streamed: Streamed, translate: Translator) -> Response:
         parts = streamed.__aiter__()
         first: dict[str, Any] | None = None
         try:
@@ -177,11 +180,13 @@ class OllamaAPI:
             await parts.aclose()
             await streamed.aclose()
             raise
-        return WatchedResponse(_ndjson(first, parts, translate), streamed.aclose, media_type=NDJSON)
+        return WatchedResponse(_ndjson(first, parts, translate), noted_close(request, streamed),
+                               media_type=NDJSON)
 
     async def embed(self, request: Request, *, legacy: bool) -> Response:
         body = await _read_json(request)
         name = self.resolve(body.get("model"))
+        note(request, name)
         data = body.get("prompt" if legacy else "input")
         inputs = [data] if isinstance(data, str) else data
         if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
@@ -191,8 +196,10 @@ class OllamaAPI:
         if body.get("dimensions"):
             req["dimensions"] = body["dimensions"]
         raw, usage = await self.pipeline.complete(
-            "embeddings", name, json.dumps(req, separators=(",", ":")).encode(), via="proxy"
+            "embeddings", name, Body(json.dumps(req, separators=(",", ":")).encode(), req),
+            via="proxy",
         )
+        note(request, name, usage)
         vectors = [
             d["embedding"] for d in sorted(json.loads(raw)["data"], key=lambda d: d["index"])
         ]

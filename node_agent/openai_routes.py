@@ -1,15 +1,15 @@
 """OpenAI's API on the node's local port: framing only (JSON answers, SSE streams).
 
-``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings`` read
-the body once, validate it against OpenAI's schema with
-:func:`meshgate.openai.parse` (decoded once in this process) and hand the
-original bytes to the :class:`~node_agent.pipeline.Pipeline` (local runtime or
-mesh). A stream is server-sent events ending in ``data: [DONE]``; its usage
-chunk (empty ``choices``) is sent only when the client set
-``stream_options.include_usage``, as OpenAI does. An error after a stream
-started leaves as a final error event, never as a silently shortened stream.
-``GET /v1/models`` lists what this node serves and ``GET /v1/models/{id}``
-answers one model or a 404 in OpenAI's shape.
+``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings`` read the body
+once, validate it against OpenAI's schema with :func:`meshgate.openai.parse` (decoded
+once in this process) and hand the original bytes to the
+:class:`~node_agent.pipeline.Pipeline` (local runtime or mesh); the access line gets the
+model and, once the answer is done, its usage. A stream is server-sent events ending in
+``data: [DONE]``; its usage chunk (empty ``choices``) is sent only when the client set
+``stream_options.include_usage``, as OpenAI does. An error after a stream started leaves
+as a final error event, never as a silently shortened stream. ``GET /v1/models`` lists
+what this node serves and ``GET /v1/models/{id}`` answers one model or a 404 in OpenAI's
+shape.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from meshgate.openai import (
     sse_error,
     unknown_model,
 )
-from node_agent.http import JSON, WatchedResponse, json_response, read_body
+from node_agent.http import JSON, WatchedResponse, json_response, note, noted_close, read_body
 from node_agent.pipeline import Pipeline, Streamed
+from node_agent.runtimes.base import Body
 
 __all__ = ["OWNED_BY", "openai_routes"]
 
@@ -52,17 +53,18 @@ async def _sse(streamed: Streamed) -> AsyncIterator[bytes]:
 
 def _answer(pipeline: Pipeline, endpoint: str) -> Callable[[Request], Any]:
     async def handler(request: Request) -> Response:
-        raw = await read_body(request)
-        parsed = parse(raw, endpoint)
+        parsed = parse(await read_body(request), endpoint)
+        raw = Body(parsed.raw, parsed.body)  # decoded once: runtimes read `parsed.body`
+        note(request, parsed.model)
         if not parsed.stream:
-            data, _ = await pipeline.complete(endpoint, parsed.model, raw, via="proxy")
+            data, usage = await pipeline.complete(endpoint, parsed.model, raw, via="proxy")
+            note(request, parsed.model, usage)
             return Response(data, media_type=JSON)
         streamed = await pipeline.stream(
             endpoint, parsed.model, raw, via="proxy", include_usage=parsed.include_usage
         )
-        return WatchedResponse(
-            _sse(streamed), streamed.aclose, media_type="text/event-stream", headers=SSE_HEADERS
-        )
+        return WatchedResponse(_sse(streamed), noted_close(request, streamed),
+                               media_type="text/event-stream", headers=SSE_HEADERS)
 
     return handler
 

@@ -5,6 +5,9 @@
 - :class:`Backend`: one runtime serving a slot, with its placement and requests in flight.
 - :class:`Slot`: one public name: its backend, the runners draining for it, the
   gate that holds requests while it is not loaded, and its counters.
+- :class:`ManagerState`: the manager's fields, shared by its parts
+  (:mod:`node_agent.manager_memory`, :mod:`node_agent.manager_commands`,
+  :mod:`node_agent.models`).
 
 The decisions (what to load, evict or swap) are :class:`node_agent.models.ModelManager`'s.
 """
@@ -13,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from meshgate.openai import OpenAIError
-from node_agent.placement import Placement
+from node_agent.inventory import ModelFile
+from node_agent.placement import Budget, Placement
 from node_agent.runtimes.base import Runtime
 
 RATE_WINDOW = 32  # requests in the tokens/s figures
@@ -171,3 +175,33 @@ class Slot:
         if backend.runner is not None:
             self.crashes_before += backend.runner.crashes
             self.restarts_before += backend.runner.restarts
+
+
+class ManagerState:
+    """The model manager's fields (set by ``ModelManager.__init__``) and its lock."""
+
+    run_dir: Path
+    budget: Budget
+    inventory: Callable[[], Sequence[ModelFile]] | None
+    factory: RunnerFactory
+    clock: Callable[[], float]
+    max_queue: int
+    queue_timeout: float
+    drain_timeout: float
+    reap_period: float
+    _slots: dict[str, Slot]
+    _live: set[Backend]  # every backend holding memory
+    _generation: int
+    _lock: asyncio.Lock | None
+    _tasks: set[asyncio.Task[Any]]
+    _headers: dict[tuple[str, int, int], ModelFile]
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        if self._lock is None:  # made on the loop that runs the manager
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    def _load_on_demand(self, slot: Slot) -> None:
+        """Start loading `slot` for the requests waiting on it (the manager's lending)."""
+        raise NotImplementedError

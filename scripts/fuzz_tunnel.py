@@ -71,10 +71,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from tunnel.compress import decompress
 from tunnel.connection import Connection
 from tunnel.constants import (
+    DATA_CAP_SLACK,
     HDR_BATCH,
     HDR_COMPRESSED,
     HDR_MORE,
-    INITIAL_STREAM_WINDOW,
     PROLOGUE,
 )
 from tunnel.errors import TunnelError
@@ -256,12 +256,18 @@ def _conn_pair() -> tuple[Connection, Connection]:
 
 
 def _check(conn: Connection) -> None:
-    """Invariants of a live core (an AssertionError is a finding)."""
+    """Invariants of a live core (an AssertionError is a finding); a core that failed
+    (it refused the peer: the link ends) keeps the counts of what it refused."""
+    if conn.dead is not None:
+        return
     assert conn.send_credit >= 0
     for state in conn.streams.values():
         assert state.send_credit >= 0
         assert 0 <= state.buffered <= state.recv_limit
-        assert state.buffered <= max(conn.stream_window, INITIAL_STREAM_WINDOW)
+        # the peer never sent past what this side allowed (its window plus what the
+        # application granted with WINDOW: a bound on `buffered` by the window alone was
+        # wrong once a WINDOW grant arrived, a harness finding, not the core's)
+        assert state.recv_total <= state.recv_limit
 
 
 def t_connection(data: bytes) -> None:
@@ -313,8 +319,11 @@ def _step(
         chunk, data = data[: arg * 2], data[arg * 2 :]
         for plaintext in _plaintexts(chunk)[:4]:
             peer.receive(me.session._send.encrypt_with_ad(b"", plaintext), now)
-    elif action == 10 and state is not None:  # DATA past the credit, raw
-        me.send_raw(Frame(FrameType.DATA, state.id, 0, 0, bytes(arg * 4099)))
+    elif action == 10 and state is not None:  # DATA past the credit (even), or the cap (odd)
+        # just past the edge: larger bodies only cost the fuzzer time (1 MiB of zeros went
+        # through msgpack and zstd here) and reach no other code
+        over = state.send_credit + 1 if arg % 2 == 0 else me.stream_window + DATA_CAP_SLACK + 1
+        me.send_raw(Frame(FrameType.DATA, state.id, 0, 0, bytes(over + arg // 2)))
     elif action == 11:
         me.rekey_after_messages = 1 + arg % 5
     return data

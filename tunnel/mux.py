@@ -79,6 +79,11 @@ class Stream:
         """The most DATA bytes that were ever queued at once."""
         return self._state.peak_buffered
 
+    @property
+    def queued(self) -> int:
+        """Frames that arrived and wait to be read (`recv_nowait` returns them at once)."""
+        return len(self._frames)
+
     async def send(self, type: FrameType, body: Any) -> None:
         """Send DATA, END, ERROR, CANCEL or WINDOW on this stream.
 
@@ -166,6 +171,14 @@ class Stream:
                 await self._reader
             finally:
                 self._reader = None
+        return self._take()
+
+    def recv_nowait(self) -> Frame | None:
+        """The peer's next frame if one has arrived, else None (never waits; `recv` says
+        when the stream is over): a reader drains what a burst delivered in one go."""
+        return self._take() if self._frames else None
+
+    def _take(self) -> Frame:
         frame = self._frames.popleft()
         if frame.type == FrameType.DATA:
             mux = self._mux

@@ -2,8 +2,10 @@
 
 A runtime answers OpenAI requests for one model on this box (or, for the
 mesh runtime, through the coordinator). Bodies go in as the request's JSON
-bytes and come out as bytes: a whole answer from :meth:`Runtime.complete` and
-:meth:`Runtime.embed`, each chunk's JSON payload from :meth:`Runtime.stream`
+bytes (a :class:`Body` when the front door has decoded them: read the object
+with :func:`decoded` rather than decoding again) and come out as bytes: a
+whole answer from :meth:`Runtime.complete` and :meth:`Runtime.embed`, each chunk's
+JSON payload from :meth:`Runtime.stream`
 (the usage chunk included: the pipeline reads usage once per chunk and drops
 that chunk for clients that did not ask for it). Every failure is an
 :class:`~meshgate.openai.OpenAIError`.
@@ -30,9 +32,27 @@ from typing import Any, Protocol
 
 from meshgate.openai import OpenAIError
 
-__all__ = ["FakeRuntime", "RunnerError", "Runtime", "Usage", "usage_of"]
+__all__ = ["Body", "FakeRuntime", "RunnerError", "Runtime", "Usage", "decoded", "usage_of"]
 
 Usage = dict[str, int]
+
+
+class Body(bytes):
+    """A request's JSON bytes carrying the object they were decoded to (or encoded from),
+    so that a runtime that needs the object (Ollama's) does not decode them again: a body
+    is decoded once per process. Anything that needs only bytes sees bytes."""
+
+    data: dict[str, Any]
+
+    def __new__(cls, raw: bytes, data: dict[str, Any]) -> Body:
+        body = super().__new__(cls, raw)
+        body.data = data
+        return body
+
+
+def decoded(body: bytes) -> dict[str, Any] | None:
+    """The object a :class:`Body` carries; None for plain bytes (decode them yourself)."""
+    return body.data if isinstance(body, Body) else None
 
 
 class Runtime(Protocol):

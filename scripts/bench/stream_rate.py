@@ -1,13 +1,15 @@
-"""Streamed tokens per second of the real SmolLM2: through the coordinator and the tunnel
-against the node's own OpenAI port, side by side in one run.
+"""Streamed tokens per second of the real SmolLM2: through the coordinator and the tunnel,
+through the node's own OpenAI port, and straight from its llama.cpp runner, side by side.
 
     .venv/bin/python scripts/bench/stream_rate.py [--rounds 7] [--max-tokens 96]
 
 Starts a real coordinator and a real enrolled node serving SmolLM2 (llama.cpp runner)
 in a temporary directory on loopback, then streams the same completion (temperature 0)
-through both ports, interleaved so that drift hits both alike. The rate is counted from
-the first token to the last (the time to the first token is the overhead bench's job);
-the first round is a warm-up. Prints the median rate of each port and their ratio.
+through the three, interleaved (the order turns every round) so that drift hits all alike.
+The rate is counted from the first token to the last (the time to the first token is the
+overhead bench's job); the first round is a warm-up. Prints the median rate of each path,
+and each path's ratio to ``direct`` as the median of the per-round ratios (a round's
+paths ran back to back, so a slow spell of the shared box cancels out of its ratio).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import httpx  # noqa: E402
 import openai  # noqa: E402
 
+from node_agent.runtimes.llama.supervisor import socket_path  # noqa: E402
 from tests.e2e.mesh import mesh_at  # noqa: E402
 
 MODEL = "smollm2"
@@ -59,21 +63,41 @@ def main() -> None:
                 raise SystemExit(enrolled.stderr)
             mesh.start_node("node", f"{MODEL}={args.model}")
             mesh.wait_serving(MODEL)
+            base = mesh.proxy("node").removesuffix("/v1")
+            runner = httpx.get(base + "/meshgate/telemetry").json()["runtime"][MODEL]["runner"]
+            sock = socket_path(mesh.root / "node" / "run", runner)
             clients = {
-                "coordinator": openai.OpenAI(base_url=mesh.api, api_key=mesh.key, max_retries=0),
+                "direct": openai.OpenAI(
+                    base_url="http://runner/v1", api_key="-", max_retries=0,
+                    http_client=httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)))),
                 "node": openai.OpenAI(base_url=mesh.proxy("node"), api_key="-", max_retries=0),
+                "coordinator": openai.OpenAI(base_url=mesh.api, api_key=mesh.key, max_retries=0),
             }
             rates: dict[str, list[float]] = {name: [] for name in clients}
+            ratios: dict[str, list[float]] = {name: [] for name in clients if name != "direct"}
+            names = list(clients)
             for round_ in range(args.rounds):
-                for name, client in clients.items():
-                    measured = rate(client, args.max_tokens)
-                    if round_ and measured is not None:
-                        rates[name].append(measured)
+                measured: dict[str, float | None] = {}
+                for name in names[round_ % 3:] + names[:round_ % 3]:
+                    measured[name] = rate(clients[name], args.max_tokens)
+                if not round_:
+                    continue  # warm-up
+                for name, value in measured.items():
+                    if value is not None:
+                        rates[name].append(value)
+                direct = measured["direct"]
+                for name, kept in ratios.items():
+                    value = measured[name]
+                    if value is not None and direct:
+                        kept.append(value / direct)
             median = {name: statistics.median(r) for name, r in rates.items() if r}
     for name, value in median.items():
         print(f"{name:12s} {value:8.1f} tokens/s (median of {len(rates[name])})")
-    if len(median) == 2:
-        print(f"coordinator / node: {median['coordinator'] / median['node']:.3f}")
+    for name, values in ratios.items():
+        if values:
+            spread = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+            print(f"{name} / direct: {statistics.median(values):.4f} (median of {len(values)} "
+                  f"per-round ratios; quartiles {spread[0]:.4f}-{spread[2]:.4f})")
 
 
 if __name__ == "__main__":

@@ -106,3 +106,17 @@ async def test_max_batch_bounds_one_transaction(batch: int) -> None:
         assert sum(sizes) == 7
     finally:
         writer.close()
+
+
+def test_the_sqlite_append_is_all_or_none_and_recovers(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path}/ledger.db")
+    try:
+        good = UsageRecord(**_row(1), created_at=1.0)
+        bad = UsageRecord(**{**_row(2), "prompt_tokens": None}, created_at=1.0)  # NOT NULL
+        with pytest.raises(Exception, match="NOT NULL"):
+            store.record_usages([good, bad])
+        assert store.usage_rows() == []  # the good row went back with the bad one
+        store.record_usages([good])  # no transaction left open behind the failure
+        assert [r.request_id for r in store.usage_rows()] == ["r1"]
+    finally:
+        store.close()

@@ -119,3 +119,74 @@ def test_whatever_a_node_sends_is_a_json_chunk_or_a_value_error(raw: bytes, valu
         except ValueError:
             continue
         assert isinstance(json.loads(out), dict)
+
+
+def _generic(decoder: ChunkDecoder) -> ChunkDecoder:
+    """`decoder` with its token template off: every chunk the general way."""
+    decoder._template = None
+    return decoder
+
+
+def test_token_chunks_take_the_template_way_with_the_same_bytes_out() -> None:
+    encoder, decoder, reference = ChunkEncoder(), ChunkDecoder(), ChunkDecoder()
+    fast = 0
+    for original in STREAM:
+        raw = json.dumps(original).encode()
+        fast += encoder._template is not None and decoder._template is not None
+        body = encoder.encode(raw)
+        out = decoder.decode(body)
+        assert out == _generic(reference).decode(body)  # byte for byte
+        assert json.loads(out) == original
+    assert fast >= 35  # the tokens after the second: no parse, no diff, no rebuild
+
+
+_TEXT = st.sampled_from(["", " ", "a", "\"", "\\", "é", "\n", "\u2028", "\ue000meshgate\ue001",
+                         "\"content\":\"", " tok1"]) | st.text(max_size=4)
+_STEP = st.one_of(
+    st.tuples(st.just("text"), _TEXT),
+    st.tuples(st.just("finish"), st.sampled_from([None, "stop", "length"])),
+    st.tuples(st.just("role"), _TEXT),
+    st.tuples(st.just("extra"), st.integers(0, 3)),
+    st.tuples(st.just("no_choices"), st.none()),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_STEP, min_size=1, max_size=12), st.booleans(), st.booleans())
+def test_any_chunk_sequence_round_trips_exactly(steps: list[tuple[str, Any]], ascii_: bool,
+                                               compact_separators: bool) -> None:
+    encoder, decoder, reference = ChunkEncoder(), ChunkDecoder(), ChunkDecoder()
+    current = chunk(1)
+    for kind, arg in steps:
+        current = json.loads(json.dumps(current))
+        choices = current["choices"] or [{"index": 0, "delta": {}, "finish_reason": None}]
+        current["choices"] = choices
+        if kind == "text":
+            choices[0]["delta"]["content"] = arg
+        elif kind == "finish":
+            choices[0]["finish_reason"] = arg
+        elif kind == "role":
+            choices[0]["delta"]["role"] = arg
+        elif kind == "extra":
+            current[f"x{arg}"] = arg
+        else:
+            current["choices"] = []
+        raw = json.dumps(current, ensure_ascii=ascii_,
+                         separators=(",", ":") if compact_separators else None).encode()
+        body = encoder.encode(raw)
+        out = decoder.decode(body)
+        assert out == _generic(reference).decode(body)
+        rebuilt = json.loads(out)
+        assert rebuilt == current
+        assert list(rebuilt) == list(current)
+
+
+def test_a_token_patch_with_the_wrong_kind_of_edit_is_refused() -> None:
+    encoder, decoder = ChunkEncoder(), ChunkDecoder()
+    for original in STREAM[:5]:
+        decoder.decode(encoder.encode(json.dumps(original).encode()))
+    assert decoder._template is not None
+    # the template's path, but the list edited as a map (key 0): malformed, as without one
+    bad = [1, {"choices": [1, {0: [1, {"delta": [1, {"content": [0, "x"]}, []]}, []]}, []]}, []]
+    with pytest.raises(ValueError, match="malformed"):
+        decoder.decode(MAGIC + msgpack.packb(bad))

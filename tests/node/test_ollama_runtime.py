@@ -21,6 +21,7 @@ import pytest
 from meshgate.openai import OpenAIError
 from node_agent.models import ModelManager
 from node_agent.ollama_wire import options_of
+from node_agent.runtimes.base import Body
 from node_agent.runtimes.ollama import OllamaHost, OllamaRuntime, merge_models
 from tests.node.fake_ollama_server import CANNED, TOOL_ARGUMENTS, embedding, free_port, running
 from tests.node.proxy_thread import NodeThread
@@ -192,6 +193,23 @@ async def test_chat_answers_in_openais_shape_with_usage_from_eval_counts(
     sent = recorded(fake, "/api/chat")
     assert sent["messages"] == HELLO
     assert sent["stream"] is False
+
+
+async def test_a_body_the_front_door_decoded_is_not_decoded_again(
+    host: OllamaHost, fake: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runtime = host.runtime("llama3.2:latest")
+    data = {"model": "llama3.2:latest", "messages": HELLO}
+    decodes: list[object] = []
+    real = json.loads
+    monkeypatch.setattr(json, "loads", lambda *a, **k: decodes.append(a) or real(*a, **k))
+    sent = json.dumps(data).encode()
+    raw, _ = await runtime.complete("chat/completions", Body(sent, data))
+    monkeypatch.undo()
+    assert decodes  # the client decodes Ollama's answer...
+    assert not [a for a in decodes if a[0] == sent]  # ...but nothing decoded the request again
+    assert json.loads(raw)["choices"][0]["message"]["content"] == TEXT
+    assert recorded(fake, "/api/chat")["messages"] == HELLO
 
 
 async def test_sampling_options_reach_ollama_and_max_tokens_cuts_with_length(

@@ -5,6 +5,7 @@ over-context as 400 context_length_exceeded, and the pipeline metering each requ
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from meshgate.logs import RequestIdMiddleware
+from meshgate.logs import AccessLogMiddleware, RequestIdMiddleware
 from meshgate.openai import OpenAIError
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
@@ -162,3 +163,28 @@ async def test_ollama_stream_counts_usage_once_through_the_same_pipeline(
          "completion_tokens": 3,
          "total_tokens": (done.usage or {}).get("prompt_tokens", 0) + 3},
     )
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", CHAT),
+    ("/v1/chat/completions", {**CHAT, "stream": False}),
+    ("/api/chat", {"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+    ("/api/generate", {"model": "m", "prompt": "hi", "stream": False}),
+])
+async def test_each_access_line_names_the_model_and_its_tokens(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, path: str, body: dict[str, Any],
+) -> None:
+    manager = ModelManager(run_dir=tmp_path, budget=Budget(1 << 30, 0))
+    manager.add_runtime(FakeRuntime("m", chunks=3))
+    app = RequestIdMiddleware(AccessLogMiddleware(build_app(manager)))  # as the daemon does
+    transport = httpx.ASGITransport(app=app)
+    with caplog.at_level(logging.INFO, logger="meshgate.access"):
+        async with httpx.AsyncClient(transport=transport, base_url="http://node") as client:
+            reply = await client.post(path, json=body)
+    assert reply.status_code == 200
+    (line,) = [r for r in caplog.records if r.name == "meshgate.access"]
+    fields = vars(line)
+    assert fields["model"] == "m"
+    assert fields["route"] == path
+    assert fields["prompt_tokens"] > 0
+    assert fields["completion_tokens"] > 0

@@ -1,12 +1,13 @@
-"""OpenAIHttpRuntime and its pure helpers, against httpx's MockTransport."""
+"""OpenAIHttpRuntime and its pure helpers, against a small aiohttp server on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-import httpx
 import pytest
+from aiohttp import web
 
 from meshgate.openai import OpenAIError
 from node_agent.runtimes.base import usage_of
@@ -18,31 +19,68 @@ from node_agent.runtimes.openai_http import (
 )
 
 CHAT = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}'
-Handler = Callable[[httpx.Request], httpx.Response]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class Body(httpx.AsyncByteStream):
-    """A response body that records whether the client closed it."""
+class Server:
+    """One handler for every POST and GET under /v1/, on a loopback port; records requests."""
 
-    def __init__(self, parts: list[bytes]) -> None:
-        self.parts = parts
-        self.closed = False
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.seen: list[tuple[str, bytes]] = []
+        self.disconnected = asyncio.Event()
+        self.connections = 0
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for part in self.parts:
-            yield part
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append((request.path, await request.read()))
+        try:
+            return await self.handler(request)
+        except asyncio.CancelledError:
+            self.disconnected.set()  # aiohttp cancels the handler when its client leaves
+            raise
 
-    async def aclose(self) -> None:
-        self.closed = True
+    async def __aenter__(self) -> str:
+        app = web.Application(handler_args={"handler_cancellation": True})
+        app.router.add_route("*", "/v1/{tail:.*}", self._handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = self.runner.addresses[0][1]
+        return f"http://127.0.0.1:{port}/v1"
 
-
-def runtime(handler: Handler, **opts: str) -> OpenAIHttpRuntime:
-    return OpenAIHttpRuntime("m", "upstream", "http://up/v1",
-                             transport=httpx.MockTransport(handler), **opts)
+    async def __aexit__(self, *_: object) -> None:
+        await self.runner.cleanup()
 
 
 def sse(*payloads: bytes) -> list[bytes]:
     return [b"data: " + p + b"\n\n" for p in payloads]
+
+
+def streaming(parts: list[bytes], hold: asyncio.Event | None = None,
+              end_after: float = 0.0) -> Handler:
+    """Send `parts`; end the body once `hold` is set, `end_after` seconds later (a runner
+    that ends its body a moment after its last event)."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for part in parts:
+            await response.write(part)
+        if hold is not None:
+            await hold.wait()
+        await asyncio.sleep(end_after)
+        await response.write_eof()
+        return response
+
+    return handler
+
+
+def answer(status: int, body: object) -> Handler:
+    async def handler(_: web.Request) -> web.StreamResponse:
+        return web.json_response(body, status=status)
+
+    return handler
 
 
 def test_sse_parser_joins_events_split_across_reads() -> None:
@@ -72,72 +110,105 @@ def test_error_events_are_told_from_chunks() -> None:
 
 
 async def test_complete_passes_bytes_through_and_rewrites_the_model_for_upstreams() -> None:
-    seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, content=b'{"usage":{"prompt_tokens":2,"completion_tokens":1,'
-                                           b'"total_tokens":3}}')
-
-    rt = runtime(handler, upstream_model="gpt-x")
-    data, usage = await rt.complete("chat/completions", b'{"model":"m","messages":[]}')
+    server = Server(answer(200, {"usage": {"prompt_tokens": 2, "completion_tokens": 1,
+                                           "total_tokens": 3}}))
+    async with server as url:
+        rt = OpenAIHttpRuntime("m", "upstream", url, upstream_model="gpt-x")
+        try:
+            data, usage = await rt.complete("chat/completions", b'{"model":"m","messages":[]}')
+        finally:
+            await rt.aclose()
     assert usage == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
-    assert seen[0].url == "http://up/v1/chat/completions"
-    assert json.loads(seen[0].content)["model"] == "gpt-x"
+    path, body = server.seen[0]
+    assert path == "/v1/chat/completions"
+    assert json.loads(body)["model"] == "gpt-x"
     assert data.startswith(b'{"usage"')
 
 
 async def test_runner_errors_keep_their_status_and_message() -> None:
-    def handler(_: httpx.Request) -> httpx.Response:
-        return httpx.Response(422, json={"error": {"message": "nope", "type": "x", "code": "c"}})
-
-    with pytest.raises(OpenAIError) as caught:
-        await runtime(handler).complete("completions", b"{}")
-    assert (caught.value.status, caught.value.message, caught.value.hop) == (422, "nope", "runner")
-    with pytest.raises(OpenAIError) as streamed:
-        await anext(runtime(handler).stream("chat/completions", CHAT))
-    assert streamed.value.status == 422
-
-
-async def test_an_unreachable_runner_is_a_503_from_the_node() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
-
-    with pytest.raises(OpenAIError) as caught:
-        await runtime(handler).complete("completions", b"{}")
-    assert (caught.value.status, caught.value.hop) == (503, "node")
-    assert not await runtime(handler).health()
+    async with Server(answer(422, {"error": {"message": "nope", "type": "x", "code": "c"}})) as url:
+        rt = OpenAIHttpRuntime("m", "upstream", url)
+        try:
+            with pytest.raises(OpenAIError) as caught:
+                await rt.complete("completions", b"{}")
+            assert (caught.value.status, caught.value.message, caught.value.hop) == (
+                422, "nope", "runner")
+            with pytest.raises(OpenAIError) as streamed:
+                await anext(rt.stream("chat/completions", CHAT))
+            assert streamed.value.status == 422
+        finally:
+            await rt.aclose()
 
 
-async def test_stream_yields_payloads_and_stops_at_done() -> None:
-    body = Body(sse(b'{"choices":[{"delta":{"content":"a"}}]}', b'{"choices":[],"usage":{}}',
-                    b"[DONE]"))
-    rt = runtime(lambda _: httpx.Response(200, stream=body))
-    chunks = [c async for c in rt.stream("chat/completions", CHAT)]
-    assert chunks == [b'{"choices":[{"delta":{"content":"a"}}]}', b'{"choices":[],"usage":{}}']
-    assert body.closed
+async def test_an_unreachable_runner_is_a_503_from_the_node(tmp_path: object) -> None:
+    rt = OpenAIHttpRuntime("m", "llama.cpp", "http://runner/v1", uds="/nonexistent/runner.sock")
+    try:
+        with pytest.raises(OpenAIError) as caught:
+            await rt.complete("completions", b"{}")
+        assert (caught.value.status, caught.value.hop) == (503, "node")
+        with pytest.raises(OpenAIError) as streamed:
+            await anext(rt.stream("chat/completions", CHAT))
+        assert (streamed.value.status, streamed.value.hop) == (503, "node")
+        assert not await rt.health()
+    finally:
+        await rt.aclose()
+
+
+async def drain(stream: AsyncIterator[bytes], got: list[bytes]) -> None:
+    async for chunk in stream:
+        got.append(chunk)
+
+
+async def test_stream_yields_payloads_stops_at_done_and_keeps_the_connection() -> None:
+    parts = sse(b'{"choices":[{"delta":{"content":"a"}}]}', b'{"choices":[],"usage":{}}',
+                b"[DONE]")
+    async with Server(streaming(parts, end_after=0.05)) as url:
+        rt = OpenAIHttpRuntime("m", "upstream", url)
+        try:
+            for _ in range(3):
+                chunks: list[bytes] = []
+                await drain(rt.stream("chat/completions", CHAT), chunks)
+                assert chunks == [b'{"choices":[{"delta":{"content":"a"}}]}',
+                                  b'{"choices":[],"usage":{}}']
+            connector = rt.session.connector
+            assert connector is not None
+            # read to its end after [DONE], each stream gave its connection back: one for all
+            assert sum(len(c) for c in connector._conns.values()) == 1  # type: ignore[attr-defined]
+        finally:
+            await rt.aclose()
 
 
 async def test_a_stream_cut_short_or_failing_raises_after_its_chunks() -> None:
-    cut = runtime(lambda _: httpx.Response(200, stream=Body(sse(b'{"choices":[]}'))))
-    got: list[bytes] = []
-
-    async def drain(stream: AsyncIterator[bytes]) -> None:
-        async for chunk in stream:
-            got.append(chunk)
-
-    with pytest.raises(OpenAIError, match="without \\[DONE\\]"):
-        await drain(cut.stream("chat/completions", CHAT))
+    async with Server(streaming(sse(b'{"choices":[]}'))) as url:
+        rt = OpenAIHttpRuntime("m", "upstream", url)
+        got: list[bytes] = []
+        try:
+            with pytest.raises(OpenAIError, match="without \\[DONE\\]"):
+                await drain(rt.stream("chat/completions", CHAT), got)
+        finally:
+            await rt.aclose()
     assert got == [b'{"choices":[]}']
-    failing = runtime(lambda _: httpx.Response(200, stream=Body(
-        sse(b'{"choices":[]}', b'{"error": {"message": "boom", "hop": "runner"}}'))))
-    with pytest.raises(OpenAIError, match="boom"):
-        await drain(failing.stream("chat/completions", CHAT))
+    failing = streaming(sse(b'{"choices":[]}', b'{"error": {"message": "boom", "hop": "runner"}}'))
+    async with Server(failing) as url:
+        rt = OpenAIHttpRuntime("m", "upstream", url)
+        try:
+            with pytest.raises(OpenAIError, match="boom"):
+                await drain(rt.stream("chat/completions", CHAT), [])
+        finally:
+            await rt.aclose()
 
 
-async def test_closing_a_stream_early_closes_the_runners_response() -> None:
-    body = Body(sse(b'{"n":1}', b'{"n":2}', b"[DONE]"))
-    stream = runtime(lambda _: httpx.Response(200, stream=body)).stream("chat/completions", CHAT)
-    assert await anext(stream) == b'{"n":1}'
-    await stream.aclose()  # type: ignore[attr-defined]
-    assert body.closed
+async def test_closing_a_stream_early_closes_the_runners_connection() -> None:
+    hold = asyncio.Event()
+    server = Server(streaming(sse(b'{"n":1}', b'{"n":2}'), hold))
+    async with server as url:
+        rt = OpenAIHttpRuntime("m", "upstream", url)
+        try:
+            stream = rt.stream("chat/completions", CHAT)
+            assert await anext(stream) == b'{"n":1}'
+            await stream.aclose()  # type: ignore[attr-defined]
+            # the runner sees its client go: it stops generating
+            await asyncio.wait_for(server.disconnected.wait(), 5)
+        finally:
+            hold.set()
+            await rt.aclose()

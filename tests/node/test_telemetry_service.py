@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from node_agent.metrics import UNKNOWN, NodeMetrics
 from node_agent.nvml import NvmlSource
+from node_agent.slots import RATE_WINDOW, Rates
 from node_agent.status import render_status
 from node_agent.telemetry import TelemetrySampler, TelemetryService
 from tests.node.fake_nvml import FakeNvml, load_fixture
@@ -96,8 +97,8 @@ def parsed(metrics: NodeMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]]
 def test_metrics_label_only_served_models_and_count_tokens() -> None:
     metrics = NodeMetrics(served=lambda: ["a"])
     track = metrics.track("a")
-    track.chunk(b'{"choices": [{"delta": {"content": "x"}}]}')
-    track.chunk(b'{"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 9}}')
+    track.first_token()
+    track.usage = {"prompt_tokens": 5, "completion_tokens": 9}  # the pipeline's, read once
     track.finish(200)
     track.finish(500)  # a second finish is ignored
     metrics.track("random-name-1").finish(404)
@@ -123,21 +124,17 @@ def test_metrics_label_only_served_models_and_count_tokens() -> None:
     )
     assert samples[("meshgate_node_tokens_total", (("kind", "prompt"), ("model", "a")))] == 5
     assert samples[("meshgate_node_tokens_total", (("kind", "completion"), ("model", "a")))] == 9
-    rates = metrics.recent_rates()
-    assert set(rates) == {"a"}
-    assert rates["a"]["requests_last_min"] == 1
 
 
-def test_recent_rates_forget_requests_older_than_a_minute() -> None:
-    metrics = NodeMetrics(served=lambda: ["a"])
-    track = metrics.track("a")
-    track.usage = {"prompt_tokens": 1, "completion_tokens": 4}
-    track.finish(200)
-    done_at = metrics._recent["a"][0].at
-    assert metrics.recent_rates(done_at + 1)["a"]["generation_tokens_per_s"] is not None
-    later = metrics.recent_rates(done_at + 61)["a"]
-    assert later["generation_tokens_per_s"] is None
-    assert later["requests_last_min"] == 0
+def test_one_rate_tracker_times_prefill_on_streams_and_keeps_a_window() -> None:
+    rates = Rates()
+    assert rates.figures() == {"prompt_tokens_per_s": None, "generation_tokens_per_s": None}
+    rates.add({"prompt_tokens": 100, "completion_tokens": 10}, 0.5, 2.0)  # streamed
+    rates.add({"prompt_tokens": 50, "completion_tokens": 30}, None, 1.0)  # whole answer
+    assert rates.figures() == {"prompt_tokens_per_s": 200.0, "generation_tokens_per_s": 13.3}
+    for _ in range(RATE_WINDOW):
+        rates.add({"prompt_tokens": 10, "completion_tokens": 10}, 1.0, 1.0)
+    assert rates.figures() == {"prompt_tokens_per_s": 10.0, "generation_tokens_per_s": 10.0}
 
 
 def test_metrics_read_runtime_stats_and_the_latest_sample() -> None:

@@ -27,8 +27,6 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import httpx
-
 from meshgate.openai import OpenAIError
 from node_agent.runtimes.base import RunnerError
 from node_agent.runtimes.openai_http import OpenAIHttpRuntime
@@ -104,7 +102,7 @@ class Runner:
             name,
             kind,
             "http://runner/v1",
-            transport_factory=lambda: httpx.AsyncHTTPTransport(uds=str(self.socket)),
+            uds=str(self.socket),
             health_url="http://runner/health",
             check=self._check,
             lifecycle=self,

@@ -34,7 +34,7 @@ from node_agent.ollama_wire import (
     prompt_of,
     tool_calls_of,
 )
-from node_agent.runtimes.base import Usage
+from node_agent.runtimes.base import Usage, decoded
 from node_agent.runtimes.ollama.host import KIND, OllamaHost, ollama_error
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,9 @@ class OllamaRuntime:
 
     @staticmethod
     def _parse(body: bytes) -> dict[str, Any]:
+        known = decoded(body)  # the front door decoded it already
+        if known is not None:
+            return known
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:

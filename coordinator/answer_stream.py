@@ -1,0 +1,143 @@
+"""An answer on its way to the client: SSE writing, and noticing a client that left.
+
+Both are event-driven. A client that disconnects wakes the one task per request that
+waits on the ASGI ``receive`` (the server sets its event when the connection is lost);
+that task cancels the request's own task, which turns the cancellation into a 499
+(before the answer started) or ends the stream quietly (after). Nothing polls, and
+nothing runs per frame but the write itself.
+
+:class:`EventStream` is the streamed answer's response: no task group and no second
+task per stream (Starlette's ``StreamingResponse`` runs both under ASGI 2.3); the
+events that arrived together leave in one write; the ledger row is stored before the
+last events and ``[DONE]`` (which leave together, and end the response in the same
+write) so a crash after an answer was delivered loses no row (issue 9).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+from starlette.background import BackgroundTask
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from coordinator.dispatch import Served
+from coordinator.refusals import with_status
+from meshgate.openai import SSE_DONE, OpenAIError, is_usage_only, sse_error, sse_event
+
+log = logging.getLogger(__name__)
+
+
+async def client_gone(receive: Receive) -> None:
+    """Return once the client has disconnected (the request body was read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class _Watch:
+    """Cancels `task` when the client goes away, while `armed`."""
+
+    def __init__(self, receive: Receive) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.gone = False
+        self.armed = True
+        self._waiter = asyncio.get_running_loop().create_task(client_gone(receive))
+        self._waiter.add_done_callback(self._fired)
+
+    def _fired(self, waiter: asyncio.Task[None]) -> None:
+        if waiter.cancelled() or waiter.exception() is not None:
+            return
+        self.gone = True
+        if self.armed:
+            self.task.cancel()
+
+    def caught(self) -> bool:
+        """Whether a CancelledError being handled is ours (then it is taken back)."""
+        return self.gone and self.armed and self.task.uncancel() == 0
+
+    def stop(self) -> None:
+        self.armed = False
+        self._waiter.remove_done_callback(self._fired)
+        self._waiter.cancel()
+
+
+@contextlib.asynccontextmanager
+async def unless_disconnected(receive: Receive) -> AsyncIterator[None]:
+    """Run the body; if the client goes away first, cancel it and raise a 499."""
+    watch = _Watch(receive)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if watch.caught():
+            raise OpenAIError(499, "client closed the request", hop="coordinator") from None
+        raise
+    finally:
+        watch.stop()
+
+
+Commit = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class EventStream(Response):
+    """A streamed answer as SSE (see the module doc)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, served: Served, commit: Commit, key_id: str, route: str | None, *,
+                 include_usage: bool, headers: dict[str, str]) -> None:
+        self.served = served
+        self.commit = commit
+        self.key_id = key_id
+        self.route = route
+        self.include_usage = include_usage
+        self.status_code = 200
+        self.background: BackgroundTask | None = None
+        self.init_headers(headers)
+
+    def _events(self, chunks: list[bytes]) -> bytes:
+        keep = self.include_usage
+        return b"".join(sse_event(c) for c in chunks if keep or not is_usage_only(c))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        watch = _Watch(receive)
+        served = self.served
+        pending = b""
+        end = b""
+        try:
+            try:
+                pending = self._events([served.first])
+                if pending and not served.queued():  # the first token leaves at once
+                    await send({"type": "http.response.body", "body": pending,
+                                "more_body": True})
+                    pending = b""
+                async with contextlib.aclosing(served.batches()) as batches:
+                    async for batch in batches:
+                        pending += self._events(batch)
+                        if pending and not served.done:  # a burst: one write
+                            await send({"type": "http.response.body", "body": pending,
+                                        "more_body": True})
+                            pending = b""
+                end = SSE_DONE
+            except OpenAIError as exc:
+                log.warning("request %s ended with an error after it started: %s",
+                            served.request.request_id, exc.message)
+                end = sse_error(exc)
+        except asyncio.CancelledError:
+            if not watch.caught():
+                raise
+            end = b""  # the client left mid-stream: nobody to write to
+        finally:
+            watch.stop()
+            with anyio.CancelScope(shield=True):
+                await served.close()
+                await self.commit(with_status(served.row(self.key_id, self.route)))
+        await send({"type": "http.response.body", "body": pending + end, "more_body": False})

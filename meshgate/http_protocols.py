@@ -1,0 +1,294 @@
+"""uvicorn's two HTTP/1.1 protocols with the bounds of :mod:`meshgate.httpserver` added.
+
+:class:`GuardedHttpToolsProtocol` (the default: uvicorn's ``httptools`` protocol,
+llhttp's C parser) and :class:`GuardedH11Protocol` (uvicorn's pure-Python ``h11``
+protocol) share one :class:`Guards` mixin: head, body and write timeouts and the
+connection cap with eviction, as the module doc of :mod:`meshgate.httpserver` says.
+They differ only in how they tell where a request is (h11's ``their_state``; the
+httptools parser's callbacks here) and in the head size limit: h11 counts its
+receive buffer; llhttp has no limit of its own, so here the bytes that arrive
+while a head is awaited are counted (a head that never ends cannot grow past the
+limit plus one read) and so are the URL and headers the parser hands over. A head
+over the limit is answered 400 and the connection closed, by either.
+
+Both write through a :class:`CorkedTransport`: what the app sends within one turn
+of the event loop (a response's head and body, the chunks of a stream that came
+in one read) leaves in one ``send()`` rather than one each, at most 64 KiB held.
+On loopback each ``send()`` is a trip through the kernel's TCP stack and a wake-up
+of the reader, so this is most of what a small answer costs to write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, cast
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from meshgate.httplimits import HttpLimits
+
+__all__ = ["CorkedTransport", "GuardedH11Protocol", "GuardedHttpToolsProtocol", "Guards"]
+
+log = logging.getLogger("meshgate.httpserver")
+
+#: Held writes are sent at once past this many bytes (flow control then sees them).
+CORK_MAX_BYTES = 64 * 1024
+
+
+class CorkedTransport:
+    """A transport whose writes within one loop turn go out as one ``write``.
+
+    Anything else is the wrapped transport's own. ``close`` sends what is held
+    first; ``abort`` drops it.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self._loop = loop
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if not self._held:
+            self._loop.call_soon(self.flush)
+        self._held.append(bytes(data))
+        self._held_bytes += len(data)
+        if self._held_bytes >= CORK_MAX_BYTES:
+            self.flush()
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if not self._held:
+            return
+        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        self._held.clear()
+        self._held_bytes = 0
+        if not self.transport.is_closing():
+            self.transport.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self._held_bytes + self.transport.get_write_buffer_size()
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def abort(self) -> None:
+        self._held.clear()
+        self._held_bytes = 0
+        self.transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+class Guards:
+    """Timeouts and the connection cap, for a uvicorn HTTP protocol (mixed in before it)."""
+
+    limits = HttpLimits()
+    #: connections waiting for a request head, oldest first (one dict per server)
+    waiting: dict[Guards, None] = {}  # noqa: RUF012 - per server, see server_config
+    refused_connections = 0
+    evicted_connections = 0
+
+    # what the uvicorn protocol provides
+    loop: asyncio.AbstractEventLoop
+    transport: Any
+    connections: set[Any]
+    client: tuple[str, int] | None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._refused = False
+
+    # where the request is: the protocol says
+    def awaiting_head(self) -> bool:
+        raise NotImplementedError
+
+    def reading_body(self) -> bool:
+        raise NotImplementedError
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast("asyncio.Transport", transport)
+        if len(self.connections) >= self.limits.max_connections and not self._evict_one():
+            self._refused = True
+            type(self).refused_connections += 1
+            log.warning("connection cap reached (%d open, all with requests in flight): "
+                        "closing new connections until some end", self.limits.max_connections)
+            transport.abort()
+            return
+        super().connection_made(CorkedTransport(transport, self.loop))  # type: ignore[misc]
+        self._wait_for_head()
+
+    def _evict_one(self) -> bool:
+        """Close the connection that has waited longest for a request head; False if none."""
+        for victim in self.waiting:
+            del self.waiting[victim]
+            type(self).evicted_connections += 1
+            log.warning("connection cap reached (%d open): closing the one that waited "
+                        "longest for a request", self.limits.max_connections)
+            victim._cancel_timers()
+            self.connections.discard(victim)
+            victim.transport.abort()
+            return True
+        return False
+
+    def _wait_for_head(self) -> None:
+        self.waiting[self] = None
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.limits.head_timeout_s, self._too_slow,
+                                                    "request head")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._refused:
+            return
+        self.waiting.pop(self, None)
+        self._cancel_timers()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self.awaiting_head() and self._head_timer is None:
+            self._wait_for_head()  # a kept-alive connection's next request starts
+        super().data_received(data)  # type: ignore[misc]
+        if not self.awaiting_head():
+            self.waiting.pop(self, None)
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        if self.reading_body() and not self.transport.is_closing():
+            self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._too_slow,
+                                                    "request body")
+
+    def on_response_complete(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        super().on_response_complete()  # type: ignore[misc]
+        if not self.transport.is_closing() and self.awaiting_head():
+            self.waiting[self] = None  # idle, kept alive: first to go when the cap is reached
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.limits.write_timeout_s,
+                                                     self._not_reading)
+
+    def resume_writing(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        super().resume_writing()  # type: ignore[misc]
+
+    def _who(self) -> str:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+
+    def _not_reading(self) -> None:
+        self._write_timer = None
+        if self.transport.is_closing():
+            return
+        log.info("closing the connection of %s: it read nothing of its answer for %g s",
+                 self._who(), self.limits.write_timeout_s)
+        self.transport.abort()  # close() would wait for the buffer to drain: never
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._head_timer, self._body_timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._body_timer = self._write_timer = None
+
+    def _too_slow(self, what: str) -> None:
+        self._head_timer = self._body_timer = None
+        if self.transport.is_closing():
+            return
+        limit = (self.limits.head_timeout_s if what == "request head"
+                 else self.limits.body_timeout_s)
+        log.info("closing the connection of %s: its %s took more than %g s", self._who(), what,
+                 limit)
+        self.transport.close()
+
+
+class GuardedH11Protocol(Guards, H11Protocol):
+    """uvicorn's h11 protocol, bounded (h11 limits the head's size itself)."""
+
+    def awaiting_head(self) -> bool:
+        return self.conn.their_state is h11.IDLE
+
+    def reading_body(self) -> bool:
+        return self.conn.their_state is h11.SEND_BODY
+
+
+class HeadTooLarge(Exception):
+    """Raised from a parser callback: httptools stops and uvicorn answers 400."""
+
+
+_HEAD, _BODY, _DONE = "head", "body", "done"
+
+
+class GuardedHttpToolsProtocol(Guards, HttpToolsProtocol):
+    """uvicorn's httptools protocol, bounded; the head's size is counted here."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._phase = _HEAD
+        self._head_bytes = 0  # of the URL and headers parsed
+        self._raw_head_bytes = 0  # received since the last head or message ended
+
+    def data_received(self, data: bytes) -> None:
+        if self._phase != _BODY:
+            self._raw_head_bytes += len(data)
+        super().data_received(data)
+        if (self._phase == _HEAD and self._raw_head_bytes > self.limits.max_head_bytes
+                and not self.transport.is_closing()):
+            self.send_400_response("Invalid HTTP request received.")
+
+    def awaiting_head(self) -> bool:
+        if self._phase == _HEAD:
+            return True
+        return self._phase == _DONE and (self.cycle is None or self.cycle.response_complete)
+
+    def reading_body(self) -> bool:
+        return self._phase == _BODY
+
+    def _count(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self.limits.max_head_bytes:
+            raise HeadTooLarge(f"request head over {self.limits.max_head_bytes} bytes")
+
+    def on_message_begin(self) -> None:
+        self._phase = _HEAD
+        self._head_bytes = 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._phase = _BODY
+        self._raw_head_bytes = 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._phase = _DONE
+        self._raw_head_bytes = 0
+        super().on_message_complete()

@@ -1,0 +1,156 @@
+"""The answer's way out: a client that leaves is noticed at once (no polling), SSE bursts
+leave in one write, and the ledger row is stored before the last bytes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import pytest
+
+from coordinator.answer_stream import EventStream, unless_disconnected
+from coordinator.dispatch import Served
+from meshgate.openai import OpenAIError
+from meshgate.protocol import OpenRequest
+
+
+class Client:
+    """The ASGI receive side: the body was read; `leave()` disconnects."""
+
+    def __init__(self) -> None:
+        self.left = asyncio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        await self.left.wait()
+        return {"type": "http.disconnect"}
+
+
+async def _spin(times: int = 5) -> None:
+    for _ in range(times):  # loop iterations only: no time passes
+        await asyncio.sleep(0)
+
+
+async def test_a_client_that_leaves_cancels_the_work_at_once() -> None:
+    client = Client()
+    cancelled = asyncio.Event()
+
+    async def work() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def request() -> None:
+        async with unless_disconnected(client.receive):
+            await work()
+
+    task = asyncio.create_task(request())
+    await _spin()
+    started = asyncio.get_running_loop().time()
+    client.left.set()
+    await _spin()
+    assert task.done()
+    assert cancelled.is_set()
+    with pytest.raises(OpenAIError) as caught:
+        task.result()
+    assert caught.value.status == 499
+    assert asyncio.get_running_loop().time() - started < 0.1  # not a 0.5 s poll
+
+
+async def test_work_that_finishes_first_returns_and_leaves_no_watcher() -> None:
+    client = Client()
+    before = len(asyncio.all_tasks())
+    async with unless_disconnected(client.receive):
+        await asyncio.sleep(0)
+    await _spin()
+    assert len(asyncio.all_tasks()) == before
+    client.left.set()  # too late to matter
+    await _spin()
+
+
+async def test_a_cancel_from_elsewhere_stays_a_cancel() -> None:
+    client = Client()
+
+    async def request() -> None:
+        async with unless_disconnected(client.receive):
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(request())
+    await _spin()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+class Answer(Served):
+    """A served answer whose chunks come in the bursts given; `hold` pauses after them."""
+
+    def __init__(self, bursts: list[list[bytes]], *, hold: bool = False) -> None:
+        super().__init__(OpenRequest("req_1", "chat/completions", "m", True, b"{}"), "m",
+                         first=b'{"n":0}', started=0.0, tries=1, deadline=1e18,
+                         idle_timeout=60.0)
+        self.bursts = bursts
+        self.hold = hold
+        self.closed = 0
+
+    def queued(self) -> bool:
+        return bool(self.bursts)
+
+    async def batches(self) -> AsyncGenerator[list[bytes], None]:
+        for i, burst in enumerate(self.bursts):
+            if i == len(self.bursts) - 1 and not self.hold:
+                self.done = True
+                self.outcome = "ok"
+            yield burst
+        if self.hold:
+            await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        self.closed += 1
+        if not self.done:
+            self.outcome = "client_cancelled"
+
+
+def _stream(answer: Answer, log: list[Any]) -> EventStream:
+    async def commit(row: dict[str, Any]) -> None:
+        log.append(("row", row["outcome"]))
+
+    return EventStream(answer, commit, "key1", None, include_usage=False,
+                       headers={"x-request-id": "req_1"})
+
+
+async def test_bursts_leave_whole_and_the_row_is_stored_before_the_last_bytes() -> None:
+    log: list[Any] = []
+    answer = Answer([[b'{"n":1}', b'{"n":2}'], [b'{"n":3}']])
+
+    async def send(message: dict[str, Any]) -> None:
+        log.append((message["type"], message.get("body"), message.get("more_body")))
+
+    await _stream(answer, log)({"type": "http"}, Client().receive, send)
+    assert log == [
+        ("http.response.start", None, None),
+        # more had arrived with the first chunk: it waits for the burst
+        ("http.response.body", b'data: {"n":0}\n\ndata: {"n":1}\n\ndata: {"n":2}\n\n', True),
+        ("row", "ok"),  # stored before the last burst and [DONE], which end the response
+        ("http.response.body", b'data: {"n":3}\n\ndata: [DONE]\n\n', False),
+    ]
+    assert answer.closed == 1
+
+
+async def test_a_client_that_leaves_mid_stream_ends_it_quietly_with_its_row() -> None:
+    log: list[Any] = []
+    client = Client()
+    answer = Answer([[b'{"n":1}']], hold=True)
+
+    async def send(message: dict[str, Any]) -> None:
+        log.append((message["type"], message.get("more_body")))
+
+    task = asyncio.create_task(_stream(answer, log)({"type": "http"}, client.receive, send))
+    await _spin()
+    assert ("http.response.body", True) in log
+    client.left.set()
+    await asyncio.wait_for(task, 5)  # returns: no exception for the server to log
+    assert ("row", "client_cancelled") in log
+    assert answer.closed == 1
