@@ -24,6 +24,7 @@ from coordinator.config import CoordinatorConfig, resolve_config
 from coordinator.dispatch import Dispatcher
 from coordinator.engines import Engines, write_engines
 from coordinator.gateway import Gateway
+from coordinator.gcpolicy import gc_loop
 from coordinator.ingest import node_streams
 from coordinator.limits import KeyGate, RateLimiter
 from coordinator.live import LIVE_FILE, write_live_loop
@@ -158,6 +159,7 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     background = [
         asyncio.create_task(gateway.watch_revocations(), name="revocations"),
         asyncio.create_task(gateway.flush_seen_loop(), name="last-seen"),
+        asyncio.create_task(gc_loop(), name="gc"),  # a fleet-sized heap (gcpolicy.py)
         asyncio.create_task(write_live_loop(state.path / LIVE_FILE, registry), name="live"),
         asyncio.create_task(watch_key_changes(store, ctx.forget_keys), name="key-changes"),
         *([asyncio.create_task(spool.run(), name="ledger-spool")] if spool else []),
