@@ -33,7 +33,7 @@ from coordinator.answer_stream import EventStream, unless_disconnected
 from coordinator.cache import CachedResponse, ResponseCache, cache_key
 from coordinator.config import CoordinatorConfig
 from coordinator.context_fit import fit_to_context
-from coordinator.dispatch import Dispatcher, Served
+from coordinator.dispatch import Dispatcher
 from coordinator.ledger_row import fit_row
 from coordinator.ledger_writer import LedgerWriter
 from coordinator.limits import KeyGate
@@ -42,6 +42,7 @@ from coordinator.refusals import install_refusals, with_status
 from coordinator.registry import Registry
 from coordinator.routing import ROUTE_HEADER, Route, RouteError, UnknownRouteError, parse_route
 from coordinator.scheduler import Request as Want
+from coordinator.served import Served
 from meshgate.bounds import clip
 from meshgate.logs import AccessLogMiddleware, RequestIdMiddleware, current_request_id
 from meshgate.openai import (
