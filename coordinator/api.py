@@ -33,7 +33,7 @@ from coordinator.answer_stream import EventStream, unless_disconnected
 from coordinator.cache import CachedResponse, ResponseCache, cache_key
 from coordinator.config import CoordinatorConfig
 from coordinator.context_fit import fit_to_context
-from coordinator.dispatch import Dispatcher, Served
+from coordinator.dispatch import Dispatcher
 from coordinator.ledger_row import fit_row
 from coordinator.ledger_writer import LedgerWriter
 from coordinator.limits import KeyGate
@@ -42,6 +42,7 @@ from coordinator.refusals import install_refusals, with_status
 from coordinator.registry import Registry
 from coordinator.routing import ROUTE_HEADER, Route, RouteError, UnknownRouteError, parse_route
 from coordinator.scheduler import Request as Want
+from coordinator.served import Served
 from meshgate.bounds import clip
 from meshgate.logs import AccessLogMiddleware, RequestIdMiddleware, current_request_id
 from meshgate.openai import (
@@ -74,6 +75,9 @@ class ApiContext:
     """one ledger row; blocking."""
     record_usages: Callable[[list[dict[str, Any]]], None] | None = None
     """many ledger rows in one transaction; blocking. None: `record_usage` row by row."""
+    record_now: Callable[[list[dict[str, Any]]], bool] | None = None
+    """rows stored at once if that cannot wait (False: not stored); see ledger_writer.py"""
+    ledger_housekeeping: Callable[[], None] | None = None
     config: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     dispatcher: Dispatcher | None = None
     gate: KeyGate | None = None
@@ -124,7 +128,9 @@ class ApiContext:
         if self.metrics is not None:
             self.metrics.observe_row(row)
         if self._ledger is None:  # rows one at a time unless the store writes them together
-            self._ledger = (LedgerWriter(self.record_usages) if self.record_usages is not None
+            self._ledger = (LedgerWriter(self.record_usages, write_now=self.record_now,
+                                         housekeeping=self.ledger_housekeeping)
+                            if self.record_usages is not None
                             else LedgerWriter(self._row_by_row, max_batch=1))
         try:
             await self._ledger.write(fit_row(row))

@@ -32,7 +32,7 @@ from coordinator.registry import NodeConn, Registry
 from coordinator.store import Store
 from meshgate.bounds import clip
 from meshgate.node_messages import Hello as NodeHello
-from meshgate.node_messages import Inventory, LoadDelta, parse, parse_telemetry
+from meshgate.node_messages import Inventory, LoadDelta, Telemetry, parse, parse_telemetry
 from meshgate.outage import OutageLog
 from meshgate.protocol import ProtocolViolation, error_body
 from tunnel import Frame, FrameType, Hello, Link, Mux, RefusedError, Stream, TunnelError
@@ -63,6 +63,8 @@ class Gateway:
         self._seen_now = asyncio.Event()
         self._models_gen = 0  # moves when the store's node models may have changed
         self._known: tuple[int, float, set[str]] | None = None
+        #: did -> labels read by `authorize` for the link that follows (one per node)
+        self._labels: dict[str, dict[str, str]] = {}
 
     def is_known(self, did: str) -> bool:
         return did in self.known
@@ -95,6 +97,7 @@ class Gateway:
         if not fresh:
             log.warning("refused replayed handshake of %s from %s", hello.did, remote)
             raise RefusedError(403, "handshake timestamp is not newer than the last one")
+        self._labels[hello.did] = dict(record.labels)  # on_link reads them, not the store
         return {"did": hello.did, "enrolled": False, "labels": record.labels}
 
     async def on_link(self, link: Link) -> None:
@@ -109,8 +112,10 @@ class Gateway:
             log.warning("node %s sent a bad hello, closing its session: %s", hello.did, exc)
             await link.close(f"protocol error: {exc}"[:120])
             return
-        record = await asyncio.to_thread(self.store.get_node, hello.did)
-        labels = dict(record.labels) if record else {}
+        labels = self._labels.pop(hello.did, None)
+        if labels is None:  # authorized elsewhere (a test's own authorize, a replica hook)
+            record = await asyncio.to_thread(self.store.get_node, hello.did)
+            labels = dict(record.labels) if record else {}
         conn: NodeConn | None = None
 
         async def on_control(frame: Frame) -> None:
@@ -124,7 +129,11 @@ class Gateway:
                 return
             await self.on_request(conn, stream, frame)
 
-        mux = Mux(link, initiator=False, on_control=on_control, on_stream=on_stream)
+        def on_control_now(frame: Frame) -> bool:
+            return conn is not None and self._control_now(conn, frame)
+
+        mux = Mux(link, initiator=False, on_control=on_control, on_stream=on_stream,
+                  on_control_now=on_control_now)
         conn = NodeConn(did=hello.did, labels=labels, link=link, mux=mux)
         old = self.registry.add(conn)
         if old is not None:
@@ -249,15 +258,30 @@ class Gateway:
         elif frame.type == FrameType.RESULT:
             conn.on_result(body if isinstance(body, dict) else {})
         elif frame.type == FrameType.TELEMETRY:
-            message = parse_telemetry(body)
-            if isinstance(message, LoadDelta):
-                self.registry.apply_delta(conn, message)
-                return
-            self.registry.set_telemetry(conn, message, body)
-            now = time.time()
-            if now - conn.touched_at > TOUCH_EVERY_S:
-                conn.touched_at = now
-                self.heard(conn.did, now)
+            self._telemetry(conn, parse_telemetry(body), body)
+
+    def _control_now(self, conn: NodeConn, frame: Frame) -> bool:
+        """Telemetry and load deltas, handled in the link's reader (nothing to wait for);
+        a bad one goes the queued way, which logs it and closes the session."""
+        if frame.type != FrameType.TELEMETRY or self.registry.get(conn.did) is not conn:
+            return False
+        try:
+            message = parse_telemetry(frame.body)
+        except ProtocolViolation:
+            return False
+        self._telemetry(conn, message, frame.body)
+        return True
+
+    def _telemetry(self, conn: NodeConn, message: Telemetry | LoadDelta,
+                   body: dict[str, Any]) -> None:
+        if isinstance(message, LoadDelta):
+            self.registry.apply_delta(conn, message)
+            return
+        self.registry.set_telemetry(conn, message, body)
+        now = time.time()
+        if now - conn.touched_at > TOUCH_EVERY_S:
+            conn.touched_at = now
+            self.heard(conn.did, now)
 
 
 def _addr(link: Link) -> str:

@@ -24,6 +24,7 @@ from coordinator.config import CoordinatorConfig, resolve_config
 from coordinator.dispatch import Dispatcher
 from coordinator.engines import Engines, write_engines
 from coordinator.gateway import Gateway
+from coordinator.gcpolicy import gc_loop
 from coordinator.ingest import node_streams
 from coordinator.limits import KeyGate, RateLimiter
 from coordinator.live import LIVE_FILE, write_live_loop
@@ -73,6 +74,16 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
         now = time.time()
         (spool.record_many if spool else store.record_usages)(
             [UsageRecord(**row, created_at=now) for row in rows])
+        _traffic(rows)
+
+    def record_now(rows: list[dict[str, Any]]) -> bool:  # SQLite, nobody else writing
+        now = time.time()
+        stored = store.record_usages_now([UsageRecord(**row, created_at=now) for row in rows])
+        if stored:
+            _traffic(rows)
+        return stored
+
+    def _traffic(rows: list[dict[str, Any]]) -> None:
         if traffic is not None:
             for row in rows:
                 traffic.add(row)  # the web pane's and `top`'s last hour
@@ -86,6 +97,8 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
     dispatcher.on_decision = metrics.schedule.observe
     return ApiContext(registry, verify_key, known or known_models, record_usage,
                       record_usages=record_usages, config=config,
+                      record_now=record_now if spool is None else None,
+                      ledger_housekeeping=store.ledger_checkpoint,
                       dispatcher=dispatcher, gate=gate, metrics=metrics, cache=cache)
 
 
@@ -146,6 +159,7 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     background = [
         asyncio.create_task(gateway.watch_revocations(), name="revocations"),
         asyncio.create_task(gateway.flush_seen_loop(), name="last-seen"),
+        asyncio.create_task(gc_loop(), name="gc"),  # a fleet-sized heap (gcpolicy.py)
         asyncio.create_task(write_live_loop(state.path / LIVE_FILE, registry), name="live"),
         asyncio.create_task(watch_key_changes(store, ctx.forget_keys), name="key-changes"),
         *([asyncio.create_task(spool.run(), name="ledger-spool")] if spool else []),

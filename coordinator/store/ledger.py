@@ -12,6 +12,7 @@ from coordinator.errors import CoordinatorError
 from coordinator.store.core import StoreCore
 from coordinator.store.records import UsageGroup, UsageRecord, UsageTotal
 from coordinator.store.schema import UsageRow
+from coordinator.store.sqlite_append import SqliteAppender
 
 _LEDGER = cast("Table", UsageRow.__table__)  # Core inserts: no unit of work per row
 
@@ -29,8 +30,34 @@ class LedgerStore(StoreCore):
         work and session cost more than the insert itself on the request path."""
         if not records:
             return
-        with self._immediate.begin() as conn:  # BEGIN IMMEDIATE on SQLite, as `_write`
+        if self.engine.dialect.name == "sqlite":  # the request path's store: no Core execute
+            if self._appender is None:
+                self._appender = SqliteAppender(self.engine, _LEDGER.name, _COLUMNS)
+            self._appender.append([tuple(_usage_values(r).values()) for r in records])
+            return
+        with self._immediate.begin() as conn:  # as `_write`: one transaction
             conn.execute(insert(_LEDGER), [_usage_values(r) for r in records])
+
+    _appender: SqliteAppender | None = None
+
+    def record_usages_now(self, records: list[UsageRecord]) -> bool:
+        """`record_usages` without waiting (SQLite only): False, nothing stored, when
+        another connection holds the write lock or the database is not SQLite."""
+        if self.engine.dialect.name != "sqlite":
+            return False
+        if self._appender is None:
+            self._appender = SqliteAppender(self.engine, _LEDGER.name, _COLUMNS)
+        return self._appender.try_append([tuple(_usage_values(r).values()) for r in records])
+
+    def ledger_checkpoint(self) -> None:
+        """Fold SQLite's write-ahead log into the database (blocking; a thread's job)."""
+        if self._appender is not None:
+            self._appender.checkpoint()
+
+    def close(self) -> None:
+        if self._appender is not None:
+            self._appender.close()
+        super().close()
 
 
     def ingest_usage(self, records: list[UsageRecord]) -> list[UsageRecord]:
@@ -147,3 +174,8 @@ def _usage_values(record: UsageRecord) -> dict[str, Any]:
         error=record.error and record.error[:64], **_energy_values(record),
     )
 
+
+_COLUMNS = tuple(_usage_values(UsageRecord(
+    request_id="", key_id=None, node_did=None, model="", endpoint="", prompt_tokens=0,
+    completion_tokens=0, latency_ms=0.0, outcome="", created_at=0.0)))
+"""The ledger's columns in `_usage_values` order (the appender's INSERT)."""

@@ -1,6 +1,7 @@
 """One coordinator, a simulated fleet of N nodes on the real tunnel, load through the public API.
 
     .venv/bin/python scripts/bench/fleet.py --nodes 1000 [--procs 4] [--concurrency 32]
+                                            [--nodes 10,1000 --rounds 2: sizes interleaved]
                                             [--seconds 15] [--idle-seconds 8] [--seed 1]
                                             [--nice 10] [--telemetry-period 1.0] [--profile DIR]
 
@@ -46,6 +47,7 @@ import os
 import random
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -159,6 +161,12 @@ async def run_node(node: SimNode, url: str, key: bytes, gate: asyncio.Semaphore,
         stats["lost"] += 1
 
 
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 async def sim_worker(spec: dict[str, Any]) -> None:
     rng = random.Random(spec["seed"])
     nodes = [SimNode(Identity.from_bytes(bytes.fromhex(h)), rng) for h in spec["identities"]]
@@ -170,7 +178,7 @@ async def sim_worker(spec: dict[str, Any]) -> None:
              for n in nodes]
     out = Path(spec["stats"])
     while True:
-        await asyncio.to_thread(out.write_text, json.dumps(stats))
+        await asyncio.to_thread(write_atomic, out, json.dumps(stats))
         await asyncio.sleep(0.25)
         if all(t.done() for t in tasks):
             return
@@ -263,11 +271,11 @@ def enroll(state: StateDir, n: int, seed: int) -> list[Identity]:
     return identities
 
 
-async def driver(args: argparse.Namespace) -> dict[str, Any]:
+async def driver(args: argparse.Namespace, n_nodes: int) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="meshgate-fleet-"))
     state = StateDir(root / "coordinator")
     t0 = time.perf_counter()
-    identities = enroll(state, args.nodes, args.seed)
+    identities = enroll(state, n_nodes, args.seed)
     enroll_s = time.perf_counter() - t0
     store = Store(state.db_url)
     _, api_key = store.create_key("bench", time.time())
@@ -295,7 +303,7 @@ async def driver(args: argparse.Namespace) -> dict[str, Any]:
             proc = psutil.Process(coord.pid)
             key = state.static_public().hex()
             url = f"ws://127.0.0.1:{tunnel_port}"
-            per = -(-args.nodes // args.procs)
+            per = -(-n_nodes // args.procs)
             connect_start = time.perf_counter()
             for i in range(args.procs):
                 chunk = identities[i * per:(i + 1) * per]
@@ -312,7 +320,7 @@ async def driver(args: argparse.Namespace) -> dict[str, Any]:
             nodes = 0
             while time.perf_counter() < deadline:
                 nodes = (await http.get("/healthz")).json().get("nodes", 0)
-                if nodes >= args.nodes:
+                if nodes >= n_nodes:
                     break
                 await asyncio.sleep(0.5)
             connect_s = time.perf_counter() - connect_start
@@ -340,7 +348,7 @@ async def driver(args: argparse.Namespace) -> dict[str, Any]:
                 if (root / f"s{i}").exists()]
         p50, p99 = quantile(m0, m1, 0.5), quantile(m0, m1, 0.99)
         return {
-            "nodes": args.nodes, "connected": nodes, "procs": args.procs,
+            "nodes": n_nodes, "connected": nodes, "procs": args.procs,
             "enroll_s": round(enroll_s, 1), "connect_s": round(connect_s, 1),
             "connect_retries": sum(s["retries"] for s in sims),
             "telemetry_period_s": args.telemetry_period,
@@ -394,7 +402,10 @@ def finish(spy: subprocess.Popen[bytes] | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--nodes", default="1000",
+                        help="fleet size, or sizes to compare in one run: 10,1000")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with several sizes: run them interleaved this many times")
     parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=15.0)
@@ -410,7 +421,25 @@ def main() -> None:
     if args.sim_worker:
         asyncio.run(sim_worker(json.loads(args.sim_worker.read_text())))
         return
-    print(json.dumps(asyncio.run(driver(args))))
+    sizes = [int(x) for x in str(args.nodes).split(",")]
+    runs: dict[int, list[dict[str, Any]]] = {n: [] for n in sizes}
+    for _ in range(args.rounds if len(sizes) > 1 else 1):
+        for n in sizes:
+            result = asyncio.run(driver(args, n))
+            runs[n].append(result)
+            print(json.dumps(result), flush=True)
+    if len(sizes) > 1:  # side by side, from this one run: medians, then ratios to the first
+        def median(n: int, key: str) -> float:
+            return float(statistics.median(r[key] for r in runs[n]))
+
+        base = sizes[0]
+        print(json.dumps({"compare": f"each size against {base} nodes, medians of "
+                          f"{args.rounds} interleaved round(s)", **{
+                              f"requests_per_s_{n}_over_{base}": round(
+                                  median(n, "requests_per_s") / median(base, "requests_per_s"), 3)
+                              for n in sizes[1:]}, **{
+                              f"telemetry_cpu_pct_{n}": median(n, "telemetry_cpu_pct")
+                              for n in sizes}}))
 
 
 if __name__ == "__main__":

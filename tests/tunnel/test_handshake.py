@@ -187,7 +187,20 @@ def test_replay_guard_forgets_only_entries_that_skew_already_refuses() -> None:
     for n in range(4100):
         guard.check(f"did:{n}", NOW_MS, NOW_MS)
     late = NOW_MS + 400_000
-    guard.check("did:new", late, late)
-    assert len(guard._last) < 10
+    for n in range(8200):  # the table doubles past its last sweep: the next one drops them
+        guard.check(f"did:new{n}", late, late)
+    assert "did:0" not in guard._last
+    assert "did:new0" in guard._last  # within the window: kept
     with pytest.raises(HandshakeError):
         guard.check("did:0", NOW_MS, late)
+
+
+def test_a_reconnect_storm_does_not_sweep_the_replay_table_on_every_handshake() -> None:
+    guard = ReplayGuard()
+    sweeps, table = 0, guard._last
+    for n in range(20_000):  # 20,000 nodes reconnect within the skew window
+        guard.check(f"did:{n}", NOW_MS + n, NOW_MS + n)
+        if guard._last is not table:
+            sweeps, table = sweeps + 1, guard._last
+    assert len(guard._last) == 20_000
+    assert sweeps <= 4  # at 4,097, 8,195, 16,391 entries: not ~16,000 sweeps
