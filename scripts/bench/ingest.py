@@ -205,8 +205,10 @@ async def receive(args: argparse.Namespace) -> dict[str, Any]:
     store.close()
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-    return {"nodes": args.nodes, "frames_per_round": want, "changing": args.changing,
-            "queued": args.queued, "gc_objects": len(gc.get_objects()), "rounds": results}
+    out = {"nodes": args.nodes, "frames_per_round": want, "changing": args.changing,
+           "queued": args.queued, "gc_objects": len(gc.get_objects()), "rounds": results}
+    print(json.dumps(out), flush=True)  # before the teardown of 10,000 links
+    return out
 
 
 def main() -> None:
@@ -229,7 +231,7 @@ def main() -> None:
     if args.sender:
         asyncio.run(sender(json.loads(args.sender.read_text())))
         return
-    print(json.dumps(asyncio.run(receive(args))))
+    asyncio.run(receive(args))
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # fleet.py's SimNode
