@@ -26,8 +26,8 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from coordinator.dispatch import Served
 from coordinator.refusals import with_status
+from coordinator.served import Served
 from meshgate.openai import SSE_DONE, OpenAIError, is_usage_only, sse_error, sse_event
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from coordinator.answer_stream import EventStream, unless_disconnected
 from coordinator.cache import CachedResponse, ResponseCache, cache_key
 from coordinator.config import CoordinatorConfig
 from coordinator.context_fit import fit_to_context
-from coordinator.dispatch import Dispatcher, Served
+from coordinator.dispatch import Dispatcher
 from coordinator.ledger_row import fit_row
 from coordinator.ledger_writer import LedgerWriter
 from coordinator.limits import KeyGate
@@ -42,6 +42,7 @@ from coordinator.refusals import install_refusals, with_status
 from coordinator.registry import Registry
 from coordinator.routing import ROUTE_HEADER, Route, RouteError, UnknownRouteError, parse_route
 from coordinator.scheduler import Request as Want
+from coordinator.served import Served
 from meshgate.bounds import clip
 from meshgate.logs import AccessLogMiddleware, RequestIdMiddleware, current_request_id
 from meshgate.openai import (
@@ -74,6 +75,9 @@ class ApiContext:
     """one ledger row; blocking."""
     record_usages: Callable[[list[dict[str, Any]]], None] | None = None
     """many ledger rows in one transaction; blocking. None: `record_usage` row by row."""
+    record_now: Callable[[list[dict[str, Any]]], bool] | None = None
+    """rows stored at once if that cannot wait (False: not stored); see ledger_writer.py"""
+    ledger_housekeeping: Callable[[], None] | None = None
     config: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     dispatcher: Dispatcher | None = None
     gate: KeyGate | None = None
@@ -82,6 +86,8 @@ class ApiContext:
     cache: ResponseCache | None = None
     """responses to deterministic requests (cache.py); None: off."""
     _key_cache: dict[str, tuple[float, str]] = field(default_factory=dict)
+    _verifying: dict[str, asyncio.Task[str | None]] = field(default_factory=dict)
+    _key_generation: int = 0
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
     _ledger: LedgerWriter | None = None
 
@@ -96,15 +102,34 @@ class ApiContext:
         cached = self._key_cache.get(key)
         if cached and cached[0] > now:
             return cached[1]
-        key_id = await asyncio.to_thread(self.verify_key, key)
+        # one verification per key at a time: a burst of requests with a key not cached
+        # (500 streams at once, or every 5 s) waits on one thread call, not one each
+        pending = self._verifying.get(key)
+        if pending is None:
+            generation = self._key_generation
+            pending = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(self.verify_key, key))
+            self._verifying[key] = pending
+
+            def done(task: asyncio.Task[str | None]) -> None:
+                if self._verifying.get(key) is task:
+                    del self._verifying[key]
+                if (not task.cancelled() and task.exception() is None
+                        and task.result() is not None and generation == self._key_generation):
+                    self._key_cache[key] = (now + KEY_CACHE_SECONDS, task.result() or "")
+
+            pending.add_done_callback(done)
+        key_id = await asyncio.shield(pending)  # a requester that leaves cancels no one else
         if key_id is None:
             raise OpenAIError(401, "invalid API key", code="invalid_api_key", hop="coordinator")
-        self._key_cache[key] = (now + KEY_CACHE_SECONDS, key_id)
         return key_id
 
     def forget_keys(self) -> None:
-        """Drop every verified key, so a revoke or rotate holds from the next request."""
+        """Drop every verified key, so a revoke or rotate holds from the next request
+        (a verification in flight is not cached: it may predate the change)."""
         self._key_cache.clear()
+        self._verifying.clear()
+        self._key_generation += 1
 
     def __post_init__(self) -> None:
         if self.dispatcher is None:
@@ -124,7 +149,9 @@ class ApiContext:
         if self.metrics is not None:
             self.metrics.observe_row(row)
         if self._ledger is None:  # rows one at a time unless the store writes them together
-            self._ledger = (LedgerWriter(self.record_usages) if self.record_usages is not None
+            self._ledger = (LedgerWriter(self.record_usages, write_now=self.record_now,
+                                         housekeeping=self.ledger_housekeeping)
+                            if self.record_usages is not None
                             else LedgerWriter(self._row_by_row, max_batch=1))
         try:
             await self._ledger.write(fit_row(row))

@@ -25,21 +25,21 @@ not finish (the client went away, the deadline passed).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from coordinator.config import DispatchConfig
 from coordinator.observed import first_token_timeout
 from coordinator.registry import NodeConn, Registry
 from coordinator.scheduler import Candidate, Kind, Request, schedule
-from meshgate.bounds import check_chunk, clamp_usage, clip
+from coordinator.served import NodeAttempt, Served, error_from_frame, now, send_cancel, short
+from meshgate.bounds import check_chunk
 from meshgate.openai import OpenAIError
-from meshgate.protocol import EnergyReport, OpenRequest, error_of
-from meshgate.token_frames import MAGIC, ChunkDecoder
+from meshgate.protocol import OpenRequest
+from meshgate.token_frames import ChunkDecoder
 from tunnel import ClosedError, Frame, FrameType, Stream, TunnelError
 
 if TYPE_CHECKING:
@@ -49,237 +49,12 @@ log = logging.getLogger(__name__)
 
 CLIENT_ERRORS = frozenset({400, 413, 422})  # the request itself is wrong: nobody will take it
 LIMIT = 16  # candidates asked of the scheduler per decision (tries, busy nodes, clouds)
+__all__ = ["CLIENT_ERRORS", "LIMIT", "Dispatcher", "Failed", "NodeAttempt", "Served",
+           "error_from_frame", "now", "short", "with_model"]
 
 
 class Failed(Exception):
     """A candidate failed before its first chunk; the message says why."""
-
-
-def now() -> float:
-    return asyncio.get_running_loop().time()
-
-
-class Served:
-    """A request that a node or cloud has started answering."""
-
-    node_did: str | None = None
-    upstream: str | None = None
-
-    def __init__(self, request: OpenRequest, model: str, *, first: bytes, started: float,
-                 tries: int, deadline: float, idle_timeout: float) -> None:
-        self.request = request
-        self.model = model
-        self.first = first
-        self.started = started
-        self.tries = tries
-        self.deadline = deadline
-        self.idle_timeout = idle_timeout
-        self.usage: dict[str, int] | None = None
-        self.chunks = 1
-        self.done = False
-        self.outcome = "streaming"
-        self.cost = 0.0
-        self.energy = EnergyReport()  # what the node metered (END frame); clouds: not measured
-        self._released = False
-
-    @property
-    def target(self) -> str:
-        return self.node_did or f"cloud:{self.upstream}"
-
-    def headers(self) -> dict[str, str]:
-        if self.node_did:
-            return {"x-meshgate-node": self.node_did}
-        return {"x-meshgate-upstream": self.upstream or ""}
-
-    def _wait(self) -> float:
-        """Seconds the next read may take: the idle timeout, cut at the deadline."""
-        left = self.deadline - now()
-        if left <= 0:
-            self.outcome = "deadline"
-            raise OpenAIError(504, "request deadline passed while the answer was streaming",
-                              code="deadline_exceeded", hop="coordinator")
-        return min(left, self.idle_timeout)
-
-    def _timed_out(self) -> OpenAIError:
-        if self.deadline - now() <= 0:
-            self.outcome = "deadline"
-            return OpenAIError(504, "request deadline passed while the answer was streaming",
-                               code="deadline_exceeded", hop="coordinator")
-        self.outcome = "idle_timeout"
-        return OpenAIError(504, f"{self.target} sent nothing for {self.idle_timeout:g} s "
-                           "mid-response", code="stream_stalled", hop="coordinator")
-
-    def rest(self) -> AsyncIterator[bytes]:
-        raise NotImplementedError
-
-    def queued(self) -> bool:
-        """Whether more of the answer has arrived already (the first chunk need not go
-        to the client alone)."""
-        return False
-
-    async def batches(self) -> AsyncGenerator[list[bytes], None]:
-        """The chunks after the first, as lists of those that arrived together (one write
-        to the client for a burst); a subclass that can see a burst overrides this."""
-        async for chunk in self.rest():
-            yield [chunk]
-
-    async def collect(self) -> bytes:
-        """For a non-streaming request: the whole response body."""
-        parts = [self.first]
-        async with contextlib.aclosing(self.batches()) as batches:
-            async for batch in batches:
-                parts += batch
-        return b"".join(parts)
-
-    async def close(self) -> None:
-        raise NotImplementedError
-
-    def row(self, key_id: str | None, route: str | None = None) -> dict[str, Any]:
-        usage = clamp_usage(self.usage)[0] or {}  # a claim: never a failed insert
-        return {
-            "request_id": self.request.request_id,
-            "key_id": key_id,
-            "node_did": self.node_did,
-            "upstream": self.upstream,
-            "model": self.model,
-            "endpoint": self.request.endpoint,
-            "prompt_tokens": int(usage.get("prompt_tokens", 0) or 0),
-            "completion_tokens": int(usage.get("completion_tokens", 0) or 0),
-            "latency_ms": (time.perf_counter() - self.started) * 1000,
-            "outcome": self.outcome,
-            "cost": self.cost,
-            "route": route,
-            "joules": self.energy.joules,
-            "energy_estimated": self.energy.estimated if self.energy.joules is not None else None,
-            "energy_cost": self.energy.cost,
-        }
-
-
-class NodeAttempt(Served):
-    """A request a node is answering over its tunnel stream."""
-
-    def __init__(self, registry: Registry, node: NodeConn, stream: Stream, request: OpenRequest,
-                 model: str, **timing: Any) -> None:
-        super().__init__(request, model, **timing)
-        self.registry = registry
-        self.node = node
-        self.node_did = node.did
-        self.stream = stream
-        self.first_at: float | None = time.perf_counter()
-        self.decoder = ChunkDecoder()
-
-    def queued(self) -> bool:
-        return self.stream.queued > 0
-
-    async def rest(self) -> AsyncIterator[bytes]:
-        """Yield the data frames after the first; set `usage` from the end frame."""
-        async with contextlib.aclosing(self.batches()) as batches:
-            async for batch in batches:
-                for chunk in batch:
-                    yield chunk
-
-    async def batches(self) -> AsyncGenerator[list[bytes], None]:
-        """The data frames after the first, each list all that had arrived when it was
-        read (the tunnel coalesces a burst: one wait, one timer, one client write for it);
-        sets `usage` from the end frame. An error frame ends it after the data before it."""
-        stream = self.stream
-        try:
-            while True:
-                frame = stream.recv_nowait()
-                if frame is None:
-                    try:
-                        async with asyncio.timeout(self._wait()):  # no task per frame
-                            frame = await stream.recv()
-                    except TimeoutError:
-                        error = self._timed_out()
-                        if self.outcome == "idle_timeout":
-                            self.registry.set_suspect(self.node, True)
-                        raise error from None
-                else:
-                    self._wait()  # the deadline holds for a stream that never pauses too
-                batch, end = self._drain(frame)
-                if batch:
-                    yield batch
-                if isinstance(end, OpenAIError):
-                    raise end
-                if end:
-                    return
-        except ClosedError:
-            self.outcome = "node_lost_mid_stream"
-            raise OpenAIError(
-                502, f"node {self.node.did} disconnected mid-response; the answer is incomplete",
-                code="node_lost", hop="coordinator",
-            ) from None
-        finally:
-            await self.close()
-
-    def _drain(self, frame: Frame | None) -> tuple[list[bytes], bool | OpenAIError]:
-        """`frame` and every frame queued behind it: the data, and whether the stream ended
-        (True) or failed (the error to raise once the data before it went out)."""
-        batch: list[bytes] = []
-        while frame is not None:
-            if frame.type == FrameType.DATA:
-                self.chunks += 1
-                batch.append(self._checked(frame.body))
-            elif frame.type == FrameType.END:
-                self._finish(frame)
-                return batch, True
-            elif frame.type in (FrameType.ERROR, FrameType.CANCEL):
-                self.outcome = "error_after_start"
-                return batch, error_from_frame(frame)
-            frame = self.stream.recv_nowait()
-        return batch, False
-
-    async def close(self) -> None:
-        """Release the node; tell it to stop if the request did not finish."""
-        if self._released:
-            return
-        self._released = True
-        self.registry.release(self.node, self.model)
-        if not self.done:
-            if self.outcome == "streaming":
-                self.outcome = "client_cancelled"
-            await _send_cancel(self.stream)
-
-    def _checked(self, data: object) -> bytes:
-        try:
-            if isinstance(data, bytes) and data[:1] == MAGIC:
-                # rebuilt and written here as one JSON object on one line: nothing to check
-                return self.decoder.decode(data)
-            return check_chunk(data, streaming=self.request.stream)
-        except ValueError as exc:
-            self.outcome = "bad_node_output"
-            log.warning("request %s: node %s sent a bad chunk, ending the stream: %s",
-                        self.request.request_id, self.node.did, exc)
-            raise OpenAIError(502, f"node {short(self.node.did)} sent a malformed answer: {exc}",
-                              code="bad_node_output", hop="coordinator") from None
-
-    def _finish(self, frame: Frame) -> None:
-        body = frame.body if isinstance(frame.body, dict) else {}
-        self.usage, problems = clamp_usage(body.get("usage"))
-        if problems:
-            log.warning("request %s: node %s claimed bad usage, billed as clamped: %s",
-                        self.request.request_id, self.node.did, clip("; ".join(problems)))
-        self.energy = EnergyReport.from_wire(body)
-        self.done = True
-        self.outcome = "ok"
-        self.node.served += 1
-        tokens = (self.usage or {}).get("completion_tokens")
-        if self.request.stream and isinstance(tokens, int) and self.first_at is not None:
-            self.node.seen(self.model).finished(tokens, time.perf_counter() - self.first_at)
-
-
-async def _send_cancel(stream: Stream) -> None:
-    if stream.closed:
-        return
-    with contextlib.suppress(TunnelError):
-        await stream.send(FrameType.CANCEL, None)
-
-
-def error_from_frame(frame: Frame) -> OpenAIError:
-    if frame.type == FrameType.CANCEL:
-        return OpenAIError(502, "the node cancelled the request", hop="node")
-    return error_of(frame.body, hop="node", default="node reported an error")
 
 
 def with_model(raw: bytes, model: str) -> bytes:
@@ -289,10 +64,6 @@ def with_model(raw: bytes, model: str) -> bytes:
         return raw
     data["model"] = model
     return json.dumps(data, separators=(",", ":")).encode()
-
-
-def short(did: str) -> str:
-    return did[:16] + "…" + did[-6:] if len(did) > 30 else did
 
 
 class Dispatcher:
@@ -537,7 +308,7 @@ def _cancel_soon(stream: Stream) -> None:
     """CANCEL `stream` without waiting (it must also work while our task is cancelled)."""
     if stream.closed:
         return
-    task = asyncio.get_running_loop().create_task(_send_cancel(stream))
+    task = asyncio.get_running_loop().create_task(send_cancel(stream))
     _background.add(task)
     task.add_done_callback(_background.discard)
 

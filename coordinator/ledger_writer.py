@@ -10,6 +10,12 @@ hand-off each way; 500 concurrent streams share a handful of commits.
 
 A batch the store refuses is retried row by row, so one bad row fails alone
 (its waiter gets the exception) and the others are still stored.
+
+With `write_now` (SQLite: a write that never waits for the lock), a row that finds
+the thread idle is stored by the caller itself, on the event loop, at once: a lone
+request makes no hand-off at all; when someone else holds the write lock or rows are
+queued, it goes to the thread as above. Every HOUSEKEEPING_EVERY such rows the thread
+runs `housekeeping` (the WAL checkpoint that the loop's connection leaves undone).
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 512
 """Rows per transaction at most (bounds one commit's time under a burst)."""
+HOUSEKEEPING_EVERY = 256
+"""Rows stored by `write_now` between two housekeeping jobs on the thread (a WAL
+checkpoint: the loop's own connection never checkpoints)."""
 
 Row = dict[str, Any]
 _Item = tuple[Row, asyncio.Future[None], asyncio.AbstractEventLoop]
@@ -34,10 +43,16 @@ class LedgerWriter:
     """Store rows with `write_many` (blocking, one transaction) on a thread of its own."""
 
     def __init__(self, write_many: Callable[[list[Row]], None], *,
-                 max_batch: int = MAX_BATCH) -> None:
+                 max_batch: int = MAX_BATCH,
+                 write_now: Callable[[list[Row]], bool] | None = None,
+                 housekeeping: Callable[[], None] | None = None) -> None:
         self._write_many = write_many
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._write_now = write_now
+        self._housekeeping = housekeeping
+        self._queue: queue.SimpleQueue[_Item | Callable[[], None] | None] = queue.SimpleQueue()
+        self.now = 0
+        """rows stored on the caller's thread since start (`write_now`)"""
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.batches = 0
@@ -45,6 +60,12 @@ class LedgerWriter:
 
     async def write(self, row: Row) -> None:
         """Return once `row` is stored; raise what the store raised for it."""
+        if self._write_now is not None and self._queue.empty() and self._write_now([row]):
+            self.now += 1  # nobody else was writing: stored here, no hand-off each way
+            if self._housekeeping is not None and self.now % HOUSEKEEPING_EVERY == 0:
+                self._ensure_thread()
+                self._queue.put(self._housekeeping)
+            return
         self._ensure_thread()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
@@ -73,6 +94,9 @@ class LedgerWriter:
             first = self._queue.get()
             if first is None:
                 break
+            if not isinstance(first, tuple):
+                _run_job(first)
+                continue
             batch = [first]
             while len(batch) < self._max_batch:
                 try:
@@ -82,6 +106,9 @@ class LedgerWriter:
                 if item is None:
                     stop = True
                     break
+                if not isinstance(item, tuple):
+                    _run_job(item)
+                    continue
                 batch.append(item)
             self._store(batch)
 
@@ -111,6 +138,13 @@ class LedgerWriter:
                 loop.call_soon_threadsafe(_settle, waiters)
             except RuntimeError:  # that loop is closed: nobody waits any more
                 log.debug("ledger writer: a loop closed before its rows were settled")
+
+
+def _run_job(job: Callable[[], None]) -> None:
+    try:
+        job()
+    except Exception:
+        log.exception("ledger writer: housekeeping failed")
 
 
 def _settle(waiters: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:

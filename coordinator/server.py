@@ -74,6 +74,16 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
         now = time.time()
         (spool.record_many if spool else store.record_usages)(
             [UsageRecord(**row, created_at=now) for row in rows])
+        _traffic(rows)
+
+    def record_now(rows: list[dict[str, Any]]) -> bool:  # SQLite, nobody else writing
+        now = time.time()
+        stored = store.record_usages_now([UsageRecord(**row, created_at=now) for row in rows])
+        if stored:
+            _traffic(rows)
+        return stored
+
+    def _traffic(rows: list[dict[str, Any]]) -> None:
         if traffic is not None:
             for row in rows:
                 traffic.add(row)  # the web pane's and `top`'s last hour
@@ -87,6 +97,8 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
     dispatcher.on_decision = metrics.schedule.observe
     return ApiContext(registry, verify_key, known or known_models, record_usage,
                       record_usages=record_usages, config=config,
+                      record_now=record_now if spool is None else None,
+                      ledger_housekeeping=store.ledger_checkpoint,
                       dispatcher=dispatcher, gate=gate, metrics=metrics, cache=cache)
 
 

@@ -1,9 +1,10 @@
 """uvicorn's two HTTP/1.1 protocols with the bounds of :mod:`meshgate.httpserver` added.
 
 :class:`GuardedHttpToolsProtocol` (the default: uvicorn's ``httptools`` protocol,
-llhttp's C parser) and :class:`GuardedH11Protocol` (uvicorn's pure-Python ``h11``
-protocol) share one :class:`Guards` mixin: head, body and write timeouts and the
-connection cap with eviction, as the module doc of :mod:`meshgate.httpserver` says.
+llhttp's C parser) and :class:`~meshgate.http_h11.GuardedH11Protocol` (uvicorn's
+pure-Python ``h11`` protocol, imported only when asked for) share one :class:`Guards`
+mixin: head, body and write timeouts and the connection cap with eviction, as the
+module doc of :mod:`meshgate.httpserver` says.
 They differ only in how they tell where a request is (h11's ``their_state``; the
 httptools parser's callbacks here) and in the head size limit: h11 counts its
 receive buffer; llhttp has no limit of its own, so here the bytes that arrive
@@ -24,13 +25,11 @@ import asyncio
 import logging
 from typing import Any, cast
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from meshgate.httplimits import HttpLimits
 
-__all__ = ["CorkedTransport", "GuardedH11Protocol", "GuardedHttpToolsProtocol", "Guards"]
+__all__ = ["CorkedTransport", "GuardedHttpToolsProtocol", "Guards"]
 
 log = logging.getLogger("meshgate.httpserver")
 
@@ -221,16 +220,6 @@ class Guards:
         log.info("closing the connection of %s: its %s took more than %g s", self._who(), what,
                  limit)
         self.transport.close()
-
-
-class GuardedH11Protocol(Guards, H11Protocol):
-    """uvicorn's h11 protocol, bounded (h11 limits the head's size itself)."""
-
-    def awaiting_head(self) -> bool:
-        return self.conn.their_state is h11.IDLE
-
-    def reading_body(self) -> bool:
-        return self.conn.their_state is h11.SEND_BODY
 
 
 class HeadTooLarge(Exception):

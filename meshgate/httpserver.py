@@ -47,17 +47,15 @@ from typing import Any
 
 import uvicorn
 
-from meshgate.http_protocols import GuardedH11Protocol, GuardedHttpToolsProtocol
+from meshgate.http_protocols import GuardedHttpToolsProtocol
 from meshgate.httplimits import COORDINATOR_LIMITS, NODE_LIMITS, HttpLimits
 from meshgate.logflood import install_flood_filter
 
-__all__ = ["COORDINATOR_LIMITS", "NODE_LIMITS", "PARSERS", "GuardedH11Protocol",
-           "GuardedHttpToolsProtocol", "HttpLimits", "fit_to_fd_limit", "protocol_class",
-           "raise_fd_limit", "server_config"]
+__all__ = ["COORDINATOR_LIMITS", "NODE_LIMITS", "PARSERS", "GuardedHttpToolsProtocol",
+           "HttpLimits", "fit_to_fd_limit", "protocol_class", "raise_fd_limit", "server_config"]
 
-#: ``MESHGATE_HTTP_PARSER`` -> the protocol class (httptools unless it says h11).
-PARSERS: dict[str, type[asyncio.Protocol]] = {"httptools": GuardedHttpToolsProtocol,
-                                    "h11": GuardedH11Protocol}
+#: The values ``MESHGATE_HTTP_PARSER`` takes (httptools unless it says h11).
+PARSERS = ("httptools", "h11")
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +106,11 @@ def protocol_class(limits: HttpLimits, parser: str | None = None) -> type[asynci
     parser = parser or os.environ.get("MESHGATE_HTTP_PARSER") or "httptools"
     if parser not in PARSERS:
         raise ValueError(f"MESHGATE_HTTP_PARSER must be one of {sorted(PARSERS)}, not {parser!r}")
-    base = PARSERS[parser]
+    base: type[asyncio.Protocol] = GuardedHttpToolsProtocol
+    if parser == "h11":
+        from meshgate.http_h11 import GuardedH11Protocol  # deferred: h11 only when asked
+
+        base = GuardedH11Protocol
     return type(f"{base.__name__}Bound", (base,), {"limits": limits, "waiting": {}})
 
 

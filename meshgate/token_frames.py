@@ -15,6 +15,12 @@ across streams or tenants.
 
 The decoder takes a node's bytes: anything malformed is a ValueError (the coordinator
 ends the stream as a bad node answer).
+
+Per token, both sides take a template way when the chunk differs from the last one in one
+string only (the token's text): the encoder keeps the bytes around that string and reads
+just the new string; the decoder keeps its last output around it and splices the new
+string's JSON in. Templates are made only when proven, are dropped by any other patch, and
+give the same bytes as the general way (tests compare byte for byte).
 """
 
 from __future__ import annotations

@@ -29,13 +29,11 @@ from typing import Any
 
 from meshgate.httpserver import NODE_LIMITS, server_config
 from meshgate.logs import AccessLogMiddleware, RequestIdMiddleware, setup_logging
-from meshgate.serving import DaemonServer
+from meshgate.serving import DaemonServer, run
 from meshgate.startup import StartupError, check_port, model_dir_warnings
 from node_agent.config import NodeOptions
 from node_agent.guard import guard_from_env
-from node_agent.link import CoordinatorLink
 from node_agent.local_daemon import announce, forget
-from node_agent.members import MemberLinks
 from node_agent.models import parse_model_spec
 from node_agent.node_parts import NodeParts, build_manager, load_nvml_module
 from node_agent.pipeline import Pipeline
@@ -52,14 +50,13 @@ DRAIN_GRACE_S = 30.0
 
 async def serve(opts: NodeOptions) -> None:
     state = NodeState(opts.state_dir)
-    identity = state.identity()
     enrollment = state.enrollment()
     parts = NodeParts(opts, state)
     await parts.setup()
     manager = parts.manager
     await manager.start()
     await parts.telemetry.refresh()
-    log.info("node %s serves %s", identity.did, manager.names())
+    log.info("node serves %s", manager.names())
     pipeline = Pipeline(manager, metrics=parts.metrics, mesh=parts.mesh_runtime)
     app = guard_from_env(build_app(  # refuses what web pages send (node_agent/guard.py)
         manager,
@@ -93,6 +90,12 @@ async def serve(opts: NodeOptions) -> None:
     elif enrollment is None:
         log.warning("not enrolled: serving the local proxy only (run `meshgate-node enroll TOKEN`)")
     else:
+        # deferred: the link, the tunnel and its crypto load only for an enrolled node
+        from node_agent.link import CoordinatorLink
+        from node_agent.members import MemberLinks
+
+        identity = state.identity()
+        log.info("node %s links to %s", identity.did, enrollment.url)
         if opts.coordinator_url:
             enrollment = dataclasses.replace(enrollment, url=opts.coordinator_url)
         def member_link(url: str, on_members: Callable[[Any], None]) -> CoordinatorLink:
@@ -138,7 +141,7 @@ def run_node(opts: NodeOptions) -> None:
     """Run the daemon; :class:`StartupError` (one line naming the fix) if it cannot start."""
     setup_logging(opts.log_format, opts.log_level)
     check_startup(opts)
-    asyncio.run(serve(opts))
+    run(serve(opts))  # on uvloop (meshgate/serving.py)
 
 
 def check_startup(opts: NodeOptions) -> None:

@@ -32,17 +32,17 @@ from node_agent.energy import Uses, cpu_only
 from node_agent.energy_meter import EnergyMeter, NvmlEnergy
 from node_agent.inventory import Inventory, ModelFile, ollama_entry, read_model_file
 from node_agent.journal import UsageJournal
-from node_agent.members import MemberLinks
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager, model_name, parse_model_spec
 from node_agent.nvml import NvmlSource
 from node_agent.rapl import RaplSource
-from node_agent.runtimes.mesh import MeshRuntime
 from node_agent.state import NodeState
 from node_agent.telemetry import TelemetrySampler, TelemetryService
 
 if TYPE_CHECKING:
+    from node_agent.members import MemberLinks
     from node_agent.runtimes.llama.supervisor import LlamaRunner
+    from node_agent.runtimes.mesh import MeshRuntime
     from node_agent.runtimes.ollama.host import OllamaHost
 
 __all__ = ["NVML_MODULE_ENV", "NodeParts", "build_manager", "load_nvml_module"]

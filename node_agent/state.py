@@ -11,9 +11,10 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tunnel import Identity
+if TYPE_CHECKING:
+    from tunnel import Identity
 
 IDENTITY_FILE = "identity.key"
 ENROLLMENT_FILE = "coordinator.json"
@@ -68,6 +69,8 @@ class NodeState:
 
     def identity(self) -> Identity:
         """The node's identity, created on first use."""
+        from tunnel import Identity  # deferred: the tunnel (and its crypto) only when needed
+
         key_file = self.path / IDENTITY_FILE
         if key_file.exists():
             return Identity.from_bytes(key_file.read_bytes())

@@ -40,6 +40,20 @@ class LedgerStore(StoreCore):
 
     _appender: SqliteAppender | None = None
 
+    def record_usages_now(self, records: list[UsageRecord]) -> bool:
+        """`record_usages` without waiting (SQLite only): False, nothing stored, when
+        another connection holds the write lock or the database is not SQLite."""
+        if self.engine.dialect.name != "sqlite":
+            return False
+        if self._appender is None:
+            self._appender = SqliteAppender(self.engine, _LEDGER.name, _COLUMNS)
+        return self._appender.try_append([tuple(_usage_values(r).values()) for r in records])
+
+    def ledger_checkpoint(self) -> None:
+        """Fold SQLite's write-ahead log into the database (blocking; a thread's job)."""
+        if self._appender is not None:
+            self._appender.checkpoint()
+
     def close(self) -> None:
         if self._appender is not None:
             self._appender.close()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from coordinator.answer_stream import EventStream, unless_disconnected
-from coordinator.dispatch import Served
+from coordinator.served import Served
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest
 

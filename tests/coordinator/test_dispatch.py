@@ -19,11 +19,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from coordinator.config import DispatchConfig
-from coordinator.dispatch import Dispatcher, NodeAttempt, Served
+from coordinator.dispatch import Dispatcher
 from coordinator.gateway import Gateway
 from coordinator.registry import Registry
 from coordinator.routing import Prefer
 from coordinator.scheduler import Request
+from coordinator.served import NodeAttempt, Served
 from coordinator.store import Store
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest, error_body

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from coordinator.ledger_writer import LedgerWriter
+from coordinator.ledger_writer import HOUSEKEEPING_EVERY, LedgerWriter
 from coordinator.store import Store, UsageRecord
 
 
@@ -119,4 +120,46 @@ def test_the_sqlite_append_is_all_or_none_and_recovers(tmp_path: Path) -> None:
         store.record_usages([good])  # no transaction left open behind the failure
         assert [r.request_id for r in store.usage_rows()] == ["r1"]
     finally:
+        store.close()
+
+
+async def test_a_row_that_finds_the_writer_idle_is_stored_without_a_thread() -> None:
+    now: list[str] = []
+    queued: list[str] = []
+    jobs: list[int] = []
+    busy = False
+
+    def write_now(rows: list[dict[str, Any]]) -> bool:
+        if busy:
+            return False
+        now.extend(r["request_id"] for r in rows)
+        return True
+
+    writer = LedgerWriter(lambda rows: queued.extend(r["request_id"] for r in rows),
+                          write_now=write_now, housekeeping=lambda: jobs.append(1))
+    try:
+        for i in range(HOUSEKEEPING_EVERY):
+            await writer.write(_row(i))
+        assert len(now) == HOUSEKEEPING_EVERY
+        busy = True  # someone else holds the lock: the thread waits for it instead
+        await writer.write(_row(-1))
+        assert queued == ["r-1"]
+        assert jobs == [1]  # one checkpoint after HOUSEKEEPING_EVERY rows stored at once
+    finally:
+        writer.close()
+
+
+def test_the_loops_sqlite_write_never_waits_for_the_lock(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path}/ledger.db")
+    other = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None)
+    try:
+        record = UsageRecord(**_row(1), created_at=1.0)
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the write lock
+        assert store.record_usages_now([record]) is False
+        other.execute("COMMIT")
+        assert store.record_usages_now([record]) is True
+        store.ledger_checkpoint()
+        assert [r.request_id for r in store.usage_rows()] == ["r1"]
+    finally:
+        other.close()
         store.close()
