@@ -4,9 +4,11 @@ A coordinator holding 10,000 node connections keeps ~1.5 million tracked
 objects alive (links, sessions, tasks, each node's last telemetry), and every
 telemetry frame replaces a few of them. Those replacements outlive the young
 generations, so CPython's full collection keeps being triggered, and each one
-walks the whole heap: measured with `scripts/bench/ingest.py --nodes 10000`
-(1,000 frames/s), 60% of the process's CPU went to the collector, with
-full-collection pauses of ~2 s each on the shared 2-core box.
+walks the whole heap: with `scripts/bench/ingest.py --nodes 10000` (1,000
+frames/s) on the shared 2-core box, full collections took ~2 s each (one
+run: 3 of them, 6.1 s of 14.9 s CPU; with this policy, interleaved rounds
+of one run: no full collection, and the CPU per frame within the noise of
+the box, 455-552 us against 462-481 us without).
 
 So every FREEZE_EVERY_S the server moves what is alive into the permanent
 generation (`gc.freeze()`, O(1)), which the collector no longer walks; new

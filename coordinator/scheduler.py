@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 WINDOW = 32  # slots ranked exactly per model when a `limit` is given (at least 4 x limit)
+MAX_WALK = 8  # with a limit, at most this many windows of slots are looked at per model
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,19 +218,25 @@ class _LabelCheck:
 
 
 def _edge(req: Request, snap: View, rejected: list[Rejection],
-          window: int | None) -> tuple[list[rules.Row], int]:
-    """Node rows, and how many slots were not looked at (`window` survivors per model are
-    enough). Hot path: a ready slot whose context fits needs only the label check; every
-    other slot goes through the filters in order, which name the first failure."""
+          window: int | None, keep: int = 0) -> tuple[list[rules.Row], int]:
+    """Node rows, and how many slots were not looked at. With a `window`, each model's
+    slots are walked in the view's reference order until `window` survived *and* no slot
+    further down can beat the `keep` best estimates found (`_beyond`), or MAX_WALK x
+    `window` slots were looked at. Hot path: a ready slot whose context fits needs only
+    the label check; every other slot goes through the filters in order, which name the
+    first failure."""
     filters, labels = rules.node_filters(req), _LabelCheck(req) or None
     need = req.prompt_tokens + req.max_tokens
+    scale = _scale(req)
     out: list[rules.Row] = []
     unseen = 0
     for pref, model in enumerate(req.models):
         slots: Iterable[Slot] = snap.slots_for(model) if window is None else snap.ordered(model)
         seen = survived = 0
+        best: list[float] = []  # max-heap (negated) of the `keep` best estimates, tier 0
         for slot in slots:
-            if window is not None and survived >= window:
+            if window is not None and survived >= window and (
+                    seen >= MAX_WALK * window or _beyond(slot, best, keep, scale)):
                 break
             seen += 1
             if slot.ready and need <= slot.model.context_length:
@@ -240,11 +247,33 @@ def _edge(req: Request, snap: View, rejected: list[Rejection],
                 survived += 1
                 est = rules.node_estimate(slot, req)
                 out.append((est, 0.0, pref, 0, slot.did, model, slot.notes, slot.suspect))
+                if keep and not slot.suspect:
+                    if len(best) < keep:
+                        heapq.heappush(best, -est)
+                    elif est < -best[0]:
+                        heapq.heapreplace(best, -est)
             else:
                 rejected.append(Rejection._make((Kind.NODE, slot.did, model, reason)))
         if window is not None:
             unseen += snap.count(model) - seen
     return out, unseen
+
+
+def _scale(req: Request) -> float:
+    """A lower bound of (this request's estimate) / (the reference estimate) on any slot:
+    both are sums of the same per-slot terms (prompt, output, fixed) with weights
+    (P, O, 1) and (REF_PROMPT, REF_OUTPUT, 1)."""
+    return min(1.0, req.prompt_tokens / rules.REF_PROMPT, req.max_tokens / rules.REF_OUTPUT)
+
+
+def _beyond(slot: Slot, best: list[float], keep: int, scale: float) -> bool:
+    """Whether `slot` and every slot after it in the reference order can be left out:
+    past the ready, unsuspected tier (they rank after it, or cannot serve), or
+    `scale` x its reference estimate is no better than the `keep`-th best found."""
+    tier, ref = slot.ref_key
+    if tier > 0 or scale <= 0.0:  # (no output tokens: no bound; the window alone, as before)
+        return True
+    return len(best) >= keep and scale * ref > -best[0]
 
 
 def _cloud(req: Request, snap: View, rejected: list[Rejection], edge: bool) -> list[rules.Row]:
@@ -282,7 +311,7 @@ def schedule(request: Request, snapshot: View, *, limit: int | None = None) -> D
         if not snapshot.count(m) and not snapshot.clouds_for(m)
     ]
     window = None if limit is None else max(WINDOW, 4 * limit)
-    edge, unseen = _edge(request, snapshot, rejected, window)
+    edge, unseen = _edge(request, snapshot, rejected, window, max(limit or 0, 1))
     rows = edge + _cloud(request, snapshot, rejected, bool(edge) or unseen > 0)
     key = rules.rank_key(request)
     if limit is None or limit >= len(rows):

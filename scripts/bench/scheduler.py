@@ -125,9 +125,9 @@ def live(nodes: list[NodeView], clouds: list[CloudView], runs: int, batch: int) 
           "the index update of the slot it chose")
     print(f"{'request shape':<30} {'agrees':>7} {'ms/decision':>12} {'p99 ms':>8} "
           f"{'decisions/s':>12}")
-    snap = Snapshot.build(nodes, clouds)
     for name, req, _ in SHAPES:
-        full = schedule(req, snap).best
+        # the full ranking over the view as it is now (the previous shape moved it)
+        full = schedule(req, Snapshot.build(list(by_did.values()), clouds)).best
         got = schedule(req, index, limit=LIMIT).best
         agree = full is not None and got is not None and full[:3] == got[:3]
         samples: list[float] = []
