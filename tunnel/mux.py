@@ -59,6 +59,7 @@ class Stream:
         self._credit: asyncio.Future[None] | None = None
         self._dead: str | None = None
         self._send_lock = asyncio.Lock()
+        self._on_cancel: Callable[[], None] | None = None  # set by `until_cancelled`
 
     @property
     def closed(self) -> bool:
@@ -204,11 +205,25 @@ class Stream:
     # -- called by the mux's reader --------------------------------------------------
 
     def _deliver(self, frame: Frame) -> None:
+        if self._on_cancel is not None:  # an answer runs (`until_cancelled`): nobody reads
+            if frame.type in TERMINAL:
+                self._wake_credit()
+            if frame.type == FrameType.CANCEL:
+                self._on_cancel()
+            elif frame.type == FrameType.DATA:  # dropped, its credit granted back
+                self._drop(frame)
+            return
         self._frames.append(frame)
         if frame.type in TERMINAL:
             self._wake_credit()
         if self._reader is not None and not self._reader.done():
             self._reader.set_result(None)
+
+    def _drop(self, frame: Frame) -> None:
+        mux = self._mux
+        mux.conn.consumed(self._state, len(frame.body))
+        if mux.conn.pending_bytes:
+            mux.link.kick()
 
     def _kill(self, reason: str) -> None:
         """The link died under an unfinished stream: it fails at once, queued frames
@@ -218,6 +233,8 @@ class Stream:
             self._frames.clear()
             self._state.buffered = 0
         self._wake_credit()
+        if self._on_cancel is not None:
+            self._on_cancel()
         if self._reader is not None and not self._reader.done():
             self._reader.set_result(None)
 
@@ -456,23 +473,41 @@ class Mux:
 
 async def until_cancelled(stream: Stream, work: Coroutine[Any, Any, None]) -> bool:
     """Run `work` (the answer to a stream the peer opened) until it ends, or until the
-    peer sends CANCEL on `stream` or the link dies, which cancels it. True if cancelled."""
-    task = asyncio.create_task(work)
-    watch = asyncio.create_task(_wait_cancel(stream))
-    done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    cancelled = watch in done and not task.done()
-    if cancelled:
-        task.cancel()
-    watch.cancel()
-    for t in (task, watch):
-        with contextlib.suppress(asyncio.CancelledError, TunnelError):
-            await t
-    return cancelled
+    peer sends CANCEL on `stream` or the link dies, which cancels it. True if cancelled.
 
+    `work` runs in the caller's task: the stream's delivery calls back on CANCEL or a
+    dead link and cancels that task (no second task, no watcher per request). Frames the
+    peer sends meanwhile are dropped (nothing reads a stream while its answer runs), DATA
+    with its credit granted back. A TunnelError out of `work` ends it quietly."""
+    task = asyncio.current_task()
+    assert task is not None
+    while (early := stream.recv_nowait() if stream._dead is None else None) is not None:
+        if early.type == FrameType.CANCEL:  # cancelled before the answer began
+            work.close()
+            return True
+    if stream._dead is not None:
+        work.close()
+        return True
+    fired = False
 
-async def _wait_cancel(stream: Stream) -> None:
-    with contextlib.suppress(ClosedError):
-        while True:
-            frame = await stream.recv()
-            if frame.type == FrameType.CANCEL:
-                return
+    def cancel() -> None:
+        nonlocal fired
+        if not fired:
+            fired = True
+            task.cancel()
+
+    stream._on_cancel = cancel
+    taken_back = False
+    try:
+        await work
+    except asyncio.CancelledError:
+        taken_back = fired
+        if not fired or task.uncancel() > 0:  # someone else cancelled us too: theirs
+            raise
+    except TunnelError:
+        pass
+    finally:
+        stream._on_cancel = None
+        if fired and not taken_back:  # the work caught our cancel itself
+            task.uncancel()
+    return fired
