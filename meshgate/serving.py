@@ -8,10 +8,15 @@ the tunnel and the store) never runs and the runners are orphaned. A daemon
 that owns child processes must finish its shutdown first, so this server
 swallows the re-raise: ``serve()`` simply returns after a signal.
 
-:func:`run` runs a daemon's main coroutine on uvloop (libuv's loop, in C) unless
-``MESHGATE_LOOP=asyncio`` asks for the standard one: on the node's local port it
-measured ~0.1 ms less CPU per request (1.24 -> 1.14 ms non-stream, 1.85 -> 1.72 ms
-on a 16-chunk stream, scripts/bench/overhead.py's shapes, interleaved).
+:func:`run` runs a daemon's main coroutine on asyncio's loop, or on uvloop's
+(libuv, in C) with ``MESHGATE_LOOP=uvloop`` when uvloop is installed (it is not a
+dependency). uvloop measured ~0.1 ms less CPU per request on the node's local port
+(1.24 -> 1.14 ms non-stream, 1.85 -> 1.72 ms on a 16-chunk stream,
+scripts/bench/overhead.py's shapes, interleaved) for +2.1 MiB idle RSS, but it is
+not the default: aiohttp's client (the node's, to its runners) is known not to close
+a connection before its end under uvloop (MagicStack/uvloop#471, open), and a
+runner must see a cancelled stream's client go; two unexplained first-token
+timeouts on the tunnel path were also seen with it in the e2e suite.
 """
 
 from __future__ import annotations
@@ -52,13 +57,13 @@ class DaemonServer(uvicorn.Server):
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop factory, or None for asyncio's (``MESHGATE_LOOP=asyncio``, or no uvloop)."""
-    if os.environ.get("MESHGATE_LOOP", "uvloop") == "asyncio":
+    """None for asyncio's loop; uvloop's factory with ``MESHGATE_LOOP=uvloop`` (if installed)."""
+    if os.environ.get("MESHGATE_LOOP", "asyncio") != "uvloop":
         return None
     try:
         import uvloop
-    except ImportError:  # a platform without it (it is a dependency on Linux and macOS)
-        log.debug("uvloop is not installed: running on asyncio's loop")
+    except ImportError:
+        log.warning("MESHGATE_LOOP=uvloop but uvloop is not installed: running on asyncio's")
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory

@@ -36,6 +36,10 @@ CONNECT_TIMEOUT_S = 5.0
 #: After ``[DONE]``, at most this long and this much to read the body's end (then: close).
 DRAIN_TIMEOUT_S = 1.0
 DRAIN_MAX_BYTES = 64 * 1024
+#: A pooled connection idle this long is closed by us, before the server's own keep-alive
+#: (uvicorn's, under our runner and most upstreams: 5 s) can close it as we send on it
+#: (aiohttp would not resend a POST; aiohttp's own default is 15 s).
+KEEPALIVE_S = 4.0
 
 
 class SSEParser:
@@ -150,8 +154,8 @@ class OpenAIHttpRuntime:
         if self._session is None or self._session.closed:
             import aiohttp  # deferred: an idle daemon never needs it
 
-            connector = (aiohttp.UnixConnector(path=self._uds) if self._uds
-                         else aiohttp.TCPConnector())
+            connector = (aiohttp.UnixConnector(path=self._uds, keepalive_timeout=KEEPALIVE_S)
+                         if self._uds else aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_S))
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S),
