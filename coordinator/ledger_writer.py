@@ -16,6 +16,15 @@ the thread idle is stored by the caller itself, on the event loop, at once: a lo
 request makes no hand-off at all; when someone else holds the write lock or rows are
 queued, it goes to the thread as above. Every HOUSEKEEPING_EVERY such rows the thread
 runs `housekeeping` (the WAL checkpoint that the loop's connection leaves undone).
+
+What "stored" means on SQLite (store/core.py: WAL, synchronous=NORMAL): a committed row
+is in the write-ahead log, in the OS's page cache, when the answer's last byte leaves. A
+coordinator process that is killed (SIGKILL, OOM, a crash) loses no row (the kernel
+writes the file; test_ledger_durable kills it the moment answers were read); a power cut
+or kernel crash can lose the rows since the last fsync (each checkpoint fsyncs). FULL
+would fsync every commit (one disk flush per request on the request path); the ledger's
+promise is against the process dying, which is what a gateway sees, so NORMAL holds it.
+PostgreSQL commits are durable as the server is configured (synchronous_commit).
 """
 
 from __future__ import annotations
