@@ -65,7 +65,7 @@ class Slot:
     label_key: tuple[tuple[str, str], ...]  # the node's labels, hashable, for a per-request cache
     unfit: str | None  # why the model cannot be loaded there, or None
     fixed_s: float  # round trip + load time when not loaded
-    prompt_s: float  # seconds per prompt token, times the turns to wait (queue / capacity + 1)
+    prompt_s: float  # seconds per prompt token, times the turns to wait (see make_slot)
     output_s: float  # seconds per output token, times the turns to wait
     notes: tuple[str, ...]
     suspect: bool  # let a request down: ranked after every other candidate
@@ -97,9 +97,12 @@ def make_slot(node: NodeView, model: ModelView) -> Slot:
         notes += ("suspect: let a request down, not answered one since",)
     unfit = fit_reason(node, model)
     capacity = model.capacity
-    # the queue ahead in turns of `capacity` parallel slots (unstated: one), then this request;
-    # capacity 0 is an upstream we do not cap: it takes everything at once
-    turns = 1 if capacity == 0 else max(model.queue_depth, 0) // (capacity or 1) + 1
+    # the queue ahead in turns of `capacity` parallel slots (unstated: one), then this request:
+    # a free slot is no wait; with all busy, each request ahead of the first free slot is
+    # 1/capacity of a turn (staggered); capacity 0 is an upstream we do not cap: no wait
+    slots_n = capacity or 1
+    ahead = max(model.queue_depth, 0) - slots_n + 1  # requests to finish before a slot frees
+    turns = 1.0 if capacity == 0 else 1.0 + max(ahead, 0) / slots_n
     ready = node.connected and unfit is None
     fixed_s = max(node.rtt_ms, 0.0) / 1000.0 + load_s
     prompt_s = turns * seconds_per_token(model.prefill_tps, FALLBACK_PREFILL_TPS)

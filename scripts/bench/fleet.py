@@ -324,7 +324,8 @@ async def driver(args: argparse.Namespace, n_nodes: int) -> dict[str, Any]:
                     break
                 await asyncio.sleep(0.5)
             connect_s = time.perf_counter() - connect_start
-            await asyncio.sleep(2.0 + args.telemetry_period)  # every node past its first telemetry
+            # every node past its first telemetry (a long period: a baseline with almost none)
+            await asyncio.sleep(2.0 + min(args.telemetry_period, 10.0))
             spy = profile(args.profile, coord.pid, "idle", args.idle_seconds)
             f0, c0, w0 = sent(root, args.procs), cpu_seconds(proc), time.perf_counter()
             await asyncio.sleep(args.idle_seconds)
