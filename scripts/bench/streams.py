@@ -13,7 +13,9 @@ in alternating order from round to round so that drift hits both alike, and repo
 * refused: answers that were not 200 (the coordinator's 429/503 included);
 * incomplete: 200 answers without every chunk and ``[DONE]``;
 * wall: seconds from the first request to the last answer's end; mesh / direct;
-* the coordinator's RSS after a warm-up round and after each round (growth: MiB).
+* the coordinator's RSS after a warm-up round and after each round (growth: MiB);
+* CPU seconds each process (coordinator, node, upstream) used in each round: on a box
+  with fewer free cores than busy processes the wall ratio follows the sum of these.
 
 The client is a bare asyncio HTTP/1.1 writer/reader (one connection per stream,
 ``Connection: close``) so that its own cost stays small next to the servers'. Bounded:
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -84,6 +87,12 @@ async def round_of(n: int, port: int, path: str, body: bytes, headers: str
     }
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds `pid` has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -92,7 +101,8 @@ def rss_mib(pid: int) -> float:
 
 
 async def drive(args: argparse.Namespace, mesh: Mesh, upstream_port: int,
-                coordinator_pid: int) -> dict[str, Any]:
+                pids: dict[str, int]) -> dict[str, Any]:
+    coordinator_pid = pids["coordinator"]
     body = json.dumps({"model": MODEL, "stream": True, "max_tokens": args.chunks,
                        "messages": [{"role": "user", "content": "Say hello."}]}).encode()
     targets: dict[str, Callable[[], Any]] = {
@@ -108,14 +118,18 @@ async def drive(args: argparse.Namespace, mesh: Mesh, upstream_port: int,
         order = ["direct", "mesh"] if i % 2 == 0 else ["mesh", "direct"]
         row: dict[str, Any] = {}
         for name in order:
+            before = {proc: cpu_s(pid) for proc, pid in pids.items()}
             row[name] = await targets[name]()
+            row[name]["cpu_s"] = {proc: round(cpu_s(pid) - before[proc], 2)
+                                  for proc, pid in pids.items()}
         rss.append(rss_mib(coordinator_pid))
         row["rss_mib"] = rss[-1]
         rounds.append(row)
         print(f"round {i + 1}: direct {row['direct']['wall_s']:.2f} s "
               f"(refused {row['direct']['refused']}), mesh {row['mesh']['wall_s']:.2f} s "
               f"(refused {row['mesh']['refused']}, incomplete {row['mesh']['incomplete']}, "
-              f"min events {row['mesh']['events_min']}), coordinator RSS {rss[-1]:.1f} MiB",
+              f"min events {row['mesh']['events_min']}), coordinator RSS {rss[-1]:.1f} MiB; "
+              f"CPU s mesh {row['mesh']['cpu_s']}, direct {row['direct']['cpu_s']}",
               flush=True)
     ratios = [r["mesh"]["wall_s"] / r["direct"]["wall_s"] for r in rounds]
     return {
@@ -149,7 +163,9 @@ def main() -> None:
             mesh.wait_serving(MODEL)
             assert mesh.coordinator is not None
             port = int(upstream.rsplit(":", 1)[1].split("/")[0])
-            result = asyncio.run(drive(args, mesh, port, mesh.coordinator.popen.pid))
+            pids = {"coordinator": mesh.coordinator.popen.pid,
+                    "node": mesh.nodes["node-a"].popen.pid, "upstream": fake.pid}
+            result = asyncio.run(drive(args, mesh, port, pids))
         finally:
             mesh.stop()
             fake.kill()
