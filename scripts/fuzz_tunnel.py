@@ -366,6 +366,9 @@ def one_input(data: bytes) -> None:
         key = (type(exc).__name__, *place)
         if key not in findings:
             findings[key] = (name, data, traceback.format_exc())
+            # now, too: libFuzzer's -max_total_time exits without running atexit
+            print(f"fuzz_tunnel: FINDING in {name}, input {data[:200]!r}\n"
+                  f"{findings[key][2]}", file=sys.stderr, flush=True)
 
 
 # -- seeds, random mode, report --------------------------------------------------------
