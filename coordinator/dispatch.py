@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from coordinator.config import DispatchConfig
-from coordinator.observed import first_token_timeout
+from coordinator.observed import first_token_timeout, requests_ahead
 from coordinator.registry import NodeConn, Registry
 from coordinator.scheduler import Candidate, Kind, Request, schedule
 from coordinator.served import NodeAttempt, Served, error_from_frame, now, send_cancel, short
@@ -250,8 +250,10 @@ class Dispatcher:
             stream = await node.mux.open(wire)
             view = node.view().models.get(model)
             load_s = view.load_time_s if view is not None and not view.loaded else 0.0
+            ahead = requests_ahead(node.per_model.get(model, 0),
+                                   view.capacity if view is not None else None)
             timeout = first_token_timeout(self.config.first_token_timeout_s,
-                                          node.observed.get(model), load_s)
+                                          node.observed.get(model), load_s, ahead)
             wait = min(deadline - now(), timeout)
             try:
                 async with asyncio.timeout(max(wait, 0.0)):

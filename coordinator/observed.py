@@ -45,11 +45,26 @@ class Observed:
         return self.prefill if self.prefill is not None else claimed
 
 
-def first_token_timeout(ceiling: float, seen: Observed | None, load_s: float = 0.0) -> float:
+def first_token_timeout(ceiling: float, seen: Observed | None, load_s: float = 0.0,
+                        ahead: int = 0) -> float:
     """How long to wait for a first token: until measured, `ceiling` (the configured
     timeout); then a few times the measured time (plus a load the node must do first), at
-    least TIMEOUT_FLOOR_S, at most `ceiling`."""
+    least TIMEOUT_FLOOR_S, at most `ceiling`. `ahead` requests that the node runs or holds
+    before this one (its slots are full) each get as long again: a request waiting its turn
+    behind others is not a node that stopped answering."""
     if seen is None or seen.ttft_s is None:
-        return ceiling
-    expected = TIMEOUT_FACTOR * seen.ttft_s + max(load_s, 0.0)
-    return min(ceiling, max(TIMEOUT_FLOOR_S, expected))
+        one = ceiling
+    else:
+        expected = TIMEOUT_FACTOR * seen.ttft_s + max(load_s, 0.0)
+        one = min(ceiling, max(TIMEOUT_FLOOR_S, expected))
+    return one * (1 + max(ahead, 0))
+
+
+def requests_ahead(in_flight: int, capacity: int | None) -> int:
+    """How many of our requests a node finishes before it starts one more, when
+    `in_flight` of ours (that one included) are on it and it runs `capacity` at once (None:
+    1; 0: not capped). Counted from our own bookkeeping, never from what the node reports
+    (a node claiming a deep queue must not buy itself a longer timeout)."""
+    if capacity == 0:
+        return 0
+    return max(in_flight - (capacity or 1), 0)

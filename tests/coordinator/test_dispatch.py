@@ -310,6 +310,29 @@ async def test_no_first_token_in_time_moves_on_and_cancels_the_slow_node(fleet: 
     assert slow.cancelled == 1
 
 
+async def test_requests_queued_at_a_one_slot_node_are_not_taken_for_a_dead_node(
+        fleet: Fleet) -> None:
+    """Three at once on a node that runs one at a time, each 0.2 s to its first token: the
+    third waits 0.4 s for its turn, past the 0.3 s timeout of one request; it is not a
+    node that stopped answering (that would leave it suspect, and with no other node, a 503)."""
+    turn = asyncio.Lock()
+
+    async def serially(node: ScriptedNode, stream: Stream, frame: Frame) -> None:
+        async with turn:
+            await asyncio.sleep(0.2)
+            await answer(node, stream, frame)
+
+    node = await fleet.node("serial", serially)
+    dispatcher = Dispatcher(fleet.registry, DispatchConfig(first_token_timeout_s=0.3,
+                                                           node_slots=4))
+    served = await asyncio.gather(*(dispatcher.start(request(), want()) for _ in range(3)))
+    for one in served:
+        assert len(await drain(one)) == 3
+        assert one.node_did == node.name
+    assert len(node.requests) == 3
+    assert not fleet.registry.get(node.name).suspect  # type: ignore[union-attr]
+
+
 async def test_a_stream_that_goes_silent_ends_with_a_stall_error(fleet: Fleet) -> None:
     await fleet.node("a", one_chunk_then_wait)
     config = DispatchConfig(idle_timeout_s=0.3)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from coordinator.dispatch import Dispatcher
-from coordinator.observed import TIMEOUT_FLOOR_S, Observed, first_token_timeout
+from coordinator.observed import TIMEOUT_FLOOR_S, Observed, first_token_timeout, requests_ahead
 from meshgate.node_messages import (
     MAX_MODELS,
     Inventory,
@@ -128,6 +128,17 @@ async def test_load_deltas_move_a_node_in_the_index_without_a_full_report(fleet:
         await asyncio.sleep(0.02)
     assert conn.load[MODEL].decode_tps == 50.0  # kept from the full report
     assert [s.did for s in fleet.registry.index.ordered(MODEL)][-1] == busy.name
+
+
+def test_a_request_waiting_its_turn_gets_a_first_token_timeout_per_request_ahead() -> None:
+    seen = Observed()
+    seen.first_token(0.5, 100)
+    assert requests_ahead(1, None) == 0  # alone on a one-slot node: runs at once
+    assert requests_ahead(3, None) == 2  # two of ours before it
+    assert requests_ahead(3, 4) == 0  # four slots
+    assert requests_ahead(50, 0) == 0  # an upstream we do not cap: never behind anyone
+    assert first_token_timeout(60.0, seen, ahead=2) == 3 * TIMEOUT_FLOOR_S
+    assert first_token_timeout(8.0, None, ahead=1) == 16.0
 
 
 def test_the_first_token_timeout_follows_what_was_measured() -> None:
