@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -60,8 +61,8 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """None for asyncio's loop; uvloop's factory with ``MESHGATE_LOOP=uvloop`` (if installed)."""
     if os.environ.get("MESHGATE_LOOP", "asyncio") != "uvloop":
         return None
-    try:
-        import uvloop
+    try:  # by name: uvloop is optional, so type checking must not need it installed
+        uvloop = importlib.import_module("uvloop")
     except ImportError:
         log.warning("MESHGATE_LOOP=uvloop but uvloop is not installed: running on asyncio's")
         return None
