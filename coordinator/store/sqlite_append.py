@@ -36,19 +36,27 @@ class SqliteAppender:
     def append(self, rows: list[tuple[Any, ...]]) -> None:
         """Insert `rows` in one transaction; raises the driver's error (nothing stored)."""
         with self._lock:
-            if self._conn is None:
-                self._conn = self._engine.raw_connection()
-            cursor = self._conn.cursor()
+            cursor = self._writer().cursor()
             try:
                 cursor.execute("BEGIN IMMEDIATE")
-                try:
-                    cursor.executemany(self._sql, rows)
-                    cursor.execute("COMMIT")
-                except BaseException:
-                    cursor.execute("ROLLBACK")
-                    raise
+                self._insert(cursor, rows)
             finally:
                 cursor.close()
+
+    def _writer(self) -> Any:
+        """The thread side's connection (made on first use); hold `_lock`."""
+        if self._conn is None:
+            self._conn = self._engine.raw_connection()
+        return self._conn
+
+    def _insert(self, cursor: Any, rows: list[tuple[Any, ...]]) -> None:
+        """Inside the caller's BEGIN: insert `rows` and commit, or roll back and raise."""
+        try:
+            cursor.executemany(self._sql, rows)
+            cursor.execute("COMMIT")
+        except BaseException:
+            cursor.execute("ROLLBACK")
+            raise
 
     def try_append(self, rows: list[tuple[Any, ...]]) -> bool:
         """`append` if it cannot wait: False (nothing stored) when another writer holds
@@ -69,12 +77,7 @@ class SqliteAppender:
                 if "locked" in str(exc) or "busy" in str(exc):
                     return False
                 raise
-            try:
-                cursor.executemany(self._sql, rows)
-                cursor.execute("COMMIT")
-            except BaseException:
-                cursor.execute("ROLLBACK")
-                raise
+            self._insert(cursor, rows)
         finally:
             cursor.close()
         return True
@@ -82,9 +85,7 @@ class SqliteAppender:
     def checkpoint(self) -> None:
         """Move the write-ahead log into the database (PASSIVE: waits for nobody)."""
         with self._lock:
-            if self._conn is None:
-                self._conn = self._engine.raw_connection()
-            cursor = self._conn.cursor()
+            cursor = self._writer().cursor()
             try:
                 cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
             finally:

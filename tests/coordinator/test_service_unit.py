@@ -9,21 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.node.test_service import SYSTEMD_ANALYZE, unit_settings
+
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "meshgate-coordinator.service"
-SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"
-
-
-def settings(text: str) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        if "=" in line and not line.startswith(("#", "[")):
-            key, _, value = line.partition("=")
-            out.setdefault(key.strip(), []).append(value.strip())
-    return out
 
 
 def test_unit_serves_from_its_own_state_dir_as_its_own_user() -> None:
-    s = settings(UNIT.read_text())
+    s = unit_settings(UNIT.read_text())
     (exec_start,) = s["ExecStart"]
     argv = exec_start.split()
     assert argv[0].endswith("/meshgate-coordinator")
