@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from websockets.asyncio.client import connect as ws_connect
-from websockets.asyncio.server import Server
 from websockets.exceptions import InvalidStatus
 
 from tunnel import (
@@ -27,6 +26,7 @@ from tunnel import (
     RefusedError,
     Stream,
     TunnelError,
+    TunnelServer,
     connect,
     serve,
 )
@@ -42,7 +42,7 @@ class Coordinator:
     links: asyncio.Queue[Link] = field(default_factory=asyncio.Queue)
     hellos: list[Hello] = field(default_factory=list)
     keep: asyncio.Event = field(default_factory=asyncio.Event)
-    server: Server | None = None
+    server: TunnelServer | None = None
 
     @property
     def url(self) -> str:
