@@ -34,6 +34,7 @@ from coordinator.cache import CachedResponse, ResponseCache, cache_key
 from coordinator.config import CoordinatorConfig
 from coordinator.context_fit import fit_to_context
 from coordinator.dispatch import Dispatcher
+from coordinator.hot_routes import HotRoutes
 from coordinator.ledger_row import fit_row
 from coordinator.ledger_writer import LedgerWriter
 from coordinator.limits import KeyGate
@@ -190,9 +191,6 @@ def _health(registry: Registry) -> dict[str, Any]:
 
 def build_app(ctx: ApiContext) -> FastAPI:
     app = FastAPI(title="meshgate coordinator", docs_url=None, redoc_url=None)
-
-    app.add_middleware(AccessLogMiddleware)  # inside the next: its line carries the id
-    app.add_middleware(RequestIdMiddleware)
     _gauges(ctx)
 
     install_refusals(app, record=ctx.commit,
@@ -234,7 +232,8 @@ def build_app(ctx: ApiContext) -> FastAPI:
         request.state.route = route_text
         try:
             async with unless_disconnected(request.receive):
-                served = await dispatcher.start(open_request, want, deadline=deadline)
+                served = await dispatcher.start(open_request, want, deadline=deadline,
+                                                asked=body["model"])
         except OpenAIError as exc:  # its ledger row is written where it is answered
             exc = ctx.gate.refine_for(request_id, exc) if ctx.gate is not None else exc
             raise exc from None
@@ -251,12 +250,14 @@ def build_app(ctx: ApiContext) -> FastAPI:
         return EventStream(served, ctx.commit, key_id, route_text,
                            include_usage=parsed.include_usage, headers=headers)
 
-    for endpoint in ("chat/completions", "completions", "embeddings"):
-        # a plain Starlette route: the handler reads the request itself, so FastAPI's
-        # dependency solving (and the throwaway Response it builds per request) is cost only
-        app.router.add_route(
-            f"/v1/{endpoint}", _bind(handle, endpoint), methods=["POST"], name=endpoint
-        )
+    hot = {f"/v1/{endpoint}": _bind(handle, endpoint)
+           for endpoint in ("chat/completions", "completions", "embeddings")}
+    for path, route in hot.items():  # in the router too: another method there is a 405
+        app.router.add_route(path, route, methods=["POST"], name=path.removeprefix("/v1/"))
+    # innermost first: the hot routes skip the router; the access line carries the id
+    app.add_middleware(HotRoutes, routes=hot, handlers=lambda: app.exception_handlers)
+    app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(RequestIdMiddleware)
     return app
 
 
