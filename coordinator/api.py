@@ -18,6 +18,7 @@ and the node told to stop.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import secrets
 import time
@@ -60,6 +61,11 @@ from meshgate.protocol import OpenRequest
 log = logging.getLogger(__name__)
 
 KEY_CACHE_SECONDS = 5.0
+#: FastAPI's own OpenTelemetry (newer FastAPI) off: the coordinator counts in Prometheus and
+#: logs JSON lines; left on, every request asks OpenTelemetry three times whether it is set up.
+NO_OTEL: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
 T = TypeVar("T")
 
 
@@ -190,7 +196,7 @@ def _health(registry: Registry) -> dict[str, Any]:
 
 
 def build_app(ctx: ApiContext) -> FastAPI:
-    app = FastAPI(title="meshgate coordinator", docs_url=None, redoc_url=None)
+    app = FastAPI(title="meshgate coordinator", docs_url=None, redoc_url=None, **NO_OTEL)
     _gauges(ctx)
 
     install_refusals(app, record=ctx.commit,
