@@ -83,10 +83,13 @@ class NodeMetrics:
         served: Callable[[], Iterable[str]] = list,
         stats: Callable[[], dict[str, Any]] | None = None,
         telemetry: Callable[[], dict[str, Any] | None] | None = None,
+        serves: Callable[[str], bool] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.accounting: Accounting | None = None  # the daemon sets it: see `account()`
         self._served = served
+        #: whether a model is served here, asked per request (default: `in served()`)
+        self._serves = serves or (lambda model: model in set(self._served()))
         self.requests = Counter(
             "meshgate_node_requests",
             "Requests finished, by model, status (HTTP code, or 499 when the client left) and "
@@ -117,7 +120,7 @@ class NodeMetrics:
         self.registry.register(_SnapshotCollector(stats, telemetry))
 
     def label(self, model: str) -> str:
-        return model if model in set(self._served()) else UNKNOWN
+        return model if self._serves(model) else UNKNOWN
 
     def account(self, accounting: Accounting) -> None:
         """Energy per request and the offline journal from now on (node_agent/accounting.py)."""
