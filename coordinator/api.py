@@ -18,6 +18,7 @@ and the node told to stop.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import secrets
 import time
@@ -29,7 +30,7 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from coordinator.answer_stream import EventStream, unless_disconnected
+from coordinator.answer_stream import EventStream, Watch
 from coordinator.cache import CachedResponse, ResponseCache, cache_key
 from coordinator.config import CoordinatorConfig
 from coordinator.context_fit import fit_to_context
@@ -60,6 +61,11 @@ from meshgate.protocol import OpenRequest
 log = logging.getLogger(__name__)
 
 KEY_CACHE_SECONDS = 5.0
+#: FastAPI's own OpenTelemetry (newer FastAPI) off: the coordinator counts in Prometheus and
+#: logs JSON lines; left on, every request asks OpenTelemetry three times whether it is set up.
+NO_OTEL: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
 T = TypeVar("T")
 
 
@@ -190,7 +196,7 @@ def _health(registry: Registry) -> dict[str, Any]:
 
 
 def build_app(ctx: ApiContext) -> FastAPI:
-    app = FastAPI(title="meshgate coordinator", docs_url=None, redoc_url=None)
+    app = FastAPI(title="meshgate coordinator", docs_url=None, redoc_url=None, **NO_OTEL)
     _gauges(ctx)
 
     install_refusals(app, record=ctx.commit,
@@ -225,30 +231,28 @@ def build_app(ctx: ApiContext) -> FastAPI:
             return hit
         deadline = _deadline(ctx, request.headers.get("x-meshgate-timeout"))
         open_request = OpenRequest(request_id, endpoint, want.models[0], stream, raw)
-        dispatcher = ctx.dispatcher
-        assert dispatcher is not None
         route_text = str(route) if route.task or body["model"].startswith("qg://") else None
         route_text = route_text or f"qg://prefer={want.prefer.value}"  # the policy it ran under
         request.state.route = route_text
+        watch = Watch(request.receive)  # one waiter for the client leaving, for every wait
+        handed = False  # to the stream's writer, which stops it
         try:
-            async with unless_disconnected(request.receive):
-                served = await dispatcher.start(open_request, want, deadline=deadline,
-                                                asked=body["model"])
-        except OpenAIError as exc:  # its ledger row is written where it is answered
-            exc = ctx.gate.refine_for(request_id, exc) if ctx.gate is not None else exc
-            raise exc from None
-        request.state.served = served  # its usage, for the access line
-        if ctx.metrics is not None:
-            ctx.metrics.served(served.tries, served.upstream)
-        headers = {"x-request-id": request_id, **served.headers()}
-        if not stream:
-            data = await _whole(ctx, request, served, key_id, route_text)
-            if cached_as is not None and ctx.cache is not None and served.outcome == "ok":
-                ctx.cache.put(cached_as, CachedResponse(
-                    data, served.model, served.target, *_tokens(served.usage)))
-            return Response(data, media_type="application/json", headers=headers)
-        return EventStream(served, ctx.commit, key_id, route_text,
-                           include_usage=parsed.include_usage, headers=headers)
+            served = await _start(ctx, watch, open_request, want, deadline=deadline,
+                                  asked=body["model"])
+            request.state.served = served  # its usage, for the access line
+            headers = {"x-request-id": request_id, **served.headers()}
+            if not stream:
+                data = await _whole(ctx, watch, served, key_id, route_text)
+                if cached_as is not None and ctx.cache is not None and served.outcome == "ok":
+                    ctx.cache.put(cached_as, CachedResponse(
+                        data, served.model, served.target, *_tokens(served.usage)))
+                return Response(data, media_type="application/json", headers=headers)
+            handed = True
+            return EventStream(served, ctx.commit, key_id, route_text,
+                               include_usage=parsed.include_usage, headers=headers, watch=watch)
+        finally:
+            if not handed:
+                watch.stop()
 
     hot = {f"/v1/{endpoint}": _bind(handle, endpoint)
            for endpoint in ("chat/completions", "completions", "embeddings")}
@@ -261,11 +265,27 @@ def build_app(ctx: ApiContext) -> FastAPI:
     return app
 
 
-async def _whole(ctx: ApiContext, request: Request, served: Served, key_id: str,
+async def _start(ctx: ApiContext, watch: Watch, request: OpenRequest, want: Want, *,
+                 deadline: float, asked: str) -> Served:
+    """Dispatch `request` (a 499 if the client leaves first)."""
+    dispatcher = ctx.dispatcher
+    assert dispatcher is not None
+    try:
+        with watch:
+            served = await dispatcher.start(request, want, deadline=deadline, asked=asked)
+    except OpenAIError as exc:  # its ledger row is written where it is answered
+        exc = ctx.gate.refine_for(request.request_id, exc) if ctx.gate is not None else exc
+        raise exc from None
+    if ctx.metrics is not None:
+        ctx.metrics.served(served.tries, served.upstream)
+    return served
+
+
+async def _whole(ctx: ApiContext, watch: Watch, served: Served, key_id: str,
                  route: str | None) -> bytes:
     """A non-streamed answer's body; its ledger row is stored before it is returned."""
     try:
-        async with unless_disconnected(request.receive):
+        with watch:
             return await served.collect()
     finally:
         with anyio.CancelScope(shield=True):

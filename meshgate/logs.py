@@ -140,6 +140,8 @@ def setup_logging(fmt: str = "json", level: str = "info",
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # neither format writes a record's process or thread: not looked up for every record
+    logging.logProcesses = logging.logMultiprocessing = logging.logThreads = False
     if logging.getLevelName(level.upper()) != logging.DEBUG:
         for name in CHATTY:
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -226,6 +228,8 @@ class AccessLogMiddleware:
 
 
 def _access_line(scope: Scope, status: int, seconds: float) -> None:
+    if not access_log.isEnabledFor(logging.INFO):
+        return
     state = scope.get("state") or {}
     route = scope.get("route")
     path = getattr(route, "path", None) or scope.get("path", "")
@@ -242,5 +246,7 @@ def _access_line(scope: Scope, status: int, seconds: float) -> None:
     if isinstance(usage, dict):
         fields["prompt_tokens"] = usage.get("prompt_tokens")
         fields["completion_tokens"] = usage.get("completion_tokens")
-    access_log.info("%s %s %d %.1f ms", fields["method"], fields["route"], status,
-                    fields["latency_ms"], extra=fields)
+    # the record made here: Logger.info would walk the stack to name this line's caller
+    access_log.handle(access_log.makeRecord(
+        access_log.name, logging.INFO, __file__, 0, "%s %s %d %.1f ms",
+        (fields["method"], fields["route"], status, fields["latency_ms"]), None, extra=fields))
