@@ -28,7 +28,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meshgate.logs import _access_line, accept_request_id, request_id_var
 from meshgate.openai import MAX_BODY_BYTES, OpenAIError, parse
@@ -92,27 +92,17 @@ class HotRoutes:
         state["request_id"] = request_id
         token = request_id_var.set(request_id)
         started = time.perf_counter()
-        status = 500
-        id_header = (b"x-request-id", request_id.encode())
-
-        async def respond(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        status = 499  # unless an answer started
         try:
-            await self._answer(endpoint, scope, receive, respond, declared=declared,
-                               id_header=id_header)
-        except BaseException:
-            status = 499 if status == 500 else status
-            raise
+            status = await self._answer(endpoint, scope, receive, send, declared=declared,
+                                        id_header=(b"x-request-id", request_id.encode()))
         finally:
             request_id_var.reset(token)
             _access_line(scope, status, time.perf_counter() - started)
 
     async def _answer(self, endpoint: str, scope: Scope, receive: Receive, send: Send, *,
-                      declared: bytes, id_header: tuple[bytes, bytes]) -> None:
+                      declared: bytes, id_header: tuple[bytes, bytes]) -> int:
+        """Answer the request; returns the status sent."""
         state = scope["state"]
         try:
             raw = await _read_body(receive, declared)
@@ -126,21 +116,22 @@ class HotRoutes:
                     await _send_whole(send, 200, done.data, id_header)
                 if done.usage:
                     state["usage"] = dict(done.usage)
-                return
+                return 200
             streamed = await self.pipeline.stream(endpoint, parsed.model, body, via="proxy",
                                                   include_usage=parsed.include_usage)
         except OpenAIError as exc:
             exc.hop = exc.hop or "node"
             await _send_error(send, exc, id_header)
-            return
+            return exc.status
         except Exception as exc:  # noqa: BLE001 - answered as the app's 500 would be
             error = OpenAIError(500, f"the node failed to answer: {exc!r}"[:300], hop="node")
             await _send_error(send, error, id_header)
-            return
+            return 500
         response = WatchedResponse(sse_events(streamed), _noting(state, streamed),
                                    media_type="text/event-stream")
         response.raw_headers = [*_SSE_HEAD, id_header]
         await response(scope, receive, send)
+        return 200
 
 
 def _noting(state: dict[str, object], streamed: Streamed) -> Callable[[], Awaitable[None]]:
