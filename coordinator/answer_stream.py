@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from coordinator.refusals import with_status
 from coordinator.served import Served
-from meshgate.openai import SSE_DONE, OpenAIError, is_usage_only, sse_error, sse_event
+from meshgate.openai import SSE_DONE, OpenAIError, is_usage_only, sse_error
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +39,21 @@ async def client_gone(receive: Receive) -> None:
         pass
 
 
-class _Watch:
-    """Cancels `task` when the client goes away, while `armed`."""
+class Watch:
+    """Cancels the request's task when the client goes away, while armed.
+
+    One waiter task per request, however many waits it guards: the API arms it around
+    dispatch and again around the answer (``with watch:`` turns our cancellation into a
+    499; the SSE writer arms it itself and ends quietly); `stop` once the request is done.
+    """
 
     def __init__(self, receive: Receive) -> None:
         task = asyncio.current_task()
         assert task is not None
         self.task = task
         self.gone = False
-        self.armed = True
+        self.armed = False
+        self._cancelled = False
         self._waiter = asyncio.get_running_loop().create_task(client_gone(receive))
         self._waiter.add_done_callback(self._fired)
 
@@ -55,29 +61,50 @@ class _Watch:
         if waiter.cancelled() or waiter.exception() is not None:
             return
         self.gone = True
-        if self.armed:
+        if self.armed:  # the task waits inside an armed stretch: the cancel lands there
+            self._cancelled = True
             self.task.cancel()
+
+    def arm(self) -> None:
+        """Watch the next waits; a client gone already is a 499 at once."""
+        if self.gone:
+            raise OpenAIError(499, "client closed the request", hop="coordinator")
+        self.armed = True
+
+    def disarm(self) -> None:
+        self.armed = False
 
     def caught(self) -> bool:
         """Whether a CancelledError being handled is ours (then it is taken back)."""
-        return self.gone and self.armed and self.task.uncancel() == 0
+        if not self._cancelled:
+            return False
+        self._cancelled = False
+        return self.task.uncancel() == 0
 
     def stop(self) -> None:
         self.armed = False
         self._waiter.remove_done_callback(self._fired)
         self._waiter.cancel()
 
+    def __enter__(self) -> Watch:
+        self.arm()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        self.armed = False
+        if kind is not None and issubclass(kind, asyncio.CancelledError) and self.caught():
+            raise OpenAIError(499, "client closed the request", hop="coordinator") from None
+
 
 @contextlib.asynccontextmanager
 async def unless_disconnected(receive: Receive) -> AsyncIterator[None]:
-    """Run the body; if the client goes away first, cancel it and raise a 499."""
-    watch = _Watch(receive)
+    """Run the body; if the client goes away first, cancel it and raise a 499 (a watch of
+    its own: see `Watch` for one that guards several waits)."""
+    watch = Watch(receive)
     try:
-        yield
-    except asyncio.CancelledError:
-        if watch.caught():
-            raise OpenAIError(499, "client closed the request", hop="coordinator") from None
-        raise
+        with watch:
+            yield
     finally:
         watch.stop()
 
@@ -91,8 +118,11 @@ class EventStream(Response):
     media_type = "text/event-stream"
 
     def __init__(self, served: Served, commit: Commit, key_id: str, route: str | None, *,
-                 include_usage: bool, headers: dict[str, str]) -> None:
+                 include_usage: bool, headers: dict[str, str], watch: Watch | None = None
+                 ) -> None:
         self.served = served
+        self.watch = watch
+        """the request's watch, handed over (stopped here); None: one of its own"""
         self.commit = commit
         self.key_id = key_id
         self.route = route
@@ -102,31 +132,40 @@ class EventStream(Response):
         self.init_headers(headers)
 
     def _events(self, chunks: list[bytes]) -> bytes:
-        keep = self.include_usage
-        return b"".join(sse_event(c) for c in chunks if keep or not is_usage_only(c))
+        """The chunks as SSE events, in one join (the usage-only chunk when it was asked)."""
+        if not self.include_usage:
+            chunks = [c for c in chunks if not is_usage_only(c)]
+        return b"data: " + b"\n\ndata: ".join(chunks) + b"\n\n" if chunks else b""
+
+    async def _write(self, served: Served, send: Send) -> bytes:
+        """Write the answer as it arrives, a burst in one write; return the last burst,
+        held back (it leaves with the end of the stream, after the ledger row)."""
+        pending = self._events([served.first])
+        if pending and not served.queued():  # the first token leaves at once
+            await send({"type": "http.response.body", "body": pending, "more_body": True})
+            pending = b""
+        async with contextlib.aclosing(served.batches()) as batches:
+            async for batch in batches:
+                pending += self._events(batch)
+                if pending and not served.done:  # a burst: one write
+                    await send({"type": "http.response.body", "body": pending,
+                                "more_body": True})
+                    pending = b""
+        return pending
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
-        watch = _Watch(receive)
+        watch = self.watch or Watch(receive)
         served = self.served
         pending = b""
         end = b""
         try:
             try:
-                pending = self._events([served.first])
-                if pending and not served.queued():  # the first token leaves at once
-                    await send({"type": "http.response.body", "body": pending,
-                                "more_body": True})
-                    pending = b""
-                async with contextlib.aclosing(served.batches()) as batches:
-                    async for batch in batches:
-                        pending += self._events(batch)
-                        if pending and not served.done:  # a burst: one write
-                            await send({"type": "http.response.body", "body": pending,
-                                        "more_body": True})
-                            pending = b""
-                end = SSE_DONE
+                if not watch.gone:  # else it left before its first byte: nobody to write to
+                    watch.armed = True
+                    pending = await self._write(served, send)
+                    end = SSE_DONE
             except OpenAIError as exc:
                 log.warning("request %s ended with an error after it started: %s",
                             served.request.request_id, exc.message)

@@ -18,6 +18,7 @@ and the node told to stop.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import secrets
 import time
@@ -29,11 +30,12 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from coordinator.answer_stream import EventStream, unless_disconnected
+from coordinator.answer_stream import EventStream, Watch
 from coordinator.cache import CachedResponse, ResponseCache, cache_key
 from coordinator.config import CoordinatorConfig
 from coordinator.context_fit import fit_to_context
 from coordinator.dispatch import Dispatcher
+from coordinator.hot_routes import HotRoutes
 from coordinator.ledger_row import fit_row
 from coordinator.ledger_writer import LedgerWriter
 from coordinator.limits import KeyGate
@@ -59,6 +61,11 @@ from meshgate.protocol import OpenRequest
 log = logging.getLogger(__name__)
 
 KEY_CACHE_SECONDS = 5.0
+#: FastAPI's own OpenTelemetry (newer FastAPI) off: the coordinator counts in Prometheus and
+#: logs JSON lines; left on, every request asks OpenTelemetry three times whether it is set up.
+NO_OTEL: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
 T = TypeVar("T")
 
 
@@ -142,12 +149,12 @@ class ApiContext:
         task.add_done_callback(self._pending.discard)
 
     async def commit(self, row: dict[str, Any]) -> None:
-        """Count `row` and write it to the ledger, returning once it is stored: the answer's
-        last byte waits on this, so a crash after an answer was delivered loses no row."""
-        if self.gate is not None:
-            self.gate.finish_row(row)
-        if self.metrics is not None:
-            self.metrics.observe_row(row)
+        """Write `row` to the ledger, returning once it is stored: the answer's last byte
+        waits on this, so a crash after an answer was delivered loses no row. It is counted
+        (the key's token bucket and budget, metrics) in this turn of the loop, after the
+        task's own step: the answer's last bytes, written in that step, leave first."""
+        if self.gate is not None or self.metrics is not None:
+            asyncio.get_running_loop().call_soon(self._count, row)
         if self._ledger is None:  # rows one at a time unless the store writes them together
             self._ledger = (LedgerWriter(self.record_usages, write_now=self.record_now,
                                          housekeeping=self.ledger_housekeeping)
@@ -158,6 +165,12 @@ class ApiContext:
         except Exception:
             log.exception("the ledger row of request %s could not be written: %s",
                           row.get("request_id"), clip(repr(row), 1000))
+
+    def _count(self, row: dict[str, Any]) -> None:
+        if self.gate is not None:
+            self.gate.finish_row(row)
+        if self.metrics is not None:
+            self.metrics.observe_row(row)
 
     def _row_by_row(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
@@ -189,10 +202,7 @@ def _health(registry: Registry) -> dict[str, Any]:
 
 
 def build_app(ctx: ApiContext) -> FastAPI:
-    app = FastAPI(title="meshgate coordinator", docs_url=None, redoc_url=None)
-
-    app.add_middleware(AccessLogMiddleware)  # inside the next: its line carries the id
-    app.add_middleware(RequestIdMiddleware)
+    app = FastAPI(title="meshgate coordinator", docs_url=None, redoc_url=None, **NO_OTEL)
     _gauges(ctx)
 
     install_refusals(app, record=ctx.commit,
@@ -227,44 +237,65 @@ def build_app(ctx: ApiContext) -> FastAPI:
             return hit
         deadline = _deadline(ctx, request.headers.get("x-meshgate-timeout"))
         open_request = OpenRequest(request_id, endpoint, want.models[0], stream, raw)
-        dispatcher = ctx.dispatcher
-        assert dispatcher is not None
         route_text = str(route) if route.task or body["model"].startswith("qg://") else None
         route_text = route_text or f"qg://prefer={want.prefer.value}"  # the policy it ran under
         request.state.route = route_text
+        watch = Watch(request.receive)  # one waiter for the client leaving, for every wait
+        handed = False  # to the stream's writer, which stops it
         try:
-            async with unless_disconnected(request.receive):
-                served = await dispatcher.start(open_request, want, deadline=deadline)
-        except OpenAIError as exc:  # its ledger row is written where it is answered
-            exc = ctx.gate.refine_for(request_id, exc) if ctx.gate is not None else exc
-            raise exc from None
-        request.state.served = served  # its usage, for the access line
-        if ctx.metrics is not None:
-            ctx.metrics.served(served.tries, served.upstream)
-        headers = {"x-request-id": request_id, **served.headers()}
-        if not stream:
-            data = await _whole(ctx, request, served, key_id, route_text)
-            if cached_as is not None and ctx.cache is not None and served.outcome == "ok":
-                ctx.cache.put(cached_as, CachedResponse(
-                    data, served.model, served.target, *_tokens(served.usage)))
-            return Response(data, media_type="application/json", headers=headers)
-        return EventStream(served, ctx.commit, key_id, route_text,
-                           include_usage=parsed.include_usage, headers=headers)
+            served = await _start(ctx, watch, open_request, want, deadline=deadline,
+                                  asked=body["model"])
+            request.state.served = served  # its usage, for the access line
+            headers = {"x-request-id": request_id, **served.headers()}
+            if not stream:
+                try:
+                    data = await _whole(ctx, watch, served, key_id, route_text)
+                except OpenAIError:  # a 499: its row, the answer's, is stored already
+                    request.state.recorded = True
+                    raise
+                if cached_as is not None and ctx.cache is not None and served.outcome == "ok":
+                    ctx.cache.put(cached_as, CachedResponse(
+                        data, served.model, served.target, *_tokens(served.usage)))
+                return Response(data, media_type="application/json", headers=headers)
+            handed = True
+            return EventStream(served, ctx.commit, key_id, route_text,
+                               include_usage=parsed.include_usage, headers=headers, watch=watch)
+        finally:
+            if not handed:
+                watch.stop()
 
-    for endpoint in ("chat/completions", "completions", "embeddings"):
-        # a plain Starlette route: the handler reads the request itself, so FastAPI's
-        # dependency solving (and the throwaway Response it builds per request) is cost only
-        app.router.add_route(
-            f"/v1/{endpoint}", _bind(handle, endpoint), methods=["POST"], name=endpoint
-        )
+    hot = {f"/v1/{endpoint}": _bind(handle, endpoint)
+           for endpoint in ("chat/completions", "completions", "embeddings")}
+    for path, route in hot.items():  # in the router too: another method there is a 405
+        app.router.add_route(path, route, methods=["POST"], name=path.removeprefix("/v1/"))
+    # innermost first: the hot routes skip the router; the access line carries the id
+    app.add_middleware(HotRoutes, routes=hot, handlers=lambda: app.exception_handlers)
+    app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(RequestIdMiddleware)
     return app
 
 
-async def _whole(ctx: ApiContext, request: Request, served: Served, key_id: str,
+async def _start(ctx: ApiContext, watch: Watch, request: OpenRequest, want: Want, *,
+                 deadline: float, asked: str) -> Served:
+    """Dispatch `request` (a 499 if the client leaves first)."""
+    dispatcher = ctx.dispatcher
+    assert dispatcher is not None
+    try:
+        with watch:
+            served = await dispatcher.start(request, want, deadline=deadline, asked=asked)
+    except OpenAIError as exc:  # its ledger row is written where it is answered
+        exc = ctx.gate.refine_for(request.request_id, exc) if ctx.gate is not None else exc
+        raise exc from None
+    if ctx.metrics is not None:
+        ctx.metrics.served(served.tries, served.upstream)
+    return served
+
+
+async def _whole(ctx: ApiContext, watch: Watch, served: Served, key_id: str,
                  route: str | None) -> bytes:
     """A non-streamed answer's body; its ledger row is stored before it is returned."""
     try:
-        async with unless_disconnected(request.receive):
+        with watch:
             return await served.collect()
     finally:
         with anyio.CancelScope(shield=True):

@@ -57,8 +57,12 @@ class Failed(Exception):
     """A candidate failed before its first chunk; the message says why."""
 
 
-def with_model(raw: bytes, model: str) -> bytes:
-    """The request body with its `model` set to the model chosen (an alias or route resolved)."""
+def with_model(raw: bytes, model: str, asked: str | None = None) -> bytes:
+    """The request body with its `model` set to the model chosen (an alias or route resolved);
+    `asked`, when the caller parsed the body already, is its `model` (equal: `raw` as it is,
+    no second decode)."""
+    if asked == model:
+        return raw
     data = json.loads(raw)
     if data.get("model") == model:
         return raw
@@ -84,8 +88,9 @@ class Dispatcher:
         )
 
     async def start(self, request: OpenRequest, want: Request, *,
-                    deadline: float | None = None) -> Served:
-        """Start `request` on the best candidate that answers; see the module doc."""
+                    deadline: float | None = None, asked: str | None = None) -> Served:
+        """Start `request` on the best candidate that answers; see the module doc. `asked`:
+        the `model` of the request's body when the caller has parsed it (saves a decode)."""
         cfg = self.config
         deadline = deadline if deadline is not None else now() + cfg.deadline_s
         tried: set[tuple[str, str, str]] = set()
@@ -105,7 +110,7 @@ class Dispatcher:
                         if pick.kind == Kind.NODE:
                             node_tries += 1
                             return await self._try_node(pick, request, want, len(tried),
-                                                        deadline)
+                                                        deadline, asked=asked)
                         return await self.clouds[pick.target].start(
                             request, pick.model, tries=len(tried), deadline=deadline,
                             idle_timeout=cfg.idle_timeout_s)
@@ -229,7 +234,7 @@ class Dispatcher:
         return OpenAIError(503, message, code="no_capacity", hop="coordinator")
 
     async def _try_node(self, pick: Candidate, request: OpenRequest, want: Request, tries: int,
-                        deadline: float) -> NodeAttempt:
+                        deadline: float, *, asked: str | None = None) -> NodeAttempt:
         started = time.perf_counter()
         did, model = pick.target, pick.model
         node = self.registry.get(did)
@@ -241,7 +246,7 @@ class Dispatcher:
         if request.stream:
             wire["compact"] = 1  # the node may send compact token frames (token_frames.py)
         wire["model"] = model
-        wire["body"] = with_model(request.body, model)
+        wire["body"] = with_model(request.body, model, asked)
         self.registry.acquire(node, model)
         stream: Stream | None = None
         committed = False

@@ -89,19 +89,22 @@ class TokenBucket:
         self.level = min(self.capacity, self.level + amount)
 
 
-def estimate_tokens(body: Mapping[str, Any]) -> tuple[int, int]:
+def estimate_tokens(body: Mapping[str, Any], prompt: int | None = None) -> tuple[int, int]:
     """(prompt estimate, max completion tokens) of a parsed request body, cheaply.
 
-    The prompt is estimated at one token per 4 characters of its text (messages'
-    content, `prompt` or `input`), which over-counts code and under-counts
-    some scripts; the ledger's real counts correct the bucket afterwards.
+    `prompt` is the caller's estimate when it has one (the API's, from the body it parsed:
+    `Parsed.prompt_tokens_estimate`, the one the scheduler sizes the request with). Else
+    the prompt is estimated at one token per 4 characters of its text (messages'
+    content, `prompt` or `input`, encoded as JSON), which over-counts code and
+    under-counts some scripts; the ledger's real counts correct the bucket afterwards.
     """
-    parts: list[Any] = []
-    for name in ("messages", "prompt", "input"):
-        if name in body:
-            parts.append(body[name])
-    text = json.dumps(parts, ensure_ascii=False) if parts else ""
-    prompt = math.ceil(len(text) / CHARS_PER_TOKEN)
+    if prompt is None:
+        parts: list[Any] = []
+        for name in ("messages", "prompt", "input"):
+            if name in body:
+                parts.append(body[name])
+        text = json.dumps(parts, ensure_ascii=False) if parts else ""
+        prompt = math.ceil(len(text) / CHARS_PER_TOKEN)
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:
         completion = limit
@@ -290,12 +293,14 @@ class KeyGate:
         return allowed
 
     def admit(
-        self, key_id: str, models: Sequence[str], body: Mapping[str, Any], asked: str | None = None
+        self, key_id: str, models: Sequence[str], body: Mapping[str, Any], asked: str | None = None,
+        *, prompt_tokens: int | None = None,
     ) -> Admitted:
-        """Check scope, then charge the rate limits; raises OpenAIError 403 or RateLimited."""
+        """Check scope, then charge the rate limits; raises OpenAIError 403 or RateLimited.
+        `prompt_tokens`: the caller's estimate (else one from `body`: `estimate_tokens`)."""
         allowed = self.allowed(key_id, models, asked or (models[0] if models else ""))
         scopes = self.scopes(key_id)
-        prompt, completion = estimate_tokens(body)
+        prompt, completion = estimate_tokens(body, prompt_tokens)
         ticket = self.limiter.admit(
             key_id, rpm=scopes.rpm, tpm=scopes.tpm, tokens=prompt + completion
         )
@@ -325,7 +330,8 @@ class KeyGate:
         """Admit the request (403/429 here) and fit the scheduler's request to the key: only
         the models it may use, its default policy unless the request named one, its required
         node labels, its budget state. The admission is kept until `finish_row`."""
-        admitted = self.admit(key_id, list(want.models), body, str(body.get("model", "")))
+        admitted = self.admit(key_id, list(want.models), body, str(body.get("model", "")),
+                              prompt_tokens=want.prompt_tokens)  # estimated once, by the API
         self._open[request_id] = admitted
         while len(self._open) > MAX_OPEN:  # rows that never came: keep the estimate charged
             self._open.popitem(last=False)

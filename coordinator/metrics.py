@@ -37,6 +37,10 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self._model_labels: set[str] = set()
+        self._children: dict[tuple[int, str, str, str], tuple[Any, Any]] = {}
+        """(status, model, route, endpoint) -> the series `observe` counts in (bounded:
+        statuses x MAX_MODEL_LABELS x routes x endpoints)"""
+        self._tokens: dict[tuple[str, str], Any] = {}
         r = self.registry
         self.requests = Counter(
             "meshgate_coordinator_requests",
@@ -123,12 +127,24 @@ class Metrics:
         completion_tokens: int = 0,
     ) -> None:
         model = self.model_label(model)
-        self.requests.labels(str(status), model, route).inc()
-        self.latency.labels(endpoint, route).observe(max(0.0, seconds))
+        children = self._children
+        key = (status, model, route, endpoint)
+        got = children.get(key)
+        if got is None:  # labels() validates and locks each time: once per label set here
+            got = children[key] = (self.requests.labels(str(status), model, route),
+                                   self.latency.labels(endpoint, route))
+        got[0].inc()
+        got[1].observe(max(0.0, seconds))
         if prompt_tokens:
-            self.tokens.labels("prompt", model).inc(prompt_tokens)
+            self._token_child("prompt", model).inc(prompt_tokens)
         if completion_tokens:
-            self.tokens.labels("completion", model).inc(completion_tokens)
+            self._token_child("completion", model).inc(completion_tokens)
+
+    def _token_child(self, kind: str, model: str) -> Any:
+        got = self._tokens.get((kind, model))
+        if got is None:  # a series appears with its first tokens, as before the cache
+            got = self._tokens[kind, model] = self.tokens.labels(kind, model)
+        return got
 
     def model_label(self, model: str) -> str:
         """`model` as a label: cut to 100 characters, `_other` past MAX_MODEL_LABELS names."""
@@ -156,7 +172,7 @@ class Metrics:
             return
         self.count_energy(str(row.get("model", "-")), route, row.get("joules"))
         self.observe(
-            status=200,
+            status=int(row.get("status") or 200),  # a request that ran may still end in an error
             model=str(row.get("model", "-")),
             route=route,
             endpoint=str(row.get("endpoint", "-")),

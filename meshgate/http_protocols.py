@@ -14,7 +14,9 @@ over the limit is answered 400 and the connection closed, by either.
 
 Both write through a :class:`CorkedTransport`: what the app sends within one turn
 of the event loop (a response's head and body, the chunks of a stream that came
-in one read) leaves in one ``send()`` rather than one each, at most 64 KiB held.
+in one read) leaves in one ``send()`` rather than one each, at most 64 KiB held;
+a response's end leaves at once (what the app does after it, such as writing its
+access line, is not on the client's path).
 On loopback each ``send()`` is a trip through the kernel's TCP stack and a wake-up
 of the reader, so this is most of what a small answer costs to write.
 """
@@ -175,6 +177,8 @@ class Guards:
                                                     "request body")
 
     def on_response_complete(self) -> None:
+        if isinstance(self.transport, CorkedTransport):
+            self.transport.flush()  # the answer's last bytes leave now, before the app's epilogue
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None

@@ -140,6 +140,8 @@ def setup_logging(fmt: str = "json", level: str = "info",
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # neither format writes a record's process or thread: not looked up for every record
+    logging.logProcesses = logging.logMultiprocessing = logging.logThreads = False
     if logging.getLevelName(level.upper()) != logging.DEBUG:
         for name in CHATTY:
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -226,6 +228,8 @@ class AccessLogMiddleware:
 
 
 def _access_line(scope: Scope, status: int, seconds: float) -> None:
+    if not access_log.isEnabledFor(logging.INFO):
+        return  # nothing to build
     state = scope.get("state") or {}
     route = scope.get("route")
     path = getattr(route, "path", None) or scope.get("path", "")
@@ -242,5 +246,14 @@ def _access_line(scope: Scope, status: int, seconds: float) -> None:
     if isinstance(usage, dict):
         fields["prompt_tokens"] = usage.get("prompt_tokens")
         fields["completion_tokens"] = usage.get("completion_tokens")
-    access_log.info("%s %s %d %.1f ms", fields["method"], fields["route"], status,
-                    fields["latency_ms"], extra=fields)
+    quick_info(access_log, "%s %s %d %.1f ms", fields["method"], fields["route"], status,
+               fields["latency_ms"], extra=fields)
+
+
+def quick_info(logger: logging.Logger, msg: str, *args: Any,
+               extra: dict[str, Any] | None = None) -> None:
+    """`logger.info(msg, *args, extra=extra)` for a line written per request: the record is
+    made here, without the stack walk that names its caller (no format writes it)."""
+    if logger.isEnabledFor(logging.INFO):
+        logger.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, msg, args,
+                                        None, extra=extra))

@@ -62,7 +62,6 @@ def outcome_of(status: int | str) -> str:
 
 @dataclass
 class RequestAccount:
-    request_id: str
     model: str
     endpoint: str
     via: str
@@ -70,6 +69,7 @@ class RequestAccount:
     offline_at_start: bool
     ticket: Ticket | None
     served_here: bool
+    request_id: str = ""  # the journal row's id, made when a row is written
 
 
 class Accounting:
@@ -110,7 +110,6 @@ class Accounting:
             uses = self.devices_for(model) if self.devices_for is not None else None
             ticket = self.meter.begin(uses)
         return RequestAccount(
-            request_id="off_" + secrets.token_hex(12),
             model=model,
             endpoint=endpoint,
             via=via,
@@ -144,6 +143,7 @@ class Accounting:
         if not (account.offline_at_start or self._offline()):
             return
         usage = usage or {}
+        account.request_id = account.request_id or "off_" + secrets.token_hex(12)
         row: dict[str, Any] = {
             "request_id": account.request_id,
             "model": account.model,

@@ -28,16 +28,15 @@ from collections.abc import Callable
 from typing import Any
 
 from meshgate.httpserver import NODE_LIMITS, server_config
-from meshgate.logs import AccessLogMiddleware, RequestIdMiddleware, setup_logging
+from meshgate.logs import setup_logging
 from meshgate.serving import DaemonServer, run
 from meshgate.startup import StartupError, check_port, model_dir_warnings
 from node_agent.config import NodeOptions
-from node_agent.guard import guard_from_env
 from node_agent.local_daemon import announce, forget
 from node_agent.models import parse_model_spec
 from node_agent.node_parts import NodeParts, build_manager, load_nvml_module
 from node_agent.pipeline import Pipeline
-from node_agent.proxy import build_app
+from node_agent.proxy import build_app, served_app
 from node_agent.state import NodeState
 
 __all__ = ["NodeOptions", "NodeParts", "build_manager", "load_nvml_module", "run_node", "serve"]
@@ -58,7 +57,8 @@ async def serve(opts: NodeOptions) -> None:
     await parts.telemetry.refresh()
     log.info("node serves %s", manager.names())
     pipeline = Pipeline(manager, metrics=parts.metrics, mesh=parts.mesh_runtime)
-    app = guard_from_env(build_app(  # refuses what web pages send (node_agent/guard.py)
+    # the guard (refuses what web pages send), request ids, access lines and the hot routes
+    app = served_app(build_app(
         manager,
         telemetry=parts.latest,
         metrics=parts.metrics,
@@ -66,8 +66,7 @@ async def serve(opts: NodeOptions) -> None:
         pipeline=pipeline,
     ))
     config = server_config(  # bounded: timeouts, connection cap (meshgate/httpserver.py)
-        # X-Request-Id on every answer, one access line each (meshgate/logs.py)
-        RequestIdMiddleware(AccessLogMiddleware(app)),
+        app,
         NODE_LIMITS,
         host=opts.proxy_host,
         port=opts.proxy_port,

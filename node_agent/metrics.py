@@ -83,10 +83,13 @@ class NodeMetrics:
         served: Callable[[], Iterable[str]] = list,
         stats: Callable[[], dict[str, Any]] | None = None,
         telemetry: Callable[[], dict[str, Any] | None] | None = None,
+        serves: Callable[[str], bool] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.accounting: Accounting | None = None  # the daemon sets it: see `account()`
         self._served = served
+        #: whether a model is served here, asked per request (default: `in served()`)
+        self._serves = serves or (lambda model: model in set(self._served()))
         self.requests = Counter(
             "meshgate_node_requests",
             "Requests finished, by model, status (HTTP code, or 499 when the client left) and "
@@ -115,9 +118,10 @@ class NodeMetrics:
             registry=self.registry,
         )
         self.registry.register(_SnapshotCollector(stats, telemetry))
+        self._children: dict[tuple[object, ...], Any] = {}
 
     def label(self, model: str) -> str:
-        return model if model in set(self._served()) else UNKNOWN
+        return model if self._serves(model) else UNKNOWN
 
     def account(self, accounting: Accounting) -> None:
         """Energy per request and the offline journal from now on (node_agent/accounting.py)."""
@@ -127,19 +131,31 @@ class NodeMetrics:
     def track(self, model: str, via: str = "proxy", endpoint: str = "-") -> RequestTrack:
         return RequestTrack(self, self.label(model), via, model, endpoint)
 
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """`metric`'s series for `labels`, looked up once (labels() takes a lock and checks
+        its values on every call; the label sets are few: served models, statuses, paths)."""
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def _finish(self, track: RequestTrack, status: str, now: float) -> None:
         if self.accounting is not None and track.account is not None:
             self.accounting.finish(track.account, status, track.usage, track.model)
-        self.requests.labels(track.model, status, track.via).inc()
-        self.latency.labels(track.model, track.via).observe(now - track.started)
-        if track.first_at is not None and track.via == "proxy":
-            self.ttft.labels(track.model).observe(track.first_at - track.started)
-        usage = track.usage or {}
-        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-        if prompt:
-            self.tokens.labels(track.model, "prompt").inc(prompt)
-        if completion:
-            self.tokens.labels(track.model, "completion").inc(completion)
+        model, via = track.model, track.via
+        self._child(self.requests, model, status, via).inc()
+        self._child(self.latency, model, via).observe(now - track.started)
+        if track.first_at is not None and via == "proxy":
+            self._child(self.ttft, model).observe(track.first_at - track.started)
+        usage = track.usage
+        if usage:
+            prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+            if prompt:
+                self._child(self.tokens, model, "prompt").inc(prompt)
+            if completion:
+                self._child(self.tokens, model, "completion").inc(completion)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -191,7 +191,8 @@ class NodeParts:
         if self.ollama is not None:
             await self.sync_ollama()
         self.metrics = NodeMetrics(
-            served=self.manager.names, stats=self.runtime_stats, telemetry=self.latest
+            served=self.manager.names, stats=self.runtime_stats, telemetry=self.latest,
+            serves=self.manager.serves,
         )
         self.metrics.account(self.accounting)
         sampler = TelemetrySampler(self.opts.model_dirs, self.nvml)

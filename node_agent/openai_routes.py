@@ -34,13 +34,13 @@ from node_agent.http import JSON, WatchedResponse, json_response, note, noted_cl
 from node_agent.pipeline import Pipeline, Streamed
 from node_agent.runtimes.base import Body
 
-__all__ = ["OWNED_BY", "openai_routes"]
+__all__ = ["OWNED_BY", "SSE_HEADERS", "openai_routes", "sse_events"]
 
 OWNED_BY = "meshgate-node"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
-async def _sse(streamed: Streamed) -> AsyncIterator[bytes]:
+async def sse_events(streamed: Streamed) -> AsyncIterator[bytes]:
     """Each chunk as an event, then ``[DONE]``; a failure mid-stream as a last error event."""
     try:
         async for chunk in streamed:
@@ -63,7 +63,7 @@ def _answer(pipeline: Pipeline, endpoint: str) -> Callable[[Request], Any]:
         streamed = await pipeline.stream(
             endpoint, parsed.model, raw, via="proxy", include_usage=parsed.include_usage
         )
-        return WatchedResponse(_sse(streamed), noted_close(request, streamed),
+        return WatchedResponse(sse_events(streamed), noted_close(request, streamed),
                                media_type="text/event-stream", headers=SSE_HEADERS)
 
     return handler

@@ -88,6 +88,12 @@ def map_error(exc: BaseException, model: str) -> OpenAIError:
     return OpenAIError(502, f"runtime for {model} failed: {exc!r}"[:500], hop="node")
 
 
+async def _ask(runtime: Runtime, endpoint: str, body: bytes) -> tuple[bytes, Usage | None]:
+    if endpoint == "embeddings":
+        return await runtime.embed(body)
+    return await runtime.complete(endpoint, body)
+
+
 class Meter:
     """One request's accounting: usage (read once per chunk), first token, finish once."""
 
@@ -255,12 +261,14 @@ class Pipeline:
         status = 499
         try:
             try:
-                async with AsyncExitStack() as stack:
-                    runtime = await self._runtime(model, stack, local_only)
-                    if endpoint == "embeddings":
-                        data, usage = await runtime.embed(body)
-                    else:
-                        data, usage = await runtime.complete(endpoint, body)
+                far = None
+                if not local_only and self.mesh is not None and not self.manager.serves(model):
+                    far = self.mesh(model)  # not served here: the coordinator places it
+                if far is not None:
+                    data, usage = await _ask(far, endpoint, body)
+                else:  # borrowed only while it answers
+                    async with self.manager.use(model) as runtime:
+                        data, usage = await _ask(runtime, endpoint, body)
             except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
                 error = map_error(exc, model)
                 status = error.status

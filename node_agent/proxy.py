@@ -24,9 +24,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp
 
 from meshgate.bounds import load_json
+from meshgate.logs import AccessLogMiddleware, RequestIdMiddleware
 from meshgate.openai import OpenAIError
+from node_agent.guard import guard_from_env
+from node_agent.hot_routes import HotRoutes
 from node_agent.http import json_response, read_body
 from node_agent.metrics import CONTENT_TYPE_LATEST, NodeMetrics
 from node_agent.models import ModelManager
@@ -34,7 +38,7 @@ from node_agent.ollama_routes import ollama_routes
 from node_agent.openai_routes import openai_routes
 from node_agent.pipeline import MeshLookup, Pipeline
 
-__all__ = ["MeshLookup", "build_app", "read_body"]
+__all__ = ["MeshLookup", "build_app", "read_body", "served_app"]
 
 
 
@@ -118,6 +122,16 @@ def build_app(
     )
     app.state.pipeline = pipe
     return app
+
+
+def served_app(app: Starlette, *, hot: bool = True) -> ASGIApp:
+    """`app` (from :func:`build_app`) as the daemon serves it: behind the local guard
+    (node_agent/guard.py), with an ``X-Request-Id`` on every answer and one access line
+    each (meshgate/logs.py), and with `hot` the OpenAI POST routes of programs answered
+    in one raw ASGI layer in front of all that (node_agent/hot_routes.py)."""
+    guard = guard_from_env(app)
+    stack = RequestIdMiddleware(AccessLogMiddleware(guard))
+    return HotRoutes(stack, app.state.pipeline, guard) if hot else stack
 
 
 def _admin_routes(manager: ModelManager) -> list[BaseRoute]:

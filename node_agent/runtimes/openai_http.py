@@ -3,18 +3,21 @@
 :class:`OpenAIHttpRuntime` talks to our llama.cpp worker over its unix socket
 (kind ``llama.cpp``, made by :class:`~node_agent.runtimes.llama.LlamaRunner`),
 or to a server already running on the box over TCP (kind ``upstream``), with
-one pooled ``aiohttp`` client session per runtime, made on first use (so an
-idle daemon never imports it). Bodies pass through as bytes;
+one pool of kept-alive HTTP/1.1 connections per runtime
+(:class:`~node_agent.runtimes.http1.Http1Pool`, httptools' C parser), made on first
+use. Bodies pass through as bytes;
 only ``model`` is rewritten, and only when the server knows the model by
 another name. Errors come out as :class:`OpenAIError`: the server's own status
 and message with ``hop="runner"``, or 503 ``hop="node"`` when it cannot be
 reached.
 
-aiohttp rather than httpx: measured side by side on the instant fake upstream
-(``scripts/bench/overhead.py``'s shapes, one process, interleaved), httpx spends
-about 1.2 ms of CPU on a request and aiohttp 0.3 ms (its parser is C); on the
-node's local port that was most of what the node added. A stream is read to its
-end after ``[DONE]`` (a short, bounded wait) so its connection goes back to the pool.
+The pool rather than a general client: measured in one process against the instant
+fake upstream, interleaved, httpx spent about 1.2 ms of CPU on a request, aiohttp
+0.13-0.17 ms (0.30 ms on a 16-chunk stream) and the pool 0.03-0.05 ms (0.21 ms);
+on the node's local port the client was a large part of what the node added.
+A stream is read to its end after ``[DONE]`` (a short, bounded wait) so its
+connection goes back to the pool; one left early closes its connection, so the
+runner sees its client go.
 """
 
 from __future__ import annotations
@@ -22,13 +25,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from meshgate.openai import OpenAIError
 from node_agent.runtimes.base import Usage, usage_of
-
-if TYPE_CHECKING:
-    import aiohttp
+from node_agent.runtimes.http1 import Http1Pool, Http1Response
 
 DATA_PREFIX = b"data:"
 DONE = b"[DONE]"
@@ -36,9 +38,12 @@ CONNECT_TIMEOUT_S = 5.0
 #: After ``[DONE]``, at most this long and this much to read the body's end (then: close).
 DRAIN_TIMEOUT_S = 1.0
 DRAIN_MAX_BYTES = 64 * 1024
+#: An error answer's body is read up to this much.
+MAX_ERROR_BYTES = 1024 * 1024
+HEALTH_TIMEOUT_S = 5.0
 #: A pooled connection idle this long is closed by us, before the server's own keep-alive
 #: (uvicorn's, under our runner and most upstreams: 5 s) can close it as we send on it
-#: (aiohttp would not resend a POST; aiohttp's own default is 15 s).
+#: (a POST is never resent).
 KEEPALIVE_S = 4.0
 
 
@@ -94,8 +99,8 @@ class Lifecycle(Protocol):
     async def stop(self) -> None: ...
 
 
-async def _error_of(response: aiohttp.ClientResponse) -> OpenAIError:
-    data = await response.read()
+async def _error_of(response: Http1Response) -> OpenAIError:
+    data = await response.read(MAX_ERROR_BYTES)
     try:
         body: Any = json.loads(data)
     except ValueError:
@@ -103,18 +108,34 @@ async def _error_of(response: aiohttp.ClientResponse) -> OpenAIError:
     return OpenAIError.from_body(response.status, body, hop="runner")
 
 
-async def _drain(response: aiohttp.ClientResponse) -> None:
+async def _drain(response: Http1Response) -> None:
     """Read what is left of a body whose last event came (so its connection is kept)."""
-    content, left = response.content, DRAIN_MAX_BYTES
+    if response.finished:
+        return
     try:
         async with asyncio.timeout(DRAIN_TIMEOUT_S):
-            while not content.at_eof() and left > 0:
-                left -= len(await content.readany())
-    except (TimeoutError, OSError, ValueError):
+            await response.read(DRAIN_MAX_BYTES)
+    except (TimeoutError, OSError):
         response.close()
-        return
-    if not content.at_eof():
-        response.close()
+
+
+def _pool_for(url: str, uds: str | None) -> Http1Pool:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise OpenAIError(500, f"not an http(s) URL: {url!r}", hop="node")
+    context = None
+    if parts.scheme == "https":
+        import ssl  # deferred: only for an upstream over TLS
+
+        context = ssl.create_default_context()
+    port = parts.port or (443 if context else 80)
+    return Http1Pool(parts.hostname, port, uds=uds, connect_timeout_s=CONNECT_TIMEOUT_S,
+                     keepalive_s=KEEPALIVE_S, ssl=context)
+
+
+def _target(url: str) -> str:
+    parts = urlsplit(url)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
 class OpenAIHttpRuntime:
@@ -123,7 +144,7 @@ class OpenAIHttpRuntime:
     `base_url` is the API root, ``/v1`` included; with `uds` the server is reached
     on that unix socket (the URL's host is then only a name). `check` runs before
     each request and may raise to refuse at once (a supervisor uses it while its
-    runner restarts); `health_url` defaults to ``{base_url}/models``.
+    runner restarts); `health_url` defaults to ``{base_url}/models`` (same server).
     """
 
     def __init__(
@@ -144,24 +165,17 @@ class OpenAIHttpRuntime:
         self.health_url = health_url or base_url.rstrip("/") + "/models"
         self._check = check or (lambda: None)
         self._lifecycle = lifecycle
-        self._base = base_url.rstrip("/") + "/"
+        self._base_url = base_url
+        self._base = _target(base_url).rstrip("/") + "/"
         self._uds = uds
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Http1Pool | None = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        """The pooled session (made on first use, and again after :meth:`aclose`)."""
-        if self._session is None or self._session.closed:
-            import aiohttp  # deferred: an idle daemon never needs it
-
-            connector = (aiohttp.UnixConnector(path=self._uds, keepalive_timeout=KEEPALIVE_S)
-                         if self._uds else aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_S))
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S),
-                headers={"content-type": "application/json"},
-            )
-        return self._session
+    def pool(self) -> Http1Pool:
+        """The connection pool (made on first use, and again after :meth:`aclose`)."""
+        if self._pool is None or self._pool.closed:
+            self._pool = _pool_for(self._base_url, self._uds)
+        return self._pool
 
     def _body(self, body: bytes) -> bytes:
         return with_model(body, self.upstream_model) if self.upstream_model else body
@@ -171,15 +185,16 @@ class OpenAIHttpRuntime:
         return OpenAIError(503, f"runner for {self.name} is unreachable: {exc!r}", hop="node")
 
     async def health(self) -> bool:
-        import aiohttp
-
         try:
-            async with self.session.get(self.health_url,
-                                        timeout=aiohttp.ClientTimeout(total=5.0)) as response:
-                await response.read()
-                return response.status == 200
-        except (aiohttp.ClientError, OSError, TimeoutError):
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                response = await self.pool.request("GET", _target(self.health_url))
+                try:
+                    await response.read(MAX_ERROR_BYTES)
+                finally:
+                    response.release()
+        except (OSError, TimeoutError, OpenAIError):
             return False
+        return response.status == 200
 
     async def load(self, keep_alive: float | str | None = None) -> None:
         """Start the supervised runner behind it, if any (a server not ours loads itself)."""
@@ -198,31 +213,32 @@ class OpenAIHttpRuntime:
         return await self.complete("embeddings", body)
 
     async def complete(self, endpoint: str, body: bytes) -> tuple[bytes, Usage | None]:
-        import aiohttp
-
         self._check()
         try:
-            async with self.session.post(self._base + endpoint, data=self._body(body)) as response:
-                if response.status != 200:
-                    raise await _error_of(response)
-                data = await response.read()
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            response = await self.pool.request("POST", self._base + endpoint, self._body(body))
+        except (OSError, TimeoutError) as exc:
             raise self._unreachable(exc) from None
+        try:
+            if response.status != 200:
+                raise await _error_of(response)
+            data = await response.read()
+        except (OSError, TimeoutError) as exc:
+            raise self._unreachable(exc) from None
+        finally:
+            response.release()  # back to the pool when read to its end; else closed
         return data, usage_of(data)
 
     async def stream(self, endpoint: str, body: bytes) -> AsyncIterator[bytes]:
-        import aiohttp
-
         self._check()
         try:
-            response = await self.session.post(self._base + endpoint, data=self._body(body))
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            response = await self.pool.request("POST", self._base + endpoint, self._body(body))
+        except (OSError, TimeoutError) as exc:
             raise self._unreachable(exc) from None
         try:
             if response.status != 200:
                 raise await _error_of(response)
             parser = SSEParser()
-            async for data in response.content.iter_any():
+            async for data in response.chunks():
                 for payload in parser.feed(data):
                     if payload == DONE:
                         await _drain(response)
@@ -230,7 +246,7 @@ class OpenAIHttpRuntime:
                     if is_error_event(payload):
                         raise OpenAIError.from_body(502, json.loads(payload), hop="runner")
                     yield payload
-        except (aiohttp.ClientError, OSError) as exc:
+        except OSError as exc:
             raise OpenAIError(502, f"runner for {self.name} failed mid-stream: {exc!r}",
                               hop="runner") from None
         finally:
@@ -239,8 +255,8 @@ class OpenAIHttpRuntime:
                           hop="runner")
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            self._pool.close()
 
     def describe(self) -> dict[str, Any] | None:
         return None

@@ -1,9 +1,12 @@
 """Idle memory of the node daemon: a fresh ``meshgate-node run`` with no runner.
 
-    .venv/bin/python scripts/bench/idle_rss.py [--runs 3] [--settle 3] [--json OUT.json]
+    .venv/bin/python scripts/bench/idle_rss.py [--runs 3] [--settle 3] [--connected]
+        [--json OUT.json]
 
 Starts the daemon (no model, no coordinator link, loopback port, fresh state
-dir) ``--runs`` times, waits until ``/healthz`` answers, lets it settle (a
+dir; with ``--connected``, enrolled with a real coordinator started on loopback
+for the run and linked to it: tunnel, crypto and heartbeats loaded) ``--runs``
+times, waits until ``/healthz`` answers, lets it settle (a
 telemetry sample or two), sends one request to each local route family so
 lazily imported code is counted too, and reads its RSS and USS (psutil's
 ``memory_full_info``). Prints each run and the median, in MiB, plus the
@@ -29,20 +32,32 @@ import psutil
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.mesh import free_port  # noqa: E402
+from tests.e2e.mesh import Mesh, free_port, wait_until  # noqa: E402
 
 MiB = 1 << 20
 
 
-def one_run(settle: float) -> dict[str, float]:
+def one_run(settle: float, connected: bool = False) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="mg-rss-") as tmp:
         port = free_port()
+        mesh = None
+        state = Path(tmp) / "node"
+        link = ["--no-connect"]
+        if connected:  # a real coordinator on loopback, the node enrolled with it
+            mesh = Mesh(root=Path(tmp), api_port=free_port(), tunnel_port=free_port())
+            mesh.start_coordinator()
+            enrolled = mesh.enroll("node")
+            if enrolled.returncode:
+                raise SystemExit(f"enroll failed: {enrolled.stderr}")
+            link = []
         proc = subprocess.Popen(
-            [sys.executable, "-m", "node_agent.cli", "run", "--state-dir", tmp, "--proxy-port",
-             str(port), "--no-connect", "--log-level", "warning"],
+            [sys.executable, "-m", "node_agent.cli", "run", "--state-dir", str(state),
+             "--proxy-port", str(port), *link, "--log-level", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
         )
         try:
+            if mesh is not None:
+                wait_until(lambda: mesh.connected_nodes() == 1, 60, "the node's link")
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 60
             while True:
@@ -63,6 +78,8 @@ def one_run(settle: float) -> dict[str, float]:
         finally:
             proc.terminate()
             proc.wait(30)
+            if mesh is not None:
+                mesh.stop()
 
 
 def heaviest_imports(top: int = 15) -> list[tuple[str, int]]:
@@ -85,9 +102,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--settle", type=float, default=3.0)
+    parser.add_argument("--connected", action="store_true",
+                        help="enrolled and linked to a real coordinator on loopback")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    runs = [one_run(args.settle) for _ in range(args.runs)]
+    runs = [one_run(args.settle, args.connected) for _ in range(args.runs)]
+    print("connected to a coordinator" if args.connected else "not connected (--no-connect)")
     for i, r in enumerate(runs):
         print(f"run {i + 1}: RSS {r['rss_mib']:.1f} MiB, USS {r['uss_mib']:.1f} MiB")
     result: dict[str, Any] = {

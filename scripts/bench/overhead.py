@@ -221,15 +221,20 @@ def start_litellm(
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[str]:
-    """The node's added p50 as a fraction of LiteLLM's, per shape (the issue's target)."""
+    """The node's and the coordinator's added p50 as fractions of LiteLLM's, per shape (the
+    targets of issues 10 and 13)."""
     lines = []
     for shape in ("non-stream", "stream"):
         added = {r["path"]: r["added_p50_ms"] for r in rows if r["shape"] == shape}
-        if "litellm" in added and "node" in added and added["litellm"] > 0:
-            lines.append(
-                f"{shape}: node adds {added['node']:.2f} ms p50, litellm {added['litellm']:.2f} "
-                f"ms: node/litellm = {added['node'] / added['litellm']:.3f}"
-            )
+        if "litellm" not in added or added["litellm"] <= 0:
+            continue
+        for path in ("node", "coordinator"):  # issue 10's target; issue 13's
+            if path in added:
+                lines.append(
+                    f"{shape}: {path} adds {added[path]:.2f} ms p50, litellm "
+                    f"{added['litellm']:.2f} ms: {path}/litellm = "
+                    f"{added[path] / added['litellm']:.3f}"
+                )
     return lines
 
 
@@ -309,6 +314,8 @@ def main() -> None:
     )
     for line in summarize(rows):
         print(line)
+    print(f"load average while it ran: {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} "
+          "cores")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from coordinator.answer_stream import EventStream, unless_disconnected
+from coordinator.answer_stream import EventStream, Watch, unless_disconnected
 from coordinator.served import Served
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest
@@ -82,6 +82,26 @@ async def test_a_cancel_from_elsewhere_stays_a_cancel() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_one_watch_guards_several_waits_with_one_waiter() -> None:
+    client = Client()
+    before = len(asyncio.all_tasks())
+    watch = Watch(client.receive)
+    assert len(asyncio.all_tasks()) == before + 1
+    with watch:
+        await asyncio.sleep(0)
+    with watch:  # the same waiter, armed again
+        await asyncio.sleep(0)
+    assert len(asyncio.all_tasks()) == before + 1
+    client.left.set()  # it leaves between two waits: no cancel lands outside them
+    await _spin()
+    with pytest.raises(OpenAIError) as caught, watch:  # the next wait is refused at once
+        pytest.fail("entered a wait for a client that left")
+    assert caught.value.status == 499
+    watch.stop()
+    await _spin()
+    assert len(asyncio.all_tasks()) == before
 
 
 class Answer(Served):

@@ -13,13 +13,12 @@ from typing import Any
 import httpx
 import pytest
 
-from meshgate.logs import AccessLogMiddleware, RequestIdMiddleware
 from meshgate.openai import OpenAIError
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
 from node_agent.pipeline import Finished
 from node_agent.placement import Budget
-from node_agent.proxy import build_app
+from node_agent.proxy import build_app, served_app
 from node_agent.runtimes.base import FakeRuntime
 
 pytestmark = pytest.mark.timeout(30)
@@ -27,8 +26,15 @@ pytestmark = pytest.mark.timeout(30)
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
 
-@pytest.fixture
-async def setup(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, NodeMetrics, Any]]:
+#: As the daemon serves the app (node_agent/proxy.py's served_app): with the hot routes in
+#: front, and without them (the Starlette routes, which serve browsers' requests).
+SERVED = [pytest.param(True, id="hot-routes"), pytest.param(False, id="starlette-routes")]
+
+
+@pytest.fixture(params=SERVED)
+async def setup(
+    tmp_path: Path, request: pytest.FixtureRequest,
+) -> AsyncIterator[tuple[httpx.AsyncClient, NodeMetrics, Any]]:
     manager = ModelManager(run_dir=tmp_path, budget=Budget(1 << 30, 0))
     fake = FakeRuntime("m", chunks=3)
     manager.add_runtime(fake)
@@ -44,8 +50,8 @@ async def setup(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, NodeMe
     app = build_app(manager, metrics=metrics)
     finished: list[Finished] = []
     app.state.pipeline.on_finish(finished.append)
-    transport = httpx.ASGITransport(app=RequestIdMiddleware(app))  # as the daemon serves it
-    async with httpx.AsyncClient(transport=transport, base_url="http://node") as client:
+    transport = httpx.ASGITransport(app=served_app(app, hot=request.param))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         yield client, metrics, finished
 
 
@@ -165,6 +171,7 @@ async def test_ollama_stream_counts_usage_once_through_the_same_pipeline(
     )
 
 
+@pytest.mark.parametrize("hot", [True, False])
 @pytest.mark.parametrize(("path", "body"), [
     ("/v1/chat/completions", CHAT),
     ("/v1/chat/completions", {**CHAT, "stream": False}),
@@ -172,14 +179,13 @@ async def test_ollama_stream_counts_usage_once_through_the_same_pipeline(
     ("/api/generate", {"model": "m", "prompt": "hi", "stream": False}),
 ])
 async def test_each_access_line_names_the_model_and_its_tokens(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, path: str, body: dict[str, Any],
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, path: str, body: dict[str, Any], hot: bool,
 ) -> None:
     manager = ModelManager(run_dir=tmp_path, budget=Budget(1 << 30, 0))
     manager.add_runtime(FakeRuntime("m", chunks=3))
-    app = RequestIdMiddleware(AccessLogMiddleware(build_app(manager)))  # as the daemon does
-    transport = httpx.ASGITransport(app=app)
+    transport = httpx.ASGITransport(app=served_app(build_app(manager), hot=hot))
     with caplog.at_level(logging.INFO, logger="meshgate.access"):
-        async with httpx.AsyncClient(transport=transport, base_url="http://node") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             reply = await client.post(path, json=body)
     assert reply.status_code == 200
     (line,) = [r for r in caplog.records if r.name == "meshgate.access"]

@@ -1,0 +1,296 @@
+"""A small pooled HTTP/1.1 client for the node's hot path: one upstream, kept-alive connections.
+
+:class:`Http1Pool` sends requests to one server (TCP host and port, or a unix
+socket) over connections it keeps open between requests, and reads answers with
+httptools' response parser (llhttp, in C: the parser uvicorn serves with, already a
+dependency). It does only what :class:`~node_agent.runtimes.openai_http.OpenAIHttpRuntime`
+needs on every request: a request with a whole body, then a status, headers and a
+body read whole (bounded) or as it arrives (chunked or not). Measured on the node's
+local port against an instant upstream (``scripts/bench/node_cpu.py``), it costs a
+fraction of aiohttp's CPU per request: no cookie jar, tracing, redirects, URL
+objects or per-request timer and task of its own.
+
+Its bounds:
+
+- a connection is opened within ``connect_timeout_s``; a pooled one idle for
+  ``keepalive_s`` is closed before the server's own keep-alive could close it as
+  we send on it (a POST is never resent);
+- an answer read whole is refused past ``max_body_bytes``; a streamed one is read
+  with flow control (reading pauses while ``HIGH_WATER`` bytes wait for the reader);
+- a connection goes back to the pool only once its answer was read to the end
+  and the server did not ask to close it; a request abandoned midway (the caller
+  cancelled, an error, a stream left early) closes its connection, so the server
+  sees the client leave, as a runner must to stop generating;
+- every failure of the connection or of the server's HTTP is an ``OSError``
+  (:class:`UpstreamError`), which the runtime maps to OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl as ssl_module
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+
+import httptools
+
+__all__ = ["Http1Pool", "Http1Response", "UpstreamError"]
+
+#: Bytes of a streamed body held for a reader that is behind, before reading pauses.
+HIGH_WATER = 256 * 1024
+MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_IDLE_CONNECTIONS = 32
+
+
+class UpstreamError(ConnectionError):
+    """The upstream's connection failed or it spoke broken HTTP."""
+
+
+class _Connection(asyncio.Protocol):
+    """One kept-alive connection; one request at a time; its parser's callbacks feed it."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_done = False
+        self.keep_alive = False  # the server did not ask to close (read with the head)
+        self.done = False  # the answer's last byte came
+        self.lost: BaseException | None = None
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.paused = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.idle_since = 0.0
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError(f"the upstream's answer is not HTTP/1.1: {exc}"))
+            if self.transport is not None:
+                self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.head_done and not self.done and exc is None and not self._delimited():
+            self.done = True  # a body that ends with the connection (neither length nor chunks)
+        if not self.done:
+            self._fail(UpstreamError(f"the upstream closed the connection: {exc or 'EOF'}"))
+        self.lost = self.lost or UpstreamError("connection closed")
+        self._wake()
+
+    def _delimited(self) -> bool:
+        return any(name.lower() in (b"content-length", b"transfer-encoding")
+                   for name, _ in self.headers)
+
+    # httptools' callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
+        self.head_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.done = True
+        self._wake()
+
+    # ours
+    def _fail(self, exc: BaseException) -> None:
+        self.lost = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Until the parser or the connection says something new."""
+        self._raise_if_lost()
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+        self._raise_if_lost()
+
+    def _raise_if_lost(self) -> None:
+        if self.lost is not None and not self.done:
+            raise self.lost
+
+    def take(self) -> bytes:
+        data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks.clear()
+        self.buffered = 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return data
+
+    def reuse(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.headers = []
+        self.head_done = self.done = self.keep_alive = False
+        self.idle_since = time.monotonic()
+
+    def usable(self, keepalive_s: float) -> bool:
+        return (self.lost is None and self.transport is not None
+                and not self.transport.is_closing()
+                and time.monotonic() - self.idle_since < keepalive_s)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self.lost = self.lost or UpstreamError("connection closed")
+
+
+class Http1Response:
+    """A status and headers; read the body with :meth:`read` or :meth:`chunks`, then
+    :meth:`release` (always: back to the pool if read to its end, else closed)."""
+
+    def __init__(self, pool: Http1Pool, conn: _Connection) -> None:
+        self._pool, self._conn = pool, conn
+        self.status = conn.status
+        self.headers = conn.headers
+        self._released = False
+
+    async def read(self, limit: int = MAX_BODY_BYTES) -> bytes:
+        """The whole body; an :class:`UpstreamError` past `limit` bytes."""
+        conn, parts, size = self._conn, [], 0
+        while True:
+            if conn.chunks:
+                data = conn.take()
+                size += len(data)
+                if size > limit:
+                    self.close()
+                    raise UpstreamError(f"the upstream's answer is over {limit} bytes")
+                parts.append(data)
+            if conn.done:
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            await conn.wait()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body's bytes as they arrive (chunked transfer decoded)."""
+        conn = self._conn
+        while True:
+            if conn.chunks:
+                yield conn.take()
+            elif conn.done:
+                return
+            else:
+                await conn.wait()
+
+    @property
+    def finished(self) -> bool:
+        """Whether the body has been read to its end."""
+        return self._conn.done and not self._conn.chunks
+
+    def release(self) -> None:
+        """Give the connection back (answer read to its end) or close it. Once."""
+        if self._released:
+            return
+        self._released = True
+        self._pool._give_back(self._conn)
+
+    def close(self) -> None:
+        """Close the connection, whatever is left unread."""
+        if not self._released:
+            self._released = True
+            self._conn.close()
+
+
+class Http1Pool:
+    """Kept-alive HTTP/1.1 connections to one server (`host`:`port`, or the unix socket `uds`)."""
+
+    def __init__(self, host: str, port: int, *, uds: str | None = None,
+                 connect_timeout_s: float = 5.0, keepalive_s: float = 4.0,
+                 headers: dict[str, str] | None = None,
+                 ssl: ssl_module.SSLContext | None = None) -> None:
+        self.host, self.port, self.uds, self.ssl = host, port, uds, ssl
+        self.connect_timeout_s = connect_timeout_s
+        self.keepalive_s = keepalive_s
+        authority = host if port in (80, 443) or uds else f"{host}:{port}"
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        self._head_tail = f"Host: {authority}\r\n{extra}".encode("latin-1")
+        self._idle: list[_Connection] = []
+        self.closed = False
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                if self.uds is not None:
+                    _, conn = await loop.create_unix_connection(_Connection, self.uds)
+                else:
+                    _, conn = await loop.create_connection(
+                        _Connection, self.host, self.port, ssl=self.ssl,
+                        server_hostname=self.host if self.ssl else None)
+        except TimeoutError:
+            raise UpstreamError(f"no connection within {self.connect_timeout_s} s") from None
+        return conn
+
+    def _pooled(self) -> _Connection | None:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.usable(self.keepalive_s):
+                return conn
+            conn.close()
+        return None
+
+    async def request(self, method: str, target: str, body: bytes = b"",
+                      content_type: str = "application/json") -> Http1Response:
+        """Send one request; returns once the answer's status and headers came."""
+        if self.closed:
+            raise UpstreamError("the client is closed")
+        conn = self._pooled() or await self._connect()
+        head = (f"{method} {target} HTTP/1.1\r\n").encode("latin-1") + self._head_tail
+        if body or method not in ("GET", "HEAD"):
+            head += f"content-type: {content_type}\r\ncontent-length: {len(body)}\r\n".encode()
+        assert conn.transport is not None
+        conn.transport.write(head + b"\r\n" + body)
+        try:
+            while not conn.head_done:
+                await conn.wait()
+        except BaseException:
+            conn.close()
+            raise
+        return Http1Response(self, conn)
+
+    def _give_back(self, conn: _Connection) -> None:
+        keep = (conn.done and not conn.chunks and not self.closed
+                and conn.keep_alive and len(self._idle) < MAX_IDLE_CONNECTIONS)
+        if keep:
+            conn.reuse()
+            if conn.usable(self.keepalive_s):
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    @property
+    def idle_connections(self) -> int:
+        """Connections kept open for the next request."""
+        return len(self._idle)
+
+    def close(self) -> None:
+        self.closed = True
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()

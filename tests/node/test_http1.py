@@ -1,0 +1,231 @@
+"""The node's pooled HTTP/1.1 client against scripted raw-socket servers on loopback:
+kept-alive reuse, a server that asks to close, idle expiry, size limits, broken HTTP,
+a connection cut midway, chunked and connection-delimited bodies, and a request
+abandoned midway closing its connection."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from node_agent.runtimes.http1 import Http1Pool, UpstreamError
+
+pytestmark = pytest.mark.timeout(30)
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def ok(body: bytes, extra: bytes = b"") -> bytes:
+    return (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+            + str(len(body)).encode() + b"\r\n" + extra + b"\r\n" + body)
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request's head and body (by content-length); (b"", b"") at EOF."""
+    head = await reader.readuntil(b"\r\n\r\n") if not reader.at_eof() else b""
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await reader.readexactly(length) if length else b""
+
+
+class Server:
+    """Runs `script` for each connection; counts connections, notes when each one closes."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self.closed = asyncio.Event()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.script(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self.closed.set()
+
+    async def __aenter__(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *_: object) -> None:
+        self.server.close()
+
+
+def answering(*replies: bytes) -> Script:
+    """Answer each request on a connection with the next of `replies`, then wait for EOF."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for reply in replies:
+            head, _ = await read_request(reader)
+            if not head:
+                return
+            writer.write(reply)
+            await writer.drain()
+        await reader.read()
+
+    return script
+
+
+async def fetch(pool: Http1Pool, body: bytes = b"{}") -> tuple[int, bytes]:
+    response = await pool.request("POST", "/v1/x", body)
+    try:
+        return response.status, await response.read()
+    finally:
+        response.release()
+
+
+@pytest.fixture
+async def pools() -> AsyncIterator[list[Http1Pool]]:
+    made: list[Http1Pool] = []
+    yield made
+    for pool in made:
+        pool.close()
+
+
+async def test_a_kept_alive_connection_serves_request_after_request(
+    pools: list[Http1Pool],
+) -> None:
+    seen: list[tuple[bytes, bytes]] = []
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, body = await read_request(reader)
+            if not head:
+                return
+            seen.append((head, body))
+            writer.write(ok(b'{"echo":' + body + b"}"))
+
+    async with Server(echo) as port:
+        pool = Http1Pool("127.0.0.1", port)
+        pools.append(pool)
+        for i in range(3):
+            assert await fetch(pool, b'{"n":%d}' % i) == (200, b'{"echo":{"n":%d}}' % i)
+    assert len(seen) == 3
+    assert seen[0][0].startswith(b"POST /v1/x HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert b"content-type: application/json\r\ncontent-length: 7\r\n" in seen[0][0]
+    assert pool.idle_connections == 1
+
+
+async def test_a_server_that_asks_to_close_gets_a_new_connection_next_time(
+    pools: list[Http1Pool],
+) -> None:
+    server = Server(answering(ok(b"{}", b"connection: close\r\n")))
+    async with server as port:
+        pool = Http1Pool("127.0.0.1", port)
+        pools.append(pool)
+        assert await fetch(pool) == (200, b"{}")
+        assert pool.idle_connections == 0
+        assert await fetch(pool) == (200, b"{}")
+    assert server.connections == 2
+
+
+async def test_a_connection_idle_past_keepalive_is_not_reused(pools: list[Http1Pool]) -> None:
+    server = Server(answering(ok(b"{}"), ok(b"{}")))
+    async with server as port:
+        pool = Http1Pool("127.0.0.1", port, keepalive_s=0.0)
+        pools.append(pool)
+        await fetch(pool)
+        await fetch(pool)
+    assert server.connections == 2
+
+
+async def test_chunked_and_connection_delimited_bodies_are_read_whole(
+    pools: list[Http1Pool],
+) -> None:
+    chunked = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+               b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+
+    async def until_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nto the end")
+        await writer.drain()
+
+    async with Server(answering(chunked)) as port:
+        pool = Http1Pool("127.0.0.1", port)
+        pools.append(pool)
+        response = await pool.request("POST", "/v1/x", b"{}")
+        assert [part async for part in response.chunks()] in ([b"abc", b"de"], [b"abcde"])
+        assert response.finished
+        response.release()
+        assert pool.idle_connections == 1
+    async with Server(until_eof) as port:
+        pool = Http1Pool("127.0.0.1", port)
+        pools.append(pool)
+        assert await fetch(pool) == (200, b"to the end")
+
+
+async def test_an_answer_over_the_limit_is_refused_and_its_connection_closed(
+    pools: list[Http1Pool],
+) -> None:
+    server = Server(answering(ok(b"x" * 5000)))
+    async with server as port:
+        pool = Http1Pool("127.0.0.1", port)
+        pools.append(pool)
+        response = await pool.request("POST", "/v1/x", b"{}")
+        with pytest.raises(UpstreamError, match="over 1000 bytes"):
+            await response.read(limit=1000)
+        response.release()
+        assert pool.idle_connections == 0
+        await asyncio.wait_for(server.closed.wait(), 5)
+
+
+async def test_broken_http_and_a_cut_connection_are_upstream_errors(
+    pools: list[Http1Pool],
+) -> None:
+    async with Server(answering(b"NOT HTTP AT ALL\r\n\r\n")) as port:
+        pool = Http1Pool("127.0.0.1", port)
+        pools.append(pool)
+        with pytest.raises(UpstreamError, match=r"not HTTP/1\.1"):
+            await fetch(pool)
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly some")
+        await writer.drain()
+
+    async with Server(cut) as port:
+        pool = Http1Pool("127.0.0.1", port)
+        pools.append(pool)
+        with pytest.raises(UpstreamError, match="closed the connection"):
+            await fetch(pool)
+        assert pool.idle_connections == 0
+
+
+async def test_nobody_listening_is_a_connection_error(pools: list[Http1Pool]) -> None:
+    async with Server(answering()) as port:
+        pass  # the port is free again
+    pool = Http1Pool("127.0.0.1", port)
+    pools.append(pool)
+    with pytest.raises(OSError):
+        await fetch(pool)
+
+
+async def test_a_request_abandoned_midway_closes_its_connection(pools: list[Http1Pool]) -> None:
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        await writer.drain()
+        await reader.read()  # until the client goes
+
+    server = Server(slow)
+    async with server as port:
+        pool = Http1Pool("127.0.0.1", port)
+        pools.append(pool)
+        response = await pool.request("POST", "/v1/x", b"{}")
+        parts = response.chunks()
+        assert await anext(parts) == b"abc"
+        waiting = asyncio.create_task(anext(parts))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        response.release()  # not read to its end: closed, not pooled
+        assert pool.idle_connections == 0
+        await asyncio.wait_for(server.closed.wait(), 5)  # the server saw its client go
