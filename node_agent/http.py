@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -82,7 +82,7 @@ class WatchedResponse(StreamingResponse):
 
     def __init__(
         self,
-        body: AsyncIterator[bytes],
+        body: AsyncIterable[bytes],
         close: Callable[[], Awaitable[None]],
         *,
         media_type: str,
