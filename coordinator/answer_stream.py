@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from coordinator.refusals import with_status
 from coordinator.served import Served
-from meshgate.openai import SSE_DONE, OpenAIError, is_usage_only, sse_error, sse_event
+from meshgate.openai import SSE_DONE, OpenAIError, is_usage_only, sse_error
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,10 @@ class EventStream(Response):
         self.init_headers(headers)
 
     def _events(self, chunks: list[bytes]) -> bytes:
-        keep = self.include_usage
-        return b"".join(sse_event(c) for c in chunks if keep or not is_usage_only(c))
+        """The chunks as SSE events, in one join (the usage-only chunk when it was asked)."""
+        if not self.include_usage:
+            chunks = [c for c in chunks if not is_usage_only(c)]
+        return b"data: " + b"\n\ndata: ".join(chunks) + b"\n\n" if chunks else b""
 
     async def _write(self, served: Served, send: Send) -> bytes:
         """Write the answer as it arrives, a burst in one write; return the last burst,

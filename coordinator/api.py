@@ -149,12 +149,12 @@ class ApiContext:
         task.add_done_callback(self._pending.discard)
 
     async def commit(self, row: dict[str, Any]) -> None:
-        """Count `row` and write it to the ledger, returning once it is stored: the answer's
-        last byte waits on this, so a crash after an answer was delivered loses no row."""
-        if self.gate is not None:
-            self.gate.finish_row(row)
-        if self.metrics is not None:
-            self.metrics.observe_row(row)
+        """Write `row` to the ledger, returning once it is stored: the answer's last byte
+        waits on this, so a crash after an answer was delivered loses no row. It is counted
+        (the key's token bucket and budget, metrics) in this turn of the loop, after the
+        task's own step: the answer's last bytes, written in that step, leave first."""
+        if self.gate is not None or self.metrics is not None:
+            asyncio.get_running_loop().call_soon(self._count, row)
         if self._ledger is None:  # rows one at a time unless the store writes them together
             self._ledger = (LedgerWriter(self.record_usages, write_now=self.record_now,
                                          housekeeping=self.ledger_housekeeping)
@@ -165,6 +165,12 @@ class ApiContext:
         except Exception:
             log.exception("the ledger row of request %s could not be written: %s",
                           row.get("request_id"), clip(repr(row), 1000))
+
+    def _count(self, row: dict[str, Any]) -> None:
+        if self.gate is not None:
+            self.gate.finish_row(row)
+        if self.metrics is not None:
+            self.metrics.observe_row(row)
 
     def _row_by_row(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:

@@ -39,7 +39,7 @@ from coordinator.store import Store, UsageRecord
 from coordinator.traffic import Traffic
 from meshgate.httpserver import COORDINATOR_LIMITS, server_config
 from meshgate.logs import setup_logging
-from meshgate.serving import DaemonServer
+from meshgate.serving import DaemonServer, run
 from meshgate.startup import check_port
 from tunnel import serve as serve_tunnel
 
@@ -195,4 +195,4 @@ def run_server(opts: ServeOptions, config: CoordinatorConfig | None = None) -> N
     setup_logging(opts.log_format, opts.log_level)
     check_port(opts.api_host, opts.api_port, what="API", option="--api-port")
     check_port(opts.tunnel_host, opts.tunnel_port, what="tunnel endpoint", option="--tunnel-port")
-    asyncio.run(serve(opts, config))
+    run(serve(opts, config))  # asyncio's loop, or uvloop's with MESHGATE_LOOP=uvloop

@@ -229,7 +229,7 @@ class AccessLogMiddleware:
 
 def _access_line(scope: Scope, status: int, seconds: float) -> None:
     if not access_log.isEnabledFor(logging.INFO):
-        return
+        return  # nothing to build
     state = scope.get("state") or {}
     route = scope.get("route")
     path = getattr(route, "path", None) or scope.get("path", "")
@@ -246,7 +246,14 @@ def _access_line(scope: Scope, status: int, seconds: float) -> None:
     if isinstance(usage, dict):
         fields["prompt_tokens"] = usage.get("prompt_tokens")
         fields["completion_tokens"] = usage.get("completion_tokens")
-    # the record made here: Logger.info would walk the stack to name this line's caller
-    access_log.handle(access_log.makeRecord(
-        access_log.name, logging.INFO, __file__, 0, "%s %s %d %.1f ms",
-        (fields["method"], fields["route"], status, fields["latency_ms"]), None, extra=fields))
+    quick_info(access_log, "%s %s %d %.1f ms", fields["method"], fields["route"], status,
+               fields["latency_ms"], extra=fields)
+
+
+def quick_info(logger: logging.Logger, msg: str, *args: Any,
+               extra: dict[str, Any] | None = None) -> None:
+    """`logger.info(msg, *args, extra=extra)` for a line written per request: the record is
+    made here, without the stack walk that names its caller (no format writes it)."""
+    if logger.isEnabledFor(logging.INFO):
+        logger.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, msg, args,
+                                        None, extra=extra))

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from meshgate.logs import quick_info
 from meshgate.node_messages import DELTA_COALESCE_S, ModelLoad
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest, ProtocolViolation, error_body
@@ -244,7 +245,7 @@ async def answer(pipeline: Pipeline, stream: Stream, frame: Frame) -> None:
     except ProtocolViolation as exc:
         await stream.send(FrameType.ERROR, error_body(400, str(exc)))
         return
-    log.info("request %s: %s %s", request.request_id, request.endpoint, request.model)
+    quick_info(log, "request %s: %s %s", request.request_id, request.endpoint, request.model)
     args = (request.endpoint, request.model, request.body)
     try:
         if request.stream:

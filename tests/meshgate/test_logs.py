@@ -16,7 +16,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from meshgate.logs import AccessLogMiddleware, RequestIdMiddleware, setup_logging
+from meshgate.logs import (
+    AccessLogMiddleware,
+    RequestIdMiddleware,
+    quick_info,
+    request_id_var,
+    setup_logging,
+)
 from meshgate.version import version as version_of
 
 
@@ -62,6 +68,23 @@ def test_per_request_lines_of_http_clients_are_quieted(captured: io.StringIO) ->
     setup_logging("json", "info", captured)
     logging.getLogger("httpx").info('HTTP Request: POST http://runner/v1/chat "200 OK"')
     assert captured.getvalue() == ""
+
+
+def test_a_quick_line_is_a_whole_line_and_only_when_info_is_on(captured: io.StringIO) -> None:
+    setup_logging("json", "info", captured)
+    token = request_id_var.set("req_quick")
+    try:
+        quick_info(logging.getLogger("node_agent.link"), "request %s: %s", "req_quick",
+                   "chat/completions", extra={"model": "m"})
+    finally:
+        request_id_var.reset(token)
+    (line,) = [json.loads(x) for x in captured.getvalue().splitlines()]
+    assert (line["level"], line["logger"], line["message"]) == (
+        "info", "node_agent.link", "request req_quick: chat/completions")
+    assert (line["request_id"], line["model"]) == ("req_quick", "m")
+    setup_logging("json", "warning", captured)
+    quick_info(logging.getLogger("node_agent.link"), "not written")
+    assert "not written" not in captured.getvalue()
 
 
 def test_a_bad_format_is_refused() -> None:
