@@ -248,7 +248,11 @@ def build_app(ctx: ApiContext) -> FastAPI:
             request.state.served = served  # its usage, for the access line
             headers = {"x-request-id": request_id, **served.headers()}
             if not stream:
-                data = await _whole(ctx, watch, served, key_id, route_text)
+                try:
+                    data = await _whole(ctx, watch, served, key_id, route_text)
+                except OpenAIError:  # a 499: its row, the answer's, is stored already
+                    request.state.recorded = True
+                    raise
                 if cached_as is not None and ctx.cache is not None and served.outcome == "ok":
                     ctx.cache.put(cached_as, CachedResponse(
                         data, served.model, served.target, *_tokens(served.usage)))

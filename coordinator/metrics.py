@@ -172,7 +172,7 @@ class Metrics:
             return
         self.count_energy(str(row.get("model", "-")), route, row.get("joules"))
         self.observe(
-            status=200,
+            status=int(row.get("status") or 200),  # a request that ran may still end in an error
             model=str(row.get("model", "-")),
             route=route,
             endpoint=str(row.get("endpoint", "-")),

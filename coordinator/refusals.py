@@ -92,10 +92,11 @@ def install_refusals(
 
     async def answer(request: Request, exc: OpenAIError) -> Response:
         exc.hop = exc.hop or "coordinator"
-        if request.url.path.startswith("/v1/"):
+        if request.url.path.startswith("/v1/") and not getattr(request.state, "recorded", False):
+            # (recorded: the request ran, and its own row, counted with it, is stored)
             if count is not None:
                 count(exc.status, str(getattr(request.state, "model", "-") or "-"), exc.code)
-            if record is not None and not getattr(request.state, "recorded", False):
+            if record is not None:
                 request.state.recorded = True
                 await record(_row_of(request, exc))
         return JSONResponse(exc.body(), status_code=exc.status,

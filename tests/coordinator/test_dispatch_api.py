@@ -19,6 +19,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from coordinator.api import ApiContext, build_app
 from coordinator.config import CoordinatorConfig, DispatchConfig
 from coordinator.dispatch import Dispatcher
+from coordinator.metrics import Metrics
 from tests.coordinator.test_dispatch import (
     Fleet,
     answer,
@@ -44,6 +45,7 @@ class Api:
             record_usage=self.rows.append,
             config=config,
             dispatcher=Dispatcher(fleet.registry, config.dispatch),
+            metrics=Metrics(),
         )
         self.url = ""
 
@@ -179,6 +181,28 @@ async def test_a_client_that_goes_away_before_the_first_token_cancels_the_node(
     assert fleet.registry.get(node.name).in_flight == 0  # type: ignore[union-attr]
     await asyncio.sleep(0.1)
     assert [r["outcome"] for r in api.rows] == ["client_cancelled"]
+
+
+async def test_a_client_that_leaves_a_started_whole_answer_has_one_row(fleet: Fleet) -> None:
+    node = await fleet.node("a", one_chunk_then_wait)  # DATA, then no END: still collecting
+    async with running(fleet, CONFIG) as api:
+        with pytest.raises(openai.APITimeoutError):
+            await api.client(timeout=0.5).chat.completions.create(model="m", messages=HELLO)
+        for _ in range(100):
+            if node.cancelled:
+                break
+            await asyncio.sleep(0.05)
+    assert node.cancelled == 1
+    await asyncio.sleep(0.1)
+    (row,) = api.rows  # the answer's row only: its 499 is not a second refusal row
+    assert (row["node_did"], row["outcome"], row["status"]) == (node.name, "client_cancelled",
+                                                               499)
+    metrics = api.ctx.metrics
+    assert metrics is not None
+    counted = {(s.labels["status"], s.labels["route"]): s.value
+               for m in metrics.requests.collect() for s in m.samples
+               if s.name.endswith("_total")}
+    assert counted == {("499", "node"): 1.0}  # counted once, as it ended
 
 
 async def test_a_client_that_goes_away_mid_stream_cancels_the_node(fleet: Fleet) -> None:
