@@ -75,6 +75,9 @@ class CorkedTransport:
         if not self.transport.is_closing():
             self.transport.write(data)
 
+    def is_closing(self) -> bool:  # asked on every write and request: not via __getattr__
+        return self.transport.is_closing()
+
     def get_write_buffer_size(self) -> int:
         return self._held_bytes + self.transport.get_write_buffer_size()
 
@@ -161,10 +164,13 @@ class Guards:
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        if self.awaiting_head() and self._head_timer is None:
-            self._wait_for_head()  # a kept-alive connection's next request starts
         super().data_received(data)  # type: ignore[misc]
-        if not self.awaiting_head():
+        if self.awaiting_head():
+            if self._head_timer is None and not self.transport.is_closing():
+                # a kept-alive connection's next head began and is not whole yet: its clock
+                # starts with its first bytes (a head that came whole needs no timer)
+                self._wait_for_head()
+        else:
             self.waiting.pop(self, None)
             if self._head_timer is not None:
                 self._head_timer.cancel()
@@ -231,6 +237,8 @@ class HeadTooLarge(Exception):
 
 
 _HEAD, _BODY, _DONE = "head", "body", "done"
+#: uvicorn's own, called by name rather than through super() (a header is the hottest callback)
+_uvicorn_on_header = HttpToolsProtocol.on_header
 
 
 class GuardedHttpToolsProtocol(Guards, HttpToolsProtocol):
@@ -258,10 +266,8 @@ class GuardedHttpToolsProtocol(Guards, HttpToolsProtocol):
     def reading_body(self) -> bool:
         return self._phase == _BODY
 
-    def _count(self, size: int) -> None:
-        self._head_bytes += size
-        if self._head_bytes > self.limits.max_head_bytes:
-            raise HeadTooLarge(f"request head over {self.limits.max_head_bytes} bytes")
+    def _too_large(self) -> HeadTooLarge:
+        return HeadTooLarge(f"request head over {self.limits.max_head_bytes} bytes")
 
     def on_message_begin(self) -> None:
         self._phase = _HEAD
@@ -269,12 +275,16 @@ class GuardedHttpToolsProtocol(Guards, HttpToolsProtocol):
         super().on_message_begin()
 
     def on_url(self, url: bytes) -> None:
-        self._count(len(url))
+        self._head_bytes += len(url)
+        if self._head_bytes > self.limits.max_head_bytes:
+            raise self._too_large()
         super().on_url(url)
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4)
-        super().on_header(name, value)
+    def on_header(self, name: bytes, value: bytes) -> None:  # once a header: kept lean
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self.limits.max_head_bytes:
+            raise self._too_large()
+        _uvicorn_on_header(self, name, value)
 
     def on_headers_complete(self) -> None:
         self._phase = _BODY

@@ -33,8 +33,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from meshgate.logs import _access_line, accept_request_id, request_id_var
 from meshgate.openai import MAX_BODY_BYTES, OpenAIError, parse
 from node_agent.guard import LocalGuard
-from node_agent.http import JSON, WatchedResponse
-from node_agent.openai_routes import SSE_HEADERS, sse_events
+from node_agent.http import JSON
+from node_agent.openai_routes import SSE_HEADERS, SSEResponse
 from node_agent.pipeline import Pipeline, Streamed
 from node_agent.runtimes.base import Body
 
@@ -127,10 +127,8 @@ class HotRoutes:
             error = OpenAIError(500, f"the node failed to answer: {exc!r}"[:300], hop="node")
             await _send_error(send, error, id_header)
             return 500
-        response = WatchedResponse(sse_events(streamed), _noting(state, streamed),
-                                   media_type="text/event-stream")
-        response.raw_headers = [*_SSE_HEAD, id_header]
-        await response(scope, receive, send)
+        await SSEResponse(streamed, _noting(state, streamed), [*_SSE_HEAD, id_header])(
+            scope, receive, send)
         return 200
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -82,7 +82,7 @@ class WatchedResponse(StreamingResponse):
 
     def __init__(
         self,
-        body: AsyncIterator[bytes],
+        body: AsyncIterable[bytes],
         close: Callable[[], Awaitable[None]],
         *,
         media_type: str,
@@ -93,22 +93,42 @@ class WatchedResponse(StreamingResponse):
         self._close = close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        pump = asyncio.create_task(self._pump(send))
-        watch = asyncio.create_task(_until_disconnect(receive))
-        try:
-            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (pump, watch):
+        # The parts are sent from this task; one watcher task waits for http.disconnect
+        # and, while they are still being sent, cancels this task (one task a stream, not two).
+        task = asyncio.current_task()
+        assert task is not None
+        pumping, left = True, False
+
+        def client_left(_: asyncio.Task[None]) -> None:
+            nonlocal left
+            if pumping:  # else the answer is done: nothing to stop (no stray cancel)
+                left = True
                 task.cancel()
-            await asyncio.gather(pump, watch, return_exceptions=True)
+
+        watch = asyncio.create_task(_until_disconnect(receive))
+        watch.add_done_callback(client_left)
+        failed: Exception | None = None
+        try:
+            await self._pump(send)
+        except asyncio.CancelledError:
+            if not left:
+                raise  # cancelled from outside (shutdown): still closed below
+            task.uncancel()
+        except Exception as exc:  # noqa: BLE001 - the client's side failed: logged, closed
+            failed = exc
+        finally:
+            pumping = False
+            watch.remove_done_callback(client_left)
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
             close = getattr(self._parts, "aclose", None)
             try:
                 if close is not None:
                     await close()
             finally:
                 await self._close()
-        if pump.done() and not pump.cancelled() and pump.exception() is not None:
-            log.warning("stream to the client failed: %r", pump.exception())
+        if failed is not None:
+            log.warning("stream to the client failed: %r", failed)
 
     async def _pump(self, send: Send) -> None:
         await send(

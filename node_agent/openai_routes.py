@@ -14,12 +14,13 @@ shape.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Send
 
 from meshgate.openai import (
     ENDPOINTS,
@@ -34,21 +35,35 @@ from node_agent.http import JSON, WatchedResponse, json_response, note, noted_cl
 from node_agent.pipeline import Pipeline, Streamed
 from node_agent.runtimes.base import Body
 
-__all__ = ["OWNED_BY", "SSE_HEADERS", "openai_routes", "sse_events"]
+__all__ = ["OWNED_BY", "SSE_HEADERS", "SSEResponse", "openai_routes"]
 
 OWNED_BY = "meshgate-node"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
-async def sse_events(streamed: Streamed) -> AsyncIterator[bytes]:
-    """Each chunk as an event, then ``[DONE]``; a failure mid-stream as a last error event."""
-    try:
-        async for chunk in streamed:
-            yield b"data: " + chunk + b"\n\n"
-    except OpenAIError as exc:
-        yield sse_error(exc)
-        return
-    yield SSE_DONE
+class SSEResponse(WatchedResponse):
+    """A started stream as server-sent events: each chunk as an event, then ``[DONE]`` in
+    the body's last message; a failure mid-stream as a last error event instead. Framed
+    as it is sent (no generator between the stream and the send)."""
+
+    def __init__(self, streamed: Streamed, close: Callable[[], Awaitable[None]],
+                 raw_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        super().__init__(streamed, close, media_type="text/event-stream", headers=SSE_HEADERS)
+        if raw_headers is not None:
+            self.raw_headers = raw_headers
+
+    async def _pump(self, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        try:
+            async for chunk in self._parts:
+                await send({"type": "http.response.body", "body": b"data: " + chunk + b"\n\n",
+                            "more_body": True})
+            tail = SSE_DONE
+        except OpenAIError as exc:
+            tail = sse_error(exc)
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
 def _answer(pipeline: Pipeline, endpoint: str) -> Callable[[Request], Any]:
@@ -63,8 +78,7 @@ def _answer(pipeline: Pipeline, endpoint: str) -> Callable[[Request], Any]:
         streamed = await pipeline.stream(
             endpoint, parsed.model, raw, via="proxy", include_usage=parsed.include_usage
         )
-        return WatchedResponse(sse_events(streamed), noted_close(request, streamed),
-                               media_type="text/event-stream", headers=SSE_HEADERS)
+        return SSEResponse(streamed, noted_close(request, streamed))
 
     return handler
 

@@ -17,10 +17,11 @@ from tunnel.errors import (
 from tunnel.frames import Frame, FrameType
 from tunnel.handshake import Hello, InitiatorHandshake, ReplayGuard, ResponderHandshake
 from tunnel.identity import Identity, did_to_ed25519, verify_binding
+from tunnel.link import Link
 from tunnel.mux import Mux, Stream, until_cancelled
 from tunnel.session import Session
 from tunnel.token import EnrollmentToken
-from tunnel.ws import Link, connect, serve
+from tunnel.ws import TunnelServer, connect, serve
 
 __all__ = [
     "ClosedError",
@@ -41,6 +42,7 @@ __all__ = [
     "Stream",
     "TokenError",
     "TunnelError",
+    "TunnelServer",
     "backoff",
     "connect",
     "did_to_ed25519",

@@ -1,7 +1,11 @@
-"""zstd, one frame per call, with no context shared between frames or streams.
+"""zstd, one frame per call, with no history shared between frames or streams.
 
-Every call makes a fresh compressor or decompressor, so nothing learned from
-one stream's bytes can shape another's (no cross-tenant compression oracle).
+Every `compress` makes a fresh compressor, so nothing learned from one stream's
+bytes can shape another's (no cross-tenant compression oracle). Decompression
+is one-shot too: a `Decompressor` (one per session, so per link) keeps only its
+zstd context's buffers from one frame to the next, never data (each frame is
+decoded alone; no dictionary, no window carried over), which saves allocating a
+context per frame (~9 us of a telemetry frame's ~30 us in the core).
 
 `decompress` reads the frame header before doing any work and refuses a frame
 whose content size is unknown or above the cap: python-zstandard ignores
@@ -47,15 +51,48 @@ def frame_length(data: bytes) -> int:
     return pos
 
 
+class Decompressor:
+    """One session's zstd decompression: the context is reused, each frame decoded alone."""
+
+    __slots__ = ("_dctx",)
+
+    def __init__(self) -> None:
+        self._dctx: zstandard.ZstdDecompressor | None = None  # made on first use
+
+    def _context(self) -> zstandard.ZstdDecompressor:
+        if self._dctx is None:
+            self._dctx = zstandard.ZstdDecompressor()
+        return self._dctx
+
+    def head(self, data: bytes, n: int) -> bytes:
+        """The first `n` decompressed bytes of the zstd frame `data` (at most one block is
+        decoded, <= 128 KiB): enough to read a frame's type before deciding its cap."""
+        try:
+            for chunk in self._context().read_to_iter(data, write_size=max(n, 1)):
+                return bytes(chunk[:n])
+            return b""
+        except zstandard.ZstdError:
+            raise FrameError("zstd frame is corrupt") from None
+
+    def decompress(self, data: bytes, max_size: int) -> bytes:
+        """Decompress exactly one zstd frame that declares a content size <= max_size."""
+        size = declared_size(data)
+        if size > max_size:
+            raise FrameError(f"zstd frame declares {size} bytes, over the {max_size}-byte cap")
+        if frame_length(data) != len(data):
+            raise FrameError("bytes after the zstd frame")
+        try:
+            out = self._context().decompress(data, max_output_size=max_size)
+        except zstandard.ZstdError:
+            raise FrameError("zstd frame is corrupt") from None
+        if len(out) != size:
+            raise FrameError("zstd frame is not the size it declared")
+        return out
+
+
 def head(data: bytes, n: int) -> bytes:
-    """The first `n` decompressed bytes of the zstd frame `data` (at most one block is
-    decoded, <= 128 KiB): enough to read a frame's type before deciding its cap."""
-    try:
-        for chunk in zstandard.ZstdDecompressor().read_to_iter(data, write_size=max(n, 1)):
-            return bytes(chunk[:n])
-        return b""
-    except zstandard.ZstdError:
-        raise FrameError("zstd frame is corrupt") from None
+    """`Decompressor.head` with a context of its own."""
+    return Decompressor().head(data, n)
 
 
 def declared_size(data: bytes) -> int:
@@ -70,16 +107,5 @@ def declared_size(data: bytes) -> int:
 
 
 def decompress(data: bytes, max_size: int) -> bytes:
-    """Decompress exactly one zstd frame that declares a content size <= max_size."""
-    size = declared_size(data)
-    if size > max_size:
-        raise FrameError(f"zstd frame declares {size} bytes, over the {max_size}-byte cap")
-    if frame_length(data) != len(data):
-        raise FrameError("bytes after the zstd frame")
-    try:
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=max_size)
-    except zstandard.ZstdError:
-        raise FrameError("zstd frame is corrupt") from None
-    if len(out) != size:
-        raise FrameError("zstd frame is not the size it declared")
-    return out
+    """`Decompressor.decompress` with a context of its own."""
+    return Decompressor().decompress(data, max_size)

@@ -38,6 +38,10 @@ STREAM_SEND_TYPES = frozenset(
     {FrameType.DATA, FrameType.END, FrameType.ERROR, FrameType.CANCEL, FrameType.WINDOW}
 )
 MAX_PINGS = 16  # unanswered pings remembered
+# While the peer's frames keep arriving a due PING is skipped (they prove the path and the
+# peer's keys), except one every RTT_EVERY ping intervals, to keep `rtt_ms` fresh.
+RTT_EVERY = 4
+HEARD_SLACK = 1.5  # "heard within the interval", with room for the peer's own timer jitter
 
 
 @dataclass(slots=True)
@@ -153,6 +157,8 @@ class Connection:
         self.rtt_ms: float | None = None
         self._pings: dict[int, float] = {}
         self._next_ping = now + ping_interval if ping_interval else None
+        self._heard = now  # when the peer's last message (not a PONG) arrived
+        self._rtt_at: float | None = None  # when the last PONG arrived
         self.rekey_after_messages = rekey_after_messages
         self.rekey_after_s = rekey_after_s
         self._rekeyed_at = now
@@ -316,13 +322,25 @@ class Connection:
         return min(times) if times else None
 
     def tick(self, now: float) -> str | None:
-        """Send a ping if one is due; why the link should be dropped (no PONG in time)."""
+        """Send a ping if one is due; why the link should be dropped (no PONG in time).
+
+        A due ping is skipped while the peer was heard (anything but a PONG) within the
+        last HEARD_SLACK intervals (an authenticated frame proves the path as well as a
+        PONG would), unless `rtt_ms` is older than RTT_EVERY intervals (or was never
+        measured); the next one is then due HEARD_SLACK intervals after the peer was last
+        heard, or when `rtt_ms` gets that old. So a node sending telemetry every
+        second is pinged only for RTT, and two peers that talk ping each other rarely."""
         if self.ping_timeout is not None and self._pings:
             oldest = next(iter(self._pings.values()))
             if now - oldest >= self.ping_timeout:
                 return f"no PONG within {self.ping_timeout:g} s: the peer is unreachable"
-        if self._next_ping is not None and now >= self._next_ping and self.ping_interval:
-            self._next_ping = now + self.ping_interval
+        interval = self.ping_interval
+        if self._next_ping is not None and now >= self._next_ping and interval:
+            rtt_due = None if self._rtt_at is None else self._rtt_at + RTT_EVERY * interval
+            if rtt_due is not None and now < rtt_due and now - self._heard < HEARD_SLACK * interval:
+                self._next_ping = min(self._heard + HEARD_SLACK * interval, rtt_due)
+                return None
+            self._next_ping = now + interval
             if self.session.dead is None and self.closed is None:
                 self.ping(now)
         return None
@@ -340,6 +358,8 @@ class Connection:
         except FrameError as exc:
             self.session.dead = self.session.dead or str(exc)
             raise
+        if not events or type(events[-1]) is not Pong:  # the answer to our PING is not news
+            self._heard = now
         return events
 
     def fail(self, reason: str) -> FrameError:
@@ -360,6 +380,7 @@ class Connection:
                 sent = self._pings.pop(frame.body["t"], None)
                 if sent is not None:
                     self.rtt_ms = (now - sent) * 1000.0
+                    self._rtt_at = now
                 events.append(Pong(frame.body["t"]))
             elif kind != FrameType.KEY_UPDATE:
                 if kind == FrameType.GOAWAY:

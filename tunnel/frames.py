@@ -91,6 +91,7 @@ def validate(frame: Frame) -> None:
 
 
 _DATA = FrameType.DATA
+_BY_VALUE: dict[int, FrameType] = {int(t): t for t in FrameType}
 _packer = msgpack.Packer(use_bin_type=True)
 
 
@@ -143,8 +144,21 @@ def decode(data: bytes, max_size: int = MAX_FRAME) -> Frame:
         and type(kind) is int
     ):
         return Frame(_DATA, stream_id, seq, 0, body)
-    if not _is_int(kind) or kind not in FrameType._value2member_map_:
+    frame_type = _BY_VALUE.get(kind) if type(kind) is int else None
+    if frame_type is None:
         raise FrameError(f"unknown frame type {kind!r}")
-    frame = Frame(FrameType(kind), stream_id, seq, flags, body)
-    validate(frame)
+    frame = Frame(frame_type, stream_id, seq, flags, body)
+    if (  # ids of exact int type in range: only the body is left to check
+        type(stream_id) is int
+        and type(seq) is int
+        and type(flags) is int
+        and 0 <= stream_id <= MAX_ID
+        and 0 <= seq <= MAX_ID
+        and 0 <= flags <= MAX_ID
+    ):
+        reason = body_error(frame_type, body)
+        if reason is not None:
+            raise FrameError(reason)
+        return frame
+    validate(frame)  # says which field is wrong
     return frame

@@ -35,7 +35,7 @@ from tunnel.connection import STREAM_SEND_TYPES, Credit, Event, Opened, Received
 from tunnel.constants import INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW, MAX_CONTROL_QUEUED
 from tunnel.errors import ClosedError, FrameError, TunnelError
 from tunnel.frames import TERMINAL, Frame, FrameType
-from tunnel.ws import Link
+from tunnel.link import Link
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ class Mux:
         self._control: deque[tuple[Frame, int]] = deque()
         self._control_bytes = 0
         self._control_ready = asyncio.Event()
-        self._control_room = asyncio.Event()
+        self._reading_paused = False
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -346,7 +346,10 @@ class Mux:
     async def run(self) -> None:
         """Read until the link closes; then every open stream's recv raises ClosedError.
         Returns when the link closed; raises FrameError when the peer broke the protocol
-        or passed a bound (logged once, by the link)."""
+        or passed a bound (logged once, by the link).
+
+        Reading is push: the link hands each message's events to `_dispatch` in the loop
+        callback that read it (no reader task); this coroutine only waits for the end."""
         control = self._spawn(self._control_loop())
         reason = "link closed"
         link = self.link
@@ -354,19 +357,16 @@ class Mux:
             events = list(link._pending)
             link._pending.clear()
             link.kick()  # what the core queued before us (a WINDOW for a larger window)
-            while True:
-                self._dispatch(events)
-                while self._control_bytes > MAX_CONTROL_QUEUED:  # backpressure
-                    self._control_room.clear()
-                    await self._control_room.wait()
-                await asyncio.sleep(0)  # handlers run between two messages of a burst
-                events = await link._read_events()
+            self._dispatch(events)
+            link._on_events = self._dispatch
+            await link._until_closed()
         except ClosedError:
             pass
         except FrameError as exc:
             reason = f"link failed: {exc}"
             raise
         finally:
+            link._on_events = None
             if reason == "link closed" and link.closed_reason:
                 reason = f"link closed: {link.closed_reason}"
             for stream in list(self._streams.values()):
@@ -380,17 +380,15 @@ class Mux:
             with contextlib.suppress(asyncio.CancelledError):
                 await control
 
-    def _dispatch(self, events: list[Event]) -> None:
+    def _dispatch(self, events: list[Event]) -> bool:
+        """Hand each event on; True if one became a task's work (a stream the peer
+        opened, a control frame queued): the link lets it run before the next message."""
+        handed = False
         for event in events:
             if isinstance(event, Received):
                 frame = event.frame
                 if frame.stream_id == 0:
-                    if (self.on_control_now is not None and not self._control
-                            and not self._control_busy and self._handled_now(frame)):
-                        continue
-                    self._control.append((frame, event.size))
-                    self._control_bytes += event.size
-                    self._control_ready.set()
+                    handed = self._on_control_frame(frame, event.size) or handed
                     continue
                 stream = self._streams.get(frame.stream_id)
                 if stream is None:
@@ -399,15 +397,33 @@ class Mux:
                     self._forget(frame.stream_id)
                 stream._deliver(frame)
             elif isinstance(event, Credit):
-                if event.stream_id == 0:
-                    for waiting in list(self._credit_waiting):
-                        waiting._wake_credit()
-                else:
-                    stream = self._streams.get(event.stream_id)
-                    if stream is not None:
-                        stream._wake_credit()
+                self._on_credit(event.stream_id)
             elif isinstance(event, Opened):
                 self._accept_stream(event.frame)
+                handed = True
+        return handed
+
+    def _on_credit(self, stream_id: int) -> None:
+        if stream_id == 0:
+            for waiting in list(self._credit_waiting):
+                waiting._wake_credit()
+        else:
+            stream = self._streams.get(stream_id)
+            if stream is not None:
+                stream._wake_credit()
+
+    def _on_control_frame(self, frame: Frame, size: int) -> bool:
+        """Handled now (False), or queued for the control task (True)."""
+        if (self.on_control_now is not None and not self._control
+                and not self._control_busy and self._handled_now(frame)):
+            return False
+        self._control.append((frame, size))
+        self._control_bytes += size
+        self._control_ready.set()
+        if self._control_bytes > MAX_CONTROL_QUEUED and not self._reading_paused:
+            self._reading_paused = True  # backpressure: the handler is behind
+            self.link.pause_reading("control")
+        return True
 
     def _handled_now(self, frame: Frame) -> bool:
         assert self.on_control_now is not None
@@ -451,7 +467,9 @@ class Mux:
                 await self._control_ready.wait()
             frame, size = self._control.popleft()
             self._control_bytes -= size
-            self._control_room.set()
+            if self._reading_paused and self._control_bytes <= MAX_CONTROL_QUEUED:
+                self._reading_paused = False
+                self.link.resume_reading("control")
             if self.on_control is None:
                 continue
             self._control_busy = True

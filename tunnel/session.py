@@ -16,7 +16,7 @@ and every later `open` or `seal` raise FrameError.
 Coalescing: `prepare` stamps and encodes a frame now; `encrypt` turns a run of prepared
 frames into messages, packing small plain ones into one message (header bit 2, each
 frame prefixed by its 2-byte big-endian length). Per-type caps (`caps`, by frame type)
-bound each frame's decoded payload, checked before decompressing.
+bound each frame's decoded payload, checked before decompressing more than 64 KiB.
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ class Session:
         self._chunks: list[bytes] = []
         self._chunks_len = 0
         self._chunks_compressed: bool | None = None
+        self._zstd = zstd.Decompressor()  # this session's context, reused frame by frame
         self.dead: str | None = None
         self.sent_since_rekey = 0
 
@@ -304,20 +305,31 @@ class Session:
         payload = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
         self._chunks, self._chunks_len, self._chunks_compressed = [], 0, None
         if compressed:
-            declared = zstd.declared_size(payload)
-            if declared > self.max_frame:  # refused before decoding a byte
-                raise FrameError(
-                    f"zstd frame declares {declared} bytes, over the {self.max_frame}-byte cap"
-                )
-            kind = _kind(zstd.head(payload, 2))
-            if declared > self.cap(kind):
-                raise FrameError(_over(kind, declared, self.cap(kind)))
-            payload = zstd.decompress(payload, self.cap(kind))
+            payload, kind = self._decompress(payload)
         else:
             kind = _kind(payload)
             if len(payload) > self.cap(kind):
                 raise FrameError(_over(kind, len(payload), self.cap(kind)))
         return [self._accept(payload)]
+
+    def _decompress(self, payload: bytes) -> tuple[bytes, int]:
+        """A compressed frame's payload and type, its declared size checked against the
+        caps before more than a plain message's worth is decoded."""
+        declared = zstd.declared_size(payload)
+        if declared > self.max_frame:  # refused before decoding a byte
+            raise FrameError(
+                f"zstd frame declares {declared} bytes, over the {self.max_frame}-byte cap"
+            )
+        if declared <= MAX_MESSAGE:  # no more work than a plain message: decode, then check
+            payload = self._zstd.decompress(payload, declared)
+            kind = _kind(payload)
+            if declared > self.cap(kind):
+                raise FrameError(_over(kind, declared, self.cap(kind)))
+            return payload, kind
+        kind = _kind(self._zstd.head(payload, 2))  # its type first (one block decoded)
+        if declared > self.cap(kind):
+            raise FrameError(_over(kind, declared, self.cap(kind)))
+        return self._zstd.decompress(payload, self.cap(kind)), kind
 
     def _open_batch(self, plaintext: bytes) -> list[tuple[Frame, int]]:
         got: list[tuple[Frame, int]] = []

@@ -194,3 +194,30 @@ async def test_each_access_line_names_the_model_and_its_tokens(
     assert fields["route"] == path
     assert fields["prompt_tokens"] > 0
     assert fields["completion_tokens"] > 0
+
+
+class BreaksMidStream(FakeRuntime):
+    """The named fake, failing after its first two chunks (a runner that dies mid-answer)."""
+
+    async def stream(self, endpoint: str, body: bytes) -> AsyncIterator[bytes]:
+        parts = super().stream(endpoint, body)
+        yield await anext(parts)
+        yield await anext(parts)
+        await parts.aclose()  # type: ignore[attr-defined]
+        raise OpenAIError(502, "the runner died", hop="runner")
+
+
+@pytest.mark.parametrize("hot", [True, False])
+async def test_a_failure_after_the_stream_started_is_its_last_event(
+    tmp_path: Path, hot: bool,
+) -> None:
+    manager = ModelManager(run_dir=tmp_path, budget=Budget(1 << 30, 0))
+    manager.add_runtime(BreaksMidStream("m", chunks=5))
+    transport = httpx.ASGITransport(app=served_app(build_app(manager), hot=hot))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        reply = await client.post("/v1/chat/completions", json=CHAT)
+    assert reply.status_code == 200
+    data = events(reply.text)
+    assert [json.loads(d)["choices"][0]["delta"]["content"] for d in data[:2]] == ["tok0 ", "tok1 "]
+    assert json.loads(data[2])["error"]["message"] == "the runner died"
+    assert len(data) == 3  # no [DONE] after an error

@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from websockets.asyncio.server import Server
 
 from tests.faultproxy import FaultProxy
-from tunnel import Hello, Identity, Link, Mux, connect, serve
+from tunnel import Hello, Identity, Link, Mux, TunnelServer, connect, serve
 from tunnel.mux import OnControl, OnStream
 from tunnel.noise import public_bytes
 
@@ -25,7 +24,7 @@ class Pair:
     coord_mux: Mux
     node_run: asyncio.Task[None]
     coord_run: asyncio.Task[None]
-    server: Server
+    server: TunnelServer
     proxy: FaultProxy | None
     node_control: list[Any] = field(default_factory=list)
 
@@ -50,7 +49,6 @@ async def mux_pair(
     coord_on_control: OnControl | None = None,
     ping_interval: float | None = None,
     ping_timeout: float | None = None,
-    ws_keepalive: bool = False,
     node_mux: dict[str, Any] | None = None,
     coord_mux: dict[str, Any] | None = None,
 ) -> Pair:
@@ -72,7 +70,6 @@ async def mux_pair(
         on_link,
         ping_interval=ping_interval,
         ping_timeout=ping_timeout,
-        ws_keepalive=ws_keepalive,
     )
     port = next(iter(server.sockets)).getsockname()[1]
     proxy = None
@@ -85,7 +82,6 @@ async def mux_pair(
         public_bytes(key),
         ping_interval=ping_interval,
         ping_timeout=ping_timeout,
-        ws_keepalive=ws_keepalive,
     )
     coord_link = await asyncio.wait_for(links.get(), 10)
     nmux = Mux(

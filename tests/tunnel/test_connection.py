@@ -201,6 +201,65 @@ def test_pings_run_on_the_interval_and_a_missing_pong_is_reported() -> None:
     assert "no PONG within 20 s" in reason
 
 
+def _pinged(conn: Connection, peer: Connection, now: float) -> bool:
+    """Whether `tick(now)` made `conn` send a PING (delivered to `peer`; its PONG back
+    RTT_MS later)."""
+    assert conn.tick(now) is None
+    messages = conn.data_to_send(now)
+    for message in messages:
+        peer.receive(message, now)
+    pump(peer, conn, now + RTT_MS / 1000)
+    return bool(messages)
+
+
+RTT_MS = 100.0
+
+
+def test_a_peer_heard_recently_is_not_pinged_but_rtt_is_kept_fresh() -> None:
+    node, coord = pair(ping_interval=15, ping_timeout=20)
+    coord._next_ping = 15.0  # (the pair's cores were made at 0)
+    assert _pinged(coord, node, 15.0)  # no RTT yet: the first ping goes whatever was heard
+    assert coord.rtt_ms == pytest.approx(RTT_MS)
+    # telemetry every second from now on: due pings are skipped...
+    pings = []
+    for second in range(16, 90):
+        node.send_control(FrameType.TELEMETRY, {"n": second})
+        pump(node, coord, float(second))
+        deadline = coord.next_deadline()
+        if deadline is not None and deadline <= second + 0.5 and _pinged(
+            coord, node, second + 0.5
+        ):
+            pings.append(second + 0.5)
+    # ...but one every RTT_EVERY (4) intervals, 60 s after the last PONG, for rtt_ms
+    assert pings == [75.5]
+    assert coord._rtt_at == pytest.approx(75.6)
+
+
+def test_only_a_pong_heard_does_not_postpone_the_next_ping() -> None:
+    node, coord = pair()
+    node.ping_interval, node.ping_timeout, node._next_ping = 15, 20, 15.0
+    assert _pinged(node, coord, 15.0)  # and its PONG came back: nothing else was heard
+    assert node.next_deadline() == 30.0
+    assert _pinged(node, coord, 30.0)  # an idle node pings on its interval, as before
+
+
+def test_a_silent_peer_is_pinged_and_dropped_after_frames_stop() -> None:
+    node, coord = pair(ping_interval=15, ping_timeout=20)
+    coord._next_ping = 15.0
+    assert _pinged(coord, node, 15.0)
+    node.send_control(FrameType.TELEMETRY, {"n": 1})
+    pump(node, coord, 20.0)  # heard at 20, then silence (a stalled path)
+    assert coord.tick(30.0) is None
+    assert coord.data_to_send(30.0) == []  # heard 10 s ago: skipped
+    assert coord.next_deadline() == pytest.approx(42.5)  # 1.5 intervals after it
+    assert coord.tick(42.5) is None
+    assert len(coord.data_to_send(42.5)) == 1  # the PING, lost on the stalled path
+    assert coord.tick(62.0) is None
+    reason = coord.tick(62.5)
+    assert reason is not None
+    assert "no PONG within 20 s" in reason
+
+
 def test_rekey_by_message_count_and_by_age_is_transparent_to_the_peer() -> None:
     node, coord = pair()
     node.rekey_after_messages = 3

@@ -92,7 +92,6 @@ async def test_a_stall_is_detected_by_the_app_level_ping_within_its_deadline() -
         node_on_stream=_hold,
         ping_interval=interval,
         ping_timeout=timeout,
-        ws_keepalive=False,  # only meshgate's own PING/PONG may notice
     )
     assert pair.proxy is not None
     try:
@@ -191,8 +190,8 @@ async def test_streams_complete_intact_through_delay_and_throttle(
 
 
 async def test_a_stalled_path_blocks_link_send_instead_of_buffering_without_bound() -> None:
-    """Control frames carry no credit: below the mux, websockets' write buffer (drain)
-    is what stops a sender whose bytes go nowhere."""
+    """Control frames carry no credit: below the mux, the transport's write buffer
+    (pause_writing) is what stops a sender whose bytes go nowhere."""
     pair = await mux_pair(via_proxy=True)
     assert pair.proxy is not None
     transport = pair.node_link._ws.transport
@@ -214,12 +213,12 @@ async def test_a_stalled_path_blocks_link_send_instead_of_buffering_without_boun
                 last = sent
                 await asyncio.sleep(0.05)  # until the proxy and both kernels are full
         assert not task.done()
-        # the sender waits in send for room: the writer waits on websockets' drain
-        assert pair.node_link.conn.pending_bytes > WRITE_HIGH_WATER
-        # bounded: frames queued in the core by the high-water mark (+ one frame),
-        # asyncio's buffer by websockets' write limit (+ one message), and all sent by
-        # what the proxy queue and the loopback sockets hold (a few MB)
-        assert pair.node_link.conn.pending_bytes <= WRITE_HIGH_WATER + 31_000
+        # the sender waits in send for room: the writer waits for the transport to drain
+        assert pair.node_link.queued_bytes > WRITE_HIGH_WATER
+        # bounded: frames queued in the core and messages held encrypted by the
+        # high-water mark (+ one frame), asyncio's buffer by its write limit (+ one
+        # message), and all sent by what the proxy queue and the loopback sockets hold
+        assert pair.node_link.queued_bytes <= WRITE_HIGH_WATER + 31_000
         assert transport.get_write_buffer_size() <= 64 * 1024 + 31_000
         assert sent * 30_000 <= 64 * 1024 * 1024
     finally:

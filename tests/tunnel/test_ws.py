@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from websockets.asyncio.client import connect as ws_connect
-from websockets.asyncio.server import Server
 from websockets.exceptions import InvalidStatus
 
 from tunnel import (
@@ -27,6 +26,7 @@ from tunnel import (
     RefusedError,
     Stream,
     TunnelError,
+    TunnelServer,
     connect,
     serve,
 )
@@ -42,7 +42,7 @@ class Coordinator:
     links: asyncio.Queue[Link] = field(default_factory=asyncio.Queue)
     hellos: list[Hello] = field(default_factory=list)
     keep: asyncio.Event = field(default_factory=asyncio.Event)
-    server: Server | None = None
+    server: TunnelServer | None = None
 
     @property
     def url(self) -> str:
@@ -458,3 +458,24 @@ async def test_frames_queued_together_leave_in_one_message_and_an_idle_link_adds
     got = [(await asyncio.wait_for(server_side.recv(), 5)).body["n"] for _ in range(100)]
     assert got == list(range(100))
     await client.close()
+
+
+def test_the_tunnel_runs_on_uvloops_loop_too() -> None:
+    """MESHGATE_LOOP=uvloop (meshgate/serving.py): uvloop's transports are not
+    asyncio.Transport subclasses, and the shell must not care."""
+    uvloop = pytest.importorskip("uvloop", reason="uvloop is optional (not a dependency)")
+
+    async def main() -> tuple[Any, Any]:
+        coord = Coordinator(X25519PrivateKey.generate())
+        coord.server = await serve("127.0.0.1", 0, coord.key, coord.authorize, coord.on_link)
+        try:
+            _, client, server_side = await _connected(coord)
+            await client.send(Frame(FrameType.TELEMETRY, 0, 0, 0, {"cpu": 3}))
+            frame = await asyncio.wait_for(server_side.recv(), 5)
+            await client.close()
+            return frame.body, server_side.remote_address[0]
+        finally:
+            coord.server.close()
+            await coord.server.wait_closed()
+
+    assert uvloop.run(main()) == ({"cpu": 3}, "127.0.0.1")

@@ -1,0 +1,436 @@
+"""`Link`: the sans-I/O tunnel `Connection` on one websocket (`wire.WsConnection`).
+
+Push, not pull: each message the websocket reads goes through the core in the same loop
+callback (`Connection.receive`), and its events go straight to whoever listens (a `Mux`)
+or, without one, to a small queue that `recv` reads. Writing: `kick` schedules one write
+round per loop iteration (`call_soon`, no task), which encrypts everything the core
+queued since the last round into as few messages as it can; while the transport's buffer
+is over its high-water mark no round writes, frames wait in the core, and senders wait
+(`sent`) while more than WRITE_HIGH_WATER bytes wait there. Pings: one timer handle per
+link (`call_later`), re-armed at the core's next deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NoReturn
+
+from tunnel.connection import Connection as TunnelConnection
+from tunnel.connection import Event, Opened, Pong, Received
+from tunnel.errors import ClosedError, FrameError
+from tunnel.frames import Frame, FrameType
+from tunnel.handshake import Hello
+from tunnel.session import Session
+from tunnel.wire import Message, WireClosed, WsConnection
+
+log = logging.getLogger("tunnel.ws")
+
+# Frames queued in the core past this many bytes make senders wait for the writer.
+WRITE_HIGH_WATER = 256 * 1024
+CLOSE_FLUSH_S = 5.0  # how long close() waits to send what is queued
+CLOSE_PROTOCOL_ERROR = 1002
+# Events queued for `recv` (no Mux reading) past this many: stop reading the socket.
+MAX_PENDING_EVENTS = 256
+
+
+class Link:
+    """One established, authenticated tunnel connection; either side.
+
+    A thin shell on the sans-I/O `Connection` (`link.conn`). PING is answered, PONG
+    measured and KEY_UPDATE applied in the core; none of them is returned by `recv`.
+    `send` is safe from many tasks.
+    """
+
+    def __init__(
+        self,
+        ws: WsConnection,
+        session: Session,
+        *,
+        initiator: bool = False,
+        hello: Hello | None = None,
+        accept: dict[str, Any] | None = None,
+        ping_interval: float | None = None,
+        ping_timeout: float | None = None,
+    ) -> None:
+        self._ws = ws
+        self._session = session
+        self._loop = asyncio.get_running_loop()
+        self.conn = TunnelConnection(
+            session,
+            initiator=initiator,
+            now=time.monotonic(),
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+        )
+        self.hello = hello
+        self.accept = accept
+        self._pongs: dict[int, asyncio.Future[None]] = {}
+        self._recv_lock = asyncio.Lock()
+        self._pending: deque[Event] = deque()
+        self._arrived: asyncio.Future[None] | None = None  # a `recv` waits for events
+        self._paused = False  # reading stopped: `_pending` is full
+        #: the Mux's dispatch: every event goes there at once, in the reading callback
+        #: (True: it handed work to a task, which runs before the next message is read)
+        self._on_events: Callable[[list[Event]], bool] | None = None
+        self._first = self._loop.create_future()  # the peer's first message arrived
+        self._closed = asyncio.Event()
+        self._failure: FrameError | None = None  # the peer broke the protocol: raised once
+        self._room = asyncio.Event()
+        self._room.set()
+        self._kicks = 0  # rounds asked of the writer
+        self._written = 0  # rounds it finished
+        self._write_soon = False
+        self._unsent: deque[bytes] = deque()  # encrypted, held while the transport is full
+        self._unsent_bytes = 0
+        self._flushes: list[asyncio.Future[None]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        ws.attach(self._on_message, self._on_ws_closed, self._on_writable)
+
+    @property
+    def rtt_ms(self) -> float | None:
+        return self.conn.rtt_ms
+
+    @property
+    def rekey_after_messages(self) -> int:
+        return self.conn.rekey_after_messages
+
+    @rekey_after_messages.setter
+    def rekey_after_messages(self, value: int) -> None:
+        self.conn.rekey_after_messages = value
+
+    @property
+    def rekey_after_s(self) -> float:
+        return self.conn.rekey_after_s
+
+    @rekey_after_s.setter
+    def rekey_after_s(self, value: float) -> None:
+        self.conn.rekey_after_s = value
+
+    @property
+    def remote_address(self) -> Any:
+        return self._ws.remote_address
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes this side holds to send: frames in the core and messages the full
+        transport could not take yet (senders wait while over WRITE_HIGH_WATER)."""
+        return self.conn.pending_bytes + self._unsent_bytes
+
+    @property
+    def closed(self) -> bool:
+        return self.conn.closed is not None
+
+    @property
+    def closed_reason(self) -> str | None:
+        """Why the link closed (None while it is open)."""
+        return self.conn.closed
+
+    def _start(self) -> None:
+        if self.conn.ping_interval and self._timer is None:
+            self._arm()
+
+    # -- sending --------------------------------------------------------------
+
+    async def send(self, frame: Frame) -> None:
+        """Queue one frame (its seq is assigned by the session) and let the writer send
+        it; waits while too much is queued (the socket is slow or stalled)."""
+        self.conn.send_raw(frame)
+        await self.sent()
+
+    async def sent(self) -> None:
+        """Schedule a write round for what the core has queued; wait while over the
+        high-water mark (backpressure: a full transport stops the writer, which stops us)."""
+        self.kick()
+        while self.conn.pending_bytes + self._unsent_bytes > WRITE_HIGH_WATER:
+            if self.conn.closed is not None:
+                raise ClosedError(f"link is closed: {self.conn.closed}")
+            self._room.clear()
+            await self._room.wait()
+
+    def kick(self) -> None:
+        """The core has something to send: it leaves in this loop iteration's write round
+        (frames queued meanwhile go along; an idle link adds no delay)."""
+        if self.conn.closed is not None:
+            return
+        self._kicks += 1
+        if not self._write_soon:
+            self._write_soon = True
+            self._loop.call_soon(self._write_round)
+
+    def _write_round(self) -> None:
+        self._write_soon = False
+        ws = self._ws
+        if self.conn.closed is not None or ws.full():
+            return  # `_on_writable` starts a round when the transport drained
+        target = self._kicks
+        try:
+            unsent = self._unsent
+            while unsent:  # what a full transport left over, first (nonce order)
+                message = unsent.popleft()
+                self._unsent_bytes -= len(message)
+                ws.send_message(message)
+                if ws.full():
+                    self._room.set()
+                    return
+            for message in self.conn.data_to_send(time.monotonic()):
+                if ws.full():  # hold the rest, encrypted, in order
+                    unsent.append(message)
+                    self._unsent_bytes += len(message)
+                else:
+                    ws.send_message(message)
+        except WireClosed as exc:
+            self._mark_closed(f"connection closed ({exc})")
+            return
+        except FrameError as exc:  # the session died under us
+            self._mark_closed(str(exc))
+            return
+        self._room.set()  # senders look again: less is held now
+        if self._unsent:
+            return
+        self._written = target
+        self._wake_flushes()
+
+    def _on_writable(self) -> None:
+        if self.conn.pending_bytes or self._unsent or self._written < self._kicks:
+            self._kicks += 1
+            if not self._write_soon:
+                self._write_soon = True
+                self._loop.call_soon(self._write_round)
+
+    def _wake_flushes(self) -> None:
+        waiting, self._flushes = self._flushes, []
+        for flush in waiting:
+            if not flush.done():
+                flush.set_result(None)
+
+    async def flush(self) -> None:
+        """Return once every frame queued so far was written (or the link closed)."""
+        target = self._kicks
+        while self._written < target and self.conn.closed is None:
+            flush = self._loop.create_future()
+            self._flushes.append(flush)
+            await flush
+
+    def _arm(self) -> None:
+        deadline = self.conn.next_deadline()
+        if deadline is None or self.conn.closed is not None:
+            self._timer = None
+            return
+        self._timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.conn.closed is not None:
+            return
+        reason = self.conn.tick(time.monotonic())
+        if reason is not None:
+            self.abort(reason)
+            return
+        if self.conn.pending_bytes:
+            self.kick()
+        self._arm()
+
+    async def ping(self, *, wait: bool = False) -> None:
+        """Send an authenticated app-level PING; `rtt_ms` is set when its PONG comes back.
+        With `wait`, return only once the PONG arrived."""
+        if self.conn.closed is not None:
+            raise ClosedError(f"link is closed: {self.conn.closed}")
+        stamp = self.conn.ping(time.monotonic())
+        pong: asyncio.Future[None] | None = None
+        if wait:
+            pong = self._pongs[stamp] = self._loop.create_future()
+        try:
+            await self.sent()
+            await self.flush()
+            if pong is not None:
+                await pong
+        finally:
+            self._pongs.pop(stamp, None)
+
+    # -- receiving ------------------------------------------------------------
+
+    def _on_message(self, message: Message) -> bool:
+        """One websocket message, in the callback that read it: through the core, and its
+        events on to the Mux (or to `recv`). True: work was handed to another task, let
+        it run before the next message."""
+        events = self._receive(message)
+        if events is None:
+            return False
+        if not self._first.done():
+            self._first.set_result(None)
+        if self.conn.pending_bytes:
+            self.kick()  # PONG, WINDOW, a refusal
+        if not events:
+            return False
+        if self._pongs:
+            self._pongs_arrived(events)
+        if self._on_events is None:
+            return self._queue_for_recv(events)
+        try:
+            return self._on_events(events)
+        except Exception:  # a bug above the core: this link cannot go on
+            log.exception("tunnel link: handing on events failed")
+            self.abort("internal error handing on events")
+        return False
+
+    def _receive(self, message: Message) -> list[Event] | None:
+        """The core's events for one message; None if the link is (now) closed."""
+        if self.conn.closed is not None:
+            return None
+        if isinstance(message, str):
+            self._fail_now(CLOSE_PROTOCOL_ERROR, "text message on a binary tunnel")
+            return None
+        try:
+            return self.conn.receive(message, time.monotonic())
+        except FrameError as exc:
+            self._fail_now(CLOSE_PROTOCOL_ERROR, str(exc))
+            return None
+
+    def _queue_for_recv(self, events: list[Event]) -> bool:
+        self._pending.extend(events)
+        if len(self._pending) > MAX_PENDING_EVENTS and not self._paused:
+            self._paused = True
+            self._ws.pause_reading("recv")
+        self._wake_reader()
+        return True
+
+    def _pongs_arrived(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, Pong):
+                pong = self._pongs.pop(event.stamp, None)
+                if pong is not None and not pong.done():
+                    pong.set_result(None)
+
+    def _wake_reader(self) -> None:
+        if self._arrived is not None and not self._arrived.done():
+            self._arrived.set_result(None)
+
+    def pause_reading(self, why: str) -> None:
+        """Stop reading the socket (the consumer `why` is behind); `resume_reading(why)`."""
+        self._ws.pause_reading(why)
+
+    def resume_reading(self, why: str) -> None:
+        self._ws.resume_reading(why)
+
+    async def recv(self) -> Frame:
+        """The next frame for the caller; ClosedError when the link is closed. (Without
+        a Mux: DATA read here gives its credit back at once.)"""
+        async with self._recv_lock:
+            while True:
+                while self._pending:
+                    event = self._pending.popleft()
+                    if self._paused and len(self._pending) <= MAX_PENDING_EVENTS // 2:
+                        self._paused = False
+                        self._ws.resume_reading("recv")
+                    if isinstance(event, Received | Opened):
+                        frame = event.frame
+                        if frame.type == FrameType.DATA:
+                            state = self.conn.streams.get(frame.stream_id)
+                            if state is not None:
+                                self.conn.consumed(state, len(frame.body))
+                                self.kick()
+                        return frame
+                self._raise_if_closed()
+                self._arrived = self._loop.create_future()
+                try:
+                    await self._arrived
+                finally:
+                    self._arrived = None
+
+    def _raise_if_closed(self) -> None:
+        if self.conn.closed is None:
+            return
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+        raise ClosedError(f"link is closed: {self.conn.closed}")
+
+    async def _until_closed(self) -> NoReturn:
+        """For the Mux: wait until the link closes; FrameError if the peer broke the
+        protocol (once), else ClosedError."""
+        await self._closed.wait()
+        self._raise_if_closed()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def __aiter__(self) -> AsyncIterator[Frame]:
+        return self._frames()
+
+    async def _frames(self) -> AsyncIterator[Frame]:
+        while True:
+            try:
+                frame = await self.recv()
+            except ClosedError:
+                return
+            yield frame
+
+    async def _first_frame(self) -> None:
+        """Wait for the peer's first encrypted message (key confirmation), keeping what it
+        carries for the caller; TunnelError if the link closed first."""
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait([self._first, closed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+        if not self._first.done():
+            self._raise_if_closed()
+
+    # -- closing --------------------------------------------------------------
+
+    def _fail_now(self, code: int, reason: str) -> None:
+        log.warning("tunnel link closed: %s", reason)
+        self.conn.session.dead = self.conn.session.dead or reason
+        if self.conn.closed is None:
+            self._failure = FrameError(reason)
+        self._mark_closed(reason)
+        self._ws.start_close(code, reason[:120])
+
+    def _on_ws_closed(self, why: str) -> None:
+        self._mark_closed(f"connection closed ({why})")
+
+    def _mark_closed(self, reason: str) -> None:
+        if self.conn.closed is None:
+            self.conn.closed = reason or "closed"
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for pong in self._pongs.values():
+            if not pong.done():
+                pong.set_exception(ClosedError(f"link is closed: {self.conn.closed}"))
+        self._pongs.clear()
+        self._room.set()
+        self._wake_flushes()
+        self._wake_reader()
+        self._closed.set()
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once, without a closing handshake (the path is dead or
+        stalled, so none could complete): a reader's `recv` raises ClosedError(reason)."""
+        self._mark_closed(reason)
+        self._ws.abort()
+
+    async def fail(self, reason: str) -> NoReturn:
+        """The peer broke the protocol above the session: close with 1002 and raise
+        FrameError(reason)."""
+        self._fail_now(CLOSE_PROTOCOL_ERROR, reason)
+        self._failure = None  # raised here, to the caller, not again to a reader
+        raise FrameError(reason)
+
+    async def close(self, reason: str = "") -> None:
+        """Send what is queued (a few seconds at most), then close the websocket."""
+        if self.conn.closed is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.flush(), CLOSE_FLUSH_S)
+        self._mark_closed(reason or "closed by this side")
+        await self._ws.close(1000, reason[:120])
+
+    async def wait_closed(self) -> None:
+        await self._ws.wait_closed()
+        self._mark_closed("connection closed")
+
+
+__all__ = ["CLOSE_PROTOCOL_ERROR", "WRITE_HIGH_WATER", "Link"]
