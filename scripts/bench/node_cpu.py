@@ -1,22 +1,30 @@
-"""CPU the node daemon spends per request on its local port, per shape.
+"""The node daemon's local port, this tree against a baseline: CPU per request and added latency.
 
     .venv/bin/python scripts/bench/node_cpu.py [--requests 1000] [--chunks 16]
-        [--rounds 3] [--profile OUT_PREFIX]
+        [--baseline DIR] [--profile OUT_PREFIX]
 
 Starts the FAKE OpenAI server (``tests/node/fake_openai_server.py``: canned words,
-no model) and a real ``meshgate-node run --no-connect --upstream bench=...``, then
-sends ``--requests`` requests of each shape (non-streaming, and a ``--chunks``-chunk
-stream) to the node's local port over one kept-alive connection, ``--rounds``
-times interleaved, and reads the daemon's CPU seconds (user + system, psutil)
-before and after each batch: the node's CPU per request, which does not depend on
-how loaded the box is the way wall time does. With ``--profile`` it also runs
-py-spy (``.venv/bin/pip install py-spy``) on the daemon during one extra batch of
-each shape and writes ``OUT_PREFIX-{shape}.txt`` (py-spy's raw, collapsed stacks).
+no model) and a real ``meshgate-node run --no-connect --upstream bench=...`` of this
+tree and, with ``--baseline DIR``, one of another checkout (``git archive REV | tar -x
+-C DIR``: ``python -m`` imports from its working directory first), all on the same
+upstream. For each shape (non-streaming, and a ``--chunks``-chunk stream) it sends
+``--requests`` requests round-robin: straight to the upstream (``direct``), then to
+each daemon, so drift and the box's load hit all alike, and reports per daemon:
+
+* CPU milliseconds a request (user + system of the daemon process, psutil, read
+  before and after the shape's run; it serves only its own requests), which
+  depends far less on how loaded the box is than wall time;
+* the p50 of the wall time and the added p50 against ``direct``.
+
+With ``--profile`` it then runs py-spy (``.venv/bin/pip install py-spy``) on this
+tree's daemon during ``--requests`` more requests of each shape and writes
+``OUT_PREFIX-{shape}.txt`` (py-spy's raw, collapsed stacks).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -38,8 +46,7 @@ from tests.e2e.mesh import free_port, wait_until  # noqa: E402
 
 def start_node(root: Path, upstream: str, source: Path = ROOT,
                name: str = "node") -> tuple[subprocess.Popen[bytes], str]:
-    """A daemon of the code in `source` (this tree, or another checkout: ``python -m``
-    imports from its working directory first)."""
+    """A daemon of the code in `source` serving `upstream` as ``bench``; (process, /v1 URL)."""
     port = free_port()
     log = (root / f"{name}.log").open("wb")
     proc = subprocess.Popen(
@@ -65,32 +72,30 @@ def cpu_of(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-def system_of(process: psutil.Process) -> float:
-    return float(process.cpu_times().system)
-
-
-def batch(client: httpx.Client, url: str, body: dict[str, Any], n: int,
-          process: psutil.Process) -> float:
-    """The daemon's CPU milliseconds per request over `n` requests."""
-    before, system = cpu_of(process), system_of(process)
-    for _ in range(n):
-        one_request(client, url, body)
-    kernel = (system_of(process) - system) * 1000 / n
-    total = (cpu_of(process) - before) * 1000 / n
-    print(f"  {n} x {'stream' if body.get('stream') else 'non-stream'}: {total:.3f} ms CPU a "
-          f"request, {kernel:.3f} of it in the kernel", flush=True)
-    return total
+def run_shape(targets: dict[str, tuple[httpx.Client, str, psutil.Process | None]],
+              body: dict[str, Any], requests: int) -> dict[str, dict[str, float]]:
+    """`requests` rounds of one request to each target; per target p50 ms and CPU ms a request."""
+    for client, url, _ in targets.values():  # warm up: imports, pools
+        for _ in range(30):
+            one_request(client, url, body)
+    times: dict[str, list[float]] = {name: [] for name in targets}
+    before = {name: cpu_of(p) for name, (_, _, p) in targets.items() if p is not None}
+    for _ in range(requests):
+        for name, (client, url, _) in targets.items():
+            times[name].append(one_request(client, url, body))
+    out = {}
+    for name, (_, _, process) in targets.items():
+        cpu = (cpu_of(process) - before[name]) * 1000 / requests if process else float("nan")
+        out[name] = {"p50_ms": statistics.median(times[name]) * 1000, "cpu_ms": cpu}
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--chunks", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--baseline", type=Path,
-                        help="another checkout (e.g. `git archive main | tar -x -C DIR`): its "
-                             "daemon is measured too, interleaved, on the same upstream")
-    parser.add_argument("--profile", help="py-spy output prefix (one extra batch per shape)")
+    parser.add_argument("--baseline", type=Path, help="another checkout, measured beside this one")
+    parser.add_argument("--profile", help="py-spy output prefix (one extra run per shape)")
     args = parser.parse_args()
 
     body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "Hi."}],
@@ -102,44 +107,46 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mg-cpu-") as tmp:
         root = Path(tmp)
         fake, upstream = start_fake_upstream(root, args.chunks)
-        nodes: dict[str, tuple[subprocess.Popen[bytes], psutil.Process, str]] = {}
+        nodes: list[subprocess.Popen[bytes]] = []
         try:
+            targets: dict[str, tuple[httpx.Client, str, psutil.Process | None]] = {
+                "direct": (httpx.Client(timeout=60), f"{upstream}/chat/completions", None)}
             for i, (label, source) in enumerate(sources.items()):
                 node, url = start_node(root, upstream, source, f"node{i}")
-                nodes[label] = (node, psutil.Process(node.pid), f"{url}/chat/completions")
-            client = httpx.Client(timeout=60)
-            for _, _, target in nodes.values():  # warm up: imports, pools
-                for shape_body in shapes.values():
-                    for _ in range(50):
-                        one_request(client, target, shape_body)
-            results: dict[tuple[str, str], list[float]] = {}
-            for _ in range(args.rounds):
-                for label, (_, process, target) in nodes.items():
-                    for shape, shape_body in shapes.items():
-                        print(f"{label}:", end="")
-                        results.setdefault((label, shape), []).append(
-                            batch(client, target, shape_body, args.requests, process))
-            print(f"node daemon CPU per request (ms), {args.requests} requests x {args.rounds} "
-                  f"rounds, {args.chunks}-chunk stream; load {psutil.getloadavg()}")
-            for (label, shape), values in results.items():
-                print(f"{label:<10} {shape:<12} median {statistics.median(values):.3f}  "
-                      f"all {' '.join(f'{v:.3f}' for v in values)}")
+                nodes.append(node)
+                targets[label] = (httpx.Client(timeout=60), f"{url}/chat/completions",
+                                  psutil.Process(node.pid))
+            load = os.getloadavg()[0]
+            rows = {shape: run_shape(targets, shape_body, args.requests)
+                    for shape, shape_body in shapes.items()}
+            load = max(load, os.getloadavg()[0])
+            print(f"node local port: {args.requests} requests per target and shape, round-robin, "
+                  f"{args.chunks}-chunk stream; load average up to {load:.2f} on "
+                  f"{os.cpu_count()} cores")
+            print(f"{'shape':<12}{'target':<11}{'p50 ms':>9}{'added p50 ms':>14}"
+                  f"{'CPU ms/request':>16}")
+            for shape, row in rows.items():
+                for name, r in row.items():
+                    added = r["p50_ms"] - row["direct"]["p50_ms"]
+                    cpu = "" if name == "direct" else f"{r['cpu_ms']:.3f}"
+                    print(f"{shape:<12}{name:<11}{r['p50_ms']:>9.3f}{added:>14.3f}{cpu:>16}")
             if args.profile:
-                node, process, target = nodes["this tree"]
                 spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+                client, url, _ = targets["this tree"]
                 for shape, shape_body in shapes.items():
                     out = f"{args.profile}-{shape}.txt"
                     rec = subprocess.Popen(
                         [spy, "record", "-r", "1000", "-f", "raw", "-o", out, "-p",
-                         str(node.pid), "--nonblocking"],
+                         str(nodes[0].pid), "--nonblocking"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     time.sleep(1.0)
-                    batch(client, target, shape_body, args.requests, process)
+                    for _ in range(args.requests):
+                        one_request(client, url, shape_body)
                     rec.send_signal(2)
                     rec.wait(30)
                     print(f"profile: {out}")
         finally:
-            for node, _, _ in nodes.values():
+            for node in nodes:
                 node.terminate()
                 node.wait(10)
             fake.kill()
