@@ -128,6 +128,7 @@ class EventStream(Response):
         self.route = route
         self.include_usage = include_usage
         self.status_code = 200
+        self.held = b""
         self.background: BackgroundTask | None = None
         self.init_headers(headers)
 
@@ -137,34 +138,33 @@ class EventStream(Response):
             chunks = [c for c in chunks if not is_usage_only(c)]
         return b"data: " + b"\n\ndata: ".join(chunks) + b"\n\n" if chunks else b""
 
-    async def _write(self, served: Served, send: Send) -> bytes:
-        """Write the answer as it arrives, a burst in one write; return the last burst,
-        held back (it leaves with the end of the stream, after the ledger row)."""
-        pending = self._events([served.first])
-        if pending and not served.queued():  # the first token leaves at once
-            await send({"type": "http.response.body", "body": pending, "more_body": True})
-            pending = b""
+    async def _write(self, served: Served, send: Send) -> None:
+        """Write the answer as it arrives, a burst in one write; the last burst is held
+        back in `held` (it leaves with the end of the stream, after the ledger row), and so
+        is what was held when an error ends the stream (it leaves before the error event)."""
+        self.held = self._events([served.first])
+        if self.held and not served.queued():  # the first token leaves at once
+            await send({"type": "http.response.body", "body": self.held, "more_body": True})
+            self.held = b""
         async with contextlib.aclosing(served.batches()) as batches:
             async for batch in batches:
-                pending += self._events(batch)
-                if pending and not served.done:  # a burst: one write
-                    await send({"type": "http.response.body", "body": pending,
+                self.held += self._events(batch)
+                if self.held and not served.done:  # a burst: one write
+                    await send({"type": "http.response.body", "body": self.held,
                                 "more_body": True})
-                    pending = b""
-        return pending
+                    self.held = b""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
         watch = self.watch or Watch(receive)
         served = self.served
-        pending = b""
         end = b""
         try:
             try:
                 if not watch.gone:  # else it left before its first byte: nobody to write to
                     watch.armed = True
-                    pending = await self._write(served, send)
+                    await self._write(served, send)
                     end = SSE_DONE
             except OpenAIError as exc:
                 log.warning("request %s ended with an error after it started: %s",
@@ -179,4 +179,4 @@ class EventStream(Response):
             with anyio.CancelScope(shield=True):
                 await served.close()
                 await self.commit(with_status(served.row(self.key_id, self.route)))
-        await send({"type": "http.response.body", "body": pending + end, "more_body": False})
+        await send({"type": "http.response.body", "body": self.held + end, "more_body": False})

@@ -174,3 +174,29 @@ async def test_a_client_that_leaves_mid_stream_ends_it_quietly_with_its_row() ->
     await asyncio.wait_for(task, 5)  # returns: no exception for the server to log
     assert ("row", "client_cancelled") in log
     assert answer.closed == 1
+
+
+class Refused(Answer):
+    """The first chunk came with a bad one behind it: the stream ends with an error."""
+
+    def queued(self) -> bool:
+        return True
+
+    async def batches(self) -> AsyncGenerator[list[bytes], None]:
+        raise OpenAIError(502, "node sent a malformed answer", code="bad_node_output")
+        yield []  # an async generator
+
+
+async def test_chunks_held_when_the_stream_fails_leave_before_its_error_event() -> None:
+    sent: list[bytes] = []
+    answer = Refused([])
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            sent.append(message["body"])
+
+    await _stream(answer, [])({"type": "http"}, Client().receive, send)
+    body = b"".join(sent)
+    assert body.startswith(b'data: {"n":0}\n\ndata: {"error": ')
+    assert b"bad_node_output" in body
+    assert b"[DONE]" not in body
