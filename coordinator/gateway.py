@@ -133,7 +133,7 @@ class Gateway:
             return conn is not None and self._control_now(conn, frame)
 
         mux = Mux(link, initiator=False, on_control=on_control, on_stream=on_stream,
-                  on_control_now=on_control_now)
+                  on_control_now=on_control_now, raw_bodies=(FrameType.TELEMETRY,))
         conn = NodeConn(did=hello.did, labels=labels, link=link, mux=mux)
         old = self.registry.add(conn)
         if old is not None:
@@ -273,7 +273,7 @@ class Gateway:
         return True
 
     def _telemetry(self, conn: NodeConn, message: Telemetry | LoadDelta,
-                   body: dict[str, Any]) -> None:
+                   body: dict[str, Any] | bytes) -> None:
         if isinstance(message, LoadDelta):
             self.registry.apply_delta(conn, message)
             return

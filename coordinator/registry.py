@@ -28,7 +28,14 @@ from typing import Any
 from coordinator.fleet_index import FleetIndex
 from coordinator.observed import Observed
 from coordinator.scheduler import CloudView, ModelView, NodeView, Snapshot
-from meshgate.node_messages import Inventory, LoadDelta, ModelInfo, ModelLoad, Telemetry
+from meshgate.node_messages import (
+    Inventory,
+    LoadDelta,
+    ModelInfo,
+    ModelLoad,
+    Telemetry,
+    as_received,
+)
 from tunnel import Link, Mux
 
 DEFAULT_CONTEXT = 4096
@@ -44,7 +51,9 @@ class NodeConn:
     connected_at: float = field(default_factory=time.time)
     models: list[str] = field(default_factory=list)
     inventory: dict[str, Any] = field(default_factory=dict)  # as received (validated)
-    telemetry: dict[str, Any] = field(default_factory=dict)  # as received (validated)
+    #: the last telemetry as received (validated): its map, or its msgpack bytes from the
+    #: tunnel (`Mux(raw_bodies=...)`), decoded into `telemetry` only when read
+    telemetry_raw: dict[str, Any] | bytes = field(default_factory=dict)
     infos: dict[str, ModelInfo] = field(default_factory=dict)
     load: dict[str, ModelLoad] = field(default_factory=dict)  # latest per model
     host_free: int = UNKNOWN_FREE
@@ -66,6 +75,15 @@ class NodeConn:
     @property
     def rtt_ms(self) -> float | None:
         return self.link.rtt_ms
+
+    @property
+    def telemetry(self) -> dict[str, Any]:
+        """The last telemetry map as the node sent it (decoded on the first read after it
+        arrived: the live view reads it every few seconds, telemetry comes every second)."""
+        raw = self.telemetry_raw
+        if isinstance(raw, bytes):
+            raw = self.telemetry_raw = as_received(raw)
+        return raw
 
     def view(self) -> NodeView:
         if self.view_cache is None:
@@ -227,10 +245,12 @@ class Registry:
         self._refresh(conn)
         self._wake(conn.infos)
 
-    def set_telemetry(self, conn: NodeConn, telemetry: Telemetry, raw: dict[str, Any]) -> None:
+    def set_telemetry(
+        self, conn: NodeConn, telemetry: Telemetry, raw: dict[str, Any] | bytes
+    ) -> None:
         """A full report. Most are the same as the last one for what scheduling reads
         (free memory, GPUs, per-model load): those move nothing in the index."""
-        conn.telemetry = raw
+        conn.telemetry_raw = raw
         host = telemetry.host
         hw = (host.mem_available_bytes if host is not None
               and host.mem_available_bytes is not None else UNKNOWN_FREE,

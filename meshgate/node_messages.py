@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
+import msgpack
 import msgspec
 from msgspec import Meta, Struct
 
@@ -193,11 +194,52 @@ def parse(body: Any, kind: type[M]) -> M:
         raise ProtocolViolation(f"bad {kind.__name__.lower()}: {_short(str(exc))}") from None
 
 
+class _DeltaOrNot(Struct):
+    delta: Any = None
+
+
+_WHICH = msgspec.msgpack.Decoder(_DeltaOrNot)
+_TELEMETRY = msgspec.msgpack.Decoder(Telemetry)
+_DELTA = msgspec.msgpack.Decoder(LoadDelta)
+
+
 def parse_telemetry(body: Any) -> Telemetry | LoadDelta:
-    """A TELEMETRY frame: the full report, or a load delta (``delta: true``)."""
+    """A TELEMETRY frame: the full report, or a load delta (``delta: true``). `body` is the
+    decoded map, or its msgpack bytes (the coordinator's tunnel hands telemetry on
+    undecoded, `Mux(raw_bodies=...)`): decoded here straight into the typed message, one
+    pass in C, with the same checks (unknown fields are skipped unread)."""
+    if isinstance(body, bytes):
+        return _parse_msgpack(body)
     if isinstance(body, dict) and body.get("delta") is True:
         return parse(body, LoadDelta)
     return parse(body, Telemetry)
+
+
+def as_received(body: bytes) -> dict[str, Any]:
+    """The map of a message that `parse_telemetry` took as msgpack bytes, decoded as the
+    tunnel decodes any control body (str keys, no ext types), for views of what a node
+    sent; {} if it does not decode so (only unknown fields, skipped by the typed decode,
+    can hold such things)."""
+    try:
+        value = msgpack.unpackb(body, raw=False, strict_map_key=True, max_ext_len=0)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _parse_msgpack(body: bytes) -> Telemetry | LoadDelta:
+    if not body or not (0x80 <= body[0] <= 0x8F or body[0] in (0xDE, 0xDF)):
+        raise ProtocolViolation("telemetry must be a map")
+    kind: type[_Msg] = Telemetry
+    try:
+        if _WHICH.decode(body).delta is True:
+            kind = LoadDelta
+            return _DELTA.decode(body)
+        return _TELEMETRY.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ProtocolViolation(f"bad {kind.__name__.lower()}: {_short(str(exc))}") from None
+    except RecursionError:
+        raise ProtocolViolation(f"bad {kind.__name__.lower()}: nested too deep") from None
 
 
 def to_wire(message: _Msg) -> dict[str, Any]:

@@ -13,10 +13,11 @@ swallows the re-raise: ``serve()`` simply returns after a signal.
 dependency). uvloop measured ~0.1 ms less CPU per request on the node's local port
 (1.24 -> 1.14 ms non-stream, 1.85 -> 1.72 ms on a 16-chunk stream,
 scripts/bench/overhead.py's shapes, interleaved) for +2.1 MiB idle RSS, but it is
-not the default: aiohttp's client (the node's, to its runners) is known not to close
-a connection before its end under uvloop (MagicStack/uvloop#471, open), and a
-runner must see a cancelled stream's client go; two unexplained first-token
-timeouts on the tunnel path were also seen with it in the e2e suite.
+not the default: the node's client to its runners was aiohttp then, which is known
+not to close a connection before its end under uvloop (MagicStack/uvloop#471, open),
+and a runner must see a cancelled stream's client go; two unexplained first-token
+timeouts on the tunnel path were also seen with it in the e2e suite. (The client is
+now node_agent/runtimes/http1.py; uvloop has not been measured or tested with it.)
 """
 
 from __future__ import annotations

@@ -234,6 +234,10 @@ def t_session(data: bytes) -> None:
     pair = _pairs[0]
     if pair.coord.dead is not None:
         pair.fresh()
+    # odd first byte: the coordinator's way, TELEMETRY and INVENTORY bodies left as msgpack
+    # bytes for a typed decode (`frames.decode_raw`); then that decode runs on them too
+    raw = bool(data[:1]) and data[0] & 1 == 1
+    pair.coord.raw_bodies = frozenset({11, 12}) if raw else frozenset()
     if data[:1] == b"\x00":  # a proper request stream first, so seq rules are exercised
         for kind, sid, body in ((FrameType.OPEN, 1, {}), (FrameType.DATA, 1, b"x")):
             for message in pair.node.seal(Frame(kind, sid, 0, 0, body)):
@@ -241,10 +245,24 @@ def t_session(data: bytes) -> None:
     for plaintext in _plaintexts(data[1:])[:8]:
         message = pair.node._send.encrypt_with_ad(b"", plaintext)
         try:
-            pair.coord.open(message)
+            got = pair.coord.open_all(message)
         except TunnelError:
             pair.fresh()
             raise
+        for frame in got:
+            if raw and isinstance(frame.body, bytes) and frame.type == FrameType.TELEMETRY:
+                _typed_telemetry(frame.body)
+
+
+def _typed_telemetry(body: bytes) -> None:
+    """The coordinator's typed decode of a raw TELEMETRY body: ProtocolViolation (its
+    refusal: the session ends) or a message, and the map view; nothing else."""
+    from meshgate.node_messages import as_received, parse_telemetry
+    from meshgate.protocol import ProtocolViolation
+
+    with contextlib.suppress(ProtocolViolation):
+        parse_telemetry(body)
+    as_received(body)
 
 
 _STREAM_KINDS = (FrameType.END, FrameType.ERROR, FrameType.CANCEL, FrameType.WINDOW)

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 from tunnel.connection import STREAM_SEND_TYPES, Credit, Event, Opened, Received, StreamState
@@ -253,8 +253,12 @@ class Mux:
         on_control_now: Callable[[Frame], bool] | None = None,
         stream_window: int = INITIAL_STREAM_WINDOW,
         connection_window: int = INITIAL_CONNECTION_WINDOW,
+        raw_bodies: Iterable[FrameType] = (),
     ) -> None:
         link.conn.set_windows(stream_window, connection_window)  # ValueError if too small
+        #: control frames of these types come with their body as msgpack bytes, for the
+        #: handler to decode typed in one pass (`frames.decode_raw`)
+        link.conn.session.raw_bodies = frozenset(int(kind) for kind in raw_bodies)
         link.conn.set_role(initiator)
         self.link = link
         self.conn = link.conn

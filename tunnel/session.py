@@ -136,6 +136,9 @@ class Session:
         self._chunks_len = 0
         self._chunks_compressed: bool | None = None
         self._zstd = zstd.Decompressor()  # this session's context, reused frame by frame
+        #: frame types received with their body left as msgpack bytes (`frames.decode_raw`):
+        #: the application decodes them itself, typed, in one pass
+        self.raw_bodies: frozenset[int] = frozenset()
         self.dead: str | None = None
         self.sent_since_rekey = 0
 
@@ -352,7 +355,10 @@ class Session:
         return got
 
     def _accept(self, payload: bytes) -> tuple[Frame, int]:
-        frame = frames.decode(payload, self.max_frame)
+        if self.raw_bodies and _kind(payload) in self.raw_bodies:
+            frame = frames.decode_raw(payload, self.max_frame)
+        else:
+            frame = frames.decode(payload, self.max_frame)
         if frame.type is FrameType.DATA:  # the hot path: the next DATA of an open stream
             seqs = self._streams.next.get(frame.stream_id) if frame.stream_id else None
             if seqs is not None and frame.seq == seqs[RECV]:

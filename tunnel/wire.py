@@ -31,6 +31,7 @@ from websockets.protocol import Event, State
 from websockets.server import ServerProtocol
 
 CLOSE_TIMEOUT_S = 10.0  # how long a closing handshake may take before the TCP is dropped
+WRITE_LIMIT = 32 * 1024  # the transport's high-water mark (websockets' default write_limit)
 Message = bytes | str
 
 
@@ -180,6 +181,7 @@ class WsConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream transport (uvloop's are not asyncio.Transport subclasses: no isinstance)
         self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_LIMIT)
 
     def data_received(self, data: bytes) -> None:
         protocol = self.protocol

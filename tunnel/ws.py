@@ -264,6 +264,37 @@ class TunnelServer:
             ws.abort()
 
 
+async def _upgrade(gate: _Gate, ws: WsConnection) -> tuple[Session, Hello] | None:
+    """The HTTP upgrade of one connection: its answer sent; the session if that was 101."""
+    try:
+        async with asyncio.timeout(OPEN_TIMEOUT_S):
+            request = await ws.handshake
+    except (TimeoutError, WireClosed):
+        ws.abort()
+        return None
+    protocol = ws.protocol
+    assert isinstance(protocol, ServerProtocol)
+    assert isinstance(request, Request)
+    if protocol.handshake_exc is not None:  # not HTTP, or too large: answered already
+        return None
+    try:
+        answer = await gate.process_request(protocol, _host(ws.remote_address), request)
+    except Exception:
+        log.exception("tunnel handshake failed")
+        answer = protocol.reject(500, "internal error\n")
+    if isinstance(answer, Response):
+        protocol.send_response(answer)
+        ws.write_pending()
+        return None
+    session, hello, reply = answer
+    response = protocol.accept(request)  # the upgrade's own checks (400/426 if bad)
+    if response.status_code == 101:
+        response.headers[HANDSHAKE_HEADER] = reply
+    protocol.send_response(response)
+    ws.write_pending()
+    return (session, hello) if response.status_code == 101 else None
+
+
 async def serve(
     host: str,
     port: int,
@@ -295,34 +326,10 @@ async def serve(
     server = TunnelServer()
 
     async def handle(ws: WsConnection) -> None:
-        try:
-            async with asyncio.timeout(OPEN_TIMEOUT_S):
-                request = await ws.handshake
-        except (TimeoutError, WireClosed):
-            ws.abort()
+        upgraded = await _upgrade(gate, ws)
+        if upgraded is None:
             return
-        protocol = ws.protocol
-        assert isinstance(protocol, ServerProtocol)
-        assert isinstance(request, Request)
-        if protocol.handshake_exc is not None:  # not HTTP, or too large: answered already
-            return
-        try:
-            answer = await gate.process_request(protocol, _host(ws.remote_address), request)
-        except Exception:
-            log.exception("tunnel handshake failed")
-            answer = protocol.reject(500, "internal error\n")
-        if isinstance(answer, Response):
-            protocol.send_response(answer)
-            ws.write_pending()
-            return
-        session, hello, reply = answer
-        response = protocol.accept(request)  # the upgrade's own checks (400/426 if bad)
-        if response.status_code == 101:
-            response.headers[HANDSHAKE_HEADER] = reply
-        protocol.send_response(response)
-        ws.write_pending()
-        if response.status_code != 101:
-            return
+        session, hello = upgraded
         link = Link(ws, session, initiator=False, hello=hello,
                     ping_interval=ping_interval, ping_timeout=ping_timeout)
         try:
@@ -335,6 +342,8 @@ async def serve(
         link._start()
         try:
             await on_link(link)
+        except Exception:  # the caller's bug: logged here, as websockets' server did
+            log.exception("tunnel connection handler failed")
         finally:
             await link.close()
 

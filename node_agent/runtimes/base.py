@@ -96,17 +96,34 @@ class RunnerError(Exception):
     """A runner process that would not start."""
 
 
+_DECODER = json.JSONDecoder()
+_USAGE_KEY = b'"usage"'
+_SPACE = b" \t\r\n"
+
+
 def usage_of(chunk: bytes) -> Usage | None:
-    """The usage a response or stream chunk carries, if any (one scan, cheap for chunks)."""
-    if b'"usage"' not in chunk:
-        return None
-    try:
-        usage = json.loads(chunk).get("usage")
-    except (ValueError, AttributeError):
-        return None
-    if not isinstance(usage, dict):
-        return None
-    return {k: v for k, v in usage.items() if isinstance(v, int) and not isinstance(v, bool)}
+    """The usage a response or stream chunk carries, if any (one scan, cheap for chunks).
+
+    Only the ``usage`` object is decoded, not the whole answer: its key is found from the
+    end (OpenAI-compatible servers put it last; a quote inside a JSON string is escaped,
+    so ``"usage"`` followed by a colon is a key, never text), so a long answer costs a
+    scan in C instead of a parse."""
+    end = len(chunk)
+    while (at := chunk.rfind(_USAGE_KEY, 0, end)) >= 0:
+        end = at
+        pos = at + len(_USAGE_KEY)
+        while pos < len(chunk) and chunk[pos] in _SPACE:
+            pos += 1
+        if pos >= len(chunk) or chunk[pos] != 0x3A:  # ':'; else a string "usage", not the key
+            continue
+        try:  # from an ASCII byte on: valid UTF-8 if the chunk is
+            usage, _ = _DECODER.raw_decode(chunk[pos + 1:].decode().lstrip())
+        except ValueError:  # UnicodeDecodeError included
+            return None
+        if not isinstance(usage, dict):
+            return None
+        return {k: v for k, v in usage.items() if isinstance(v, int) and not isinstance(v, bool)}
+    return None
 
 
 def _dumps(data: Any) -> bytes:

@@ -7,6 +7,7 @@ import logging
 import math
 from typing import Any
 
+import msgpack
 import pytest
 
 from coordinator.dispatch import Dispatcher
@@ -18,6 +19,7 @@ from meshgate.node_messages import (
     ModelInfo,
     ModelLoad,
     Telemetry,
+    as_received,
     parse,
     parse_telemetry,
     to_wire,
@@ -65,12 +67,43 @@ ABSURD: list[tuple[dict[str, Any], str]] = [
 ]
 
 
+@pytest.mark.parametrize("as_bytes", [False, True], ids=["map", "msgpack"])
 @pytest.mark.parametrize(("body", "why"), ABSURD)
-def test_absurd_telemetry_is_a_protocol_violation(body: dict[str, Any], why: str) -> None:
+def test_absurd_telemetry_is_a_protocol_violation(
+    body: dict[str, Any], why: str, as_bytes: bool
+) -> None:
+    """The same refusals whether the body came decoded or as its msgpack bytes (how the
+    coordinator's tunnel hands telemetry on: `Mux(raw_bodies=...)`)."""
     with pytest.raises(ProtocolViolation, match="bad telemetry") as caught:
-        parse_telemetry(body)
+        parse_telemetry(msgpack.packb(body) if as_bytes else body)
     assert why in str(caught.value)
     assert len(str(caught.value)) < 300  # the log line stays short whatever was sent
+
+
+def test_telemetry_as_msgpack_bytes_parses_as_its_map_does() -> None:
+    tel = Telemetry(ts=5.0, runtime={"m": ModelLoad(in_flight=2, decode_tps=40.0)})
+    delta = LoadDelta(delta=True, models={"m": ModelLoad(queued=1)})
+    for message in (tel, delta):
+        body = to_wire(message)
+        assert parse_telemetry(msgpack.packb(body)) == parse_telemetry(body) == message
+    for not_a_map in ([1, 2], 5, "x", None):
+        with pytest.raises(ProtocolViolation, match="telemetry must be a map"):
+            parse_telemetry(msgpack.packb(not_a_map))
+    with pytest.raises(ProtocolViolation, match="bad telemetry"):
+        parse_telemetry(b"\x81\xa7runtime" + b"\x91" * 100_000 + b"\xc0")  # nested too deep
+    with pytest.raises(ProtocolViolation, match="bad telemetry"):
+        parse_telemetry(b"\x81\xa2ts\xc1")  # not msgpack
+
+
+def test_what_a_node_sent_is_kept_as_its_map_and_decoded_only_when_read() -> None:
+    body = {"ts": 5.0, "runtime": {}, "extra": {"anything": [1, 2]}}
+    raw = msgpack.packb(body)
+    assert as_received(raw) == body
+    # an unknown field the typed decode skipped unread, which the tunnel would refuse
+    # (an ext type): the telemetry counts, its map shows nothing
+    junk = b"\x82\xa2ts\xcb" + msgpack.packb(5.0)[1:] + b"\xa1x\xd4\x05\x01"
+    assert parse_telemetry(junk) == Telemetry(ts=5.0)
+    assert as_received(junk) == {}
 
 
 def test_a_huge_inventory_is_refused_before_any_of_it_is_kept() -> None:

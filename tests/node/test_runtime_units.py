@@ -100,6 +100,13 @@ def test_usage_of_reads_only_chunks_that_carry_usage() -> None:
     assert usage_of(b"not json but mentions \"usage\"") is None
     assert usage_of(b'{"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}') == {
         "prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    # found as the key, from the end: text or values that say "usage" are not it
+    assert usage_of(b'{"m":"say \\"usage\\": {}","usage" : {"prompt_tokens":4,"x":true,'
+                    b'"d":{"cached_tokens":1}},"o":"usage"}') == {"prompt_tokens": 4}
+    assert usage_of('{"c":"\u00e9t\u00e9","usage":{"total_tokens":5}}'.encode()) == {
+        "total_tokens": 5}
+    assert usage_of(b'{"usage":[1]}') is None
+    assert usage_of(b'{"usage":{"prompt_tokens":') is None  # cut short
 
 
 def test_with_model_rewrites_only_when_the_name_differs() -> None:

@@ -15,6 +15,8 @@ import pytest
 from mux_pair import Pair, mux_pair
 
 from tunnel import ClosedError, Frame, FrameError, FrameType, Stream, TunnelError
+from tunnel.constants import MAX_MESSAGE
+from tunnel.wire import WRITE_LIMIT
 from tunnel.ws import WRITE_HIGH_WATER
 
 SETTLE = 10.0  # generous bound for "promptly" on a loaded 2-core machine
@@ -216,10 +218,10 @@ async def test_a_stalled_path_blocks_link_send_instead_of_buffering_without_boun
         # the sender waits in send for room: the writer waits for the transport to drain
         assert pair.node_link.queued_bytes > WRITE_HIGH_WATER
         # bounded: frames queued in the core and messages held encrypted by the
-        # high-water mark (+ one frame), asyncio's buffer by its write limit (+ one
-        # message), and all sent by what the proxy queue and the loopback sockets hold
+        # high-water mark (+ one frame), the transport's buffer by its high-water mark
+        # (+ the message that crossed it), all sent by what the proxy and sockets hold
         assert pair.node_link.queued_bytes <= WRITE_HIGH_WATER + 31_000
-        assert transport.get_write_buffer_size() <= 64 * 1024 + 31_000
+        assert transport.get_write_buffer_size() <= WRITE_LIMIT + MAX_MESSAGE
         assert sent * 30_000 <= 64 * 1024 * 1024
     finally:
         task.cancel()

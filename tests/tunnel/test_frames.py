@@ -91,3 +91,35 @@ def test_encode_refuses_invalid_frames() -> None:
         encode(Frame(7, 0, 0, 0, {"t": 1}))  # type: ignore[arg-type]
     with pytest.raises(FrameError):
         encode(Frame(FrameType.OPEN, 1, 0, 0, {"x": object()}))
+
+
+def test_decode_raw_checks_the_envelope_and_leaves_the_body_as_msgpack() -> None:
+    from tunnel.frames import decode_raw
+
+    body = {"ts": 1.5, "runtime": {"m": {"in_flight": 2}}}
+    frame = decode_raw(msgpack.packb([11, 0, 7, 0, body]))
+    assert (frame.type, frame.stream_id, frame.seq, frame.flags) == (FrameType.TELEMETRY, 0, 7, 0)
+    assert frame.body == msgpack.packb(body)
+    for bad, why in [
+        (msgpack.packb([11, 0, 7, 0]), "5-element"),
+        (msgpack.packb([11, 0, 7, 0, {}, 1]), "5-element"),
+        (msgpack.packb([99, 0, 7, 0, {}]), "unknown frame type"),
+        (msgpack.packb([11, 0, 1 << 31, 0, {}]), "seq must be an int"),
+        (msgpack.packb([11, True, 7, 0, {}]), "5-element"),
+        (bytes([0x95, 11, 0, 1, 0]) + b"\x91" * 100_000 + b"\xc0", "5-element"),  # too deep
+        (bytes([0x95, 11, 0, 1, 0, 0xC1]), "5-element"),  # not msgpack
+    ]:
+        with pytest.raises(FrameError, match=why):
+            decode_raw(bad)
+
+
+def test_a_session_hands_the_raw_types_on_undecoded_and_the_others_decoded() -> None:
+    from tunnel_helpers import join
+
+    node, coord, _, _ = join()
+    coord.raw_bodies = frozenset({int(FrameType.TELEMETRY)})
+    body = {"cpu": 3}
+    messages = node.seal(Frame(FrameType.TELEMETRY, 0, 0, 0, body))
+    messages += node.seal(Frame(FrameType.INVENTORY, 0, 0, 0, body))
+    got = [coord.open(m) for m in messages]
+    assert [f.body for f in got if f is not None] == [msgpack.packb(body), body]

@@ -25,6 +25,9 @@ class FakeTransport(asyncio.Transport):
     def write(self, data: Any) -> None:
         self.written.append(bytes(data))
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.high = high
+
     def can_write_eof(self) -> bool:
         return True
 
