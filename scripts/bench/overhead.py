@@ -5,7 +5,8 @@
 
 Starts a real coordinator and a real enrolled node (subprocesses, loopback
 websockets tunnel, SQLite store) in a temporary directory, then times the same
-request three ways, interleaved round-robin so that drift hits all three alike:
+request three ways, interleaved round-robin (the order turning every round) so that drift,
+and the work one path does after its answer left, hit all of them alike:
 
 * ``direct``: straight to the runner the node uses;
 * ``node``: through the node's local OpenAI proxy (the app-on-the-box path);
@@ -98,8 +99,14 @@ def measure(
     warmup: int,
 ) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in targets}
+    names = list(targets)
     for i in range(warmup + requests):
-        for name, (client, base) in targets.items():
+        # the order turns every round: what a path still does after its answer left (a
+        # daemon's access line and metrics, LiteLLM's logging) runs while the next path is
+        # timed, so each path must follow each other one equally often
+        turn = i % len(names)
+        for name in names[turn:] + names[:turn]:
+            client, base = targets[name]
             elapsed = one_request(client, f"{base}/chat/completions", body)
             if i >= warmup:
                 times[name].append(elapsed)

@@ -36,7 +36,7 @@ MODEL = "smollm2"
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 CONFIG = """
 [dispatch]
-first_token_timeout_s = 8
+first_token_timeout_s = 20
 idle_timeout_s = 4
 deadline_s = 120
 """
