@@ -1,8 +1,9 @@
 """meshgate's secure link: Noise IK over a websocket, frames multiplexed in streams.
 
 Knows nothing of LLMs, nodes or coordinators' business. The core (noise,
-identity, handshake, frames, compress, session, connection) is sans-I/O; `ws`
-and `mux` are a thin asyncio shell on websockets. Rules: tunnel/DESIGN.md.
+identity, handshake, frames, compress, session, connection) is sans-I/O; `wire`,
+`link`, `ws` and `mux` are a thin asyncio shell on websockets' sans-I/O protocol.
+Rules: tunnel/DESIGN.md.
 """
 
 from tunnel.backoff import backoff, retryable

@@ -15,7 +15,7 @@ not as frames arrive, once half a window was read; so a stream's queue never
 holds more than its window, and a consumer that stops reading stops its peer
 without stalling other streams. A peer that sends past its credit breaks the
 protocol: the session ends (1002, FrameError). Below all this, `Link.send`
-waits on websockets' write buffer (drain).
+waits while the transport's buffer is full (`Link.queued_bytes` over WRITE_HIGH_WATER).
 
 GOAWAY (`Mux.goaway`, `Mux.shutdown`): the side going away opens no more
 streams and refuses the peer's new ones (ERROR 503); the peer's `open` raises
