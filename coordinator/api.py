@@ -58,6 +58,10 @@ from meshgate.openai import (
 )
 from meshgate.protocol import OpenRequest
 
+# built at start: meshgate.openai defers the request models for the idle node (issue 10);
+# the coordinator's first request should not pay for building them
+from meshgate.schema import REQUEST_MODELS  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 KEY_CACHE_SECONDS = 5.0

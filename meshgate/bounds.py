@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any
-
-import pydantic_core
 
 __all__ = [
     "LOG_FIELD_CHARS",
@@ -119,9 +118,22 @@ def load_json(raw: bytes | str) -> Any:
     """JSON from a peer, parsed without recursion: nesting past 200 levels is a ValueError
     saying so, never a RecursionError (pydantic-core's parser, as meshgate.openai uses)."""
     try:
-        return pydantic_core.from_json(raw)
+        return (_from_json or _json_parser())(raw)
     except ValueError as exc:
         if "recursion limit" in str(exc):
             raise ValueError("nested too deeply (more than 200 levels of arrays and "
                              "objects)") from None
         raise
+
+
+_from_json: Callable[[bytes | str], Any] | None = None
+
+
+def _json_parser() -> Callable[[bytes | str], Any]:
+    """pydantic-core's parser, imported on the first :func:`load_json` (5 MiB an idle node
+    does not need: issue 10, tests/node/test_idle_imports.py)."""
+    global _from_json  # noqa: PLW0603 (bound once, then read on every call)
+    import pydantic_core
+
+    _from_json = pydantic_core.from_json
+    return _from_json

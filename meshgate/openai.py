@@ -15,18 +15,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pydantic_core
-from pydantic import ValidationError
+if TYPE_CHECKING:
+    from meshgate.schema import ChatRequest, OpenAIRequest
 
-from meshgate.schema import (
-    ChatRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-    OpenAIRequest,
-    describe,
-)
+# meshgate.schema (pydantic's request models, ~11 MiB once built) and pydantic_core load on
+# the first parse(), not at import: an idle node imports this module for OpenAIError alone
+# and must not pay for request validation (issue 10; tests/node/test_idle_imports.py).
 
 ENDPOINTS = ("chat/completions", "completions", "embeddings")
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -100,11 +96,6 @@ class OpenAIError(Exception):
 
 #: The deepest JSON nesting a body may have (pydantic-core's parser refuses deeper at 200).
 MAX_DEPTH = 200
-_MODELS: dict[str, type[OpenAIRequest]] = {
-    "chat/completions": ChatRequest,
-    "completions": CompletionRequest,
-    "embeddings": EmbeddingRequest,
-}
 _PROMPT_PARAM = {"chat/completions": "messages", "completions": "prompt", "embeddings": "input"}
 
 
@@ -146,6 +137,8 @@ class Parsed:
 
     def prompt_text(self) -> str:
         """The prompt's text, for estimates (messages' text parts, prompts, inputs)."""
+        from meshgate.schema import ChatRequest, CompletionRequest
+
         request = self.request
         if isinstance(request, ChatRequest):
             parts: list[str] = []
@@ -169,6 +162,8 @@ class Parsed:
     def prompt_tokens_estimate(self) -> int:
         """Prompt tokens as a BPE tokenizer would count them on English text, rounded up
         (about 4 bytes a token, plus a few per chat message for its template)."""
+        from meshgate.schema import ChatRequest
+
         text = self.prompt_text().encode()
         per_message = len(self.request.messages) * 8 if isinstance(self.request, ChatRequest) else 0
         return len(text) // 3 + 1 + per_message
@@ -182,6 +177,11 @@ def parse(raw: bytes, endpoint: str, *, max_bytes: int = MAX_BODY_BYTES) -> Pars
     :data:`MAX_DEPTH`, not an object, a missing field, a wrong type or a value out
     of range. Unknown fields are allowed and kept.
     """
+    import pydantic_core
+    from pydantic import ValidationError
+
+    from meshgate.schema import REQUEST_MODELS, ChatRequest, describe
+
     if len(raw) > max_bytes:
         raise OpenAIError(413, f"request body is {len(raw)} bytes; the limit is {max_bytes}",
                           code="request_too_large")
@@ -197,7 +197,7 @@ def parse(raw: bytes, endpoint: str, *, max_bytes: int = MAX_BODY_BYTES) -> Pars
     if not isinstance(body, dict):
         raise OpenAIError(400, "request body must be a JSON object", code="invalid_json")
     try:
-        request = _MODELS[endpoint].model_validate(body)
+        request = REQUEST_MODELS[endpoint].model_validate(body)
     except ValidationError as exc:
         message, param, code = describe(exc)
         raise OpenAIError(400, message, param=param, code=code) from None

@@ -26,6 +26,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 
 __all__ = [
+    "REQUEST_MODELS",
     "ChatRequest",
     "CompletionRequest",
     "EmbeddingRequest",
@@ -214,6 +215,12 @@ class EmbeddingRequest(_Open):
 
 
 OpenAIRequest = ChatRequest | CompletionRequest | EmbeddingRequest
+#: The model that validates each endpoint's body (meshgate.openai.parse).
+REQUEST_MODELS: dict[str, type[OpenAIRequest]] = {
+    "chat/completions": ChatRequest,
+    "completions": CompletionRequest,
+    "embeddings": EmbeddingRequest,
+}
 
 
 # --- pydantic's errors in OpenAI's words ----------------------------------------------------

@@ -26,12 +26,14 @@ give the same bytes as the general way (tests compare byte for byte).
 from __future__ import annotations
 
 import json
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
-import pydantic_core
 
 from meshgate.bounds import load_json
+
+if TYPE_CHECKING:  # imported by the first ChunkDecoder: a node only encodes (issue 10's idle RSS)
+    import pydantic_core
 
 MAGIC = b"\xc1"  # never valid msgpack nor a JSON text's first byte
 MAX_DEPTH = 32
@@ -170,6 +172,9 @@ class ChunkEncoder:
     or diffing it (the string alone is read). Anything else takes the general way."""
 
     def __init__(self) -> None:
+        global pydantic_core  # noqa: PLW0603 (bound once, read per chunk as a module global)
+        import pydantic_core
+
         self._previous: Any = {}
         self._template: tuple[bytes, bytes, Path] | None = None
 
@@ -242,6 +247,9 @@ class ChunkDecoder:
     serialized whole."""
 
     def __init__(self) -> None:
+        global pydantic_core  # noqa: PLW0603 (bound once, read per chunk as a module global)
+        import pydantic_core
+
         self._previous: Any = {}
         self._template: tuple[bytes, bytes, Path] | None = None
 

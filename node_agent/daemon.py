@@ -73,6 +73,7 @@ async def serve(opts: NodeOptions) -> None:
         log_level=opts.log_level.lower(),
         access_log=False,
         lifespan="off",
+        ws="none",  # no WebSocket routes here; "auto" would import websockets (~2 MiB idle)
         log_config=None,  # ours (meshgate/logs.py)
     )
     server = DaemonServer(config)

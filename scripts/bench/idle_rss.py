@@ -7,10 +7,12 @@ Starts the daemon (no model, no coordinator link, loopback port, fresh state
 dir; with ``--connected``, enrolled with a real coordinator started on loopback
 for the run and linked to it: tunnel, crypto and heartbeats loaded) ``--runs``
 times, waits until ``/healthz`` answers, lets it settle (a
-telemetry sample or two), sends one request to each local route family so
-lazily imported code is counted too, and reads its RSS and USS (psutil's
-``memory_full_info``). Prints each run and the median, in MiB, plus the
-modules that weigh most at import (``-X importtime``), to see what to defer.
+telemetry sample or two) and reads its RSS and USS (psutil's
+``memory_full_info``): the fresh idle figure, issue 10's. Then it sends one
+request to each local route family (request validation and the other lazily
+imported code load) and reads them again after another settle: the "touched"
+figure. Prints each run and the medians, in MiB, plus the modules that weigh
+most at import (``-X importtime``), to see what to defer.
 Issue 10's target: idle RSS <= 60 MB.
 """
 
@@ -68,13 +70,16 @@ def one_run(settle: float, connected: bool = False) -> dict[str, float]:
                     if proc.poll() is not None or time.monotonic() > deadline:
                         raise SystemExit("the node did not start") from None
                     time.sleep(0.1)
+            time.sleep(settle)
+            idle = psutil.Process(proc.pid).memory_full_info()
             for path in ("/v1/models", "/api/tags", "/metrics", "/nothing"):
                 httpx.get(url + path, timeout=5)
             httpx.post(url + "/v1/chat/completions", timeout=5,
                        json={"model": "none", "messages": [{"role": "user", "content": "x"}]})
             time.sleep(settle)
-            info = psutil.Process(proc.pid).memory_full_info()
-            return {"rss_mib": info.rss / MiB, "uss_mib": info.uss / MiB}
+            touched = psutil.Process(proc.pid).memory_full_info()
+            return {"rss_mib": idle.rss / MiB, "uss_mib": idle.uss / MiB,
+                    "touched_rss_mib": touched.rss / MiB, "touched_uss_mib": touched.uss / MiB}
         finally:
             proc.terminate()
             proc.wait(30)
@@ -109,14 +114,14 @@ def main() -> None:
     runs = [one_run(args.settle, args.connected) for _ in range(args.runs)]
     print("connected to a coordinator" if args.connected else "not connected (--no-connect)")
     for i, r in enumerate(runs):
-        print(f"run {i + 1}: RSS {r['rss_mib']:.1f} MiB, USS {r['uss_mib']:.1f} MiB")
-    result: dict[str, Any] = {
-        "rss_mib": statistics.median(r["rss_mib"] for r in runs),
-        "uss_mib": statistics.median(r["uss_mib"] for r in runs),
-        "runs": runs,
-        "imports_us": heaviest_imports(),
-    }
-    print(f"median: RSS {result['rss_mib']:.1f} MiB, USS {result['uss_mib']:.1f} MiB")
+        print(f"run {i + 1}: idle RSS {r['rss_mib']:.1f} MiB, USS {r['uss_mib']:.1f} MiB; "
+              f"after one request per route RSS {r['touched_rss_mib']:.1f} MiB, "
+              f"USS {r['touched_uss_mib']:.1f} MiB")
+    result: dict[str, Any] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    result |= {"runs": runs, "imports_us": heaviest_imports()}
+    print(f"median: idle RSS {result['rss_mib']:.1f} MiB, USS {result['uss_mib']:.1f} MiB; "
+          f"after requests RSS {result['touched_rss_mib']:.1f} MiB, "
+          f"USS {result['touched_uss_mib']:.1f} MiB")
     print("heaviest imports (cumulative us):")
     for name, us in result["imports_us"]:
         print(f"  {name:<40}{us:>10}")
