@@ -12,10 +12,8 @@ these requests exactly what those layers do, without their per-request wrappers:
   full app, whose guard refuses it; so does any request with an ``Origin`` or a
   ``Sec-Fetch-*`` header (a browser's), which the guard checks and answers with
   CORS headers;
-- the body read once, refused with 413 past the limit; validated by
-  :func:`meshgate.openai.parse`; run by the :class:`~node_agent.pipeline.Pipeline`;
-- errors as OpenAI error objects (``hop: node`` unless the runtime named one);
-  a stream's error after it started as a last SSE error event;
+- the answer itself by the same :class:`~node_agent.openai_routes.OpenAIEndpoint`
+  the Starlette route runs (body, validation, pipeline, JSON or SSE, OpenAI errors);
 - one access line per request after its last byte (:mod:`meshgate.logs`' own).
 
 Measured on the local port against the instant fake upstream
@@ -24,29 +22,20 @@ Measured on the local port against the instant fake upstream
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Awaitable, Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meshgate.logs import _access_line, accept_request_id, request_id_var
-from meshgate.openai import MAX_BODY_BYTES, OpenAIError, parse
+from meshgate.openai import ENDPOINTS
 from node_agent.guard import LocalGuard
-from node_agent.http import JSON
-from node_agent.openai_routes import SSE_HEADERS, SSEResponse
-from node_agent.pipeline import Pipeline, Streamed
-from node_agent.runtimes.base import Body
+from node_agent.openai_routes import OpenAIEndpoint
+from node_agent.pipeline import Pipeline
 
 __all__ = ["HotRoutes"]
 
-HOT = {"/v1/chat/completions": "chat/completions", "/v1/completions": "completions",
-       "/v1/embeddings": "embeddings"}
 _BROWSER = (b"origin", b"sec-fetch-site", b"sec-fetch-mode", b"sec-fetch-dest",
             b"sec-fetch-user")
-_JSON_HEAD = [(b"content-type", JSON.encode())]
-_SSE_HEAD = [(b"content-type", b"text/event-stream; charset=utf-8"),
-             *((k.encode(), v.encode()) for k, v in SSE_HEADERS.items())]
 _HOSTS_CACHED = 256
 
 
@@ -55,7 +44,7 @@ class HotRoutes:
 
     def __init__(self, app: ASGIApp, pipeline: Pipeline, guard: LocalGuard) -> None:
         self.app = app
-        self.pipeline = pipeline
+        self.routes = {f"/v1/{e}": OpenAIEndpoint(pipeline, e) for e in ENDPOINTS}
         self.guard = guard
         self._hosts: dict[bytes, bool] = {}
 
@@ -68,7 +57,7 @@ class HotRoutes:
         return allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint = HOT.get(scope["path"]) if scope["type"] == "http" else None
+        endpoint = self.routes.get(scope["path"]) if scope["type"] == "http" else None
         if endpoint is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
@@ -94,83 +83,8 @@ class HotRoutes:
         started = time.perf_counter()
         status = 499  # unless an answer started
         try:
-            status = await self._answer(endpoint, scope, receive, send, declared=declared,
-                                        id_header=(b"x-request-id", request_id.encode()))
+            status = await endpoint.respond(scope, receive, send, declared=declared,
+                                            head=((b"x-request-id", request_id.encode()),))
         finally:
             request_id_var.reset(token)
             _access_line(scope, status, time.perf_counter() - started)
-
-    async def _answer(self, endpoint: str, scope: Scope, receive: Receive, send: Send, *,
-                      declared: bytes, id_header: tuple[bytes, bytes]) -> int:
-        """Answer the request; returns the status sent."""
-        state = scope["state"]
-        try:
-            raw = await _read_body(receive, declared)
-            parsed = parse(raw, endpoint)
-            body = Body(parsed.raw, parsed.body)  # decoded once: runtimes read `parsed.body`
-            state["model"] = parsed.model
-            if not parsed.stream:
-                # sent inside the block: metered after the answer left (499 if it did not)
-                async with self.pipeline.answer(endpoint, parsed.model, body,
-                                                via="proxy") as done:
-                    await _send_whole(send, 200, done.data, id_header)
-                if done.usage:
-                    state["usage"] = dict(done.usage)
-                return 200
-            streamed = await self.pipeline.stream(endpoint, parsed.model, body, via="proxy",
-                                                  include_usage=parsed.include_usage)
-        except OpenAIError as exc:
-            exc.hop = exc.hop or "node"
-            await _send_error(send, exc, id_header)
-            return exc.status
-        except Exception as exc:  # noqa: BLE001 - answered as the app's 500 would be
-            error = OpenAIError(500, f"the node failed to answer: {exc!r}"[:300], hop="node")
-            await _send_error(send, error, id_header)
-            return 500
-        await SSEResponse(streamed, _noting(state, streamed), [*_SSE_HEAD, id_header])(
-            scope, receive, send)
-        return 200
-
-
-def _noting(state: dict[str, object], streamed: Streamed) -> Callable[[], Awaitable[None]]:
-    async def close() -> None:
-        try:
-            await streamed.aclose()
-        finally:
-            state["model"] = streamed.meter.model
-            if streamed.meter.usage:
-                state["usage"] = dict(streamed.meter.usage)
-
-    return close
-
-
-async def _read_body(receive: Receive, declared: bytes, limit: int = MAX_BODY_BYTES) -> bytes:
-    if declared.isdigit() and int(declared) > limit:
-        raise OpenAIError(413, f"request body is {declared.decode()} bytes; the limit is {limit}")
-    message = await receive()
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body"):
-        return body  # the whole body in one message: the usual case
-    parts, size = [body], len(body)
-    while message.get("more_body"):
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        part = message.get("body", b"")
-        size += len(part)
-        if size > limit:
-            raise OpenAIError(413, f"request body exceeds the limit of {limit} bytes")
-        parts.append(part)
-    return b"".join(parts)
-
-
-async def _send_whole(send: Send, status: int, data: bytes,
-                      id_header: tuple[bytes, bytes]) -> None:
-    headers = [*_JSON_HEAD, (b"content-length", str(len(data)).encode()), id_header]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": data})
-
-
-async def _send_error(send: Send, error: OpenAIError, id_header: tuple[bytes, bytes]) -> None:
-    data = json.dumps(error.body(), separators=(",", ":"), ensure_ascii=False).encode()
-    await _send_whole(send, error.status, data, id_header)

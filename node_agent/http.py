@@ -26,7 +26,9 @@ from meshgate.openai import MAX_BODY_BYTES, OpenAIError
 if TYPE_CHECKING:
     from node_agent.pipeline import Streamed
 
-__all__ = ["JSON", "WatchedResponse", "json_response", "note", "noted_close", "read_body"]
+__all__ = [
+    "JSON", "WatchedResponse", "json_response", "note", "noted_close", "read_body", "read_raw_body",
+]
 
 JSON = "application/json"
 
@@ -35,11 +37,25 @@ log = logging.getLogger(__name__)
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed `limit`."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise OpenAIError(413, f"request body is {declared} bytes; the limit is {limit}")
-    parts, size = [], 0
-    async for part in request.stream():
+    declared = request.headers.get("content-length", "").encode("latin-1")
+    return await read_raw_body(request.receive, declared, limit)
+
+
+async def read_raw_body(receive: Receive, declared: bytes, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body of an ASGI request whose ``Content-Length`` is `declared` (b"" if none),
+    refused with 413 as soon as it is known to exceed `limit`."""
+    if declared.isdigit() and int(declared) > limit:
+        raise OpenAIError(413, f"request body is {declared.decode()} bytes; the limit is {limit}")
+    message = await receive()
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body"):
+        return body  # the whole body in one message: the usual case
+    parts, size = [body], len(body)
+    while message.get("more_body"):
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        part = message.get("body", b"")
         size += len(part)
         if size > limit:
             raise OpenAIError(413, f"request body exceeds the limit of {limit} bytes")

@@ -14,13 +14,13 @@ shape.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 from meshgate.openai import (
     ENDPOINTS,
@@ -31,14 +31,17 @@ from meshgate.openai import (
     sse_error,
     unknown_model,
 )
-from node_agent.http import JSON, WatchedResponse, json_response, note, noted_close, read_body
+from node_agent.http import JSON, WatchedResponse, json_response, read_raw_body
 from node_agent.pipeline import Pipeline, Streamed
 from node_agent.runtimes.base import Body
 
-__all__ = ["OWNED_BY", "SSE_HEADERS", "SSEResponse", "openai_routes"]
+__all__ = ["OWNED_BY", "SSE_HEADERS", "OpenAIEndpoint", "SSEResponse", "openai_routes"]
 
 OWNED_BY = "meshgate-node"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+_JSON_HEAD = [(b"content-type", JSON.encode())]
+_SSE_HEAD = [(b"content-type", b"text/event-stream; charset=utf-8"),
+             *((k.encode(), v.encode()) for k, v in SSE_HEADERS.items())]
 
 
 class SSEResponse(WatchedResponse):
@@ -66,21 +69,79 @@ class SSEResponse(WatchedResponse):
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
-def _answer(pipeline: Pipeline, endpoint: str) -> Callable[[Request], Any]:
-    async def handler(request: Request) -> Response:
-        parsed = parse(await read_body(request), endpoint)
-        raw = Body(parsed.raw, parsed.body)  # decoded once: runtimes read `parsed.body`
-        note(request, parsed.model)
-        if not parsed.stream:
-            data, usage = await pipeline.complete(endpoint, parsed.model, raw, via="proxy")
-            note(request, parsed.model, usage)
-            return Response(data, media_type=JSON)
-        streamed = await pipeline.stream(
-            endpoint, parsed.model, raw, via="proxy", include_usage=parsed.include_usage
-        )
-        return SSEResponse(streamed, noted_close(request, streamed))
+class OpenAIEndpoint:
+    """``POST /v1/{endpoint}`` of `pipeline` as a raw ASGI app, the one answer behind both
+    front doors: the Starlette route (behind the guard, request-id and access-log layers)
+    and :class:`~node_agent.hot_routes.HotRoutes`. The body is read once (413 past the
+    limit) and validated once; a whole answer is sent inside the pipeline's block, so it is
+    metered after it left (499 if it did not); a stream leaves as SSE. Every failure before
+    the answer starts is an OpenAI error (``hop: node`` unless the runtime named one). The
+    model and usage go in ``scope["state"]`` for the access line."""
 
-    return handler
+    def __init__(self, pipeline: Pipeline, endpoint: str) -> None:
+        self.pipeline = pipeline
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        await self.respond(scope, receive, send, declared=declared)
+
+    async def respond(self, scope: Scope, receive: Receive, send: Send, *, declared: bytes,
+                      head: tuple[tuple[bytes, bytes], ...] = ()) -> int:
+        """Answer the request (`head`: more headers for the answer); returns its status."""
+        state = scope.setdefault("state", {})
+        try:
+            parsed = parse(await read_raw_body(receive, declared), self.endpoint)
+            body = Body(parsed.raw, parsed.body)  # decoded once: runtimes read `parsed.body`
+            state["model"] = parsed.model
+            if not parsed.stream:
+                async with self.pipeline.answer(self.endpoint, parsed.model, body,
+                                                via="proxy") as done:
+                    await _send_whole(send, 200, done.data, head)
+                if done.usage:
+                    state["usage"] = dict(done.usage)
+                return 200
+            streamed = await self.pipeline.stream(self.endpoint, parsed.model, body,
+                                                  via="proxy",
+                                                  include_usage=parsed.include_usage)
+        except OpenAIError as exc:
+            exc.hop = exc.hop or "node"
+            await _send_error(send, exc, head)
+            return exc.status
+        except Exception as exc:  # noqa: BLE001 - answered as the app's 500 would be
+            error = OpenAIError(500, f"the node failed to answer: {exc!r}"[:300], hop="node")
+            await _send_error(send, error, head)
+            return 500
+        await SSEResponse(streamed, _noting(state, streamed), [*_SSE_HEAD, *head])(
+            scope, receive, send)
+        return 200
+
+
+def _noting(state: dict[str, object], streamed: Streamed) -> Callable[[], Awaitable[None]]:
+    """`streamed`'s close, then its model and usage noted for the access line."""
+
+    async def close() -> None:
+        try:
+            await streamed.aclose()
+        finally:
+            state["model"] = streamed.meter.model
+            if streamed.meter.usage:
+                state["usage"] = dict(streamed.meter.usage)
+
+    return close
+
+
+async def _send_whole(send: Send, status: int, data: bytes,
+                      head: tuple[tuple[bytes, bytes], ...]) -> None:
+    headers = [*_JSON_HEAD, (b"content-length", str(len(data)).encode()), *head]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+async def _send_error(send: Send, error: OpenAIError,
+                      head: tuple[tuple[bytes, bytes], ...]) -> None:
+    data = json.dumps(error.body(), separators=(",", ":"), ensure_ascii=False).encode()
+    await _send_whole(send, error.status, data, head)
 
 
 def openai_routes(pipeline: Pipeline) -> list[BaseRoute]:
@@ -97,7 +158,7 @@ def openai_routes(pipeline: Pipeline) -> list[BaseRoute]:
         return json_response({"id": model, "object": "model", "created": 0, "owned_by": OWNED_BY})
 
     routes: list[BaseRoute] = [
-        Route(f"/v1/{endpoint}", _answer(pipeline, endpoint), methods=["POST"])
+        Route(f"/v1/{endpoint}", OpenAIEndpoint(pipeline, endpoint), methods=["POST"])
         for endpoint in ENDPOINTS
     ]
     routes.append(Route("/v1/models", models, methods=["GET"]))
