@@ -15,7 +15,8 @@ Its bounds:
 - a connection is opened within ``connect_timeout_s``; a pooled one idle for
   ``keepalive_s`` is closed before the server's own keep-alive could close it as
   we send on it (a POST is never resent);
-- an answer read whole is refused past ``max_body_bytes``; a streamed one is read
+- an answer's header lines are refused past ``MAX_HEAD_BYTES``; an answer read
+  whole is refused past ``max_body_bytes``; a streamed one is read
   with flow control (reading pauses while ``HIGH_WATER`` bytes wait for the reader);
 - a connection goes back to the pool only once its answer was read to the end
   and the server did not ask to close it; a request abandoned midway (the caller
@@ -41,6 +42,8 @@ __all__ = ["Http1Pool", "Http1Response", "UpstreamError"]
 HIGH_WATER = 256 * 1024
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_IDLE_CONNECTIONS = 32
+#: Bytes of an answer's header lines past which it is refused (llhttp sets no limit).
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class UpstreamError(ConnectionError):
@@ -55,6 +58,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0
         self.head_done = False
         self.keep_alive = False  # the server did not ask to close (read with the head)
         self.done = False  # the answer's last byte came
@@ -73,7 +77,9 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError(f"the upstream's answer is not HTTP/1.1: {exc}"))
+            ours = exc.__context__  # a callback's own refusal (on_header's limit) says why
+            self._fail(ours if isinstance(ours, UpstreamError)
+                       else UpstreamError(f"the upstream's answer is not HTTP/1.1: {exc}"))
             if self.transport is not None:
                 self.transport.close()
 
@@ -91,6 +97,9 @@ class _Connection(asyncio.Protocol):
 
     # httptools' callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value)
+        if self.head_bytes > MAX_HEAD_BYTES:  # raised through llhttp as HttpParserError
+            raise UpstreamError(f"the upstream's header lines exceed {MAX_HEAD_BYTES} bytes")
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -148,6 +157,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers = []
+        self.head_bytes = 0
         self.head_done = self.done = self.keep_alive = False
         self.idle_since = time.monotonic()
 

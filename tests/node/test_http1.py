@@ -176,6 +176,20 @@ async def test_an_answer_over_the_limit_is_refused_and_its_connection_closed(
         await asyncio.wait_for(server.closed.wait(), 5)
 
 
+async def test_an_answer_head_past_its_limit_is_refused_and_its_connection_closed(
+    pools: list[Http1Pool],
+) -> None:
+    endless = b"".join(b"x-pad-%d: %s\r\n" % (i, b"v" * 1000) for i in range(80))  # ~80 KB
+    server = Server(answering(ok(b"{}", endless)))
+    async with server as port:
+        pool = Http1Pool("127.0.0.1", port)
+        pools.append(pool)
+        with pytest.raises(UpstreamError, match="header lines exceed"):
+            await fetch(pool)
+        assert pool.idle_connections == 0
+        await asyncio.wait_for(server.closed.wait(), 5)
+
+
 async def test_broken_http_and_a_cut_connection_are_upstream_errors(
     pools: list[Http1Pool],
 ) -> None:
