@@ -63,21 +63,23 @@ async def read_raw_body(receive: Receive, declared: bytes, limit: int = MAX_BODY
     return b"".join(parts)
 
 
-def note(request: Request, model: str, usage: Mapping[str, int] | None = None) -> None:
-    """What the access line (meshgate/logs.py) reports of this request: model, tokens."""
-    request.state.model = model
+def note(scope: Scope, model: str, usage: Mapping[str, int] | None = None) -> None:
+    """What the access line (meshgate/logs.py) reports of this request: model, tokens
+    (in ``scope["state"]``, which is ``request.state``)."""
+    state = scope.setdefault("state", {})
+    state["model"] = model
     if usage:
-        request.state.usage = dict(usage)
+        state["usage"] = dict(usage)
 
 
-def noted_close(request: Request, streamed: Streamed) -> Callable[[], Awaitable[None]]:
+def noted_close(scope: Scope, streamed: Streamed) -> Callable[[], Awaitable[None]]:
     """`streamed`'s close, then its usage noted for the access line (written after it)."""
 
     async def close() -> None:
         try:
             await streamed.aclose()
         finally:
-            note(request, streamed.meter.model, streamed.meter.usage)
+            note(scope, streamed.meter.model, streamed.meter.usage)
 
     return close
 

@@ -146,7 +146,7 @@ class OllamaAPI:
     async def answer(self, request: Request, *, chat: bool) -> Response:
         body = await _read_json(request)
         name = self.resolve(body.get("model"), mesh=True)
-        note(request, name)
+        note(request.scope, name)
         stream = body.get("stream", True)
         if not isinstance(stream, bool):
             raise OpenAIError(400, "stream must be a boolean", param="stream")
@@ -162,7 +162,7 @@ class OllamaAPI:
         translate = Translator(body["model"], chat=chat)
         if not stream:
             data, usage = await self.pipeline.complete(endpoint, name, raw, via="proxy")
-            note(request, name, usage)
+            note(request.scope, name, usage)
             return json_response(translate.whole(data))
         streamed = await self.pipeline.stream(endpoint, name, raw, via="proxy")
         return await self._streamed(request, streamed, translate)
@@ -180,13 +180,13 @@ class OllamaAPI:
             await parts.aclose()
             await streamed.aclose()
             raise
-        return WatchedResponse(_ndjson(first, parts, translate), noted_close(request, streamed),
-                               media_type=NDJSON)
+        return WatchedResponse(_ndjson(first, parts, translate),
+                               noted_close(request.scope, streamed), media_type=NDJSON)
 
     async def embed(self, request: Request, *, legacy: bool) -> Response:
         body = await _read_json(request)
         name = self.resolve(body.get("model"))
-        note(request, name)
+        note(request.scope, name)
         data = body.get("prompt" if legacy else "input")
         inputs = [data] if isinstance(data, str) else data
         if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
@@ -199,7 +199,7 @@ class OllamaAPI:
             "embeddings", name, Body(json.dumps(req, separators=(",", ":")).encode(), req),
             via="proxy",
         )
-        note(request, name, usage)
+        note(request.scope, name, usage)
         vectors = [
             d["embedding"] for d in sorted(json.loads(raw)["data"], key=lambda d: d["index"])
         ]

@@ -31,7 +31,14 @@ from meshgate.openai import (
     sse_error,
     unknown_model,
 )
-from node_agent.http import JSON, WatchedResponse, json_response, read_raw_body
+from node_agent.http import (
+    JSON,
+    WatchedResponse,
+    json_response,
+    note,
+    noted_close,
+    read_raw_body,
+)
 from node_agent.pipeline import Pipeline, Streamed
 from node_agent.runtimes.base import Body
 
@@ -89,17 +96,15 @@ class OpenAIEndpoint:
     async def respond(self, scope: Scope, receive: Receive, send: Send, *, declared: bytes,
                       head: tuple[tuple[bytes, bytes], ...] = ()) -> int:
         """Answer the request (`head`: more headers for the answer); returns its status."""
-        state = scope.setdefault("state", {})
         try:
             parsed = parse(await read_raw_body(receive, declared), self.endpoint)
             body = Body(parsed.raw, parsed.body)  # decoded once: runtimes read `parsed.body`
-            state["model"] = parsed.model
+            note(scope, parsed.model)
             if not parsed.stream:
                 async with self.pipeline.answer(self.endpoint, parsed.model, body,
                                                 via="proxy") as done:
                     await _send_whole(send, 200, done.data, head)
-                if done.usage:
-                    state["usage"] = dict(done.usage)
+                note(scope, parsed.model, done.usage)
                 return 200
             streamed = await self.pipeline.stream(self.endpoint, parsed.model, body,
                                                   via="proxy",
@@ -112,23 +117,9 @@ class OpenAIEndpoint:
             error = OpenAIError(500, f"the node failed to answer: {exc!r}"[:300], hop="node")
             await _send_error(send, error, head)
             return 500
-        await SSEResponse(streamed, _noting(state, streamed), [*_SSE_HEAD, *head])(
+        await SSEResponse(streamed, noted_close(scope, streamed), [*_SSE_HEAD, *head])(
             scope, receive, send)
         return 200
-
-
-def _noting(state: dict[str, object], streamed: Streamed) -> Callable[[], Awaitable[None]]:
-    """`streamed`'s close, then its model and usage noted for the access line."""
-
-    async def close() -> None:
-        try:
-            await streamed.aclose()
-        finally:
-            state["model"] = streamed.meter.model
-            if streamed.meter.usage:
-                state["usage"] = dict(streamed.meter.usage)
-
-    return close
 
 
 async def _send_whole(send: Send, status: int, data: bytes,
