@@ -39,7 +39,7 @@ from coordinator.served import NodeAttempt, Served, error_from_frame, now, send_
 from meshgate.bounds import check_chunk
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest
-from meshgate.token_frames import ChunkDecoder
+from meshgate.token_frames import COMPACT_BATCHES, ChunkDecoder
 from tunnel import ClosedError, Frame, FrameType, Stream, TunnelError
 
 if TYPE_CHECKING:
@@ -244,7 +244,7 @@ class Dispatcher:
             await self._load(node, model, deadline)
         wire = request.to_wire()
         if request.stream:
-            wire["compact"] = 1  # the node may send compact token frames (token_frames.py)
+            wire["compact"] = COMPACT_BATCHES  # compact token frames, batched (token_frames.py)
         wire["model"] = model
         wire["body"] = with_model(request.body, model, asked)
         self.registry.acquire(node, model)

@@ -54,6 +54,8 @@ class NodeConn:
     #: the last telemetry as received (validated): its map, or its msgpack bytes from the
     #: tunnel (`Mux(raw_bodies=...)`), decoded into `telemetry` only when read
     telemetry_raw: dict[str, Any] | bytes = field(default_factory=dict)
+    #: the same, as validated (what the live view reads: no decode, no checks)
+    last_telemetry: Telemetry | None = None
     infos: dict[str, ModelInfo] = field(default_factory=dict)
     load: dict[str, ModelLoad] = field(default_factory=dict)  # latest per model
     host_free: int = UNKNOWN_FREE
@@ -251,6 +253,7 @@ class Registry:
         """A full report. Most are the same as the last one for what scheduling reads
         (free memory, GPUs, per-model load): those move nothing in the index."""
         conn.telemetry_raw = raw
+        conn.last_telemetry = telemetry
         host = telemetry.host
         hw = (host.mem_available_bytes if host is not None
               and host.mem_available_bytes is not None else UNKNOWN_FREE,

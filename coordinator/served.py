@@ -192,8 +192,9 @@ class NodeAttempt(Served):
         batch: list[bytes] = []
         while frame is not None:
             if frame.type == FrameType.DATA:
-                self.chunks += 1
-                batch.append(self._checked(frame.body))
+                chunks = self._checked(frame.body)
+                self.chunks += len(chunks)
+                batch += chunks
             elif frame.type == FrameType.END:
                 self._finish(frame)
                 return batch, True
@@ -214,12 +215,13 @@ class NodeAttempt(Served):
                 self.outcome = "client_cancelled"
             await send_cancel(self.stream)
 
-    def _checked(self, data: object) -> bytes:
+    def _checked(self, data: object) -> list[bytes]:
+        """The chunks a DATA body stands for (a compact body: one, or a batch)."""
         try:
             if isinstance(data, bytes) and data[:1] == MAGIC:
-                # rebuilt and written here as one JSON object on one line: nothing to check
-                return self.decoder.decode(data)
-            return check_chunk(data, streaming=self.request.stream)
+                # rebuilt and written here as JSON objects on one line each: nothing to check
+                return self.decoder.decode_many(data)
+            return [check_chunk(data, streaming=self.request.stream)]
         except ValueError as exc:
             self.outcome = "bad_node_output"
             log.warning("request %s: node %s sent a bad chunk, ending the stream: %s",

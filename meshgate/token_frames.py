@@ -16,6 +16,14 @@ across streams or tenants.
 The decoder takes a node's bytes: anything malformed is a ValueError (the coordinator
 ends the stream as a bad node answer).
 
+Batches (``"compact": 2`` in OPEN, `COMPACT_BATCHES`): the chunks a node read from its
+runtime together leave in one DATA frame (`ChunkEncoder.encode_batch`), one tunnel frame and
+one msgpack pass for the lot instead of one each: ``[3, [item, ...]]`` where an item is a
+patch as above or ``[4, path, [text, ...]]``, a run of token chunks that each differ from
+the chunk before in the string at `path` only (``[4, ...]`` may also stand alone). Each
+item is applied in turn, exactly as if it had come in its own frame; a stream's first
+chunk always comes alone (`ChunkDecoder.decode`).
+
 Per token, both sides take a template way when the chunk differs from the last one in one
 string only (the token's text): the encoder keeps the bytes around that string and reads
 just the new string; the decoder keeps its last output around it and splices the new
@@ -37,7 +45,11 @@ if TYPE_CHECKING:  # imported by the first ChunkDecoder: a node only encodes (is
 
 MAGIC = b"\xc1"  # never valid msgpack nor a JSON text's first byte
 MAX_DEPTH = 32
-REPLACE, EDIT_MAP, EDIT_LIST = 0, 1, 2
+REPLACE, EDIT_MAP, EDIT_LIST, BATCH, TEXTS = 0, 1, 2, 3, 4
+#: the ``compact`` value in OPEN from a coordinator that reads batches (1: single chunks)
+COMPACT_BATCHES = 2
+#: A batch holds chunks up to this many raw bytes (a DATA body up to 16 KiB goes whole).
+MAX_BATCH_BYTES = 8 * 1024
 _SAME = object()
 
 
@@ -179,27 +191,80 @@ class ChunkEncoder:
         self._template: tuple[bytes, bytes, Path] | None = None
 
     def encode(self, chunk: bytes) -> bytes:
-        fast = self._fast(chunk)
-        if fast is not None:
-            return fast
+        """One chunk's body (MAGIC + its patch; a chunk that is no JSON object, as it is)."""
+        text = self._fast_text(chunk)
+        if text is not None:
+            assert self._template is not None
+            return MAGIC + msgpack.packb(_chain(self._template[2], text), use_bin_type=True)
+        patch = self._patch_of(chunk)
+        return chunk if patch is None else MAGIC + msgpack.packb(patch, use_bin_type=True)
+
+    def encode_batch(self, chunks: list[bytes]) -> list[bytes]:
+        """Bodies for `chunks` that arrived together, in order: as few as can be (one
+        holds up to MAX_BATCH_BYTES of raw chunks; token chunks as runs of their texts).
+        A chunk that is no JSON object goes alone, as it is. One chunk: `encode`'s body."""
+        if len(chunks) == 1:
+            return [self.encode(chunks[0])]
+        bodies: list[bytes] = []
+        items: list[Any] = []
+        run: list[str] = []
+        size = 0
+        for chunk in chunks:
+            if size + len(chunk) > MAX_BATCH_BYTES and (items or run):
+                bodies.append(self._batch_body(items, run))
+                items, run, size = [], [], 0
+            text = self._fast_text(chunk)
+            if text is not None:
+                run.append(text)  # at the template's path: it only changes below
+            else:
+                if run:
+                    items.append(self._texts_item(run))
+                    run = []
+                patch = self._patch_of(chunk)
+                if patch is None:  # no JSON object: alone, as `encode` sends it
+                    if items:
+                        bodies.append(self._batch_body(items, run))
+                        items, size = [], 0
+                    bodies.append(chunk)
+                    continue
+                items.append(patch)
+            size += len(chunk)
+        if items or run:
+            bodies.append(self._batch_body(items, run))
+        return bodies
+
+    def _texts_item(self, run: list[str]) -> list[Any]:
+        assert self._template is not None
+        return [TEXTS, list(self._template[2]), run]
+
+    def _batch_body(self, items: list[Any], run: list[str]) -> bytes:
+        if run:
+            items.append(self._texts_item(run))
+        payload = items[0] if len(items) == 1 else [BATCH, items]
+        return MAGIC + msgpack.packb(payload, use_bin_type=True)
+
+    def _patch_of(self, chunk: bytes) -> Any:
+        """The general way: `chunk`'s patch against the chunk before (a template made when
+        it shows a token's text); None for what is no JSON object (state unchanged)."""
         try:
             value = load_json(chunk)
         except ValueError:
-            return chunk  # not JSON: as it is (the coordinator judges it)
+            return None
         if not isinstance(value, dict):
-            return chunk
+            return None
         patch = _patch(self._previous, value)
         self._previous = value
         self._template = None
         if patch is _SAME:
-            patch = [EDIT_MAP, {}, []]
-        else:
-            edit = _leaf_edit(patch)
-            if edit is not None:
-                self._template = _source_template(chunk, value, *edit)
-        return MAGIC + msgpack.packb(patch, use_bin_type=True)
+            return [EDIT_MAP, {}, []]
+        edit = _leaf_edit(patch)
+        if edit is not None:
+            self._template = _source_template(chunk, value, *edit)
+        return patch
 
-    def _fast(self, chunk: bytes) -> bytes | None:
+    def _fast_text(self, chunk: bytes) -> str | None:
+        """The token's text when `chunk` is the template's bytes around one new JSON
+        string (the previous chunk updated), else None."""
         template = self._template
         if template is None:
             return None
@@ -214,7 +279,7 @@ class ChunkEncoder:
         if not isinstance(text, str):
             return None
         _parent(self._previous, path)[path[-1]] = text
-        return MAGIC + msgpack.packb(_chain(path, text), use_bin_type=True)
+        return text
 
 
 def _source_template(chunk: bytes, value: Any, path: Path, text: str
@@ -254,13 +319,62 @@ class ChunkDecoder:
         self._template: tuple[bytes, bytes, Path] | None = None
 
     def decode(self, body: bytes) -> bytes:
+        """One chunk (a stream's first; a batch is malformed here)."""
+        out = self.decode_many(body)
+        if len(out) != 1:
+            raise ValueError("a compact chunk is malformed: a batch where one chunk goes")
+        return out[0]
+
+    def decode_many(self, body: bytes) -> list[bytes]:
+        """The chunks a DATA body stands for, in order (one, or a batch's)."""
         if body[:1] != MAGIC:
-            return body  # plain JSON from a node that does not compact
+            return [body]  # plain JSON from a node that does not compact
         try:
             patch = msgpack.unpackb(body[1:], raw=False, strict_map_key=False)
         except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
                 msgpack.StackError):
             raise ValueError("a compact chunk is not msgpack") from None
+        tag = patch[0] if type(patch) is list and patch else None
+        if type(tag) is not int or tag < BATCH:
+            return [self._one(patch)]
+        out: list[bytes] = []
+        if tag == TEXTS:
+            self._texts(patch, out)
+            return out
+        if tag != BATCH or len(patch) != 2 or type(patch[1]) is not list or not patch[1]:
+            raise ValueError("a compact chunk is malformed")
+        for item in patch[1]:
+            if type(item) is list and item and type(item[0]) is int and item[0] == TEXTS:
+                self._texts(item, out)
+            else:
+                out.append(self._one(item))  # a batch inside is malformed there
+        return out
+
+    def _texts(self, item: list[Any], out: list[bytes]) -> None:
+        """A run of token texts at one path: each the chunk before with that string swapped."""
+        if len(item) != 3 or type(item[1]) is not list or type(item[2]) is not list:
+            raise ValueError("a compact chunk is malformed")
+        path: Path = tuple(item[1])
+        texts: list[Any] = item[2]
+        if (not path or len(path) > MAX_DEPTH or not texts
+                or not all(type(key) is str or type(key) is int for key in path)
+                or not all(type(text) is str for text in texts)):
+            raise ValueError("a compact chunk is malformed")
+        template = self._template
+        if template is None or template[2] != path:
+            for text in texts:  # the general way, as if each had come alone
+                out.append(self._one(_chain(path, text)))
+            return
+        prefix, suffix = template[0], template[1]
+        for text in texts:
+            try:
+                out.append(prefix + pydantic_core.to_json(text) + suffix)
+            except pydantic_core.PydanticSerializationError as exc:
+                raise ValueError(f"a compact chunk cannot be JSON: {exc}") from None
+        _parent(self._previous, path)[path[-1]] = texts[-1]
+
+    def _one(self, patch: Any) -> bytes:
+        """The chunk one patch stands for."""
         template = self._template
         text = _same_leaf(patch, template[2]) if template is not None else None
         if text is not None and template is not None:
@@ -278,7 +392,7 @@ class ChunkDecoder:
         self._previous = value
         self._template = None
         try:
-            out = pydantic_core.to_json(value)
+            out: bytes = pydantic_core.to_json(value)
             if edit is not None and edit[0] and isinstance(_leaf_or_none(value, edit[0]), str):
                 self._template = _output_template(value, edit[0])
         except pydantic_core.PydanticSerializationError as exc:

@@ -21,7 +21,7 @@ from meshgate.logs import quick_info
 from meshgate.node_messages import DELTA_COALESCE_S, ModelLoad
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest, ProtocolViolation, error_body
-from meshgate.token_frames import ChunkEncoder
+from meshgate.token_frames import COMPACT_BATCHES, ChunkEncoder
 from node_agent.journal import UsageJournal
 from node_agent.journal_upload import upload_journal
 from node_agent.metrics import NodeMetrics
@@ -251,12 +251,19 @@ async def answer(pipeline: Pipeline, stream: Stream, frame: Frame) -> None:
         if request.stream:
             streamed = await pipeline.stream(*args, via="tunnel", local_only=True)
             streamed.settle_at_end = False  # the END frame carries the energy, read before
-            # compact token frames when the coordinator asks (meshgate/token_frames.py)
-            compact = ChunkEncoder() if frame.body.get("compact") else None
+            # compact token frames when the coordinator asks (meshgate/token_frames.py); in
+            # batches (the chunks one read brought, one frame) when it reads them
+            asked = frame.body.get("compact")
+            compact = ChunkEncoder() if asked else None
             try:
-                async for chunk in streamed:
-                    body = compact.encode(chunk) if compact is not None else chunk
-                    await stream.send(FrameType.DATA, body)
+                if compact is not None and type(asked) is int and asked >= COMPACT_BATCHES:
+                    async for batch in streamed.batches():
+                        for body in compact.encode_batch(batch):
+                            await stream.send(FrameType.DATA, body)
+                else:
+                    async for chunk in streamed:
+                        body = compact.encode(chunk) if compact is not None else chunk
+                        await stream.send(FrameType.DATA, body)
                 usage, energy = streamed.meter.usage, streamed.meter.energy_report()
             finally:
                 await streamed.aclose()

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from meshgate.openai import OpenAIError, context_exceeded
 from node_agent.metrics import NodeMetrics, RequestTrack
 from node_agent.models import ModelManager
-from node_agent.runtimes.base import Runtime, Usage, usage_of
+from node_agent.runtimes.base import Runtime, Usage, stream_batches, usage_of
 
 __all__ = ["Answer", "Finished", "MeshLookup", "Meter", "Pipeline", "Streamed"]
 
@@ -153,7 +153,8 @@ class Meter:
 
 
 class Streamed:
-    """A started stream: iterate it for each chunk's payload; :meth:`aclose` exactly once.
+    """A started stream: iterate it for each chunk's payload (or :meth:`batches` for lists
+    of those that arrived together); :meth:`aclose` exactly once.
 
     The first chunk has already been read (an error before it kept its status).
     With `include_usage` False the usage-only chunk (empty ``choices``) is not
@@ -166,12 +167,16 @@ class Streamed:
     def __init__(
         self,
         first: bytes | None,
-        chunks: AsyncIterator[bytes],
+        chunks: AsyncIterator[list[bytes]],
         stack: AsyncExitStack,
         meter: Meter,
         include_usage: bool,
+        *,
+        pending: list[bytes] | None = None,
     ) -> None:
         self._first, self._chunks, self._stack = first, chunks, stack
+        self._pending = pending or []
+        """what came with the first chunk, not yet metered"""
         self.meter = meter
         self.include_usage = include_usage
         self.status = 499  # unless it reaches its end or fails
@@ -183,21 +188,41 @@ class Streamed:
             return True
         return _USAGE_ONLY not in chunk  # a usage-only chunk the client did not ask for
 
+    def _kept(self, batch: list[bytes]) -> list[bytes]:
+        """`batch` metered, less what the client did not ask for."""
+        chunk_of = self.meter.chunk
+        return [c for c in batch if self._wanted(c, chunk_of(c))]
+
     async def __aiter__(self) -> AsyncGenerator[bytes, None]:
-        model = self.meter.model
+        batches = self.batches()
+        try:
+            async for batch in batches:
+                for chunk in batch:
+                    yield chunk
+        finally:
+            await batches.aclose()
+
+    async def batches(self) -> AsyncGenerator[list[bytes], None]:
+        """The chunks as lists of those the runtime read together (never empty); the first
+        chunk alone, first."""
         if self._first is not None:
             first, self._first = self._first, None
             if self._wanted(first, self.meter.usage):
-                yield first
+                yield [first]
         try:
-            async for chunk in self._chunks:
-                usage = self.meter.chunk(chunk)
-                if self._wanted(chunk, usage):
-                    yield chunk
+            if self._pending:
+                kept, self._pending = self._kept(self._pending), []
+                if kept:
+                    yield kept
+            async for batch in self._chunks:
+                kept = self._kept(batch)
+                if kept:
+                    yield kept
         except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
-            error = map_error(exc, model)
+            error = map_error(exc, self.meter.model)
             self.status = error.status
-            log.warning("stream of %s failed after it started: %s", model, error.message)
+            log.warning("stream of %s failed after it started: %s", self.meter.model,
+                        error.message)
             raise error from None
         self.status = 200
         if self.settle_at_end:  # give the model back and meter before the client hears the end
@@ -300,17 +325,17 @@ class Pipeline:
         meter = Meter(self, model, endpoint, via, self._where(model))
         meter._streamed = True
         stack = AsyncExitStack()
-        chunks: AsyncIterator[bytes] | None = None
+        chunks: AsyncIterator[list[bytes]] | None = None
         try:
             runtime = await self._runtime(model, stack, local_only)
-            chunks = runtime.stream(endpoint, body)
+            chunks = stream_batches(runtime, endpoint, body)
             try:
-                first: bytes | None = await anext(chunks)
+                batch = await anext(chunks)
             except StopAsyncIteration:
                 raise OpenAIError(502, f"{model} sent an empty stream", hop="runner") from None
-            assert first is not None
+            first = batch[0]
             meter.chunk(first)
-            return Streamed(first, chunks, stack, meter, include_usage)
+            return Streamed(first, chunks, stack, meter, include_usage, pending=batch[1:])
         except BaseException as exc:
             if chunks is not None:
                 close = getattr(chunks, "aclose", None)

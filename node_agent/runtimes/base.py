@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Protocol
 
 from meshgate.openai import OpenAIError
@@ -90,6 +90,25 @@ class Runtime(Protocol):
     def describe(self) -> dict[str, Any] | None:
         """What the runtime itself knows of its model (Ollama: its list/ps entry), or None."""
         ...
+
+
+def stream_batches(runtime: Runtime, endpoint: str, body: bytes
+                   ) -> AsyncIterator[list[bytes]]:
+    """`runtime`'s streamed chunks as lists of those that arrived together (never empty):
+    its own ``stream_batches`` when it can tell (one read of its server), else one a list."""
+    own: Callable[[str, bytes], AsyncIterator[list[bytes]]] | None = getattr(
+        runtime, "stream_batches", None)
+    return own(endpoint, body) if own is not None else _singles(runtime.stream(endpoint, body))
+
+
+async def _singles(chunks: AsyncIterator[bytes]) -> AsyncGenerator[list[bytes], None]:
+    try:
+        async for chunk in chunks:
+            yield [chunk]
+    finally:  # closed with it: the runtime stops its work
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
 
 
 class RunnerError(Exception):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -229,6 +229,18 @@ class OpenAIHttpRuntime:
         return data, usage_of(data)
 
     async def stream(self, endpoint: str, body: bytes) -> AsyncIterator[bytes]:
+        batches = self.stream_batches(endpoint, body)
+        try:
+            async for batch in batches:
+                for chunk in batch:
+                    yield chunk
+        finally:
+            await batches.aclose()
+
+    async def stream_batches(self, endpoint: str, body: bytes
+                             ) -> AsyncGenerator[list[bytes], None]:
+        """`stream`'s chunks, a list for those one read of the server brought (so they can
+        go on together: one tunnel frame for the lot)."""
         self._check()
         try:
             response = await self.pool.request("POST", self._base + endpoint, self._body(body))
@@ -239,13 +251,20 @@ class OpenAIHttpRuntime:
                 raise await _error_of(response)
             parser = SSEParser()
             async for data in response.chunks():
+                batch: list[bytes] = []
                 for payload in parser.feed(data):
                     if payload == DONE:
+                        if batch:
+                            yield batch
                         await _drain(response)
                         return
                     if is_error_event(payload):
+                        if batch:  # what came before the error goes out first
+                            yield batch
                         raise OpenAIError.from_body(502, json.loads(payload), hop="runner")
-                    yield payload
+                    batch.append(payload)
+                if batch:
+                    yield batch
         except OSError as exc:
             raise OpenAIError(502, f"runner for {self.name} failed mid-stream: {exc!r}",
                               hop="runner") from None

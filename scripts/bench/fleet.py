@@ -281,9 +281,12 @@ async def driver(args: argparse.Namespace, n_nodes: int) -> dict[str, Any]:
     _, api_key = store.create_key("bench", time.time())
     store.close()
     api_port, tunnel_port = free_port(), free_port()
+    # `python -S` with PYTHONPATH=TREE:SITE_PACKAGES runs another tree (an exported one, to
+    # compare) past the editable install: the children are started the same way
+    site = ["-S"] if sys.flags.no_site else []
     exe = Path(sys.executable).with_name("meshgate-coordinator")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c",
-                                           "from coordinator.cli import app; app()"]
+    cmd = [str(exe)] if exe.exists() and not site else [
+        sys.executable, *site, "-c", "from coordinator.cli import app; app()"]
     coord = subprocess.Popen(  # noqa: ASYNC220
         [*cmd, "serve", "--state-dir", str(state.path), "--api-host", "127.0.0.1",
          "--api-port", str(api_port), "--tunnel-host", "127.0.0.1", "--tunnel-port",
@@ -313,7 +316,7 @@ async def driver(args: argparse.Namespace, n_nodes: int) -> dict[str, Any]:
                     "period": args.telemetry_period,
                     "identities": [x.to_bytes().hex() for x in chunk]}))
                 workers.append(subprocess.Popen(  # noqa: ASYNC220
-                    ["nice", "-n", str(args.nice), sys.executable, __file__, "--sim-worker",
+                    ["nice", "-n", str(args.nice), sys.executable, *site, __file__, "--sim-worker",
                      str(spec)],
                     stdout=(root / f"sim{i}.log").open("wb"), stderr=subprocess.STDOUT))
             deadline = time.perf_counter() + args.connect_timeout
@@ -326,14 +329,14 @@ async def driver(args: argparse.Namespace, n_nodes: int) -> dict[str, Any]:
             connect_s = time.perf_counter() - connect_start
             # every node past its first telemetry (a long period: a baseline with almost none)
             await asyncio.sleep(2.0 + min(args.telemetry_period, 10.0))
-            spy = profile(args.profile, coord.pid, "idle", args.idle_seconds)
+            spy = profile(args.profile, coord.pid, "idle", args.idle_seconds, args.profile_native)
             f0, c0, w0 = sent(root, args.procs), cpu_seconds(proc), time.perf_counter()
             await asyncio.sleep(args.idle_seconds)
             idle_wall = time.perf_counter() - w0
             idle_cpu = (cpu_seconds(proc) - c0) / idle_wall * 100
             frames_per_s = (sent(root, args.procs) - f0) / idle_wall
             finish(spy)
-            spy = profile(args.profile, coord.pid, "load", args.seconds)
+            spy = profile(args.profile, coord.pid, "load", args.seconds, args.profile_native)
             m0, _ = histogram((await http.get("/metrics")).text,
                               "meshgate_coordinator_schedule_seconds")
             _, n0 = histogram((await http.get("/metrics")).text,
@@ -383,15 +386,18 @@ def sent(root: Path, procs: int) -> int:
     return total
 
 
-def profile(out: Path | None, pid: int, phase: str,
-            seconds: float) -> subprocess.Popen[bytes] | None:
-    """py-spy on the coordinator for one phase (collapsed stacks in OUT/PHASE.txt)."""
+def profile(out: Path | None, pid: int, phase: str, seconds: float,
+            native: bool = False) -> subprocess.Popen[bytes] | None:
+    """py-spy on the coordinator for one phase (collapsed stacks in OUT/PHASE.txt); with
+    `native`, C frames too at 1,000 samples/s (py-spy then pauses the process to sample:
+    the CPU figures of such a run are off)."""
     spy = Path(sys.executable).with_name("py-spy")
     if out is None or not spy.exists():
         return None
     out.mkdir(parents=True, exist_ok=True)
+    how = ["-r", "1000", "--native"] if native else ["-r", "200", "--nonblocking"]
     return subprocess.Popen([str(spy), "record", "--pid", str(pid), "-d", str(int(seconds)),
-                             "-r", "200", "--nonblocking", "--format", "raw",
+                             *how, "--format", "raw",
                              "-o", str(out / f"{phase}.txt")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -417,6 +423,8 @@ def main() -> None:
                         help="niceness of the simulator processes (0: same as the coordinator)")
     parser.add_argument("--telemetry-period", type=float, default=1.0)
     parser.add_argument("--profile", type=Path, help="py-spy the coordinator into this folder")
+    parser.add_argument("--profile-native", action="store_true",
+                        help="with --profile: C frames too, 1,000 samples/s")
     parser.add_argument("--sim-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sim_worker:

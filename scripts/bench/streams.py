@@ -1,7 +1,7 @@
 """Many concurrent streamed answers through coordinator + tunnel, against the upstream alone.
 
     .venv/bin/python scripts/bench/streams.py [--streams 500] [--chunks 64] [--rounds 3]
-        [--json OUT.json]
+        [--json OUT.json] [--profile DIR]
 
 Starts a real coordinator and a real enrolled node (subprocesses, loopback websocket
 tunnel, SQLite store, default settings) in front of the FAKE instant OpenAI upstream of
@@ -20,6 +20,11 @@ in alternating order from round to round so that drift hits both alike, and repo
 The client is a bare asyncio HTTP/1.1 writer/reader (one connection per stream,
 ``Connection: close``) so that its own cost stays small next to the servers'. Bounded:
 every stream has a 120 s timeout, everything is on 127.0.0.1 and ephemeral ports.
+
+With ``--profile DIR`` py-spy (``pip install py-spy``) samples the coordinator and the
+node with native frames over the timed rounds (``DIR/coordinator.txt``, ``DIR/node.txt``:
+collapsed stacks, one line a stack and its count; idle waits are not sampled). The
+sampler takes CPU of its own: figures from a profiled run are not comparable.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -100,6 +107,15 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def profiled(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return subprocess.Popen(
+        [spy, "record", "--pid", str(pid), "--rate", "250", "--native", "--format", "raw",
+         "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
 async def drive(args: argparse.Namespace, mesh: Mesh, upstream_port: int,
                 pids: dict[str, int]) -> dict[str, Any]:
     coordinator_pid = pids["coordinator"]
@@ -114,6 +130,12 @@ async def drive(args: argparse.Namespace, mesh: Mesh, upstream_port: int,
     warm = await targets["mesh"]()  # connections, imports, caches: not counted
     rss = [rss_mib(coordinator_pid)]
     rounds: list[dict[str, Any]] = []
+    spies = []
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        spies = [profiled(pids[name], args.profile / f"{name}.txt")
+                 for name in ("coordinator", "node")]
+        await asyncio.sleep(1.0)  # py-spy attaches
     for i in range(args.rounds):
         order = ["direct", "mesh"] if i % 2 == 0 else ["mesh", "direct"]
         row: dict[str, Any] = {}
@@ -131,6 +153,9 @@ async def drive(args: argparse.Namespace, mesh: Mesh, upstream_port: int,
               f"min events {row['mesh']['events_min']}), coordinator RSS {rss[-1]:.1f} MiB; "
               f"CPU s mesh {row['mesh']['cpu_s']}, direct {row['direct']['cpu_s']}",
               flush=True)
+    for spy in spies:
+        spy.send_signal(2)  # SIGINT: py-spy writes its file
+        spy.wait(60)
     ratios = [r["mesh"]["wall_s"] / r["direct"]["wall_s"] for r in rounds]
     return {
         "streams": args.streams, "chunks": args.chunks, "rounds": rounds, "warmup": warm,
@@ -148,6 +173,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--profile", type=Path, help="py-spy the coordinator and the node "
+                        "over the rounds (collapsed stacks in this folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mg-streams-") as tmp:
         root = Path(tmp)

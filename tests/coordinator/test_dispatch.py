@@ -28,6 +28,7 @@ from coordinator.served import NodeAttempt, Served
 from coordinator.store import Store
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest, error_body
+from meshgate.token_frames import COMPACT_BATCHES, ChunkEncoder
 from tunnel import Frame, FrameType, Identity, Link, Mux, Stream, connect, serve
 from tunnel.noise import public_bytes
 
@@ -199,6 +200,31 @@ async def test_a_request_streams_from_the_node_and_reports_usage(fleet: Fleet) -
     assert fleet.registry.get(node.name).in_flight == 0  # type: ignore[union-attr]
     row = served.row("k1")
     assert (row["node_did"], row["outcome"], row["completion_tokens"]) == (node.name, "ok", 3)
+
+
+TOKENS = [json.dumps({"id": "c", "choices": [{"index": 0, "delta": {"content": f" t{i}"}}]},
+                     separators=(",", ":")).encode() for i in range(8)]
+
+
+async def answer_in_batches(node: ScriptedNode, stream: Stream, frame: Frame) -> None:
+    """As the node agent does for a coordinator that reads batches: the first chunk alone,
+    then the rest as compact batches (meshgate/token_frames.py)."""
+    assert frame.body["compact"] == COMPACT_BATCHES
+    encoder = ChunkEncoder()
+    await stream.send(FrameType.DATA, encoder.encode(TOKENS[0]))
+    for burst in (TOKENS[1:2], TOKENS[2:7], TOKENS[7:]):
+        for body in encoder.encode_batch(burst):
+            await stream.send(FrameType.DATA, body)
+    await stream.send(FrameType.END, {"usage": {"prompt_tokens": 5, "completion_tokens": 8}})
+
+
+async def test_batched_token_frames_come_out_as_every_chunk_in_order(fleet: Fleet) -> None:
+    await fleet.node("a", answer_in_batches)
+    served = await Dispatcher(fleet.registry).start(request(), want())
+    chunks = await drain(served)
+    assert [json.loads(c) for c in chunks] == [json.loads(t) for t in TOKENS]
+    assert served.chunks == len(TOKENS)
+    assert served.outcome == "ok"
 
 
 async def test_failure_before_the_first_token_goes_to_the_next_node(fleet: Fleet) -> None:

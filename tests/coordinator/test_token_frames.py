@@ -190,3 +190,124 @@ def test_a_token_patch_with_the_wrong_kind_of_edit_is_refused() -> None:
     bad = [1, {"choices": [1, {0: [1, {"delta": [1, {"content": [0, "x"]}, []]}, []]}, []]}, []]
     with pytest.raises(ValueError, match="malformed"):
         decoder.decode(MAGIC + msgpack.packb(bad))
+
+
+def _raws(steps: list[dict[str, Any]]) -> list[bytes]:
+    return [json.dumps(value).encode() for value in steps]
+
+
+def _one_by_one(raws: list[bytes]) -> list[bytes]:
+    encoder, decoder = ChunkEncoder(), ChunkDecoder()
+    return [decoder.decode(encoder.encode(raw)) for raw in raws]
+
+
+def test_a_batch_gives_the_chunks_of_one_frame_each_byte_for_byte() -> None:
+    raws = _raws(STREAM)
+    encoder, decoder = ChunkEncoder(), ChunkDecoder()
+    out = [decoder.decode(encoder.encode(raws[0]))]  # the first chunk comes alone
+    bodies = encoder.encode_batch(raws[1:])
+    assert len(bodies) == 2  # 42 chunks, ~10 KiB: two bodies of up to MAX_BATCH_BYTES
+    for body in bodies:
+        out += decoder.decode_many(body)
+    assert out == _one_by_one(raws)
+    assert [json.loads(o) for o in out] == STREAM
+    # the tokens went as runs of texts: a fraction of the bytes of one patch each
+    one_each = ChunkEncoder()
+    one_each.encode(raws[0])
+    assert sum(map(len, bodies)) < 0.5 * sum(len(one_each.encode(r)) for r in raws[1:])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_STEP, min_size=1, max_size=16), st.lists(st.integers(1, 5), min_size=1,
+                                                          max_size=16), st.booleans())
+def test_any_chunk_sequence_in_any_batches_round_trips_exactly(
+        steps: list[tuple[str, Any]], sizes: list[int], ascii_: bool) -> None:
+    raws: list[bytes] = []
+    current = chunk(1)
+    for kind, arg in steps:
+        current = json.loads(json.dumps(current))
+        choices = current["choices"] or [{"index": 0, "delta": {}, "finish_reason": None}]
+        current["choices"] = choices
+        if kind in ("text", "role"):
+            choices[0]["delta"]["content" if kind == "text" else "role"] = arg
+        elif kind == "finish":
+            choices[0]["finish_reason"] = arg
+        elif kind == "extra":
+            current[f"x{arg}"] = arg
+        else:
+            current["choices"] = []
+        raws.append(json.dumps(current, ensure_ascii=ascii_).encode())
+    raws = [raws[0], *raws]  # repeats: a patch that changes nothing
+    encoder, decoder = ChunkEncoder(), ChunkDecoder()
+    out = [decoder.decode(encoder.encode(raws[0]))]
+    at, i = 1, 0
+    while at < len(raws):
+        group = raws[at:at + sizes[i % len(sizes)]]
+        at, i = at + len(group), i + 1
+        for body in encoder.encode_batch(group):
+            out += decoder.decode_many(body)
+    assert out == _one_by_one(raws)
+
+
+def test_a_big_burst_is_split_and_what_is_no_object_goes_alone() -> None:
+    encoder, decoder = ChunkEncoder(), ChunkDecoder()
+    raws = _raws([chunk(i) for i in range(400)])
+    decoder.decode(encoder.encode(raws[0]))
+    bodies = encoder.encode_batch([*raws[1:], b"not json", raws[1]])
+    assert bodies[-2] == b"not json"
+    assert len(bodies) >= 4  # 399 chunks of ~230 bytes: several bodies of <= 8 KiB of chunks
+    assert all(len(b) < 16 * 1024 for b in bodies)
+    out: list[bytes] = []
+    for body in bodies:
+        if body != b"not json":
+            out += decoder.decode_many(body)
+    assert [json.loads(o) for o in out] == [*map(json.loads, raws[1:]), json.loads(raws[1])]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        [3, []],  # an empty batch
+        [3, [[3, [[0, {}]]]]],  # a batch in a batch
+        [3, [[0, {"a": 1}]], 1],
+        [4, [], ["x"]],  # a run without a path
+        [4, ["a"], []],  # ... without texts
+        [4, ["a"], [1]],  # ... with what is no text
+        [4, [True], ["x"]],  # ... with a key that is no str or int
+        [4, ["choices", 0, "delta", "content"], ["x"]],  # ... where there is no such string
+        [4, ["a"] * 40, ["x"]],  # ... deeper than MAX_DEPTH
+        [5, 1],
+    ],
+)
+def test_a_malformed_batch_is_a_value_error(payload: Any) -> None:
+    decoder = ChunkDecoder()
+    decoder.decode(MAGIC + msgpack.packb([0, {"a": 1}]))
+    with pytest.raises(ValueError, match="compact chunk"):
+        decoder.decode_many(MAGIC + msgpack.packb(payload))
+
+
+def test_a_batch_is_refused_where_one_chunk_goes() -> None:
+    encoder, decoder = ChunkEncoder(), ChunkDecoder()
+    raws = _raws(STREAM[:4])
+    body = encoder.encode_batch(raws)[0]
+    with pytest.raises(ValueError, match="a batch where one chunk goes"):
+        decoder.decode(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers(-1, 5) | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=2), inner,
+                                                                max_size=3),
+    max_leaves=16,
+))
+def test_whatever_batch_a_node_sends_is_json_chunks_or_a_value_error(value: Any) -> None:
+    decoder = ChunkDecoder()
+    decoder.decode(MAGIC + msgpack.packb([0, {"a": [1, {"b": None}]}]))
+    for payload in (value, [3, value], [4, ["a", 1, "b"], value], [3, [[4, ["a"], value]]]):
+        try:
+            out = decoder.decode_many(MAGIC + msgpack.packb(payload))
+        except ValueError:
+            continue
+        assert out
+        assert all(isinstance(json.loads(o), dict) for o in out)

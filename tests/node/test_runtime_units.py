@@ -224,3 +224,44 @@ async def test_closing_a_stream_early_closes_the_runners_connection() -> None:
         finally:
             hold.set()
             await rt.aclose()
+
+
+async def test_events_one_read_brought_come_as_one_batch_errors_after_them() -> None:
+    hold = asyncio.Event()
+    first, second = b"".join(sse(b'{"n":1}', b'{"n":2}', b'{"n":3}')), b"".join(
+        sse(b'{"n":4}', b"[DONE]"))
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(first)  # one write: one read at the node (loopback, unhurried)
+        await hold.wait()
+        await response.write(second)
+        await response.write_eof()
+        return response
+
+    async with Server(handler) as url:
+        rt = OpenAIHttpRuntime("m", "upstream", url)
+        try:
+            batches = rt.stream_batches("chat/completions", CHAT)
+            assert await anext(batches) == [b'{"n":1}', b'{"n":2}', b'{"n":3}']
+            hold.set()
+            assert [b async for b in batches] == [[b'{"n":4}']]
+            assert rt.pool.idle_connections == 1  # read to its end: kept
+        finally:
+            await rt.aclose()
+    failing = b"".join(sse(b'{"n":1}', b'{"n":2}', b'{"error": {"message": "boom"}}'))
+    async with Server(streaming([failing])) as url:
+        rt = OpenAIHttpRuntime("m", "upstream", url)
+        got: list[list[bytes]] = []
+
+        async def read_all() -> None:
+            async for batch in rt.stream_batches("chat/completions", CHAT):
+                got.append(batch)
+
+        try:
+            with pytest.raises(OpenAIError, match="boom"):
+                await read_all()
+        finally:
+            await rt.aclose()
+        assert got == [[b'{"n":1}', b'{"n":2}']]  # what came before the error, first
