@@ -311,3 +311,27 @@ def test_whatever_batch_a_node_sends_is_json_chunks_or_a_value_error(value: Any)
             continue
         assert out
         assert all(isinstance(json.loads(o), dict) for o in out)
+
+
+def _json_text(literal: bytes) -> str | None:
+    try:
+        value = json.loads(literal)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=12).map(lambda b: b'"' + b + b'"'),
+    st.text(max_size=6).map(lambda t: json.dumps(t, ensure_ascii=False).encode()),
+    st.sampled_from([b'"\xed\xa0\x80"', b'"\xff"', b'"a\x7f"', b'"\\u00e9"', b'"a"b"', b'""',
+                     b'"\t"', b"1", b"null"]),
+))
+def test_a_tokens_text_is_read_as_json_reads_it(literal: bytes) -> None:
+    encoder = ChunkEncoder()
+    for original in STREAM[:3]:
+        encoder.encode(json.dumps(original).encode())
+    assert encoder._template is not None
+    prefix, suffix, _ = encoder._template
+    assert encoder._fast_text(prefix + literal + suffix) == _json_text(literal)

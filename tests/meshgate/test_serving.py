@@ -1,12 +1,14 @@
-"""The daemons' event loop: asyncio's unless MESHGATE_LOOP=uvloop (and uvloop is there)."""
+"""The daemons' event loop: asyncio's unless MESHGATE_LOOP=uvloop (and uvloop is there);
+the collector's thresholds raised while it runs unless MESHGATE_GC=default."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
-from meshgate.serving import loop_factory, run
+from meshgate.serving import GC_THRESHOLD, loop_factory, run
 
 
 async def _loop_type() -> type:
@@ -23,3 +25,18 @@ def test_the_daemon_loop_is_asyncios_unless_uvloop_is_asked_for(
     monkeypatch.setenv("MESHGATE_LOOP", "uvloop")
     assert loop_factory() is uvloop.new_event_loop
     assert issubclass(run(_loop_type()), uvloop.Loop)
+
+
+async def _threshold() -> tuple[int, int, int]:
+    return gc.get_threshold()
+
+
+def test_the_daemon_runs_with_the_raised_gc_threshold_and_gives_it_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    before = gc.get_threshold()
+    monkeypatch.delenv("MESHGATE_GC", raising=False)
+    assert run(_threshold()) == GC_THRESHOLD != before
+    assert gc.get_threshold() == before
+    monkeypatch.setenv("MESHGATE_GC", "default")
+    assert run(_threshold()) == before
