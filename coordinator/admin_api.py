@@ -41,6 +41,7 @@ from coordinator.api import ApiContext, read_body
 from coordinator.errors import CoordinatorError, KeyNameTaken, UnknownKey, UnknownNode, UnknownToken
 from coordinator.fleet_view import fleet, models_across
 from coordinator.gateway import Gateway
+from coordinator.hot_routes import CoordinatorApp
 from coordinator.live import node_summary
 from coordinator.live_requests import LiveRequests, LiveRequestsMiddleware
 from coordinator.registry import Registry
@@ -314,3 +315,5 @@ def mount_admin(app: FastAPI, ctx: AdminContext) -> None:
     app.include_router(ui_router(ctx))
     app.mount("/ui/static", static_files(), name="ui-static")
     app.add_middleware(LiveRequestsMiddleware, tracker=ctx.requests)
+    if isinstance(app, CoordinatorApp):  # its hot routes note their own (hot_routes.py)
+        app.live = ctx.requests

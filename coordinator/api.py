@@ -35,7 +35,7 @@ from coordinator.cache import CachedResponse, ResponseCache, cache_key
 from coordinator.config import CoordinatorConfig
 from coordinator.context_fit import fit_to_context
 from coordinator.dispatch import Dispatcher
-from coordinator.hot_routes import HotRoutes
+from coordinator.hot_routes import CoordinatorApp
 from coordinator.ledger_row import fit_row
 from coordinator.ledger_writer import LedgerWriter
 from coordinator.limits import KeyGate
@@ -205,8 +205,8 @@ def _health(registry: Registry) -> dict[str, Any]:
     return {"status": "ok", "nodes": len(registry.nodes()), "node_models": registry.models()}
 
 
-def build_app(ctx: ApiContext) -> FastAPI:
-    app = FastAPI(title="meshgate coordinator", docs_url=None, redoc_url=None, **NO_OTEL)
+def build_app(ctx: ApiContext) -> CoordinatorApp:
+    app = CoordinatorApp(title="meshgate coordinator", docs_url=None, redoc_url=None, **NO_OTEL)
     _gauges(ctx)
 
     install_refusals(app, record=ctx.commit,
@@ -272,8 +272,8 @@ def build_app(ctx: ApiContext) -> FastAPI:
            for endpoint in ("chat/completions", "completions", "embeddings")}
     for path, route in hot.items():  # in the router too: another method there is a 405
         app.router.add_route(path, route, methods=["POST"], name=path.removeprefix("/v1/"))
-    # innermost first: the hot routes skip the router; the access line carries the id
-    app.add_middleware(HotRoutes, routes=hot, handlers=lambda: app.exception_handlers)
+    app.hot = hot  # POSTs answered in front of the stack below (hot_routes.py)
+    # the rest: innermost first, the access line carries the id
     app.add_middleware(AccessLogMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app

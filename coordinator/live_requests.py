@@ -62,6 +62,18 @@ class LiveRequests:
         return [r.view(now) for r in shown]
 
 
+def note_response(entry: InFlight, message: Message) -> None:
+    """What an answer's ASGI `message` tells the entry: status and target, or a chunk."""
+    if message["type"] == "http.response.start":
+        entry.status = int(message["status"])
+        for name, value in message.get("headers", []):
+            if name in (b"x-meshgate-node", b"x-meshgate-upstream"):
+                text = value.decode("latin-1")
+                entry.target = text if name == b"x-meshgate-node" else f"cloud:{text}"
+    elif message["type"] == "http.response.body" and message.get("body"):
+        entry.chunks += 1
+
+
 class LiveRequestsMiddleware:
     def __init__(self, app: ASGIApp, tracker: LiveRequests) -> None:
         self.app = app
@@ -77,14 +89,7 @@ class LiveRequestsMiddleware:
         async def watch(message: Message) -> None:
             entry = self.tracker.get(ident)
             if entry is not None:
-                if message["type"] == "http.response.start":
-                    entry.status = int(message["status"])
-                    for name, value in message.get("headers", []):
-                        if name in (b"x-meshgate-node", b"x-meshgate-upstream"):
-                            text = value.decode("latin-1")
-                            entry.target = text if name == b"x-meshgate-node" else f"cloud:{text}"
-                elif message["type"] == "http.response.body" and message.get("body"):
-                    entry.chunks += 1
+                note_response(entry, message)
             await send(message)
 
         try:

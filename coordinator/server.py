@@ -195,4 +195,4 @@ def run_server(opts: ServeOptions, config: CoordinatorConfig | None = None) -> N
     setup_logging(opts.log_format, opts.log_level)
     check_port(opts.api_host, opts.api_port, what="API", option="--api-port")
     check_port(opts.tunnel_host, opts.tunnel_port, what="tunnel endpoint", option="--tunnel-port")
-    run(serve(opts, config))  # asyncio's loop, or uvloop's with MESHGATE_LOOP=uvloop
+    run(serve(opts, config), loop="uvloop")  # MESHGATE_LOOP=asyncio: asyncio's (serving.py)

@@ -8,16 +8,21 @@ the tunnel and the store) never runs and the runners are orphaned. A daemon
 that owns child processes must finish its shutdown first, so this server
 swallows the re-raise: ``serve()`` simply returns after a signal.
 
-:func:`run` runs a daemon's main coroutine on asyncio's loop, or on uvloop's
-(libuv, in C) with ``MESHGATE_LOOP=uvloop`` when uvloop is installed (it is not a
-dependency). uvloop measured ~0.1 ms less CPU per request on the node's local port
-(1.24 -> 1.14 ms non-stream, 1.85 -> 1.72 ms on a 16-chunk stream,
-scripts/bench/overhead.py's shapes, interleaved) for +2.1 MiB idle RSS, but it is
-not the default: the node's client to its runners was aiohttp then, which is known
-not to close a connection before its end under uvloop (MagicStack/uvloop#471, open),
-and a runner must see a cancelled stream's client go; two unexplained first-token
-timeouts on the tunnel path were also seen with it in the e2e suite. (The client is
-now node_agent/runtimes/http1.py; uvloop has not been measured or tested with it.)
+:func:`run` runs a daemon's main coroutine on the loop its caller names as its default
+(asyncio's, or uvloop's: libuv, in C), unless ``MESHGATE_LOOP=asyncio`` or
+``MESHGATE_LOOP=uvloop`` says otherwise; uvloop is a dependency except on Windows, where
+the default falls back to asyncio's (a loop asked for by name and missing is warned of).
+
+- **The coordinator runs on uvloop by default** (issue 13): paired runs on one box
+  (scripts/bench/request_cpu.py --against-env MESHGATE_LOOP=asyncio) gave 0.10 ms less CPU
+  per request non-streamed (1.52 -> 1.42 ms) and 0.11 ms less streamed (2.37 -> 2.26 ms),
+  and -0.14 ms the session before; the e2e suite runs every coordinator on it.
+- **The node stays on asyncio's**: uvloop measured ~0.1 ms less CPU per request there too,
+  but its client to the runners was aiohttp then, which is known not to close a
+  connection before its end under uvloop (MagicStack/uvloop#471, open), and a runner must
+  see a cancelled stream's client go; two unexplained first-token timeouts on the tunnel
+  path were also seen with it in the e2e suite. (The client is now
+  node_agent/runtimes/http1.py; the node on uvloop has not been tested with it.)
 
 :func:`run` also raises the cyclic collector's young-generation threshold for the
 daemon's life (`GC_THRESHOLD`; ``MESHGATE_GC=default`` keeps CPython's 700, 10, 10).
@@ -74,14 +79,17 @@ class DaemonServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """None for asyncio's loop; uvloop's factory with ``MESHGATE_LOOP=uvloop`` (if installed)."""
-    if os.environ.get("MESHGATE_LOOP", "asyncio") != "uvloop":
+def loop_factory(default: str = "asyncio") -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """None for asyncio's loop, uvloop's factory for uvloop's: ``MESHGATE_LOOP`` if set, else
+    `default` ("asyncio" or "uvloop"; uvloop only where it is installed)."""
+    name = os.environ.get("MESHGATE_LOOP") or default
+    if name != "uvloop":
         return None
-    try:  # by name: uvloop is optional, so type checking must not need it installed
+    try:  # by name: no uvloop on Windows, so type checking must not need it installed
         uvloop = importlib.import_module("uvloop")
     except ImportError:
-        log.warning("MESHGATE_LOOP=uvloop but uvloop is not installed: running on asyncio's")
+        if "MESHGATE_LOOP" in os.environ:
+            log.warning("MESHGATE_LOOP=uvloop but uvloop is not installed: running on asyncio's")
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
@@ -92,15 +100,15 @@ def gc_threshold() -> tuple[int, int, int] | None:
     return None if os.environ.get("MESHGATE_GC") == "default" else GC_THRESHOLD
 
 
-def run(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(main)`` on the loop :func:`loop_factory` picks, with the collector's
-    thresholds at :func:`gc_threshold` meanwhile."""
+def run(main: Coroutine[Any, Any, T], *, loop: str = "asyncio") -> T:
+    """``asyncio.run(main)`` on the loop :func:`loop_factory` picks (`loop`: the default),
+    with the collector's thresholds at :func:`gc_threshold` meanwhile."""
     before = gc.get_threshold()
     threshold = gc_threshold()
     if threshold is not None:
         gc.set_threshold(*threshold)
     try:
-        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
             return runner.run(main)
     finally:
         gc.set_threshold(*before)

@@ -16,6 +16,12 @@ and the work one path does after its answer left, hit all of them alike:
   same upstream behind LiteLLM's own proxy server, the yardstick for the node's
   local port (issue 10: the node's added p50 at most 0.05x LiteLLM's).
 
+Before/after in one run: ``--against DIR`` starts a second coordinator and node
+running the code of another checkout (``git worktree add /tmp/base main``), and
+``--against-env NAME=VALUE`` (repeatable) sets environment variables for that second
+pair only (``--against-env MESHGATE_LOOP=asyncio`` compares a loop on this tree);
+its path is ``coordinator-b``, timed in the same rounds as the others.
+
 LiteLLM is a bench tool, never a meshgate dependency: install it in a venv of
 its own and name its ``litellm`` command with ``--litellm`` (default: ``litellm``
 on PATH)::
@@ -235,7 +241,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
         added = {r["path"]: r["added_p50_ms"] for r in rows if r["shape"] == shape}
         if "litellm" not in added or added["litellm"] <= 0:
             continue
-        for path in ("node", "coordinator"):  # issue 10's target; issue 13's
+        for path in ("node", "coordinator", "coordinator-b"):  # issue 10's target; issue 13's
             if path in added:
                 lines.append(
                     f"{shape}: {path} adds {added[path]:.2f} ms p50, litellm "
@@ -243,6 +249,39 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
                     f"{added[path] / added['litellm']:.3f}"
                 )
     return lines
+
+
+def against_env(tree: Path | None, pairs: list[str]) -> dict[str, str]:
+    """The environment of the second coordinator and node: `tree`'s code first on the
+    path (PYTHONSAFEPATH: not this checkout's, which ``-m`` would put first), then `pairs`."""
+    env: dict[str, str] = {}
+    if tree is not None:
+        if not (tree / "coordinator" / "cli.py").is_file():
+            raise SystemExit(f"--against {tree}: not a meshgate checkout")
+        env |= {"PYTHONPATH": str(tree.resolve()), "PYTHONSAFEPATH": "1"}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--against-env wants NAME=VALUE, not {pair!r}")
+        env[name] = value
+    return env
+
+
+def start_pair(root: Path, node_args: tuple[str, ...], cleanup: list[Callable[[], None]],
+               env: dict[str, str] | None = None) -> Mesh:
+    """A coordinator and one enrolled node serving MODEL (`env`: for both processes); its
+    stop goes on `cleanup` before anything starts."""
+    root.mkdir(parents=True, exist_ok=True)
+    mesh = Mesh(root=root, api_port=free_port(), tunnel_port=free_port())
+    cleanup.append(mesh.stop)
+    mesh.start_coordinator(env=env)
+    mesh.key = mesh.make_key("bench")
+    enrolled = mesh.enroll("node-a")
+    if enrolled.returncode:
+        raise SystemExit(f"enroll failed: {enrolled.stderr}")
+    mesh.start_node("node-a", extra=node_args, env=env)
+    mesh.wait_serving(MODEL)
+    return mesh
 
 
 def model_path() -> str:
@@ -266,12 +305,18 @@ def main() -> None:
     )
     parser.add_argument("--no-coordinator", action="store_true",
                         help="leave out the coordinator path (node and litellm only)")
+    parser.add_argument("--against", type=Path, metavar="DIR",
+                        help="a second coordinator and node run this checkout's code "
+                             "(path coordinator-b)")
+    parser.add_argument("--against-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment of the second coordinator and node only")
     args = parser.parse_args()
+    second = bool(args.against or args.against_env)
+    env_b = against_env(args.against, args.against_env) if second else None
 
     with tempfile.TemporaryDirectory(prefix="mg-bench-") as tmp:
         root = Path(tmp)
-        mesh = Mesh(root=root, api_port=free_port(), tunnel_port=free_port())
-        cleanup: list[Callable[[], None]] = [mesh.stop]
+        cleanup: list[Callable[[], None]] = []
         try:
             if args.runtime == "fake":
                 fake, upstream = start_fake_upstream(root, args.chunks)
@@ -280,17 +325,11 @@ def main() -> None:
                 direct = httpx.Client(timeout=60)
             else:
                 node_args = ("--model", f"{MODEL}={model_path()}")
-            mesh.start_coordinator()
-            mesh.key = mesh.make_key("bench")
-            enrolled = mesh.enroll("node-a")
-            if enrolled.returncode:
-                raise SystemExit(f"enroll failed: {enrolled.stderr}")
-            mesh.start_node("node-a", extra=node_args)
-            mesh.wait_serving(MODEL)
+            mesh = start_pair(root / "a", node_args, cleanup)
             if args.runtime == "llama":
                 base = mesh.proxy("node-a").removesuffix("/v1")
                 runner = httpx.get(base + "/meshgate/telemetry").json()["runtime"][MODEL]["runner"]
-                sock = socket_path(root / "node-a" / "run", runner)  # named per runner
+                sock = socket_path(root / "a" / "node-a" / "run", runner)  # named per runner
                 direct = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=60)
                 upstream = "http://runner/v1"
             auth = {"Authorization": f"Bearer {mesh.key}"}
@@ -300,6 +339,10 @@ def main() -> None:
             }
             if not args.no_coordinator:
                 targets["coordinator"] = (httpx.Client(timeout=60, headers=auth), mesh.api)
+            if second:
+                other = start_pair(root / "b", node_args, cleanup, env_b)
+                targets["coordinator-b"] = (httpx.Client(
+                    timeout=60, headers={"Authorization": f"Bearer {other.key}"}), other.api)
             if args.runtime == "fake" and args.litellm:
                 litellm, litellm_url = start_litellm(root, args.litellm, upstream)
                 cleanup.append(litellm.kill)
@@ -316,11 +359,13 @@ def main() -> None:
         if args.runtime == "fake"
         else f"SmolLM2-135M Q4_1 on llama.cpp (CPU), max_tokens={args.max_tokens}, temperature 0"
     )
-    publish(
-        f"meshgate request overhead: {what}; {args.requests} requests per path", rows, args.json
-    )
+    publish(f"meshgate request overhead: {what}; {args.requests} requests per path", rows,
+            args.json)
     for line in summarize(rows):
         print(line)
+    if second:
+        print(f"coordinator-b: {args.against or 'this checkout'} with "
+              f"{' '.join(args.against_env) or 'the same environment'}")
     print(f"load average while it ran: {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} "
           "cores")
 

@@ -1,7 +1,7 @@
 """CPU time per request of each process on the coordinator path, and where it goes.
 
     .venv/bin/python scripts/bench/request_cpu.py [--requests 400] [--chunks 16]
-        [--profile DIR] [--loop uvloop]
+        [--profile DIR] [--loop uvloop] [--against DIR] [--against-env NAME=VALUE]
 
 Starts a real coordinator and a real enrolled node (subprocesses, loopback
 websockets tunnel, SQLite store) in front of the instant FAKE OpenAI upstream of
@@ -11,6 +11,11 @@ after another, non-streaming and then streamed (``--chunks`` chunks), and reads
 each process's user+system CPU time (psutil) before and after. Idle CPU (the
 node's telemetry, the tunnel's pings) is measured over the same wall time with
 no request and taken off, so the figure is what one request costs each process.
+
+``--against DIR`` / ``--against-env NAME=VALUE`` (as in overhead.py) start a second
+coordinator and node (another checkout's code, or other environment variables) and send
+each request to both pairs in turn, the first pair first on even rounds: the two columns
+of a process are then measured over the same seconds of the same box (before/after).
 
 Wall time on a shared box says little; CPU time per process says which process
 pays and does not move with the neighbours' load (it does with the CPU's clock:
@@ -23,11 +28,13 @@ shape to DIR (open it on https://www.speedscope.app, or read ``--format raw``).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +44,13 @@ import psutil
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench.overhead import MODEL, one_request, start_fake_upstream  # noqa: E402
-from tests.e2e.mesh import Mesh, free_port  # noqa: E402
+from scripts.bench.overhead import (  # noqa: E402
+    MODEL,
+    against_env,
+    one_request,
+    start_fake_upstream,
+    start_pair,
+)
 
 
 def cpu_seconds(procs: dict[str, psutil.Process]) -> dict[str, float]:
@@ -60,17 +72,24 @@ def profiled(pid: int, out: Path | None, rate: int) -> subprocess.Popen[bytes] |
     )
 
 
-def run_shape(client: httpx.Client, url: str, body: dict[str, Any], requests: int,
+Target = tuple[str, httpx.Client, str]
+"""(name, client with the pair's key, chat completions URL)"""
+
+
+def run_shape(targets: list[Target], body: dict[str, Any], requests: int,
               procs: dict[str, psutil.Process], profile: Path | None, shape: str,
               rate: int) -> dict[str, float]:
-    """CPU ms per request for each process (idle CPU over the same wall time taken off)."""
+    """CPU ms per request for each process (idle CPU over the same wall time taken off),
+    each request sent to every target in turn (the order turning every round)."""
     spies = [profiled(p.pid, profile / f"{shape}-{name}.json" if profile else None, rate)
              for name, p in procs.items() if name != "upstream"]
     time.sleep(1.0 if profile else 0)  # py-spy attaches
     before = cpu_seconds(procs)
     started = time.perf_counter()
-    for _ in range(requests):
-        one_request(client, url, body)
+    for i in range(requests):
+        turn = i % len(targets)
+        for _, client, url in targets[turn:] + targets[:turn]:
+            one_request(client, url, body)
     wall = time.perf_counter() - started
     after = cpu_seconds(procs)
     for spy in spies:
@@ -81,8 +100,11 @@ def run_shape(client: httpx.Client, url: str, body: dict[str, Any], requests: in
     time.sleep(min(wall, 5.0))
     idle = {k: (v - idle_before[k]) * wall / min(wall, 5.0)
             for k, v in cpu_seconds(procs).items()}
-    return {name: max(0.0, after[name] - before[name] - idle[name]) * 1000 / requests
-            for name in procs} | {"wall_ms": wall * 1000 / requests}
+    per_request = {name: max(0.0, after[name] - before[name] - idle[name]) * 1000 / requests
+                   for name in procs if name != "upstream"}
+    upstream = max(0.0, after["upstream"] - before["upstream"] - idle["upstream"])
+    return per_request | {"upstream": upstream * 1000 / (requests * len(targets)),
+                          "wall_ms": wall * 1000 / (requests * len(targets))}
 
 
 def main() -> None:
@@ -92,48 +114,59 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--profile", type=Path, help="write py-spy profiles here")
     parser.add_argument("--rate", type=int, default=1000, help="py-spy samples per second")
-    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
-                        help="the coordinator's and node's event loop (MESHGATE_LOOP)")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"],
+                        help="the coordinator's and node's event loop (MESHGATE_LOOP; "
+                             "default: each daemon's own)")
+    parser.add_argument("--against", type=Path, metavar="DIR",
+                        help="a second coordinator and node run this checkout's code")
+    parser.add_argument("--against-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment of the second coordinator and node only")
     args = parser.parse_args()
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
-    env = {"MESHGATE_LOOP": args.loop} if args.loop != "asyncio" else None
+    env = {"MESHGATE_LOOP": args.loop} if args.loop else {}
+    pairs = {"": env}
+    if args.against or args.against_env:
+        pairs["-b"] = env | against_env(args.against, args.against_env)
     with tempfile.TemporaryDirectory(prefix="mg-cpu-") as tmp:
         root = Path(tmp)
-        mesh = Mesh(root=root, api_port=free_port(), tunnel_port=free_port())
         fake, upstream = start_fake_upstream(root, args.chunks)
+        cleanup: list[Callable[[], None]] = [fake.kill]
         try:
-            mesh.start_coordinator(env=env)
-            mesh.key = mesh.make_key("bench")
-            if mesh.enroll("node-a").returncode:
-                raise SystemExit("enroll failed")
-            mesh.start_node("node-a", extra=("--upstream", f"{MODEL}={upstream}"), env=env)
-            mesh.wait_serving(MODEL)
-            assert mesh.coordinator is not None
-            procs = {
-                "coordinator": psutil.Process(mesh.coordinator.popen.pid),
-                "node": psutil.Process(mesh.nodes["node-a"].popen.pid),
-                "upstream": psutil.Process(fake.pid),
-            }
-            client = httpx.Client(timeout=60, headers={"Authorization": f"Bearer {mesh.key}"})
-            url = f"{mesh.api}/chat/completions"
+            procs = {"upstream": psutil.Process(fake.pid)}
+            targets: list[Target] = []
+            for suffix, pair_env in pairs.items():
+                mesh = start_pair(root / f"pair{suffix or '-a'}", ("--upstream",
+                                  f"{MODEL}={upstream}"), cleanup, pair_env)
+                assert mesh.coordinator is not None
+                procs[f"coordinator{suffix}"] = psutil.Process(mesh.coordinator.popen.pid)
+                procs[f"node{suffix}"] = psutil.Process(mesh.nodes["node-a"].popen.pid)
+                targets.append((suffix, httpx.Client(
+                    timeout=60, headers={"Authorization": f"Bearer {mesh.key}"}),
+                    f"{mesh.api}/chat/completions"))
             body: dict[str, Any] = {"model": MODEL, "max_tokens": 16, "temperature": 0,
                                     "messages": [{"role": "user", "content": "Say hello."}]}
             rows = []
             for shape, shaped in (("non-stream", body), ("stream", {**body, "stream": True})):
                 for _ in range(args.warmup):
-                    one_request(client, url, shaped)
-                rows.append((shape, run_shape(client, url, shaped, args.requests, procs,
+                    for _, client, url in targets:
+                        one_request(client, url, shaped)
+                rows.append((shape, run_shape(targets, shaped, args.requests, procs,
                                               args.profile, shape, args.rate)))
         finally:
-            mesh.stop()
-            fake.kill()
-    print(f"CPU ms per request through the coordinator ({args.requests} requests, one at a "
-          f"time, instant fake upstream, {args.chunks} chunks a stream, loop {args.loop})")
-    print(f"{'shape':<12}{'coordinator':>13}{'node':>8}{'upstream':>10}{'wall':>8}")
+            for step in reversed(cleanup):
+                step()
+    columns = [name for name in procs if name != "upstream"] + ["upstream", "wall_ms"]
+    print(f"CPU ms per request ({args.requests} requests a pair, one at a time, instant fake "
+          f"upstream, {args.chunks} chunks a stream, loop {args.loop or 'default'}; wall_ms: "
+          f"per request, all pairs)")
+    if len(pairs) > 1:
+        print(f"-b: {args.against or 'this checkout'} with "
+              f"{' '.join(args.against_env) or 'the same environment'}")
+    print(f"{'shape':<12}" + "".join(f"{c:>15}" for c in columns))
     for shape, row in rows:
-        print(f"{shape:<12}{row['coordinator']:>13.3f}{row['node']:>8.3f}{row['upstream']:>10.3f}"
-              f"{row['wall_ms']:>8.3f}")
+        print(f"{shape:<12}" + "".join(f"{row[c]:>15.3f}" for c in columns))
+    print(f"load average: {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The daemons' event loop: asyncio's unless MESHGATE_LOOP=uvloop (and uvloop is there);
-the collector's thresholds raised while it runs unless MESHGATE_GC=default."""
+"""The daemons' event loop: the caller's default (the node asyncio's, the coordinator
+uvloop's) unless MESHGATE_LOOP names one; the collector's thresholds raised while it runs
+unless MESHGATE_GC=default."""
 
 from __future__ import annotations
 
@@ -25,6 +26,18 @@ def test_the_daemon_loop_is_asyncios_unless_uvloop_is_asked_for(
     monkeypatch.setenv("MESHGATE_LOOP", "uvloop")
     assert loop_factory() is uvloop.new_event_loop
     assert issubclass(run(_loop_type()), uvloop.Loop)
+
+
+def test_a_daemon_may_default_to_uvloop_and_the_environment_turns_it_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    monkeypatch.delenv("MESHGATE_LOOP", raising=False)
+    assert loop_factory("uvloop") is uvloop.new_event_loop
+    assert issubclass(run(_loop_type(), loop="uvloop"), uvloop.Loop)
+    monkeypatch.setenv("MESHGATE_LOOP", "asyncio")
+    assert loop_factory("uvloop") is None
+    assert run(_loop_type(), loop="uvloop").__module__.startswith("asyncio")
 
 
 async def _threshold() -> tuple[int, int, int]:
