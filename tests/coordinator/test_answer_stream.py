@@ -105,24 +105,41 @@ async def test_one_watch_guards_several_waits_with_one_waiter() -> None:
 
 
 class Answer(Served):
-    """A served answer whose chunks come in the bursts given; `hold` pauses after them."""
+    """A served answer whose chunks come in the bursts given; `hold` pauses after them.
 
-    def __init__(self, bursts: list[list[bytes]], *, hold: bool = False) -> None:
+    The first `ready` bursts had arrived with the first chunk; each later one arrives a
+    few loop turns after the one before was read, or in the next turn if its index is in
+    `soon` (while the writer lets the loop turn before a write)."""
+
+    def __init__(self, bursts: list[list[bytes]], *, hold: bool = False, ready: int = 1,
+                 soon: frozenset[int] = frozenset()) -> None:
         super().__init__(OpenRequest("req_1", "chat/completions", "m", True, b"{}"), "m",
                          first=b'{"n":0}', started=0.0, tries=1, deadline=1e18,
                          idle_timeout=60.0)
         self.bursts = bursts
         self.hold = hold
         self.closed = 0
+        self.ready = ready
+        self.soon = soon
+        self.read = 0
 
     def queued(self) -> bool:
-        return bool(self.bursts)
+        return self.read < min(self.ready, len(self.bursts))
+
+    def _arrive(self) -> None:
+        self.ready += 1
 
     async def batches(self) -> AsyncGenerator[list[bytes], None]:
         for i, burst in enumerate(self.bursts):
+            while i >= self.ready:
+                await _spin(3)
+                self.ready = max(self.ready, i + 1)
             if i == len(self.bursts) - 1 and not self.hold:
                 self.done = True
                 self.outcome = "ok"
+            self.read = i + 1
+            if i + 1 in self.soon:
+                asyncio.get_running_loop().call_soon(self._arrive)
             yield burst
         if self.hold:
             await asyncio.Event().wait()
@@ -157,6 +174,26 @@ async def test_bursts_leave_whole_and_the_row_is_stored_before_the_last_bytes() 
         ("http.response.body", b'data: {"n":3}\n\ndata: [DONE]\n\n', False),
     ]
     assert answer.closed == 1
+
+
+async def test_what_arrives_while_the_loop_turns_once_goes_in_the_same_write() -> None:
+    log: list[Any] = []
+    answer = Answer([[b'{"n":1}'], [b'{"n":2}'], [b'{"n":3}'], [b'{"n":4}']], ready=0,
+                    soon=frozenset({1}))
+
+    async def send(message: dict[str, Any]) -> None:
+        log.append((message["type"], message.get("body"), message.get("more_body")))
+
+    await _stream(answer, log)({"type": "http"}, Client().receive, send)
+    assert log == [
+        ("http.response.start", None, None),
+        ("http.response.body", b'data: {"n":0}\n\n', True),  # the first token: at once
+        # 2 came in the loop turn before 1's write: one write for both
+        ("http.response.body", b'data: {"n":1}\n\ndata: {"n":2}\n\n', True),
+        ("http.response.body", b'data: {"n":3}\n\n', True),  # nothing came: alone
+        ("row", "ok"),
+        ("http.response.body", b'data: {"n":4}\n\ndata: [DONE]\n\n', False),
+    ]
 
 
 async def test_a_client_that_leaves_mid_stream_ends_it_quietly_with_its_row() -> None:
