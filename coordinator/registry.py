@@ -255,18 +255,23 @@ class Registry:
         conn.telemetry_raw = raw
         conn.last_telemetry = telemetry
         host = telemetry.host
-        hw = (host.mem_available_bytes if host is not None
-              and host.mem_available_bytes is not None else UNKNOWN_FREE,
-              len(telemetry.gpus) << 28, sum(g.vram_total_bytes or 0 for g in telemetry.gpus),
-              sum(g.vram_free_bytes or 0 for g in telemetry.gpus))
+        free = host.mem_available_bytes if host is not None else None
+        if free is None:
+            free = UNKNOWN_FREE
+        gpus = telemetry.gpus
+        count = len(gpus)
+        total = sum(g.vram_total_bytes or 0 for g in gpus) if count else 0
+        vram_free = sum(g.vram_free_bytes or 0 for g in gpus) if count else 0
         # free memory moves by bytes every sample: only a 256 MiB step is a change
-        same_hw = [x >> 28 for x in hw] == [x >> 28 for x in (
-            conn.host_free, conn.gpu_count << 28, conn.vram_total, conn.vram_free)]
-        changed = [m for m, load in telemetry.runtime.items() if conn.load.get(m) != load]
+        same_hw = (free >> 28 == conn.host_free >> 28 and count == conn.gpu_count
+                   and total >> 28 == conn.vram_total >> 28
+                   and vram_free >> 28 == conn.vram_free >> 28)
+        load = conn.load
+        changed = [m for m, new in telemetry.runtime.items() if load.get(m) != new]
         if same_hw and not changed:
             return
-        conn.host_free, gpus, conn.vram_total, conn.vram_free = hw
-        conn.gpu_count = gpus >> 28
+        conn.host_free, conn.gpu_count, conn.vram_total, conn.vram_free = (
+            free, count, total, vram_free)
         freed = [m for m in changed if _frees(conn.load.get(m), telemetry.runtime[m])]
         conn.load.update(telemetry.runtime)
         self._refresh(conn, None if not same_hw else changed)

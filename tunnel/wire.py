@@ -13,15 +13,6 @@ meanwhile). websockets answers the peer's pings, checks every frame, the size li
 (`max_size`: a larger message is refused with 1009) and the closing handshake; a message
 split in fragments is reassembled here within the same limit.
 
-Reading on asyncio's own loop (`ws_connection` picks the class): `BufferedWsConnection`,
-an `asyncio.BufferedProtocol`, lends the transport one read buffer per thread, so a read
-is `recv_into` it and one copy of the bytes read. `asyncio.Protocol`'s path allocates
-the transport's whole read size (256 KiB) for every read and shrinks it: with 1 Hz
-telemetry from 1,000 sockets (each read one small message) that was ~22 us of the
-~55 us the loop spent per message doing nothing else (measured on the 2-core box,
-2026-11-26). uvloop's own read path is cheaper than its buffered one: plain
-`WsConnection` there.
-
 Used by `ws.py` (the handshake in the HTTP upgrade) and `link.py` (the tunnel on top).
 """
 
@@ -29,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -40,7 +30,6 @@ from websockets.http11 import Request, Response
 from websockets.protocol import Event, State
 from websockets.server import ServerProtocol
 
-READ_SIZE = 256 * 1024  # one read at most (asyncio's transports read this much)
 CLOSE_TIMEOUT_S = 10.0  # how long a closing handshake may take before the TCP is dropped
 WRITE_LIMIT = 32 * 1024  # the transport's high-water mark (websockets' default write_limit)
 Message = bytes | str
@@ -284,47 +273,4 @@ class WsConnection(asyncio.Protocol):
             self._on_writable()
 
 
-class BufferedWsConnection(WsConnection, asyncio.BufferedProtocol):
-    """`WsConnection` reading into a buffer it lends the transport (asyncio's loop)."""
-
-    def __init__(self, protocol: ServerProtocol | ClientProtocol) -> None:
-        super().__init__(protocol)
-        self._buffer = _read_buffer()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        # copied out first: the buffer is the thread's, lent again by the next read
-        self.data_received(bytes(self._buffer[:nbytes]))
-
-
-_local = threading.local()
-
-
-def _read_buffer() -> memoryview:
-    """This thread's read buffer: reads are synchronous (get_buffer, the read, then
-    buffer_updated, which copies the bytes out before anything else runs), so every
-    connection of a loop can share one."""
-    buffer: memoryview | None = getattr(_local, "buffer", None)
-    if buffer is None:
-        buffer = _local.buffer = memoryview(bytearray(READ_SIZE))
-    return buffer
-
-
-def ws_connection(protocol: ServerProtocol | ClientProtocol) -> WsConnection:
-    """The websocket for the running loop: buffered reads on asyncio's, plain on others
-    (uvloop)."""
-    if isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop):
-        return BufferedWsConnection(protocol)
-    return WsConnection(protocol)
-
-
-__all__ = [
-    "CLOSE_TIMEOUT_S",
-    "BufferedWsConnection",
-    "Message",
-    "WireClosed",
-    "WsConnection",
-    "ws_connection",
-]
+__all__ = ["CLOSE_TIMEOUT_S", "Message", "WireClosed", "WsConnection"]

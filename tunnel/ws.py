@@ -47,7 +47,7 @@ from tunnel.identity import Identity
 from tunnel.link import CLOSE_PROTOCOL_ERROR, WRITE_HIGH_WATER, Link
 from tunnel.ratelimit import IdentityLimiter, SourceLimiter
 from tunnel.session import Session
-from tunnel.wire import WireClosed, WsConnection, ws_connection
+from tunnel.wire import WireClosed, WsConnection
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ async def _open(
     try:
         async with asyncio.timeout(open_timeout):
             _, ws = await loop.create_connection(
-                lambda: ws_connection(protocol), uri.host, uri.port, ssl=context,
+                lambda: WsConnection(protocol), uri.host, uri.port, ssl=context,
                 server_hostname=uri.host if context else None,
             )
             request = protocol.connect()
@@ -348,7 +348,7 @@ async def serve(
             await link.close()
 
     def accepted() -> WsConnection:
-        ws = ws_connection(ServerProtocol(max_size=WS_MAX_SIZE))
+        ws = WsConnection(ServerProtocol(max_size=WS_MAX_SIZE))
         server.connections.add(ws)
         ws.lost.add_done_callback(lambda _: server.connections.discard(ws))
         task = asyncio.get_running_loop().create_task(handle(ws))

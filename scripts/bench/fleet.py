@@ -31,8 +31,15 @@ sends telemetry less often than 1 Hz (when the box cannot simulate 10,000
 nodes at 1 Hz): `telemetry_frames_per_s` says what the coordinator really got,
 and `telemetry_us_per_frame` is its idle CPU per frame, the figure to scale.
 `--profile DIR` records the coordinator with py-spy (if installed) in the
-idle and the load phase (`idle.txt`, `load.txt`, collapsed stacks); the
-figures of a profiled run are not the ones to quote.
+idle and the load phase (`idle.txt`, `load.txt`, collapsed stacks; with
+`--profile-native` C frames too, at 1,000 samples/s); the figures of a
+profiled run are not the ones to quote.
+
+Comparing two trees: consecutive runs on a shared box differ by more than most
+changes, so start two runs at the same time, each from its own tree (an
+exported one runs past the editable install with `python -S` and
+`PYTHONPATH=TREE:SITE_PACKAGES`; the coordinator and simulators are started
+the same way), and compare their `telemetry_us_per_frame`.
 
 Prints one JSON line. Loopback only, bounded in time.
 """

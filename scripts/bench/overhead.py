@@ -5,7 +5,8 @@
 
 Starts a real coordinator and a real enrolled node (subprocesses, loopback
 websockets tunnel, SQLite store) in a temporary directory, then times the same
-request three ways, interleaved round-robin (the order turning every round) so that drift,
+request three ways, interleaved round-robin (the order turning every round; or in blocks
+of K requests a path with ``--block K``, see ``measure``) so that drift,
 and the work one path does after its answer left, hit all of them alike:
 
 * ``direct``: straight to the runner the node uses;
@@ -103,20 +104,33 @@ def measure(
     body: dict[str, Any],
     requests: int,
     warmup: int,
+    block: int = 1,
 ) -> dict[str, list[float]]:
+    """``requests`` timed requests per path, ``block`` of them in a row per path.
+
+    block 1 (the default): the paths take turns request by request, the order turning
+    every round: what a path still does after its answer left (a daemon's access line and
+    metrics, LiteLLM's logging) runs while the next path is timed, so each path follows
+    each other one equally often. That work lands on whichever path comes next, and a
+    path with more hops (more processes waiting for a core) absorbs more of it.
+    block K > 1: each path answers K requests in a row (the order of the paths turning
+    every round of blocks), so a path's own after-work slows mostly its own next request;
+    the first request of a block, the one that follows another path, is not counted.
+    """
     times: dict[str, list[float]] = {name: [] for name in targets}
     names = list(targets)
-    for i in range(warmup + requests):
-        # the order turns every round: what a path still does after its answer left (a
-        # daemon's access line and metrics, LiteLLM's logging) runs while the next path is
-        # timed, so each path must follow each other one equally often
+    counted = block - 1 if block > 1 else 1  # timed requests a path gives per round
+    rounds = -(-(warmup + requests) // counted)
+    for i in range(rounds):
         turn = i % len(names)
         for name in names[turn:] + names[:turn]:
             client, base = targets[name]
-            elapsed = one_request(client, f"{base}/chat/completions", body)
-            if i >= warmup:
+            for j in range(block):
+                elapsed = one_request(client, f"{base}/chat/completions", body)
+                if block > 1 and j == 0:
+                    continue  # follows another path: its after-work, not this path's
                 times[name].append(elapsed)
-    return times
+    return {name: values[warmup:warmup + requests] for name, values in times.items()}
 
 
 def report(shape: str, times: dict[str, list[float]]) -> list[dict[str, Any]]:
@@ -152,7 +166,8 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 
 
 def measure_shapes(
-    targets: dict[str, tuple[httpx.Client, str]], max_tokens: int, requests: int, warmup: int
+    targets: dict[str, tuple[httpx.Client, str]], max_tokens: int, requests: int, warmup: int,
+    block: int = 1,
 ) -> list[dict[str, Any]]:
     """The same chat request, non-streaming then streaming, on every target, interleaved."""
     body: dict[str, Any] = {
@@ -161,8 +176,9 @@ def measure_shapes(
         "max_tokens": max_tokens,
         "temperature": 0,
     }
-    rows = report("non-stream", measure(targets, body, requests, warmup))
-    return rows + report("stream", measure(targets, {**body, "stream": True}, requests, warmup))
+    rows = report("non-stream", measure(targets, body, requests, warmup, block))
+    stream = {**body, "stream": True}
+    return rows + report("stream", measure(targets, stream, requests, warmup, block))
 
 
 def publish(title: str, rows: list[dict[str, Any]], json_path: Path | None) -> None:
@@ -299,6 +315,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=64, help="fake: chunks per streamed answer")
     parser.add_argument("--max-tokens", type=int, default=16, help="llama: tokens per answer")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--block", type=int, default=1, metavar="K",
+                        help="K requests in a row per path (1: turn by turn; see measure())")
     parser.add_argument(
         "--litellm", default=shutil.which("litellm"),
         help="LiteLLM's `litellm` command (fake runtime only; default: on PATH)",
@@ -350,7 +368,8 @@ def main() -> None:
                 targets["litellm"] = (httpx.Client(timeout=60, headers=litellm_auth), litellm_url)
             elif args.runtime == "fake":
                 print("no litellm command (see --litellm): the litellm column is left out")
-            rows = measure_shapes(targets, args.max_tokens, args.requests, args.warmup)
+            rows = measure_shapes(targets, args.max_tokens, args.requests, args.warmup,
+                                  args.block)
         finally:
             for step in reversed(cleanup):
                 step()
@@ -359,8 +378,9 @@ def main() -> None:
         if args.runtime == "fake"
         else f"SmolLM2-135M Q4_1 on llama.cpp (CPU), max_tokens={args.max_tokens}, temperature 0"
     )
-    publish(f"meshgate request overhead: {what}; {args.requests} requests per path", rows,
-            args.json)
+    order = "turn by turn" if args.block <= 1 else f"in blocks of {args.block}"
+    publish(f"meshgate request overhead: {what}; {args.requests} requests per path, {order}",
+            rows, args.json)
     for line in summarize(rows):
         print(line)
     if second:

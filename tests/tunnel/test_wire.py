@@ -6,13 +6,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
 from websockets.client import ClientProtocol
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from tunnel.wire import BufferedWsConnection, Message, WsConnection, ws_connection
+from tunnel.wire import Message, WsConnection
 from tunnel.ws import WS_MAX_SIZE
 
 
@@ -140,35 +139,3 @@ async def test_a_read_paused_by_two_owners_resumes_when_both_let_go() -> None:
     assert not transport.reading
     server.resume_reading("recv")
     assert transport.reading
-
-
-async def test_on_asyncios_loop_reads_go_into_a_lent_buffer_and_are_copied_out() -> None:
-    server = ws_connection(ServerProtocol(max_size=WS_MAX_SIZE, state=State.OPEN))
-    assert isinstance(server, BufferedWsConnection)
-    assert isinstance(server, asyncio.BufferedProtocol)  # what asyncio's transports check
-    server.connection_made(FakeTransport())
-    got = _collect(server)
-    client = ClientProtocol(parse_uri("ws://x/"), state=State.OPEN)
-    client.send_binary(b"first")
-    client.send_binary(b"second")
-    data = b"".join(client.data_to_send())
-    for chunk in (data[:5], data[5:]):  # as a transport does: into the buffer, then the count
-        buffer = server.get_buffer(-1)
-        assert len(buffer) >= len(chunk)
-        buffer[: len(chunk)] = chunk
-        server.buffer_updated(len(chunk))
-        buffer[: len(chunk)] = b"\xff" * len(chunk)  # the next read reuses it: nothing kept
-    assert got == [b"first", b"second"]
-    other = ws_connection(ServerProtocol(max_size=WS_MAX_SIZE, state=State.OPEN))
-    assert isinstance(other, BufferedWsConnection)
-    assert other.get_buffer(-1).obj is server.get_buffer(-1).obj  # one buffer per thread
-
-
-def test_on_uvloop_the_plain_protocol_reads() -> None:
-    uvloop = pytest.importorskip("uvloop", reason="uvloop is optional (not a dependency)")
-
-    async def main() -> WsConnection:
-        return ws_connection(ServerProtocol(max_size=WS_MAX_SIZE, state=State.OPEN))
-
-    ws = uvloop.run(main())
-    assert not isinstance(ws, asyncio.BufferedProtocol)
