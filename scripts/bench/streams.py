@@ -14,8 +14,11 @@ in alternating order from round to round so that drift hits both alike, and repo
 * incomplete: 200 answers without every chunk and ``[DONE]``;
 * wall: seconds from the first request to the last answer's end; mesh / direct;
 * the coordinator's RSS after a warm-up round and after each round (growth: MiB);
-* CPU seconds each process (coordinator, node, upstream) used in each round: on a box
-  with fewer free cores than busy processes the wall ratio follows the sum of these.
+* CPU seconds each process (coordinator, node, upstream, and this client) used in each
+  round: on a box with fewer free cores than busy processes the wall ratio follows the
+  sum of these (two cores: the mesh's four busy processes against direct's two). The
+  upstream does the same work in both, so its CPU in a round also tells how slow the
+  shared box was then: other processes' load moves every figure.
 
 The client is a bare asyncio HTTP/1.1 writer/reader (one connection per stream,
 ``Connection: close``) so that its own cost stays small next to the servers'. Bounded:
@@ -141,9 +144,11 @@ async def drive(args: argparse.Namespace, mesh: Mesh, upstream_port: int,
         row: dict[str, Any] = {}
         for name in order:
             before = {proc: cpu_s(pid) for proc, pid in pids.items()}
+            client = time.process_time()
             row[name] = await targets[name]()
             row[name]["cpu_s"] = {proc: round(cpu_s(pid) - before[proc], 2)
                                   for proc, pid in pids.items()}
+            row[name]["cpu_s"]["client"] = round(time.process_time() - client, 2)
         rss.append(rss_mib(coordinator_pid))
         row["rss_mib"] = rss[-1]
         rounds.append(row)
