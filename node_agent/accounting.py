@@ -70,6 +70,7 @@ class RequestAccount:
     ticket: Ticket | None
     served_here: bool
     request_id: str = ""  # the journal row's id, made when a row is written
+    recorded: bool = False  # the journal had its say (Accounting.record): once a request
 
 
 class Accounting:
@@ -138,11 +139,23 @@ class Accounting:
         energy = self.energy(account)
         if energy.joules is not None and self.joules is not None:
             self.joules.labels(label).inc(energy.joules)
+        self.record(account, status, usage)
+
+    def record(self, account: RequestAccount, status: int | str,
+               usage: dict[str, int] | None) -> None:
+        """The journal row of a request served here while offline, once. A whole answer
+        calls this before its bytes leave (``Meter.answered``), so a node killed as the
+        client reads the answer has the row on disk; it then says ``ok`` even if that
+        client went away before reading it (the work was done). Others at their finish."""
+        if account.recorded:
+            return
+        account.recorded = True
         if not account.served_here or account.via == "tunnel" or self.journal is None:
             return
         if not (account.offline_at_start or self._offline()):
             return
         usage = usage or {}
+        energy = self.energy(account)  # settled on its first call: the same figure finish counts
         account.request_id = account.request_id or "off_" + secrets.token_hex(12)
         row: dict[str, Any] = {
             "request_id": account.request_id,

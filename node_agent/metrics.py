@@ -70,6 +70,12 @@ class RequestTrack:
         if self.first_at is None:
             self.first_at = time.monotonic()
 
+    def answered(self, usage: dict[str, int] | None) -> None:
+        """A whole answer is ready to leave: its journal row now (Accounting.record)."""
+        accounting = self.metrics.accounting
+        if accounting is not None and self.account is not None:
+            accounting.record(self.account, 200, usage)
+
     def finish(self, status: int | str) -> None:
         if not self.finished:
             self.finished = True

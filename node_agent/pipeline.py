@@ -127,6 +127,12 @@ class Meter:
             self.usage = usage
         return usage
 
+    def answered(self) -> None:
+        """A whole answer is made and about to leave: what must be durable before the
+        client can read it (the offline journal's row) is written now."""
+        if self._track is not None:
+            self._track.answered(dict(self.usage) if self.usage else None)
+
     def finish(self, status: int) -> None:
         """The request ended with `status` (499: the client or the coordinator left). Once."""
         if self.done:
@@ -299,6 +305,7 @@ class Pipeline:
                 status = error.status
                 raise error from None
             meter.usage = usage if usage is not None else usage_of(data)  # read once
+            meter.answered()  # the journal row on disk before the answer can be read
             yield Answer(data, meter.usage, meter)
             status = 200
         finally:

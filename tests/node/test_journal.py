@@ -151,6 +151,21 @@ def test_a_request_that_started_offline_and_ended_online_is_journaled(tmp_path: 
     assert got["outcome"] == "client_cancelled"
 
 
+def test_a_whole_answer_is_journaled_before_it_leaves_and_only_once(tmp_path: Path) -> None:
+    """Pipeline.answer calls answered() before the client can read the answer: a node
+    SIGKILLed as its client reads it still has the row (e2e: test_energy_offline)."""
+    link = Link()
+    acct, metrics, _ = accounting(tmp_path, link)
+    track = metrics.track("smollm2", "proxy", "chat/completions")
+    track.answered({"prompt_tokens": 3, "completion_tokens": 2})
+    assert acct.journal is not None
+    [got], _ = acct.journal.pending()  # on disk already, before the finish
+    assert (got["prompt_tokens"], got["completion_tokens"], got["outcome"]) == (3, 2, "ok")
+    track.finish(499)  # the client left before reading it: the row stands, no second one
+    rows, _ = acct.journal.pending()
+    assert len(rows) == 1
+
+
 def test_tunnel_requests_and_models_served_elsewhere_are_never_journaled(
     tmp_path: Path,
 ) -> None:
