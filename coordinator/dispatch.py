@@ -70,6 +70,14 @@ def with_model(raw: bytes, model: str, asked: str | None = None) -> bytes:
     return json.dumps(data, separators=(",", ":")).encode()
 
 
+def timed_as(model: str, endpoint: str) -> str:
+    """Under which name a node's first-token times are kept: embeddings apart from
+    generation. A llama.cpp runner opens its embedding context on the first embeddings
+    request (a load: node_agent/runtimes/llama/embed.py), and a chat's measured first token
+    says nothing about it, so until embeddings were measured their timeout is the ceiling."""
+    return model if endpoint != "embeddings" else f"{model}\x00embeddings"
+
+
 class Dispatcher:
     def __init__(self, registry: Registry, config: DispatchConfig | None = None,
                  clouds: Mapping[str, CloudClient] | None = None) -> None:
@@ -258,7 +266,8 @@ class Dispatcher:
             ahead = requests_ahead(node.per_model.get(model, 0),
                                    view.capacity if view is not None else None)
             timeout = first_token_timeout(self.config.first_token_timeout_s,
-                                          node.observed.get(model), load_s, ahead)
+                                          node.observed.get(timed_as(model, request.endpoint)),
+                                          load_s, ahead)
             wait = min(deadline - now(), timeout)
             try:
                 async with asyncio.timeout(max(wait, 0.0)):
@@ -301,7 +310,8 @@ class Dispatcher:
         except ValueError as exc:
             raise Failed(f"malformed answer: {exc}") from None
         first_at = time.perf_counter()
-        node.seen(model).first_token(first_at - sent, want.prompt_tokens if request.stream else 0)
+        node.seen(timed_as(model, request.endpoint)).first_token(
+            first_at - sent, want.prompt_tokens if request.stream else 0)
         self.registry.set_suspect(node, False)  # it answered in time: proven again
         attempt = NodeAttempt(self.registry, node, stream, request, model, first=first,
                               started=started, tries=tries, deadline=deadline,

@@ -475,3 +475,18 @@ async def test_a_node_that_went_silent_stays_last_until_it_answers_a_request(
     await drain(served)
     assert served.node_did == slow.name
     assert not conn.suspect
+
+
+def test_embeddings_are_not_timed_by_a_chats_first_token() -> None:
+    """A fast chat measured on a node must not give its first embeddings request (the
+    runner opens an embedding context then: a load) a chat-sized first-token timeout."""
+    from coordinator.dispatch import timed_as
+    from coordinator.observed import TIMEOUT_FLOOR_S, Observed, first_token_timeout
+
+    chat = Observed()
+    chat.first_token(0.2, 10)
+    observed = {timed_as("smollm2", "chat/completions"): chat}
+    assert timed_as("smollm2", "completions") == "smollm2"
+    assert first_token_timeout(60.0, observed.get(timed_as("smollm2", "chat/completions"))) \
+        == TIMEOUT_FLOOR_S
+    assert first_token_timeout(60.0, observed.get(timed_as("smollm2", "embeddings"))) == 60.0
