@@ -99,6 +99,12 @@ price_per_1k_completion = 1.5
             assert enrolled.returncode == 0, enrolled.stderr
             mesh.start_node("node-a", f"{MODEL}={model_path}")
             mesh.wait_serving(MODEL)
+            # the runner's first answer (llama.cpp's first graph) can take longer than the 3 s
+            # first-token timeout on a loaded box: warm it on the node's own port, which the
+            # coordinator's timeout does not cover, so routing tests see a warm node
+            warm = httpx.post(f"{mesh.proxy('node-a')}/chat/completions", timeout=120,
+                              json={"model": MODEL, "messages": HELLO, "max_tokens": 1})
+            assert warm.status_code == 200, warm.text
             yield Cloudy(mesh, cloud, url, secret, proxy)
             proxy.stop()
         finally:
