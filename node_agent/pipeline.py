@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from meshgate.openai import OpenAIError, context_exceeded
 from node_agent.metrics import NodeMetrics, RequestTrack
 from node_agent.models import ModelManager
-from node_agent.runtimes.base import Runtime, Usage, stream_batches, usage_of
+from node_agent.runtimes.base import Runtime, Usage, flattened, stream_batches, usage_of
 
 __all__ = ["Answer", "Finished", "MeshLookup", "Meter", "Pipeline", "Streamed"]
 
@@ -199,14 +199,8 @@ class Streamed:
         chunk_of = self.meter.chunk
         return [c for c in batch if self._wanted(c, chunk_of(c))]
 
-    async def __aiter__(self) -> AsyncGenerator[bytes, None]:
-        batches = self.batches()
-        try:
-            async for batch in batches:
-                for chunk in batch:
-                    yield chunk
-        finally:
-            await batches.aclose()
+    def __aiter__(self) -> AsyncGenerator[bytes, None]:
+        return flattened(self.batches())
 
     async def batches(self) -> AsyncGenerator[list[bytes], None]:
         """The chunks as lists of those the runtime read together (never empty); the first

@@ -32,7 +32,8 @@ from typing import Any, Protocol
 
 from meshgate.openai import OpenAIError
 
-__all__ = ["Body", "FakeRuntime", "RunnerError", "Runtime", "Usage", "decoded", "usage_of"]
+__all__ = ["Body", "FakeRuntime", "RunnerError", "Runtime", "Usage", "decoded", "flattened",
+           "stream_batches", "usage_of"]
 
 Usage = dict[str, int]
 
@@ -99,6 +100,17 @@ def stream_batches(runtime: Runtime, endpoint: str, body: bytes
     own: Callable[[str, bytes], AsyncIterator[list[bytes]]] | None = getattr(
         runtime, "stream_batches", None)
     return own(endpoint, body) if own is not None else _singles(runtime.stream(endpoint, body))
+
+
+async def flattened(batches: AsyncGenerator[list[bytes], None]) -> AsyncGenerator[bytes, None]:
+    """`batches`' chunks one by one (for a caller that wants single chunks); closed with it,
+    so the runtime stops its work."""
+    try:
+        async for batch in batches:
+            for chunk in batch:
+                yield chunk
+    finally:
+        await batches.aclose()
 
 
 async def _singles(chunks: AsyncIterator[bytes]) -> AsyncGenerator[list[bytes], None]:

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from meshgate.openai import OpenAIError
-from node_agent.runtimes.base import Usage, usage_of
+from node_agent.runtimes.base import Usage, flattened, usage_of
 from node_agent.runtimes.http1 import Http1Pool, Http1Response
 
 DATA_PREFIX = b"data:"
@@ -228,14 +228,8 @@ class OpenAIHttpRuntime:
             response.release()  # back to the pool when read to its end; else closed
         return data, usage_of(data)
 
-    async def stream(self, endpoint: str, body: bytes) -> AsyncIterator[bytes]:
-        batches = self.stream_batches(endpoint, body)
-        try:
-            async for batch in batches:
-                for chunk in batch:
-                    yield chunk
-        finally:
-            await batches.aclose()
+    def stream(self, endpoint: str, body: bytes) -> AsyncIterator[bytes]:
+        return flattened(self.stream_batches(endpoint, body))
 
     async def stream_batches(self, endpoint: str, body: bytes
                              ) -> AsyncGenerator[list[bytes], None]:
