@@ -36,7 +36,13 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
 from coordinator.live_requests import LiveRequests, note_response
-from meshgate.logs import REQUEST_ID_HEADER, accept_request_id, access_line, request_id_var
+from meshgate.logs import (
+    REQUEST_ID_HEADER,
+    accept_request_id,
+    access_line,
+    given_request_id,
+    request_id_var,
+)
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -61,12 +67,7 @@ class CoordinatorApp(FastAPI):
 
     async def _hot(self, handle: Handler, scope: Scope, receive: Receive, send: Send) -> None:
         scope["app"] = self
-        given = None
-        for name, value in scope["headers"]:
-            if name == _ID_HEADER:  # the server lowercases header names
-                given = value.decode("latin-1")
-                break
-        request_id = accept_request_id(given)
+        request_id = accept_request_id(given_request_id(scope["headers"]))
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
         token = request_id_var.set(request_id)

@@ -31,12 +31,14 @@ import re
 import secrets
 import sys
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_BYTES = REQUEST_ID_HEADER.encode()
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "meshgate_request_id", default=None
@@ -153,6 +155,14 @@ def setup_json_logging(level: str = "info", stream: TextIO | None = None) -> log
     return setup_logging("json", level, stream)
 
 
+def given_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The client's ``x-request-id``, as sent (None when it sent none)."""
+    for name, value in headers:
+        if name.lower() == _REQUEST_ID_BYTES:
+            return value.decode("latin-1")
+    return None
+
+
 class RequestIdMiddleware:
     """Pure ASGI (streaming responses keep the id in their context to the last chunk)."""
 
@@ -163,11 +173,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = None
-        for name, value in scope.get("headers", []):
-            if name.decode("latin-1").lower() == REQUEST_ID_HEADER:
-                given = value.decode("latin-1")
-                break
+        given = given_request_id(scope.get("headers", []))
         request_id = accept_request_id(given)
         scope.setdefault("state", {})["request_id"] = request_id
         if given != request_id:  # handlers and inner middleware read the same id
@@ -252,7 +258,6 @@ def access_line(scope: Scope, status: int, seconds: float) -> None:
                fields["latency_ms"], extra=fields)
 
 
-_access_line = access_line  # the name node_agent/hot_routes.py imports
 
 
 def quick_info(logger: logging.Logger, msg: str, *args: Any,

@@ -26,7 +26,7 @@ import time
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from meshgate.logs import _access_line, accept_request_id, request_id_var
+from meshgate.logs import accept_request_id, access_line, request_id_var
 from meshgate.openai import ENDPOINTS
 from node_agent.guard import LocalGuard
 from node_agent.openai_routes import OpenAIEndpoint
@@ -87,4 +87,4 @@ class HotRoutes:
                                             head=((b"x-request-id", request_id.encode()),))
         finally:
             request_id_var.reset(token)
-            _access_line(scope, status, time.perf_counter() - started)
+            access_line(scope, status, time.perf_counter() - started)
