@@ -20,6 +20,11 @@ MAX_NONCE = 2**64 - 1  # reserved by the Noise spec for rekey(); never used for 
 MAX_ID = 2**31 - 1  # stream ids, seq numbers and flags are 0 .. MAX_ID
 MAX_FRAME = 16 * 1024 * 1024  # reassembled, decompressed msgpack payload of one frame
 COMPRESS_MIN = 512  # payloads shorter than this are never compressed
+# ... and per frame type, where a larger floor measures better. TELEMETRY (11): a node's
+# report (~1 KiB, `node_frames.py`) goes once a second to one coordinator that reads
+# thousands: zstd costs the node ~11 us and the coordinator ~3-5 us a frame to save
+# ~0.5-0.8 KiB a second a node (SCHEDULER.md, "seventh pass"); larger ones are compressed.
+COMPRESS_MIN_BY_TYPE: dict[int, int] = {11: 4096}
 
 # Header byte in front of every chunk
 HDR_COMPRESSED = 0x01

@@ -29,6 +29,7 @@ from tunnel import frames
 from tunnel.constants import (
     BATCH_LEN,
     COMPRESS_MIN,
+    COMPRESS_MIN_BY_TYPE,
     FRAME_CAPS,
     HDR_BATCH,
     HDR_COMPRESSED,
@@ -171,7 +172,7 @@ class Session:
                 f"{frame.type.name} frame of {len(payload)} bytes is over its {cap}-byte cap"
             )
         compressed = False
-        if len(payload) >= COMPRESS_MIN:
+        if len(payload) >= COMPRESS_MIN_BY_TYPE.get(frame.type, COMPRESS_MIN):
             packed = zstd.compress(payload)
             if len(packed) < len(payload):
                 payload, compressed = packed, True
