@@ -180,7 +180,9 @@ def decode_raw(data: bytes, max_size: int = MAX_FRAME) -> Frame:
     if frame_type is None:
         raise FrameError(f"unknown frame type {kind!r}")
     frame = Frame(frame_type, stream_id, seq, flags, bytes(body))
-    for name in ("stream_id", "seq", "flags"):
-        if not _valid_id(getattr(frame, name)):
-            raise FrameError(f"frame {name} must be an int in 0..{MAX_ID}")
+    # msgspec decoded the three as ints (never bools): only their range is left to check
+    if not (0 <= stream_id <= MAX_ID and 0 <= seq <= MAX_ID and 0 <= flags <= MAX_ID):
+        for name in ("stream_id", "seq", "flags"):
+            if not _valid_id(getattr(frame, name)):
+                raise FrameError(f"frame {name} must be an int in 0..{MAX_ID}")
     return frame
