@@ -116,6 +116,13 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def busy(proc: str, target: str) -> bool:
+    """Whether `proc` does work for `target` ("direct": the upstream; "mesh-b": the upstream,
+    coordinator-b and node-b)."""
+    return proc == "upstream" or (target != "direct" and proc in (
+        f"coordinator{target[4:]}", f"node{target[4:]}"))
+
+
 def syscalls(pid: int) -> tuple[int, int]:
     """Read and write system calls `pid` has made."""
     fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
@@ -202,7 +209,7 @@ async def drive(args: argparse.Namespace, meshes: dict[str, Mesh], upstream_port
             cpu["client"] = time.process_time() - client
             row[name]["io"] = {proc: [a - b for a, b in zip(syscalls(pid), io[proc],
                                                             strict=True)]
-                               for proc, pid in pids.items() if cpu[proc] >= 0.05}
+                               for proc, pid in pids.items() if busy(proc, name)}
             cpu["others"] = max(0.0, box_busy_s() - box - sum(cpu.values()))
             row[name]["cpu_s"] = {proc: round(v, 2) for proc, v in cpu.items()
                                   if name == "direct" or v >= 0.05 or proc in ("client", "others")}
