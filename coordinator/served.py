@@ -3,10 +3,10 @@
 `Served` is what dispatch hands the API once the first chunk arrived (see
 dispatch.py): the rest of the answer (`rest`, or `batches` of chunks that arrived
 together), its usage, its ledger row, and `close` to release the node. `NodeAttempt`
-reads a node's tunnel stream: one wait and one timer for a burst of frames, compact
-token frames decoded (meshgate/token_frames.py), chunks checked, the END frame's usage
-clamped and the node's speed observed; CANCEL goes to the node when the answer did not
-finish.
+reads a node's tunnel stream: one wait for a burst of frames and one timer for the whole
+stream (`IdleTimer`), compact token frames decoded (meshgate/token_frames.py), chunks
+checked, the END frame's usage clamped and the node's speed observed; CANCEL goes to the
+node when the answer did not finish.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from coordinator.registry import NodeConn, Registry
 from meshgate.bounds import check_chunk, clamp_usage, clip
@@ -26,10 +26,64 @@ from meshgate.token_frames import MAGIC, ChunkDecoder
 from tunnel import ClosedError, Frame, FrameType, Stream, TunnelError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def now() -> float:
     return asyncio.get_running_loop().time()
+
+
+class IdleTimer:
+    """Bounds each wait of one task by a limit given per wait, with one loop timer for many
+    waits (``asyncio.timeout`` around each wait makes, and cancels, a timer per frame).
+
+    A wait notes when it began and its limit; the timer, set at the first wait's end, looks
+    when it fires: the task is still in a wait past that wait's end -> cancelled (the wait
+    raises TimeoutError); in a wait not yet over -> set again for its end; not waiting ->
+    not set again until the next wait. A limit never ends before the timer: every later
+    wait begins later with the same idle bound, or ends at the same deadline."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[Any] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._ends: float | None = None  # the wait in progress ends then (None: no wait)
+        self._expired = False
+
+    async def wait(self, awaitable: Awaitable[T], limit: float) -> T:
+        """`awaitable`'s result, or TimeoutError after `limit` seconds."""
+        task = self._task = self._task or asyncio.current_task()
+        assert task is not None
+        ends = self._ends = self._loop.time() + limit
+        if self._timer is None:
+            self._timer = self._loop.call_at(ends, self._fire)
+        cancelling = task.cancelling()
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if self._expired:
+                self._expired = False
+                if task.uncancel() <= cancelling:
+                    raise TimeoutError from None
+            raise
+        finally:
+            self._ends = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        ends = self._ends
+        if ends is None or self._task is None:
+            return  # not waiting: the next wait sets it again
+        if self._loop.time() >= ends:
+            self._expired = True
+            self._task.cancel()
+        else:
+            self._timer = self._loop.call_at(ends, self._fire)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class Served:
@@ -156,13 +210,13 @@ class NodeAttempt(Served):
         read (the tunnel coalesces a burst: one wait, one timer, one client write for it);
         sets `usage` from the end frame. An error frame ends it after the data before it."""
         stream = self.stream
+        timer = IdleTimer()  # one timer for the stream, not one a wait
         try:
             while True:
                 frame = stream.recv_nowait()
                 if frame is None:
                     try:
-                        async with asyncio.timeout(self._wait()):  # no task per frame
-                            frame = await stream.recv()
+                        frame = await timer.wait(stream.recv(), self._wait())
                     except TimeoutError:
                         error = self._timed_out()
                         if self.outcome == "idle_timeout":
@@ -184,6 +238,7 @@ class NodeAttempt(Served):
                 code="node_lost", hop="coordinator",
             ) from None
         finally:
+            timer.close()
             await self.close()
 
     def _drain(self, frame: Frame | None) -> tuple[list[bytes], bool | OpenAIError]:

@@ -17,12 +17,16 @@ the default falls back to asyncio's (a loop asked for by name and missing is war
   (scripts/bench/request_cpu.py --against-env MESHGATE_LOOP=asyncio) gave 0.10 ms less CPU
   per request non-streamed (1.52 -> 1.42 ms) and 0.11 ms less streamed (2.37 -> 2.26 ms),
   and -0.14 ms the session before; the e2e suite runs every coordinator on it.
-- **The node stays on asyncio's**: uvloop measured ~0.1 ms less CPU per request there too,
-  but its client to the runners was aiohttp then, which is known not to close a
-  connection before its end under uvloop (MagicStack/uvloop#471, open), and a runner must
-  see a cancelled stream's client go; two unexplained first-token timeouts on the tunnel
-  path were also seen with it in the e2e suite. (The client is now
-  node_agent/runtimes/http1.py; the node on uvloop has not been tested with it.)
+- **The node runs on uvloop by default too** (issue 13): under 500 concurrent 64-chunk
+  streams the node's CPU per round was 0.81x the upstream's on uvloop against 0.96x on
+  asyncio's (medians of 6 rounds, both nodes in one run: ``scripts/bench/streams.py
+  --rounds 6 --against-node-env MESHGATE_LOOP=asyncio``). It ran on asyncio's loop while
+  its client to the runners was aiohttp, which is known not to close a connection before
+  its end under uvloop (MagicStack/uvloop#471, open): a runner must see a cancelled
+  stream's client go. Its client is now node_agent/runtimes/http1.py (a plain
+  ``asyncio.Protocol``; ``transport.close()``), and tests/node and tests/e2e (cancel,
+  shutdown, failover, the llama.cpp runners' subprocesses and signals) pass with every
+  node on uvloop.
 
 :func:`run` also raises the cyclic collector's young-generation threshold for the
 daemon's life (`GC_THRESHOLD`; ``MESHGATE_GC=default`` keeps CPython's 700, 10, 10).

@@ -8,21 +8,13 @@ against the previous chunk of the same stream (the first against an empty object
 the coordinator rebuilds the chunk, key order included, and writes the JSON itself. A
 node that does not know the flag sends plain JSON, which passes through untouched.
 
-Patch forms (msgpack arrays): ``[0, value]`` replace; ``[1, {key: patch}, [deleted]]``
-a map edited key by key; ``[2, {index: patch}]`` a list of the same length edited item
-by item. One stream's state lives only in its own encoder and decoder: nothing is shared
-across streams or tenants.
-
 The decoder takes a node's bytes: anything malformed is a ValueError (the coordinator
 ends the stream as a bad node answer).
 
-Batches (``"compact": 2`` in OPEN, `COMPACT_BATCHES`): the chunks a node read from its
-runtime together leave in one DATA frame (`ChunkEncoder.encode_batch`), one tunnel frame and
-one msgpack pass for the lot instead of one each: ``[3, [item, ...]]`` where an item is a
-patch as above or ``[4, path, [text, ...]]``, a run of token chunks that each differ from
-the chunk before in the string at `path` only (``[4, ...]`` may also stand alone). Each
-item is applied in turn, exactly as if it had come in its own frame; a stream's first
-chunk always comes alone (`ChunkDecoder.decode`).
+Batches (``"compact": 2`` in OPEN): the chunks a node read from its runtime together leave
+in one DATA frame (`ChunkEncoder.encode_batch`), one tunnel frame and one msgpack pass for
+the lot; a stream's first chunk always comes alone (`ChunkDecoder.decode`). The patch
+and batch forms: meshgate/token_patch.py.
 
 Per token, both sides take a template way when the chunk differs from the last one in one
 string only (the token's text): the encoder keeps the bytes around that string and reads
@@ -35,148 +27,39 @@ from __future__ import annotations
 
 import json
 import re
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from meshgate.bounds import load_json
+from meshgate.token_patch import (
+    BATCH,
+    COMPACT_BATCHES,
+    EDIT_MAP,
+    MAGIC,
+    MAX_BATCH_BYTES,
+    MAX_DEPTH,
+    SAME,
+    TEXTS,
+    Path,
+    apply,
+    chain,
+    diff,
+    leaf_edit,
+    parent,
+    same_leaf,
+    with_leaf,
+)
 
 if TYPE_CHECKING:  # imported by the first ChunkDecoder: a node only encodes (issue 10's idle RSS)
     import pydantic_core
 
-MAGIC = b"\xc1"  # never valid msgpack nor a JSON text's first byte
-MAX_DEPTH = 32
-REPLACE, EDIT_MAP, EDIT_LIST, BATCH, TEXTS = 0, 1, 2, 3, 4
-#: the ``compact`` value in OPEN from a coordinator that reads batches (1: single chunks)
-COMPACT_BATCHES = 2
-#: A batch holds chunks up to this many raw bytes (a DATA body up to 16 KiB goes whole).
-MAX_BATCH_BYTES = 8 * 1024
-_SAME = object()
+__all__ = ["COMPACT_BATCHES", "MAGIC", "ChunkDecoder", "ChunkEncoder"]
 
-
-def _patch(old: Any, new: Any) -> Any:
-    """The patch turning `old` into `new`, or _SAME."""
-    if type(old) is type(new) and old == new:
-        return _SAME
-    if isinstance(old, dict) and isinstance(new, dict):
-        edits = {}
-        for key, value in new.items():
-            sub = _patch(old[key], value) if key in old else [REPLACE, value]
-            if sub is not _SAME:
-                edits[key] = sub
-        return [EDIT_MAP, edits, [key for key in old if key not in new]]
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        items = {}
-        for index, (was, now) in enumerate(zip(old, new, strict=True)):
-            sub = _patch(was, now)
-            if sub is not _SAME:
-                items[index] = sub
-        return [EDIT_LIST, items]
-    return [REPLACE, new]
-
-
-def _apply(old: Any, patch: Any, depth: int = 0) -> Any:
-    if depth > MAX_DEPTH or not isinstance(patch, list) or not patch:
-        raise ValueError("a compact chunk is malformed")
-    tag = patch[0]
-    if tag == REPLACE and len(patch) == 2:
-        return patch[1]
-    if tag == EDIT_MAP and len(patch) == 3 and isinstance(old, dict):
-        edits, deleted = patch[1], patch[2]
-        if not isinstance(edits, dict) or not isinstance(deleted, list):
-            raise ValueError("a compact chunk is malformed")
-        out = {}
-        for key, value in old.items():
-            if key in deleted:
-                continue
-            out[key] = _apply(value, edits[key], depth + 1) if key in edits else value
-        for key, sub in edits.items():
-            if key not in old:
-                out[key] = _apply(None, sub, depth + 1)
-        return out
-    if tag == EDIT_LIST and len(patch) == 2 and isinstance(old, list):
-        items = patch[1]
-        if not isinstance(items, dict) or not all(
-            isinstance(i, int) and 0 <= i < len(old) for i in items
-        ):
-            raise ValueError("a compact chunk is malformed")
-        return [_apply(v, items[i], depth + 1) if i in items else v for i, v in enumerate(old)]
-    raise ValueError("a compact chunk is malformed")
-
-
-Path = tuple[str | int, ...]
 _MARK = "\ue000meshgate\ue001"  # a private-use string: stands for the leaf in a template
 #: A JSON string with nothing escaped: its text is the bytes between the quotes (json.loads
 #: is ~5x slower for a token's few bytes)
 _PLAIN_STRING = re.compile(rb'"[^"\\\x00-\x1f]*"').fullmatch
-
-
-def _leaf_edit(patch: Any) -> tuple[Path, str] | None:
-    """(path, text) when `patch` only replaces one string leaf (a token's text), else None."""
-    path: list[str | int] = []
-    for _ in range(MAX_DEPTH):
-        if not isinstance(patch, list) or not patch:
-            return None
-        tag = patch[0]
-        if tag == REPLACE and len(patch) == 2:
-            return (tuple(path), patch[1]) if isinstance(patch[1], str) else None
-        # a map is edited by key (str), a list by index (int): the path's types say which
-        if tag == EDIT_MAP and len(patch) == 3 and patch[2] == []:
-            want: type = str
-        elif tag == EDIT_LIST and len(patch) == 2:
-            want = int
-        else:
-            return None
-        edits = patch[1]
-        if not isinstance(edits, dict) or len(edits) != 1:
-            return None
-        ((key, patch),) = edits.items()
-        if type(key) is not want:
-            return None
-        path.append(cast("str | int", key))
-    return None
-
-
-def _same_leaf(patch: Any, path: Path) -> str | None:
-    """The text when `patch` replaces only the string at `path` (as `_leaf_edit` would
-    say, without building the path: the decoder's per-token check), else None."""
-    for key in path:
-        ok = type(patch) is list and (
-            (len(patch) == 3 and patch[0] == EDIT_MAP and patch[2] == []) if type(key) is str
-            else (len(patch) == 2 and patch[0] == EDIT_LIST))
-        edits = patch[1] if ok else None
-        if type(edits) is not dict or len(edits) != 1:
-            return None
-        ((got, patch),) = edits.items()
-        if type(got) is not type(key) or got != key:
-            return None
-    if type(patch) is list and len(patch) == 2 and patch[0] == REPLACE and type(patch[1]) is str:
-        return patch[1]
-    return None
-
-
-def _chain(path: Path, text: str) -> Any:
-    """The patch that replaces the string at `path` with `text` (what `_patch` makes)."""
-    patch: Any = [REPLACE, text]
-    for key in reversed(path):
-        patch = [EDIT_LIST, {key: patch}] if isinstance(key, int) else [EDIT_MAP, {key: patch}, []]
-    return patch
-
-
-def _parent(value: Any, path: Path) -> Any:
-    for key in path[:-1]:
-        value = value[key]
-    return value
-
-
-def _with_leaf(value: Any, path: Path, leaf: str) -> Any:
-    """A copy of `value` (copied along `path` only) whose string at `path` is `leaf`."""
-    if not path:
-        return leaf
-    head, rest = path[0], path[1:]
-    copy = list(value) if isinstance(value, list) else dict(value)
-    copy[head] = _with_leaf(value[head], rest, leaf)  # type: ignore[index]
-    return copy
 
 
 class ChunkEncoder:
@@ -200,8 +83,8 @@ class ChunkEncoder:
         if text is not None:
             assert self._template is not None
             path = self._template[2]
-            _parent(self._previous, path)[path[-1]] = text
-            return MAGIC + msgpack.packb(_chain(path, text), use_bin_type=True)
+            parent(self._previous, path)[path[-1]] = text
+            return MAGIC + msgpack.packb(chain(path, text), use_bin_type=True)
         patch = self._patch_of(chunk)
         return chunk if patch is None else MAGIC + msgpack.packb(patch, use_bin_type=True)
 
@@ -243,7 +126,7 @@ class ChunkEncoder:
         """The run as an item; the chunk before the next is the run's last."""
         assert self._template is not None
         path = self._template[2]
-        _parent(self._previous, path)[path[-1]] = run[-1]
+        parent(self._previous, path)[path[-1]] = run[-1]
         return [TEXTS, list(path), run]
 
     def _batch_body(self, items: list[Any], run: list[str]) -> bytes:
@@ -261,12 +144,12 @@ class ChunkEncoder:
             return None
         if not isinstance(value, dict):
             return None
-        patch = _patch(self._previous, value)
+        patch = diff(self._previous, value)
         self._previous = value
         self._template = None
-        if patch is _SAME:
+        if patch is SAME:
             return [EDIT_MAP, {}, []]
-        edit = _leaf_edit(patch)
+        edit = leaf_edit(patch)
         if edit is not None:
             self._template = _source_template(chunk, value, *edit)
         return patch
@@ -310,7 +193,7 @@ def _source_template(chunk: bytes, value: Any, path: Path, text: str
             marked = load_json(prefix + json.dumps(_MARK).encode() + suffix)
         except ValueError:
             continue
-        if marked == _with_leaf(value, path, _MARK):
+        if marked == with_leaf(value, path, _MARK):
             return prefix, suffix, path
     return None
 
@@ -375,7 +258,7 @@ class ChunkDecoder:
         template = self._template
         if template is None or template[2] != path:
             for text in texts:  # the general way, as if each had come alone
-                out.append(self._one(_chain(path, text)))
+                out.append(self._one(chain(path, text)))
             return
         prefix, suffix = template[0], template[1]
         for text in texts:
@@ -383,22 +266,22 @@ class ChunkDecoder:
                 out.append(prefix + pydantic_core.to_json(text) + suffix)
             except pydantic_core.PydanticSerializationError as exc:
                 raise ValueError(f"a compact chunk cannot be JSON: {exc}") from None
-        _parent(self._previous, path)[path[-1]] = texts[-1]
+        parent(self._previous, path)[path[-1]] = texts[-1]
 
     def _one(self, patch: Any) -> bytes:
         """The chunk one patch stands for."""
         template = self._template
-        text = _same_leaf(patch, template[2]) if template is not None else None
+        text = same_leaf(patch, template[2]) if template is not None else None
         if text is not None and template is not None:
             path = template[2]
             try:
                 literal = pydantic_core.to_json(text)
             except pydantic_core.PydanticSerializationError as exc:
                 raise ValueError(f"a compact chunk cannot be JSON: {exc}") from None
-            _parent(self._previous, path)[path[-1]] = text
+            parent(self._previous, path)[path[-1]] = text
             return template[0] + literal + template[1]
-        edit = _leaf_edit(patch)
-        value = _apply(self._previous, patch)
+        edit = leaf_edit(patch)
+        value = apply(self._previous, patch)
         if not isinstance(value, dict):
             raise ValueError("a compact chunk is not a JSON object")
         self._previous = value
@@ -425,7 +308,7 @@ def _leaf_or_none(value: Any, path: Path) -> Any:
 
 def _output_template(value: Any, path: Path) -> tuple[bytes, bytes, Path] | None:
     marker = pydantic_core.to_json(_MARK)
-    out = pydantic_core.to_json(_with_leaf(value, path, _MARK))
+    out = pydantic_core.to_json(with_leaf(value, path, _MARK))
     if out.count(marker) != 1:
         return None
     at = out.index(marker)

@@ -141,7 +141,7 @@ def run_node(opts: NodeOptions) -> None:
     """Run the daemon; :class:`StartupError` (one line naming the fix) if it cannot start."""
     setup_logging(opts.log_format, opts.log_level)
     check_startup(opts)
-    run(serve(opts))  # asyncio's loop, uvloop's if asked (meshgate/serving.py)
+    run(serve(opts), loop="uvloop")  # MESHGATE_LOOP=asyncio: asyncio's (meshgate/serving.py)
 
 
 def check_startup(opts: NodeOptions) -> None:

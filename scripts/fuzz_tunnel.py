@@ -18,6 +18,10 @@ Targets (the first input byte picks one):
                plaintexts from a peer holding the keys; invariants checked after each
                step (no queue past its window, credit never negative)
     token      EnrollmentToken.decode, and the upgrade header's base64
+    wsframes   wire.WsConnection reading a stream of websocket frames grown from the input
+               (every opcode, fragments, reserved bits, wrong masks, oversize and cut
+               lengths, close codes), cut into reads, with its fast frame reader and with
+               websockets' parser alone: any difference is a finding (scripts/ws_twin.py)
 
 Any exception that is not a TunnelError subclass is a finding. With atheris (coverage
 guided, libFuzzer flags):
@@ -45,8 +49,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "scripts"):  # the package, and ws_twin beside this script
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 try:
     import atheris  # type: ignore[import-untyped]
@@ -63,10 +68,13 @@ if __name__ == "__main__" and atheris is not None and "--random" not in sys.argv
         import tunnel.noise
         import tunnel.session
         import tunnel.token
-        import tunnel.ws  # noqa: F401
+        import tunnel.ws
+        import tunnel.wsframes  # noqa: F401
 import msgpack
 import zstandard
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from ws_twin import check as ws_twin_check
+from ws_twin import grown as ws_grown
 
 from tunnel.compress import decompress
 from tunnel.connection import Connection
@@ -91,7 +99,8 @@ NODE = Identity.generate()
 TUNNEL_KEY = NODE.x25519_pub
 CAP = 1 << 16
 
-TARGETS = ["frame", "msgpack", "hello", "handshake", "zstd", "session", "token", "connection"]
+TARGETS = ["frame", "msgpack", "hello", "handshake", "zstd", "session", "token", "connection",
+           "wsframes"]
 runs: Counter[str] = Counter()
 findings: dict[tuple[str, str, int], tuple[str, bytes, str]] = {}
 
@@ -347,6 +356,11 @@ def _step(
     return data
 
 
+def t_wsframes(data: bytes) -> None:
+    stream, cuts, server, eof = ws_grown(data)
+    ws_twin_check(stream, cuts, server=server, eof=eof)
+
+
 def t_token(data: bytes) -> None:
     text = data.decode("utf-8", "replace")
     if data[:1] == b"\x01":
@@ -365,6 +379,7 @@ FUNCS: dict[str, Callable[[bytes], None]] = {
     "session": t_session,
     "token": t_token,
     "connection": t_connection,
+    "wsframes": t_wsframes,
 }
 
 
@@ -416,6 +431,10 @@ def seeds() -> list[bytes]:
     out.append(bytes([TARGETS.index("zstd")]) + zstandard.ZstdCompressor().compress(b"a" * 300))
     token = EnrollmentToken("ws://127.0.0.1:1/", public_bytes(COORDINATOR), "t", b"s" * 16, 0)
     out.append(bytes([TARGETS.index("token")]) + token.encode().encode())
+    # binary, ping, binary (200 bytes), close with a code; cut into reads
+    frames = (bytes([0x00, 20]) + b"t" * 20 + bytes([0x09, 3]) + b"pin"
+              + bytes([0x01, 200]) + b"u" * 200 + bytes([0x44, 4]) + b"\x03\xe8ok")
+    out.append(bytes([TARGETS.index("wsframes"), 0x60]) + frames)
     return out
 
 

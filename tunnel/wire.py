@@ -13,6 +13,11 @@ meanwhile). websockets answers the peer's pings, checks every frame, the size li
 (`max_size`: a larger message is refused with 1009) and the closing handshake; a message
 split in fragments is reassembled here within the same limit.
 
+Once OPEN, the common frame (one whole binary message) is read and written by
+`wsframes.py` without websockets' parser; anything else (control frames, fragments, text,
+a frame to refuse) is handed to websockets from that frame's first byte, so its checks,
+answers and close codes are unchanged (see `wsframes.py`).
+
 Used by `ws.py` (the handshake in the HTTP upgrade) and `link.py` (the tunnel on top).
 """
 
@@ -20,15 +25,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import Event, State
+from websockets.protocol import Event, Side, State
 from websockets.server import ServerProtocol
+
+from tunnel.wsframes import HAND_OFF, at_frame_start, binary_frame, read_binary
 
 CLOSE_TIMEOUT_S = 10.0  # how long a closing handshake may take before the TCP is dropped
 WRITE_LIMIT = 32 * 1024  # the transport's high-water mark (websockets' default write_limit)
@@ -59,8 +67,20 @@ class WsConnection(asyncio.Protocol):
         self._text = False
         self._close_timer: asyncio.TimerHandle | None = None
         self._close_said = False
-        self._backlog: list[Event] = []  # read, waiting for the loop's next iteration
+        self._backlog: list[bytes | Event] = []  # read, waiting for the loop's next iteration
         self._pauses: set[str] = set()  # why reading is paused (by whom)
+        # the fast path (`wsframes`): a frame begun in an earlier read, and the bytes it
+        # needs before it can be read (0: none held; websockets' reader is then empty)
+        self._partial = bytearray()
+        self._need = 0
+        self._websockets_busy = True  # websockets may hold part of a frame (or the upgrade)
+        #: False: websockets reads and writes every frame (the twin check's reference)
+        self.fast_frames = True
+        self._server = protocol.side is Side.SERVER  # reads masked frames, writes unmasked
+        limit = protocol.max_message_size
+        if protocol.max_fragment_size is not None:
+            limit = min(limit or sys.maxsize, protocol.max_fragment_size)
+        self._max_size = sys.maxsize if limit is None else limit
 
     # -- for the tunnel --------------------------------------------------------------
 
@@ -102,10 +122,16 @@ class WsConnection(asyncio.Protocol):
 
     def send_message(self, data: bytes) -> None:
         """Queue one binary message on the transport (WireClosed once closing)."""
-        if self.protocol.state is not State.OPEN:
+        protocol = self.protocol
+        if protocol.state is not State.OPEN:
             raise WireClosed(self.close_reason_text())
-        self.protocol.send_binary(data)
-        self.write_pending()
+        transport = self.transport
+        if (transport is None or protocol.writes or protocol.expect_continuation_frame
+                or protocol.extensions or not self.fast_frames):
+            protocol.send_binary(data)
+            self.write_pending()
+            return
+        transport.write(binary_frame(data, not self._server))
 
     async def send(self, data: Message) -> None:
         """A message of either kind, for tests and tools (the tunnel uses `send_message`)."""
@@ -184,23 +210,70 @@ class WsConnection(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=WRITE_LIMIT)
 
     def data_received(self, data: bytes) -> None:
+        if self._need:  # the fast path holds a frame begun earlier
+            partial = self._partial
+            partial += data
+            if len(partial) < self._need:
+                return
+            data, self._partial, self._need = bytes(partial), bytearray(), 0
+        if not self._reads_fast():
+            self._process_or_queue(self._websockets_reads(data))
+            return
+        messages, pos, need = read_binary(data, self._server, self._max_size)
+        events: list[bytes | Event] = [*messages]
+        if need == HAND_OFF:  # a frame that websockets reads (and checks, answers, refuses)
+            events.extend(self._websockets_reads(data[pos:]))
+        elif need:
+            self._partial, self._need = bytearray(memoryview(data)[pos:]), need
+        self._process_or_queue(events)
+
+    def _reads_fast(self) -> bool:
+        """The next byte starts a frame the fast path may read: the websocket is open,
+        no fragmented message is under way, and websockets holds no frame it began."""
         protocol = self.protocol
+        if (protocol.state is not State.OPEN or protocol.current_size is not None
+                or not self.fast_frames or protocol.extensions):
+            return False
+        if self._websockets_busy:
+            if not at_frame_start(protocol):
+                return False
+            self._websockets_busy = False
+        return True
+
+    def _websockets_reads(self, data: bytes) -> list[Event]:
+        protocol = self.protocol
+        self._websockets_busy = True  # it may hold part of a frame now
         protocol.receive_data(data)
         self.write_pending()  # pongs, the close echo, an error's close frame
-        events = protocol.events_received()
+        return protocol.events_received()
+
+    def _process_or_queue(self, events: Sequence[bytes | Event]) -> None:
         if self._backlog:  # still handing on an earlier read: keep the order
             self._backlog.extend(events)
             return
         self._process(events)
 
-    def _process(self, events: list[Event]) -> None:
+    def _hand_partial_to_websockets(self) -> None:
+        """At EOF: the begun frame goes to websockets, which words the end as it would."""
+        if self._need:
+            partial, self._partial, self._need = bytes(self._partial), bytearray(), 0
+            if not self.protocol.reader.eof:
+                self.protocol.receive_data(partial)
+
+    def _process(self, events: Sequence[bytes | Event]) -> None:
         index, count = 0, len(events)
         while index < count:
             event = events[index]
             index += 1
-            if isinstance(event, Frame):
+            if isinstance(event, bytes):  # a whole binary message from the fast path
+                if self._deliver(event) and index < count:
+                    self._backlog = list(events[index:])
+                    self.pause_reading("backlog")
+                    asyncio.get_running_loop().call_soon(self._drain_backlog)
+                    return
+            elif isinstance(event, Frame):
                 if self._frame(event) and index < count:  # let that work run first
-                    self._backlog = events[index:]
+                    self._backlog = list(events[index:])
                     self.pause_reading("backlog")
                     asyncio.get_running_loop().call_soon(self._drain_backlog)
                     return
@@ -245,11 +318,13 @@ class WsConnection(asyncio.Protocol):
             self._on_close(self.close_reason_text())
 
     def eof_received(self) -> bool | None:
+        self._hand_partial_to_websockets()
         self.protocol.receive_eof()
         self.write_pending()
         return None  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._hand_partial_to_websockets()
         self.protocol.receive_eof()  # idempotent: the state becomes CLOSED
         if self._close_timer is not None:
             self._close_timer.cancel()

@@ -15,6 +15,11 @@ Its bounds:
 - a connection is opened within ``connect_timeout_s``; a pooled one idle for
   ``keepalive_s`` is closed before the server's own keep-alive could close it as
   we send on it (a POST is never resent);
+- at most ``max_idle`` connections wait for the next request (`MAX_IDLE_CONNECTIONS`:
+  as many as the streams a busy node has in flight at once, so that the next burst
+  opens none; each one idle is a socket and a few KiB, and leaves after ``keepalive_s``):
+  under 500 concurrent streams a pool of 32 had the node open ~470 connections a round,
+  ~6-8% of its CPU (``scripts/bench/streams.py --profile``);
 - an answer's header lines are refused past ``MAX_HEAD_BYTES``; an answer read
   whole is refused past ``max_body_bytes``; a streamed one is read
   with flow control (reading pauses while ``HIGH_WATER`` bytes wait for the reader);
@@ -41,7 +46,8 @@ __all__ = ["Http1Pool", "Http1Response", "UpstreamError"]
 #: Bytes of a streamed body held for a reader that is behind, before reading pauses.
 HIGH_WATER = 256 * 1024
 MAX_BODY_BYTES = 64 * 1024 * 1024
-MAX_IDLE_CONNECTIONS = 32
+#: Connections kept open for the next request, at most (see the module doc).
+MAX_IDLE_CONNECTIONS = 512
 #: Bytes of an answer's header lines past which it is refused (llhttp sets no limit).
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -232,15 +238,17 @@ class Http1Pool:
 
     def __init__(self, host: str, port: int, *, uds: str | None = None,
                  connect_timeout_s: float = 5.0, keepalive_s: float = 4.0,
+                 max_idle: int = MAX_IDLE_CONNECTIONS,
                  headers: dict[str, str] | None = None,
                  ssl: ssl_module.SSLContext | None = None) -> None:
         self.host, self.port, self.uds, self.ssl = host, port, uds, ssl
         self.connect_timeout_s = connect_timeout_s
         self.keepalive_s = keepalive_s
+        self.max_idle = max_idle
         authority = host if port in (80, 443) or uds else f"{host}:{port}"
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self._head_tail = f"Host: {authority}\r\n{extra}".encode("latin-1")
-        self._idle: list[_Connection] = []
+        self._idle: deque[_Connection] = deque()  # the oldest first
         self.closed = False
 
     async def _connect(self) -> _Connection:
@@ -259,7 +267,7 @@ class Http1Pool:
 
     def _pooled(self) -> _Connection | None:
         while self._idle:
-            conn = self._idle.pop()
+            conn = self._idle.pop()  # the newest: the least likely to be closed by the server
             if conn.usable(self.keepalive_s):
                 return conn
             conn.close()
@@ -285,12 +293,15 @@ class Http1Pool:
         return Http1Response(self, conn)
 
     def _give_back(self, conn: _Connection) -> None:
+        idle = self._idle
+        while idle and not idle[0].usable(self.keepalive_s):  # expired: closed, not kept
+            idle.popleft().close()
         keep = (conn.done and not conn.chunks and not self.closed
-                and conn.keep_alive and len(self._idle) < MAX_IDLE_CONNECTIONS)
+                and conn.keep_alive and len(idle) < self.max_idle)
         if keep:
             conn.reuse()
             if conn.usable(self.keepalive_s):
-                self._idle.append(conn)
+                idle.append(conn)
                 return
         conn.close()
 

@@ -1,7 +1,8 @@
 """Many concurrent streamed answers through coordinator + tunnel, against the upstream alone.
 
     .venv/bin/python scripts/bench/streams.py [--streams 500] [--chunks 64] [--rounds 3]
-        [--json OUT.json] [--profile DIR]
+        [--json OUT.json] [--profile DIR] [--against DIR] [--against-env NAME=VALUE]
+        [--against-node-env NAME=VALUE]
 
 Starts a real coordinator and a real enrolled node (subprocesses, loopback websocket
 tunnel, SQLite store, default settings) in front of the FAKE instant OpenAI upstream of
@@ -18,7 +19,19 @@ in alternating order from round to round so that drift hits both alike, and repo
   round: on a box with fewer free cores than busy processes the wall ratio follows the
   sum of these (two cores: the mesh's four busy processes against direct's two). The
   upstream does the same work in both, so its CPU in a round also tells how slow the
-  shared box was then: other processes' load moves every figure.
+  shared box was then: other processes' load moves every figure;
+* others: CPU seconds the rest of the box used meanwhile (``/proc/stat`` less ours);
+* io: read and write system calls of each process in the round (``/proc/PID/io``; libuv's
+  reads count, asyncio's socket ``recv`` does not): into how many pieces the work was cut.
+  Rounds of the same streams are not all alike: the node's reads of the upstream
+  (10,000-19,000 for 33,000 chunks) follow how often its loop came round, and with them
+  every process's CPU (more reads: more frames, more writes to the client).
+
+Before/after in one run: ``--against DIR`` (another checkout's code), ``--against-env
+NAME=VALUE`` (both processes) and ``--against-node-env NAME=VALUE`` (its node only:
+``MESHGATE_LOOP=asyncio`` compares the node's loop) start a second coordinator and node
+("mesh-b") on the same upstream; each round then runs direct, mesh and mesh-b, in a
+rotating order, and mesh-b's wall and CPU are reported next to mesh's.
 
 The client is a bare asyncio HTTP/1.1 writer/reader (one connection per stream,
 ``Connection: close``) so that its own cost stays small next to the servers'. Bounded:
@@ -50,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overhead import MODEL, start_fake_upstream  # noqa: E402
+from overhead import MODEL, against_env, start_fake_upstream  # noqa: E402
 
 from tests.e2e.mesh import Mesh, free_port  # noqa: E402
 
@@ -103,11 +116,48 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def busy(proc: str, target: str) -> bool:
+    """Whether `proc` does work for `target` ("direct": the upstream; "mesh-b": the upstream,
+    coordinator-b and node-b)."""
+    return proc == "upstream" or (target != "direct" and proc in (
+        f"coordinator{target[4:]}", f"node{target[4:]}"))
+
+
+def syscalls(pid: int) -> tuple[int, int]:
+    """Read and write system calls `pid` has made."""
+    fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(fields["syscr"]), int(fields["syscw"])
+
+
+def box_busy_s() -> float:
+    """CPU seconds the whole box has used (user, nice, system, irq, softirq: /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
+
+
+def start_pair(root: Path, node_args: tuple[str, ...], cleanup: list[Callable[[], None]],
+               env: dict[str, str] | None = None, node_env: dict[str, str] | None = None
+               ) -> Mesh:
+    """A coordinator (`env`) and one enrolled node (`node_env`) serving MODEL; its stop goes
+    on `cleanup` before anything starts."""
+    root.mkdir(parents=True, exist_ok=True)
+    mesh = Mesh(root=root, api_port=free_port(), tunnel_port=free_port())
+    cleanup.append(mesh.stop)
+    mesh.start_coordinator(env=env)
+    mesh.key = mesh.make_key("bench")
+    enrolled = mesh.enroll("node-a")
+    if enrolled.returncode:
+        raise SystemExit(f"enroll failed: {enrolled.stderr}")
+    mesh.start_node("node-a", extra=node_args, env=node_env)
+    mesh.wait_serving(MODEL)
+    return mesh
 
 
 def profiled(pid: int, out: Path) -> subprocess.Popen[bytes]:
@@ -119,19 +169,24 @@ def profiled(pid: int, out: Path) -> subprocess.Popen[bytes]:
     )
 
 
-async def drive(args: argparse.Namespace, mesh: Mesh, upstream_port: int,
+async def drive(args: argparse.Namespace, meshes: dict[str, Mesh], upstream_port: int,
                 pids: dict[str, int]) -> dict[str, Any]:
-    coordinator_pid = pids["coordinator"]
+    """The rounds; `meshes`: "mesh" (and "mesh-b"); `pids`: every process by its role."""
     body = json.dumps({"model": MODEL, "stream": True, "max_tokens": args.chunks,
                        "messages": [{"role": "user", "content": "Say hello."}]}).encode()
+
+    def through(mesh: Mesh) -> Callable[[], Any]:
+        return lambda: round_of(args.streams, mesh.api_port, "/v1/chat/completions", body,
+                                f"Authorization: Bearer {mesh.key}\r\n")
+
     targets: dict[str, Callable[[], Any]] = {
         "direct": lambda: round_of(args.streams, upstream_port, "/v1/chat/completions",
                                    body, ""),
-        "mesh": lambda: round_of(args.streams, mesh.api_port, "/v1/chat/completions", body,
-                                 f"Authorization: Bearer {mesh.key}\r\n"),
+        **{name: through(mesh) for name, mesh in meshes.items()},
     }
-    warm = await targets["mesh"]()  # connections, imports, caches: not counted
-    rss = [rss_mib(coordinator_pid)]
+    coordinators = {name: pids[f"coordinator{name[4:]}"] for name in meshes}
+    warm = {name: await targets[name]() for name in meshes}  # connections, imports, caches
+    rss = {name: [rss_mib(pid)] for name, pid in coordinators.items()}
     rounds: list[dict[str, Any]] = []
     spies = []
     if args.profile:
@@ -139,37 +194,54 @@ async def drive(args: argparse.Namespace, mesh: Mesh, upstream_port: int,
         spies = [profiled(pids[name], args.profile / f"{name}.txt")
                  for name in ("coordinator", "node")]
         await asyncio.sleep(1.0)  # py-spy attaches
+    names = list(targets)
     for i in range(args.rounds):
-        order = ["direct", "mesh"] if i % 2 == 0 else ["mesh", "direct"]
+        order = names[i % len(names):] + names[:i % len(names)]
+        if len(names) == 2 and i % 2:
+            order = order[::-1]
         row: dict[str, Any] = {}
         for name in order:
             before = {proc: cpu_s(pid) for proc, pid in pids.items()}
-            client = time.process_time()
+            io = {proc: syscalls(pid) for proc, pid in pids.items()}
+            box, client = box_busy_s(), time.process_time()
             row[name] = await targets[name]()
-            row[name]["cpu_s"] = {proc: round(cpu_s(pid) - before[proc], 2)
-                                  for proc, pid in pids.items()}
-            row[name]["cpu_s"]["client"] = round(time.process_time() - client, 2)
-        rss.append(rss_mib(coordinator_pid))
-        row["rss_mib"] = rss[-1]
+            cpu = {proc: cpu_s(pid) - before[proc] for proc, pid in pids.items()}
+            cpu["client"] = time.process_time() - client
+            row[name]["io"] = {proc: [a - b for a, b in zip(syscalls(pid), io[proc],
+                                                            strict=True)]
+                               for proc, pid in pids.items() if busy(proc, name)}
+            cpu["others"] = max(0.0, box_busy_s() - box - sum(cpu.values()))
+            row[name]["cpu_s"] = {proc: round(v, 2) for proc, v in cpu.items()
+                                  if name == "direct" or v >= 0.05 or proc in ("client", "others")}
+        for name, pid in coordinators.items():
+            rss[name].append(rss_mib(pid))
+            row[name]["rss_mib"] = rss[name][-1]
         rounds.append(row)
-        print(f"round {i + 1}: direct {row['direct']['wall_s']:.2f} s "
-              f"(refused {row['direct']['refused']}), mesh {row['mesh']['wall_s']:.2f} s "
-              f"(refused {row['mesh']['refused']}, incomplete {row['mesh']['incomplete']}, "
-              f"min events {row['mesh']['events_min']}), coordinator RSS {rss[-1]:.1f} MiB; "
-              f"CPU s mesh {row['mesh']['cpu_s']}, direct {row['direct']['cpu_s']}",
+        print(f"round {i + 1}: direct {row['direct']['wall_s']:.2f} s (refused "
+              f"{row['direct']['refused']}), " + ", ".join(
+                  f"{name} {row[name]['wall_s']:.2f} s "
+                  f"(x{row[name]['wall_s'] / row['direct']['wall_s']:.2f}; "
+                  f"refused {row[name]['refused']}, incomplete {row[name]['incomplete']}, "
+                  f"min events {row[name]['events_min']}, coordinator RSS "
+                  f"{row[name]['rss_mib']:.1f} MiB)" for name in meshes)
+              + "; CPU s " + ", ".join(f"{name} {row[name]['cpu_s']}" for name in order)
+              + "; reads, writes " + ", ".join(f"{name} {row[name]['io']}" for name in meshes),
               flush=True)
     for spy in spies:
         spy.send_signal(2)  # SIGINT: py-spy writes its file
         spy.wait(60)
-    ratios = [r["mesh"]["wall_s"] / r["direct"]["wall_s"] for r in rounds]
-    return {
-        "streams": args.streams, "chunks": args.chunks, "rounds": rounds, "warmup": warm,
-        "wall_ratio_median": statistics.median(ratios), "wall_ratios": ratios,
-        "refused_mesh": sum(r["mesh"]["refused"] for r in rounds),
-        "refused_direct": sum(r["direct"]["refused"] for r in rounds),
-        "incomplete_mesh": sum(r["mesh"]["incomplete"] for r in rounds),
-        "rss_after_warmup_mib": rss[0], "rss_growth_mib": rss[-1] - rss[0],
-    }
+    result: dict[str, Any] = {"streams": args.streams, "chunks": args.chunks,
+                              "rounds": rounds, "warmup": warm}
+    for name in meshes:
+        ratios = [r[name]["wall_s"] / r["direct"]["wall_s"] for r in rounds]
+        result[name] = {
+            "wall_ratio_median": statistics.median(ratios), "wall_ratios": ratios,
+            "refused": sum(r[name]["refused"] for r in rounds),
+            "incomplete": sum(r[name]["incomplete"] for r in rounds),
+            "rss_after_warmup_mib": rss[name][0], "rss_growth_mib": rss[name][-1] - rss[name][0],
+        }
+    result["refused_direct"] = sum(r["direct"]["refused"] for r in rounds)
+    return result
 
 
 def main() -> None:
@@ -180,33 +252,48 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--profile", type=Path, help="py-spy the coordinator and the node "
                         "over the rounds (collapsed stacks in this folder)")
+    parser.add_argument("--against", type=Path, metavar="DIR",
+                        help="a second coordinator and node (mesh-b) run DIR's code")
+    parser.add_argument("--against-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment of mesh-b's coordinator and node")
+    parser.add_argument("--against-node-env", action="append", default=[],
+                        metavar="NAME=VALUE", help="environment of mesh-b's node only")
     args = parser.parse_args()
+    second = bool(args.against or args.against_env or args.against_node_env)
+    env_b = against_env(args.against, args.against_env) if second else {}
+    node_env_b = env_b | against_env(None, args.against_node_env)
     with tempfile.TemporaryDirectory(prefix="mg-streams-") as tmp:
         root = Path(tmp)
-        mesh = Mesh(root=root, api_port=free_port(), tunnel_port=free_port())
-        fake, upstream = start_fake_upstream(root, args.chunks)
+        cleanup: list[Callable[[], None]] = []
         try:
-            mesh.start_coordinator()
-            mesh.key = mesh.make_key("bench")
-            enrolled = mesh.enroll("node-a")
-            if enrolled.returncode:
-                raise SystemExit(f"enroll failed: {enrolled.stderr}")
-            mesh.start_node("node-a", extra=("--upstream", f"{MODEL}={upstream}"))
-            mesh.wait_serving(MODEL)
-            assert mesh.coordinator is not None
+            fake, upstream = start_fake_upstream(root, args.chunks)
+            cleanup.append(fake.kill)
+            node_args = ("--upstream", f"{MODEL}={upstream}")
+            meshes = {"mesh": start_pair(root / "a", node_args, cleanup)}
+            if second:
+                meshes["mesh-b"] = start_pair(root / "b", node_args, cleanup, env_b,
+                                              node_env=node_env_b)
             port = int(upstream.rsplit(":", 1)[1].split("/")[0])
-            pids = {"coordinator": mesh.coordinator.popen.pid,
-                    "node": mesh.nodes["node-a"].popen.pid, "upstream": fake.pid}
-            result = asyncio.run(drive(args, mesh, port, pids))
+            pids = {"upstream": fake.pid}
+            for name, mesh in meshes.items():
+                assert mesh.coordinator is not None
+                pids[f"coordinator{name[4:]}"] = mesh.coordinator.popen.pid
+                pids[f"node{name[4:]}"] = mesh.nodes["node-a"].popen.pid
+            result = asyncio.run(drive(args, meshes, port, pids))
         finally:
-            mesh.stop()
-            fake.kill()
-    print(f"{args.streams} concurrent {args.chunks}-chunk streams, {args.rounds} rounds: "
-          f"mesh/direct wall x{result['wall_ratio_median']:.2f} (median; rounds "
-          + ", ".join(f"{r:.2f}" for r in result["wall_ratios"]) + "), refused "
-          f"{result['refused_mesh']} (direct {result['refused_direct']}), incomplete "
-          f"{result['incomplete_mesh']}, coordinator RSS {result['rss_after_warmup_mib']:.1f} "
-          f"MiB after warm-up, growth {result['rss_growth_mib']:+.1f} MiB")
+            for step in reversed(cleanup):
+                step()
+    if second:
+        print(f"mesh-b: {args.against or 'this checkout'} with "
+              f"{' '.join(args.against_env + args.against_node_env) or 'the same environment'}")
+    for name in meshes:
+        got = result[name]
+        print(f"{name}: {args.streams} concurrent {args.chunks}-chunk streams, {args.rounds} "
+              f"rounds: wall x{got['wall_ratio_median']:.2f} direct's (median; rounds "
+              + ", ".join(f"{r:.2f}" for r in got["wall_ratios"]) + f"), refused "
+              f"{got['refused']} (direct {result['refused_direct']}), incomplete "
+              f"{got['incomplete']}, coordinator RSS {got['rss_after_warmup_mib']:.1f} MiB "
+              f"after warm-up, growth {got['rss_growth_mib']:+.1f} MiB")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -10,6 +10,7 @@ are then fed to the coordinator's side round-robin over the nodes (as 1 Hz telem
 arrives), and each stage is timed alone, on fresh sessions (CPU per frame, us):
 
 - `ws_parse`: websockets' `ServerProtocol.receive_data` + `events_received`
+- `ws_read`: the fast frame reader `WsConnection` uses once OPEN (`wsframes.read_binary`)
 - `core`: `Connection.receive` of the message (decrypt, header, zstd, decode, seq)
 - `shell`: `WsConnection.data_received` -> `Link` -> `Mux` with a handler that takes the
   frame and does nothing (the tunnel's whole receive path)
@@ -58,6 +59,7 @@ from tunnel.noise import public_bytes  # noqa: E402
 from tunnel.session import Session  # noqa: E402
 from tunnel.wire import WsConnection  # noqa: E402
 from tunnel.ws import WS_MAX_SIZE  # noqa: E402
+from tunnel.wsframes import read_binary  # noqa: E402
 
 COORD_KEY = X25519PrivateKey.generate()
 
@@ -152,6 +154,11 @@ async def one_round(count: int, frames: int, seed: int, state: Path) -> dict[str
         servers[n].events_received()
 
     out["ws_parse"] = timed(pairs, ws_parse, count)
+
+    def ws_read(n: int, m: int) -> None:
+        read_binary(nodes[n].wire[m], True, WS_MAX_SIZE)
+
+    out["ws_read"] = timed(pairs, ws_read, count)
 
     nodes = build(count, frames, seed)
     coords = [Connection(node.coord, initiator=False) for node in nodes]

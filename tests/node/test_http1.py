@@ -243,3 +243,49 @@ async def test_a_request_abandoned_midway_closes_its_connection(pools: list[Http
         response.release()  # not read to its end: closed, not pooled
         assert pool.idle_connections == 0
         await asyncio.wait_for(server.closed.wait(), 5)  # the server saw its client go
+
+
+async def test_a_burst_leaves_its_connections_for_the_next_burst_up_to_max_idle(
+    pools: list[Http1Pool],
+) -> None:
+    """Every connection of a burst waits for the next one (the default keeps more than 32:
+    a busy node's streams), and no more than ``max_idle`` of them."""
+    burst = 48
+    arrived, release = asyncio.Event(), asyncio.Event()
+    waiting = 0
+
+    async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal waiting
+        while True:
+            head, _ = await read_request(reader)
+            if not head:
+                return
+            waiting += 1
+            if waiting == burst:
+                arrived.set()
+            await release.wait()
+            writer.write(ok(b"{}"))
+
+    async def one_burst(pool: Http1Pool) -> None:
+        nonlocal waiting
+        waiting = 0
+        arrived.clear()
+        release.clear()
+        tasks = [asyncio.create_task(fetch(pool)) for _ in range(burst)]
+        await arrived.wait()  # all `burst` at once: each on a connection of its own
+        release.set()
+        assert await asyncio.gather(*tasks) == [(200, b"{}")] * burst
+
+    server = Server(held)
+    async with server as port:
+        pool = Http1Pool("127.0.0.1", port)
+        small = Http1Pool("127.0.0.1", port, max_idle=8)
+        pools += [pool, small]
+        await one_burst(pool)
+        assert pool.idle_connections == burst
+        await one_burst(pool)
+        assert server.connections == burst  # the second burst opened none
+        await one_burst(small)
+        assert small.idle_connections == 8
+        await one_burst(small)
+    assert server.connections == 2 * burst + burst - 8
