@@ -343,6 +343,9 @@ class KeyGate:
         prefer = (
             want.prefer if explicit_prefer or admitted.prefer is None else Prefer(admitted.prefer)
         )
+        if (prefer == want.prefer and not admitted.labels and admitted.budget == want.budget_state
+                and tuple(admitted.models) == tuple(want.models)):
+            return want  # a key without scopes or budget: the request as the API planned it
         return replace(
             want,
             models=admitted.models,
