@@ -64,6 +64,9 @@ class NodeConn:
     vram_free: int = 0
     in_flight: int = 0
     per_model: dict[str, int] = field(default_factory=dict)
+    #: our requests per model that ended since the node last reported that model: its
+    #: reported count still holds them until its next report (<= 100 ms for a delta)
+    released: dict[str, int] = field(default_factory=dict)
     observed: dict[str, Observed] = field(default_factory=dict)
     served: int = 0
     touched_at: float = 0.0
@@ -137,7 +140,9 @@ def model_view(conn: NodeConn, name: str, info: ModelInfo) -> ModelView:
     """One model on one node: the node's claims, our own in-flight count and measurements."""
     load = conn.load.get(name) or ModelLoad()
     ours = conn.per_model.get(name, 0)
-    reported = (load.in_flight or 0) + load.waiting
+    # what the node reported, less ours that ended since: a client's next request right
+    # after an answer must not find the node still busy with the one it just got
+    reported = max((load.in_flight or 0) + load.waiting - conn.released.get(name, 0), 0)
     seen = conn.observed.get(name)
     loaded = load.loaded if load.loaded is not None else info.loaded
     decode = load.decode_tps or 0.0
@@ -267,7 +272,10 @@ class Registry:
                    and total >> 28 == conn.vram_total >> 28
                    and vram_free >> 28 == conn.vram_free >> 28)
         load = conn.load
-        changed = [m for m, new in telemetry.runtime.items() if load.get(m) != new]
+        changed = [m for m, new in telemetry.runtime.items()
+                   if load.get(m) != new or m in conn.released]
+        for name in changed:
+            conn.released.pop(name, None)  # the report counts what is in flight now
         if same_hw and not changed:
             return
         conn.host_free, conn.gpu_count, conn.vram_total, conn.vram_free = (
@@ -287,6 +295,8 @@ class Registry:
             conn.load[name] = ModelLoad(**{
                 f: getattr(new, f) if getattr(new, f) is not None else getattr(old, f)
                 for f in ModelLoad.__struct_fields__})
+            if new.in_flight is not None or new.queued is not None or new.queue is not None:
+                conn.released.pop(name, None)  # a fresh count
         if changed:
             self._refresh(conn, changed)
         if freed:
@@ -309,6 +319,7 @@ class Registry:
             conn.per_model[model] = left
         else:
             conn.per_model.pop(model, None)
+        conn.released[model] = conn.released.get(model, 0) + 1
         self._refresh(conn, (model,))
         self._wake((model,))
 
