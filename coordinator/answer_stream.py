@@ -150,7 +150,8 @@ class EventStream(Response):
     def _events(self, chunks: list[bytes]) -> bytes:
         """The chunks as SSE events, in one join (the usage-only chunk when it was asked)."""
         if not self.include_usage:
-            chunks = [c for c in chunks if not is_usage_only(c)]
+            # (the key test first, inline: a call a token chunk less)
+            chunks = [c for c in chunks if b'"usage"' not in c or not is_usage_only(c)]
         return b"data: " + b"\n\ndata: ".join(chunks) + b"\n\n" if chunks else b""
 
     async def _write(self, served: Served, send: Send) -> None:
