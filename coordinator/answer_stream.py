@@ -1,10 +1,10 @@
 """An answer on its way to the client: SSE writing, and noticing a client that left.
 
-Both are event-driven. A client that disconnects wakes the one task per request that
-waits on the ASGI ``receive`` (the server sets its event when the connection is lost);
-that task cancels the request's own task, which turns the cancellation into a 499
-(before the answer started) or ends the stream quietly (after). Nothing polls, and
-nothing runs per frame but the write itself.
+Both are event-driven. A client that disconnects cancels the request's own task, which
+turns the cancellation into a 499 (before the answer started) or ends the stream quietly
+(after): the server's connection-lost callback does it (meshgate/http_protocols.py's
+`ClientGone`, no task), or, on a server without it, one task per request waiting on the
+ASGI ``receive``. Nothing polls, and nothing runs per frame but the write itself.
 
 :class:`EventStream` is the streamed answer's response: no task group and no second
 task per stream (Starlette's ``StreamingResponse`` runs both under ASGI 2.3); the
@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from coordinator.refusals import with_status
 from coordinator.served import Served
+from meshgate.http_protocols import CLIENT_GONE, ClientGone
 from meshgate.openai import SSE_DONE, OpenAIError, is_usage_only, sse_error
 
 log = logging.getLogger(__name__)
@@ -42,24 +43,34 @@ async def client_gone(receive: Receive) -> None:
 class Watch:
     """Cancels the request's task when the client goes away, while armed.
 
-    One waiter task per request, however many waits it guards: the API arms it around
+    One watch per request, however many waits it guards: the API arms it around
     dispatch and again around the answer (``with watch:`` turns our cancellation into a
     499; the SSE writer arms it itself and ends quietly); `stop` once the request is done.
+    It hears of the loss from the server's `ClientGone` callbacks when the scope has them
+    (our httptools protocol: no task), else from one waiter task on ``receive``.
     """
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, scope: Scope | None = None) -> None:
         task = asyncio.current_task()
         assert task is not None
         self.task = task
         self.gone = False
         self.armed = False
         self._cancelled = False
-        self._waiter = asyncio.get_running_loop().create_task(client_gone(receive))
-        self._waiter.add_done_callback(self._fired)
+        self._waiter: asyncio.Task[None] | None = None
+        self._hooks: ClientGone | None = scope.get(CLIENT_GONE) if scope is not None else None
+        if self._hooks is not None:
+            self._hooks.watch(self._lost)
+        else:
+            self._waiter = asyncio.get_running_loop().create_task(client_gone(receive))
+            self._waiter.add_done_callback(self._fired)
 
     def _fired(self, waiter: asyncio.Task[None]) -> None:
         if waiter.cancelled() or waiter.exception() is not None:
             return
+        self._lost()
+
+    def _lost(self) -> None:
         self.gone = True
         if self.armed:  # the task waits inside an armed stretch: the cancel lands there
             self._cancelled = True
@@ -83,8 +94,11 @@ class Watch:
 
     def stop(self) -> None:
         self.armed = False
-        self._waiter.remove_done_callback(self._fired)
-        self._waiter.cancel()
+        if self._hooks is not None:
+            self._hooks.unwatch(self._lost)
+        if self._waiter is not None:
+            self._waiter.remove_done_callback(self._fired)
+            self._waiter.cancel()
 
     def __enter__(self) -> Watch:
         self.arm()
@@ -98,10 +112,11 @@ class Watch:
 
 
 @contextlib.asynccontextmanager
-async def unless_disconnected(receive: Receive) -> AsyncIterator[None]:
+async def unless_disconnected(receive: Receive, scope: Scope | None = None
+                              ) -> AsyncIterator[None]:
     """Run the body; if the client goes away first, cancel it and raise a 499 (a watch of
     its own: see `Watch` for one that guards several waits)."""
-    watch = Watch(receive)
+    watch = Watch(receive, scope)
     try:
         with watch:
             yield
@@ -135,7 +150,8 @@ class EventStream(Response):
     def _events(self, chunks: list[bytes]) -> bytes:
         """The chunks as SSE events, in one join (the usage-only chunk when it was asked)."""
         if not self.include_usage:
-            chunks = [c for c in chunks if not is_usage_only(c)]
+            # (the key test first, inline: a call a token chunk less)
+            chunks = [c for c in chunks if b'"usage"' not in c or not is_usage_only(c)]
         return b"data: " + b"\n\ndata: ".join(chunks) + b"\n\n" if chunks else b""
 
     async def _write(self, served: Served, send: Send) -> None:
@@ -170,7 +186,7 @@ class EventStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
-        watch = self.watch or Watch(receive)
+        watch = self.watch or Watch(receive, scope)
         served = self.served
         end = b""
         try:

@@ -244,7 +244,7 @@ def build_app(ctx: ApiContext) -> CoordinatorApp:
         route_text = str(route) if route.task or body["model"].startswith("qg://") else None
         route_text = route_text or f"qg://prefer={want.prefer.value}"  # the policy it ran under
         request.state.route = route_text
-        watch = Watch(request.receive)  # one waiter for the client leaving, for every wait
+        watch = Watch(request.receive, request.scope)  # the client leaving, for every wait
         handed = False  # to the stream's writer, which stops it
         try:
             served = await _start(ctx, watch, open_request, want, deadline=deadline,

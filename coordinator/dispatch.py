@@ -255,13 +255,13 @@ class Dispatcher:
             wire["compact"] = COMPACT_BATCHES  # compact token frames, batched (token_frames.py)
         wire["model"] = model
         wire["body"] = with_model(request.body, model, asked)
+        view = node.view().models.get(model)  # read before acquire: its view is then stale
         self.registry.acquire(node, model)
         stream: Stream | None = None
         committed = False
         try:
             sent = time.perf_counter()
             stream = await node.mux.open(wire)
-            view = node.view().models.get(model)
             load_s = view.load_time_s if view is not None and not view.loaded else 0.0
             ahead = requests_ahead(node.per_model.get(model, 0),
                                    view.capacity if view is not None else None)

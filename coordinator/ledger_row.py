@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from meshgate.bounds import clamp_tokens
+from meshgate.bounds import MAX_TOKENS_CLAIM, clamp_tokens
 
 __all__ = ["WIDTHS", "fit_row"]
 
@@ -23,15 +23,25 @@ WIDTHS = {"request_id": 128, "key_id": 64, "node_did": 255, "upstream": 200, "mo
 
 def fit_row(row: dict[str, Any]) -> dict[str, Any]:
     out = dict(row)
-    for name, width in WIDTHS.items():
+    for name, width in _WIDTHS:
         value = out.get(name)
         if value is not None:
-            text = value if isinstance(value, str) else str(value)
-            out[name] = text[:width]
+            if type(value) is not str:  # a str subclass too: a plain str, as the column's
+                out[name] = (value if isinstance(value, str) else str(value))[:width]
+            elif len(value) > width:
+                out[name] = value[:width]
     for name in ("prompt_tokens", "completion_tokens"):
-        out[name] = clamp_tokens(out.get(name, 0)) or 0
+        value = out.get(name, 0)
+        fits = type(value) is int and 0 <= value <= MAX_TOKENS_CLAIM  # the usual: as it is
+        out[name] = value if fits else clamp_tokens(value) or 0
     for name in ("latency_ms", "cost"):
         value = out.get(name, 0.0)
+        if type(value) is float and 0.0 <= value < math.inf:  # the usual: as it is
+            out[name] = value
+            continue
         number = float(value) if isinstance(value, int | float) else 0.0
         out[name] = number if math.isfinite(number) and number >= 0 else 0.0
     return out
+
+
+_WIDTHS = tuple(WIDTHS.items())

@@ -252,6 +252,10 @@ class Admitted:
     ticket: Admission
 
 
+_NO_SCOPES = KeyScopes()
+"""the scopes of a key the gate was not told of: no limits (frozen, shared)"""
+
+
 class KeyGate:
     """Scope check (403), rate limits (429) and budget state for every API request.
 
@@ -274,12 +278,13 @@ class KeyGate:
             self.budgets.remember(key_id, scopes)
 
     def scopes(self, key_id: str) -> KeyScopes:
-        return self._scopes.get(key_id) or KeyScopes()
+        return self._scopes.get(key_id) or _NO_SCOPES
 
-    def allowed(self, key_id: str, models: Sequence[str], asked: str) -> list[str]:
+    def allowed(self, key_id: str, models: Sequence[str], asked: str,
+                scopes: KeyScopes | None = None) -> list[str]:
         """The candidate models this key may use; 403 when none (`asked`: what the client
-        wrote in `model`, for the message)."""
-        scopes = self.scopes(key_id)
+        wrote in `model`, for the message; `scopes`: the key's, when the caller has them)."""
+        scopes = scopes or self.scopes(key_id)
         allowed = [m for m in models if scopes.allows_model(m)]
         if not allowed:
             patterns = ", ".join(scopes.models or ())
@@ -298,8 +303,8 @@ class KeyGate:
     ) -> Admitted:
         """Check scope, then charge the rate limits; raises OpenAIError 403 or RateLimited.
         `prompt_tokens`: the caller's estimate (else one from `body`: `estimate_tokens`)."""
-        allowed = self.allowed(key_id, models, asked or (models[0] if models else ""))
         scopes = self.scopes(key_id)
+        allowed = self.allowed(key_id, models, asked or (models[0] if models else ""), scopes)
         prompt, completion = estimate_tokens(body, prompt_tokens)
         ticket = self.limiter.admit(
             key_id, rpm=scopes.rpm, tpm=scopes.tpm, tokens=prompt + completion
@@ -338,6 +343,9 @@ class KeyGate:
         prefer = (
             want.prefer if explicit_prefer or admitted.prefer is None else Prefer(admitted.prefer)
         )
+        if (prefer == want.prefer and not admitted.labels and admitted.budget == want.budget_state
+                and tuple(admitted.models) == tuple(want.models)):
+            return want  # a key without scopes or budget: the request as the API planned it
         return replace(
             want,
             models=admitted.models,

@@ -185,7 +185,10 @@ class Registry:
     def __init__(self, clouds: Iterable[CloudView] = ()) -> None:
         self._nodes: dict[str, NodeConn] = {}
         self._clouds = tuple(clouds)
-        self.index = FleetIndex(self._clouds)
+        self._index = FleetIndex(self._clouds)
+        self._stale: dict[NodeConn, set[str]] = {}
+        """nodes whose own in-flight counts moved since their slots were put: `index` puts
+        them before anyone reads it (a request acquires and releases: one put, not two)"""
         self.version = 0
         self._snapshot: tuple[tuple[Any, ...], Snapshot] | None = None
         self._waiters: dict[str | None, set[asyncio.Future[None]]] = {}
@@ -203,7 +206,7 @@ class Registry:
         """Something the scheduler sees changed for `models` (None: anything): wake the
         requests queued for them."""
         self.version += 1
-        self._wake(self.index.models() if models is None else models)
+        self._wake(self._index.models() if models is None else models)
 
     async def wait_changed(self, within: float | None, models: Iterable[str] = ()) -> None:
         """Wait until capacity may have freed for one of `models` (any change when none
@@ -222,18 +225,29 @@ class Registry:
 
     # -- changes
 
+    @property
+    def index(self) -> FleetIndex:
+        """The scheduler's live view, every node's in-flight counts in it."""
+        if self._stale:
+            stale, self._stale = self._stale, {}
+            for conn, models in stale.items():
+                if self._nodes.get(conn.did) is conn:
+                    conn.view_cache = node_view(conn)
+                    self._index.put(conn.view_cache, models)
+        return self._index
+
     def _refresh(self, conn: NodeConn, models: Iterable[str] | None = None) -> None:
         """Recompute `conn`'s view and move its slots (all, or only `models`) in the index."""
         conn.view_cache = node_view(conn)
         if self._nodes.get(conn.did) is conn:
-            self.index.put(conn.view_cache, models)
+            self._index.put(conn.view_cache, models)
         self.version += 1
 
     def add(self, conn: NodeConn) -> NodeConn | None:
         """Register `conn`; return the older connection of the same node, if any, to close."""
         old = self._nodes.get(conn.did)
         if old is not None:
-            self.index.drop(old.did)
+            self._index.drop(old.did)
         self._nodes[conn.did] = conn
         self._refresh(conn)
         self._wake(conn.infos)
@@ -242,7 +256,8 @@ class Registry:
     def remove(self, conn: NodeConn) -> None:
         if self._nodes.get(conn.did) is conn:
             del self._nodes[conn.did]
-            self.index.drop(conn.did)
+            self._index.drop(conn.did)
+            self._stale.pop(conn, None)
             self.version += 1
 
     def set_inventory(self, conn: NodeConn, inventory: Inventory, raw: dict[str, Any]) -> None:
@@ -310,7 +325,7 @@ class Registry:
     def acquire(self, conn: NodeConn, model: str) -> None:
         conn.in_flight += 1
         conn.per_model[model] = conn.per_model.get(model, 0) + 1
-        self._refresh(conn, (model,))
+        self._moved(conn, model)
 
     def release(self, conn: NodeConn, model: str) -> None:
         conn.in_flight -= 1
@@ -320,8 +335,15 @@ class Registry:
         else:
             conn.per_model.pop(model, None)
         conn.released[model] = conn.released.get(model, 0) + 1
-        self._refresh(conn, (model,))
+        self._moved(conn, model)
         self._wake((model,))
+
+    def _moved(self, conn: NodeConn, model: str) -> None:
+        """Our in-flight count of `model` on `conn` moved: its view is recomputed when next
+        read, and its slot put when `index` is (see there)."""
+        conn.view_cache = None
+        self._stale.setdefault(conn, set()).add(model)
+        self.version += 1
 
     # -- reads
 
@@ -336,10 +358,10 @@ class Registry:
         return len(self._nodes)
 
     def serving(self, model: str) -> list[NodeConn]:
-        return [c for did in self.index.dids(model) if (c := self._nodes.get(did)) is not None]
+        return [c for did in self._index.dids(model) if (c := self._nodes.get(did)) is not None]
 
     def models(self) -> list[str]:
-        return sorted(self.index.models())
+        return sorted(self._index.models())
 
     @property
     def clouds(self) -> tuple[CloudView, ...]:

@@ -77,8 +77,7 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
         _traffic(rows)
 
     def record_now(rows: list[dict[str, Any]]) -> bool:  # SQLite, nobody else writing
-        now = time.time()
-        stored = store.record_usages_now([UsageRecord(**row, created_at=now) for row in rows])
+        stored = store.record_rows_now(rows, time.time())
         if stored:
             _traffic(rows)
         return stored

@@ -12,6 +12,10 @@ while a head is awaited are counted (a head that never ends cannot grow past the
 limit plus one read) and so are the URL and headers the parser hands over. A head
 over the limit is answered 400 and the connection closed, by either.
 
+The httptools one puts a :class:`ClientGone` in every request's scope (``CLIENT_GONE``):
+callbacks for the connection's loss, so an app that must notice a client leaving
+(the coordinator's answers) needs no task waiting on ``receive`` for it.
+
 Both write through a :class:`CorkedTransport`: what the app sends within one turn
 of the event loop (a response's head and body, the chunks of a stream that came
 in one read) leaves in one ``send()`` rather than one each, at most 64 KiB held;
@@ -24,14 +28,16 @@ of the reader, so this is most of what a small answer costs to write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from meshgate.httplimits import HttpLimits
 
-__all__ = ["CorkedTransport", "GuardedHttpToolsProtocol", "Guards"]
+__all__ = ["CLIENT_GONE", "ClientGone", "CorkedTransport", "GuardedHttpToolsProtocol", "Guards"]
 
 log = logging.getLogger("meshgate.httpserver")
 
@@ -92,6 +98,42 @@ class CorkedTransport:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.transport, name)
+
+
+#: The scope key of a request's :class:`ClientGone` (httptools protocol only; absent: none).
+CLIENT_GONE = "meshgate.client_gone"
+
+
+class ClientGone:
+    """Callbacks for the end of one client connection, in each request's scope under
+    `CLIENT_GONE`: an app learns that its client left without a task waiting on ``receive``
+    (one task per request fewer, and no loop turn between the loss and the callback)."""
+
+    __slots__ = ("_callbacks", "lost")
+
+    def __init__(self) -> None:
+        self.lost = False
+        self._callbacks: list[Callable[[], None]] = []
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once when the connection is lost (now, if it was)."""
+        if self.lost:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def unwatch(self, callback: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._callbacks.remove(callback)
+
+    def fire(self) -> None:
+        self.lost = True
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # one app's bug must not keep the others from hearing
+                log.exception("a client-gone callback failed")
 
 
 class Guards:
@@ -249,6 +291,11 @@ class GuardedHttpToolsProtocol(Guards, HttpToolsProtocol):
         self._phase = _HEAD
         self._head_bytes = 0  # of the URL and headers parsed
         self._raw_head_bytes = 0  # received since the last head or message ended
+        self._gone = ClientGone()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._gone.fire()
 
     def data_received(self, data: bytes) -> None:
         if self._phase != _BODY:
@@ -273,6 +320,7 @@ class GuardedHttpToolsProtocol(Guards, HttpToolsProtocol):
         self._phase = _HEAD
         self._head_bytes = 0
         super().on_message_begin()
+        self.scope[CLIENT_GONE] = self._gone  # type: ignore[literal-required]
 
     def on_url(self, url: bytes) -> None:
         self._head_bytes += len(url)

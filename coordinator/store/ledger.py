@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from sqlalchemy import Table, case, func, insert, select
@@ -48,6 +49,15 @@ class LedgerStore(StoreCore):
         if self._appender is None:
             self._appender = SqliteAppender(self.engine, _LEDGER.name, _COLUMNS)
         return self._appender.try_append([tuple(_usage_values(r).values()) for r in records])
+
+    def record_rows_now(self, rows: Sequence[Mapping[str, Any]], created_at: float) -> bool:
+        """`record_usages_now` of ``UsageRecord(**row, created_at=created_at)`` for each of
+        `rows`, without building the records (the request path's one row: `usage_tuple`)."""
+        if self.engine.dialect.name != "sqlite":
+            return False
+        if self._appender is None:
+            self._appender = SqliteAppender(self.engine, _LEDGER.name, _COLUMNS)
+        return self._appender.try_append([usage_tuple(row, created_at) for row in rows])
 
     def ledger_checkpoint(self) -> None:
         """Fold SQLite's write-ahead log into the database (blocking; a thread's job)."""
@@ -179,3 +189,20 @@ _COLUMNS = tuple(_usage_values(UsageRecord(
     request_id="", key_id=None, node_did=None, model="", endpoint="", prompt_tokens=0,
     completion_tokens=0, latency_ms=0.0, outcome="", created_at=0.0)))
 """The ledger's columns in `_usage_values` order (the appender's INSERT)."""
+
+
+def usage_tuple(row: Mapping[str, Any], created_at: float) -> tuple[Any, ...]:
+    """``tuple(_usage_values(UsageRecord(**row, created_at=created_at)).values())``, the
+    same values in `_COLUMNS` order, read from the row's dict directly: the record and the
+    dict in between cost more than the insert's Python side on the request path. A row
+    missing a field the record requires raises KeyError (the record: TypeError)."""
+    get = row.get
+    upstream, route, error = get("upstream"), get("route"), get("error")
+    return (
+        row["request_id"][:128], row["key_id"], row["node_did"],
+        upstream and upstream[:200], row["model"][:255], row["endpoint"][:64],
+        route and route[:200], row["prompt_tokens"], row["completion_tokens"],
+        row["latency_ms"], row["outcome"][:64], get("cost", 0.0), created_at,
+        get("status"), error and error[:64], get("joules"), get("energy_estimated"),
+        get("energy_cost"), get("ingest_key"),
+    )

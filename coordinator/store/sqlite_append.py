@@ -32,6 +32,7 @@ class SqliteAppender:
         self._lock = threading.Lock()
         self._conn: Any = None
         self._quick: Any = None  # the event loop's own (try_append)
+        self._quick_cursor: Any = None
 
     def append(self, rows: list[tuple[Any, ...]]) -> None:
         """Insert `rows` in one transaction; raises the driver's error (nothing stored)."""
@@ -63,23 +64,19 @@ class SqliteAppender:
         the database's write lock. For the event loop: its connection has no busy
         timeout and no automatic WAL checkpoint (a checkpoint copies pages and fsyncs;
         `checkpoint` does it off the loop)."""
-        if self._quick is None:
+        cursor = self._quick_cursor
+        if cursor is None:
             self._quick = self._engine.raw_connection()
-            cursor = self._quick.cursor()
+            cursor = self._quick_cursor = self._quick.cursor()  # kept: one per call cost more
             cursor.execute("PRAGMA busy_timeout=0")
             cursor.execute("PRAGMA wal_autocheckpoint=0")
-            cursor.close()
-        cursor = self._quick.cursor()
         try:
-            try:
-                cursor.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
-                    return False
-                raise
-            self._insert(cursor, rows)
-        finally:
-            cursor.close()
+            cursor.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                return False
+            raise
+        self._insert(cursor, rows)
         return True
 
     def checkpoint(self) -> None:
@@ -93,7 +90,9 @@ class SqliteAppender:
 
     def close(self) -> None:
         with self._lock:
+            if self._quick_cursor is not None:
+                self._quick_cursor.close()
             for conn in (self._conn, self._quick):
                 if conn is not None:
                     conn.close()  # back to the pool, which the engine then disposes
-            self._conn = self._quick = None
+            self._conn = self._quick = self._quick_cursor = None

@@ -1,7 +1,7 @@
 """CPU time per request of each process on the coordinator path, and where it goes.
 
     .venv/bin/python scripts/bench/request_cpu.py [--requests 400] [--chunks 16]
-        [--profile DIR] [--loop uvloop] [--against DIR] [--against-env NAME=VALUE]
+        [--profile DIR] [--loop uvloop] [--against DIR] [--against-env NAME=VALUE] [--syscalls]
 
 Starts a real coordinator and a real enrolled node (subprocesses, loopback
 websockets tunnel, SQLite store) in front of the instant FAKE OpenAI upstream of
@@ -16,6 +16,11 @@ no request and taken off, so the figure is what one request costs each process.
 coordinator and node (another checkout's code, or other environment variables) and send
 each request to both pairs in turn, the first pair first on even rounds: the two columns
 of a process are then measured over the same seconds of the same box (before/after).
+
+``--syscalls`` then sends each shape's requests once more with ``strace -f -c`` attached to
+every process and prints the system calls per request of each (reads, writes, waits on
+epoll, futex wake-ups): how many times a request crosses the kernel and wakes a process
+(strace slows what it traces, so these rounds give no CPU figures).
 
 Wall time on a shared box says little; CPU time per process says which process
 pays and does not move with the neighbours' load (it does with the CPU's clock:
@@ -107,6 +112,51 @@ def run_shape(targets: list[Target], body: dict[str, Any], requests: int,
                           "wall_ms": wall * 1000 / (requests * len(targets))}
 
 
+#: The system calls --syscalls prints (others are summed as "other").
+SYSCALLS = ("read", "recvfrom", "recvmsg", "write", "writev", "sendto", "sendmsg",
+            "epoll_wait", "epoll_pwait", "futex", "pwrite64")
+
+
+def traced(procs: dict[str, psutil.Process], targets: list[Target], body: dict[str, Any],
+           requests: int, folder: Path) -> dict[str, dict[str, float]]:
+    """System calls per request of each process (`strace -c -f`) over `requests` requests
+    sent to every target in turn."""
+    strace = shutil.which("strace")
+    if strace is None:
+        raise SystemExit("--syscalls needs strace (apt-get install strace)")
+    tracers = {name: subprocess.Popen(
+        [strace, "-f", "-c", "-o", str(folder / f"{name}.txt"), "-p", str(proc.pid)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, proc in procs.items()}
+    time.sleep(1.0)  # strace attaches to every thread
+    for i in range(requests):
+        turn = i % len(targets)
+        for _, client, url in targets[turn:] + targets[:turn]:
+            one_request(client, url, body)
+    for tracer in tracers.values():
+        tracer.send_signal(2)  # SIGINT: strace detaches and writes its summary
+        tracer.wait(30)
+    out: dict[str, dict[str, float]] = {}
+    for name in procs:
+        share = requests * (len(targets) if name == "upstream" else 1)
+        counts = dict.fromkeys((*SYSCALLS, "other"), 0.0)
+        for line in (folder / f"{name}.txt").read_text().splitlines():
+            fields = line.split()
+            if len(fields) < 5 or not fields[3].isdigit() or fields[-1] == "total":
+                continue
+            key = fields[-1] if fields[-1] in SYSCALLS else "other"
+            counts[key] += int(fields[3]) / share
+        out[name] = counts
+    return out
+
+
+def print_syscalls(shape: str, counts: dict[str, dict[str, float]]) -> None:
+    shown = [c for c in (*SYSCALLS, "other") if any(row[c] for row in counts.values())]
+    print(f"system calls per request, {shape} (strace -c -f)")
+    print(f"{'process':<16}" + "".join(f"{c:>12}" for c in shown))
+    for name, row in counts.items():
+        print(f"{name:<16}" + "".join(f"{row[c]:>12.2f}" for c in shown))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=400)
@@ -121,6 +171,8 @@ def main() -> None:
                         help="a second coordinator and node run this checkout's code")
     parser.add_argument("--against-env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment of the second coordinator and node only")
+    parser.add_argument("--syscalls", action="store_true",
+                        help="then count each process's system calls per request (strace)")
     args = parser.parse_args()
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
@@ -147,12 +199,18 @@ def main() -> None:
             body: dict[str, Any] = {"model": MODEL, "max_tokens": 16, "temperature": 0,
                                     "messages": [{"role": "user", "content": "Say hello."}]}
             rows = []
+            syscalls: list[tuple[str, dict[str, dict[str, float]]]] = []
             for shape, shaped in (("non-stream", body), ("stream", {**body, "stream": True})):
                 for _ in range(args.warmup):
                     for _, client, url in targets:
                         one_request(client, url, shaped)
                 rows.append((shape, run_shape(targets, shaped, args.requests, procs,
                                               args.profile, shape, args.rate)))
+                if args.syscalls:
+                    folder = root / f"strace-{shape}"
+                    folder.mkdir()
+                    syscalls.append((shape, traced(procs, targets, shaped, args.requests,
+                                                   folder)))
         finally:
             for step in reversed(cleanup):
                 step()
@@ -166,6 +224,8 @@ def main() -> None:
     print(f"{'shape':<12}" + "".join(f"{c:>15}" for c in columns))
     for shape, row in rows:
         print(f"{shape:<12}" + "".join(f"{row[c]:>15.3f}" for c in columns))
+    for shape, counts in syscalls:
+        print_syscalls(shape, counts)
     print(f"load average: {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} cores")
 
 

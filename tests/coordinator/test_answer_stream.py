@@ -11,6 +11,7 @@ import pytest
 
 from coordinator.answer_stream import EventStream, Watch, unless_disconnected
 from coordinator.served import Served
+from meshgate.http_protocols import CLIENT_GONE, ClientGone
 from meshgate.openai import OpenAIError
 from meshgate.protocol import OpenRequest
 
@@ -102,6 +103,36 @@ async def test_one_watch_guards_several_waits_with_one_waiter() -> None:
     watch.stop()
     await _spin()
     assert len(asyncio.all_tasks()) == before
+
+
+async def test_a_watch_on_the_servers_connection_callbacks_needs_no_task() -> None:
+    gone = ClientGone()
+    before = len(asyncio.all_tasks())
+    watch = Watch(Client().receive, {CLIENT_GONE: gone})
+    assert len(asyncio.all_tasks()) == before  # no waiter: the protocol calls back
+    waiting = asyncio.Event()
+
+    async def dispatch() -> None:
+        with watch:
+            waiting.set()
+            await asyncio.Event().wait()  # a dispatch that would never end
+
+    task = asyncio.create_task(dispatch())
+    await waiting.wait()
+    gone.fire()  # the connection is lost mid-wait: the request's task is cancelled at once
+    with pytest.raises(OpenAIError) as caught:
+        await task
+    assert caught.value.status == 499
+    watch.stop()
+    late = Watch(Client().receive, {CLIENT_GONE: gone})  # lost before it was watched
+    with pytest.raises(OpenAIError), late:
+        pytest.fail("entered a wait for a client that left")
+    late.stop()
+    kept = ClientGone()
+    stopped = Watch(Client().receive, {CLIENT_GONE: kept})
+    stopped.stop()  # a finished request no longer hears of its connection
+    kept.fire()
+    assert not stopped.gone
 
 
 class Answer(Served):

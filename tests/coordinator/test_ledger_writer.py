@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 import threading
 from pathlib import Path
@@ -160,6 +161,37 @@ def test_the_loops_sqlite_write_never_waits_for_the_lock(tmp_path: Path) -> None
         assert store.record_usages_now([record]) is True
         store.ledger_checkpoint()
         assert [r.request_id for r in store.usage_rows()] == ["r1"]
+    finally:
+        other.close()
+        store.close()
+
+
+def test_a_row_stored_from_its_dict_equals_the_record_path(tmp_path: Path) -> None:
+    """`record_rows_now` (the request path: no UsageRecord) stores what `record_usages_now`
+    stores for the same row, cuts to the columns' widths included; locked, nothing."""
+    store = Store(f"sqlite:///{tmp_path}/ledger.db")
+    other = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None)
+    long = _row(0, request_id="r" * 200, model="m" * 300, upstream="u" * 300,
+                route="q" * 300, outcome="o" * 100, status=502, error="e" * 100,
+                joules=1.5, energy_estimated=True, energy_cost=0.25, node_did=None)
+    rows = [_row(1), _row(2, upstream="cloud-a", route="qg://prefer=local", status=200), long]
+    try:
+        assert store.record_usages_now([UsageRecord(**r, created_at=5.0) for r in rows])
+        by_record = store.usage_rows()
+        for row in rows:
+            row["request_id"] = "b" + row["request_id"]
+        other.execute("BEGIN IMMEDIATE")
+        assert store.record_rows_now(rows, 5.0) is False
+        other.execute("COMMIT")
+        assert store.record_rows_now(rows, 5.0) is True
+        by_dict = [r for r in store.usage_rows() if r.request_id.startswith("b")]
+        assert len(by_record) == len(by_dict) == 3
+        key = lambda r: r.request_id.lstrip("b")  # noqa: E731
+        for a, b in zip(sorted(by_record, key=key), sorted(by_dict, key=key), strict=True):
+            assert dataclasses.replace(b, request_id=a.request_id) == a
+            assert b.request_id == ("b" + a.request_id)[:128]
+        with pytest.raises(KeyError):  # a row without a required field is refused
+            store.record_rows_now([{"request_id": "x"}], 5.0)
     finally:
         other.close()
         store.close()

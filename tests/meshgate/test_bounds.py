@@ -89,6 +89,28 @@ def test_a_ledger_row_always_fits_its_columns() -> None:
     assert (row["latency_ms"], row["cost"]) == (0.0, 0.0)
 
 
+def test_an_honest_ledger_row_is_kept_and_odd_values_are_made_plain() -> None:
+    class Name(str):
+        pass
+
+    honest = {"request_id": "r1", "model": "m", "prompt_tokens": 3, "completion_tokens": 0,
+              "latency_ms": 2.5, "cost": 0.125, "outcome": "ok", "joules": None}
+    assert fit_row(honest) == honest
+    assert fit_row(honest) is not honest
+    assert fit_row({"request_id": "r"}) == {"request_id": "r", "prompt_tokens": 0,
+                                           "completion_tokens": 0, "latency_ms": 0.0,
+                                           "cost": 0.0}
+    odd = fit_row({"model": Name("m" * 300), "key_id": 7, "prompt_tokens": True,
+                   "completion_tokens": MAX_TOKENS_CLAIM + 1, "latency_ms": math.inf,
+                   "cost": 3})
+    assert type(odd["model"]) is str
+    assert odd["model"] == "m" * 255
+    assert odd["key_id"] == "7"
+    assert (odd["prompt_tokens"], odd["completion_tokens"]) == (0, MAX_TOKENS_CLAIM)
+    assert (odd["latency_ms"], odd["cost"]) == (0.0, 3.0)
+    assert type(odd["cost"]) is float
+
+
 def test_deep_json_is_a_value_error_not_a_recursion_error() -> None:
     with pytest.raises(ValueError, match="nested too deeply"):
         load_json(b"[" * 100_000 + b"]" * 100_000)
