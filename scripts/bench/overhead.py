@@ -284,9 +284,10 @@ def against_env(tree: Path | None, pairs: list[str]) -> dict[str, str]:
 
 
 def start_pair(root: Path, node_args: tuple[str, ...], cleanup: list[Callable[[], None]],
-               env: dict[str, str] | None = None) -> Mesh:
-    """A coordinator and one enrolled node serving MODEL (`env`: for both processes); its
-    stop goes on `cleanup` before anything starts."""
+               env: dict[str, str] | None = None, node_env: dict[str, str] | None = None
+               ) -> Mesh:
+    """A coordinator (`env`) and one enrolled node (`node_env`, else `env`) serving MODEL;
+    its stop goes on `cleanup` before anything starts."""
     root.mkdir(parents=True, exist_ok=True)
     mesh = Mesh(root=root, api_port=free_port(), tunnel_port=free_port())
     cleanup.append(mesh.stop)
@@ -295,7 +296,7 @@ def start_pair(root: Path, node_args: tuple[str, ...], cleanup: list[Callable[[]
     enrolled = mesh.enroll("node-a")
     if enrolled.returncode:
         raise SystemExit(f"enroll failed: {enrolled.stderr}")
-    mesh.start_node("node-a", extra=node_args, env=env)
+    mesh.start_node("node-a", extra=node_args, env=env if node_env is None else node_env)
     mesh.wait_serving(MODEL)
     return mesh
 

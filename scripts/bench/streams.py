@@ -63,9 +63,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overhead import MODEL, against_env, start_fake_upstream  # noqa: E402
+from overhead import MODEL, against_env, start_fake_upstream, start_pair  # noqa: E402
 
-from tests.e2e.mesh import Mesh, free_port  # noqa: E402
+from tests.e2e.mesh import Mesh  # noqa: E402
 
 STREAM_TIMEOUT_S = 120.0
 DONE = b"data: [DONE]"
@@ -140,24 +140,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
-
-
-def start_pair(root: Path, node_args: tuple[str, ...], cleanup: list[Callable[[], None]],
-               env: dict[str, str] | None = None, node_env: dict[str, str] | None = None
-               ) -> Mesh:
-    """A coordinator (`env`) and one enrolled node (`node_env`) serving MODEL; its stop goes
-    on `cleanup` before anything starts."""
-    root.mkdir(parents=True, exist_ok=True)
-    mesh = Mesh(root=root, api_port=free_port(), tunnel_port=free_port())
-    cleanup.append(mesh.stop)
-    mesh.start_coordinator(env=env)
-    mesh.key = mesh.make_key("bench")
-    enrolled = mesh.enroll("node-a")
-    if enrolled.returncode:
-        raise SystemExit(f"enroll failed: {enrolled.stderr}")
-    mesh.start_node("node-a", extra=node_args, env=node_env)
-    mesh.wait_serving(MODEL)
-    return mesh
 
 
 def profiled(pid: int, out: Path) -> subprocess.Popen[bytes]:
