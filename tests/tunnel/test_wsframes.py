@@ -17,7 +17,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from tunnel.wsframes import HAND_OFF, binary_frame, read_binary
+from tunnel.wsframes import HAND_OFF, at_frame_start, binary_frame, read_binary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import ws_twin
@@ -206,3 +206,18 @@ def test_the_twin_check_would_see_a_difference() -> None:
             check(frame(2, b"a") + frame(2, b"b"), [])
     finally:
         ws_twin._read = original
+
+
+def test_websockets_is_seen_waiting_for_a_frame_so_the_fast_path_comes_back() -> None:
+    """`at_frame_start` reads websockets' generator chain. If a websockets release built its
+    parser otherwise, every read after the first ping would go to websockets for good: still
+    right, silently slow. The twin check cannot see that; this can."""
+    protocol = ServerProtocol(max_size=MAX_SIZE, state=State.OPEN)
+    assert at_frame_start(protocol)
+    protocol.receive_data(frame(9, b"ping"))
+    assert at_frame_start(protocol)  # a whole control frame read: waiting for the next
+    binary = frame(2, b"x" * 200)
+    protocol.receive_data(binary[:5])
+    assert not at_frame_start(protocol)  # a frame begun: websockets must finish it
+    protocol.receive_data(binary[5:])
+    assert at_frame_start(protocol)
