@@ -29,6 +29,8 @@ from typing import Any, TypeVar
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope
 
 from coordinator.answer_stream import EventStream, Watch
 from coordinator.cache import CachedResponse, ResponseCache, cache_key
@@ -71,6 +73,7 @@ NO_OTEL: dict[str, Any] = (
     {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
     if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
 T = TypeVar("T")
+_ROUTE_HEADER = ROUTE_HEADER.lower().encode()
 
 
 @dataclass
@@ -103,7 +106,10 @@ class ApiContext:
     _ledger: LedgerWriter | None = None
 
     async def authenticate(self, request: Request) -> str:
-        header = request.headers.get("authorization", "")
+        return await self.authenticate_header(request.headers.get("authorization", ""))
+
+    async def authenticate_header(self, header: str) -> str:
+        """The key id of an ``Authorization`` header's key (401 when missing or wrong)."""
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise OpenAIError(401, "missing API key: send 'Authorization: Bearer KEY'",
@@ -159,16 +165,32 @@ class ApiContext:
         task's own step: the answer's last bytes, written in that step, leave first."""
         if self.gate is not None or self.metrics is not None:
             asyncio.get_running_loop().call_soon(self._count, row)
+        try:
+            await self._writer().write(fit_row(row))
+        except Exception:
+            log.exception("the ledger row of request %s could not be written: %s",
+                          row.get("request_id"), clip(repr(row), 1000))
+
+    def commit_now(self, row: dict[str, Any]) -> bool:
+        """`commit` when it needs no wait (SQLite with nobody else writing): True once the
+        row is stored and its count scheduled as `commit` does; False, nothing done (nor
+        raised: `commit` then writes it, or logs why it cannot)."""
+        try:
+            if not self._writer().try_now(fit_row(row)):
+                return False
+        except Exception:  # noqa: BLE001 - nothing stored: commit tries again and logs it
+            return False
+        if self.gate is not None or self.metrics is not None:
+            asyncio.get_running_loop().call_soon(self._count, row)
+        return True
+
+    def _writer(self) -> LedgerWriter:
         if self._ledger is None:  # rows one at a time unless the store writes them together
             self._ledger = (LedgerWriter(self.record_usages, write_now=self.record_now,
                                          housekeeping=self.ledger_housekeeping)
                             if self.record_usages is not None
                             else LedgerWriter(self._row_by_row, max_batch=1))
-        try:
-            await self._ledger.write(fit_row(row))
-        except Exception:
-            log.exception("the ledger row of request %s could not be written: %s",
-                          row.get("request_id"), clip(repr(row), 1000))
+        return self._ledger
 
     def _count(self, row: dict[str, Any]) -> None:
         if self.gate is not None:
@@ -200,6 +222,59 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     return b"".join(chunks)
 
 
+async def _receive_body(receive: Receive, declared: str | None,
+                        limit: int = MAX_BODY_BYTES) -> bytes:
+    """`read_body` from the ASGI `receive` itself (the hot routes: no Request's stream, the
+    same refusals); a client gone before its body ended raises ClientDisconnect as the
+    stream does."""
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise OpenAIError(413, f"request body is {declared} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise OpenAIError(413, f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect
+
+
+#: The request headers the hot routes read (ASGI names are lower case).
+_READ_HEADERS = frozenset({b"authorization", b"content-length", b"x-request-id",
+                           ROUTE_HEADER.lower().encode(), b"x-meshgate-timeout"})
+
+
+def _headers_of(scope: Scope) -> dict[bytes, str]:
+    """The headers of `_READ_HEADERS` a request has (the first of each, as Starlette's
+    ``Headers.get``), in one pass."""
+    found: dict[bytes, str] = {}
+    for name, value in scope["headers"]:
+        if name in _READ_HEADERS and name not in found:
+            found[name] = value.decode("latin-1")
+    return found
+
+
+class _JsonAnswer(Response):
+    """A whole JSON answer: Starlette's ``Response(data, media_type=JSON, headers=...)``
+    with its raw headers built here (no header mapping lower-cased and encoded again)."""
+
+    media_type = "application/json"
+
+    def __init__(self, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status_code = 200
+        self.background = None
+        self.body = body
+        self.raw_headers = [*headers, (b"content-length", str(len(body)).encode()),
+                            (b"content-type", b"application/json")]
+
+
 def _health(registry: Registry) -> dict[str, Any]:
     """Liveness, and what connected nodes serve now (clouds and aliases not counted)."""
     return {"status": "ok", "nodes": len(registry.nodes()), "node_models": registry.models()}
@@ -224,51 +299,7 @@ def build_app(ctx: ApiContext) -> CoordinatorApp:
 
     _add_model_routes(app, ctx)
 
-    async def handle(request: Request, endpoint: str) -> Response:
-        key_id = await ctx.authenticate(request)
-        request.state.key_id = key_id
-        raw = await read_body(request)
-        parsed = parse(raw, endpoint)
-        body, stream = parsed.body, parsed.stream
-        request_id = (current_request_id() or request.headers.get("x-request-id")
-                      or "req_" + secrets.token_hex(8))
-        request.state.model = str(body["model"])
-        route, want = await plan(ctx, parsed, request.headers.get(ROUTE_HEADER))
-        want = _for_key(ctx, key_id, body, want, request_id=request_id,
-                        header=request.headers.get(ROUTE_HEADER))
-        cached_as, hit = await _from_cache(ctx, request_id, key_id, endpoint, body)
-        if hit is not None:
-            return hit
-        deadline = _deadline(ctx, request.headers.get("x-meshgate-timeout"))
-        open_request = OpenRequest(request_id, endpoint, want.models[0], stream, raw)
-        route_text = str(route) if route.task or body["model"].startswith("qg://") else None
-        route_text = route_text or f"qg://prefer={want.prefer.value}"  # the policy it ran under
-        request.state.route = route_text
-        watch = Watch(request.receive, request.scope)  # the client leaving, for every wait
-        handed = False  # to the stream's writer, which stops it
-        try:
-            served = await _start(ctx, watch, open_request, want, deadline=deadline,
-                                  asked=body["model"])
-            request.state.served = served  # its usage, for the access line
-            headers = {"x-request-id": request_id, **served.headers()}
-            if not stream:
-                try:
-                    data = await _whole(ctx, watch, served, key_id, route_text)
-                except OpenAIError:  # a 499: its row, the answer's, is stored already
-                    request.state.recorded = True
-                    raise
-                if cached_as is not None and ctx.cache is not None and served.outcome == "ok":
-                    ctx.cache.put(cached_as, CachedResponse(
-                        data, served.model, served.target, *_tokens(served.usage)))
-                return Response(data, media_type="application/json", headers=headers)
-            handed = True
-            return EventStream(served, ctx.commit, key_id, route_text,
-                               include_usage=parsed.include_usage, headers=headers, watch=watch)
-        finally:
-            if not handed:
-                watch.stop()
-
-    hot = {f"/v1/{endpoint}": _bind(handle, endpoint)
+    hot = {f"/v1/{endpoint}": _bind(ctx, endpoint)
            for endpoint in ("chat/completions", "completions", "embeddings")}
     for path, route in hot.items():  # in the router too: another method there is a 405
         app.router.add_route(path, route, methods=["POST"], name=path.removeprefix("/v1/"))
@@ -302,9 +333,12 @@ async def _whole(ctx: ApiContext, watch: Watch, served: Served, key_id: str,
         with watch:
             return await served.collect()
     finally:
-        with anyio.CancelScope(shield=True):
-            await served.close()
-            await ctx.commit(with_status(served.row(key_id, route)))
+        # the answer read whole has released its node, and the row is stored at once
+        # when nobody else is writing: nothing to wait for, so nothing to shield
+        if not (served.released and ctx.commit_now(with_status(served.row(key_id, route)))):
+            with anyio.CancelScope(shield=True):
+                await served.close()
+                await ctx.commit(with_status(served.row(key_id, route)))
 
 
 def _add_model_routes(app: FastAPI, ctx: ApiContext) -> None:
@@ -322,14 +356,63 @@ def _add_model_routes(app: FastAPI, ctx: ApiContext) -> None:
         return JSONResponse(model_object(model_id, owned_by="meshgate"))
 
 
-def _bind(
-    handle: Callable[[Request, str], Any], endpoint: str
-) -> Callable[[Request], Any]:
+def _bind(ctx: ApiContext, endpoint: str) -> Callable[[Request], Any]:
     async def route(request: Request) -> Response:
-        result: Response = await handle(request, endpoint)
-        return result
+        return await _handle(ctx, request, endpoint)
 
     return route
+
+
+async def _handle(ctx: ApiContext, request: Request, endpoint: str) -> Response:
+    """One POST of the three OpenAI routes."""
+    # the scope's headers read once and its state dict written directly: Starlette's
+    # `request.headers.get` scans and lower-cases every header on each call
+    scope = request.scope
+    state: dict[str, Any] = scope.setdefault("state", {})
+    headers_in = _headers_of(scope)
+    route_header = headers_in.get(_ROUTE_HEADER)
+    key_id = await ctx.authenticate_header(headers_in.get(b"authorization", ""))
+    state["key_id"] = key_id
+    raw = await _receive_body(request.receive, headers_in.get(b"content-length"))
+    parsed = parse(raw, endpoint)
+    body, stream = parsed.body, parsed.stream
+    request_id = (current_request_id() or headers_in.get(b"x-request-id")
+                  or "req_" + secrets.token_hex(8))
+    state["model"] = str(body["model"])
+    route, want = await plan(ctx, parsed, route_header)
+    want = _for_key(ctx, key_id, body, want, request_id=request_id, header=route_header)
+    cached_as, hit = await _from_cache(ctx, request_id, key_id, endpoint, body)
+    if hit is not None:
+        return hit
+    deadline = _deadline(ctx, headers_in.get(b"x-meshgate-timeout"))
+    open_request = OpenRequest(request_id, endpoint, want.models[0], stream, raw)
+    route_text = str(route) if route.task or body["model"].startswith("qg://") else None
+    route_text = route_text or f"qg://prefer={want.prefer.value}"  # the policy it ran under
+    state["route"] = route_text
+    watch = Watch(request.receive, scope)  # the client leaving, for every wait
+    handed = False  # to the stream's writer, which stops it
+    try:
+        served = await _start(ctx, watch, open_request, want, deadline=deadline,
+                              asked=body["model"])
+        state["served"] = served  # its usage, for the access line
+        if not stream:
+            try:
+                data = await _whole(ctx, watch, served, key_id, route_text)
+            except OpenAIError:  # a 499: its row, the answer's, is stored already
+                state["recorded"] = True
+                raise
+            if cached_as is not None and ctx.cache is not None and served.outcome == "ok":
+                ctx.cache.put(cached_as, CachedResponse(
+                    data, served.model, served.target, *_tokens(served.usage)))
+            return _JsonAnswer(data, [(b"x-request-id", request_id.encode()),
+                                      *served.raw_headers()])
+        headers = {"x-request-id": request_id, **served.headers()}
+        handed = True
+        return EventStream(served, ctx.commit, key_id, route_text,
+                           include_usage=parsed.include_usage, headers=headers, watch=watch)
+    finally:
+        if not handed:
+            watch.stop()
 
 
 async def plan(ctx: ApiContext, parsed: Parsed, header: str | None) -> tuple[Route, Want]:

@@ -69,17 +69,25 @@ class LedgerWriter:
 
     async def write(self, row: Row) -> None:
         """Return once `row` is stored; raise what the store raised for it."""
-        if self._write_now is not None and self._queue.empty() and self._write_now([row]):
-            self.now += 1  # nobody else was writing: stored here, no hand-off each way
-            if self._housekeeping is not None and self.now % HOUSEKEEPING_EVERY == 0:
-                self._ensure_thread()
-                self._queue.put(self._housekeeping)
+        if self.try_now(row):
             return
         self._ensure_thread()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._queue.put((row, done, loop))
         await asyncio.shield(done)  # a cancelled request still gets its row stored
+
+    def try_now(self, row: Row) -> bool:
+        """Store `row` here and now if that cannot wait (`write_now`, with no row queued
+        before it): True once stored; False, nothing stored, when `write` must queue it.
+        Raises what the store raised (nothing stored)."""
+        if self._write_now is None or not self._queue.empty() or not self._write_now([row]):
+            return False
+        self.now += 1  # nobody else was writing: stored here, no hand-off each way
+        if self._housekeeping is not None and self.now % HOUSEKEEPING_EVERY == 0:
+            self._ensure_thread()
+            self._queue.put(self._housekeeping)
+        return True
 
     def close(self, timeout: float = 10.0) -> None:
         """Store what is queued, then stop the thread."""

@@ -41,6 +41,7 @@ class Metrics:
         """(status, model, route, endpoint) -> the series `observe` counts in (bounded:
         statuses x MAX_MODEL_LABELS x routes x endpoints)"""
         self._tokens: dict[tuple[str, str], Any] = {}
+        self._energy: dict[tuple[str, str], Any] = {}
         r = self.registry
         self.requests = Counter(
             "meshgate_coordinator_requests",
@@ -183,7 +184,11 @@ class Metrics:
 
     def count_energy(self, model: str, route: str, joules: float | None) -> None:
         if joules is not None and joules > 0:
-            self.energy.labels(self.model_label(model), route).inc(joules)
+            label = self.model_label(model)
+            child = self._energy.get((label, route))
+            if child is None:  # labels() validates and locks each time: once per pair here
+                child = self._energy[label, route] = self.energy.labels(label, route)
+            child.inc(joules)
 
     def served(self, tries: int, upstream: str | None) -> None:
         """A request started on its `tries`-th candidate, on a cloud when `upstream`."""

@@ -115,6 +115,11 @@ class Served:
         self._released = False
 
     @property
+    def released(self) -> bool:
+        """Whether `close` has run (the node or cloud let go)."""
+        return self._released
+
+    @property
     def target(self) -> str:
         return self.node_did or f"cloud:{self.upstream}"
 
@@ -122,6 +127,12 @@ class Served:
         if self.node_did:
             return {"x-meshgate-node": self.node_did}
         return {"x-meshgate-upstream": self.upstream or ""}
+
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """`headers` as an ASGI answer's (name, value) pairs."""
+        if self.node_did:
+            return [(b"x-meshgate-node", self.node_did.encode("latin-1"))]
+        return [(b"x-meshgate-upstream", (self.upstream or "").encode("latin-1"))]
 
     def _wait(self) -> float:
         """Seconds the next read may take: the idle timeout, cut at the deadline."""

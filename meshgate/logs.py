@@ -27,11 +27,13 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import re
 import secrets
 import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -263,7 +265,42 @@ def access_line(scope: Scope, status: int, seconds: float) -> None:
 def quick_info(logger: logging.Logger, msg: str, *args: Any,
                extra: dict[str, Any] | None = None) -> None:
     """`logger.info(msg, *args, extra=extra)` for a line written per request: the record is
-    made here, without the stack walk that names its caller (no format writes it)."""
-    if logger.isEnabledFor(logging.INFO):
+    made here, without the stack walk that names its caller (no format writes it), as a
+    copy of a record made once per logger and thread with its time, message and `extra`
+    set (``LogRecord.__init__`` asks the thread's and the process's names, splits the
+    file's path and looks the level's name up again for every line)."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    if logging.getLogRecordFactory() is not logging.LogRecord:  # someone's own records
         logger.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, msg, args,
                                         None, extra=extra))
+        return
+    key = (logger.name, threading.get_ident())
+    template = _TEMPLATES.get(key)
+    if template is None:
+        if len(_TEMPLATES) >= 256:  # threads come and go: bounded
+            _TEMPLATES.clear()
+        template = _TEMPLATES[key] = vars(logger.makeRecord(
+            logger.name, logging.INFO, __file__, 0, "", (), None))
+    record = logging.LogRecord.__new__(logging.LogRecord)
+    fields = record.__dict__
+    fields.update(template)
+    now = time.time()
+    fields["created"] = now
+    fields["msecs"] = int((now - int(now)) * 1000) + 0.0
+    fields["relativeCreated"] = (now - _LOGGING_START) * 1000
+    fields["msg"] = msg
+    fields["args"] = (args[0] if len(args) == 1 and isinstance(args[0], Mapping) and args[0]
+                      else args)  # as LogRecord takes a lone mapping
+    if extra:
+        for name in extra:
+            if name in ("message", "asctime") or name in fields:
+                raise KeyError(f"Attempt to overwrite {name!r} in LogRecord")
+        fields.update(extra)
+    logger.handle(record)
+
+
+#: (logger name, thread) -> the fields of a record made the usual way (quick_info copies it)
+_TEMPLATES: dict[tuple[str, int], dict[str, Any]] = {}
+_LOGGING_START: float = logging._startTime  # type: ignore[attr-defined]  # relativeCreated's 0
+os.register_at_fork(after_in_child=_TEMPLATES.clear)  # a record names its process

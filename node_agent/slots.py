@@ -68,9 +68,23 @@ class Rates:
         self._gen: deque[tuple[int, float]] = deque(maxlen=RATE_WINDOW)
 
     def add(self, usage: dict[str, int], prefill_s: float | None, decode_s: float) -> None:
+        """One answered request. A stream times its prefill (to the first token) and its
+        decoding apart; a whole answer (`prefill_s` None) has one time for both, from
+        which the prompt's share at the recent prompt rate is taken off, so a long prompt
+        does not read as slow generation. With no prompt rate yet the whole time counts
+        as decoding (a low figure, never a high one); a whole answer whose prompt alone
+        should have taken longer than it did (a cached prompt) adds no generation
+        sample."""
+        prompt = usage.get("prompt_tokens", 0)
         if prefill_s is not None and prefill_s > 0:
-            self._prompt.append((usage.get("prompt_tokens", 0), prefill_s))
-        if decode_s > 0:  # unstreamed: the whole time counts as decoding
+            self._prompt.append((prompt, prefill_s))
+        elif prefill_s is None and prompt and self._prompt:
+            prompt_rate = self._rate(self._prompt)
+            if prompt_rate:
+                decode_s -= prompt / prompt_rate
+                if decode_s <= 0:
+                    return
+        if decode_s > 0:
             self._gen.append((usage.get("completion_tokens", 0), decode_s))
 
     @staticmethod

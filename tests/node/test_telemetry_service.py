@@ -130,8 +130,15 @@ def test_one_rate_tracker_times_prefill_on_streams_and_keeps_a_window() -> None:
     rates = Rates()
     assert rates.figures() == {"prompt_tokens_per_s": None, "generation_tokens_per_s": None}
     rates.add({"prompt_tokens": 100, "completion_tokens": 10}, 0.5, 2.0)  # streamed
-    rates.add({"prompt_tokens": 50, "completion_tokens": 30}, None, 1.0)  # whole answer
-    assert rates.figures() == {"prompt_tokens_per_s": 200.0, "generation_tokens_per_s": 13.3}
+    # a whole answer: its 50 prompt tokens took ~0.25 s at 200/s, so 0.75 s of decoding
+    rates.add({"prompt_tokens": 50, "completion_tokens": 30}, None, 1.0)
+    assert rates.figures() == {"prompt_tokens_per_s": 200.0, "generation_tokens_per_s": 14.5}
+    # a whole answer faster than its prompt alone at that rate (a cached prompt): no sample
+    rates.add({"prompt_tokens": 1000, "completion_tokens": 30}, None, 1.0)
+    assert rates.figures() == {"prompt_tokens_per_s": 200.0, "generation_tokens_per_s": 14.5}
+    fresh = Rates()  # no prompt rate yet: the whole time is decoding (a low figure)
+    fresh.add({"prompt_tokens": 50, "completion_tokens": 30}, None, 1.0)
+    assert fresh.figures() == {"prompt_tokens_per_s": None, "generation_tokens_per_s": 30.0}
     for _ in range(RATE_WINDOW):
         rates.add({"prompt_tokens": 10, "completion_tokens": 10}, 1.0, 1.0)
     assert rates.figures() == {"prompt_tokens_per_s": 10.0, "generation_tokens_per_s": 10.0}

@@ -1,0 +1,326 @@
+"""The fuzz targets of scripts/fuzz_tunnel.py: one function per decoder or core, each
+taking the input's bytes (after the first, which picked it); only TunnelError may leave.
+
+The harness (instrumentation, dispatch, findings, seeds, the random mode) is
+fuzz_tunnel.py; it imports this module after atheris has instrumented the tunnel
+package, so nothing here may import `tunnel` before it does (fuzz_tunnel.py is the
+entry point, never this file).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import zstandard
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from ws_twin import check as ws_twin_check
+from ws_twin import grown as ws_grown
+
+from tunnel.compress import decompress
+from tunnel.connection import Connection
+from tunnel.constants import (
+    DATA_CAP_SLACK,
+    HDR_BATCH,
+    HDR_COMPRESSED,
+    HDR_MORE,
+    PROLOGUE,
+)
+from tunnel.errors import TunnelError
+from tunnel.frames import Frame, FrameType, decode
+from tunnel.handshake import ResponderHandshake, parse_hello
+from tunnel.identity import Identity
+from tunnel.noise import CipherState, HandshakeState, public_bytes
+from tunnel.session import Session
+from tunnel.token import PREFIX, EnrollmentToken
+from tunnel.ws import _unb64
+
+COORDINATOR = X25519PrivateKey.generate()
+NODE = Identity.generate()
+TUNNEL_KEY = NODE.x25519_pub
+CAP = 1 << 16
+
+TARGETS = ["frame", "msgpack", "hello", "handshake", "zstd", "session", "token", "connection",
+           "wsframes"]
+
+
+# -- targets ---------------------------------------------------------------------------
+
+
+def t_frame(data: bytes) -> None:
+    decode(data)
+
+
+def _value(data: bytes, depth: int = 0) -> tuple[Any, bytes]:
+    """A msgpack-able value grown from the bytes (a tiny structured generator)."""
+    if not data:
+        return None, b""
+    tag, rest = data[0], data[1:]
+    kind = tag % 11
+    if kind == 0:
+        return None, rest
+    if kind == 1:
+        return bool(tag & 0x10), rest
+    if kind in (2, 3):
+        n = int.from_bytes(rest[:8].ljust(8, b"\0"), "little", signed=kind == 3)
+        return n >> (tag >> 4) * 4, rest[8:]
+    if kind == 4:
+        return float(int.from_bytes(rest[:4].ljust(4, b"\0"), "little")) / 7, rest[4:]
+    if kind == 5:
+        n = tag >> 3
+        return rest[:n].decode("utf-8", "replace"), rest[n:]
+    if kind == 6:
+        n = tag >> 3
+        return bytes(rest[:n]), rest[n:]
+    if kind in (7, 8) and depth < 4:
+        items = []
+        for _ in range(tag >> 5):
+            item, rest = _value(rest, depth + 1)
+            items.append(item)
+        if kind == 7:
+            return items, rest
+        out: dict[Any, Any] = {}
+        for index in range(0, len(items) - 1, 2):
+            key = items[index]
+            out[key if isinstance(key, str | int) else str(key)] = items[index + 1]
+        return out, rest
+    if kind == 9:  # a frame-shaped array around a grown body
+        body, rest = _value(rest, depth + 1)
+        sid = int.from_bytes(rest[:2].ljust(2, b"\0"), "little") - 2
+        return [tag >> 4, sid, rest[2:3][0] if rest[2:3] else 0, 0, body], rest[3:]
+    return int(tag) - 128, rest
+
+
+def t_msgpack(data: bytes) -> None:
+    value, _ = _value(data)
+    try:
+        packed = msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError):
+        return  # the generator made something msgpack cannot hold: not an input
+    decode(packed)
+
+
+def t_hello(data: bytes) -> None:
+    if data[:1] == b"\x01":
+        value, _ = _value(data[1:])
+        if isinstance(value, dict):
+            value.setdefault("v", 1)
+            value.setdefault("id", NODE.ed25519_pub)
+        try:
+            data = msgpack.packb(value, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError):
+            return
+    parse_hello(data, TUNNEL_KEY)
+
+
+def t_handshake(data: bytes) -> None:
+    if data[:1] == b"\x01":  # a genuine Noise message 1 carrying the fuzzed payload
+        sender = HandshakeState(
+            True, PROLOGUE, X25519PrivateKey.generate(), rs=public_bytes(COORDINATOR)
+        )
+        data = sender.write_message(data[1:])
+    ResponderHandshake(COORDINATOR).read_first(data)
+
+
+def t_zstd(data: bytes) -> None:
+    if data[:1] == b"\x01":  # a real frame, then damaged: reach past the header checks
+        body = data[1:]
+        packed = bytearray(zstandard.ZstdCompressor(level=1).compress(body[len(body) // 2 :]))
+        for index, byte in enumerate(body[: len(body) // 2 : 3]):
+            if packed:
+                packed[(index * 7919 + byte) % len(packed)] ^= byte
+        data = bytes(packed)
+    decompress(data, CAP)
+
+
+class _Pair:
+    node: Session
+    coord: Session
+
+    def __init__(self) -> None:
+        self.fresh()
+
+    def fresh(self) -> None:
+        """Two sessions on shared transport keys, as a handshake leaves them (the
+        handshake itself is the `handshake` target's: no DH per session here)."""
+        up, down = os.urandom(32), os.urandom(32)
+        self.node = Session(CipherState(up), CipherState(down))
+        self.coord = Session(CipherState(down), CipherState(up))
+
+
+_pairs: list[_Pair] = []  # one session pair, made on first use, renewed when it dies
+
+
+def _plaintexts(data: bytes) -> list[bytes]:
+    """Split the input into chunk plaintexts; some become real frames, maybe compressed."""
+    out = []
+    while data:
+        head, data = data[0], data[1:]
+        n = min(len(data), head * 3)
+        chunk, data = data[:n], data[n:]
+        mode = head & 0x03
+        if mode == 1:  # a valid-shaped frame with a grown body on a grown stream
+            value, _ = _value(chunk)
+            kind = FrameType(1 + head % 14)
+            with contextlib.suppress(TypeError, ValueError, OverflowError):
+                chunk = msgpack.packb([int(kind), head >> 4, 0, 0, value], use_bin_type=True)
+            out.append(bytes([0]) + chunk)
+        elif mode == 2:  # compressed
+            out.append(bytes([HDR_COMPRESSED]) + zstandard.ZstdCompressor().compress(chunk))
+        elif mode == 3 and head & 0x40:  # a batch of length-prefixed entries
+            out.append(bytes([HDR_BATCH]) + len(chunk).to_bytes(2, "big")[head >> 7 :] + chunk)
+        elif mode == 3:  # a fragment with more to come
+            out.append(bytes([HDR_MORE | (head >> 7)]) + chunk)
+        else:
+            out.append(chunk)  # raw: the header byte is whatever came
+    return out
+
+
+def t_session(data: bytes) -> None:
+    if not _pairs:
+        _pairs.append(_Pair())
+    pair = _pairs[0]
+    if pair.coord.dead is not None:
+        pair.fresh()
+    # odd first byte: the coordinator's way, TELEMETRY and INVENTORY bodies left as msgpack
+    # bytes for a typed decode (`frames.decode_raw`); then that decode runs on them too
+    raw = bool(data[:1]) and data[0] & 1 == 1
+    pair.coord.raw_bodies = frozenset({11, 12}) if raw else frozenset()
+    if data[:1] == b"\x00":  # a proper request stream first, so seq rules are exercised
+        for kind, sid, body in ((FrameType.OPEN, 1, {}), (FrameType.DATA, 1, b"x")):
+            for message in pair.node.seal(Frame(kind, sid, 0, 0, body)):
+                pair.coord.open(message)
+    for plaintext in _plaintexts(data[1:])[:8]:
+        message = pair.node._send.encrypt_with_ad(b"", plaintext)
+        try:
+            got = pair.coord.open_all(message)
+        except TunnelError:
+            pair.fresh()
+            raise
+        for frame in got:
+            if raw and isinstance(frame.body, bytes) and frame.type == FrameType.TELEMETRY:
+                _typed_telemetry(frame.body)
+
+
+def _typed_telemetry(body: bytes) -> None:
+    """The coordinator's typed decode of a raw TELEMETRY body: ProtocolViolation (its
+    refusal: the session ends) or a message, and the map view; nothing else."""
+    from meshgate.node_messages import as_received, parse_telemetry
+    from meshgate.protocol import ProtocolViolation
+
+    with contextlib.suppress(ProtocolViolation):
+        parse_telemetry(body)
+    as_received(body)
+
+
+_STREAM_KINDS = (FrameType.END, FrameType.ERROR, FrameType.CANCEL, FrameType.WINDOW)
+
+
+def _conn_pair() -> tuple[Connection, Connection]:
+    pair = _Pair()
+    return Connection(pair.node, initiator=True), Connection(pair.coord, initiator=False)
+
+
+def _check(conn: Connection) -> None:
+    """Invariants of a live core (an AssertionError is a finding); a core that failed
+    (it refused the peer: the link ends) keeps the counts of what it refused."""
+    if conn.dead is not None:
+        return
+    assert conn.send_credit >= 0
+    for state in conn.streams.values():
+        assert state.send_credit >= 0
+        assert 0 <= state.buffered <= state.recv_limit
+        # the peer never sent past what this side allowed (its window plus what the
+        # application granted with WINDOW: a bound on `buffered` by the window alone was
+        # wrong once a WINDOW grant arrived, a harness finding, not the core's)
+        assert state.recv_total <= state.recv_limit
+
+
+def t_connection(data: bytes) -> None:
+    node, coord = _conn_pair()
+    sides = (node, coord)
+    clock = [0.0]
+    while len(data) >= 2 and node.dead is None and coord.dead is None:
+        op, arg, data = data[0], data[1], data[2:]
+        with contextlib.suppress(TunnelError):  # a refusal; the script goes on
+            data = _step(sides[op & 1], sides[1 - (op & 1)], op, arg, data, clock)
+        _check(node)
+        _check(coord)
+
+
+def _step(
+    me: Connection, peer: Connection, op: int, arg: int, data: bytes, clock: list[float]
+) -> bytes:
+    """One operation of a `connection` script; the rest of the input."""
+    now = clock[0]
+    action = (op >> 1) % 12
+    live = sorted(me.streams)
+    state = me.streams[live[arg % len(live)]] if live else None
+    if action == 0:
+        me.open_stream({"n": arg})
+    elif action == 1 and state is not None:  # DATA within credit
+        n = min(arg * 97, me.sendable(state))
+        if n:
+            me.send(state, FrameType.DATA, bytes(n))
+    elif action == 2 and state is not None:
+        me.send(state, _STREAM_KINDS[arg % 4], {"credit": arg} if arg % 4 == 3 else {})
+    elif action == 3 and state is not None:  # the application reads what is buffered
+        me.consumed(state, min(state.buffered, arg * 1024))
+    elif action == 4:
+        me.goaway(f"r{arg}")
+    elif action == 5:
+        me.ping(now)
+    elif action == 6:
+        clock[0] = now = now + arg / 8
+        me.tick(now)
+    elif action == 7:  # deliver what one side has queued
+        for message in me.data_to_send(now):
+            peer.receive(message, now)
+    elif action == 8:  # a raw frame from a peer holding the keys (any kind, any body)
+        value, data = _value(data[: arg])[0], data[arg:]
+        kind = FrameType(1 + arg % 14)
+        sid = 0 if arg & 0x80 else (live[0] if live else arg)
+        me.send_raw(Frame(kind, sid, 0, 0, value))
+    elif action == 9:  # raw plaintexts, as `session` makes them
+        chunk, data = data[: arg * 2], data[arg * 2 :]
+        for plaintext in _plaintexts(chunk)[:4]:
+            peer.receive(me.session._send.encrypt_with_ad(b"", plaintext), now)
+    elif action == 10 and state is not None:  # DATA past the credit (even), or the cap (odd)
+        # just past the edge: larger bodies only cost the fuzzer time (1 MiB of zeros went
+        # through msgpack and zstd here) and reach no other code
+        over = state.send_credit + 1 if arg % 2 == 0 else me.stream_window + DATA_CAP_SLACK + 1
+        me.send_raw(Frame(FrameType.DATA, state.id, 0, 0, bytes(over + arg // 2)))
+    elif action == 11:
+        me.rekey_after_messages = 1 + arg % 5
+    return data
+
+
+def t_wsframes(data: bytes) -> None:
+    stream, cuts, server, eof = ws_grown(data)
+    ws_twin_check(stream, cuts, server=server, eof=eof)
+
+
+def t_token(data: bytes) -> None:
+    text = data.decode("utf-8", "replace")
+    if data[:1] == b"\x01":
+        text = PREFIX + base64.urlsafe_b64encode(data[1:]).decode()
+    with contextlib.suppress(TunnelError):
+        EnrollmentToken.decode(text)
+    _unb64(text)
+
+
+FUNCS: dict[str, Callable[[bytes], None]] = {
+    "frame": t_frame,
+    "msgpack": t_msgpack,
+    "hello": t_hello,
+    "handshake": t_handshake,
+    "zstd": t_zstd,
+    "session": t_session,
+    "token": t_token,
+    "connection": t_connection,
+    "wsframes": t_wsframes,
+}
