@@ -27,6 +27,11 @@ from tunnel import ClosedError, Frame, FrameType, Stream, TunnelError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: Loop turns between a burst's first frame and the wake-up of the task that writes it
+#: (`Stream.settle`: a callback a turn, no task step): the frames of those turns leave in
+#: the same client write. Under 500 streams 2 turns gave as few client writes a frame as
+#: the writer's own turn did before (1 turn: ~20% more), with a task step less a write.
+SETTLE_TURNS = 2
 
 
 def now() -> float:
@@ -156,6 +161,10 @@ class Served:
         to the client alone)."""
         return False
 
+    settles = False
+    """whether `batches` waits a loop turn after a burst arrives before it yields it (the
+    writer need not wait one of its own for what comes next)"""
+
     async def batches(self) -> AsyncGenerator[list[bytes], None]:
         """The chunks after the first, as lists of those that arrived together (one write
         to the client for a burst); a subclass that can see a burst overrides this."""
@@ -208,6 +217,8 @@ class NodeAttempt(Served):
         self.stream = stream
         self.first_at: float | None = time.perf_counter() if first_at is None else first_at
         self.decoder = ChunkDecoder() if decoder is None else decoder
+        stream.settle = SETTLE_TURNS
+        self.settles = True
 
     def queued(self) -> bool:
         return self.stream.queued > 0

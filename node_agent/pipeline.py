@@ -45,6 +45,7 @@ MeshLookup = Callable[[str], Runtime | None]
 
 _OVER_CONTEXT = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
 _USAGE_ONLY = b'"choices":[]'
+_USAGE_KEY = b'"usage"'  # a chunk without it has none (`usage_of`)
 
 
 @dataclass(slots=True)
@@ -196,7 +197,10 @@ class Streamed:
 
     def _kept(self, batch: list[bytes]) -> list[bytes]:
         """`batch` metered, less what the client did not ask for."""
-        chunk_of = self.meter.chunk
+        meter = self.meter
+        if meter.first_at is not None and not any(_USAGE_KEY in c for c in batch):
+            return batch  # tokens (no usage in them): each metered as it is, all wanted
+        chunk_of = meter.chunk
         return [c for c in batch if self._wanted(c, chunk_of(c))]
 
     def __aiter__(self) -> AsyncGenerator[bytes, None]:

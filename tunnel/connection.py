@@ -38,10 +38,6 @@ STREAM_SEND_TYPES = frozenset(
     {FrameType.DATA, FrameType.END, FrameType.ERROR, FrameType.CANCEL, FrameType.WINDOW}
 )
 MAX_PINGS = 16  # unanswered pings remembered
-# While the peer's frames keep arriving a due PING is skipped (they prove the path and the
-# peer's keys), except one every RTT_EVERY ping intervals, to keep `rtt_ms` fresh.
-RTT_EVERY = 4
-HEARD_SLACK = 1.5  # "heard within the interval", with room for the peer's own timer jitter
 
 
 @dataclass(slots=True)
@@ -126,6 +122,8 @@ class Connection:
         max_open_bytes: int = MAX_OPEN_BYTES,
         ping_interval: float | None = None,
         ping_timeout: float | None = None,
+        ping_when_quiet: float | None = None,
+        ping_phase: float = 1.0,
         rekey_after_messages: int = REKEY_AFTER_MESSAGES,
         rekey_after_s: float = REKEY_AFTER_S,
     ) -> None:
@@ -151,13 +149,22 @@ class Connection:
         self.going_away: str | None = None
         self.peer_going_away: str | None = None
         self.last_peer_stream = 0
-        # ping, RTT, rekey
+        # ping, RTT, rekey (the rules: `tick`)
+        if ping_interval is not None and ping_interval <= 0:
+            raise ValueError("ping_interval must be > 0 (None: no periodic pings)")
+        if ping_when_quiet is not None and ping_when_quiet <= 0:
+            raise ValueError("ping_when_quiet must be > 0 (None: no pings on silence)")
+        if not 0.0 < ping_phase <= 1.0:
+            raise ValueError("ping_phase must be in (0, 1]")
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
+        self.ping_when_quiet = ping_when_quiet
+        self.ping_phase = ping_phase
         self.rtt_ms: float | None = None
         self._pings: dict[int, float] = {}
-        self._next_ping = now + ping_interval if ping_interval else None
-        self._heard = now  # when the peer's last message (not a PONG) arrived
+        self._next_ping = now if ping_interval else None  # the first periodic one at once
+        self._phase = ping_phase  # the gap after the first, in intervals; then 1
+        self._heard = now  # when the peer's last message (any, a PONG too) arrived
         self._rtt_at: float | None = None  # when the last PONG arrived
         self.rekey_after_messages = rekey_after_messages
         self.rekey_after_s = rekey_after_s
@@ -315,34 +322,60 @@ class Connection:
     # -- timers ----------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        """When `tick` next has work (a ping due or a ping's timeout), or None."""
-        times = [self._next_ping] if self._next_ping is not None else []
-        if self.ping_timeout is not None and self._pings:
-            times.append(next(iter(self._pings.values())) + self.ping_timeout)
-        return min(times) if times else None
+        """When `tick` next has work (a ping due, a quiet link, a ping's timeout), or None."""
+        deadline = self._next_ping
+        if self._pings:
+            if self.ping_timeout is not None:
+                expiry = next(iter(self._pings.values())) + self.ping_timeout
+                deadline = expiry if deadline is None else min(deadline, expiry)
+        elif self.ping_when_quiet is not None:
+            quiet = self._heard + self.ping_when_quiet
+            deadline = quiet if deadline is None else min(deadline, quiet)
+        return deadline
 
     def tick(self, now: float) -> str | None:
         """Send a ping if one is due; why the link should be dropped (no PONG in time).
 
-        A due ping is skipped while the peer was heard (anything but a PONG) within the
-        last HEARD_SLACK intervals (an authenticated frame proves the path as well as a
-        PONG would), unless `rtt_ms` is older than RTT_EVERY intervals (or was never
-        measured); the next one is then due HEARD_SLACK intervals after the peer was last
-        heard, or when `rtt_ms` gets that old. So a node sending telemetry every
-        second is pinged only for RTT, and two peers that talk ping each other rarely."""
-        if self.ping_timeout is not None and self._pings:
-            oldest = next(iter(self._pings.values()))
+        Two kinds of PING, each side configured with either or both:
+
+        - periodic (`ping_interval`): the first at once, the second `ping_phase`
+          intervals later (the shell draws the phase per link, so a coordinator's pings
+          to a fleet that connected together are spread over the period, not a burst),
+          then one every interval, whatever was heard: it keeps `rtt_ms` fresh (a routing
+          cost) and, arriving at the peer, is the peer's proof that this side lives.
+        - on silence (`ping_when_quiet`): one when nothing at all (any frame, a PING or
+          PONG too) has come from the peer for that long and none of ours is unanswered.
+
+        Any PING unanswered after `ping_timeout` s means a dead or stalled path (no FIN,
+        no RST; or a proxy that keeps the TCP connection open and forwards nothing): the
+        reason is returned and the shell drops the link. The coordinator pings every
+        node periodically (RTT_PING_S) and the node pings only on silence longer than
+        that period plus slack (QUIET_PING_S; tunnel/constants.py), so a healthy link
+        carries one PING and one PONG per period, and:
+
+        - a node drops a coordinator that went silent within ping_when_quiet +
+          ping_timeout s of the last frame it heard (defaults: 70 + 20 = 90 s);
+        - a coordinator drops a node that went silent within ping_interval +
+          ping_timeout s (60 + 20 = 80 s), frames flowing or not: the node's telemetry
+          proves it lives, but a PONG that does not come back means the coordinator's
+          own frames do not reach it.
+        """
+        pings = self._pings
+        if pings and self.ping_timeout is not None:
+            oldest = next(iter(pings.values()))
             if now - oldest >= self.ping_timeout:
                 return f"no PONG within {self.ping_timeout:g} s: the peer is unreachable"
+        due = False
         interval = self.ping_interval
-        if self._next_ping is not None and now >= self._next_ping and interval:
-            rtt_due = None if self._rtt_at is None else self._rtt_at + RTT_EVERY * interval
-            if rtt_due is not None and now < rtt_due and now - self._heard < HEARD_SLACK * interval:
-                self._next_ping = min(self._heard + HEARD_SLACK * interval, rtt_due)
-                return None
-            self._next_ping = now + interval
-            if self.session.dead is None and self.closed is None:
-                self.ping(now)
+        if self._next_ping is not None and interval and now >= self._next_ping:
+            due = True
+            self._next_ping = now + interval * self._phase
+            self._phase = 1.0
+        quiet = self.ping_when_quiet
+        if quiet is not None and not pings and now - self._heard >= quiet:
+            due = True
+        if due and self.session.dead is None and self.closed is None:
+            self.ping(now)
         return None
 
     # -- receiving -------------------------------------------------------------------
@@ -358,8 +391,7 @@ class Connection:
         except FrameError as exc:
             self.session.dead = self.session.dead or str(exc)
             raise
-        if not events or type(events[-1]) is not Pong:  # the answer to our PING is not news
-            self._heard = now
+        self._heard = now
         return events
 
     def fail(self, reason: str) -> FrameError:

@@ -35,6 +35,18 @@ HDR_KNOWN = HDR_COMPRESSED | HDR_MORE
 REKEY_AFTER_MESSAGES = 1 << 20
 REKEY_AFTER_S = 600.0
 
+# Liveness (`Connection.tick`). The coordinator pings every node every RTT_PING_S (its
+# RTT, and the node's proof that the coordinator lives), each link at its own phase; the
+# node pings only after QUIET_PING_S of hearing nothing at all (the period plus slack for
+# a late timer); a PING unanswered for PING_TIMEOUT_S drops the link. Bounds: a node drops
+# a silent coordinator (or a proxy that keeps TCP open and forwards nothing) within
+# QUIET_PING_S + PING_TIMEOUT_S (90 s) of the last frame it heard; a coordinator drops a
+# silent node within RTT_PING_S + PING_TIMEOUT_S (80 s). An idle healthy link carries one
+# PING and one PONG per RTT_PING_S.
+RTT_PING_S = 60.0
+QUIET_PING_S = 70.0
+PING_TIMEOUT_S = 20.0
+
 # Flow control (mux): credit in DATA body bytes. Each side starts with these windows for
 # the other; a receiver configured with larger ones grants the difference up front.
 INITIAL_STREAM_WINDOW = 256 * 1024

@@ -6,8 +6,9 @@ or, without one, to a small queue that `recv` reads. Writing: `kick` schedules o
 round per loop iteration (`call_soon`, no task), which encrypts everything the core
 queued since the last round into as few messages as it can; while the transport's buffer
 is over its high-water mark no round writes, frames wait in the core, and senders wait
-(`sent`) while more than WRITE_HIGH_WATER bytes wait there. Pings: one timer handle per
-link (`call_later`), re-armed at the core's next deadline.
+(`sent`) while more than WRITE_HIGH_WATER bytes wait there. Pings (rules:
+`Connection.tick`): one timer handle per link (`call_later`), re-armed at the core's next
+deadline; the periodic pings' phase is drawn here, per link.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -56,6 +58,7 @@ class Link:
         accept: dict[str, Any] | None = None,
         ping_interval: float | None = None,
         ping_timeout: float | None = None,
+        ping_when_quiet: float | None = None,
     ) -> None:
         self._ws = ws
         self._session = session
@@ -66,6 +69,8 @@ class Link:
             now=time.monotonic(),
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
+            ping_when_quiet=ping_when_quiet,
+            ping_phase=1.0 - random.random(),  # noqa: S311  (0, 1]: spread a fleet's pings
         )
         self.hello = hello
         self.accept = accept
@@ -131,7 +136,7 @@ class Link:
         return self.conn.closed
 
     def _start(self) -> None:
-        if self.conn.ping_interval and self._timer is None:
+        if self._timer is None:
             self._arm()
 
     # -- sending --------------------------------------------------------------

@@ -60,6 +60,11 @@ class Stream:
         self._dead: str | None = None
         self._send_lock = asyncio.Lock()
         self._on_cancel: Callable[[], None] | None = None  # set by `until_cancelled`
+        self.settle = 0
+        """Wake a waiting `recv` this many loop turns after a frame arrives, not at once:
+        what those turns bring is read with it (a reader that writes each wake-up's frames
+        out in one write needs no turn of its own for that)"""
+        self._settling = 0
 
     @property
     def closed(self) -> bool:
@@ -217,6 +222,17 @@ class Stream:
         if frame.type in TERMINAL:
             self._wake_credit()
         if self._reader is not None and not self._reader.done():
+            if not self.settle:
+                self._reader.set_result(None)
+            elif not self._settling:
+                self._settling = self.settle
+                asyncio.get_running_loop().call_soon(self._settled)
+
+    def _settled(self) -> None:
+        self._settling -= 1
+        if self._settling > 0:
+            asyncio.get_running_loop().call_soon(self._settled)
+        elif self._reader is not None and not self._reader.done():
             self._reader.set_result(None)
 
     def _drop(self, frame: Frame) -> None:

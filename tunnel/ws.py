@@ -40,7 +40,14 @@ from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from tunnel.constants import HANDSHAKE_HEADER, MAX_HANDSHAKE_MESSAGE, MAX_MESSAGE
+from tunnel.constants import (
+    HANDSHAKE_HEADER,
+    MAX_HANDSHAKE_MESSAGE,
+    MAX_MESSAGE,
+    PING_TIMEOUT_S,
+    QUIET_PING_S,
+    RTT_PING_S,
+)
 from tunnel.errors import HandshakeError, RefusedError, TunnelError
 from tunnel.handshake import Hello, InitiatorHandshake, ReplayGuard, ResponderHandshake
 from tunnel.identity import Identity
@@ -86,14 +93,18 @@ async def connect(
     info: dict[str, str | int] | None = None,
     open_timeout: float = 10.0,
     now_ms: Callable[[], int] | None = None,
-    ping_interval: float | None = 15.0,
-    ping_timeout: float | None = 20.0,
+    ping_interval: float | None = None,
+    ping_timeout: float | None = PING_TIMEOUT_S,
+    ping_when_quiet: float | None = QUIET_PING_S,
 ) -> Link:
     """Open one tunnel (fresh ephemeral keys every call; the caller loops with `backoff`).
 
-    Every `ping_interval` s the link sends an authenticated PING unless the peer's frames
-    keep arriving (see `Connection.tick`); no PONG within `ping_timeout` s closes it
-    (ClosedError, "no PONG").
+    The node's side of liveness (rules: `Connection.tick`): it sends an authenticated
+    PING only after `ping_when_quiet` s of hearing nothing from the coordinator (which
+    pings it every RTT_PING_S), and every `ping_interval` s if one is given; a PING
+    unanswered for `ping_timeout` s closes the link (ClosedError, "no PONG"). So a
+    coordinator that goes silent with the TCP connection open is dropped within
+    `ping_when_quiet + ping_timeout` s (90 s by default) of the last frame heard.
 
     Raises RefusedError on 401/403 (final), TunnelError for anything else.
     """
@@ -114,6 +125,7 @@ async def connect(
             accept=accept,
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
+            ping_when_quiet=ping_when_quiet,
         )
         await link.ping()  # the first encrypted frame: proves our keys to the coordinator
     except BaseException:
@@ -302,8 +314,9 @@ async def serve(
     authorize: Authorize,
     on_link: OnLink,
     *,
-    ping_interval: float | None = 15.0,
-    ping_timeout: float | None = 20.0,
+    ping_interval: float | None = RTT_PING_S,
+    ping_timeout: float | None = PING_TIMEOUT_S,
+    ping_when_quiet: float | None = None,
     first_frame_timeout: float = 10.0,
     handshake_rate: float = 20.0,
     handshake_burst: float = 40.0,
@@ -313,8 +326,13 @@ async def serve(
 ) -> TunnelServer:
     """Listen for nodes. `on_link` runs for each connection's lifetime, only after the
     node's first encrypted frame arrived; the Link is closed when it returns.
-    `ping_interval`, `ping_timeout`: as for `connect`. `known(did)`: an identity that
-    may handshake past its address's rate limit (see `IdentityLimiter`)."""
+    Liveness (rules: `Connection.tick`): a PING to each node at once, then every
+    `ping_interval` s at a phase drawn per link, whatever the node sends (its RTT, and
+    the node's proof that the coordinator lives), and after
+    `ping_when_quiet` s of silence if given; a PING unanswered for `ping_timeout` s drops
+    the link, so a silent node is dropped within `ping_interval + ping_timeout` s (80 s
+    by default). `known(did)`: an identity that may handshake past its address's rate
+    limit (see `IdentityLimiter`)."""
     gate = _Gate(
         static_key,
         authorize,
@@ -330,8 +348,8 @@ async def serve(
         if upgraded is None:
             return
         session, hello = upgraded
-        link = Link(ws, session, initiator=False, hello=hello,
-                    ping_interval=ping_interval, ping_timeout=ping_timeout)
+        link = Link(ws, session, initiator=False, hello=hello, ping_interval=ping_interval,
+                    ping_timeout=ping_timeout, ping_when_quiet=ping_when_quiet)
         try:
             async with asyncio.timeout(first_frame_timeout):
                 await link._first_frame()

@@ -88,6 +88,13 @@ class _Connection(asyncio.Protocol):
                        else UpstreamError(f"the upstream's answer is not HTTP/1.1: {exc}"))
             if self.transport is not None:
                 self.transport.close()
+            return
+        if self.chunks:  # the body pieces of this read (one a chunk of a chunked body: one
+            # an SSE event of a streamed answer) wake the reader once, not once a piece
+            if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
+                self.paused = True
+                self.transport.pause_reading()
+            self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.head_done and not self.done and exc is None and not self._delimited():
@@ -114,13 +121,9 @@ class _Connection(asyncio.Protocol):
         self.head_done = True
         self._wake()
 
-    def on_body(self, body: bytes) -> None:
+    def on_body(self, body: bytes) -> None:  # `data_received` wakes the reader after the read
         self.chunks.append(body)
         self.buffered += len(body)
-        if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
-        self._wake()
 
     def on_message_complete(self) -> None:
         self.done = True
@@ -206,13 +209,21 @@ class Http1Response:
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body's bytes as they arrive (chunked transfer decoded)."""
         conn = self._conn
+        loop = asyncio.get_running_loop()
         while True:
             if conn.chunks:
                 yield conn.take()
             elif conn.done:
                 return
-            else:
-                await conn.wait()
+            else:  # `conn.wait()`, inline: a coroutine less to resume on every read
+                conn._raise_if_lost()
+                conn.waiter = loop.create_future()
+                try:
+                    await conn.waiter
+                finally:
+                    conn.waiter = None
+                if conn.lost is not None and not conn.done:
+                    raise conn.lost
 
     @property
     def finished(self) -> bool:

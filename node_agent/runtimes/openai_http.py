@@ -52,27 +52,38 @@ class SSEParser:
 
     def __init__(self) -> None:
         self._buffer = b""
+        self.seen = b""
+        """the bytes the last `feed` read its payloads from (its whole lines and more)"""
 
     def feed(self, data: bytes) -> list[bytes]:
-        lines = (self._buffer + data).split(b"\n")
+        self.seen = seen = self._buffer + data if self._buffer else data
+        lines = seen.split(b"\n")
         self._buffer = lines.pop()
-        payloads = []
-        for line in lines:
-            if line.startswith(DATA_PREFIX):
-                payloads.append(line[len(DATA_PREFIX):].strip())
-        return payloads
+        return [line[5:].strip() for line in lines if line[:5] == DATA_PREFIX]  # 5: its length
+
+
+_ERROR_KEY = b'"error"'
 
 
 def is_error_event(payload: bytes) -> bool:
-    """Whether a stream payload is an error object rather than a chunk (cheap for chunks)."""
+    """Whether a stream payload is an error object rather than a chunk (cheap for chunks).
+    Never without `_ERROR_KEY` in it (`stream_batches` skips the test for bytes without)."""
     if payload.startswith(b'{"error"'):
         return True
-    if b'"error"' not in payload[:24]:
+    if _ERROR_KEY not in payload[:24]:
         return False
     try:
         return isinstance(json.loads(payload).get("error"), dict)
     except (ValueError, AttributeError):
         return False
+
+
+def _until_end(payloads: list[bytes]) -> tuple[list[bytes], bytes | None]:
+    """The chunks before ``[DONE]`` or an error event, and that payload (None: neither)."""
+    for at, payload in enumerate(payloads):
+        if payload == DONE or is_error_event(payload):
+            return payloads[:at], payload
+    return payloads, None
 
 
 def with_model(body: bytes, model: str) -> bytes:
@@ -245,20 +256,20 @@ class OpenAIHttpRuntime:
                 raise await _error_of(response)
             parser = SSEParser()
             async for data in response.chunks():
-                batch: list[bytes] = []
-                for payload in parser.feed(data):
-                    if payload == DONE:
-                        if batch:
-                            yield batch
-                        await _drain(response)
-                        return
-                    if is_error_event(payload):
-                        if batch:  # what came before the error goes out first
-                            yield batch
-                        raise OpenAIError.from_body(502, json.loads(payload), hop="runner")
-                    batch.append(payload)
-                if batch:
+                payloads = parser.feed(data)
+                if not payloads:
+                    continue
+                if DONE not in payloads and _ERROR_KEY not in parser.seen:
+                    yield payloads  # the usual read: token events only (an error event
+                    continue  # holds its key in its first bytes: `is_error_event`)
+                batch, end = _until_end(payloads)
+                if batch:  # what came before [DONE] or an error goes out first
                     yield batch
+                if end == DONE:
+                    await _drain(response)
+                    return
+                if end is not None:
+                    raise OpenAIError.from_body(502, json.loads(end), hop="runner")
         except OSError as exc:
             raise OpenAIError(502, f"runner for {self.name} failed mid-stream: {exc!r}",
                               hop="runner") from None

@@ -335,3 +335,41 @@ def test_a_tokens_text_is_read_as_json_reads_it(literal: bytes) -> None:
     assert encoder._template is not None
     prefix, suffix, _ = encoder._template
     assert encoder._fast_text(prefix + literal + suffix) == _json_text(literal)
+
+
+_SEP = object()  # stands for the template's suffix + newline + prefix inside a literal
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(
+    st.binary(max_size=8).map(lambda b: b'"' + b + b'"'),
+    st.text(max_size=5).map(lambda t: json.dumps(t, ensure_ascii=False).encode()),
+    st.text(max_size=5).map(lambda t: json.dumps(t).encode()),
+    st.sampled_from([b'"\xff"', b'"a\x00b"', b'"a\nb"', b'""', b'"a"b"', b"1", b"", _SEP]),
+), min_size=2, max_size=7))
+def test_a_run_of_token_chunks_in_one_read_encodes_as_chunk_by_chunk(literals: list[Any]
+                                                                      ) -> None:
+    """`encode_batch`'s few-pass way for a read of token chunks gives the bytes (and the
+    state) of the chunk-by-chunk way, or leaves the read to it."""
+    fast, slow = ChunkEncoder(), ChunkEncoder()
+    for encoder in (fast, slow):
+        for original in STREAM[:3]:
+            encoder.encode(json.dumps(original).encode())
+    slow._run_texts = lambda chunks: None  # type: ignore[method-assign]
+    assert fast._template is not None
+    prefix, suffix, _ = fast._template
+    raws = [prefix + (b'"a"' + suffix + b"\n" + prefix + b'"b"' if lit is _SEP else lit)
+            + suffix for lit in literals]
+    assert fast.encode_batch(raws) == slow.encode_batch(raws)
+    assert fast._previous == slow._previous
+    assert fast._template == slow._template
+
+
+def test_a_read_of_plain_token_chunks_takes_the_few_pass_way() -> None:
+    encoder = ChunkEncoder()
+    raws = _raws(STREAM[:12])
+    encoder.encode(raws[0])
+    encoder.encode_batch(raws[1:3])
+    texts = encoder._run_texts(raws[3:])
+    assert texts == [f" tok{i}" for i in range(3, 12)]
+    assert encoder._run_texts([*raws[3:6], b"{}"]) is None

@@ -49,6 +49,7 @@ async def mux_pair(
     coord_on_control: OnControl | None = None,
     ping_interval: float | None = None,
     ping_timeout: float | None = None,
+    node_pings: dict[str, float | None] | None = None,
     node_mux: dict[str, Any] | None = None,
     coord_mux: dict[str, Any] | None = None,
 ) -> Pair:
@@ -80,8 +81,8 @@ async def mux_pair(
         f"ws://127.0.0.1:{port}",
         Identity.generate(),
         public_bytes(key),
-        ping_interval=ping_interval,
-        ping_timeout=ping_timeout,
+        **(node_pings or {"ping_interval": ping_interval, "ping_timeout": ping_timeout,
+                          "ping_when_quiet": None}),
     )
     coord_link = await asyncio.wait_for(links.get(), 10)
     nmux = Mux(

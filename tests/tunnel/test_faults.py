@@ -113,6 +113,36 @@ async def test_a_stall_is_detected_by_the_app_level_ping_within_its_deadline() -
         await pair.close()
 
 
+async def test_with_the_default_rules_a_stall_is_detected_by_each_side_within_its_bound() -> None:
+    """The shape of the defaults, shrunk: the coordinator pings every `period`, the node
+    only after `quiet` of silence; a stalled path (no bytes, no FIN) is dropped by the
+    coordinator within period + timeout and by the node within quiet + timeout."""
+    period, quiet, timeout = 0.3, 0.5, 0.5
+    pair = await mux_pair(
+        via_proxy=True,
+        node_on_stream=_hold,
+        ping_interval=period,
+        ping_timeout=timeout,
+        node_pings={"ping_interval": None, "ping_when_quiet": quiet, "ping_timeout": timeout},
+    )
+    assert pair.proxy is not None
+    try:
+        stream = await _opened(pair)
+        await asyncio.wait_for(pair.coord_link.ping(wait=True), SETTLE)  # healthy path
+        pair.proxy.stall()
+        loop = asyncio.get_running_loop()
+        stalled = loop.time()
+        await asyncio.wait_for(pair.coord_run, period + timeout + SETTLE)
+        await asyncio.wait_for(pair.node_run, quiet + timeout + SETTLE)
+        assert loop.time() - stalled <= quiet + timeout + SETTLE
+        for link in (pair.node_link, pair.coord_link):
+            assert link.closed_reason is not None
+            assert "no PONG" in link.closed_reason
+        await _fails(stream)
+    finally:
+        await pair.close()
+
+
 async def test_a_drop_closes_both_sides_promptly_and_fails_open_streams() -> None:
     pair = await mux_pair(via_proxy=True, node_on_stream=_hold, coord_on_stream=_hold)
     assert pair.proxy is not None
