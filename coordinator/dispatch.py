@@ -313,12 +313,9 @@ class Dispatcher:
         node.seen(timed_as(model, request.endpoint)).first_token(
             first_at - sent, want.prompt_tokens if request.stream else 0)
         self.registry.set_suspect(node, False)  # it answered in time: proven again
-        attempt = NodeAttempt(self.registry, node, stream, request, model, first=first,
-                              started=started, tries=tries, deadline=deadline,
-                              idle_timeout=self.config.idle_timeout_s)
-        attempt.decoder = decoder
-        attempt.first_at = first_at
-        return attempt
+        return NodeAttempt(self.registry, node, stream, request, model, decoder=decoder,
+                           first_at=first_at, first=first, started=started, tries=tries,
+                           deadline=deadline, idle_timeout=self.config.idle_timeout_s)
 
 
 def _cancel_soon(stream: Stream) -> None:

@@ -113,6 +113,7 @@ class Served:
         self.cost = 0.0
         self.energy = EnergyReport()  # what the node metered (END frame); clouds: not measured
         self._released = False
+        self._usage_clamped = False  # `usage` is clamp_usage's already
 
     @property
     def released(self) -> bool:
@@ -182,7 +183,8 @@ class Served:
         raise NotImplementedError
 
     def row(self, key_id: str | None, route: str | None = None) -> dict[str, Any]:
-        usage = clamp_usage(self.usage)[0] or {}  # a claim: never a failed insert
+        # a claim: never a failed insert (a node's usage was clamped when its END came)
+        usage = (self.usage if self._usage_clamped else clamp_usage(self.usage)[0]) or {}
         return {
             "request_id": self.request.request_id,
             "key_id": key_id,
@@ -206,14 +208,15 @@ class NodeAttempt(Served):
     """A request a node is answering over its tunnel stream."""
 
     def __init__(self, registry: Registry, node: NodeConn, stream: Stream, request: OpenRequest,
-                 model: str, **timing: Any) -> None:
+                 model: str, *, decoder: ChunkDecoder | None = None,
+                 first_at: float | None = None, **timing: Any) -> None:
         super().__init__(request, model, **timing)
         self.registry = registry
         self.node = node
         self.node_did = node.did
         self.stream = stream
-        self.first_at: float | None = time.perf_counter()
-        self.decoder = ChunkDecoder()
+        self.first_at: float | None = time.perf_counter() if first_at is None else first_at
+        self.decoder = ChunkDecoder() if decoder is None else decoder
         stream.settle = SETTLE_TURNS
         self.settles = True
 
@@ -254,14 +257,45 @@ class NodeAttempt(Served):
                 if end:
                     return
         except ClosedError:
-            self.outcome = "node_lost_mid_stream"
-            raise OpenAIError(
-                502, f"node {self.node.did} disconnected mid-response; the answer is incomplete",
-                code="node_lost", hop="coordinator",
-            ) from None
+            raise self._lost() from None
         finally:
             timer.close()
             await self.close()
+
+    def _lost(self) -> OpenAIError:
+        self.outcome = "node_lost_mid_stream"
+        return OpenAIError(
+            502, f"node {self.node.did} disconnected mid-response; the answer is incomplete",
+            code="node_lost", hop="coordinator")
+
+    async def collect(self) -> bytes:
+        """The whole body; when the rest of the answer came with its first frame (a whole
+        answer and its END in one tunnel message, the usual non-stream case) it is read here
+        at once, without the generator and the timer of `batches` (the same checks, usage,
+        errors and release)."""
+        if not self.stream.queued:
+            return await super().collect()
+        parts = [self.first]
+        try:
+            self._wait()  # the deadline, as batches checks it for a frame already queued
+            batch, end = self._drain(self.stream.recv_nowait())
+        except ClosedError:
+            await self.close()
+            raise self._lost() from None
+        except BaseException:
+            await self.close()
+            raise
+        parts += batch
+        if end is True:
+            await self.close()
+            return b"".join(parts)
+        if end:
+            await self.close()
+            raise end
+        async with contextlib.aclosing(self.batches()) as rest:  # more to come
+            async for more in rest:
+                parts += more
+        return b"".join(parts)
 
     def _drain(self, frame: Frame | None) -> tuple[list[bytes], bool | OpenAIError]:
         """`frame` and every frame queued behind it: the data, and whether the stream ended
@@ -309,6 +343,7 @@ class NodeAttempt(Served):
     def _finish(self, frame: Frame) -> None:
         body = frame.body if isinstance(frame.body, dict) else {}
         self.usage, problems = clamp_usage(body.get("usage"))
+        self._usage_clamped = True
         if problems:
             log.warning("request %s: node %s claimed bad usage, billed as clamped: %s",
                         self.request.request_id, self.node.did, clip("; ".join(problems)))

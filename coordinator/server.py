@@ -78,8 +78,8 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
 
     def record_now(rows: list[dict[str, Any]]) -> bool:  # SQLite, nobody else writing
         stored = store.record_rows_now(rows, time.time())
-        if stored:
-            _traffic(rows)
+        if stored and traffic is not None:  # counted after the answer left, as the metrics
+            asyncio.get_running_loop().call_soon(_traffic, rows)
         return stored
 
     def _traffic(rows: list[dict[str, Any]]) -> None:

@@ -52,14 +52,13 @@ class Traffic:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._buckets: deque[Bucket] = deque()
-        self._recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self._recent: deque[tuple[float, Mapping[str, Any]]] = deque(maxlen=RECENT)
         self._lock = threading.Lock()
 
     def add(self, row: Mapping[str, Any]) -> None:
         now = self._clock()
         start = int(now // BUCKET_S * BUCKET_S)
         ok = row.get("outcome") in OK_OUTCOMES
-        tokens = int(row.get("prompt_tokens") or 0) + int(row.get("completion_tokens") or 0)
         with self._lock:
             if not self._buckets or self._buckets[-1].start != start:
                 self._buckets.append(Bucket(start))
@@ -67,14 +66,9 @@ class Traffic:
                                   float(row.get("latency_ms") or 0.0))
             while self._buckets and self._buckets[0].start <= now - WINDOW_S:
                 self._buckets.popleft()
-            self._recent.appendleft({
-                "at": now, "request_id": row.get("request_id"), "model": row.get("model"),
-                "key_id": row.get("key_id"),
-                "target": row.get("node_did") or (f"cloud:{row['upstream']}"
-                                                  if row.get("upstream") else None),
-                "outcome": row.get("outcome"), "tokens": tokens,
-                "latency_ms": row.get("latency_ms"),
-            })
+            # the row itself (a ledger row: nobody changes it after it is stored); the pane's
+            # entry is made from it when the pane asks, not for every request
+            self._recent.appendleft((now, row))
 
     def _window(self, now: float, seconds: float) -> list[Bucket]:
         with self._lock:
@@ -116,4 +110,18 @@ class Traffic:
     def recent(self) -> list[dict[str, Any]]:
         """The last few finished requests, newest first."""
         with self._lock:
-            return list(self._recent)
+            recent = list(self._recent)
+        return [_entry(now, row) for now, row in recent]
+
+
+def _entry(now: float, row: Mapping[str, Any]) -> dict[str, Any]:
+    """The pane's view of a finished request's ledger row."""
+    return {
+        "at": now, "request_id": row.get("request_id"), "model": row.get("model"),
+        "key_id": row.get("key_id"),
+        "target": row.get("node_did") or (f"cloud:{row['upstream']}"
+                                          if row.get("upstream") else None),
+        "outcome": row.get("outcome"),
+        "tokens": int(row.get("prompt_tokens") or 0) + int(row.get("completion_tokens") or 0),
+        "latency_ms": row.get("latency_ms"),
+    }

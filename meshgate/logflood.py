@@ -86,6 +86,27 @@ class FloodFilter(logging.Filter):
             self._report(stale)
         return True
 
+    def drops(self, name: str, levelno: int, msg: str) -> bool:
+        """Whether `filter` would drop a record of this kind now; if so it is dropped here,
+        counted as `filter` counts it, so a caller with a line per request need not make
+        the record. False changes nothing: the record then goes through `filter`."""
+        key: Key = (name, levelno, msg[:200])
+        now = self.clock()
+        with self._lock:
+            bucket = self._kinds.get(key)
+            if bucket is None or getattr(self._reporting, "on", False):
+                return False
+            if _full(bucket, now, self.rate, self.burst) and _full(
+                    self._total, now, self.total_rate, self.total_burst):
+                return False  # it would pass: left to filter, which takes the tokens
+            if _take(bucket, now, self.rate, self.burst):  # as filter: the kind's, then
+                _take(self._total, now, self.total_rate, self.total_burst)  # the total's
+            bucket.dropped += 1
+            if bucket.dropped == 1:
+                bucket.first_drop = now
+            self.dropped_total += 1
+            return True
+
     def _stale(self, now: float, skip: Key) -> list[tuple[Key, int, float]]:
         """Kinds with drops not yet said for `report_every` seconds (their counts reset)."""
         out = []
@@ -111,6 +132,11 @@ class FloodFilter(logging.Filter):
                 if not b.dropped and b.tokens + (now - b.stamp) * self.rate >= self.burst]
         for key in idle or list(self._kinds)[: len(self._kinds) // 2]:
             self._kinds.pop(key, None)
+
+
+def _full(bucket: _Bucket, now: float, rate: float, burst: float) -> bool:
+    """Whether `_take` would take a token (and nothing taken)."""
+    return min(burst, bucket.tokens + (now - bucket.stamp) * rate) >= 1
 
 
 def _take(bucket: _Bucket, now: float, rate: float, burst: float) -> bool:

@@ -39,6 +39,8 @@ from typing import Any, TextIO
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from meshgate.logflood import FloodFilter
+
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_BYTES = REQUEST_ID_HEADER.encode()
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -238,7 +240,7 @@ class AccessLogMiddleware:
 def access_line(scope: Scope, status: int, seconds: float) -> None:
     """Write the access line of the request of `scope` (answered `status`, `seconds` after
     it began) if access lines are on."""
-    if not access_log.isEnabledFor(logging.INFO):
+    if not access_log.isEnabledFor(logging.INFO) or flood_drops(access_log, _ACCESS):
         return  # nothing to build
     state = scope.get("state") or {}
     route = scope.get("route")
@@ -256,10 +258,38 @@ def access_line(scope: Scope, status: int, seconds: float) -> None:
     if isinstance(usage, dict):
         fields["prompt_tokens"] = usage.get("prompt_tokens")
         fields["completion_tokens"] = usage.get("completion_tokens")
-    quick_info(access_log, "%s %s %d %.1f ms", fields["method"], fields["route"], status,
-               fields["latency_ms"], extra=fields)
+    _quick_record(access_log, _ACCESS, (fields["method"], fields["route"], status,
+                                       fields["latency_ms"]), fields)
 
 
+_ACCESS = "%s %s %d %.1f ms"
+
+
+def flood_drops(logger: logging.Logger, msg: str) -> bool:
+    """Whether an INFO line `msg` of `logger` is dropped by the flood filter now (counted as
+    dropped: meshgate/logflood.py), before its record is made. Only where the record would
+    reach one handler, whose filters include a FloodFilter, and `logger` has no filter of
+    its own; anywhere else False (the record is made and filtered as usual)."""
+    if logger.filters:
+        return False
+    handler = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        for each in current.handlers:
+            if each.level <= logging.INFO:
+                if handler is not None:
+                    return False
+                handler = each
+        current = current.parent if current.propagate else None
+    if handler is None:
+        return False
+    flood = None
+    for kept in handler.filters:  # ours only: one that refuses would change what is counted
+        if isinstance(kept, FloodFilter):
+            flood = kept
+        elif not isinstance(kept, RequestIdFilter):
+            return False
+    return flood is not None and flood.drops(logger.name, logging.INFO, msg)
 
 
 def quick_info(logger: logging.Logger, msg: str, *args: Any,
@@ -269,8 +299,13 @@ def quick_info(logger: logging.Logger, msg: str, *args: Any,
     copy of a record made once per logger and thread with its time, message and `extra`
     set (``LogRecord.__init__`` asks the thread's and the process's names, splits the
     file's path and looks the level's name up again for every line)."""
-    if not logger.isEnabledFor(logging.INFO):
-        return
+    if logger.isEnabledFor(logging.INFO) and not flood_drops(logger, msg):
+        _quick_record(logger, msg, args, extra)
+
+
+def _quick_record(logger: logging.Logger, msg: str, args: tuple[Any, ...],
+                  extra: dict[str, Any] | None) -> None:
+    """`quick_info`'s record, made and handled (INFO is on, the flood filter asked)."""
     if logging.getLogRecordFactory() is not logging.LogRecord:  # someone's own records
         logger.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, msg, args,
                                         None, extra=extra))

@@ -83,7 +83,7 @@ def summarize(path: Path, requests: int, roots: list[str]) -> dict[str, Any]:
         total += calls
         groups[place(file, roots)] += calls
         for word in HANDOFFS:
-            if word in name.split(" ")[-1] or name == word or f"'{word}'" in name:
+            if name == word or f"'{word}'" in name or name.endswith(f".{word}>"):
                 handoffs[word] += calls
         where = file
         for root in roots:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from meshgate.logflood import FloodFilter
+from meshgate.logs import RequestIdFilter, quick_info
 
 
 class Clock:
@@ -82,3 +83,48 @@ def test_all_kinds_together_are_bounded_too(
     for i in range(1000):
         log.info(f"unique line {i}")
     assert len(lines(out)) == 200
+
+
+class CountingFlood(FloodFilter):
+    filtered = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.filtered += 1
+        return super().filter(record)
+
+
+def _storm(quick: bool) -> tuple[list[str], int, int]:
+    """Lines of two kinds in a storm, through quick_info or logger.info, on a logger of
+    its own: (lines written, lines counted dropped, records the filter saw)."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    handler.addFilter(RequestIdFilter())
+    clock = Clock()
+    flood = CountingFlood(rate=10, burst=20, total_rate=15, total_burst=30, report_every=5,
+                          clock=clock)
+    handler.addFilter(flood)
+    log = logging.getLogger(f"flood.quick.{quick}")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        for i in range(400):
+            clock.now = i * 0.02  # 50 lines a second of each kind: both buckets run dry
+            for template in ("a %s", "b %s"):
+                if quick:
+                    quick_info(log, template, i)
+                else:
+                    log.info(template, i)
+    finally:
+        log.removeHandler(handler)
+    return out.getvalue().splitlines(), flood.dropped_total, flood.filtered
+
+
+def test_a_quick_line_the_flood_drops_is_counted_the_same_and_never_made() -> None:
+    written, dropped, filtered = _storm(quick=False)
+    quick_written, quick_dropped, quick_filtered = _storm(quick=True)
+    assert [w.split(" ", 1)[1] for w in quick_written] == [w.split(" ", 1)[1] for w in written]
+    assert quick_dropped == dropped > 600  # the same lines dropped, by kind and in total
+    assert filtered == 800
+    assert quick_filtered == len(written)  # a record is made only for a line written
