@@ -164,9 +164,9 @@ class EventStream(Response):
         once): frames that arrived in that turn go in the same write. Under 500 streams
         this cut the client writes by 35-40% (14-16.5 -> 8.4-10 a stream,
         scripts/bench/streams.py), each one an ASGI send through the middlewares, a
-        socket write and a wake-up of the client. A node's answer waits that turn before
-        its burst wakes the task (`Served.settles`: a callback, not a task step through
-        every coroutine of the request)."""
+        socket write and a wake-up of the client. A `Served` that settles (`Served.settles`)
+        waits its turns before a burst wakes the task instead (callbacks, not a task step
+        through every coroutine of the request; off for nodes: served.SETTLE_TURNS)."""
         self.held = self._events([served.first])
         if self.held and not served.queued():  # the first token leaves at once
             await send({"type": "http.response.body", "body": self.held, "more_body": True})
