@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from coordinator.refusals import with_status
 from coordinator.served import Served
-from meshgate.http_protocols import CLIENT_GONE, ClientGone
+from meshgate.http_protocols import CLIENT_GONE, SSE_CORK, ClientGone, CorkedTransport
 from meshgate.openai import SSE_DONE, OpenAIError, is_usage_only, sse_error
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ class EventStream(Response):
         self.include_usage = include_usage
         self.status_code = 200
         self.held = b""
+        self.cork: CorkedTransport | None = None
         self.background: BackgroundTask | None = None
         self.init_headers(headers)
 
@@ -170,6 +171,7 @@ class EventStream(Response):
         if self.held and not served.queued():  # the first token leaves at once
             await send({"type": "http.response.body", "body": self.held, "more_body": True})
             self.held = b""
+            self._uncork()
         waited = served.settles
         async with contextlib.aclosing(served.batches()) as batches:
             async for batch in batches:
@@ -184,8 +186,17 @@ class EventStream(Response):
                     await send({"type": "http.response.body", "body": self.held,
                                 "more_body": True})
                     self.held = b""
+                    self._uncork()
+
+    def _uncork(self) -> None:
+        """After the first write (the head went with it): each write leaves as it is made
+        (they are one a burst already), not at the end of the loop's turn."""
+        if self.cork is not None:
+            self.cork.uncork()
+            self.cork = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.cork = scope.get(SSE_CORK)
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
         watch = self.watch or Watch(receive, scope)

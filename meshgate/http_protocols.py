@@ -37,7 +37,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from meshgate.httplimits import HttpLimits
 
-__all__ = ["CLIENT_GONE", "ClientGone", "CorkedTransport", "GuardedHttpToolsProtocol", "Guards"]
+__all__ = ["CLIENT_GONE", "SSE_CORK", "ClientGone", "CorkedTransport", "GuardedHttpToolsProtocol",
+           "Guards"]
 
 log = logging.getLogger("meshgate.httpserver")
 
@@ -57,9 +58,20 @@ class CorkedTransport:
         self._loop = loop
         self._held: list[bytes] = []
         self._held_bytes = 0
+        self.corked = True
+
+    def uncork(self) -> None:
+        """Send what is held, and each later write at once, until the response ends (a
+        stream whose writer already writes once a burst: `SSE_CORK` in the scope)."""
+        self.flush()
+        self.corked = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
+            return
+        if not self.corked:
+            if not self.transport.is_closing():
+                self.transport.write(data)
             return
         if not self._held:
             self._loop.call_soon(self.flush)
@@ -102,6 +114,10 @@ class CorkedTransport:
 
 #: The scope key of a request's :class:`ClientGone` (httptools protocol only; absent: none).
 CLIENT_GONE = "meshgate.client_gone"
+#: The scope key of the connection's :class:`CorkedTransport` (httptools protocol only): a
+#: streamed response that writes once a burst itself uncorks it after its first write (a
+#: ``call_soon`` and a flush a write less).
+SSE_CORK = "meshgate.cork"
 
 
 class ClientGone:
@@ -227,6 +243,7 @@ class Guards:
     def on_response_complete(self) -> None:
         if isinstance(self.transport, CorkedTransport):
             self.transport.flush()  # the answer's last bytes leave now, before the app's epilogue
+            self.transport.corked = True  # the next response on this connection: corked again
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
@@ -321,6 +338,7 @@ class GuardedHttpToolsProtocol(Guards, HttpToolsProtocol):
         self._head_bytes = 0
         super().on_message_begin()
         self.scope[CLIENT_GONE] = self._gone  # type: ignore[literal-required]
+        self.scope[SSE_CORK] = self.transport  # type: ignore[literal-required]
 
     def on_url(self, url: bytes) -> None:
         self._head_bytes += len(url)

@@ -277,3 +277,22 @@ async def test_writes_in_one_loop_turn_leave_as_one() -> None:
     await asyncio.sleep(0)
     assert recorder.writes[-1] == b"last"
     assert recorder.aborted
+
+
+async def test_an_uncorked_transport_writes_at_once_until_corked_again() -> None:
+    recorder = Recorder()
+    corked = CorkedTransport(recorder, asyncio.get_running_loop())  # type: ignore[arg-type]
+    corked.write(b"head ")
+    corked.write(b"first")
+    corked.uncork()  # what is held leaves now, in one write
+    assert recorder.writes == [b"head first"]
+    corked.write(b"burst")  # each later write at once, as made
+    assert recorder.writes == [b"head first", b"burst"]
+    await asyncio.sleep(0)  # the flush the first write asked for finds nothing held
+    assert recorder.writes == [b"head first", b"burst"]
+    corked.corked = True  # the next response (GuardedHttpToolsProtocol.on_response_complete)
+    corked.write(b"next ")
+    corked.write(b"answer")
+    assert recorder.writes == [b"head first", b"burst"]
+    await asyncio.sleep(0)
+    assert recorder.writes[-1] == b"next answer"
