@@ -279,16 +279,18 @@ class Registry:
         if free is None:
             free = UNKNOWN_FREE
         gpus = telemetry.gpus
-        count = len(gpus)
-        total = sum(g.vram_total_bytes or 0 for g in gpus) if count else 0
-        vram_free = sum(g.vram_free_bytes or 0 for g in gpus) if count else 0
+        count = total = vram_free = 0
+        for gpu in gpus:
+            count += 1
+            total += gpu.vram_total_bytes or 0
+            vram_free += gpu.vram_free_bytes or 0
         # free memory moves by bytes every sample: only a 256 MiB step is a change
         same_hw = (free >> 28 == conn.host_free >> 28 and count == conn.gpu_count
                    and total >> 28 == conn.vram_total >> 28
                    and vram_free >> 28 == conn.vram_free >> 28)
-        load = conn.load
+        load, released = conn.load, conn.released
         changed = [m for m, new in telemetry.runtime.items()
-                   if load.get(m) != new or m in conn.released]
+                   if load.get(m) != new or m in released]
         for name in changed:
             conn.released.pop(name, None)  # the report counts what is in flight now
         if same_hw and not changed:

@@ -68,7 +68,7 @@ Pct = Annotated[float, Meta(ge=0.0, le=MAX_PCT)]
 Timestamp = Annotated[float, Meta(ge=0.0, le=1e11)]
 
 
-class _Msg(Struct, kw_only=True, omit_defaults=True):
+class _Msg(Struct, kw_only=True, omit_defaults=True, gc=False):
     pass
 
 

@@ -13,7 +13,6 @@ else. The body's shape depends on the type:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
@@ -46,8 +45,12 @@ _NONE_BODY = frozenset({FrameType.CANCEL, FrameType.KEY_UPDATE})
 _TIME_BODY = frozenset({FrameType.PING, FrameType.PONG})
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(msgspec.Struct, frozen=True, gc=False):
+    """One frame (immutable). A msgspec Struct, not a frozen dataclass: built in C, ~0.1
+    us against ~1.7 for a frozen dataclass's generated `__init__` (`object.__setattr__`
+    per field), once per frame each way; not tracked by the cyclic GC (a frame cannot
+    be part of a cycle: nothing it holds refers back to it)."""
+
     type: FrameType
     stream_id: int
     seq: int

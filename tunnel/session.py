@@ -47,6 +47,8 @@ STREAM_TYPES = frozenset(
     {FrameType.OPEN, FrameType.DATA, FrameType.END, FrameType.ERROR, FrameType.CANCEL}
 )
 BOTH = frozenset({FrameType.WINDOW})
+# what `_Streams.problem` and `advance` must see even on stream 0, in order
+_STREAM_OR_REKEY = STREAM_TYPES | {FrameType.KEY_UPDATE}
 
 
 SEND, RECV = 0, 1
@@ -297,6 +299,25 @@ class Session:
                 raise FrameError("bad chunk header")
             return self._open_batch(plaintext)
         compressed = bool(header & HDR_COMPRESSED)
+        if not header & HDR_MORE and self._chunks_compressed is None:
+            payload = plaintext[1:]  # the usual message: one whole frame, no fragments
+            if len(payload) > self.max_frame:
+                raise FrameError(f"frame over the {self.max_frame}-byte cap")
+        else:
+            whole = self._fragment(header, compressed, plaintext)
+            if whole is None:
+                return []
+            payload = whole
+        if compressed:
+            payload, kind = self._decompress(payload)
+        else:
+            kind = _kind(payload)
+            if len(payload) > self.cap(kind):
+                raise FrameError(_over(kind, len(payload), self.cap(kind)))
+        return [self._accept(payload)]
+
+    def _fragment(self, header: int, compressed: bool, plaintext: bytes) -> bytes | None:
+        """One chunk of a fragmented frame: the whole payload with the last, else None."""
         if self._chunks_compressed not in (None, compressed):
             raise FrameError("compression bit changed inside a fragmented frame")
         self._chunks_compressed = compressed
@@ -305,16 +326,10 @@ class Session:
         if self._chunks_len > self.max_frame:
             raise FrameError(f"frame over the {self.max_frame}-byte cap")
         if header & HDR_MORE:
-            return []
-        payload = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+            return None
+        payload = b"".join(self._chunks)
         self._chunks, self._chunks_len, self._chunks_compressed = [], 0, None
-        if compressed:
-            payload, kind = self._decompress(payload)
-        else:
-            kind = _kind(payload)
-            if len(payload) > self.cap(kind):
-                raise FrameError(_over(kind, len(payload), self.cap(kind)))
-        return [self._accept(payload)]
+        return payload
 
     def _decompress(self, payload: bytes) -> tuple[bytes, int]:
         """A compressed frame's payload and type, its declared size checked against the
@@ -360,9 +375,16 @@ class Session:
             frame = frames.decode_raw(payload, self.max_frame)
         else:
             frame = frames.decode(payload, self.max_frame)
-        if frame.type is FrameType.DATA:  # the hot path: the next DATA of an open stream
+        kind = frame.type
+        if kind is FrameType.DATA:  # the hot path: the next DATA of an open stream
             seqs = self._streams.next.get(frame.stream_id) if frame.stream_id else None
             if seqs is not None and frame.seq == seqs[RECV]:
+                seqs[RECV] += 1
+                return frame, len(payload)
+        elif frame.stream_id == 0 and kind not in _STREAM_OR_REKEY:
+            # the other hot path (telemetry): the next control frame, in order
+            seqs = self._streams.next[0]
+            if frame.seq == seqs[RECV]:
                 seqs[RECV] += 1
                 return frame, len(payload)
         if self._streams.is_late(frame):
