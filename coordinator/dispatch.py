@@ -86,7 +86,8 @@ class Dispatcher:
         self.clouds = dict(clouds or {})
         self.waiting = 0
         self._commands = 0
-        #: Told how long each scheduling decision took (the server feeds a histogram).
+        #: Told how long each scheduling decision took (the server feeds a histogram), in a
+        #: callback of the loop: a histogram's observe is not on the request's way.
         self.on_decision: Callable[[float], None] | None = None
 
     def knows(self, model: str) -> bool:
@@ -109,8 +110,9 @@ class Dispatcher:
             while True:
                 began = time.perf_counter()
                 decision = schedule(want, self.registry.index, limit=LIMIT)
-                if self.on_decision is not None:
-                    self.on_decision(time.perf_counter() - began)
+                if self.on_decision is not None:  # told once the request is on its way
+                    asyncio.get_running_loop().call_soon(self.on_decision,
+                                                         time.perf_counter() - began)
                 pick, busy = self._pick(decision.candidates, tried, node_tries)
                 if pick is not None:
                     tried.add((pick.kind.value, pick.target, pick.model))

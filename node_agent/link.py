@@ -27,7 +27,7 @@ from node_agent.journal_upload import upload_journal
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
 from node_agent.pipeline import Pipeline
-from node_agent.report import LoadDeltas, clean_runtime
+from node_agent.report import LoadDeltas, clean_runtime, with_load_now
 from node_agent.runtimes.mesh import MeshRuntime
 from node_agent.state import Enrollment
 from tunnel import (
@@ -180,6 +180,10 @@ class CoordinatorLink:
         body.setdefault("ts", time.time())
         runtime = body.get("runtime")  # only what the protocol accepts (a stats error is not)
         body["runtime"] = clean_runtime(runtime) if isinstance(runtime, dict) else {}
+        if self._load_state is not None:  # the load as it is now, and deltas go on from it
+            state = self._load_state()
+            with_load_now(body["runtime"], state)
+            self._deltas.reported({n: state[n] for n in body["runtime"] if n in state})
         return body
 
     async def _heartbeat(self, mux: Mux) -> None:

@@ -173,6 +173,19 @@ def load_state(stats: Mapping[str, Any]) -> dict[str, ModelLoad]:
     return out
 
 
+def with_load_now(runtime: dict[str, Any], state: Mapping[str, ModelLoad]) -> None:
+    """Put the load of `state` (now) into a telemetry sample's per-model figures (`runtime`,
+    as `clean_runtime` made it), in place: the sample was taken up to a period ago in the
+    telemetry thread, and its in-flight count, sent after the request it counted has
+    ended, would tell the coordinator the model is still busy (it then routes the client's
+    next request elsewhere, to a cold load) until the next report."""
+    for name, entry in runtime.items():
+        now = state.get(name)
+        if now is not None:
+            entry["loaded"], entry["in_flight"] = now.loaded, now.in_flight
+            entry["queued"] = entry["queue"] = now.queued
+
+
 class LoadDeltas:
     """What changed in the load since the last delta (or full report) sent."""
 

@@ -22,6 +22,7 @@ from node_agent.report import (
     clean_runtime,
     load_state,
     resident_bytes,
+    with_load_now,
 )
 
 
@@ -83,6 +84,27 @@ def test_load_deltas_carry_only_what_changed() -> None:
     delta = parse_telemetry(body)
     assert not isinstance(delta, Telemetry)
     assert delta.models == {"a": ModelLoad(loaded=True, in_flight=2, queued=0)}
+
+
+def test_a_telemetry_sample_goes_up_with_the_load_of_now_and_deltas_go_on_from_it() -> None:
+    """The sample was taken while a request ran; it is sent after that request ended: the
+    coordinator must read the model idle (else it routes the next request to a cold node)."""
+    sample = clean_runtime({"a": {"state": "loaded", "in_flight": 1, "queued": 2, "queue": 2,
+                                  "decode_tps": 30.0},
+                            "gone": {"state": "loaded", "in_flight": 1}})
+    now = load_state({"a": {"state": "loaded", "in_flight": 0, "queued": 0},
+                      "new": {"state": "unloaded", "in_flight": 0, "queued": 0}})
+    with_load_now(sample, now)
+    tel = parse_telemetry({"ts": 1.0, "runtime": sample})
+    assert isinstance(tel, Telemetry)
+    a = tel.runtime["a"]
+    assert (a.loaded, a.in_flight, a.queued, a.waiting, a.decode_tps) == (True, 0, 0, 0, 30.0)
+    assert tel.runtime["gone"].in_flight == 1  # not in the load now: left as sampled
+    deltas = LoadDeltas()
+    deltas.reported({n: now[n] for n in sample if n in now})
+    body = deltas.delta(now)  # "a" went up as it is: only the model the sample lacked
+    assert body is not None
+    assert set(body["models"]) == {"new"}
 
 
 GEMMA = Path.home() / ".cache" / "meshgate" / "models" / "gemma-3-270m-q4_k_m.gguf"
