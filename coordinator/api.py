@@ -209,24 +209,15 @@ class ApiContext:
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise OpenAIError(413, f"request body is {declared} bytes; the limit is {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise OpenAIError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """A request's body, refused (413) past `limit` before it is read whole."""
+    return await _receive_body(request.receive, request.headers.get("content-length"), limit)
 
 
 async def _receive_body(receive: Receive, declared: str | None,
                         limit: int = MAX_BODY_BYTES) -> bytes:
-    """`read_body` from the ASGI `receive` itself (the hot routes: no Request's stream, the
-    same refusals); a client gone before its body ended raises ClientDisconnect as the
-    stream does."""
+    """The body from the ASGI `receive` itself (the hot routes call it directly, no Request
+    stream): refused (413) past `limit`, by its declared length first; a client gone before
+    its body ended raises ClientDisconnect as Starlette's stream does."""
     if declared and declared.isdigit() and int(declared) > limit:
         raise OpenAIError(413, f"request body is {declared} bytes; the limit is {limit}")
     chunks: list[bytes] = []
