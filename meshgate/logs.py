@@ -108,9 +108,15 @@ def _plain(value: Any) -> bool:
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
     """A record's `extra` fields that are plain JSON values (a library's objects are not)."""
-    return {name: value for name, value in vars(record).items()
-            if name not in _STANDARD and name != "request_id" and not name.startswith("_")
-            and _plain(value)}
+    fields = vars(record)
+    extra = fields.keys() - _NOT_EXTRA  # most records have none: one set difference
+    if not extra:
+        return {}
+    return {name: value for name, value in fields.items()
+            if name in extra and not name.startswith("_") and _plain(value)}
+
+
+_NOT_EXTRA = frozenset(_STANDARD | {"request_id"})
 
 
 class TextFormatter(logging.Formatter):
@@ -207,6 +213,11 @@ class RequestIdMiddleware:
 access_log = logging.getLogger("meshgate.access")
 
 
+def set_access_log(on: bool) -> None:
+    """Access lines on (INFO, the default) or off (``--no-access-log``)."""
+    access_log.setLevel(logging.NOTSET if on else logging.WARNING)
+
+
 class AccessLogMiddleware:
     """One info line per HTTP request when its answer has been sent (pure ASGI, so a
     stream's line comes after its last byte): request id, method, route, status, model,
@@ -240,8 +251,8 @@ class AccessLogMiddleware:
 def access_line(scope: Scope, status: int, seconds: float) -> None:
     """Write the access line of the request of `scope` (answered `status`, `seconds` after
     it began) if access lines are on."""
-    if not access_log.isEnabledFor(logging.INFO) or flood_drops(access_log, _ACCESS):
-        return  # nothing to build
+    if not access_log.isEnabledFor(logging.INFO):
+        return  # off (`set_access_log`): nothing to build; never flood-limited (logflood.py)
     state = scope.get("state") or {}
     route = scope.get("route")
     path = getattr(route, "path", None) or scope.get("path", "")
