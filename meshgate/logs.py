@@ -79,7 +79,7 @@ class RequestIdFilter(logging.Filter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "ts": _iso(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -90,10 +90,29 @@ class JsonFormatter(logging.Formatter):
         out.update(_extras(record))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return _JSON.encode(out)
 
 
+#: json.dumps with these options would make an encoder for every line
+_JSON = json.JSONEncoder(default=str, ensure_ascii=False)
 _PLAIN = (str, int, float, bool, type(None))
+_SCALARS = frozenset(_PLAIN)
+
+
+def _iso(created: float) -> str:
+    """``datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")``, its
+    seconds made once a second (a line per request writes many in each)."""
+    second = int(created)
+    micros = round((created - second) * 1e6)  # as datetime rounds it (half to even)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    if second != _last_second[0]:
+        _last_second[:] = [second, datetime.fromtimestamp(second, UTC).strftime(
+            "%Y-%m-%dT%H:%M:%S")]
+    return f"{_last_second[1]}.{micros // 1000:03d}+00:00"
+
+
+_last_second: list[Any] = [None, ""]
 
 
 def _plain(value: Any) -> bool:
@@ -113,7 +132,8 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
     if not extra:
         return {}
     return {name: value for name, value in fields.items()
-            if name in extra and not name.startswith("_") and _plain(value)}
+            if name in extra and not name.startswith("_")
+            and (type(value) in _SCALARS or _plain(value))}
 
 
 _NOT_EXTRA = frozenset(_STANDARD | {"request_id"})
@@ -123,7 +143,7 @@ class TextFormatter(logging.Formatter):
     """``ts LEVEL logger: message [request_id=...] [key=value ...]``."""
 
     def format(self, record: logging.LogRecord) -> str:
-        ts = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        ts = _iso(record.created)
         line = f"{ts} {record.levelname} {record.name}: {record.getMessage()}"
         request_id = getattr(record, "request_id", None) or request_id_var.get()
         fields = ({"request_id": request_id} if request_id else {}) | _extras(record)
