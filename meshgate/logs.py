@@ -319,7 +319,10 @@ def access_line(scope: Scope, status: int, seconds: float) -> None:
     line = cast("JsonFormatter", handler.formatter).line(
         time.time(), "INFO", access_log.name, _ACCESS % args, request_id=request_id,
         extras={k: v for k, v in fields.items() if type(v) in _SCALARS or _plain(v)})
-    write_direct(handler, line)
+    try:
+        write_direct(handler, line)
+    except Exception:  # noqa: BLE001 - the record's way reports it (Handler.handleError)
+        _quick_record(access_log, _ACCESS, args, dict(fields, request_id=request_id))
 
 
 _ACCESS = "%s %s %d %.1f ms"

@@ -178,3 +178,22 @@ def test_an_access_line_written_directly_is_the_line_of_its_record(
     assert written == made
     assert (context_id or "req_state") in written
     assert "POST /v1/chat/completions 200 12.3 ms" in written
+
+
+def test_an_access_line_that_cannot_be_written_is_reported_not_raised(
+        captured: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream that fails (disk full) fails the line as logging fails a record
+    (`Handler.handleError`), never the request that wrote it."""
+    from meshgate import logs
+
+    class Full(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError("no space left on device")
+
+    setup_logging("json", "info", Full())
+    reported: list[str] = []
+    monkeypatch.setattr(logging.StreamHandler, "handleError",
+                        lambda self, record: reported.append(record.getMessage()))
+    logs.access_line({"type": "http", "method": "GET", "path": "/v1/models", "state": {}},
+                     200, 0.001)
+    assert reported == ["GET /v1/models 200 1.0 ms"]
