@@ -268,14 +268,21 @@ async def answer(pipeline: Pipeline, stream: Stream, frame: Frame) -> None:
                     async for chunk in streamed:
                         body = compact.encode(chunk) if compact is not None else chunk
                         await stream.send(FrameType.DATA, body)
-                usage, energy = streamed.meter.usage, streamed.meter.energy_report()
+                meter = streamed.meter
+                await stream.send(FrameType.END, {"usage": meter.usage, **meter.energy_report()})
+                # the END leaves in this loop turn's write round (`Link.kick`): give the
+                # model back and meter after it, off the answer's way
+                await asyncio.sleep(0)
             finally:
                 await streamed.aclose()
         else:
-            async with pipeline.answer(*args, via="tunnel", local_only=True) as done:
+            # DATA and END leave together in one write round; the metering (`Meter.finish`)
+            # runs in a loop callback after it (`meter_later`), off the answer's way
+            async with pipeline.answer(*args, via="tunnel", local_only=True,
+                                       meter_later=True) as done:
                 await stream.send(FrameType.DATA, done.data)
-                usage, energy = done.usage, done.meter.energy_report()
-        await stream.send(FrameType.END, {"usage": usage, **energy})
+                await stream.send(FrameType.END,
+                                  {"usage": done.usage, **done.meter.energy_report()})
     except OpenAIError as exc:
         await stream.send(
             FrameType.ERROR,

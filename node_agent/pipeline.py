@@ -24,6 +24,7 @@ before any token keeps its HTTP status; later errors end the stream.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -282,10 +283,15 @@ class Pipeline:
 
     @asynccontextmanager
     async def answer(
-        self, endpoint: str, model: str, body: bytes, *, via: str, local_only: bool = False
+        self, endpoint: str, model: str, body: bytes, *, via: str, local_only: bool = False,
+        meter_later: bool = False,
     ) -> AsyncIterator[Answer]:
         """A whole answer (``embeddings`` included), metered when the block ends: 200 if it
-        ends normally, 499 if it raises (the answer did not get out) or is cancelled."""
+        ends normally, 499 if it raises (the answer did not get out) or is cancelled.
+
+        With `meter_later` a block that ends normally is metered in a loop callback
+        (`call_soon`), after the callbacks already due, so that what the block queued to
+        send (the tunnel's write round, `Link.kick`) leaves first."""
         meter = Meter(self, model, endpoint, via, self._where(model))
         status = 499
         try:
@@ -307,7 +313,10 @@ class Pipeline:
             yield Answer(data, meter.usage, meter)
             status = 200
         finally:
-            meter.finish(status)
+            if meter_later and status == 200:
+                asyncio.get_running_loop().call_soon(meter.finish, status)
+            else:
+                meter.finish(status)
 
     async def complete(
         self, endpoint: str, model: str, body: bytes, *, via: str, local_only: bool = False
