@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from meshgate.http_protocols import CORK_MAX_BYTES, CorkedTransport
+from meshgate.http_protocols import CORK_MAX_BYTES, SSE_CORK, CorkedTransport
 from meshgate.httpserver import HttpLimits, server_config
 from meshgate.logflood import FloodFilter
 
@@ -27,7 +27,9 @@ GET = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n"
 
 class App:
     """``/x``: "ok"; ``/echo``: the body back; ``/block``: waits for `release`;
-    ``/firehose``: 64 KiB chunks until the client is gone (then `gone` is set)."""
+    ``/firehose``: 64 KiB chunks until the client is gone (then `gone` is set);
+    ``/sse``: three chunks, uncorked after the first as a token stream does (httptools only);
+    ``/corked``: whether the connection's transport holds writes ("yes"/"no"/"none")."""
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
@@ -57,9 +59,24 @@ class App:
         elif path == "/firehose":
             await self.firehose(receive, send)
             return
+        elif path == "/sse":
+            await self.sse(scope, send)
+            return
+        elif path == "/corked":
+            cork = scope.get(SSE_CORK)
+            body = b"none" if cork is None else b"yes" if cork.corked else b"no"
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+    async def sse(self, scope: dict[str, Any], send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for n in range(3):
+            await send({"type": "http.response.body", "body": b"data: %d\n\n" % n,
+                        "more_body": True})
+            if n == 0 and SSE_CORK in scope:
+                scope[SSE_CORK].uncork()
+        await send({"type": "http.response.body", "body": b""})
 
     async def firehose(self, receive: Any, send: Any) -> None:
         async def watch() -> None:
@@ -136,6 +153,23 @@ async def test_keep_alive_and_pipelined_requests_are_answered_in_order(
     writer.write(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc" + GET)
     assert (await response(reader)).endswith(b"\r\n\r\nabc")
     assert (await response(reader)).endswith(b"\r\n\r\nok")
+    writer.close()
+
+
+async def test_after_an_uncorked_stream_the_next_answer_on_the_connection_is_corked_again(
+    server: tuple[int, App],
+) -> None:
+    port, app = server
+    held = b"yes" if app.parser == "httptools" else b"none"  # h11 (the rare client) never corks
+    reader, writer = await connect(port)
+    writer.write(b"GET /corked HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert (await response(reader)).endswith(b"\r\n\r\n" + held)  # a new connection holds writes
+    writer.write(b"GET /sse HTTP/1.1\r\nHost: t\r\n\r\n")
+    streamed = await reader.readuntil(b"data: 2\n\n\r\n0\r\n\r\n")  # chunked, to its last chunk
+    assert b"data: 0" in streamed
+    assert b"data: 1" in streamed
+    writer.write(b"GET /corked HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert (await response(reader)).endswith(b"\r\n\r\n" + held)  # the uncork ended with the stream
     writer.close()
 
 
