@@ -29,7 +29,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 from meshgate.openai import OpenAIError, context_exceeded
@@ -281,42 +281,19 @@ class Pipeline:
     def _where(self, model: str) -> str:
         return "local" if self.manager.serves(model) else "mesh"
 
-    @asynccontextmanager
-    async def answer(
+    def answer(
         self, endpoint: str, model: str, body: bytes, *, via: str, local_only: bool = False,
         meter_later: bool = False,
-    ) -> AsyncIterator[Answer]:
-        """A whole answer (``embeddings`` included), metered when the block ends: 200 if it
-        ends normally, 499 if it raises (the answer did not get out) or is cancelled.
+    ) -> Answering:
+        """A whole answer (``embeddings`` included), ``async with`` it; metered when the block
+        ends: 200 if it ends normally, 499 if it raises (the answer did not get out) or is
+        cancelled.
 
         With `meter_later` a block that ends normally is metered in a loop callback
         (`call_soon`), after the callbacks already due, so that what the block queued to
         send (the tunnel's write round, `Link.kick`) leaves first."""
-        meter = Meter(self, model, endpoint, via, self._where(model))
-        status = 499
-        try:
-            try:
-                far = None
-                if not local_only and self.mesh is not None and not self.manager.serves(model):
-                    far = self.mesh(model)  # not served here: the coordinator places it
-                if far is not None:
-                    data, usage = await _ask(far, endpoint, body)
-                else:  # borrowed only while it answers
-                    async with self.manager.use(model) as runtime:
-                        data, usage = await _ask(runtime, endpoint, body)
-            except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
-                error = map_error(exc, model)
-                status = error.status
-                raise error from None
-            meter.usage = usage if usage is not None else usage_of(data)  # read once
-            meter.answered()  # the journal row on disk before the answer can be read
-            yield Answer(data, meter.usage, meter)
-            status = 200
-        finally:
-            if meter_later and status == 200:
-                asyncio.get_running_loop().call_soon(meter.finish, status)
-            else:
-                meter.finish(status)
+        return Answering(self, endpoint, model, body, via=via, local_only=local_only,
+                         meter_later=meter_later)
 
     async def complete(
         self, endpoint: str, model: str, body: bytes, *, via: str, local_only: bool = False
@@ -362,3 +339,57 @@ class Pipeline:
                 raise error from None
             meter.finish(499)
             raise
+
+
+class Answering:
+    """`Pipeline.answer`'s block (a class, not an ``asynccontextmanager``: no generator to
+    start, hook and close on every request)."""
+
+    __slots__ = ("_args", "_later", "_local_only", "_pipeline", "meter")
+
+    def __init__(self, pipeline: Pipeline, endpoint: str, model: str, body: bytes, *,
+                 via: str, local_only: bool, meter_later: bool) -> None:
+        self._pipeline = pipeline
+        self._args = (endpoint, model, body, via)
+        self._local_only, self._later = local_only, meter_later
+        self.meter: Meter | None = None
+
+    async def __aenter__(self) -> Answer:
+        pipeline = self._pipeline
+        endpoint, model, body, via = self._args
+        meter = self.meter = Meter(pipeline, model, endpoint, via, pipeline._where(model))
+        try:
+            far = None
+            if not self._local_only and pipeline.mesh is not None and not pipeline.manager.serves(
+                    model):
+                far = pipeline.mesh(model)  # not served here: the coordinator places it
+            if far is not None:
+                data, usage = await _ask(far, endpoint, body)
+            else:  # borrowed only while it answers
+                async with pipeline.manager.use(model) as runtime:
+                    data, usage = await _ask(runtime, endpoint, body)
+        except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
+            error = map_error(exc, model)
+            meter.finish(error.status)
+            raise error from None
+        except BaseException:
+            meter.finish(499)
+            raise
+        try:
+            meter.usage = usage if usage is not None else usage_of(data)  # read once
+            meter.answered()  # the journal row on disk before the answer can be read
+        except BaseException:
+            meter.finish(499)
+            raise
+        return Answer(data, meter.usage, meter)
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: object) -> None:
+        meter = self.meter
+        assert meter is not None
+        if exc_type is not None:
+            meter.finish(499)
+        elif self._later:
+            asyncio.get_running_loop().call_soon(meter.finish, 200)
+        else:
+            meter.finish(200)
