@@ -27,14 +27,6 @@ from tunnel import ClosedError, Frame, FrameType, Stream, TunnelError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-#: Loop turns between a burst's first frame and the wake-up of the task that writes it
-#: (`Stream.settle`: a callback a turn, no task step), the frames of those turns leaving in
-#: the same client write; 0: woken at once, and the writer takes a turn of its own before
-#: each write (EventStream._write). Off: under 500 streams (scripts/bench/streams.py,
-#: --against, load 5-9) 2 turns made 0.68-0.77 client writes a node read against the
-#: writer's turn's 0.57-0.61, for the same coordinator + node CPU (the writer's turn comes
-#: after every woken stream's drain: a longer window than two turns of callbacks).
-SETTLE_TURNS = 0
 
 
 def now() -> float:
@@ -220,8 +212,6 @@ class NodeAttempt(Served):
         self.stream = stream
         self.first_at: float | None = time.perf_counter() if first_at is None else first_at
         self.decoder = ChunkDecoder() if decoder is None else decoder
-        stream.settle = SETTLE_TURNS
-        self.settles = SETTLE_TURNS > 0
 
     def queued(self) -> bool:
         return self.stream.queued > 0

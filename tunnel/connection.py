@@ -1,4 +1,5 @@
-"""The tunnel connection, sans I/O: streams, credit, GOAWAY, ping/RTT, rekey, bounds.
+"""The tunnel connection, sans I/O: streams, credit, GOAWAY, rekey, bounds (the ping
+/RTT rules are its `Liveness` part, tunnel/liveness.py; its events, tunnel/events.py).
 
 In the style of python-websockets' `Protocol` and h11: no sockets, no clock, no tasks.
 Bytes come in (`receive`, one websocket message at a time, with the time now) and
@@ -16,7 +17,6 @@ later call raises it again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from tunnel.constants import (
@@ -31,85 +31,28 @@ from tunnel.constants import (
     REKEY_AFTER_S,
 )
 from tunnel.errors import ClosedError, FrameError, TunnelError
+from tunnel.events import Credit, Event, Opened, Pong, Received, StreamState
 from tunnel.frames import TERMINAL, Frame, FrameType
+from tunnel.liveness import Liveness
 from tunnel.session import Prepared, Session
 
 STREAM_SEND_TYPES = frozenset(
     {FrameType.DATA, FrameType.END, FrameType.ERROR, FrameType.CANCEL, FrameType.WINDOW}
 )
-MAX_PINGS = 16  # unanswered pings remembered
+
+__all__ = [
+    "STREAM_SEND_TYPES",
+    "Connection",
+    "Credit",
+    "Event",
+    "Opened",
+    "Pong",
+    "Received",
+    "StreamState",
+]
 
 
-@dataclass(slots=True)
-class Opened:
-    """The peer opened a stream (its OPEN frame); answer on `frame.stream_id`."""
-
-    frame: Frame
-
-
-@dataclass(slots=True)
-class Received:
-    """A frame for the application: DATA, END, ERROR, CANCEL on an open stream, or a
-    control frame (TELEMETRY, INVENTORY, COMMAND, RESULT, GOAWAY) on stream 0; `size`
-    is its decoded payload's (what holding it costs)."""
-
-    frame: Frame
-    size: int = 0
-
-
-@dataclass(slots=True)
-class Credit:
-    """The peer granted credit on `stream_id` (0: the connection): senders may go on."""
-
-    stream_id: int
-
-
-@dataclass(slots=True)
-class Pong:
-    """The PONG to our PING `stamp` arrived; `rtt_ms` is set."""
-
-    stamp: int
-
-
-Event = Opened | Received | Credit | Pong
-
-
-class StreamState:
-    """One stream's credit and lifecycle, both directions."""
-
-    __slots__ = (
-        "buffered",
-        "id",
-        "open_bytes",
-        "peak_buffered",
-        "peer_ended",
-        "recv_limit",
-        "recv_total",
-        "released",
-        "send_credit",
-        "sent_end",
-        "ungranted",
-    )  # fmt: skip
-
-    def __init__(self, stream_id: int, window: int, open_bytes: int = 0) -> None:
-        self.id = stream_id
-        self.send_credit = INITIAL_STREAM_WINDOW  # DATA bytes we may send
-        self.recv_total = 0  # DATA bytes received
-        self.recv_limit = window  # DATA bytes we allowed the peer to send, in all
-        self.ungranted = 0  # bytes read but not yet granted back
-        self.buffered = 0  # bytes received and not yet read by the application
-        self.peak_buffered = 0
-        self.sent_end = False
-        self.peer_ended = False
-        self.released = False  # the connection credit of unread bytes went back
-        self.open_bytes = open_bytes  # the peer's OPEN payload, counted while open
-
-    @property
-    def closed(self) -> bool:
-        return self.sent_end or self.peer_ended
-
-
-class Connection:
+class Connection(Liveness):
     def __init__(
         self,
         session: Session,
@@ -149,23 +92,7 @@ class Connection:
         self.going_away: str | None = None
         self.peer_going_away: str | None = None
         self.last_peer_stream = 0
-        # ping, RTT, rekey (the rules: `tick`)
-        if ping_interval is not None and ping_interval <= 0:
-            raise ValueError("ping_interval must be > 0 (None: no periodic pings)")
-        if ping_when_quiet is not None and ping_when_quiet <= 0:
-            raise ValueError("ping_when_quiet must be > 0 (None: no pings on silence)")
-        if not 0.0 < ping_phase <= 1.0:
-            raise ValueError("ping_phase must be in (0, 1]")
-        self.ping_interval = ping_interval
-        self.ping_timeout = ping_timeout
-        self.ping_when_quiet = ping_when_quiet
-        self.ping_phase = ping_phase
-        self.rtt_ms: float | None = None
-        self._pings: dict[int, float] = {}
-        self._next_ping = now if ping_interval else None  # the first periodic one at once
-        self._phase = ping_phase  # the gap after the first, in intervals; then 1
-        self._heard = now  # when the peer's last message (any, a PONG too) arrived
-        self._rtt_at: float | None = None  # when the last PONG arrived
+        self._init_liveness(now, ping_interval, ping_timeout, ping_when_quiet, ping_phase)
         self.rekey_after_messages = rekey_after_messages
         self.rekey_after_s = rekey_after_s
         self._rekeyed_at = now
@@ -289,18 +216,6 @@ class Connection:
         self._queue(Frame(FrameType.GOAWAY, 0, 0, 0, body))
         return True
 
-    def ping(self, now: float) -> int:
-        """Queue a PING; its stamp (the PONG event carries it back)."""
-        self._check()
-        stamp = int(now * 1000)
-        while stamp in self._pings:
-            stamp += 1
-        self._queue(Frame(FrameType.PING, 0, 0, 0, {"t": stamp}))
-        self._pings[stamp] = now
-        if len(self._pings) > MAX_PINGS:
-            self._pings.pop(next(iter(self._pings)))
-        return stamp
-
     def data_to_send(self, now: float) -> list[bytes]:
         """The messages to write now, for every frame queued since the last call (a
         KEY_UPDATE goes last and the send key changes after it when one is due)."""
@@ -318,65 +233,6 @@ class Connection:
             self.session.rekey_send()
             self._rekeyed_at = now
         return messages
-
-    # -- timers ----------------------------------------------------------------------
-
-    def next_deadline(self) -> float | None:
-        """When `tick` next has work (a ping due, a quiet link, a ping's timeout), or None."""
-        deadline = self._next_ping
-        if self._pings:
-            if self.ping_timeout is not None:
-                expiry = next(iter(self._pings.values())) + self.ping_timeout
-                deadline = expiry if deadline is None else min(deadline, expiry)
-        elif self.ping_when_quiet is not None:
-            quiet = self._heard + self.ping_when_quiet
-            deadline = quiet if deadline is None else min(deadline, quiet)
-        return deadline
-
-    def tick(self, now: float) -> str | None:
-        """Send a ping if one is due; why the link should be dropped (no PONG in time).
-
-        Two kinds of PING, each side configured with either or both:
-
-        - periodic (`ping_interval`): the first at once, the second `ping_phase`
-          intervals later (the shell draws the phase per link, so a coordinator's pings
-          to a fleet that connected together are spread over the period, not a burst),
-          then one every interval, whatever was heard: it keeps `rtt_ms` fresh (a routing
-          cost) and, arriving at the peer, is the peer's proof that this side lives.
-        - on silence (`ping_when_quiet`): one when nothing at all (any frame, a PING or
-          PONG too) has come from the peer for that long and none of ours is unanswered.
-
-        Any PING unanswered after `ping_timeout` s means a dead or stalled path (no FIN,
-        no RST; or a proxy that keeps the TCP connection open and forwards nothing): the
-        reason is returned and the shell drops the link. The coordinator pings every
-        node periodically (RTT_PING_S) and the node pings only on silence longer than
-        that period plus slack (QUIET_PING_S; tunnel/constants.py), so a healthy link
-        carries one PING and one PONG per period, and:
-
-        - a node drops a coordinator that went silent within ping_when_quiet +
-          ping_timeout s of the last frame it heard (defaults: 70 + 20 = 90 s);
-        - a coordinator drops a node that went silent within ping_interval +
-          ping_timeout s (60 + 20 = 80 s), frames flowing or not: the node's telemetry
-          proves it lives, but a PONG that does not come back means the coordinator's
-          own frames do not reach it.
-        """
-        pings = self._pings
-        if pings and self.ping_timeout is not None:
-            oldest = next(iter(pings.values()))
-            if now - oldest >= self.ping_timeout:
-                return f"no PONG within {self.ping_timeout:g} s: the peer is unreachable"
-        due = False
-        interval = self.ping_interval
-        if self._next_ping is not None and interval and now >= self._next_ping:
-            due = True
-            self._next_ping = now + interval * self._phase
-            self._phase = 1.0
-        quiet = self.ping_when_quiet
-        if quiet is not None and not pings and now - self._heard >= quiet:
-            due = True
-        if due and self.session.dead is None and self.closed is None:
-            self.ping(now)
-        return None
 
     # -- receiving -------------------------------------------------------------------
 

@@ -2,13 +2,11 @@
 
 Push, not pull: each message the websocket reads goes through the core in the same loop
 callback (`Connection.receive`), and its events go straight to whoever listens (a `Mux`)
-or, without one, to a small queue that `recv` reads. Writing: `kick` schedules one write
-round per loop iteration (`call_soon`, no task), which encrypts everything the core
-queued since the last round into as few messages as it can; while the transport's buffer
-is over its high-water mark no round writes, frames wait in the core, and senders wait
-(`sent`) while more than WRITE_HIGH_WATER bytes wait there. Pings (rules:
-`Connection.tick`): one timer handle per link (`call_later`), re-armed at the core's next
-deadline; the periodic pings' phase is drawn here, per link.
+or, without one, to a small queue that `recv` reads. Writing is the `Writer` part
+(tunnel/link_writer.py): one write round per loop iteration, senders held back while
+too much waits. Pings (rules: `Connection.tick`): one timer handle per link
+(`call_later`), re-armed at the core's next deadline; the periodic pings' phase is drawn
+here, per link.
 """
 
 from __future__ import annotations
@@ -27,20 +25,19 @@ from tunnel.connection import Event, Opened, Pong, Received
 from tunnel.errors import ClosedError, FrameError
 from tunnel.frames import Frame, FrameType
 from tunnel.handshake import Hello
+from tunnel.link_writer import WRITE_HIGH_WATER, Writer
 from tunnel.session import Session
-from tunnel.wire import Message, WireClosed, WsConnection
+from tunnel.wire import Message, WsConnection
 
 log = logging.getLogger("tunnel.ws")
 
-# Frames queued in the core past this many bytes make senders wait for the writer.
-WRITE_HIGH_WATER = 256 * 1024
 CLOSE_FLUSH_S = 5.0  # how long close() waits to send what is queued
 CLOSE_PROTOCOL_ERROR = 1002
 # Events queued for `recv` (no Mux reading) past this many: stop reading the socket.
 MAX_PENDING_EVENTS = 256
 
 
-class Link:
+class Link(Writer):
     """One established, authenticated tunnel connection; either side.
 
     A thin shell on the sans-I/O `Connection` (`link.conn`). PING is answered, PONG
@@ -138,88 +135,6 @@ class Link:
     def _start(self) -> None:
         if self._timer is None:
             self._arm()
-
-    # -- sending --------------------------------------------------------------
-
-    async def send(self, frame: Frame) -> None:
-        """Queue one frame (its seq is assigned by the session) and let the writer send
-        it; waits while too much is queued (the socket is slow or stalled)."""
-        self.conn.send_raw(frame)
-        await self.sent()
-
-    async def sent(self) -> None:
-        """Schedule a write round for what the core has queued; wait while over the
-        high-water mark (backpressure: a full transport stops the writer, which stops us)."""
-        self.kick()
-        while self.conn.pending_bytes + self._unsent_bytes > WRITE_HIGH_WATER:
-            if self.conn.closed is not None:
-                raise ClosedError(f"link is closed: {self.conn.closed}")
-            self._room.clear()
-            await self._room.wait()
-
-    def kick(self) -> None:
-        """The core has something to send: it leaves in this loop iteration's write round
-        (frames queued meanwhile go along; an idle link adds no delay)."""
-        if self.conn.closed is not None:
-            return
-        self._kicks += 1
-        if not self._write_soon:
-            self._write_soon = True
-            self._loop.call_soon(self._write_round)
-
-    def _write_round(self) -> None:
-        self._write_soon = False
-        ws = self._ws
-        if self.conn.closed is not None or ws.full():
-            return  # `_on_writable` starts a round when the transport drained
-        target = self._kicks
-        try:
-            unsent = self._unsent
-            while unsent:  # what a full transport left over, first (nonce order)
-                message = unsent.popleft()
-                self._unsent_bytes -= len(message)
-                ws.send_message(message)
-                if ws.full():
-                    self._room.set()
-                    return
-            for message in self.conn.data_to_send(time.monotonic()):
-                if ws.full():  # hold the rest, encrypted, in order
-                    unsent.append(message)
-                    self._unsent_bytes += len(message)
-                else:
-                    ws.send_message(message)
-        except WireClosed as exc:
-            self._mark_closed(f"connection closed ({exc})")
-            return
-        except FrameError as exc:  # the session died under us
-            self._mark_closed(str(exc))
-            return
-        self._room.set()  # senders look again: less is held now
-        if self._unsent:
-            return
-        self._written = target
-        self._wake_flushes()
-
-    def _on_writable(self) -> None:
-        if self.conn.pending_bytes or self._unsent or self._written < self._kicks:
-            self._kicks += 1
-            if not self._write_soon:
-                self._write_soon = True
-                self._loop.call_soon(self._write_round)
-
-    def _wake_flushes(self) -> None:
-        waiting, self._flushes = self._flushes, []
-        for flush in waiting:
-            if not flush.done():
-                flush.set_result(None)
-
-    async def flush(self) -> None:
-        """Return once every frame queued so far was written (or the link closed)."""
-        target = self._kicks
-        while self._written < target and self.conn.closed is None:
-            flush = self._loop.create_future()
-            self._flushes.append(flush)
-            await flush
 
     def _arm(self) -> None:
         deadline = self.conn.next_deadline()

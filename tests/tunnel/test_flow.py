@@ -274,31 +274,3 @@ def test_any_mix_of_body_sizes_and_read_pauses_arrives_whole_within_the_window(
             await p.close()
 
     asyncio.run(scenario())
-
-
-async def test_a_settling_reader_wakes_after_the_frames_of_its_turns() -> None:
-    """`Stream.settle` turns: a waiting `recv` wakes that many loop turns after a frame
-    arrives, with what came meanwhile already queued (one wake-up for both); 0: at once."""
-
-    async def silent(stream: Stream, frame: Frame) -> None:
-        await asyncio.Event().wait()  # sends nothing: the frames below are the test's
-
-    loop = asyncio.get_running_loop()
-    pair = await mux_pair(node_on_stream=silent)
-    for settle, queued_at_wake in ((0, 0), (2, 1)):
-        stream = await pair.coord_mux.open({})
-        stream.settle = settle
-
-        async def read(stream: Stream = stream) -> tuple[Frame, int]:
-            frame = await stream.recv()
-            return frame, stream.queued  # what else was there when it woke
-
-        reading = asyncio.create_task(read())
-        await asyncio.sleep(0)  # the reader waits
-        assert not reading.done()
-        stream._deliver(Frame(FrameType.DATA, stream.id, 0, 0, b"a"))
-        loop.call_soon(stream._deliver, Frame(FrameType.DATA, stream.id, 1, 0, b"b"))
-        first, queued = await reading
-        assert first.body == b"a"
-        assert queued == queued_at_wake
-    await pair.close()
