@@ -37,7 +37,7 @@ from fastapi import APIRouter, FastAPI, Request
 
 from coordinator.admin_keys import ADMIN_PREFIX, AdminKeys, ensure_admin_key
 from coordinator.admin_ops import AdminOps, BadField
-from coordinator.api import ApiContext, read_body
+from coordinator.api_context import ApiContext
 from coordinator.errors import CoordinatorError, KeyNameTaken, UnknownKey, UnknownNode, UnknownToken
 from coordinator.fleet_view import fleet, models_across
 from coordinator.gateway import Gateway
@@ -45,6 +45,7 @@ from coordinator.hot_routes import CoordinatorApp
 from coordinator.live import node_summary
 from coordinator.live_requests import LiveRequests, LiveRequestsMiddleware
 from coordinator.registry import Registry
+from coordinator.request_io import read_body
 from coordinator.state import StateDir
 from coordinator.store import KEY_PREFIX, KEYS_GENERATION, Store
 from coordinator.traffic import Traffic

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from meshgate.openai import Parsed
 
 if TYPE_CHECKING:
-    from coordinator.api import ApiContext
+    from coordinator.api_context import ApiContext
 
 #: A request this small fits any node's context: it skips the look at the fleet.
 SMALL_REQUEST_TOKENS = 512

@@ -27,7 +27,8 @@ from typing import Any
 
 import anyio
 
-from coordinator.api import ApiContext, plan
+from coordinator.api_context import ApiContext
+from coordinator.api_plan import plan
 from coordinator.config import RelayConfig
 from coordinator.dispatch import Served
 from coordinator.refusals import refusal_row, with_status

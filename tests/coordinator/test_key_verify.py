@@ -9,7 +9,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from coordinator.api import ApiContext
+from coordinator.api_context import ApiContext
 from coordinator.registry import Registry
 
 
