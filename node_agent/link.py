@@ -259,6 +259,7 @@ async def answer(pipeline: Pipeline, stream: Stream, frame: Frame) -> None:
             # batches (the chunks one read brought, one frame) when it reads them
             asked = frame.body.get("compact")
             compact = ChunkEncoder() if asked else None
+            ended = False
             try:
                 if compact is not None and type(asked) is int and asked >= COMPACT_BATCHES:
                     async for batch in streamed.batches():
@@ -269,12 +270,15 @@ async def answer(pipeline: Pipeline, stream: Stream, frame: Frame) -> None:
                         body = compact.encode(chunk) if compact is not None else chunk
                         await stream.send(FrameType.DATA, body)
                 meter = streamed.meter
-                await stream.send(FrameType.END, {"usage": meter.usage, **meter.energy_report()})
-                # the END leaves in this loop turn's write round (`Link.kick`): give the
-                # model back and meter after it, off the answer's way
-                await asyncio.sleep(0)
+                energy = meter.energy_report()
+                # the model back before the END (a load report sent after the END never
+                # counts this request), metered after it: in a loop callback queued after
+                # the END's write round (`Link.kick`), off the answer's way
+                await streamed.release()
+                await stream.send(FrameType.END, {"usage": meter.usage, **energy})
+                ended = True
             finally:
-                await streamed.aclose()
+                await streamed.aclose(meter_later=ended)
         else:
             # DATA and END leave together in one write round; the metering (`Meter.finish`)
             # runs in a loop callback after it (`meter_later`), off the answer's way

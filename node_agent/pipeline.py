@@ -190,6 +190,7 @@ class Streamed:
         self.status = 499  # unless it reaches its end or fails
         self.settle_at_end = True
         self._closed = False
+        self._released = False
 
     def _wanted(self, chunk: bytes, usage: Usage | None) -> bool:
         if usage is None or self.include_usage:
@@ -234,19 +235,33 @@ class Streamed:
         if self.settle_at_end:  # give the model back and meter before the client hears the end
             await self.aclose()
 
-    async def aclose(self) -> None:
-        """End the stream: stop the runtime's work if unfinished, give the model back, meter.
-        Once; later calls do nothing."""
-        if self._closed:
+    async def release(self) -> None:
+        """Stop the runtime's work if unfinished and give the model back, not yet metered
+        (:meth:`aclose` meters). Once; later calls do nothing."""
+        if self._released:
             return
-        self._closed = True
+        self._released = True
         try:
             close = getattr(self._chunks, "aclose", None)
             if close is not None:
                 await close()
         finally:
             await self._stack.aclose()
-            self.meter.finish(self.status)
+
+    async def aclose(self, *, meter_later: bool = False) -> None:
+        """End the stream: :meth:`release`, and meter (with `meter_later` in a loop callback,
+        after the callbacks already due: what was queued to send leaves first). Once; later
+        calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.release()
+        finally:
+            if meter_later:
+                asyncio.get_running_loop().call_soon(self.meter.finish, self.status)
+            else:
+                self.meter.finish(self.status)
 
 
 class Pipeline:
