@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -132,12 +133,11 @@ class Gateway:
                 return
             await self.on_request(conn, stream, frame)
 
-        def on_control_now(frame: Frame) -> bool:
-            return conn is not None and self._control_now(conn, frame)
-
         mux = Mux(link, initiator=False, on_control=on_control, on_stream=on_stream,
-                  on_control_now=on_control_now, raw_bodies=(FrameType.TELEMETRY,))
+                  raw_bodies=(FrameType.TELEMETRY,))
         conn = NodeConn(did=hello.did, labels=labels, link=link, mux=mux)
+        # nothing is read before `mux.run` below: a partial, no closure's frame a message
+        mux.on_control_now = functools.partial(self._control_now, conn)
         old = self.registry.add(conn)
         if old is not None:
             log.warning(
@@ -266,13 +266,14 @@ class Gateway:
     def _control_now(self, conn: NodeConn, frame: Frame) -> bool:
         """Telemetry and load deltas, handled in the link's reader (nothing to wait for);
         a bad one goes the queued way, which logs it and closes the session."""
-        if frame.type != FrameType.TELEMETRY or self.registry.get(conn.did) is not conn:
+        if frame.type is not FrameType.TELEMETRY or self.registry.get(conn.did) is not conn:
             return False
+        body = frame.body
         try:
-            message = parse_telemetry(frame.body)
+            message = parse_telemetry(body)
         except ProtocolViolation:
             return False
-        self._telemetry(conn, message, frame.body)
+        self._telemetry(conn, message, body)
         return True
 
     def _telemetry(self, conn: NodeConn, message: Telemetry | LoadDelta,

@@ -140,6 +140,7 @@ def t_zstd(data: bytes) -> None:
 class _Pair:
     node: Session
     coord: Session
+    lone: Session  # the coordinator's twin, read through `open_lone` (must agree with it)
 
     def __init__(self) -> None:
         self.fresh()
@@ -150,6 +151,7 @@ class _Pair:
         up, down = os.urandom(32), os.urandom(32)
         self.node = Session(CipherState(up), CipherState(down))
         self.coord = Session(CipherState(down), CipherState(up))
+        self.lone = Session(CipherState(down), CipherState(up))
 
 
 _pairs: list[_Pair] = []  # one session pair, made on first use, renewed when it dies
@@ -189,21 +191,50 @@ def t_session(data: bytes) -> None:
     # odd first byte: the coordinator's way, TELEMETRY and INVENTORY bodies left as msgpack
     # bytes for a typed decode (`frames.decode_raw`); then that decode runs on them too
     raw = bool(data[:1]) and data[0] & 1 == 1
-    pair.coord.raw_bodies = frozenset({11, 12}) if raw else frozenset()
+    pair.coord.raw_bodies = pair.lone.raw_bodies = frozenset({11, 12}) if raw else frozenset()
     if data[:1] == b"\x00":  # a proper request stream first, so seq rules are exercised
         for kind, sid, body in ((FrameType.OPEN, 1, {}), (FrameType.DATA, 1, b"x")):
             for message in pair.node.seal(Frame(kind, sid, 0, 0, body)):
                 pair.coord.open(message)
-    for plaintext in _plaintexts(data[1:])[:8]:
+                pair.lone.open(message)
+    plaintexts = _plaintexts(data[1:])[:8]
+    if raw and data[0] & 2:  # telemetry next in order (or one off): the fused case's own
+        value, _ = _value(data[1:])
+        seq = pair.coord._streams.next_seq(0, 1) + (data[0] >> 2 & 1)
+        with contextlib.suppress(TypeError, ValueError, OverflowError):
+            plaintexts.insert(0, bytes([0]) + msgpack.packb([11, 0, seq, 0, value],
+                                                            use_bin_type=True))
+    for plaintext in plaintexts:
         message = pair.node._send.encrypt_with_ad(b"", plaintext)
         try:
-            got = pair.coord.open_all(message)
-        except TunnelError:
+            sized = pair.coord.open_sized(message)
+        except TunnelError as exc:
+            _lone_refuses(pair.lone, message, exc)
             pair.fresh()
             raise
-        for frame in got:
+        _lone_agrees(pair.lone, message, sized)
+        for frame, _ in sized:
             if raw and isinstance(frame.body, bytes) and frame.type == FrameType.TELEMETRY:
                 _typed_telemetry(frame.body)
+
+
+def _lone_agrees(lone: Session, message: bytes, sized: list[tuple[Frame, int]]) -> None:
+    """`open_lone` (the coordinator's fused case) gives what `open_sized` gave."""
+    got = lone.open_lone(message)
+    assert (got if isinstance(got, list) else [got]) == sized, (got, sized)
+    assert isinstance(got, list) or (lone.raw_bodies and got[0].stream_id == 0)
+
+
+def _lone_refuses(lone: Session, message: bytes, refused: TunnelError) -> None:
+    """`open_lone` refuses what `open_sized` refused, in the same words."""
+    try:
+        lone.open_lone(message)
+    except TunnelError as exc:
+        got = exc
+    else:
+        raise AssertionError(f"open_lone took what open_sized refused: {refused}")
+    if type(got) is not type(refused) or str(got) != str(refused):
+        raise AssertionError(f"open_lone refused otherwise: {refused!r} vs {got!r}")
 
 
 def _typed_telemetry(body: bytes) -> None:

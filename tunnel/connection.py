@@ -250,6 +250,27 @@ class Connection(Liveness):
         self._heard = now
         return events
 
+    def receive_lone(self, message: bytes, now: float) -> tuple[Frame, int] | list[Event]:
+        """`receive` with the common case of a coordinator fused (`Session.open_lone`): a
+        message that is one control frame whose body the application decodes itself
+        (`session.raw_bodies`: telemetry), in order, comes back as (frame, size), the
+        `Received` it would have been, with no event objects; anything else as `receive`
+        returns it."""
+        self._check()
+        try:
+            got = self.session.open_lone(message)
+            if isinstance(got, tuple):
+                self._heard = now
+                return got
+            events: list[Event] = []
+            for frame, size in got:
+                self._handle(frame, size, now, events)
+        except FrameError as exc:
+            self.session.dead = self.session.dead or str(exc)
+            raise
+        self._heard = now
+        return events
+
     def fail(self, reason: str) -> FrameError:
         self.session.dead = self.session.dead or reason
         return FrameError(reason)

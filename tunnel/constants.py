@@ -41,8 +41,9 @@ REKEY_AFTER_S = 600.0
 # a late timer); a PING unanswered for PING_TIMEOUT_S drops the link. Bounds: a node drops
 # a silent coordinator (or a proxy that keeps TCP open and forwards nothing) within
 # QUIET_PING_S + PING_TIMEOUT_S (90 s) of the last frame it heard; a coordinator drops a
-# silent node within RTT_PING_S + PING_TIMEOUT_S (80 s). An idle healthy link carries one
-# PING and one PONG per RTT_PING_S.
+# silent node within RTT_PING_S + PING_TIMEOUT_S (80 s; its links' shared timer adds up to
+# TIMER_GRAIN_S, 0.25 s: tunnel/timers.py). An idle healthy link carries one PING and one
+# PONG per RTT_PING_S.
 RTT_PING_S = 60.0
 QUIET_PING_S = 70.0
 PING_TIMEOUT_S = 20.0

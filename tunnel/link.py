@@ -5,8 +5,9 @@ callback (`Connection.receive`), and its events go straight to whoever listens (
 or, without one, to a small queue that `recv` reads. Writing is the `Writer` part
 (tunnel/link_writer.py): one write round per loop iteration, senders held back while
 too much waits. Pings (rules: `Connection.tick`): one timer handle per link
-(`call_later`), re-armed at the core's next deadline; the periodic pings' phase is drawn
-here, per link.
+(`call_later`), re-armed at the core's next deadline, or a place on a `TimerWheel` shared
+by a server's links (tunnel/timers.py: up to its grain later); the periodic pings' phase
+is drawn here, per link.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tunnel.frames import Frame, FrameType
 from tunnel.handshake import Hello
 from tunnel.link_writer import WRITE_HIGH_WATER, Writer
 from tunnel.session import Session
+from tunnel.timers import TimerWheel
 from tunnel.wire import Message, WsConnection
 
 log = logging.getLogger("tunnel.ws")
@@ -56,6 +58,7 @@ class Link(Writer):
         ping_interval: float | None = None,
         ping_timeout: float | None = None,
         ping_when_quiet: float | None = None,
+        timers: TimerWheel | None = None,
     ) -> None:
         self._ws = ws
         self._session = session
@@ -79,6 +82,8 @@ class Link(Writer):
         #: the Mux's dispatch: every event goes there at once, in the reading callback
         #: (True: it handed work to a task, which runs before the next message is read)
         self._on_events: Callable[[list[Event]], bool] | None = None
+        #: with `_on_events`, the Mux's handler of one control frame (and its size)
+        self._on_control: Callable[[Frame, int], bool] | None = None
         self._first = self._loop.create_future()  # the peer's first message arrived
         self._closed = asyncio.Event()
         self._failure: FrameError | None = None  # the peer broke the protocol: raised once
@@ -91,6 +96,9 @@ class Link(Writer):
         self._unsent_bytes = 0
         self._flushes: list[asyncio.Future[None]] = []
         self._timer: asyncio.TimerHandle | None = None
+        #: the pings' deadlines on a wheel shared with other links (a server's), or None:
+        #: a loop timer of this link's own (`_timer`)
+        self._timers = timers
         ws.attach(self._on_message, self._on_ws_closed, self._on_writable)
 
     @property
@@ -133,13 +141,18 @@ class Link(Writer):
         return self.conn.closed
 
     def _start(self) -> None:
-        if self._timer is None:
+        if self._timer is None and (self._timers is None or not self._timers.waiting(self)):
             self._arm()
 
     def _arm(self) -> None:
         deadline = self.conn.next_deadline()
         if deadline is None or self.conn.closed is not None:
             self._timer = None
+            if self._timers is not None:
+                self._timers.discard(self)
+            return
+        if self._timers is not None:
+            self._timers.set(self, deadline)
             return
         self._timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), self._on_timer)
 
@@ -181,6 +194,41 @@ class Link(Writer):
         events = self._receive(message)
         if events is None:
             return False
+        return self._hand_on(events)
+
+    def hand_control_to(self, handler: Callable[[Frame, int], bool] | None) -> None:
+        """With a Mux reading (`_on_events`): a lone control frame whose body it decodes
+        itself (telemetry) goes straight to `handler` (frame, size), read by
+        `_on_message_fused` (`Connection.receive_lone`: no event objects, no dispatch
+        loop); None: every message the usual way."""
+        self._on_control = handler
+        self._ws._on_message = self._on_message if handler is None else self._on_message_fused
+
+    def _on_message_fused(self, message: Message) -> bool:
+        """`_on_message` with the fused case (`hand_control_to`)."""
+        conn = self.conn
+        on_control = self._on_control
+        if on_control is None or type(message) is not bytes or conn.closed is not None:
+            return self._on_message(message)
+        try:
+            got = conn.receive_lone(message, time.monotonic())
+        except FrameError as exc:
+            self._fail_now(CLOSE_PROTOCOL_ERROR, str(exc))
+            return False
+        if not isinstance(got, tuple):
+            return self._hand_on(got)
+        if not self._first.done():
+            self._first.set_result(None)
+        if conn.pending_bytes:
+            self.kick()
+        try:
+            return on_control(got[0], got[1])
+        except Exception:  # a bug above the core: this link cannot go on
+            log.exception("tunnel link: handing on a control frame failed")
+            self.abort("internal error handing on events")
+        return False
+
+    def _hand_on(self, events: list[Event]) -> bool:
         if not self._first.done():
             self._first.set_result(None)
         if self.conn.pending_bytes:
@@ -318,6 +366,8 @@ class Link(Writer):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._timers is not None:
+            self._timers.discard(self)
         for pong in self._pongs.values():
             if not pong.done():
                 pong.set_exception(ClosedError(f"link is closed: {self.conn.closed}"))

@@ -170,6 +170,7 @@ class Mux:
             link.kick()  # what the core queued before us (a WINDOW for a larger window)
             self._dispatch(events)
             link._on_events = self._dispatch
+            link.hand_control_to(self._on_control_frame)
             await link._until_closed()
         except ClosedError:
             pass
@@ -178,6 +179,7 @@ class Mux:
             raise
         finally:
             link._on_events = None
+            link.hand_control_to(None)
             if reason == "link closed" and link.closed_reason:
                 reason = f"link closed: {link.closed_reason}"
             for stream in list(self._streams.values()):
@@ -225,9 +227,14 @@ class Mux:
 
     def _on_control_frame(self, frame: Frame, size: int) -> bool:
         """Handled now (False), or queued for the control task (True)."""
-        if (self.on_control_now is not None and not self._control
-                and not self._control_busy and self._handled_now(frame)):
-            return False
+        now = self.on_control_now
+        if now is not None and not self._control and not self._control_busy:
+            try:
+                if now(frame):
+                    return False
+            except Exception:
+                log.exception("control frame %s handler failed", frame.type.name)
+                return False
         self._control.append((frame, size))
         self._control_bytes += size
         self._control_ready.set()
@@ -235,14 +242,6 @@ class Mux:
             self._reading_paused = True  # backpressure: the handler is behind
             self.link.pause_reading("control")
         return True
-
-    def _handled_now(self, frame: Frame) -> bool:
-        assert self.on_control_now is not None
-        try:
-            return self.on_control_now(frame)
-        except Exception:
-            log.exception("control frame %s handler failed", frame.type.name)
-            return True
 
     def _accept_stream(self, frame: Frame) -> None:
         state = self.conn.streams[frame.stream_id]

@@ -220,6 +220,13 @@ class WsConnection(asyncio.Protocol):
             self._process_or_queue(self._websockets_reads(data))
             return
         messages, pos, need = read_binary(data, self._server, self._max_size)
+        if not need and len(messages) == 1 and not self._backlog and self._on_message:
+            # the usual read: one whole message (`_process` for it, with nothing after it
+            # to hold back whatever work it handed on)
+            self._on_message(messages[0])
+            if self.protocol.state is not State.OPEN:
+                self._said_closed()
+            return
         events: list[bytes | Event] = [*messages]
         if need == HAND_OFF:  # a frame that websockets reads (and checks, answers, refuses)
             events.extend(self._websockets_reads(data[pos:]))

@@ -54,6 +54,7 @@ from tunnel.identity import Identity
 from tunnel.link import CLOSE_PROTOCOL_ERROR, WRITE_HIGH_WATER, Link
 from tunnel.ratelimit import IdentityLimiter, SourceLimiter
 from tunnel.session import Session
+from tunnel.timers import TIMER_GRAIN_S, TimerWheel
 from tunnel.wire import WireClosed, WsConnection
 
 log = logging.getLogger(__name__)
@@ -331,8 +332,10 @@ async def serve(
     the node's proof that the coordinator lives), and after
     `ping_when_quiet` s of silence if given; a PING unanswered for `ping_timeout` s drops
     the link, so a silent node is dropped within `ping_interval + ping_timeout` s (80 s
-    by default). `known(did)`: an identity that may handshake past its address's rate
-    limit (see `IdentityLimiter`)."""
+    by default), plus the grain of the links' shared timer wheel (tunnel/timers.py: a
+    tenth of the shortest of the three at most, TIMER_GRAIN_S = 0.25 s by default).
+    `known(did)`: an identity that may handshake past its address's rate limit (see
+    `IdentityLimiter`)."""
     gate = _Gate(
         static_key,
         authorize,
@@ -342,6 +345,9 @@ async def serve(
         known=known,
     )
     server = TunnelServer()
+    # every link's ping deadlines on one wheel: a loop timer a tick, not one per link
+    spans = [s for s in (ping_interval, ping_timeout, ping_when_quiet) if s]
+    timers = TimerWheel(min([TIMER_GRAIN_S, *(span / 10 for span in spans)]))
 
     async def handle(ws: WsConnection) -> None:
         upgraded = await _upgrade(gate, ws)
@@ -349,7 +355,7 @@ async def serve(
             return
         session, hello = upgraded
         link = Link(ws, session, initiator=False, hello=hello, ping_interval=ping_interval,
-                    ping_timeout=ping_timeout, ping_when_quiet=ping_when_quiet)
+                    ping_timeout=ping_timeout, ping_when_quiet=ping_when_quiet, timers=timers)
         try:
             async with asyncio.timeout(first_frame_timeout):
                 await link._first_frame()

@@ -20,12 +20,17 @@ arrives), and each stage is timed alone, on fresh sessions (CPU per frame, us):
 
 What the event loop adds (epoll, `_run_once`, the transport's `recv`) is not here:
 `fleet.py`'s `telemetry_us_per_frame` minus `full` is that. Medians of `--rounds`.
+
+The collector runs as in the coordinator (`meshgate.serving.gc_threshold`, and what
+was built before a stage frozen, as `coordinator.gcpolicy` does every 10 s);
+`--gc default`: CPython's own thresholds and no freeze (the figures of session 6).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import random
 import statistics
@@ -52,6 +57,7 @@ from coordinator.gateway import Gateway  # noqa: E402
 from coordinator.registry import NodeConn, Registry  # noqa: E402
 from coordinator.store import Store  # noqa: E402
 from meshgate.node_messages import parse_telemetry  # noqa: E402
+from meshgate.serving import gc_threshold  # noqa: E402
 from tunnel import FrameType, Identity, Link, Mux  # noqa: E402
 from tunnel.connection import Connection  # noqa: E402
 from tunnel.handshake import InitiatorHandshake, ResponderHandshake  # noqa: E402
@@ -132,10 +138,15 @@ def order(nodes: list[Node], frames: int) -> list[tuple[int, int]]:
     return out
 
 
+FREEZE = [True]  # --gc coordinator: freeze what was built before timing a stage
+
+
 def timed(pairs: list[tuple[int, int]], step: Callable[[int, int], None], skip: int) -> float:
     """CPU us per frame of `step` over the pairs after the first `skip` (the inventories)."""
     for n, m in pairs[:skip]:
         step(n, m)
+    if FREEZE[0]:
+        gc.freeze()  # what was built so far: the server's heap, frozen every 10 s
     began = time.process_time()
     for n, m in pairs[skip:]:
         step(n, m)
@@ -191,7 +202,9 @@ async def one_round(count: int, frames: int, seed: int, state: Path) -> dict[str
             if stage == "full":
                 holder.append(conn)
             registry.add(conn)
-            link._on_events = mux._dispatch
+            link._on_events = mux._dispatch  # what `Mux.run` does
+            if hasattr(link, "hand_control_to"):  # (a tree from before the fused path)
+                link.hand_control_to(mux._on_control_frame)
             wss.append(ws)
 
         def shell(n: int, m: int, wss: list[WsConnection] = wss,
@@ -233,13 +246,20 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--gc", choices=("coordinator", "default"), default="coordinator")
     args = parser.parse_args()
+    threshold = gc_threshold() if args.gc == "coordinator" else None
+    FREEZE[0] = threshold is not None
+    if threshold is not None:
+        gc.set_threshold(*threshold)
     rows: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="meshgate-path-") as tmp:
         for r in range(args.rounds):
             got = asyncio.run(one_round(args.nodes, args.frames, args.seed + r, Path(tmp)))
             for key, value in got.items():
                 rows.setdefault(key, []).append(value)
+            gc.unfreeze()
+            gc.collect()
     out: dict[str, Any] = {k: round(statistics.median(v), 1) for k, v in rows.items()}
     out["rounds"] = {k: [round(x, 1) for x in v] for k, v in rows.items()}
     print(json.dumps(out))

@@ -206,3 +206,46 @@ async def test_a_repeated_telemetry_moves_nothing_and_a_new_rate_moves_one_slot(
     slot = fleet.registry.index.slot(MODEL, node.name)
     assert slot is not None
     assert slot.model.decode_tps == 5.0
+
+
+async def test_a_report_that_moves_only_the_runners_rss_moves_no_slot(fleet: Fleet) -> None:
+    """A real node's report differs every time in what the scheduler does not read (the
+    runner's resident memory): kept as the latest load, but no slot moves for it."""
+    node = await fleet.node("a", answer, decode_tps=50.0)
+    conn = fleet.registry.get(node.name)
+    assert conn is not None
+    runtime = dict(conn.telemetry["runtime"])
+    version = fleet.registry.version
+    for rss in (100 << 20, 101 << 20):
+        body = {**conn.telemetry, "runtime": {
+            name: {**load, "rss_bytes": rss, "load_time_measured": True}
+            for name, load in runtime.items()}}
+        report = parse_telemetry(body)
+        assert isinstance(report, Telemetry)
+        fleet.registry.set_telemetry(conn, report, body)
+        assert fleet.registry.version == version
+        assert conn.load[MODEL].rss_bytes == rss  # the latest, all the same
+    body = {**conn.telemetry, "runtime": {MODEL: {**runtime[MODEL], "in_flight": 3}}}
+    busier = parse_telemetry(body)
+    assert isinstance(busier, Telemetry)
+    fleet.registry.set_telemetry(conn, busier, body)
+    assert fleet.registry.version == version + 1  # what it reads moved: the slot moves
+    slot = fleet.registry.index.slot(MODEL, node.name)
+    assert slot is not None
+    assert slot.model.queue_depth == 3
+
+
+def test_a_full_report_decodes_in_one_pass_and_a_delta_still_reads_as_one() -> None:
+    """`Telemetry.delta` lets one typed pass read a full report and its kind; a body with
+    ``delta: true`` is a LoadDelta, and a bad one is worded as the kind it says it is."""
+    full = {"v": 1, "ts": 5.0, "runtime": {MODEL: {"in_flight": 1}}}
+    report = parse_telemetry(msgpack.packb(full))
+    assert report == Telemetry(ts=5.0, runtime={MODEL: ModelLoad(in_flight=1)})
+    assert "delta" not in to_wire(report)  # never on the wire of a full report
+    delta = parse_telemetry(msgpack.packb({"delta": True, "models": {MODEL: {"queued": 2}}}))
+    assert isinstance(delta, LoadDelta)
+    assert delta.models[MODEL].queued == 2
+    with pytest.raises(ProtocolViolation, match="bad loaddelta"):
+        parse_telemetry(msgpack.packb({"delta": True, "models": {MODEL: {"queued": -1}}}))
+    with pytest.raises(ProtocolViolation, match="bad telemetry"):
+        parse_telemetry(msgpack.packb({"runtime": {MODEL: {"queued": -1}}}))
