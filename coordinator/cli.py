@@ -90,6 +90,11 @@ def serve(
     cache_entries: int = typer.Option(1024, help="At most this many cached answers (LRU)."),
     log_format: str = typer.Option(
         "json", envvar="MESHGATE_LOG_FORMAT", help="json (one object a line) or text."),
+    access_log: bool | None = typer.Option(
+        None, "--access-log/--no-access-log", envvar="MESHGATE_ACCESS_LOG",
+        help="A log line per request answered, never dropped under load (default: on, or "
+        "the config's [log] access).", show_default=False,
+    ),
     config: Path | None = typer.Option(
         None, "--config", envvar="MESHGATE_COORDINATOR_CONFIG",
         help="coordinator.toml: cloud upstreams, aliases, task routes, dispatch limits "
@@ -139,7 +144,7 @@ def serve(
             state_dir=state_dir, api_host=api_host, api_port=api_port,
             tunnel_host=tunnel_host, tunnel_port=tunnel_port, advertise_url=advertise_url,
             log_level=log_level, config=config, cache=cache, cache_ttl_s=cache_ttl_s,
-            cache_entries=cache_entries, log_format=log_format,
+            cache_entries=cache_entries, log_format=log_format, access_log=access_log,
             database_url=engines.database_url, redis_url=engines.redis_url,
             static_key_file=cluster_key or loaded.cluster.key_file,
         ), loaded)

@@ -18,6 +18,10 @@
     redis_url = "redis://cache:6379/0"                   # or --redis-url
     key_file = "/etc/meshgate/cluster.key"               # or --cluster-key
 
+    [log]
+    access = true              # a line per request answered, never flood-limited
+                               # (--access-log / --no-access-log win over it)
+
     [aliases]
     fast-chat = ["smollm2", "gpt-4o-mini"]
 
@@ -105,6 +109,7 @@ class CoordinatorConfig:
     path: Path | None = None
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
+    access_log: bool = True  # [log] access: one line per request answered (logs.py)
 
     def routing(self, models: frozenset[str] | None = None) -> RoutingConfig:
         return RoutingConfig(aliases=self.aliases, tasks=self.tasks, models=models)
@@ -243,10 +248,10 @@ def _cluster(value: Any, base: Path) -> ClusterConfig:
 
 def parse_config(data: dict[str, Any], *, base: Path = Path(".")) -> CoordinatorConfig:
     unknown = sorted(set(data) - {"upstream", "aliases", "routes", "dispatch", "cluster",
-                                  "relay"})
+                                  "relay", "log"})
     if unknown:
         raise ConfigError(f"unknown section {unknown[0]!r} "
-                          "(known: upstream, aliases, routes, dispatch, cluster, relay)")
+                          "(known: upstream, aliases, routes, dispatch, cluster, relay, log)")
     raw_upstreams = data.get("upstream", [])
     if not isinstance(raw_upstreams, list):
         raise ConfigError("upstream: write each one as [[upstream]]")
@@ -268,7 +273,22 @@ def parse_config(data: dict[str, Any], *, base: Path = Path(".")) -> Coordinator
         dispatch=_dispatch(data.get("dispatch")),
         cluster=_cluster(data.get("cluster"), base),
         relay=_relay(data.get("relay")),
+        access_log=_access_log(data.get("log")),
     )
+
+
+def _access_log(value: Any) -> bool:
+    if value is None:
+        return True
+    if not isinstance(value, dict):
+        raise ConfigError("log: expected a table")
+    unknown = sorted(set(value) - {"access"})
+    if unknown:
+        raise ConfigError(f"log: unknown key {unknown[0]!r}")
+    access = value.get("access", True)
+    if not isinstance(access, bool):
+        raise ConfigError("log.access: expected true or false")
+    return access
 
 
 def load_config(path: Path) -> CoordinatorConfig:

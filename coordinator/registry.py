@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.fleet_index import FleetIndex
+from coordinator.held_view import NO_LOAD, moving, still
 from coordinator.observed import Observed
 from coordinator.scheduler import CloudView, ModelView, NodeView, Snapshot
 from meshgate.node_messages import (
@@ -76,6 +77,8 @@ class NodeConn:
     results: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
     loading: dict[str, asyncio.Future[None]] = field(default_factory=dict)
     view_cache: NodeView | None = None
+    #: the view whose slots the index holds (`Registry.index` puts none while it still holds)
+    indexed: NodeView | None = None
 
     @property
     def rtt_ms(self) -> float | None:
@@ -151,17 +154,10 @@ def inventory_models(body: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def model_view(conn: NodeConn, name: str, info: ModelInfo) -> ModelView:
     """One model on one node: the node's claims, our own in-flight count and measurements."""
-    load = conn.load.get(name) or ModelLoad()
-    ours = conn.per_model.get(name, 0)
-    # what the node reported, less ours that ended since: a client's next request right
-    # after an answer must not find the node still busy with the one it just got
-    reported = max((load.in_flight or 0) + load.waiting - conn.released.get(name, 0), 0)
-    seen = conn.observed.get(name)
+    load = conn.load.get(name) or NO_LOAD
+    ours, queue_depth, decode = moving(conn, name, load)
     loaded = load.loaded if load.loaded is not None else info.loaded
-    decode = load.decode_tps or 0.0
     prefill = load.prefill_tps or 0.0
-    if seen is not None:  # what we measured beats what it claims (the decode rate: a
-        decode = seen.decode_tps(decode)  # first-token time is mostly overhead on short prompts)
     capacity = load.capacity if load.capacity is not None else info.capacity
     return ModelView(
         name=name,
@@ -170,7 +166,7 @@ def model_view(conn: NodeConn, name: str, info: ModelInfo) -> ModelView:
         memory_bytes=load.memory_bytes or info.memory_bytes or info.size_bytes or 0,
         prefill_tps=prefill,
         decode_tps=decode,
-        queue_depth=max(ours, reported),
+        queue_depth=queue_depth,
         in_flight=ours,
         load_time_s=(load.load_time_s if load.load_time_s is not None
                      else info.load_time_s or 0.0),
@@ -244,9 +240,16 @@ class Registry:
         if self._stale:
             stale, self._stale = self._stale, {}
             for conn, models in stale.items():
-                if self._nodes.get(conn.did) is conn:
-                    conn.view_cache = node_view(conn)
-                    self._index.put(conn.view_cache, models)
+                if self._nodes.get(conn.did) is not conn:
+                    continue
+                held = conn.indexed
+                if held is not None and still(conn, held, models):
+                    # a request came and went (the usual case between two requests): the
+                    # counts are back where the index has them, so is the view: nothing put
+                    conn.view_cache = held
+                    continue
+                conn.view_cache = conn.indexed = node_view(conn)
+                self._index.put(conn.view_cache, models)
         return self._index
 
     def _refresh(self, conn: NodeConn, models: Iterable[str] | None = None) -> None:
@@ -254,6 +257,7 @@ class Registry:
         conn.view_cache = node_view(conn)
         if self._nodes.get(conn.did) is conn:
             self._index.put(conn.view_cache, models)
+            conn.indexed = conn.view_cache
         self.version += 1
 
     def add(self, conn: NodeConn) -> NodeConn | None:

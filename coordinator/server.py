@@ -38,7 +38,7 @@ from coordinator.state import ServeOptions, StateDir
 from coordinator.store import Store, UsageRecord
 from coordinator.traffic import Traffic
 from meshgate.httpserver import COORDINATOR_LIMITS, server_config
-from meshgate.logs import setup_logging
+from meshgate.logs import set_access_log, setup_logging
 from meshgate.serving import DaemonServer, run
 from meshgate.startup import check_port
 from tunnel import serve as serve_tunnel
@@ -192,6 +192,7 @@ def run_server(opts: ServeOptions, config: CoordinatorConfig | None = None) -> N
     if config is None:
         config = resolve_config(opts.config)  # a bad file fails here, before anything listens
     setup_logging(opts.log_format, opts.log_level)
+    set_access_log(config.access_log if opts.access_log is None else opts.access_log)
     check_port(opts.api_host, opts.api_port, what="API", option="--api-port")
     check_port(opts.tunnel_host, opts.tunnel_port, what="tunnel endpoint", option="--tunnel-port")
     run(serve(opts, config), loop="uvloop")  # MESHGATE_LOOP=asyncio: asyncio's (serving.py)

@@ -45,6 +45,7 @@ class ServeOptions:
     cache_ttl_s: float = 300.0
     cache_entries: int = 1024
     log_format: str = "json"  # json (one object a line, with request_id) or text
+    access_log: bool | None = None  # a line per request answered; None: the config's [log]
     database_url: str | None = None  # None: $MESHGATE_COORDINATOR_DB_URL, else SQLite here
     redis_url: str | None = None  # shared fast state (cluster.py); None: in this process
     static_key_file: Path | None = None  # the cluster's shared key; None: the state dir's

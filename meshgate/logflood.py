@@ -17,6 +17,12 @@ the id), plus one for all lines together:
 
 Errors and warnings are limited like everything else: in a storm, one of each
 kind a second is enough to diagnose it.
+
+Access lines (INFO lines of the loggers in ``exempt``: ``meshgate.access``, one line
+per HTTP request answered) are not limited and take no tokens from the total: an
+operator reads the access log as a record of every request, and the requests it
+counts are bounded already (the HTTP server's connection limits, the keys' rate
+limits). ``--no-access-log`` turns them off instead.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["FloodFilter", "install_flood_filter"]
+__all__ = ["ACCESS_LOGGERS", "FloodFilter", "install_flood_filter"]
 
 Key = tuple[str, int, str]
+ACCESS_LOGGERS = frozenset({"meshgate.access"})
+"""Loggers whose INFO lines are never limited (see the module doc)."""
 MAX_KINDS = 1000
 """Kinds of line remembered; past it, the idlest are forgotten (a message template
 that embeds peer data would otherwise make every line a kind of its own)."""
@@ -46,8 +54,10 @@ class _Bucket:
 class FloodFilter(logging.Filter):
     def __init__(self, *, rate: float = 10.0, burst: float = 50.0, total_rate: float = 200.0,
                  total_burst: float = 1000.0, report_every: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 exempt: frozenset[str] = ACCESS_LOGGERS) -> None:
         super().__init__()
+        self.exempt = exempt
         self.rate, self.burst = rate, burst
         self.total_rate, self.total_burst = total_rate, total_burst
         self.report_every = report_every
@@ -59,6 +69,8 @@ class FloodFilter(logging.Filter):
         self._reporting = threading.local()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.INFO and record.name in self.exempt:
+            return True  # an access line: neither limited nor counted in the total
         if getattr(self._reporting, "on", False):
             return True  # our own summary lines
         key: Key = (record.name, record.levelno, str(record.msg)[:200])
@@ -90,6 +102,8 @@ class FloodFilter(logging.Filter):
         """Whether `filter` would drop a record of this kind now; if so it is dropped here,
         counted as `filter` counts it, so a caller with a line per request need not make
         the record. False changes nothing: the record then goes through `filter`."""
+        if levelno <= logging.INFO and name in self.exempt:
+            return False
         key: Key = (name, levelno, msg[:200])
         now = self.clock()
         with self._lock:

@@ -79,7 +79,7 @@ class RequestIdFilter(logging.Filter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "ts": _iso(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -90,10 +90,29 @@ class JsonFormatter(logging.Formatter):
         out.update(_extras(record))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return _JSON.encode(out)
 
 
+#: json.dumps with these options would make an encoder for every line
+_JSON = json.JSONEncoder(default=str, ensure_ascii=False)
 _PLAIN = (str, int, float, bool, type(None))
+_SCALARS = frozenset(_PLAIN)
+
+
+def _iso(created: float) -> str:
+    """``datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")``, its
+    seconds made once a second (a line per request writes many in each)."""
+    second = int(created)
+    micros = round((created - second) * 1e6)  # as datetime rounds it (half to even)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    if second != _last_second[0]:
+        _last_second[:] = [second, datetime.fromtimestamp(second, UTC).strftime(
+            "%Y-%m-%dT%H:%M:%S")]
+    return f"{_last_second[1]}.{micros // 1000:03d}+00:00"
+
+
+_last_second: list[Any] = [None, ""]
 
 
 def _plain(value: Any) -> bool:
@@ -108,16 +127,23 @@ def _plain(value: Any) -> bool:
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
     """A record's `extra` fields that are plain JSON values (a library's objects are not)."""
-    return {name: value for name, value in vars(record).items()
-            if name not in _STANDARD and name != "request_id" and not name.startswith("_")
-            and _plain(value)}
+    fields = vars(record)
+    extra = fields.keys() - _NOT_EXTRA  # most records have none: one set difference
+    if not extra:
+        return {}
+    return {name: value for name, value in fields.items()
+            if name in extra and not name.startswith("_")
+            and (type(value) in _SCALARS or _plain(value))}
+
+
+_NOT_EXTRA = frozenset(_STANDARD | {"request_id"})
 
 
 class TextFormatter(logging.Formatter):
     """``ts LEVEL logger: message [request_id=...] [key=value ...]``."""
 
     def format(self, record: logging.LogRecord) -> str:
-        ts = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        ts = _iso(record.created)
         line = f"{ts} {record.levelname} {record.name}: {record.getMessage()}"
         request_id = getattr(record, "request_id", None) or request_id_var.get()
         fields = ({"request_id": request_id} if request_id else {}) | _extras(record)
@@ -207,6 +233,11 @@ class RequestIdMiddleware:
 access_log = logging.getLogger("meshgate.access")
 
 
+def set_access_log(on: bool) -> None:
+    """Access lines on (INFO, the default) or off (``--no-access-log``)."""
+    access_log.setLevel(logging.NOTSET if on else logging.WARNING)
+
+
 class AccessLogMiddleware:
     """One info line per HTTP request when its answer has been sent (pure ASGI, so a
     stream's line comes after its last byte): request id, method, route, status, model,
@@ -240,8 +271,8 @@ class AccessLogMiddleware:
 def access_line(scope: Scope, status: int, seconds: float) -> None:
     """Write the access line of the request of `scope` (answered `status`, `seconds` after
     it began) if access lines are on."""
-    if not access_log.isEnabledFor(logging.INFO) or flood_drops(access_log, _ACCESS):
-        return  # nothing to build
+    if not access_log.isEnabledFor(logging.INFO):
+        return  # off (`set_access_log`): nothing to build; never flood-limited (logflood.py)
     state = scope.get("state") or {}
     route = scope.get("route")
     path = getattr(route, "path", None) or scope.get("path", "")

@@ -15,6 +15,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql.dml import Update
 
 from coordinator.engines import database_url
+from coordinator.store.ledger_index import migrate as migrate_ingest_index
 from coordinator.store.schema import Base, GenerationRow, _add_missing_columns, lock_schema
 
 KEY_PREFIX = "mg_"
@@ -71,6 +72,7 @@ class StoreCore:
             lock_schema(conn)
             Base.metadata.create_all(conn)
             _add_missing_columns(conn)
+            migrate_ingest_index(conn)  # the ledger's ingest_key index made partial
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
         self._writer = sessionmaker(immediate, expire_on_commit=False)
         self._immediate = immediate  # Core writes on the request path (no ORM session)

@@ -16,6 +16,7 @@ from coordinator.store.schema import UsageRow
 from coordinator.store.sqlite_append import SqliteAppender
 
 _LEDGER = cast("Table", UsageRow.__table__)  # Core inserts: no unit of work per row
+_KEYED = UsageRow.ingest_key.is_not(None)  # the partial unique index's WHERE (ledger_index.py)
 
 
 class LedgerStore(StoreCore):
@@ -91,11 +92,11 @@ class LedgerStore(StoreCore):
                 )
                 stmt = (
                     sqlite_insert(UsageRow).values(**values)
-                    .on_conflict_do_nothing(index_elements=["ingest_key"])
+                    .on_conflict_do_nothing(index_elements=["ingest_key"], index_where=_KEYED)
                     .returning(UsageRow.id)
                     if dialect == "sqlite" else
                     postgresql_insert(UsageRow).values(**values)
-                    .on_conflict_do_nothing(index_elements=["ingest_key"])
+                    .on_conflict_do_nothing(index_elements=["ingest_key"], index_where=_KEYED)
                     .returning(UsageRow.id)
                 )
                 if s.execute(stmt).first() is not None:  # None: the key was there already

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Integer, LargeBinary, String, inspect, text, update
+from sqlalchemy import JSON, BigInteger, Index, Integer, LargeBinary, String, inspect, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -98,8 +98,15 @@ class UsageRow(Base):
     joules: Mapped[float | None]  # energy the node measured for it; NULL: not measured
     energy_estimated: Mapped[bool | None]  # from power x time, not an energy counter
     energy_cost: Mapped[float | None]  # joules at the node's electricity price
-    ingest_key: Mapped[str | None] = mapped_column(String(64), unique=True)
-    """Rows a node uploaded from its offline journal: one per (node, request id)."""
+    ingest_key: Mapped[str | None] = mapped_column(String(64))
+    """Rows a node uploaded from its offline journal: one per (node, request id), unique
+    by the partial index below (NULL on the request path's rows: not in it)."""
+
+    __table_args__ = (
+        Index("ix_usage_ledger_ingest_key", "ingest_key", unique=True,
+              sqlite_where=text("ingest_key IS NOT NULL"),
+              postgresql_where=text("ingest_key IS NOT NULL")),
+    )
 
 
 
@@ -112,9 +119,6 @@ def _add_missing_columns(conn: Any) -> None:
                            ("ingest_key", "VARCHAR(64)")):
         if name not in have:
             conn.execute(text(f"ALTER TABLE {UsageRow.__tablename__} ADD COLUMN {name} {sql_type}"))
-    if "ingest_key" not in have:
-        conn.execute(text(f"CREATE UNIQUE INDEX IF NOT EXISTS ix_usage_ledger_ingest_key "
-                          f"ON {UsageRow.__tablename__} (ingest_key)"))
     tokens = TokenRow.__tablename__
     have = {c["name"] for c in inspect(conn).get_columns(tokens)}
     if "max_uses" not in have:  # tokens from before reusable tokens: one use each

@@ -130,3 +130,16 @@ def test_both_commands_say_their_version_and_help_has_no_type_noise(command: str
     helped = subprocess.run([*run, "--help"], capture_output=True, text=True, check=True)
     assert "--version" in helped.stdout
     assert "<bool>" not in helped.stdout
+
+
+def test_a_lines_time_is_what_datetime_writes_to_the_millisecond() -> None:
+    """`_iso` makes each second's text once; what it writes is datetime's own, rounding
+    included (a fraction that rounds up to the next second too)."""
+    from datetime import UTC, datetime
+
+    from meshgate.logs import _iso
+
+    for created in (0.0, 1.9995, 1482165825.8189995, 1700000000.0004, 1700000000.9999996,
+                    1700000000.9994999, 1700000001.5, 1700000000.25):
+        assert _iso(created) == datetime.fromtimestamp(created, UTC).isoformat(
+            timespec="milliseconds")
