@@ -259,6 +259,7 @@ async def answer(pipeline: Pipeline, stream: Stream, frame: Frame) -> None:
             # batches (the chunks one read brought, one frame) when it reads them
             asked = frame.body.get("compact")
             compact = ChunkEncoder() if asked else None
+            ended = False
             try:
                 if compact is not None and type(asked) is int and asked >= COMPACT_BATCHES:
                     async for batch in streamed.batches():
@@ -268,14 +269,24 @@ async def answer(pipeline: Pipeline, stream: Stream, frame: Frame) -> None:
                     async for chunk in streamed:
                         body = compact.encode(chunk) if compact is not None else chunk
                         await stream.send(FrameType.DATA, body)
-                usage, energy = streamed.meter.usage, streamed.meter.energy_report()
+                meter = streamed.meter
+                energy = meter.energy_report()
+                # the model back before the END (a load report sent after the END never
+                # counts this request), metered after it: in a loop callback queued after
+                # the END's write round (`Link.kick`), off the answer's way
+                await streamed.release()
+                await stream.send(FrameType.END, {"usage": meter.usage, **energy})
+                ended = True
             finally:
-                await streamed.aclose()
+                await streamed.aclose(meter_later=ended)
         else:
-            async with pipeline.answer(*args, via="tunnel", local_only=True) as done:
+            # DATA and END leave together in one write round; the metering (`Meter.finish`)
+            # runs in a loop callback after it (`meter_later`), off the answer's way
+            async with pipeline.answer(*args, via="tunnel", local_only=True,
+                                       meter_later=True) as done:
                 await stream.send(FrameType.DATA, done.data)
-                usage, energy = done.usage, done.meter.energy_report()
-        await stream.send(FrameType.END, {"usage": usage, **energy})
+                await stream.send(FrameType.END,
+                                  {"usage": done.usage, **done.meter.energy_report()})
     except OpenAIError as exc:
         await stream.send(
             FrameType.ERROR,

@@ -144,7 +144,7 @@ class MemberLinks:
 
     @property
     def connected(self) -> bool:
-        return any(True for _ in self._connected())
+        return any(link.connected.is_set() for link in self.links.values())
 
     def mesh_runtime(self, model: str) -> MeshRuntime | None:
         """Ask any connected replica for a model this box lacks."""

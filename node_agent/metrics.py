@@ -20,18 +20,18 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from node_agent.accounting import Accounting
 from node_agent.energy import Energy
+from node_agent.request_series import RequestSeries
 
 __all__ = ["CONTENT_TYPE_LATEST", "NodeMetrics", "RequestTrack"]
 
 UNKNOWN = "_unknown"
-LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class RequestTrack:
@@ -96,35 +96,10 @@ class NodeMetrics:
         self._served = served
         #: whether a model is served here, asked per request (default: `in served()`)
         self._serves = serves or (lambda model: model in set(self._served()))
-        self.requests = Counter(
-            "meshgate_node_requests",
-            "Requests finished, by model, status (HTTP code, or 499 when the client left) and "
-            "path (local proxy or tunnel).",
-            ["model", "status", "via"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "meshgate_node_request_duration_seconds",
-            "Time from arrival to the last byte of the answer.",
-            ["model", "via"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.ttft = Histogram(
-            "meshgate_node_time_to_first_token_seconds",
-            "Time from arrival to the first chunk of a streamed answer.",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.tokens = Counter(
-            "meshgate_node_tokens",
-            "Tokens processed, by model and kind (prompt or completion).",
-            ["model", "kind"],
-            registry=self.registry,
-        )
+        #: requests, durations, times to first token, tokens: plain numbers until a scrape
+        self.series = RequestSeries()
+        self.registry.register(self.series)
         self.registry.register(_SnapshotCollector(stats, telemetry))
-        self._children: dict[tuple[object, ...], Any] = {}
 
     def label(self, model: str) -> str:
         return model if self._serves(model) else UNKNOWN
@@ -137,30 +112,18 @@ class NodeMetrics:
     def track(self, model: str, via: str = "proxy", endpoint: str = "-") -> RequestTrack:
         return RequestTrack(self, self.label(model), via, model, endpoint)
 
-    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
-        """`metric`'s series for `labels`, looked up once (labels() takes a lock and checks
-        its values on every call; the label sets are few: served models, statuses, paths)."""
-        key = (metric, *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
     def _finish(self, track: RequestTrack, status: str, now: float) -> None:
         if self.accounting is not None and track.account is not None:
             self.accounting.finish(track.account, status, track.usage, track.model)
-        model, via = track.model, track.via
-        self._child(self.requests, model, status, via).inc()
-        self._child(self.latency, model, via).observe(now - track.started)
-        if track.first_at is not None and via == "proxy":
-            self._child(self.ttft, model).observe(track.first_at - track.started)
         usage = track.usage
-        if usage:
-            prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-            if prompt:
-                self._child(self.tokens, model, "prompt").inc(prompt)
-            if completion:
-                self._child(self.tokens, model, "completion").inc(completion)
+        first = track.first_at
+        self.series.add(
+            track.model, status, track.via, now - track.started,
+            first_after=first - track.started if first is not None and track.via == "proxy"
+            else None,
+            prompt=usage.get("prompt_tokens", 0) if usage else 0,
+            completion=usage.get("completion_tokens", 0) if usage else 0,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -40,8 +40,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -235,21 +234,10 @@ class ModelManager(ManagerCommands):
         """Whether `name` is known here (loaded or not): cheaper than `in names()`."""
         return name in self._slots
 
-    @asynccontextmanager
-    async def use(self, name: str) -> AsyncIterator[Runtime]:
-        """Lend `name`'s runtime for one request; 404 in OpenAI's shape if not served."""
-        slot = self._slots.get(name)
-        if slot is None:
-            raise unknown_model(name, hop="node")
-        backend = await self._admit(slot)
-        backend.enter()
-        slot.last_used = self.clock()
-        try:
-            yield backend.runtime
-            slot.served += 1
-        finally:
-            backend.leave()
-            slot.last_used = self.clock()
+    def use(self, name: str) -> Lending:
+        """Lend `name`'s runtime for one request (``async with``); 404 in OpenAI's shape if
+        not served."""
+        return Lending(self, name)
 
     def record(
         self, name: str, usage: dict[str, int], prefill_s: float | None, decode_s: float
@@ -366,3 +354,36 @@ def _rss(pid: int) -> int | None:
     with contextlib.suppress(psutil.Error):
         return int(psutil.Process(pid).memory_info().rss)
     return None
+
+
+class Lending:
+    """`ModelManager.use`'s block: the runtime lent on entry, given back on exit (a class,
+    not an ``asynccontextmanager``: no generator to start, hook and close on every request)."""
+
+    __slots__ = ("_backend", "_manager", "_name", "_slot")
+
+    def __init__(self, manager: ModelManager, name: str) -> None:
+        self._manager, self._name = manager, name
+        self._slot: Slot | None = None
+        self._backend: Backend | None = None
+
+    async def __aenter__(self) -> Runtime:
+        manager = self._manager
+        slot = manager._slots.get(self._name)
+        if slot is None:
+            raise unknown_model(self._name, hop="node")
+        backend = await manager._admit(slot)
+        backend.enter()
+        slot.last_used = manager.clock()
+        self._slot, self._backend = slot, backend
+        return backend.runtime
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: object) -> None:
+        slot, backend = self._slot, self._backend
+        assert slot is not None
+        assert backend is not None
+        if exc_type is None:
+            slot.served += 1
+        backend.leave()
+        slot.last_used = self._manager.clock()

@@ -24,11 +24,12 @@ before any token keeps its HTTP status; later errors end the stream.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 from meshgate.openai import OpenAIError, context_exceeded
@@ -189,6 +190,7 @@ class Streamed:
         self.status = 499  # unless it reaches its end or fails
         self.settle_at_end = True
         self._closed = False
+        self._released = False
 
     def _wanted(self, chunk: bytes, usage: Usage | None) -> bool:
         if usage is None or self.include_usage:
@@ -198,7 +200,8 @@ class Streamed:
     def _kept(self, batch: list[bytes]) -> list[bytes]:
         """`batch` metered, less what the client did not ask for."""
         meter = self.meter
-        if meter.first_at is not None and not any(_USAGE_KEY in c for c in batch):
+        if meter.first_at is not None and _USAGE_KEY not in (  # one scan for the read (a
+                batch[0] if len(batch) == 1 else b"\n".join(batch)):  # newline: no key across)
             return batch  # tokens (no usage in them): each metered as it is, all wanted
         chunk_of = meter.chunk
         return [c for c in batch if self._wanted(c, chunk_of(c))]
@@ -232,19 +235,33 @@ class Streamed:
         if self.settle_at_end:  # give the model back and meter before the client hears the end
             await self.aclose()
 
-    async def aclose(self) -> None:
-        """End the stream: stop the runtime's work if unfinished, give the model back, meter.
-        Once; later calls do nothing."""
-        if self._closed:
+    async def release(self) -> None:
+        """Stop the runtime's work if unfinished and give the model back, not yet metered
+        (:meth:`aclose` meters). Once; later calls do nothing."""
+        if self._released:
             return
-        self._closed = True
+        self._released = True
         try:
             close = getattr(self._chunks, "aclose", None)
             if close is not None:
                 await close()
         finally:
             await self._stack.aclose()
-            self.meter.finish(self.status)
+
+    async def aclose(self, *, meter_later: bool = False) -> None:
+        """End the stream: :meth:`release`, and meter (with `meter_later` in a loop callback,
+        after the callbacks already due: what was queued to send leaves first). Once; later
+        calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.release()
+        finally:
+            if meter_later:
+                asyncio.get_running_loop().call_soon(self.meter.finish, self.status)
+            else:
+                self.meter.finish(self.status)
 
 
 class Pipeline:
@@ -280,34 +297,19 @@ class Pipeline:
     def _where(self, model: str) -> str:
         return "local" if self.manager.serves(model) else "mesh"
 
-    @asynccontextmanager
-    async def answer(
-        self, endpoint: str, model: str, body: bytes, *, via: str, local_only: bool = False
-    ) -> AsyncIterator[Answer]:
-        """A whole answer (``embeddings`` included), metered when the block ends: 200 if it
-        ends normally, 499 if it raises (the answer did not get out) or is cancelled."""
-        meter = Meter(self, model, endpoint, via, self._where(model))
-        status = 499
-        try:
-            try:
-                far = None
-                if not local_only and self.mesh is not None and not self.manager.serves(model):
-                    far = self.mesh(model)  # not served here: the coordinator places it
-                if far is not None:
-                    data, usage = await _ask(far, endpoint, body)
-                else:  # borrowed only while it answers
-                    async with self.manager.use(model) as runtime:
-                        data, usage = await _ask(runtime, endpoint, body)
-            except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
-                error = map_error(exc, model)
-                status = error.status
-                raise error from None
-            meter.usage = usage if usage is not None else usage_of(data)  # read once
-            meter.answered()  # the journal row on disk before the answer can be read
-            yield Answer(data, meter.usage, meter)
-            status = 200
-        finally:
-            meter.finish(status)
+    def answer(
+        self, endpoint: str, model: str, body: bytes, *, via: str, local_only: bool = False,
+        meter_later: bool = False,
+    ) -> Answering:
+        """A whole answer (``embeddings`` included), ``async with`` it; metered when the block
+        ends: 200 if it ends normally, 499 if it raises (the answer did not get out) or is
+        cancelled.
+
+        With `meter_later` a block that ends normally is metered in a loop callback
+        (`call_soon`), after the callbacks already due, so that what the block queued to
+        send (the tunnel's write round, `Link.kick`) leaves first."""
+        return Answering(self, endpoint, model, body, via=via, local_only=local_only,
+                         meter_later=meter_later)
 
     async def complete(
         self, endpoint: str, model: str, body: bytes, *, via: str, local_only: bool = False
@@ -353,3 +355,57 @@ class Pipeline:
                 raise error from None
             meter.finish(499)
             raise
+
+
+class Answering:
+    """`Pipeline.answer`'s block (a class, not an ``asynccontextmanager``: no generator to
+    start, hook and close on every request)."""
+
+    __slots__ = ("_args", "_later", "_local_only", "_pipeline", "meter")
+
+    def __init__(self, pipeline: Pipeline, endpoint: str, model: str, body: bytes, *,
+                 via: str, local_only: bool, meter_later: bool) -> None:
+        self._pipeline = pipeline
+        self._args = (endpoint, model, body, via)
+        self._local_only, self._later = local_only, meter_later
+        self.meter: Meter | None = None
+
+    async def __aenter__(self) -> Answer:
+        pipeline = self._pipeline
+        endpoint, model, body, via = self._args
+        meter = self.meter = Meter(pipeline, model, endpoint, via, pipeline._where(model))
+        try:
+            far = None
+            if not self._local_only and pipeline.mesh is not None and not pipeline.manager.serves(
+                    model):
+                far = pipeline.mesh(model)  # not served here: the coordinator places it
+            if far is not None:
+                data, usage = await _ask(far, endpoint, body)
+            else:  # borrowed only while it answers
+                async with pipeline.manager.use(model) as runtime:
+                    data, usage = await _ask(runtime, endpoint, body)
+        except Exception as exc:  # noqa: BLE001 - every failure leaves as an OpenAI error
+            error = map_error(exc, model)
+            meter.finish(error.status)
+            raise error from None
+        except BaseException:
+            meter.finish(499)
+            raise
+        try:
+            meter.usage = usage if usage is not None else usage_of(data)  # read once
+            meter.answered()  # the journal row on disk before the answer can be read
+        except BaseException:
+            meter.finish(499)
+            raise
+        return Answer(data, meter.usage, meter)
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: object) -> None:
+        meter = self.meter
+        assert meter is not None
+        if exc_type is not None:
+            meter.finish(499)
+        elif self._later:
+            asyncio.get_running_loop().call_soon(meter.finish, 200)
+        else:
+            meter.finish(200)

@@ -33,6 +33,7 @@ from tunnel.constants import (
 from tunnel.errors import ClosedError, FrameError, TunnelError
 from tunnel.events import Credit, Event, Opened, Pong, Received, StreamState
 from tunnel.frames import TERMINAL, Frame, FrameType
+from tunnel.grants import Grants
 from tunnel.liveness import Liveness
 from tunnel.session import Prepared, Session
 
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 
-class Connection(Liveness):
+class Connection(Liveness, Grants):
     def __init__(
         self,
         session: Session,
@@ -379,44 +380,3 @@ class Connection(Liveness):
         if self.streams.pop(state.id, None) is not None and state.id % 2 == peer_parity:
             self.peer_streams -= 1
             self.open_bytes -= state.open_bytes
-
-    # -- credit back to the peer -----------------------------------------------------
-
-    def consumed(self, state: StreamState, n: int) -> None:
-        """The application read `n` DATA bytes of this stream: grant credit back once
-        half a window was read (stream and connection)."""
-        state.buffered -= n
-        if state.released:
-            return  # its connection credit went back when this side ended the stream
-        self._conn_consumed(n)
-        if state.closed:
-            return  # nothing more will come on it
-        state.ungranted += n
-        if state.ungranted >= self.stream_window // 2:
-            grant, state.ungranted = state.ungranted, 0
-            state.recv_limit += grant
-            self._grant(state.id, grant)
-
-    def release(self, state: StreamState) -> None:
-        """Nobody will read what this stream still buffers: give its connection credit
-        back (this side ended it, or its handler returned)."""
-        if not state.released:
-            state.released = True
-            self._conn_consumed(state.buffered)
-
-    def _conn_consumed(self, n: int) -> None:
-        self.ungranted += n
-        if self.ungranted >= self.connection_window // 2:
-            grant, self.ungranted = self.ungranted, 0
-            self.recv_limit += grant
-            self._grant(0, grant)
-
-    def _grant_initial(self, state: StreamState) -> None:
-        if self.stream_window > INITIAL_STREAM_WINDOW:
-            state.recv_limit = self.stream_window
-            self._grant(state.id, self.stream_window - INITIAL_STREAM_WINDOW)
-
-    def _grant(self, stream_id: int, credit: int) -> None:
-        if credit > 0 and self.closed is None and self.session.dead is None:
-            self._queue(Frame(FrameType.WINDOW, stream_id, 0, 0, {"credit": credit}))
-

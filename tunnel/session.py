@@ -9,7 +9,7 @@ whose plaintext is one header byte and a chunk of the frame's payload:
 
 The session stamps every frame it seals with the next seq of its stream in
 this direction (the seq the caller put in the Frame is ignored), and checks
-the peer's: see `_Streams`. Any failure on the receiving side (decrypt,
+the peer's: see `StreamSeqs` (tunnel/seqs.py). Any failure on the receiving side (decrypt,
 header, size, decompression, decode, sequence) kills the session: that call
 and every later `open` or `seal` raise FrameError.
 
@@ -21,7 +21,6 @@ bound each frame's decoded payload, checked before decompressing more than 64 Ki
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping
 
 from tunnel import compress as zstd
@@ -40,83 +39,22 @@ from tunnel.constants import (
     TAG_LEN,
 )
 from tunnel.errors import FrameError, TunnelError
-from tunnel.frames import TERMINAL, Frame, FrameType
+from tunnel.frames import Frame, FrameType
 from tunnel.noise import CipherState
+from tunnel.seqs import RECV, SEND, STREAM_TYPES, StreamSeqs
 
-STREAM_TYPES = frozenset(
-    {FrameType.OPEN, FrameType.DATA, FrameType.END, FrameType.ERROR, FrameType.CANCEL}
-)
-BOTH = frozenset({FrameType.WINDOW})
-# what `_Streams.problem` and `advance` must see even on stream 0, in order
+# what `StreamSeqs.problem` and `advance` must see even on stream 0, in order
 _STREAM_OR_REKEY = STREAM_TYPES | {FrameType.KEY_UPDATE}
 # frames the connection itself handles (never `open_lone`'s fused case, raw body or not)
 _CONNECTION_TYPES = frozenset(int(t) for t in (
     *_STREAM_OR_REKEY, FrameType.WINDOW, FrameType.PING, FrameType.PONG, FrameType.GOAWAY))
 
 
-SEND, RECV = 0, 1
 _HEADER_PLAIN = bytes([0])
 _HEADER_COMPRESSED = bytes([HDR_COMPRESSED])
 _HEADER_BATCH = bytes([HDR_BATCH])
 _FIXARRAY_5 = 0x95  # msgpack: a 5-element array, how every frame starts
 Prepared = tuple[bytes, bool]  # a frame's payload, and whether it is zstd-compressed
-RECENT_ENDED = 8192  # ended stream ids remembered, so frames that crossed the end are let by
-
-
-class _Streams:
-    """Sequence bookkeeping for both directions of one session.
-
-    Rules: on every stream, in each direction, seq counts 0, 1, 2, ... with no
-    gap. A stream other than 0 begins with OPEN (seq 0) from the side that
-    opens it; the other side may then send on it (from seq 0), never OPEN it
-    again. END, ERROR or CANCEL, from either side, ends the stream for both:
-    it is forgotten, and nothing more may be sent on it. A frame that arrives
-    on a recently ended stream crossed the end in flight: it is let by
-    unchecked (the caller drops it), except OPEN, since ids are never reused.
-    """
-
-    def __init__(self) -> None:
-        self.next: dict[int, list[int]] = {0: [0, 0]}
-        self.ended: OrderedDict[int, None] = OrderedDict()
-
-    def next_seq(self, stream_id: int, way: int) -> int:
-        seqs = self.next.get(stream_id)
-        return seqs[way] if seqs else 0
-
-    def is_late(self, frame: Frame) -> bool:
-        return frame.stream_id in self.ended and frame.type != FrameType.OPEN
-
-    def problem(self, frame: Frame, way: int) -> str | None:
-        sid, kind = frame.stream_id, frame.type
-        if kind not in BOTH and (sid == 0) == (kind in STREAM_TYPES):
-            where = "the control stream" if sid == 0 else f"stream {sid}"
-            return f"{kind.name} is not allowed on {where}"
-        if sid in self.ended:
-            return f"{kind.name} on stream {sid} after it ended"
-        seqs = self.next.get(sid)
-        if seqs is None and kind != FrameType.OPEN:
-            return f"{kind.name} on stream {sid}, which was never opened"
-        if seqs is not None and kind == FrameType.OPEN:
-            return f"OPEN of stream {sid}, which is already in use"
-        expected = seqs[way] if seqs else 0
-        if frame.seq != expected:
-            return f"stream {sid} seq {frame.seq}, expected {expected}"
-        return None
-
-    def advance(self, frame: Frame, way: int) -> None:
-        sid = frame.stream_id
-        if sid != 0 and frame.type in TERMINAL:
-            self.next.pop(sid, None)
-            self.ended[sid] = None
-            if len(self.ended) > RECENT_ENDED:
-                self.ended.popitem(last=False)
-        else:
-            self.next.setdefault(sid, [0, 0])[way] = frame.seq + 1
-
-    @property
-    def live(self) -> int:
-        """Streams open now (the control stream not counted)."""
-        return len(self.next) - 1
 
 
 class Session:
@@ -137,7 +75,7 @@ class Session:
         self.max_frame = max_frame
         # decoded payload caps by frame type, for what arrives and for what we send
         self.caps: dict[int, int] = dict(FRAME_CAPS if caps is None else caps)
-        self._streams = _Streams()
+        self._streams = StreamSeqs()
         self._chunks: list[bytes] = []
         self._chunks_len = 0
         self._chunks_compressed: bool | None = None

@@ -93,3 +93,40 @@ async def test_a_burst_leaves_in_one_frame_only_for_a_coordinator_that_reads_bat
         timeless(c) for c in plain]
     rest = [one_each.decode(body) for body in single[1:]]
     assert chunks == rest  # byte for byte what one frame a chunk gives
+
+
+async def test_the_model_is_back_before_the_end_and_metered_after_it() -> None:
+    """A load report the node sends after the END must not count the request (the
+    coordinator's next request would find the node busy): the model is given back before
+    the END is queued; the metering runs after the END's write round, before anything else
+    the loop does."""
+    manager = ModelManager(run_dir=Path("/nonexistent"), budget=Budget(1 << 30, 0))
+    manager.add_runtime(BurstyRuntime("m", chunks=CHUNKS))
+    pipeline = Pipeline(manager)
+    in_flight_at_end: list[int] = []
+    metered_at_end: list[int] = []
+    finished: list[int] = []
+    pipeline.on_finish(lambda done: finished.append(done.status))
+    slot = manager._slots["m"]
+
+    async def serve(stream: Stream, frame: Frame) -> None:
+        original = stream.send
+
+        async def send(type: FrameType, body: object) -> None:
+            if type == FrameType.END:
+                in_flight_at_end.append(slot.in_flight)
+                metered_at_end.append(len(finished))  # this one not yet: after the END
+            await original(type, body)
+
+        stream.send = send  # type: ignore[method-assign]
+        await until_cancelled(stream, answer(pipeline, stream, frame))
+
+    pair = await mux_pair(coord_on_stream=serve)
+    try:
+        for compact in (None, COMPACT_BATCHES):
+            await ask(pair, compact)
+        assert in_flight_at_end == [0, 0]
+        assert metered_at_end == [0, 1]
+        assert finished == [200, 200]  # metered by the time the END was read
+    finally:
+        await pair.close()

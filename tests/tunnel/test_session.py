@@ -11,7 +11,8 @@ from tunnel.constants import MAX_MESSAGE
 from tunnel.errors import FrameError, TunnelError
 from tunnel.frames import Frame, FrameType
 from tunnel.noise import CipherState
-from tunnel.session import RECENT_ENDED, RECV, Session
+from tunnel.seqs import RECENT_ENDED, RECV
+from tunnel.session import Session
 
 
 def test_a_request_stream_flows_both_ways_with_seqs_stamped() -> None:

@@ -46,19 +46,20 @@ async def test_wakers_fire_in_their_ticks_never_early_at_most_a_grain_late(
     done = asyncio.Event()
     start = time.monotonic()
     base = (int(start / GRAIN) + 4) * GRAIN  # a tick boundary ahead
-    due = {"a": base + 0.01, "b": base + 0.02, "c": base + 0.2, "gone": base + 0.1,
+    # deadlines mid-tick (a boundary's float rounding must not decide the tick)
+    due = {"a": base + 0.01, "b": base + 0.02, "c": base + 0.21, "gone": base + 0.11,
            "moved": base + 0.03}
     wakers = {name: Waker(name, fired, done, last=name == "c") for name in due}
     for name, deadline in due.items():
         wheel.set(wakers[name], deadline)
     assert len(timers) == 3  # a, b and moved share a tick: one loop timer for the three
-    wheel.set(wakers["moved"], base + 0.15)  # set again: only the new deadline counts
+    wheel.set(wakers["moved"], base + 0.16)  # set again: only the new deadline counts
     assert len(timers) == 4
     wheel.discard(wakers["gone"])
     assert len(wheel) == 4
     await asyncio.wait_for(done.wait(), 5)
     assert [name for name, _ in fired] == ["a", "b", "moved", "c"]
-    deadline = {**due, "moved": base + 0.15}
+    deadline = {**due, "moved": base + 0.16}
     for name, at in fired:
         assert at >= deadline[name] - 0.002  # the loop's clock resolution, no more
         assert at <= deadline[name] + GRAIN + 1.0  # a loaded box: late by the loop only
