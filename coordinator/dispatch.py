@@ -119,8 +119,10 @@ class Dispatcher:
                     try:
                         if pick.kind == Kind.NODE:
                             node_tries += 1
+                            last = not any((c.kind.value, c.target, c.model) not in tried
+                                           for c in decision.candidates)
                             return await self._try_node(pick, request, want, len(tried),
-                                                        deadline, asked=asked)
+                                                        deadline, asked=asked, last=last)
                         return await self.clouds[pick.target].start(
                             request, pick.model, tries=len(tried), deadline=deadline,
                             idle_timeout=cfg.idle_timeout_s)
@@ -244,7 +246,11 @@ class Dispatcher:
         return OpenAIError(503, message, code="no_capacity", hop="coordinator")
 
     async def _try_node(self, pick: Candidate, request: OpenRequest, want: Request, tries: int,
-                        deadline: float, *, asked: str | None = None) -> NodeAttempt:
+                        deadline: float, *, asked: str | None = None,
+                        last: bool = False) -> NodeAttempt:
+        """`last`: no other candidate is left to fail over to, so the first token is waited
+        for up to the configured timeout, not the shorter one learnt from the node's
+        measured times (giving up early would only turn a slow answer into a 503)."""
         started = time.perf_counter()
         did, model = pick.target, pick.model
         node = self.registry.get(did)
@@ -267,9 +273,8 @@ class Dispatcher:
             load_s = view.load_time_s if view is not None and not view.loaded else 0.0
             ahead = requests_ahead(node.per_model.get(model, 0),
                                    view.capacity if view is not None else None)
-            timeout = first_token_timeout(self.config.first_token_timeout_s,
-                                          node.observed.get(timed_as(model, request.endpoint)),
-                                          load_s, ahead)
+            seen = None if last else node.observed.get(timed_as(model, request.endpoint))
+            timeout = first_token_timeout(self.config.first_token_timeout_s, seen, load_s, ahead)
             wait = min(deadline - now(), timeout)
             try:
                 async with asyncio.timeout(max(wait, 0.0)):

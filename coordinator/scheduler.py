@@ -234,6 +234,11 @@ def _edge(req: Request, snap: View, rejected: list[Rejection],
         slots: Iterable[Slot] = snap.slots_for(model) if window is None else snap.ordered(model)
         seen = survived = 0
         best: list[float] = []  # max-heap (negated) of the `keep` best estimates, tier 0
+        # slots with an unmeasured rate: estimated again once the slowest measured is known.
+        # The walk's bound (`_beyond`) saw their first, lower estimate: with many unmeasured
+        # slots it may stop before a slot that would have beaten their final one (best effort;
+        # the window still holds `window` survivors)
+        slowest, guessed = rules.SlowestMeasured(), []
         for slot in slots:
             if window is not None and survived >= window and (
                     seen >= MAX_WALK * window or _beyond(slot, best, keep, scale)):
@@ -246,17 +251,27 @@ def _edge(req: Request, snap: View, rejected: list[Rejection],
             if reason is None:
                 survived += 1
                 est = rules.node_estimate(slot, req)
+                if slowest.saw(slot.model):
+                    guessed.append((len(out), slot))
                 out.append((est, 0.0, pref, 0, slot.did, model, slot.notes, slot.suspect))
                 if keep and not slot.suspect:
-                    if len(best) < keep:
-                        heapq.heappush(best, -est)
-                    elif est < -best[0]:
-                        heapq.heapreplace(best, -est)
+                    _keep_best(best, keep, est)
             else:
                 rejected.append(Rejection._make((Kind.NODE, slot.did, model, reason)))
+        for i, slot in guessed:
+            est, notes = slowest.estimate(slot, req)
+            out[i] = (est, 0.0, pref, 0, slot.did, model, notes, slot.suspect)
         if window is not None:
             unseen += snap.count(model) - seen
     return out, unseen
+
+
+def _keep_best(best: list[float], keep: int, est: float) -> None:
+    """`best` (a max-heap of negated estimates) keeps the `keep` lowest seen."""
+    if len(best) < keep:
+        heapq.heappush(best, -est)
+    elif est < -best[0]:
+        heapq.heapreplace(best, -est)
 
 
 def _scale(req: Request) -> float:

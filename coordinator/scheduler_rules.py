@@ -226,6 +226,48 @@ def node_estimate(slot: Slot, req: Request) -> float:
     return req.prompt_tokens * slot.prompt_s + req.max_tokens * slot.output_s + slot.fixed_s
 
 
+def measured(rate: float) -> bool:
+    return rate > 0 and math.isfinite(rate)
+
+
+class SlowestMeasured:
+    """The slowest measured prefill and decode (seconds a token) among one model's slots
+    in a decision: a slot that has not measured a rate is assumed no faster than that
+    (nor than the fallback). A measured rate holds what a request costs on that box
+    (on a small prompt, the fixed cost of a first token too); the fallback is a guess,
+    and a guess that beats a measurement would send a request to a cold, unmeasured
+    node while a loaded one of the same model sits idle."""
+
+    __slots__ = ("output_s", "prompt_s")
+
+    def __init__(self) -> None:
+        self.prompt_s = 1.0 / FALLBACK_PREFILL_TPS
+        self.output_s = 1.0 / FALLBACK_DECODE_TPS
+
+    def saw(self, model: ModelView) -> bool:
+        """Take `model`'s measured rates in; whether a rate of it is unmeasured."""
+        prefill, decode = model.prefill_tps, model.decode_tps
+        known_p, known_d = measured(prefill), measured(decode)
+        if known_p and 1.0 / prefill > self.prompt_s:
+            self.prompt_s = 1.0 / prefill
+        if known_d and 1.0 / decode > self.output_s:
+            self.output_s = 1.0 / decode
+        return not (known_p and known_d)
+
+    def estimate(self, slot: Slot, req: Request) -> tuple[float, tuple[str, ...]]:
+        """`slot`'s estimate with its unmeasured rates no faster than the slowest measured."""
+        model, notes = slot.model, slot.notes
+        prompt_s, output_s = slot.prompt_s, slot.output_s
+        if not measured(model.prefill_tps) and self.prompt_s * FALLBACK_PREFILL_TPS > 1.0:
+            prompt_s *= self.prompt_s * FALLBACK_PREFILL_TPS
+            notes += (f"prefill as the slowest measured: {1.0 / self.prompt_s:.3g} tok/s",)
+        if not measured(model.decode_tps) and self.output_s * FALLBACK_DECODE_TPS > 1.0:
+            output_s *= self.output_s * FALLBACK_DECODE_TPS
+            notes += (f"decode as the slowest measured: {1.0 / self.output_s:.3g} tok/s",)
+        est = req.prompt_tokens * prompt_s + req.max_tokens * output_s + slot.fixed_s
+        return est, notes
+
+
 def cloud_estimate(cloud: CloudView, req: Request) -> tuple[float, float]:
     """(seconds, cost): prefill + decode + rtt; list price for the prompt and max tokens."""
     seconds = (
