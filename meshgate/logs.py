@@ -35,11 +35,10 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, TextIO, cast
+from typing import Any, TextIO
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from meshgate.access_direct import direct_handler, write_direct
 from meshgate.logflood import FloodFilter
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -79,32 +78,19 @@ class RequestIdFilter(logging.Filter):
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = _json_fields(record.created, record.levelname, record.name, record.getMessage(),
-                           request_id=_request_id(record), extras=_extras(record))
+        out: dict[str, Any] = {
+            "ts": _iso(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None) or request_id_var.get()
+        if request_id:
+            out["request_id"] = request_id
+        out.update(_extras(record))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return _JSON.encode(out)
-
-    def line(self, created: float, levelname: str, name: str, message: str, *,
-             request_id: str | None, extras: dict[str, Any]) -> str:
-        """The line of a record with these fields (`extras`: its plain extra fields) and
-        no exception."""
-        return _JSON.encode(_json_fields(created, levelname, name, message,
-                                         request_id=request_id, extras=extras))
-
-
-def _json_fields(created: float, levelname: str, name: str, message: str, *,
-                 request_id: str | None, extras: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"ts": _iso(created), "level": levelname.lower(), "logger": name,
-                           "message": message}
-    if request_id:
-        out["request_id"] = request_id
-    out.update(extras)
-    return out
-
-
-def _request_id(record: logging.LogRecord) -> str | None:
-    return getattr(record, "request_id", None) or request_id_var.get()
 
 
 #: json.dumps with these options would make an encoder for every line
@@ -157,20 +143,14 @@ class TextFormatter(logging.Formatter):
     """``ts LEVEL logger: message [request_id=...] [key=value ...]``."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = self.line(record.created, record.levelname, record.name, record.getMessage(),
-                         request_id=_request_id(record), extras=_extras(record))
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
-
-    def line(self, created: float, levelname: str, name: str, message: str, *,
-             request_id: str | None, extras: dict[str, Any]) -> str:
-        """The line of a record with these fields (`extras`: its plain extra fields) and
-        no exception."""
-        line = f"{_iso(created)} {levelname} {name}: {message}"
-        fields = ({"request_id": request_id} if request_id else {}) | extras
+        ts = _iso(record.created)
+        line = f"{ts} {record.levelname} {record.name}: {record.getMessage()}"
+        request_id = getattr(record, "request_id", None) or request_id_var.get()
+        fields = ({"request_id": request_id} if request_id else {}) | _extras(record)
         if fields:
             line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
         return line
 
 
@@ -309,24 +289,11 @@ def access_line(scope: Scope, status: int, seconds: float) -> None:
     if isinstance(usage, dict):
         fields["prompt_tokens"] = usage.get("prompt_tokens")
         fields["completion_tokens"] = usage.get("completion_tokens")
-    args = (fields["method"], fields["route"], status, fields["latency_ms"])
-    handler = direct_handler(access_log, _FORMATTERS, (RequestIdFilter,))
-    if handler is None:
-        _quick_record(access_log, _ACCESS, args, fields)
-        return
-    # the formatter's line of the record `_quick_record` would make (access_direct.py)
-    request_id = request_id_var.get() or fields.pop("request_id", None)
-    line = cast("JsonFormatter", handler.formatter).line(
-        time.time(), "INFO", access_log.name, _ACCESS % args, request_id=request_id,
-        extras={k: v for k, v in fields.items() if type(v) in _SCALARS or _plain(v)})
-    try:
-        write_direct(handler, line)
-    except Exception:  # noqa: BLE001 - the record's way reports it (Handler.handleError)
-        _quick_record(access_log, _ACCESS, args, dict(fields, request_id=request_id))
+    _quick_record(access_log, _ACCESS, (fields["method"], fields["route"], status,
+                                       fields["latency_ms"]), fields)
 
 
 _ACCESS = "%s %s %d %.1f ms"
-_FORMATTERS = (JsonFormatter, TextFormatter)
 
 
 def flood_drops(logger: logging.Logger, msg: str) -> bool:

@@ -8,7 +8,6 @@ import logging
 import subprocess
 import sys
 from collections.abc import Iterator
-from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -144,56 +143,3 @@ def test_a_lines_time_is_what_datetime_writes_to_the_millisecond() -> None:
                     1700000000.9994999, 1700000001.5, 1700000000.25):
         assert _iso(created) == datetime.fromtimestamp(created, UTC).isoformat(
             timespec="milliseconds")
-
-
-@pytest.mark.parametrize("fmt", ["json", "text"])
-@pytest.mark.parametrize("context_id", [None, "req_ctx"])
-def test_an_access_line_written_directly_is_the_line_of_its_record(
-        captured: io.StringIO, monkeypatch: pytest.MonkeyPatch, fmt: str,
-        context_id: str | None) -> None:
-    """Through the daemons' own handler the access line skips the record
-    (meshgate/access_direct.py): it must be the very line the record would have made."""
-    import time
-
-    from meshgate import logs
-
-    setup_logging(fmt, "info", captured)
-    monkeypatch.setattr(time, "time", lambda: 1700000000.2509)
-    direct: list[str] = []
-    write = logs.write_direct
-    monkeypatch.setattr(logs, "write_direct", lambda h, line: (direct.append(line), write(h, line)))
-
-    served = SimpleNamespace(usage={"prompt_tokens": 7, "completion_tokens": None})
-    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
-             "state": {"model": "smollm2", "served": served, "request_id": "req_state"}}
-    token = request_id_var.set(context_id)
-    try:
-        logs.access_line(dict(scope, state=dict(scope["state"])), 200, 0.01234)
-        monkeypatch.setattr(logs, "direct_handler", lambda *args: None)  # the record's way
-        logs.access_line(dict(scope, state=dict(scope["state"])), 200, 0.01234)
-    finally:
-        request_id_var.reset(token)
-    assert len(direct) == 1
-    written, made = captured.getvalue().splitlines()
-    assert written == made
-    assert (context_id or "req_state") in written
-    assert "POST /v1/chat/completions 200 12.3 ms" in written
-
-
-def test_an_access_line_that_cannot_be_written_is_reported_not_raised(
-        captured: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A stream that fails (disk full) fails the line as logging fails a record
-    (`Handler.handleError`), never the request that wrote it."""
-    from meshgate import logs
-
-    class Full(io.StringIO):
-        def write(self, text: str) -> int:
-            raise OSError("no space left on device")
-
-    setup_logging("json", "info", Full())
-    reported: list[str] = []
-    monkeypatch.setattr(logging.StreamHandler, "handleError",
-                        lambda self, record: reported.append(record.getMessage()))
-    logs.access_line({"type": "http", "method": "GET", "path": "/v1/models", "state": {}},
-                     200, 0.001)
-    assert reported == ["GET /v1/models 200 1.0 ms"]
