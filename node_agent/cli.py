@@ -176,6 +176,11 @@ def run(
     log_format: str | None = typer.Option(
         None, help="text (default) or json: one JSON object a line, for log collectors."
     ),
+    access_log: bool | None = typer.Option(
+        None, "--access-log/--no-access-log",
+        help="A log line per request answered on the local port, never dropped under load "
+        "(default: on).", show_default=False,
+    ),
 ) -> None:
     """Run the node daemon: model runners, the local proxy and the coordinator link.
 
@@ -204,6 +209,7 @@ def run(
         "connect": connect,
         "log_level": log_level,
         "log_format": log_format,
+        "access_log": access_log,
     }
     try:
         opts = load_options(given, config=config)

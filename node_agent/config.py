@@ -56,6 +56,7 @@ class NodeOptions:
     connect: bool = True
     log_level: str = "info"
     log_format: str = "text"  # or "json": one JSON object a line (meshgate/logs.py)
+    access_log: bool = True  # a line per request answered on the local port, never flood-limited
     electricity_price_per_kwh: float | None = None  # money per kWh: energy_cost in the ledger
     energy_period: float = 1.0  # seconds between energy readings besides each request's ends
     powercap_dir: Path = Path("/sys/class/powercap")  # RAPL counters for CPU energy

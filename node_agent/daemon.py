@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from meshgate.httpserver import NODE_LIMITS, server_config
-from meshgate.logs import setup_logging
+from meshgate.logs import set_access_log, setup_logging
 from meshgate.serving import DaemonServer, run
 from meshgate.startup import StartupError, check_port, model_dir_warnings
 from node_agent.config import NodeOptions
@@ -141,9 +141,15 @@ async def serve(opts: NodeOptions) -> None:
 
 def run_node(opts: NodeOptions) -> None:
     """Run the daemon; :class:`StartupError` (one line naming the fix) if it cannot start."""
-    setup_logging(opts.log_format, opts.log_level)
+    setup_node_logging(opts)
     check_startup(opts)
     run(serve(opts), loop="uvloop")  # MESHGATE_LOOP=asyncio: asyncio's (meshgate/serving.py)
+
+
+def setup_node_logging(opts: NodeOptions) -> None:
+    """The daemon's log lines as the options say: format, level, access lines on or off."""
+    setup_logging(opts.log_format, opts.log_level)
+    set_access_log(opts.access_log)
 
 
 def check_startup(opts: NodeOptions) -> None:

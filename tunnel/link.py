@@ -2,7 +2,8 @@
 
 Push, not pull: each message the websocket reads goes through the core in the same loop
 callback (`Connection.receive`), and its events go straight to whoever listens (a `Mux`)
-or, without one, to a small queue that `recv` reads. Writing is the `Writer` part
+or, without one, to a small queue that `recv` reads (the `Reader` part,
+tunnel/link_reader.py). Writing is the `Writer` part
 (tunnel/link_writer.py): one write round per loop iteration, senders held back while
 too much waits. Pings (rules: `Connection.tick`): one timer handle per link
 (`call_later`), re-armed at the core's next deadline, or a place on a `TimerWheel` shared
@@ -18,14 +19,15 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from tunnel.connection import Connection as TunnelConnection
-from tunnel.connection import Event, Opened, Pong, Received
+from tunnel.connection import Event, Pong
 from tunnel.errors import ClosedError, FrameError
-from tunnel.frames import Frame, FrameType
+from tunnel.frames import Frame
 from tunnel.handshake import Hello
+from tunnel.link_reader import Reader
 from tunnel.link_writer import WRITE_HIGH_WATER, Writer
 from tunnel.session import Session
 from tunnel.timers import TimerWheel
@@ -35,11 +37,9 @@ log = logging.getLogger("tunnel.ws")
 
 CLOSE_FLUSH_S = 5.0  # how long close() waits to send what is queued
 CLOSE_PROTOCOL_ERROR = 1002
-# Events queued for `recv` (no Mux reading) past this many: stop reading the socket.
-MAX_PENDING_EVENTS = 256
 
 
-class Link(Writer):
+class Link(Writer, Reader):
     """One established, authenticated tunnel connection; either side.
 
     A thin shell on the sans-I/O `Connection` (`link.conn`). PING is answered, PONG
@@ -259,14 +259,6 @@ class Link(Writer):
             self._fail_now(CLOSE_PROTOCOL_ERROR, str(exc))
             return None
 
-    def _queue_for_recv(self, events: list[Event]) -> bool:
-        self._pending.extend(events)
-        if len(self._pending) > MAX_PENDING_EVENTS and not self._paused:
-            self._paused = True
-            self._ws.pause_reading("recv")
-        self._wake_reader()
-        return True
-
     def _pongs_arrived(self, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, Pong):
@@ -274,41 +266,12 @@ class Link(Writer):
                 if pong is not None and not pong.done():
                     pong.set_result(None)
 
-    def _wake_reader(self) -> None:
-        if self._arrived is not None and not self._arrived.done():
-            self._arrived.set_result(None)
-
     def pause_reading(self, why: str) -> None:
         """Stop reading the socket (the consumer `why` is behind); `resume_reading(why)`."""
         self._ws.pause_reading(why)
 
     def resume_reading(self, why: str) -> None:
         self._ws.resume_reading(why)
-
-    async def recv(self) -> Frame:
-        """The next frame for the caller; ClosedError when the link is closed. (Without
-        a Mux: DATA read here gives its credit back at once.)"""
-        async with self._recv_lock:
-            while True:
-                while self._pending:
-                    event = self._pending.popleft()
-                    if self._paused and len(self._pending) <= MAX_PENDING_EVENTS // 2:
-                        self._paused = False
-                        self._ws.resume_reading("recv")
-                    if isinstance(event, Received | Opened):
-                        frame = event.frame
-                        if frame.type == FrameType.DATA:
-                            state = self.conn.streams.get(frame.stream_id)
-                            if state is not None:
-                                self.conn.consumed(state, len(frame.body))
-                                self.kick()
-                        return frame
-                self._raise_if_closed()
-                self._arrived = self._loop.create_future()
-                try:
-                    await self._arrived
-                finally:
-                    self._arrived = None
 
     def _raise_if_closed(self) -> None:
         if self.conn.closed is None:
@@ -324,17 +287,6 @@ class Link(Writer):
         await self._closed.wait()
         self._raise_if_closed()
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def __aiter__(self) -> AsyncIterator[Frame]:
-        return self._frames()
-
-    async def _frames(self) -> AsyncIterator[Frame]:
-        while True:
-            try:
-                frame = await self.recv()
-            except ClosedError:
-                return
-            yield frame
 
     async def _first_frame(self) -> None:
         """Wait for the peer's first encrypted message (key confirmation), keeping what it

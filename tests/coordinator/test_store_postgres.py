@@ -1,4 +1,5 @@
-"""The store contract (test_store.py) again, on a real PostgreSQL started for this module.
+"""The store contract (test_store.py, test_store_keys.py, test_store_usage.py) again,
+on a real PostgreSQL started for this module.
 
 The server is tests/cluster/engines.py's PostgresServer (initdb in a temporary
 directory, `pg_ctl start` on a free port of 127.0.0.1, as the `postgres` user
@@ -12,7 +13,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import test_store as contract
+import test_store
+import test_store_keys
+import test_store_usage
 
 from coordinator.store import Store
 from tests.cluster.engines import PostgresServer
@@ -65,6 +68,7 @@ def test_the_store_really_runs_on_postgresql(store: Store) -> None:
 def _contract() -> dict[str, Any]:
     return {
         name: test
+        for contract in (test_store, test_store_keys, test_store_usage)
         for name, test in vars(contract).items()
         if name.startswith("test_") and callable(test) and name not in _SKIP_IN_CONTRACT
     }
