@@ -61,6 +61,11 @@ class NodeOptions:
     energy_period: float = 1.0  # seconds between energy readings besides each request's ends
     powercap_dir: Path = Path("/sys/class/powercap")  # RAPL counters for CPU energy
     journal_max_bytes: int = 64 * 2**20  # usage served offline, kept until uploaded
+    # read coalescing under load (node_agent/runtimes/read_tick.py): from this many streams
+    # read at once, a stream's upstream reads less than the tick apart leave as one token
+    # frame; a tick of 0 turns it off, at most 2 ms
+    stream_tick_ms: float = 2.0
+    stream_tick_streams: int = 16
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -313,12 +318,21 @@ def validate(opts: NodeOptions, source: str = "the options") -> None:
         raise ConfigError(f"{source}: log_format {opts.log_format!r} must be json or text")
     if opts.ollama is not None and not opts.ollama.startswith(("http://", "https://")):
         raise ConfigError(f"{source}: ollama {opts.ollama!r} must be http://HOST:PORT")
+    _validate_tick(opts, source)
     if opts.ollama_period <= 0:
         raise ConfigError(f"{source}: ollama_period must be > 0 seconds")
     for spec in opts.upstreams:
         name, sep, url = spec.partition("=")
         if not sep or not name or not url.startswith(("http://", "https://")):
             raise ConfigError(f"{source}: upstream {spec!r} must be NAME=http://HOST:PORT/v1")
+
+
+def _validate_tick(opts: NodeOptions, source: str) -> None:
+    if not 0 <= opts.stream_tick_ms <= 2.0:
+        raise ConfigError(f"{source}: stream_tick_ms must be 0 (off) to 2 ms, "
+                          f"not {opts.stream_tick_ms:g}")
+    if opts.stream_tick_streams < 1:
+        raise ConfigError(f"{source}: stream_tick_streams must be >= 1")
 
 
 def example_config() -> str:

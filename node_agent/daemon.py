@@ -37,6 +37,7 @@ from node_agent.models import parse_model_spec
 from node_agent.node_parts import NodeParts, build_manager, load_nvml_module
 from node_agent.pipeline import Pipeline
 from node_agent.proxy import build_app, served_app
+from node_agent.runtimes import read_tick
 from node_agent.state import NodeState
 
 __all__ = ["NodeOptions", "NodeParts", "build_manager", "load_nvml_module", "run_node", "serve"]
@@ -48,6 +49,7 @@ DRAIN_GRACE_S = 30.0
 
 
 async def serve(opts: NodeOptions) -> None:
+    read_tick.configure(opts.stream_tick_ms / 1000, opts.stream_tick_streams)
     state = NodeState(opts.state_dir)
     enrollment = state.enrollment()
     parts = NodeParts(opts, state)

@@ -203,8 +203,10 @@ class Streamed:
         if meter.first_at is not None and _USAGE_KEY not in (  # one scan for the read (a
                 batch[0] if len(batch) == 1 else b"\n".join(batch)):  # newline: no key across)
             return batch  # tokens (no usage in them): each metered as it is, all wanted
-        chunk_of = meter.chunk
-        return [c for c in batch if self._wanted(c, chunk_of(c))]
+        chunk_of = meter.chunk  # a chunk without the key has no usage: only the first is
+        return [c for c in batch  # metered (its time), the others wanted as they are
+                if (meter.first_at is not None and _USAGE_KEY not in c)
+                or self._wanted(c, chunk_of(c))]
 
     def __aiter__(self) -> AsyncGenerator[bytes, None]:
         return flattened(self.batches())

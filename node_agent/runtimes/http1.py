@@ -41,6 +41,8 @@ from collections.abc import AsyncIterator
 
 import httptools
 
+from node_agent.runtimes.read_tick import READ_TICK, ReadTick
+
 __all__ = ["Http1Pool", "Http1Response", "UpstreamError"]
 
 #: Bytes of a streamed body held for a reader that is behind, before reading pauses.
@@ -74,10 +76,15 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.waiter: asyncio.Future[None] | None = None
         self.idle_since = 0.0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.tick: ReadTick | None = None  # while a streamed answer is read: its reads may
+        self.held = False  # wait for the tick (`read_tick.py`); one does now
+        self.woken_at = float("-inf")  # when its reader was last woken while gathering
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -94,6 +101,26 @@ class _Connection(asyncio.Protocol):
             if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
                 self.paused = True
                 self.transport.pause_reading()
+            if self.held:  # it goes with the read that waits for the tick
+                self.tick.joined += 1  # type: ignore[union-attr]
+                return
+            tick = self.tick
+            if tick is not None and tick.open >= tick.streams:  # a busy node: gather a
+                loop = self.loop  # stream's reads that come within a tick of its last wake
+                assert loop is not None
+                now = loop.time()
+                if now - self.woken_at < tick.tick_s:
+                    self.held = True
+                    tick.hold(self, loop, now)
+                    return
+                self.woken_at = now
+            self._wake()
+
+    def tick_wake(self, now: float) -> None:
+        """The tick this connection's reads waited for is due."""
+        if self.held:
+            self.held = False
+            self.woken_at = now
             self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -168,6 +195,8 @@ class _Connection(asyncio.Protocol):
         self.headers = []
         self.head_bytes = 0
         self.head_done = self.done = self.keep_alive = False
+        self.held = False
+        self.woken_at = float("-inf")
         self.idle_since = time.monotonic()
 
     def usable(self, keepalive_s: float) -> bool:
@@ -187,6 +216,8 @@ class Http1Response:
 
     def __init__(self, pool: Http1Pool, conn: _Connection) -> None:
         self._pool, self._conn = pool, conn
+        self._tick = pool.tick
+        self._counted: ReadTick | None = None  # the tick this answer counts in (`chunks`)
         self.status = conn.status
         self.headers = conn.headers
         self._released = False
@@ -207,23 +238,43 @@ class Http1Response:
             await conn.wait()
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body's bytes as they arrive (chunked transfer decoded)."""
+        """The body's bytes as they arrive (chunked transfer decoded); while the node
+        reads many streams at once, a stream's reads that come close together as one
+        (`read_tick.py`)."""
         conn = self._conn
         loop = asyncio.get_running_loop()
-        while True:
-            if conn.chunks:
-                yield conn.take()
-            elif conn.done:
-                return
-            else:  # `conn.wait()`, inline: a coroutine less to resume on every read
-                conn._raise_if_lost()
-                conn.waiter = loop.create_future()
-                try:
-                    await conn.waiter
-                finally:
-                    conn.waiter = None
-                if conn.lost is not None and not conn.done:
-                    raise conn.lost
+        tick = self._tick
+        if tick is not None and tick.tick_s > 0 and self._counted is None:
+            conn.tick = self._counted = tick
+            tick.open += 1
+        try:
+            while True:
+                if conn.chunks and not conn.held:
+                    yield conn.take()
+                elif conn.done:
+                    if conn.chunks:  # the end came while a read waited for the tick
+                        yield conn.take()
+                    return
+                else:  # `conn.wait()`, inline: a coroutine less to resume on every read
+                    conn._raise_if_lost()
+                    conn.waiter = loop.create_future()
+                    try:
+                        await conn.waiter
+                    finally:
+                        conn.waiter = None
+                    if conn.lost is not None and not conn.done:
+                        raise conn.lost
+        finally:
+            self._uncount()
+
+    def _uncount(self) -> None:
+        """No longer one of the streams its tick counts (once: the end of `chunks`, or the
+        answer given back or closed, whichever comes first)."""
+        tick, self._counted = self._counted, None
+        if tick is not None:
+            self._conn.tick = None
+            self._conn.held = False
+            tick.open -= 1
 
     @property
     def finished(self) -> bool:
@@ -235,12 +286,14 @@ class Http1Response:
         if self._released:
             return
         self._released = True
+        self._uncount()
         self._pool._give_back(self._conn)
 
     def close(self) -> None:
         """Close the connection, whatever is left unread."""
         if not self._released:
             self._released = True
+            self._uncount()
             self._conn.close()
 
 
@@ -251,8 +304,10 @@ class Http1Pool:
                  connect_timeout_s: float = 5.0, keepalive_s: float = 4.0,
                  max_idle: int = MAX_IDLE_CONNECTIONS,
                  headers: dict[str, str] | None = None,
-                 ssl: ssl_module.SSLContext | None = None) -> None:
+                 ssl: ssl_module.SSLContext | None = None,
+                 tick: ReadTick | None = READ_TICK) -> None:
         self.host, self.port, self.uds, self.ssl = host, port, uds, ssl
+        self.tick = tick  # streamed reads gathered under load (`read_tick.py`); None: never
         self.connect_timeout_s = connect_timeout_s
         self.keepalive_s = keepalive_s
         self.max_idle = max_idle

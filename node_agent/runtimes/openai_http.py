@@ -262,7 +262,11 @@ class OpenAIHttpRuntime:
                 if DONE not in payloads and _ERROR_KEY not in parser.seen:
                     yield payloads  # the usual read: token events only (an error event
                     continue  # holds its key in its first bytes: `is_error_event`)
-                batch, end = _until_end(payloads)
+                if _ERROR_KEY in parser.seen:
+                    batch, end = _until_end(payloads)
+                else:  # no error event in this read: it ends at [DONE]
+                    at = payloads.index(DONE)
+                    batch, end = payloads[:at], DONE
                 if batch:  # what came before [DONE] or an error goes out first
                     yield batch
                 if end == DONE:

@@ -1,0 +1,222 @@
+"""Read coalescing (node_agent/runtimes/read_tick.py) through the node's HTTP/1.1 pool
+against a scripted chunked server on loopback: the test says when each piece is sent and
+when the tick fires (a tick of 60 s never fires by itself), and waits on the tick's own
+counters, never on time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from node_agent.config import ConfigError, load_options
+from node_agent.runtimes import read_tick
+from node_agent.runtimes.http1 import Http1Pool, UpstreamError
+from node_agent.runtimes.read_tick import ReadTick
+
+pytestmark = pytest.mark.timeout(30)
+
+NEVER = 60.0  # a tick that does not fire during a test unless the test fires it
+
+
+class Watched(ReadTick):
+    """A tick whose counters can be awaited."""
+
+    def __init__(self, tick_s: float, streams: int) -> None:
+        self.changed = asyncio.Event()
+        super().__init__(tick_s, streams)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if name in ("held_reads", "joined"):
+            self.changed.set()
+
+    async def until(self, held: int, joined: int) -> None:
+        while (self.held_reads, self.joined) != (held, joined):
+            self.changed.clear()
+            await self.changed.wait()
+
+
+class Chunked:
+    """A server answering one request with a chunked body sent piece by piece by the test."""
+
+    def __init__(self) -> None:
+        self.pieces: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n")
+        try:
+            while (piece := await self.pieces.get()) is not None:
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if piece else b"0\r\n\r\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+    def send(self, piece: bytes) -> None:
+        """`piece` as one chunk; b"": the body's end; then `cut` to drop the connection."""
+        self.pieces.put_nowait(piece)
+
+    def cut(self) -> None:
+        self.pieces.put_nowait(None)
+
+    async def __aenter__(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *_: object) -> None:
+        self.server.close()
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[Chunked, int]]:
+    server = Chunked()
+    async with server as port:
+        yield server, port
+
+
+async def reader_of(port: int, tick: ReadTick) -> tuple[Http1Pool, AsyncIterator[bytes]]:
+    pool = Http1Pool("127.0.0.1", port, tick=tick)
+    response = await pool.request("POST", "/v1/chat/completions", b"{}")
+    return pool, response.chunks()
+
+
+async def next_of(chunks: AsyncIterator[bytes]) -> bytes:
+    async with asyncio.timeout(10):  # a read never woken fails here rather than hangs
+        return await anext(chunks)
+
+
+async def read_all(chunks: AsyncIterator[bytes], into: list[bytes]) -> None:
+    async with asyncio.timeout(10):
+        async for piece in chunks:
+            into.append(piece)
+
+
+async def test_under_load_reads_close_together_wake_their_reader_once_at_the_tick(
+    served: tuple[Chunked, int],
+) -> None:
+    server, port = served
+    tick = Watched(NEVER, streams=1)
+    pool, chunks = await reader_of(port, tick)
+    try:
+        server.send(b"data: A\n\n")
+        assert await next_of(chunks) == b"data: A\n\n"  # the first read: at once
+        assert tick.open == 1
+        server.send(b"data: B\n\n")  # within a tick of the last wake: held
+        await tick.until(held=1, joined=0)
+        server.send(b"data: C\n\n")  # joins it
+        await tick.until(held=1, joined=1)
+        waiting = asyncio.ensure_future(next_of(chunks))
+        for _ in range(5):  # the reader may run; nothing wakes it before the tick
+            await asyncio.sleep(0)
+        assert not waiting.done()
+        tick.fire()
+        assert await waiting == b"data: B\n\ndata: C\n\n"  # one batch: one token frame
+        assert tick.ticks == 1
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+        pool.close()
+    assert tick.open == 0
+
+
+async def test_the_end_of_the_answer_wakes_a_held_reader_without_the_tick(
+    served: tuple[Chunked, int],
+) -> None:
+    server, port = served
+    tick = Watched(NEVER, streams=1)
+    pool, chunks = await reader_of(port, tick)
+    try:
+        server.send(b"data: A\n\n")
+        assert await next_of(chunks) == b"data: A\n\n"
+        server.send(b"data: [DONE]\n\n")
+        await tick.until(held=1, joined=0)
+        server.send(b"")  # the chunked body's end
+        assert await next_of(chunks) == b"data: [DONE]\n\n"
+        with pytest.raises(StopAsyncIteration):
+            await next_of(chunks)
+        assert (tick.ticks, tick.open) == (0, 0)
+        tick.fire()  # the tick that was due finds nothing to wake
+    finally:
+        pool.close()
+
+
+async def test_a_connection_lost_while_a_read_is_held_fails_the_reader_at_once(
+    served: tuple[Chunked, int],
+) -> None:
+    server, port = served
+    tick = Watched(NEVER, streams=1)
+    pool, chunks = await reader_of(port, tick)
+    try:
+        server.send(b"data: A\n\n")
+        assert await next_of(chunks) == b"data: A\n\n"
+        server.send(b"data: B\n\n")
+        await tick.until(held=1, joined=0)
+        server.cut()
+        got: list[bytes] = []
+        with pytest.raises(UpstreamError):  # what was held may come first; then the cut
+            await read_all(chunks, got)
+        assert got in ([], [b"data: B\n\n"])
+        assert (tick.ticks, tick.open) == (0, 0)
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize(("tick_s", "streams"), [(NEVER, 2), (0.0, 1)])
+async def test_below_the_threshold_or_with_no_tick_every_read_wakes_at_once(
+    served: tuple[Chunked, int], tick_s: float, streams: int,
+) -> None:
+    server, port = served
+    tick = Watched(tick_s, streams)
+    pool, chunks = await reader_of(port, tick)
+    try:
+        for piece in (b"data: A\n\n", b"data: B\n\n", b"data: C\n\n"):
+            server.send(piece)
+            assert await next_of(chunks) == piece  # never held: no tick fires in this test
+        assert (tick.held_reads, tick.ticks) == (0, 0)
+        assert tick.open == (1 if tick_s else 0)  # a tick of 0 does not even count streams
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+        pool.close()
+
+
+async def test_the_shared_tick_fires_on_its_own_within_its_time(
+    served: tuple[Chunked, int],
+) -> None:
+    server, port = served
+    tick = Watched(0.002, streams=1)
+    pool, chunks = await reader_of(port, tick)
+    try:
+        server.send(b"data: A\n\n")
+        assert await next_of(chunks) == b"data: A\n\n"
+        got = b""
+        for piece in (b"data: B\n\n", b"data: C\n\n", b"data: D\n\n"):
+            server.send(piece)
+        while len(got) < 27:  # whatever the timing, every piece comes, in order
+            got += await next_of(chunks)
+        assert got == b"data: B\n\ndata: C\n\ndata: D\n\n"
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+        pool.close()
+
+
+def test_the_settings_are_a_tick_of_0_to_2_ms_and_a_stream_count() -> None:
+    opts = load_options({}, env={"MESHGATE_CONFIG": "/dev/null", "MESHGATE_STREAM_TICK_MS": "0",
+                                 "MESHGATE_STREAM_TICK_STREAMS": "64"})
+    assert (opts.stream_tick_ms, opts.stream_tick_streams) == (0.0, 64)
+    defaults = load_options({}, env={"MESHGATE_CONFIG": "/dev/null"})
+    assert (defaults.stream_tick_ms, defaults.stream_tick_streams) == (2.0, 16)
+    for name, value, says in (("MESHGATE_STREAM_TICK_MS", "2.5", "stream_tick_ms"),
+                              ("MESHGATE_STREAM_TICK_MS", "-1", "stream_tick_ms"),
+                              ("MESHGATE_STREAM_TICK_STREAMS", "0", "stream_tick_streams")):
+        with pytest.raises(ConfigError, match=says):
+            load_options({}, env={"MESHGATE_CONFIG": "/dev/null", name: value})
+    with pytest.raises(ValueError, match="0 to 2 ms"):
+        read_tick.configure(0.003, 16)
+    before = (read_tick.READ_TICK.tick_s, read_tick.READ_TICK.streams)
+    try:
+        read_tick.configure(0.001, 8)
+        assert (read_tick.READ_TICK.tick_s, read_tick.READ_TICK.streams) == (0.001, 8)
+    finally:
+        read_tick.configure(*before)
