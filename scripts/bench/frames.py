@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench/frames.py [--frames 20000] [--rounds 3] [--json OUT]
 
 (a) core: the coordinator's `Connection.receive` of one message carrying one TELEMETRY
-    frame shaped like a real node's (`scripts/bench/fleet.py`'s SimNode: some frames
+    frame shaped like a real node's (`scripts/bench/fleet_sim.py`'s SimNode: some frames
     over 512 bytes, so zstd-compressed), in memory: decrypt, header, decompress, decode,
     sequence check, events.
 (b) link: the same frames from a node to a coordinator over one real loopback tunnel

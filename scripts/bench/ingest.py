@@ -9,7 +9,7 @@ The coordinator side runs in this process: the real tunnel endpoint
 policy (`coordinator/gcpolicy.py`), as `meshgate-coordinator serve` wires them
 (no HTTP API); `gc_s_by_generation` is the collector's own time. `--procs` simulator
 processes (niced) connect `--nodes` enrolled identities and each sends
-`--frames` typed telemetry frames shaped like `scripts/bench/fleet.py`'s, at
+`--frames` typed telemetry frames shaped like `scripts/bench/fleet_sim.py`'s, at
 `--rate` frames/s all together (one frame a websocket message, as real nodes).
 Printed: frames received, and this process's CPU (`time.process_time`: the
 event loop and the store's worker threads) per frame, in microseconds.

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench/telemetry_path.py [--nodes 1000] [--frames 5] [--rounds 3]
 
 `--nodes` node links, each a real Noise session (real handshake) and a websocket in
-OPEN state on a fake transport; every node's telemetry (`scripts/bench/fleet.py`'s
+OPEN state on a fake transport; every node's telemetry (`scripts/bench/fleet_sim.py`'s
 SimNode, fresh each frame) is encrypted by the node's `Connection` and masked by
 websockets' client protocol into the exact bytes a socket would deliver. The frames
 are then fed to the coordinator's side round-robin over the nodes (as 1 Hz telemetry
