@@ -164,15 +164,13 @@ class EventStream(Response):
         once): frames that arrived in that turn go in the same write. Under 500 streams
         this cut the client writes by 35-40% (14-16.5 -> 8.4-10 a stream,
         scripts/bench/streams.py), each one an ASGI send through the middlewares, a
-        socket write and a wake-up of the client. A `Served` that settles (`Served.settles`)
-        waits its turns before a burst wakes the task instead (callbacks, not a task step
-        through every coroutine of the request; off for nodes: served.SETTLE_TURNS)."""
+        socket write and a wake-up of the client."""
         self.held = self._events([served.first])
         if self.held and not served.queued():  # the first token leaves at once
             await send({"type": "http.response.body", "body": self.held, "more_body": True})
             self.held = b""
             self._uncork()
-        waited = served.settles
+        waited = False
         async with contextlib.aclosing(served.batches()) as batches:
             async for batch in batches:
                 self.held += self._events(batch)
@@ -182,7 +180,7 @@ class EventStream(Response):
                         await asyncio.sleep(0)
                         if served.queued():
                             continue
-                    waited = served.settles
+                    waited = False
                     await send({"type": "http.response.body", "body": self.held,
                                 "more_body": True})
                     self.held = b""

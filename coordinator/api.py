@@ -19,18 +19,19 @@ from __future__ import annotations
 
 import inspect
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.types import Receive, Scope
 
 from coordinator.answer_stream import EventStream, Watch
 from coordinator.api_context import ApiContext
 from coordinator.api_plan import deadline_of, for_key, from_cache, plan, tokens_of
 from coordinator.cache import CachedResponse
-from coordinator.hot_routes import CoordinatorApp
+from coordinator.hot_routes import CoordinatorApp, Handler
 from coordinator.metrics import CONTENT_TYPE
 from coordinator.refusals import install_refusals, with_status
 from coordinator.registry import Registry
@@ -82,9 +83,10 @@ def build_app(ctx: ApiContext) -> CoordinatorApp:
 
     hot = {f"/v1/{endpoint}": _bind(ctx, endpoint)
            for endpoint in ("chat/completions", "completions", "embeddings")}
-    for path, route in hot.items():  # in the router too: another method there is a 405
-        app.router.add_route(path, route, methods=["POST"], name=path.removeprefix("/v1/"))
-    app.hot = hot  # POSTs answered in front of the stack below (hot_routes.py)
+    for path, handle in hot.items():  # in the router too: another method there is a 405
+        app.router.add_route(path, _routed(handle), methods=["POST"],
+                             name=path.removeprefix("/v1/"))
+    app.set_hot(hot)  # POSTs answered in front of the stack below (hot_routes.py)
     # the rest: innermost first, the access line carries the id
     app.add_middleware(AccessLogMiddleware)
     app.add_middleware(RequestIdMiddleware)
@@ -137,24 +139,31 @@ def _add_model_routes(app: FastAPI, ctx: ApiContext) -> None:
         return JSONResponse(model_object(model_id, owned_by="meshgate"))
 
 
-def _bind(ctx: ApiContext, endpoint: str) -> Callable[[Request], Any]:
-    async def route(request: Request) -> Response:
-        return await _handle(ctx, request, endpoint)
+def _bind(ctx: ApiContext, endpoint: str) -> Handler:
+    async def route(scope: Scope, receive: Receive) -> Response:
+        return await _handle(ctx, scope, receive, endpoint)
 
     return route
 
 
-async def _handle(ctx: ApiContext, request: Request, endpoint: str) -> Response:
-    """One POST of the three OpenAI routes."""
+def _routed(handle: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """`handle` as a route of the router (a Starlette endpoint)."""
+    async def route(request: Request) -> Response:
+        return await handle(request.scope, request.receive)
+
+    return route
+
+
+async def _handle(ctx: ApiContext, scope: Scope, receive: Receive, endpoint: str) -> Response:
+    """One POST of the three OpenAI routes (its scope and ``receive``: no Request)."""
     # the scope's headers read once and its state dict written directly: Starlette's
     # `request.headers.get` scans and lower-cases every header on each call
-    scope = request.scope
     state: dict[str, Any] = scope.setdefault("state", {})
     headers_in = headers_of(scope)
     route_header = headers_in.get(_ROUTE_HEADER)
     key_id = await ctx.authenticate_header(headers_in.get(b"authorization", ""))
     state["key_id"] = key_id
-    raw = await receive_body(request.receive, headers_in.get(b"content-length"))
+    raw = await receive_body(receive, headers_in.get(b"content-length"))
     parsed = parse(raw, endpoint)
     body, stream = parsed.body, parsed.stream
     request_id = (current_request_id() or headers_in.get(b"x-request-id")
@@ -170,7 +179,7 @@ async def _handle(ctx: ApiContext, request: Request, endpoint: str) -> Response:
     route_text = str(route) if route.task or body["model"].startswith("qg://") else None
     route_text = route_text or f"qg://prefer={want.prefer.value}"  # the policy it ran under
     state["route"] = route_text
-    watch = Watch(request.receive, scope)  # the client leaving, for every wait
+    watch = Watch(receive, scope)  # the client leaving, for every wait
     handed = False  # to the stream's writer, which stops it
     try:
         served = await _start(ctx, watch, open_request, want, deadline=deadline,

@@ -74,6 +74,18 @@ def note_response(entry: InFlight, message: Message) -> None:
         entry.chunks += 1
 
 
+def note_answer(entry: InFlight, status: int, headers: list[tuple[bytes, bytes]],
+                body: bytes) -> None:
+    """`note_response` of a whole answer written at once (its head and its one body)."""
+    entry.status = status
+    for name, value in headers:
+        if name in (b"x-meshgate-node", b"x-meshgate-upstream"):
+            text = value.decode("latin-1")
+            entry.target = text if name == b"x-meshgate-node" else f"cloud:{text}"
+    if body:
+        entry.chunks += 1
+
+
 class LiveRequestsMiddleware:
     def __init__(self, app: ASGIApp, tracker: LiveRequests) -> None:
         self.app = app

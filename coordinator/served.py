@@ -156,10 +156,6 @@ class Served:
         to the client alone)."""
         return False
 
-    settles = False
-    """whether `batches` waits a loop turn after a burst arrives before it yields it (the
-    writer need not wait one of its own for what comes next)"""
-
     async def batches(self) -> AsyncGenerator[list[bytes], None]:
         """The chunks after the first, as lists of those that arrived together (one write
         to the client for a burst); a subclass that can see a burst overrides this."""

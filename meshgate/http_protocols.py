@@ -12,7 +12,9 @@ while a head is awaited are counted (a head that never ends cannot grow past the
 limit plus one read) and so are the URL and headers the parser hands over. A head
 over the limit is answered 400 and the connection closed, by either.
 
-The httptools one puts a :class:`ClientGone` in every request's scope (``CLIENT_GONE``):
+The httptools one also lets an app answer requests below ASGI (:mod:`meshgate.http_hot`:
+an app's ``hot_runner(scope)``), and puts a :class:`ClientGone` in every request's scope
+(``CLIENT_GONE``):
 callbacks for the connection's loss, so an app that must notice a client leaving
 (the coordinator's answers) needs no task waiting on ``receive`` for it.
 
@@ -33,8 +35,9 @@ import logging
 from collections.abc import Callable
 from typing import Any, cast
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from meshgate.http_hot import HotExchange, run_hot
 from meshgate.httplimits import HttpLimits
 
 __all__ = ["CLIENT_GONE", "SSE_CORK", "ClientGone", "CorkedTransport", "GuardedHttpToolsProtocol",
@@ -309,6 +312,8 @@ class GuardedHttpToolsProtocol(Guards, HttpToolsProtocol):
         self._head_bytes = 0  # of the URL and headers parsed
         self._raw_head_bytes = 0  # received since the last head or message ended
         self._gone = ClientGone()
+        # the app's runner for requests it answers below ASGI (meshgate/http_hot.py)
+        self._hot = getattr(self.config.app, "hot_runner", None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -356,6 +361,16 @@ class GuardedHttpToolsProtocol(Guards, HttpToolsProtocol):
         self._phase = _BODY
         self._raw_head_bytes = 0
         super().on_headers_complete()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        runner = self._hot(cycle.scope) if self._hot is not None else None
+        if runner is None or app is not self.app or self.config.reset_contextvars:
+            # (not self.app: refused, a 503; reset_contextvars: uvicorn's own way)
+            super()._start_asgi_task(cycle, app)
+            return
+        task = self.loop.create_task(run_hot(runner, HotExchange(cycle), self.logger))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
 
     def on_message_complete(self) -> None:
         self._phase = _DONE

@@ -13,11 +13,15 @@ log knows where to look.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
+    from pydantic import ValidationError
+
     from meshgate.schema import ChatRequest, OpenAIRequest
 
 # meshgate.schema (pydantic's request models, ~11 MiB once built) and pydantic_core load on
@@ -169,6 +173,27 @@ class Parsed:
         return len(text) // 3 + 1 + per_message
 
 
+class _Parsing(NamedTuple):
+    """What `parse` needs of pydantic and meshgate.schema, imported on its first call."""
+
+    from_json: Callable[[bytes], Any]
+    invalid: type[ValidationError]
+    models: dict[str, type[OpenAIRequest]]
+    chat: type[ChatRequest]
+    describe: Callable[[ValidationError], tuple[str, str, str]]
+
+
+@functools.cache
+def _parsing() -> _Parsing:
+    import pydantic_core
+    from pydantic import ValidationError
+
+    from meshgate.schema import REQUEST_MODELS, ChatRequest, describe
+
+    return _Parsing(pydantic_core.from_json, ValidationError, REQUEST_MODELS, ChatRequest,
+                    describe)
+
+
 def parse(raw: bytes, endpoint: str, *, max_bytes: int = MAX_BODY_BYTES) -> Parsed:
     """Parse and validate a request body for `endpoint` against OpenAI's schema.
 
@@ -177,16 +202,12 @@ def parse(raw: bytes, endpoint: str, *, max_bytes: int = MAX_BODY_BYTES) -> Pars
     :data:`MAX_DEPTH`, not an object, a missing field, a wrong type or a value out
     of range. Unknown fields are allowed and kept.
     """
-    import pydantic_core
-    from pydantic import ValidationError
-
-    from meshgate.schema import REQUEST_MODELS, ChatRequest, describe
-
+    parsing = _parsing()  # (imported once, on the first call: see the note at the top)
     if len(raw) > max_bytes:
         raise OpenAIError(413, f"request body is {len(raw)} bytes; the limit is {max_bytes}",
                           code="request_too_large")
     try:
-        body = pydantic_core.from_json(raw)
+        body = parsing.from_json(raw)
     except ValueError as exc:
         text = str(exc)
         if "recursion limit" in text:
@@ -197,11 +218,11 @@ def parse(raw: bytes, endpoint: str, *, max_bytes: int = MAX_BODY_BYTES) -> Pars
     if not isinstance(body, dict):
         raise OpenAIError(400, "request body must be a JSON object", code="invalid_json")
     try:
-        request = REQUEST_MODELS[endpoint].model_validate(body)
-    except ValidationError as exc:
-        message, param, code = describe(exc)
+        request = parsing.models[endpoint].model_validate(body)
+    except parsing.invalid as exc:
+        message, param, code = parsing.describe(exc)
         raise OpenAIError(400, message, param=param, code=code) from None
-    if isinstance(request, ChatRequest):
+    if isinstance(request, parsing.chat):
         _check_messages(request)
     return Parsed(endpoint, raw, body, request)
 

@@ -280,13 +280,12 @@ async def answer(pipeline: Pipeline, stream: Stream, frame: Frame) -> None:
             finally:
                 await streamed.aclose(meter_later=ended)
         else:
-            # DATA and END leave together in one write round; the metering (`Meter.finish`)
-            # runs in a loop callback after it (`meter_later`), off the answer's way
+            # DATA and END as one frame (`Stream.send_last`); the metering (`Meter.finish`)
+            # runs in a loop callback after its write round (`meter_later`), off the way
             async with pipeline.answer(*args, via="tunnel", local_only=True,
                                        meter_later=True) as done:
-                await stream.send(FrameType.DATA, done.data)
-                await stream.send(FrameType.END,
-                                  {"usage": done.usage, **done.meter.energy_report()})
+                await stream.send_last(
+                    done.data, {"usage": done.usage, **done.meter.energy_report()})
     except OpenAIError as exc:
         await stream.send(
             FrameType.ERROR,

@@ -25,6 +25,7 @@ from tunnel.compress import decompress
 from tunnel.connection import Connection
 from tunnel.constants import (
     DATA_CAP_SLACK,
+    FLAG_DATA,
     HDR_BATCH,
     HDR_COMPRESSED,
     HDR_MORE,
@@ -32,6 +33,7 @@ from tunnel.constants import (
 )
 from tunnel.errors import TunnelError
 from tunnel.frames import Frame, FrameType, decode
+from tunnel.fused import FUSED_MAX
 from tunnel.handshake import ResponderHandshake, parse_hello
 from tunnel.identity import Identity
 from tunnel.noise import CipherState, HandshakeState, public_bytes
@@ -45,7 +47,7 @@ TUNNEL_KEY = NODE.x25519_pub
 CAP = 1 << 16
 
 TARGETS = ["frame", "msgpack", "hello", "handshake", "zstd", "session", "token", "connection",
-           "wsframes"]
+           "wsframes", "fused"]
 
 
 # -- targets ---------------------------------------------------------------------------
@@ -168,8 +170,9 @@ def _plaintexts(data: bytes) -> list[bytes]:
         if mode == 1:  # a valid-shaped frame with a grown body on a grown stream
             value, _ = _value(chunk)
             kind = FrameType(1 + head % 14)
+            flags = head >> 6 & FLAG_DATA  # an END's fused DATA (other kinds ignore it)
             with contextlib.suppress(TypeError, ValueError, OverflowError):
-                chunk = msgpack.packb([int(kind), head >> 4, 0, 0, value], use_bin_type=True)
+                chunk = msgpack.packb([int(kind), head >> 4, 0, flags, value], use_bin_type=True)
             out.append(bytes([0]) + chunk)
         elif mode == 2:  # compressed
             out.append(bytes([HDR_COMPRESSED]) + zstandard.ZstdCompressor().compress(chunk))
@@ -288,7 +291,7 @@ def _step(
 ) -> bytes:
     """One operation of a `connection` script; the rest of the input."""
     now = clock[0]
-    action = (op >> 1) % 12
+    action = (op >> 1) % 14
     live = sorted(me.streams)
     state = me.streams[live[arg % len(live)]] if live else None
     if action == 0:
@@ -327,7 +330,50 @@ def _step(
         me.send_raw(Frame(FrameType.DATA, state.id, 0, 0, bytes(over + arg // 2)))
     elif action == 11:
         me.rekey_after_messages = 1 + arg % 5
+    elif action == 12 and state is not None:  # a whole answer, fused if the peer reads it
+        me.send_last(state, bytes(min(arg * 97, me.sendable(state))), {"n": arg})
+    elif action == 13:  # a raw fused END: within the credit (even) or past it (odd)
+        credit = state.send_credit if state is not None else arg
+        size = min(arg * 97, credit) if arg % 2 == 0 else credit + 1 + arg
+        sid = state.id if state is not None else arg
+        me.send_raw(Frame(FrameType.END, sid, 0, FLAG_DATA, {"data": bytes(size)}))
     return data
+
+
+def t_fused(data: bytes) -> None:
+    """An answer sent as one fused END (`send_last`) and as DATA then END, to two twin
+    pairs: the reader gets the same frames and holds the same credit either way."""
+    if len(data) < 3:
+        return
+    size = int.from_bytes(data[:2], "big") % (FUSED_MAX + 2)  # just past it: not fused
+    first = data[2] * 1024  # DATA before the answer, unread: the credit left is less
+    value, _ = _value(data[3:])
+    end = value if isinstance(value, dict) else {"v": value}
+    got = []
+    for fuse in (True, False):
+        node, coord = _conn_pair()
+        sid = coord.open_stream({})
+        for message in coord.data_to_send(0.0):
+            node.receive(message, 0.0)
+        state = node.streams[sid]
+        if first:
+            node.send(state, FrameType.DATA, bytes(min(first, node.sendable(state))))
+        events = []
+        try:
+            body = bytes(min(size, node.sendable(state)))
+            if not (fuse and node.send_last(state, body, end)):
+                node.send(state, FrameType.DATA, body)
+                node.send(state, FrameType.END, end)
+            for message in node.data_to_send(0.0):
+                events += coord.receive(message, 0.0)
+        except TunnelError as exc:
+            got.append(("refused", str(exc)))
+            continue
+        frames = [(e.frame.type, e.frame.stream_id, e.frame.flags, e.frame.body)
+                  for e in events if hasattr(e, "frame")]
+        got.append((frames, coord.recv_total, coord.ungranted, sorted(coord.streams),
+                    node.send_credit))
+    assert got[0] == got[1], got
 
 
 def t_wsframes(data: bytes) -> None:
@@ -354,4 +400,5 @@ FUNCS: dict[str, Callable[[bytes], None]] = {
     "token": t_token,
     "connection": t_connection,
     "wsframes": t_wsframes,
+    "fused": t_fused,
 }

@@ -1,11 +1,14 @@
 """zstd, one frame per call, with no history shared between frames or streams.
 
-Every `compress` makes a fresh compressor, so nothing learned from one stream's
-bytes can shape another's (no cross-tenant compression oracle). Decompression
-is one-shot too: a `Decompressor` (one per session, so per link) keeps only its
-zstd context's buffers from one frame to the next, never data (each frame is
-decoded alone; no dictionary, no window carried over), which saves allocating a
-context per frame (~9 us of a telemetry frame's ~30 us in the core).
+Every frame is compressed alone, so nothing learned from one stream's bytes can
+shape another's (no cross-tenant compression oracle): `compress` makes a fresh
+compressor; a `Compressor` (one per session, so per link) keeps only its zstd
+context's buffers from one frame to the next, never data (each `compress` call is a
+whole frame from a reset context: no dictionary, no window carried over; its output
+is byte for byte a fresh compressor's, tested), which saves setting up a context per
+frame (~840 bytes of JSON: 32 us fresh, 13 us reused). Decompression is one-shot
+too: a `Decompressor` (one per session) reuses its context's buffers the same way
+(~9 us of a telemetry frame's ~30 us in the core).
 
 `decompress` reads the frame header before doing any work and refuses a frame
 whose content size is unknown or above the cap: python-zstandard ignores
@@ -26,6 +29,17 @@ _CHECKSUM = 4
 
 def compress(data: bytes, level: int = LEVEL) -> bytes:
     return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+
+
+class Compressor:
+    """One frame per `compress` call, from a context reset each time (its buffers
+    reused, never its data)."""
+
+    def __init__(self, level: int = LEVEL) -> None:
+        self._zstd = zstandard.ZstdCompressor(level=level, write_content_size=True)
+
+    def compress(self, data: bytes) -> bytes:
+        return self._zstd.compress(data)
 
 
 def frame_length(data: bytes) -> int:

@@ -33,6 +33,7 @@ from tunnel.constants import (
 from tunnel.errors import ClosedError, FrameError, TunnelError
 from tunnel.events import Credit, Event, Opened, Pong, Received, StreamState
 from tunnel.frames import TERMINAL, Frame, FrameType
+from tunnel.fused import FLAG_DATA, FLAG_FUSE, Fused
 from tunnel.grants import Grants
 from tunnel.liveness import Liveness
 from tunnel.session import Prepared, Session
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 
-class Connection(Liveness, Grants):
+class Connection(Liveness, Grants, Fused):
     def __init__(
         self,
         session: Session,
@@ -138,6 +139,12 @@ class Connection(Liveness, Grants):
         self._out.append(prepared)
         self.pending_bytes += len(prepared[0])
 
+    def _queue_stream(self, kind: FrameType, stream_id: int, flags: int, body: Any) -> None:
+        """`_queue` for a request stream's OPEN and its end (`Session.prepare_stream`)."""
+        prepared = self.session.prepare_stream(kind, stream_id, flags, body)
+        self._out.append(prepared)
+        self.pending_bytes += len(prepared[0])
+
     def send_raw(self, frame: Frame) -> None:
         """Queue any frame, as the session's sequence rules allow, without credit or
         stream bookkeeping (link-level use; tests build misbehaving peers with it)."""
@@ -145,14 +152,15 @@ class Connection(Liveness, Grants):
         self._queue(frame)
 
     def open_stream(self, body: dict[str, Any]) -> int:
-        """Queue OPEN on a fresh stream id; ClosedError once either side sent GOAWAY."""
+        """Queue OPEN on a fresh stream id; ClosedError once either side sent GOAWAY. (Its
+        FLAG_FUSE tells the peer this side reads a fused answer: `Fused.send_last`.)"""
         self._check()
         if self.peer_going_away is not None:
             raise ClosedError(f"the peer is going away: {self.peer_going_away}")
         if self.going_away is not None:
             raise ClosedError(f"this side is going away: {self.going_away}")
         stream_id = self._next_id
-        self._queue(Frame(FrameType.OPEN, stream_id, 0, 0, body))
+        self._queue_stream(FrameType.OPEN, stream_id, FLAG_FUSE, body)
         self._next_id += 2
         self.streams[stream_id] = state = StreamState(stream_id, INITIAL_STREAM_WINDOW)
         self._grant_initial(state)
@@ -186,15 +194,16 @@ class Connection(Liveness, Grants):
         if type == FrameType.DATA:
             self.send_data(state, body)
             return
-        if type == FrameType.WINDOW:
-            credit = body.get("credit") if isinstance(body, dict) else None
-            if isinstance(credit, int) and not isinstance(credit, bool) and credit > 0:
-                state.recv_limit += credit
-        self._queue(Frame(type, state.id, 0, 0, body))
         if type in TERMINAL:
+            self._queue_stream(type, state.id, 0, body)
             state.sent_end = True
             self._forget(state)
             self.release(state)
+            return
+        credit = body.get("credit") if isinstance(body, dict) else None  # WINDOW
+        if isinstance(credit, int) and not isinstance(credit, bool) and credit > 0:
+            state.recv_limit += credit
+        self._queue(Frame(type, state.id, 0, 0, body))
 
     def send_control(self, type: FrameType, body: Any) -> None:
         self._check()
@@ -300,12 +309,17 @@ class Connection(Liveness, Grants):
         elif kind == FrameType.OPEN:
             self._on_open(frame, size, events)
         else:  # END, ERROR, CANCEL
-            state = self.streams.get(frame.stream_id)
-            if state is None:
-                return  # crossed our END or CANCEL in flight
-            state.peer_ended = True
-            self._forget(state)
-            events.append(Received(frame))
+            self._on_end(frame, events)
+
+    def _on_end(self, frame: Frame, events: list[Event]) -> None:
+        if frame.flags & FLAG_DATA and frame.type is FrameType.END:
+            frame = self._on_fused(frame, events)  # its DATA first, then the END
+        state = self.streams.get(frame.stream_id)
+        if state is None:
+            return  # crossed our END or CANCEL in flight
+        state.peer_ended = True
+        self._forget(state)
+        events.append(Received(frame))
 
     def _on_data(self, frame: Frame, events: list[Event]) -> None:
         n = len(frame.body)
@@ -358,6 +372,7 @@ class Connection(Liveness, Grants):
             )
         self.last_peer_stream = max(self.last_peer_stream, sid)
         self.streams[sid] = state = StreamState(sid, INITIAL_STREAM_WINDOW, size)
+        state.peer_fuses = bool(frame.flags & FLAG_FUSE)
         self.peer_streams += 1
         self.open_bytes += size
         self._grant_initial(state)

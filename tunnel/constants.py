@@ -58,6 +58,13 @@ MAX_WINDOW = 2**31 - 1  # credit may never grow past this (as HTTP/2)
 # prefixed by its length (2 bytes, big-endian). Frames that are compressed or need
 # fragmenting always go alone.
 HDR_BATCH = 0x04
+# Frame flags (bits of a frame's `flags`; a receiver ignores bits it does not know)
+# On OPEN: the opener reads an END that carries the answer's (last) DATA (FLAG_DATA), so
+# the peer may send a whole answer as one frame (`Connection.send_last`).
+FLAG_FUSE = 0x01
+# On END: its body's "data" (bytes) is the stream's last DATA, before the END: credit and
+# events as if it had come as its own DATA frame first.
+FLAG_DATA = 0x01
 BATCH_LEN = 2
 
 # -- Bounds on what a peer may make this side hold (hostile-node defence) ----------------

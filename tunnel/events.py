@@ -54,6 +54,7 @@ class StreamState:
         "open_bytes",
         "peak_buffered",
         "peer_ended",
+        "peer_fuses",
         "recv_limit",
         "recv_total",
         "released",
@@ -74,6 +75,7 @@ class StreamState:
         self.peer_ended = False
         self.released = False  # the connection credit of unread bytes went back
         self.open_bytes = open_bytes  # the peer's OPEN payload, counted while open
+        self.peer_fuses = False  # the peer opened it reading a fused last DATA + END
 
     @property
     def closed(self) -> bool:

@@ -9,6 +9,7 @@ else. The body's shape depends on the type:
     PING, PONG             {"t": int}
     CANCEL, KEY_UPDATE     None
     everything else        a map with str keys
+    END with FLAG_DATA     ... whose "data" is bytes (the stream's last DATA, fused)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import msgpack
 import msgspec
 
-from tunnel.constants import MAX_FRAME, MAX_ID
+from tunnel.constants import FLAG_DATA, MAX_FRAME, MAX_ID
 from tunnel.errors import FrameError
 
 
@@ -43,6 +44,7 @@ class FrameType(IntEnum):
 TERMINAL = frozenset({FrameType.END, FrameType.ERROR, FrameType.CANCEL})
 _NONE_BODY = frozenset({FrameType.CANCEL, FrameType.KEY_UPDATE})
 _TIME_BODY = frozenset({FrameType.PING, FrameType.PONG})
+_MAP_RULES = frozenset({FrameType.END, FrameType.WINDOW, *_TIME_BODY})  # more than a map
 
 
 class Frame(msgspec.Struct, frozen=True, gc=False):
@@ -66,14 +68,25 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def body_error(kind: FrameType, body: Any) -> str | None:
-    """Why `body` is not a valid body for a frame of type `kind`, or None if it is."""
+_is_str = str.__instancecheck__  # `all(map(...))`: no generator frame a key
+
+
+def body_error(kind: FrameType, body: Any, flags: int = 0) -> str | None:
+    """Why `body` is not a valid body for a frame of type `kind` (with `flags`), or None
+    if it is."""
     if kind == FrameType.DATA:
         return None if isinstance(body, bytes) else "DATA body must be bytes"
     if kind in _NONE_BODY:
         return None if body is None else f"{kind.name} body must be nil"
-    if not isinstance(body, dict) or not all(isinstance(k, str) for k in body):
+    if not isinstance(body, dict) or not all(map(_is_str, body)):
         return f"{kind.name} body must be a map with str keys"
+    return _map_error(kind, body, flags) if kind in _MAP_RULES else None
+
+
+def _map_error(kind: FrameType, body: dict[str, Any], flags: int) -> str | None:
+    """`body_error` for the types whose body is a map (it is one, with str keys)."""
+    if kind == FrameType.END and flags & FLAG_DATA and not isinstance(body.get("data"), bytes):
+        return "END with data needs bytes data"
     if kind == FrameType.WINDOW:
         credit = body.get("credit")
         ok = isinstance(credit, int) and not isinstance(credit, bool) and credit > 0
@@ -84,14 +97,19 @@ def body_error(kind: FrameType, body: Any) -> str | None:
 
 
 def validate(frame: Frame) -> None:
+    _validate_head(frame)
+    reason = body_error(frame.type, frame.body, frame.flags)
+    if reason is not None:
+        raise FrameError(reason)
+
+
+def _validate_head(frame: Frame) -> None:
+    """The frame's type and ids (not its body)."""
     if not isinstance(frame.type, FrameType):
         raise FrameError(f"unknown frame type {frame.type!r}")
     for name in ("stream_id", "seq", "flags"):
         if not _valid_id(getattr(frame, name)):
             raise FrameError(f"frame {name} must be an int in 0..{MAX_ID}")
-    reason = body_error(frame.type, frame.body)
-    if reason is not None:
-        raise FrameError(reason)
 
 
 _DATA = FrameType.DATA
@@ -106,15 +124,20 @@ def encode_data(stream_id: int, seq: int, body: bytes) -> bytes:
 
 
 def encode(frame: Frame) -> bytes:
-    validate(frame)
-    try:
-        packed = msgpack.packb(
-            [int(frame.type), frame.stream_id, frame.seq, frame.flags, frame.body],
-            use_bin_type=True,
-        )
+    _validate_head(frame)
+    return encode_parts(frame.type, frame.stream_id, frame.seq, frame.flags, frame.body)
+
+
+def encode_parts(kind: FrameType, stream_id: int, seq: int, flags: int, body: Any) -> bytes:
+    """`encode` for a frame whose type and ids are known good (the session made them):
+    its body is checked (`body_error`) and encoded."""
+    reason = body_error(kind, body, flags)
+    if reason is not None:
+        raise FrameError(reason)
+    try:  # the packer starts afresh after a failure (msgpack resets its buffer)
+        return _packer.pack([int(kind), stream_id, seq, flags, body])
     except (TypeError, ValueError, OverflowError) as exc:
         raise FrameError(f"frame body cannot be encoded: {exc}") from None
-    return packed
 
 
 def decode(data: bytes, max_size: int = MAX_FRAME) -> Frame:
@@ -161,7 +184,7 @@ def decode(data: bytes, max_size: int = MAX_FRAME) -> Frame:
         and 0 <= seq <= MAX_ID
         and 0 <= flags <= MAX_ID
     ):
-        reason = body_error(frame_type, body)
+        reason = body_error(frame_type, body, flags)
         if reason is not None:
             raise FrameError(reason)
         return frame
@@ -189,3 +212,20 @@ def decode_raw(data: bytes, max_size: int = MAX_FRAME) -> Frame:
             if not _valid_id(getattr(frame, name)):
                 raise FrameError(f"frame {name} must be an int in 0..{MAX_ID}")
     return frame
+
+
+_FIXARRAY_5 = 0x95  # msgpack: a 5-element array, how every frame starts
+
+
+def kind_of(head: bytes) -> int:
+    """The frame type in a payload's first two bytes (0 if they are not a frame's start:
+    the decoder then refuses it)."""
+    if len(head) >= 2 and head[0] == _FIXARRAY_5 and head[1] < 0x80:
+        return head[1]
+    return 0
+
+
+def over(kind: int, size: int, cap: int) -> str:
+    """A frame over its type's cap, in words."""
+    name = FrameType(kind).name if kind in FrameType._value2member_map_ else f"type {kind}"
+    return f"{name} frame of {size} bytes is over its {cap}-byte cap"

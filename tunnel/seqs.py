@@ -56,6 +56,27 @@ class StreamSeqs:
             return f"stream {sid} seq {frame.seq}, expected {expected}"
         return None
 
+    def straight(self, kind: FrameType, sid: int, way: int) -> int | None:
+        """The seq of a request stream's frame that goes straight through the rules, one
+        way: OPEN of a fresh id, or END, ERROR, CANCEL on an open stream; None for any
+        other (`problem` says what is wrong, if anything). Nothing changes until `went`."""
+        if sid == 0 or sid in self.ended:
+            return None
+        seqs = self.next.get(sid)
+        if kind is FrameType.OPEN:
+            return 0 if seqs is None else None
+        return seqs[way] if seqs is not None and kind in TERMINAL else None
+
+    def went(self, kind: FrameType, sid: int, way: int) -> None:
+        """`advance` for a frame `straight` let through."""
+        if kind is FrameType.OPEN:
+            self.next[sid] = [1, 0] if way == SEND else [0, 1]
+            return
+        del self.next[sid]
+        self.ended[sid] = None
+        if len(self.ended) > RECENT_ENDED:
+            self.ended.popitem(last=False)
+
     def advance(self, frame: Frame, way: int) -> None:
         sid = frame.stream_id
         if sid != 0 and frame.type in TERMINAL:

@@ -22,6 +22,7 @@ bound each frame's decoded payload, checked before decompressing more than 64 Ki
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from tunnel import compress as zstd
 from tunnel import frames
@@ -35,11 +36,12 @@ from tunnel.constants import (
     HDR_KNOWN,
     HDR_MORE,
     MAX_FRAME,
+    MAX_ID,
     MAX_MESSAGE,
     TAG_LEN,
 )
 from tunnel.errors import FrameError, TunnelError
-from tunnel.frames import Frame, FrameType
+from tunnel.frames import Frame, FrameType, kind_of, over
 from tunnel.noise import CipherState
 from tunnel.seqs import RECV, SEND, STREAM_TYPES, StreamSeqs
 
@@ -48,7 +50,6 @@ _STREAM_OR_REKEY = STREAM_TYPES | {FrameType.KEY_UPDATE}
 # frames the connection itself handles (never `open_lone`'s fused case, raw body or not)
 _CONNECTION_TYPES = frozenset(int(t) for t in (
     *_STREAM_OR_REKEY, FrameType.WINDOW, FrameType.PING, FrameType.PONG, FrameType.GOAWAY))
-
 
 _HEADER_PLAIN = bytes([0])
 _HEADER_COMPRESSED = bytes([HDR_COMPRESSED])
@@ -80,6 +81,7 @@ class Session:
         self._chunks_len = 0
         self._chunks_compressed: bool | None = None
         self._zstd = zstd.Decompressor()  # this session's context, reused frame by frame
+        self._zstd_out = zstd.Compressor()  # the same for sending
         #: frame types received with their body left as msgpack bytes (`frames.decode_raw`):
         #: the application decodes them itself, typed, in one pass
         self.raw_bodies: frozenset[int] = frozenset()
@@ -114,13 +116,31 @@ class Session:
             raise TunnelError(
                 f"{frame.type.name} frame of {len(payload)} bytes is over its {cap}-byte cap"
             )
-        compressed = False
-        if len(payload) >= COMPRESS_MIN_BY_TYPE.get(frame.type, COMPRESS_MIN):
-            packed = zstd.compress(payload)
-            if len(packed) < len(payload):
-                payload, compressed = packed, True
+        prepared = self._compressed(payload, COMPRESS_MIN_BY_TYPE.get(frame.type, COMPRESS_MIN))
         self._streams.advance(stamped, SEND)
-        return payload, compressed
+        return prepared
+
+    def prepare_stream(self, kind: FrameType, stream_id: int, flags: int, body: Any) -> Prepared:
+        """`prepare` for a request's OPEN or end (`StreamSeqs.straight`), no Frame restamped,
+        same checks; any other frame, or one that breaks a rule, goes through `prepare`."""
+        seq = self._streams.straight(kind, stream_id, SEND) if self.dead is None else None
+        if seq is None or stream_id > MAX_ID or seq > MAX_ID:
+            return self.prepare(Frame(kind, stream_id, 0, flags, body))
+        payload = frames.encode_parts(kind, stream_id, seq, flags, body)
+        cap = self.cap(kind)
+        if len(payload) > cap:
+            raise TunnelError(over(kind, len(payload), cap))
+        prepared = self._compressed(payload, COMPRESS_MIN)
+        self._streams.went(kind, stream_id, SEND)
+        return prepared
+
+    def _compressed(self, payload: bytes, floor: int) -> Prepared:
+        """`payload` zstd-compressed if it is `floor` bytes or more and that is smaller."""
+        if len(payload) >= floor:
+            packed = self._zstd_out.compress(payload)
+            if len(packed) < len(payload):
+                return packed, True
+        return payload, False
 
     def prepare_data(self, stream_id: int, body: bytes) -> Prepared:
         """`prepare` for DATA on an open stream, the hot path (same rules)."""
@@ -130,13 +150,9 @@ class Session:
         payload = frames.encode_data(stream_id, seqs[SEND], body)
         if len(payload) > self.max_frame:
             raise TunnelError(f"DATA frame of {len(payload)} bytes is over the cap")
-        compressed = False
-        if len(payload) >= COMPRESS_MIN:
-            packed = zstd.compress(payload)
-            if len(packed) < len(payload):
-                payload, compressed = packed, True
+        prepared = self._compressed(payload, COMPRESS_MIN)
         seqs[SEND] += 1
-        return payload, compressed
+        return prepared
 
     def encrypt(self, prepared: list[Prepared]) -> list[bytes]:
         """Messages for these prepared frames, in order: runs of small plain frames share
@@ -215,8 +231,7 @@ class Session:
         return got[0] if got else None
 
     def open_all(self, message: bytes) -> list[Frame]:
-        """The frames this message completes, in order (none while a fragmented frame is
-        incomplete)."""
+        """The frames this message completes, in order (none while a fragment is pending)."""
         return [frame for frame, _ in self.open_sized(message)]
 
     def open_sized(self, message: bytes) -> list[tuple[Frame, int]]:
@@ -289,9 +304,9 @@ class Session:
         if compressed:
             payload, kind = self._decompress(payload)
         else:
-            kind = _kind(payload)
+            kind = kind_of(payload)
             if len(payload) > self.cap(kind):
-                raise FrameError(_over(kind, len(payload), self.cap(kind)))
+                raise FrameError(over(kind, len(payload), self.cap(kind)))
         return [self._accept(payload)]
 
     def _fragment(self, header: int, compressed: bool, plaintext: bytes) -> bytes | None:
@@ -319,13 +334,13 @@ class Session:
             )
         if declared <= MAX_MESSAGE:  # no more work than a plain message: decode, then check
             payload = self._zstd.decompress(payload, declared)
-            kind = _kind(payload)
+            kind = kind_of(payload)
             if declared > self.cap(kind):
-                raise FrameError(_over(kind, declared, self.cap(kind)))
+                raise FrameError(over(kind, declared, self.cap(kind)))
             return payload, kind
-        kind = _kind(self._zstd.head(payload, 2))  # its type first (one block decoded)
+        kind = kind_of(self._zstd.head(payload, 2))  # its type first (one block decoded)
         if declared > self.cap(kind):
-            raise FrameError(_over(kind, declared, self.cap(kind)))
+            raise FrameError(over(kind, declared, self.cap(kind)))
         return self._zstd.decompress(payload, self.cap(kind)), kind
 
     def _open_batch(self, plaintext: bytes) -> list[tuple[Frame, int]]:
@@ -342,14 +357,14 @@ class Session:
                 raise FrameError("batch entry is empty or truncated")
             payload = plaintext[pos : pos + size]
             pos += size
-            kind = _kind(payload)
+            kind = kind_of(payload)
             if size > self.cap(kind):
-                raise FrameError(_over(kind, size, self.cap(kind)))
+                raise FrameError(over(kind, size, self.cap(kind)))
             got.append(self._accept(payload))
         return got
 
     def _accept(self, payload: bytes) -> tuple[Frame, int]:
-        if self.raw_bodies and _kind(payload) in self.raw_bodies:
+        if self.raw_bodies and kind_of(payload) in self.raw_bodies:
             frame = frames.decode_raw(payload, self.max_frame)
         else:
             frame = frames.decode(payload, self.max_frame)
@@ -365,6 +380,9 @@ class Session:
             if frame.seq == seqs[RECV]:
                 seqs[RECV] += 1
                 return frame, len(payload)
+        if self._streams.straight(kind, frame.stream_id, RECV) == frame.seq:
+            self._streams.went(kind, frame.stream_id, RECV)  # a request's OPEN or end
+            return frame, len(payload)
         return self._checked(frame, len(payload))
 
     def _checked(self, frame: Frame, size: int) -> tuple[Frame, int]:
@@ -379,15 +397,3 @@ class Session:
             self._recv.rekey()
         return frame, size
 
-
-def _kind(head: bytes) -> int:
-    """The frame type in a payload's first two bytes (0 if they are not a frame's start:
-    the decoder then refuses it)."""
-    if len(head) >= 2 and head[0] == _FIXARRAY_5 and head[1] < 0x80:
-        return head[1]
-    return 0
-
-
-def _over(kind: int, size: int, cap: int) -> str:
-    name = FrameType(kind).name if kind in FrameType._value2member_map_ else f"type {kind}"
-    return f"{name} frame of {size} bytes is over its {cap}-byte cap"

@@ -98,6 +98,21 @@ class Stream:
             self._wake_credit()
         await mux.link.sent()
 
+    async def send_last(self, data: bytes, end: dict[str, Any]) -> None:
+        """Send `data` and then END (body `end`): one frame when the peer reads that (its
+        OPEN said so: tunnel/fused.py) and the credit for all of it is at hand, else
+        DATA (as `send`, waiting for credit) and then END."""
+        if self._dead is not None:
+            raise ClosedError(f"stream {self.id}: {self._dead}")
+        mux = self._mux
+        if not self._send_lock.locked() and mux.conn.send_last(self._state, data, end):
+            mux._forget(self.id)
+            self._wake_credit()
+            await mux.link.sent()
+            return
+        await self.send(FrameType.DATA, data)
+        await self.send(FrameType.END, end)
+
     async def _send_data(self, body: bytes) -> None:
         mux = self._mux
         conn = mux.conn

@@ -32,6 +32,7 @@ from coordinator.registry import Registry
 from coordinator.server import _context
 from coordinator.state import ServeOptions
 from coordinator.store import KeyScopes, Store
+from meshgate.httpserver import HttpLimits, protocol_class
 from tunnel import Frame, FrameType, Identity, Link, Mux, Stream, connect
 from tunnel import serve as serve_tunnel
 from tunnel.noise import public_bytes
@@ -115,11 +116,15 @@ class TunnelNode:
 
 
 @contextlib.asynccontextmanager
-async def served(app: Any) -> AsyncIterator[str]:
-    """`app` on a real uvicorn on a free port of 127.0.0.1; yields its base URL."""
+async def served(app: Any, *, daemon: bool = False) -> AsyncIterator[str]:
+    """`app` on a real uvicorn on a free port of 127.0.0.1; yields its base URL. With
+    `daemon`, on the daemons' own HTTP protocol (meshgate/http_protocols.py), which answers
+    the coordinator's hot routes below ASGI (meshgate/http_hot.py)."""
+    protocol: Any = protocol_class(HttpLimits(), "httptools") if daemon else "auto"
     server = uvicorn.Server(
         uvicorn.Config(
-            app, host="127.0.0.1", port=0, lifespan="off", log_level="warning", access_log=False
+            app, host="127.0.0.1", port=0, lifespan="off", log_level="warning",
+            access_log=False, http=protocol,
         )
     )
     task = asyncio.create_task(server.serve())
@@ -229,7 +234,7 @@ async def coordinator(tmp_path: Path, *, cache: bool = False) -> AsyncIterator[C
         coord: Coordinator | None = None
         try:
             async with (
-                served(build_app(ctx)) as url,
+                served(build_app(ctx), daemon=True) as url,
                 httpx.AsyncClient(base_url=url, timeout=30) as http,
             ):
                 coord = Coordinator(

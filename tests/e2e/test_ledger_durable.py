@@ -1,5 +1,6 @@
 """A ledger row is stored before the answer's last byte leaves: a coordinator SIGKILLed the
-moment its answers were read has a row for every one of them (real process, real store)."""
+moment its answers were read has a row for every one of them, and so has one stopped
+(SIGTERM) then (real process, real store)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.slow
 USAGE = {"prompt_tokens": 2, "completion_tokens": 3}
 
 
-async def test_sigkill_after_the_answers_loses_no_ledger_row(tmp_path: Path) -> None:
+async def _answers_then(tmp_path: Path, stop: signal.Signals) -> None:
+    """8 answers (half streamed) read, then `stop` sent at once: every row is stored."""
     mesh = Mesh(root=tmp_path, api_port=free_port(), tunnel_port=free_port())
     try:
         await asyncio.to_thread(mesh.start_coordinator)
@@ -43,8 +45,8 @@ async def test_sigkill_after_the_answers_loses_no_ledger_row(tmp_path: Path) -> 
                       "messages": [{"role": "user", "content": "x"}]}) for i in range(8)])
         proc = mesh.coordinator
         assert proc is not None
-        proc.popen.send_signal(signal.SIGKILL)  # the moment the last answer was read
-        await asyncio.to_thread(proc.popen.wait, 10)
+        proc.popen.send_signal(stop)  # the moment the last answer was read
+        await asyncio.to_thread(proc.popen.wait, 30)
         await node.close()
         assert all(r.status_code == 200 for r in replies)
         assert all(r.text.endswith("data: [DONE]\n\n") for r in replies[1::2])
@@ -58,3 +60,11 @@ async def test_sigkill_after_the_answers_loses_no_ledger_row(tmp_path: Path) -> 
                    for r in rows.values())
     finally:
         mesh.stop()
+
+
+async def test_sigkill_after_the_answers_loses_no_ledger_row(tmp_path: Path) -> None:
+    await _answers_then(tmp_path, signal.SIGKILL)
+
+
+async def test_a_clean_stop_after_the_answers_loses_no_ledger_row(tmp_path: Path) -> None:
+    await _answers_then(tmp_path, signal.SIGTERM)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import zstandard
 
-from tunnel.compress import compress, decompress, frame_length
+from tunnel.compress import Compressor, compress, decompress, frame_length
 from tunnel.errors import FrameError
 
 
@@ -38,6 +38,15 @@ def test_no_context_is_shared_between_calls() -> None:
     first = compress(b"a" * 600)
     compress(data)
     assert compress(b"a" * 600) == first
+
+
+def test_a_reused_compressor_carries_nothing_from_one_frame_to_the_next() -> None:
+    secret = b"secret prompt text of another stream " * 40
+    probe = b"secret prompt text? " + b"b" * 600
+    reused = Compressor()
+    reused.compress(secret)
+    assert reused.compress(probe) == compress(probe)  # byte for byte a fresh context's
+    assert reused.compress(secret) == compress(secret)
 
 
 @pytest.mark.parametrize(
