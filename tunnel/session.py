@@ -351,7 +351,7 @@ class Session:
         while pos < end:
             if pos + BATCH_LEN > end:
                 raise FrameError("batch entry is truncated")
-            size = int.from_bytes(plaintext[pos : pos + BATCH_LEN], "big")
+            size = plaintext[pos] << 8 | plaintext[pos + 1]  # BATCH_LEN bytes, big-endian
             pos += BATCH_LEN
             if size == 0 or pos + size > end:
                 raise FrameError("batch entry is empty or truncated")

@@ -20,7 +20,7 @@ from coordinator.api import ApiContext, build_app
 from coordinator.config import CoordinatorConfig, DispatchConfig
 from coordinator.dispatch import Dispatcher
 from coordinator.metrics import Metrics
-from tests.coordinator.test_dispatch import (
+from tests.coordinator.dispatch_harness import (
     Fleet,
     answer,
     drop_link_after_data,

@@ -13,7 +13,7 @@ import pytest
 from coordinator import observed
 from coordinator.config import DispatchConfig
 from coordinator.dispatch import Dispatcher
-from tests.coordinator.test_dispatch import (
+from tests.coordinator.dispatch_harness import (
     Behaviour,
     Fleet,
     ScriptedNode,

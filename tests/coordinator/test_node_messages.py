@@ -25,7 +25,7 @@ from meshgate.node_messages import (
     to_wire,
 )
 from meshgate.protocol import ProtocolViolation
-from tests.coordinator.test_dispatch import MODEL, Fleet, answer, drain, fleet, request, want
+from tests.coordinator.dispatch_harness import MODEL, Fleet, answer, drain, fleet, request, want
 from tunnel import FrameType
 
 __all__ = ["fleet"]  # the fixture, used by name below

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from coordinator.dispatch import Dispatcher
-from tests.coordinator.test_dispatch import MODEL, Fleet, answer, drain, fleet, request, want
+from tests.coordinator.dispatch_harness import MODEL, Fleet, answer, drain, fleet, request, want
 
 __all__ = ["fleet"]  # the fixture, used by name below
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from coordinator.registry import NodeConn
 from meshgate.node_messages import LoadDelta, ModelLoad, Telemetry, parse_telemetry
-from tests.coordinator.test_dispatch import MODEL, Fleet, answer, fleet
+from tests.coordinator.dispatch_harness import MODEL, Fleet, answer, fleet
 
 __all__ = ["fleet"]  # the fixture, used by name below
 

@@ -9,7 +9,7 @@ import pytest
 
 from tunnel.constants import MAX_ID
 from tunnel.errors import FrameError
-from tunnel.frames import Frame, FrameType, decode, encode
+from tunnel.frames import Frame, FrameType, decode, decode_general, encode
 
 GOOD = [
     Frame(FrameType.OPEN, 1, 0, 0, {"model": "m"}),
@@ -123,3 +123,35 @@ def test_a_session_hands_the_raw_types_on_undecoded_and_the_others_decoded() -> 
     messages += node.seal(Frame(FrameType.INVENTORY, 0, 0, 0, body))
     got = [coord.open(m) for m in messages]
     assert [f.body for f in got if f is not None] == [msgpack.packb(body), body]
+
+
+def _array16(items: list[object]) -> bytes:
+    """msgpack of `items` as an array16 (a non-canonical but valid 5-element array)."""
+    return b"\xdc" + len(items).to_bytes(2, "big") + b"".join(
+        msgpack.packb(item, use_bin_type=True) for item in items)
+
+
+@pytest.mark.parametrize("payload", [
+    msgpack.packb([2, 1, 0, 0, b"tok"], use_bin_type=True),  # the fast path
+    msgpack.packb([2, 2**31 - 1, 2**31 - 1, 0, b""], use_bin_type=True),
+    msgpack.packb([2, 2**31, 0, 0, b"x"], use_bin_type=True),  # id out of range
+    msgpack.packb([2, -1, 0, 0, b"x"], use_bin_type=True),
+    msgpack.packb([2, True, 0, 0, b"x"], use_bin_type=True),  # a bool id
+    msgpack.packb([2, 1.0, 0, 0, b"x"], use_bin_type=True),  # a float id
+    msgpack.packb([2, 1, 0, 1, b"x"], use_bin_type=True),  # flags
+    msgpack.packb([2, 1, 0, 0, "text"], use_bin_type=True),  # a str body
+    msgpack.packb([2, 1, 0, 0, b"x"], use_bin_type=True) + b"\x00",  # trailing bytes
+    msgpack.packb([2, 1, 0, 0, b"x", 5], use_bin_type=True),  # six items
+    msgpack.packb([2, 1, 0, 0], use_bin_type=True),
+    _array16([2, 1, 0, 0, b"x"]),  # array16: the general path takes it
+    _array16([3, 2, 0, 0, {"k": 1}]),  # array16 whose second byte is 2... not DATA
+    b"\x95\x02\x01\x00\x00",  # truncated
+])
+def test_decodes_fast_path_agrees_with_the_general_decode(payload: bytes) -> None:
+    def outcome(fn: Any) -> Any:
+        try:
+            return fn(payload)
+        except FrameError as exc:
+            return f"FrameError: {exc}"
+
+    assert outcome(decode) == outcome(decode_general)
