@@ -77,9 +77,9 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.idle_since = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.tick: ReadTick | None = None  # while a streamed answer is read: its reads may
-        self.held = False  # wait for the tick (`read_tick.py`); one does now
-        self.woken_at = float("-inf")  # when its reader was last woken while gathering
+        self.tick: ReadTick | None = None  # while a streamed answer is read: its reads
+        self.tick_paused = False  # may be paced (`read_tick.py`); reading waits for the tick
+        self.woken_at = float("-inf")  # when its reader was last woken under load
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -101,27 +101,26 @@ class _Connection(asyncio.Protocol):
             if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
                 self.paused = True
                 self.transport.pause_reading()
-            if self.held:  # it goes with the read that waits for the tick
-                self.tick.joined += 1  # type: ignore[union-attr]
-                return
             tick = self.tick
-            if tick is not None and tick.open >= tick.streams:  # a busy node: gather a
-                loop = self.loop  # stream's reads that come within a tick of its last wake
-                assert loop is not None
-                now = loop.time()
-                if now - self.woken_at < tick.tick_s:
-                    self.held = True
+            if tick is not None and tick.open >= tick.streams:  # a busy node: a stream read
+                loop = self.loop  # again within a tick of its last read is read no more
+                assert loop is not None  # until the shared tick (what comes meanwhile
+                now = loop.time()  # waits in the kernel: one read then, not one a piece)
+                if (now - self.woken_at < tick.tick_s and not self.paused
+                        and self.transport is not None):
+                    self.tick_paused = True
+                    self.transport.pause_reading()
                     tick.hold(self, loop, now)
-                    return
                 self.woken_at = now
-            self._wake()
+            self._wake()  # what was read goes on at once
 
-    def tick_wake(self, now: float) -> None:
-        """The tick this connection's reads waited for is due."""
-        if self.held:
-            self.held = False
-            self.woken_at = now
-            self._wake()
+    def tick_resume(self) -> None:
+        """The tick is due: read again."""
+        if self.tick_paused:
+            self.tick_paused = False
+            transport = self.transport
+            if not self.paused and transport is not None and not transport.is_closing():
+                transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.head_done and not self.done and exc is None and not self._delimited():
@@ -186,7 +185,8 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0
         if self.paused and self.transport is not None:
             self.paused = False
-            self.transport.resume_reading()
+            if not self.tick_paused:
+                self.transport.resume_reading()
         return data
 
     def reuse(self) -> None:
@@ -195,7 +195,6 @@ class _Connection(asyncio.Protocol):
         self.headers = []
         self.head_bytes = 0
         self.head_done = self.done = self.keep_alive = False
-        self.held = False
         self.woken_at = float("-inf")
         self.idle_since = time.monotonic()
 
@@ -239,7 +238,7 @@ class Http1Response:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body's bytes as they arrive (chunked transfer decoded); while the node
-        reads many streams at once, a stream's reads that come close together as one
+        reads many streams at once, a stream's reads may be paced by a shared tick
         (`read_tick.py`)."""
         conn = self._conn
         loop = asyncio.get_running_loop()
@@ -249,11 +248,9 @@ class Http1Response:
             tick.open += 1
         try:
             while True:
-                if conn.chunks and not conn.held:
+                if conn.chunks:
                     yield conn.take()
                 elif conn.done:
-                    if conn.chunks:  # the end came while a read waited for the tick
-                        yield conn.take()
                     return
                 else:  # `conn.wait()`, inline: a coroutine less to resume on every read
                     conn._raise_if_lost()
@@ -272,8 +269,9 @@ class Http1Response:
         answer given back or closed, whichever comes first)."""
         tick, self._counted = self._counted, None
         if tick is not None:
-            self._conn.tick = None
-            self._conn.held = False
+            conn = self._conn
+            conn.tick = None
+            conn.tick_resume()
             tick.open -= 1
 
     @property

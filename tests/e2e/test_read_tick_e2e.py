@@ -1,8 +1,10 @@
-"""Read coalescing end to end (node_agent/runtimes/read_tick.py): a node whose tick gathers
-every stream's reads (``stream_tick_streams`` 1, the 2 ms tick) in front of the FAKE
-instant OpenAI upstream of the tests (chunks written well under a tick apart), a real
-coordinator and tunnel on loopback, and the `openai` SDK: concurrent streams through the
-coordinator see every chunk, field by field, as straight from the upstream."""
+"""Read pacing end to end (node_agent/runtimes/read_tick.py): a node whose tick paces every
+stream's reads (``stream_tick_streams`` 1, the 2 ms tick) in front of the FAKE instant
+OpenAI upstream of the tests (chunks written well under a tick apart), a real coordinator
+and tunnel on loopback, and the `openai` SDK: concurrent streams through the coordinator
+see every chunk, field by field, as straight from the upstream. (Whether a given read
+comes within a tick of the last depends on the box's timing here; the pacing itself is
+pinned down in tests/node/test_read_tick.py.)"""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Read coalescing (node_agent/runtimes/read_tick.py) through the node's HTTP/1.1 pool
-against a scripted chunked server on loopback: the test says when each piece is sent and
-when the tick fires (a tick of 60 s never fires by itself), and waits on the tick's own
-counters, never on time."""
+"""Read pacing (node_agent/runtimes/read_tick.py) through the node's HTTP/1.1 pool against
+a scripted chunked server on loopback: the test says when each piece is sent (and knows
+when it is in the client's socket) and when the tick fires (a tick of 60 s never fires by
+itself), and waits on the tick's own counter, never on time."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from node_agent.config import ConfigError, load_options
 from node_agent.runtimes import read_tick
-from node_agent.runtimes.http1 import Http1Pool, UpstreamError
+from node_agent.runtimes.http1 import Http1Pool, Http1Response, UpstreamError
 from node_agent.runtimes.read_tick import ReadTick
 
 pytestmark = pytest.mark.timeout(30)
@@ -21,7 +21,7 @@ NEVER = 60.0  # a tick that does not fire during a test unless the test fires it
 
 
 class Watched(ReadTick):
-    """A tick whose counters can be awaited."""
+    """A tick whose count of paused reads can be awaited."""
 
     def __init__(self, tick_s: float, streams: int) -> None:
         self.changed = asyncio.Event()
@@ -29,11 +29,11 @@ class Watched(ReadTick):
 
     def __setattr__(self, name: str, value: object) -> None:
         super().__setattr__(name, value)
-        if name in ("held_reads", "joined"):
+        if name == "paused_reads":
             self.changed.set()
 
-    async def until(self, held: int, joined: int) -> None:
-        while (self.held_reads, self.joined) != (held, joined):
+    async def until(self, paused: int) -> None:
+        while self.paused_reads != paused:
             self.changed.clear()
             await self.changed.wait()
 
@@ -43,6 +43,8 @@ class Chunked:
 
     def __init__(self) -> None:
         self.pieces: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.queued = self.written = 0  # pieces given; pieces in the client's socket buffer
+        self.wrote = asyncio.Event()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -52,12 +54,22 @@ class Chunked:
             while (piece := await self.pieces.get()) is not None:
                 writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if piece else b"0\r\n\r\n")
                 await writer.drain()
+                self.written += 1
+                self.wrote.set()
         finally:
             writer.close()
 
     def send(self, piece: bytes) -> None:
         """`piece` as one chunk; b"": the body's end; then `cut` to drop the connection."""
+        self.queued += 1
         self.pieces.put_nowait(piece)
+
+    async def sent(self, piece: bytes) -> None:
+        """`send`, and return once it is in the client's socket buffer (loopback)."""
+        self.send(piece)
+        while self.written < self.queued:
+            self.wrote.clear()
+            await self.wrote.wait()
 
     def cut(self) -> None:
         self.pieces.put_nowait(None)
@@ -77,10 +89,11 @@ async def served() -> AsyncIterator[tuple[Chunked, int]]:
         yield server, port
 
 
-async def reader_of(port: int, tick: ReadTick) -> tuple[Http1Pool, AsyncIterator[bytes]]:
+async def reader_of(port: int, tick: ReadTick
+                    ) -> tuple[Http1Pool, Http1Response, AsyncIterator[bytes]]:
     pool = Http1Pool("127.0.0.1", port, tick=tick)
     response = await pool.request("POST", "/v1/chat/completions", b"{}")
-    return pool, response.chunks()
+    return pool, response, response.chunks()
 
 
 async def next_of(chunks: AsyncIterator[bytes]) -> bytes:
@@ -88,93 +101,118 @@ async def next_of(chunks: AsyncIterator[bytes]) -> bytes:
         return await anext(chunks)
 
 
-async def read_all(chunks: AsyncIterator[bytes], into: list[bytes]) -> None:
-    async with asyncio.timeout(10):
-        async for piece in chunks:
-            into.append(piece)
+async def not_before_the_tick(chunks: AsyncIterator[bytes]) -> asyncio.Future[bytes]:
+    """The reader's next piece, asked for; checked not to come while the loop turns."""
+    waiting = asyncio.ensure_future(next_of(chunks))
+    for _ in range(5):  # the loop turns (and would read a socket that is read)
+        await asyncio.sleep(0)
+    assert not waiting.done()
+    return waiting
 
 
-async def test_under_load_reads_close_together_wake_their_reader_once_at_the_tick(
+async def paced_after_b(server: Chunked, chunks: AsyncIterator[bytes], tick: Watched) -> None:
+    """A, then B within a tick of it: both go on at once; reading then waits for the tick."""
+    server.send(b"data: A\n\n")
+    assert await next_of(chunks) == b"data: A\n\n"  # the first read: not paced
+    assert (tick.paused_reads, tick.open) == (0, 1)
+    server.send(b"data: B\n\n")
+    assert await next_of(chunks) == b"data: B\n\n"  # at once, all the same
+    await tick.until(paused=1)
+
+
+async def test_under_load_a_stream_read_again_within_a_tick_waits_for_it_then_one_read(
     served: tuple[Chunked, int],
 ) -> None:
     server, port = served
     tick = Watched(NEVER, streams=1)
-    pool, chunks = await reader_of(port, tick)
+    pool, response, chunks = await reader_of(port, tick)
     try:
-        server.send(b"data: A\n\n")
-        assert await next_of(chunks) == b"data: A\n\n"  # the first read: at once
-        assert tick.open == 1
-        server.send(b"data: B\n\n")  # within a tick of the last wake: held
-        await tick.until(held=1, joined=0)
-        server.send(b"data: C\n\n")  # joins it
-        await tick.until(held=1, joined=1)
-        waiting = asyncio.ensure_future(next_of(chunks))
-        for _ in range(5):  # the reader may run; nothing wakes it before the tick
-            await asyncio.sleep(0)
-        assert not waiting.done()
-        tick.fire()
-        assert await waiting == b"data: B\n\ndata: C\n\n"  # one batch: one token frame
+        await paced_after_b(server, chunks, tick)
+        assert response._conn.tick_paused
+        await server.sent(b"data: C\n\n")  # in the socket, not read before the tick
+        await server.sent(b"data: D\n\n")
+        waiting = await not_before_the_tick(chunks)
+        tick.fire()  # reading again: C and D in one read, one piece (one token frame)
+        assert await waiting == b"data: C\n\ndata: D\n\n"
         assert tick.ticks == 1
+        await tick.until(paused=2)  # read within a tick of B: waits for the next one
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
         pool.close()
     assert tick.open == 0
 
 
-async def test_the_end_of_the_answer_wakes_a_held_reader_without_the_tick(
+async def test_the_end_of_the_answer_is_read_at_the_tick_and_ends_the_stream(
     served: tuple[Chunked, int],
 ) -> None:
     server, port = served
     tick = Watched(NEVER, streams=1)
-    pool, chunks = await reader_of(port, tick)
+    pool, _, chunks = await reader_of(port, tick)
     try:
-        server.send(b"data: A\n\n")
-        assert await next_of(chunks) == b"data: A\n\n"
-        server.send(b"data: [DONE]\n\n")
-        await tick.until(held=1, joined=0)
-        server.send(b"")  # the chunked body's end
-        assert await next_of(chunks) == b"data: [DONE]\n\n"
+        await paced_after_b(server, chunks, tick)
+        await server.sent(b"data: [DONE]\n\n")
+        await server.sent(b"")  # the chunked body's end
+        waiting = await not_before_the_tick(chunks)
+        tick.fire()
+        assert await waiting == b"data: [DONE]\n\n"
         with pytest.raises(StopAsyncIteration):
             await next_of(chunks)
-        assert (tick.ticks, tick.open) == (0, 0)
-        tick.fire()  # the tick that was due finds nothing to wake
+        assert tick.open == 0
     finally:
         pool.close()
 
 
-async def test_a_connection_lost_while_a_read_is_held_fails_the_reader_at_once(
+async def test_a_connection_cut_while_reading_waits_fails_the_reader_after_the_tick(
     served: tuple[Chunked, int],
 ) -> None:
     server, port = served
     tick = Watched(NEVER, streams=1)
-    pool, chunks = await reader_of(port, tick)
+    pool, _, chunks = await reader_of(port, tick)
     try:
-        server.send(b"data: A\n\n")
-        assert await next_of(chunks) == b"data: A\n\n"
-        server.send(b"data: B\n\n")
-        await tick.until(held=1, joined=0)
+        await paced_after_b(server, chunks, tick)
+        await server.sent(b"data: C\n\n")
         server.cut()
-        got: list[bytes] = []
-        with pytest.raises(UpstreamError):  # what was held may come first; then the cut
-            await read_all(chunks, got)
-        assert got in ([], [b"data: B\n\n"])
-        assert (tick.ticks, tick.open) == (0, 0)
+        tick.fire()  # C is read (the cut waits for the next tick: reading waits again)
+        assert await next_of(chunks) == b"data: C\n\n"
+        await tick.until(paused=2)
+        tick.fire()
+        with pytest.raises(UpstreamError):
+            await next_of(chunks)
+        assert tick.open == 0
     finally:
+        pool.close()
+
+
+async def test_a_stream_closed_while_reading_waits_is_no_longer_counted(
+    served: tuple[Chunked, int],
+) -> None:
+    server, port = served
+    tick = Watched(NEVER, streams=1)
+    pool, response, chunks = await reader_of(port, tick)
+    try:
+        await paced_after_b(server, chunks, tick)
+        response.close()  # the client left mid-stream: its connection closes
+        assert tick.open == 0
+        assert not response._conn.tick_paused
+        tick.fire()  # nothing to resume
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
         pool.close()
 
 
 @pytest.mark.parametrize(("tick_s", "streams"), [(NEVER, 2), (0.0, 1)])
-async def test_below_the_threshold_or_with_no_tick_every_read_wakes_at_once(
+async def test_below_the_threshold_or_with_no_tick_reading_never_waits(
     served: tuple[Chunked, int], tick_s: float, streams: int,
 ) -> None:
     server, port = served
     tick = Watched(tick_s, streams)
-    pool, chunks = await reader_of(port, tick)
+    pool, response, chunks = await reader_of(port, tick)
     try:
         for piece in (b"data: A\n\n", b"data: B\n\n", b"data: C\n\n"):
             server.send(piece)
-            assert await next_of(chunks) == piece  # never held: no tick fires in this test
-        assert (tick.held_reads, tick.ticks) == (0, 0)
+            assert await next_of(chunks) == piece  # no tick fires in this test
+        assert (tick.paused_reads, tick.ticks) == (0, 0)
+        assert not response._conn.tick_paused
         assert tick.open == (1 if tick_s else 0)  # a tick of 0 does not even count streams
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
@@ -186,7 +224,7 @@ async def test_the_shared_tick_fires_on_its_own_within_its_time(
 ) -> None:
     server, port = served
     tick = Watched(0.002, streams=1)
-    pool, chunks = await reader_of(port, tick)
+    pool, _, chunks = await reader_of(port, tick)
     try:
         server.send(b"data: A\n\n")
         assert await next_of(chunks) == b"data: A\n\n"
