@@ -79,6 +79,9 @@ from tunnel.token import EnrollmentToken
 
 runs: Counter[str] = Counter()
 findings: dict[tuple[str, str, int], tuple[str, bytes, str]] = {}
+#: Under atheris the counts are also printed every this many inputs: a run stopped early
+#: by libFuzzer's graceful exit (SIGUSR1) ends without Python's atexit, so without the summary.
+PROGRESS_EVERY = 100_000
 
 
 def one_input(data: bytes) -> None:
@@ -169,13 +172,24 @@ def report() -> dict[str, Any]:
     return {"runs": dict(runs), "total": sum(runs.values()), "findings": list(findings.values())}
 
 
-def _print_report() -> None:
-    result = report()
+def one_input_with_progress(data: bytes) -> None:
+    """`one_input`, and the counts every PROGRESS_EVERY inputs (atheris runs)."""
+    one_input(data)
+    if data and runs.total() % PROGRESS_EVERY == 0:
+        _print_counts()
+
+
+def _print_counts() -> None:
     print(
-        f"\nfuzz_tunnel: {result['total']} inputs: "
-        + ", ".join(f"{name} {count}" for name, count in sorted(result["runs"].items())),
-        file=sys.stderr,
+        f"\nfuzz_tunnel: {runs.total()} inputs: "
+        + ", ".join(f"{name} {count}" for name, count in sorted(runs.items()))
+        + f"; {len(findings)} finding(s)",
+        file=sys.stderr, flush=True,
     )
+
+
+def _print_report() -> None:
+    _print_counts()
     if not findings:
         print("fuzz_tunnel: no findings (only TunnelError came out)", file=sys.stderr)
         return
@@ -205,7 +219,7 @@ def main() -> None:
             path = Path(corpus[0]) / f"seed-{seed.hex()[:32]}"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(seed)
-    atheris.Setup(argv, one_input)
+    atheris.Setup(argv, one_input_with_progress)
     atheris.Fuzz()
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -134,14 +135,29 @@ def test_the_fuzz_harness_finds_nothing_in_a_short_random_run() -> None:
     assert set(result["runs"]) == set(harness.TARGETS)  # every target was reached
 
 
-def test_the_fuzz_harness_reports_what_is_not_a_tunnel_error() -> None:
+def test_the_fuzz_harness_reports_what_is_not_a_tunnel_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     harness = _fuzz_harness()
 
     def broken(data: bytes) -> None:
         raise KeyError("a bug")
 
-    harness.FUNCS["frame"] = broken
+    monkeypatch.setitem(harness.FUNCS, "frame", broken)  # FUNCS is fuzz_targets', shared
     harness.one_input(bytes([harness.TARGETS.index("frame")]) + b"x")
     [(target, data, tb)] = harness.report()["findings"]
     assert (target, data) == ("frame", b"\x00x")
     assert "KeyError" in tb
+
+
+def test_an_atheris_run_prints_its_counts_as_it_goes(capsys: pytest.CaptureFixture[str]) -> None:
+    """libFuzzer ends a run without Python's atexit: the counts are printed on the way."""
+    harness = _fuzz_harness()
+    harness.PROGRESS_EVERY = 3
+    frame = bytes([harness.TARGETS.index("frame")]) + b"x"
+    for _ in range(7):
+        harness.one_input_with_progress(frame)
+    harness.one_input_with_progress(b"")  # an empty input counts as nothing
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fuzz_")]
+    assert lines == ["fuzz_tunnel: 3 inputs: frame 3; 0 finding(s)",
+                     "fuzz_tunnel: 6 inputs: frame 6; 0 finding(s)"]
