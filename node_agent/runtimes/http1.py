@@ -102,7 +102,7 @@ class _Connection(asyncio.Protocol):
                 self.paused = True
                 self.transport.pause_reading()
             tick = self.tick
-            if tick is not None and tick.open >= tick.streams:  # a busy node: a stream read
+            if tick is not None and tick.engaged:  # a busy node: a stream read
                 loop = self.loop  # again within a tick of its last read is read no more
                 assert loop is not None  # until the shared tick (what comes meanwhile
                 now = loop.time()  # waits in the kernel: one read then, not one a piece)
