@@ -15,7 +15,8 @@ each request the pipeline
 4. maps whatever the runtime raised to an :class:`~meshgate.openai.OpenAIError`
    (llama.cpp's "exceed context window" becomes 400 ``context_length_exceeded``
    with its numbers);
-5. meters the request once, when it ends however it ends (:meth:`Meter.finish`):
+5. meters the request once, when it ends however it ends
+   (:meth:`~node_agent.request_meter.Meter.finish`):
    the node's metrics, and any hook added with :meth:`Pipeline.on_finish`.
 
 A stream's first chunk is awaited before the answer starts, so an error
@@ -26,46 +27,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from meshgate.openai import OpenAIError, context_exceeded
-from node_agent.metrics import NodeMetrics, RequestTrack
+from meshgate.openai import OpenAIError
+from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
+from node_agent.request_meter import Finished, FinishHook, Meter, map_error
 from node_agent.runtimes.base import Runtime, Usage, flattened, stream_batches, usage_of
 
-__all__ = ["Answer", "Finished", "MeshLookup", "Meter", "Pipeline", "Streamed"]
+__all__ = ["Answer", "FinishHook", "Finished", "MeshLookup", "Meter", "Pipeline", "Streamed",
+           "map_error"]
 
 log = logging.getLogger(__name__)
 
 #: A model this node does not serve -> a runtime that asks the mesh for it (None: 404 here).
 MeshLookup = Callable[[str], Runtime | None]
 
-_OVER_CONTEXT = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
 _USAGE_ONLY = b'"choices":[]'
 _USAGE_KEY = b'"usage"'  # a chunk without it has none (`usage_of`)
-
-
-@dataclass(slots=True)
-class Finished:
-    """What the metering hooks see of one request, once it has ended."""
-
-    model: str
-    endpoint: str
-    via: str  # "proxy" (either API on the local port) | "tunnel"
-    where: str  # "local" | "mesh"
-    status: int
-    usage: Usage | None
-    started: float  # time.monotonic()
-    first_at: float | None
-    ended: float
-    extra: dict[str, object] = field(default_factory=dict)
-
-
-FinishHook = Callable[[Finished], None]
 
 
 @dataclass(slots=True)
@@ -77,87 +58,10 @@ class Answer:
     meter: Meter
 
 
-def map_error(exc: BaseException, model: str) -> OpenAIError:
-    """Any failure of a runtime as an OpenAI error (OpenAI errors pass, refined)."""
-    if isinstance(exc, OpenAIError):
-        found = _OVER_CONTEXT.search(exc.message) if exc.status == 400 else None
-        if found is not None and exc.code != "context_length_exceeded":
-            asked, window = int(found.group(1)), int(found.group(2))
-            return context_exceeded(
-                window, asked, None, param=exc.param or "messages", hop=exc.hop or "runner"
-            )
-        return exc
-    return OpenAIError(502, f"runtime for {model} failed: {exc!r}"[:500], hop="node")
-
-
 async def _ask(runtime: Runtime, endpoint: str, body: bytes) -> tuple[bytes, Usage | None]:
     if endpoint == "embeddings":
         return await runtime.embed(body)
     return await runtime.complete(endpoint, body)
-
-
-class Meter:
-    """One request's accounting: usage (read once per chunk), first token, finish once."""
-
-    def __init__(
-        self, pipeline: Pipeline, model: str, endpoint: str, via: str, where: str
-    ) -> None:
-        self._pipeline = pipeline
-        self.model, self.endpoint, self.via, self.where = model, endpoint, via, where
-        self.started = time.monotonic()
-        self.first_at: float | None = None
-        self.usage: Usage | None = None
-        self.done = False
-        self._streamed = False
-        self._track: RequestTrack | None = (
-            pipeline.metrics.track(model, via, endpoint) if pipeline.metrics is not None else None
-        )
-
-    def energy_report(self) -> dict[str, object]:
-        """Energy fields for the tunnel's END frame (node_agent/accounting.py); settles the
-        request's energy now. {} when there are no metrics."""
-        return self._track.energy_report() if self._track is not None else {}
-
-    def chunk(self, data: bytes) -> Usage | None:
-        """A chunk (or a whole answer) went out: note the first, read its usage once."""
-        if self.first_at is None:
-            self.first_at = time.monotonic()
-            if self._track is not None:
-                self._track.first_token()
-        usage = usage_of(data)
-        if usage:
-            self.usage = usage
-        return usage
-
-    def answered(self) -> None:
-        """A whole answer is made and about to leave: what must be durable before the
-        client can read it (the offline journal's row) is written now."""
-        if self._track is not None:
-            self._track.answered(dict(self.usage) if self.usage else None)
-
-    def finish(self, status: int) -> None:
-        """The request ended with `status` (499: the client or the coordinator left). Once."""
-        if self.done:
-            return
-        self.done = True
-        if self._track is not None:
-            self._track.usage = self.usage
-            self._track.finish(status)
-        ended = time.monotonic()
-        if self.where == "local" and status == 200 and self.usage:
-            streamed = self.first_at is not None and self.first_at > self.started and self._streamed
-            prefill = self.first_at - self.started if streamed and self.first_at else None
-            decode = ended - self.first_at if streamed and self.first_at else ended - self.started
-            self._pipeline.manager.record(self.model, self.usage, prefill, decode)
-        finished = Finished(
-            self.model, self.endpoint, self.via, self.where, status, self.usage,
-            self.started, self.first_at, ended,
-        )
-        for hook in self._pipeline.hooks:
-            try:
-                hook(finished)
-            except Exception:
-                log.exception("metering hook %r failed", hook)
 
 
 class Streamed:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import os
 from collections.abc import Callable
-from typing import Any
 
 import msgpack
 import zstandard
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from fuzz_inputs import SessionPair, grown_plaintexts, grown_value
 from ws_twin import check as ws_twin_check
 from ws_twin import grown as ws_grown
 
@@ -26,9 +25,6 @@ from tunnel.connection import Connection
 from tunnel.constants import (
     DATA_CAP_SLACK,
     FLAG_DATA,
-    HDR_BATCH,
-    HDR_COMPRESSED,
-    HDR_MORE,
     PROLOGUE,
 )
 from tunnel.errors import FrameError, TunnelError
@@ -36,7 +32,7 @@ from tunnel.frames import Frame, FrameType, decode, decode_general
 from tunnel.fused import FUSED_MAX
 from tunnel.handshake import ResponderHandshake, parse_hello
 from tunnel.identity import Identity
-from tunnel.noise import CipherState, HandshakeState, public_bytes
+from tunnel.noise import HandshakeState, public_bytes
 from tunnel.session import Session
 from tunnel.token import PREFIX, EnrollmentToken
 from tunnel.ws import _unb64
@@ -67,48 +63,8 @@ def t_frame(data: bytes) -> None:
     assert got == want, (got, want)
 
 
-def _value(data: bytes, depth: int = 0) -> tuple[Any, bytes]:
-    """A msgpack-able value grown from the bytes (a tiny structured generator)."""
-    if not data:
-        return None, b""
-    tag, rest = data[0], data[1:]
-    kind = tag % 11
-    if kind == 0:
-        return None, rest
-    if kind == 1:
-        return bool(tag & 0x10), rest
-    if kind in (2, 3):
-        n = int.from_bytes(rest[:8].ljust(8, b"\0"), "little", signed=kind == 3)
-        return n >> (tag >> 4) * 4, rest[8:]
-    if kind == 4:
-        return float(int.from_bytes(rest[:4].ljust(4, b"\0"), "little")) / 7, rest[4:]
-    if kind == 5:
-        n = tag >> 3
-        return rest[:n].decode("utf-8", "replace"), rest[n:]
-    if kind == 6:
-        n = tag >> 3
-        return bytes(rest[:n]), rest[n:]
-    if kind in (7, 8) and depth < 4:
-        items = []
-        for _ in range(tag >> 5):
-            item, rest = _value(rest, depth + 1)
-            items.append(item)
-        if kind == 7:
-            return items, rest
-        out: dict[Any, Any] = {}
-        for index in range(0, len(items) - 1, 2):
-            key = items[index]
-            out[key if isinstance(key, str | int) else str(key)] = items[index + 1]
-        return out, rest
-    if kind == 9:  # a frame-shaped array around a grown body
-        body, rest = _value(rest, depth + 1)
-        sid = int.from_bytes(rest[:2].ljust(2, b"\0"), "little") - 2
-        return [tag >> 4, sid, rest[2:3][0] if rest[2:3] else 0, 0, body], rest[3:]
-    return int(tag) - 128, rest
-
-
 def t_msgpack(data: bytes) -> None:
-    value, _ = _value(data)
+    value, _ = grown_value(data)
     try:
         packed = msgpack.packb(value, use_bin_type=True)
     except (TypeError, ValueError, OverflowError):
@@ -118,7 +74,7 @@ def t_msgpack(data: bytes) -> None:
 
 def t_hello(data: bytes) -> None:
     if data[:1] == b"\x01":
-        value, _ = _value(data[1:])
+        value, _ = grown_value(data[1:])
         if isinstance(value, dict):
             value.setdefault("v", 1)
             value.setdefault("id", NODE.ed25519_pub)
@@ -149,55 +105,12 @@ def t_zstd(data: bytes) -> None:
     decompress(data, CAP)
 
 
-class _Pair:
-    node: Session
-    coord: Session
-    lone: Session  # the coordinator's twin, read through `open_lone` (must agree with it)
-
-    def __init__(self) -> None:
-        self.fresh()
-
-    def fresh(self) -> None:
-        """Two sessions on shared transport keys, as a handshake leaves them (the
-        handshake itself is the `handshake` target's: no DH per session here)."""
-        up, down = os.urandom(32), os.urandom(32)
-        self.node = Session(CipherState(up), CipherState(down))
-        self.coord = Session(CipherState(down), CipherState(up))
-        self.lone = Session(CipherState(down), CipherState(up))
-
-
-_pairs: list[_Pair] = []  # one session pair, made on first use, renewed when it dies
-
-
-def _plaintexts(data: bytes) -> list[bytes]:
-    """Split the input into chunk plaintexts; some become real frames, maybe compressed."""
-    out = []
-    while data:
-        head, data = data[0], data[1:]
-        n = min(len(data), head * 3)
-        chunk, data = data[:n], data[n:]
-        mode = head & 0x03
-        if mode == 1:  # a valid-shaped frame with a grown body on a grown stream
-            value, _ = _value(chunk)
-            kind = FrameType(1 + head % 14)
-            flags = head >> 6 & FLAG_DATA  # an END's fused DATA (other kinds ignore it)
-            with contextlib.suppress(TypeError, ValueError, OverflowError):
-                chunk = msgpack.packb([int(kind), head >> 4, 0, flags, value], use_bin_type=True)
-            out.append(bytes([0]) + chunk)
-        elif mode == 2:  # compressed
-            out.append(bytes([HDR_COMPRESSED]) + zstandard.ZstdCompressor().compress(chunk))
-        elif mode == 3 and head & 0x40:  # a batch of length-prefixed entries
-            out.append(bytes([HDR_BATCH]) + len(chunk).to_bytes(2, "big")[head >> 7 :] + chunk)
-        elif mode == 3:  # a fragment with more to come
-            out.append(bytes([HDR_MORE | (head >> 7)]) + chunk)
-        else:
-            out.append(chunk)  # raw: the header byte is whatever came
-    return out
+_pairs: list[SessionPair] = []  # one session pair, made on first use, renewed when it dies
 
 
 def t_session(data: bytes) -> None:
     if not _pairs:
-        _pairs.append(_Pair())
+        _pairs.append(SessionPair())
     pair = _pairs[0]
     if pair.coord.dead is not None:
         pair.fresh()
@@ -210,9 +123,9 @@ def t_session(data: bytes) -> None:
             for message in pair.node.seal(Frame(kind, sid, 0, 0, body)):
                 pair.coord.open(message)
                 pair.lone.open(message)
-    plaintexts = _plaintexts(data[1:])[:8]
+    plaintexts = grown_plaintexts(data[1:])[:8]
     if raw and data[0] & 2:  # telemetry next in order (or one off): the fused case's own
-        value, _ = _value(data[1:])
+        value, _ = grown_value(data[1:])
         seq = pair.coord._streams.next_seq(0, 1) + (data[0] >> 2 & 1)
         with contextlib.suppress(TypeError, ValueError, OverflowError):
             plaintexts.insert(0, bytes([0]) + msgpack.packb([11, 0, seq, 0, value],
@@ -265,7 +178,7 @@ _STREAM_KINDS = (FrameType.END, FrameType.ERROR, FrameType.CANCEL, FrameType.WIN
 
 
 def _conn_pair() -> tuple[Connection, Connection]:
-    pair = _Pair()
+    pair = SessionPair()
     return Connection(pair.node, initiator=True), Connection(pair.coord, initiator=False)
 
 
@@ -325,13 +238,13 @@ def _step(
         for message in me.data_to_send(now):
             peer.receive(message, now)
     elif action == 8:  # a raw frame from a peer holding the keys (any kind, any body)
-        value, data = _value(data[: arg])[0], data[arg:]
+        value, data = grown_value(data[: arg])[0], data[arg:]
         kind = FrameType(1 + arg % 14)
         sid = 0 if arg & 0x80 else (live[0] if live else arg)
         me.send_raw(Frame(kind, sid, 0, 0, value))
     elif action == 9:  # raw plaintexts, as `session` makes them
         chunk, data = data[: arg * 2], data[arg * 2 :]
-        for plaintext in _plaintexts(chunk)[:4]:
+        for plaintext in grown_plaintexts(chunk)[:4]:
             peer.receive(me.session._send.encrypt_with_ad(b"", plaintext), now)
     elif action == 10 and state is not None:  # DATA past the credit (even), or the cap (odd)
         # just past the edge: larger bodies only cost the fuzzer time (1 MiB of zeros went
@@ -357,7 +270,7 @@ def t_fused(data: bytes) -> None:
         return
     size = int.from_bytes(data[:2], "big") % (FUSED_MAX + 2)  # just past it: not fused
     first = data[2] * 1024  # DATA before the answer, unread: the credit left is less
-    value, _ = _value(data[3:])
+    value, _ = grown_value(data[3:])
     end = value if isinstance(value, dict) else {"v": value}
     got = []
     for fuse in (True, False):

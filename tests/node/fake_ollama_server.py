@@ -63,7 +63,6 @@ from tests.node.fake_ollama_model import (
     EMBED_DIM,
     FOREVER,
     TOOL_ARGUMENTS,
-    TOOL_CALL_TOKENS,
     FakeModel,
     OllamaError,
     canned_pieces,
@@ -75,6 +74,7 @@ from tests.node.fake_ollama_model import (
     tool_calls,
     word_count,
 )
+from tests.node.fake_ollama_reply import Reply, load_reply, turn_text
 
 __all__ = ["CANNED", "TOOL_ARGUMENTS", "FakeOllama", "embedding", "free_port", "parse_keep_alive",
            "running"]
@@ -233,67 +233,19 @@ class FakeOllama:
         if not isinstance(stream, bool):
             raise OllamaError(400, "stream must be a boolean")
         options = request_options(data)
-        head = {"model": data.get("model", model.name)}
-        if chat:
-            messages = data.get("messages") or []
-            if not isinstance(messages, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
-            ):
-                raise OllamaError(400, "messages must be a list of objects with a role")
-            text = " ".join(str(m.get("content") or "") for m in messages)
-            empty = not messages
-        else:
-            prompt = data.get("prompt") or ""
-            if not isinstance(prompt, str):
-                raise OllamaError(400, "prompt must be a string")
-            text = f"{data.get('system') or ''} {prompt}"
-            empty = not prompt
+        text, empty = turn_text(data, chat=chat)
         unloaded = self.keep(model, data.get("keep_alive"))
         if empty:  # load or unload only
-            reply: dict[str, Any] = {**head, "created_at": now_iso()}
-            if chat:
-                reply["message"] = {"role": "assistant", "content": ""}
-                reply["done_reason"] = "unload" if unloaded else "load"
-            else:
-                reply["response"] = ""
-                if unloaded:
-                    reply["done_reason"] = "unload"
-            reply["done"] = True
-            return JSONResponse(reply)
+            return JSONResponse(load_reply(data, model.name, chat=chat, unloaded=unloaded))
         if unloaded:  # keep_alive 0 with a prompt: answer, then unload (Ollama does too)
             self.loaded.pop(model.name, None)
         words, reason = canned_pieces(options)
         calls = tool_calls(data) if chat else []
         if calls:
             words, reason = [], "stop"
-        prompt_tokens = max(1, word_count(text))
-
-        def chunk(piece: str, with_calls: bool = False) -> dict[str, Any]:
-            if chat:
-                message: dict[str, Any] = {"role": "assistant", "content": piece}
-                if with_calls:
-                    message["tool_calls"] = calls
-                return {**head, "created_at": now_iso(), "message": message, "done": False}
-            return {**head, "created_at": now_iso(), "response": piece, "done": False}
-
-        def last(content: str) -> dict[str, Any]:
-            total = time.monotonic_ns() - started
-            final = chunk(content)
-            final.update(
-                {
-                    "done": True,
-                    "done_reason": reason,
-                    "total_duration": total,
-                    "load_duration": 1000,
-                    "prompt_eval_count": prompt_tokens,
-                    "prompt_eval_duration": total // 3,
-                    "eval_count": len(words) or (TOOL_CALL_TOKENS if calls else 0),
-                    "eval_duration": total // 2,
-                }
-            )
-            if not chat and not data.get("raw"):
-                final["context"] = list(range(1, prompt_tokens + len(words) + 1))
-            return final
+        reply = Reply(data, model.name, chat=chat, calls=calls, words=words, reason=reason,
+                      prompt_tokens=max(1, word_count(text)), started=started)
+        chunk, last = reply.chunk, reply.last
 
         if not stream:
             final = last("".join(words))

@@ -1,0 +1,127 @@
+"""One request's accounting on the node, and what a runtime's failure becomes.
+
+:class:`Meter` reads each chunk's usage once, notes the first token, and finishes the
+request once: the node's metrics, the model's measured rates (``manager.record``) and
+every hook added with :meth:`~node_agent.pipeline.Pipeline.on_finish`, which sees a
+:class:`Finished`. :func:`map_error` turns whatever a runtime raised into an
+:class:`~meshgate.openai.OpenAIError` (llama.cpp's "exceed context window" becomes 400
+``context_length_exceeded`` with its numbers).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from meshgate.openai import OpenAIError, context_exceeded
+from node_agent.metrics import RequestTrack
+from node_agent.runtimes.base import Usage, usage_of
+
+if TYPE_CHECKING:
+    from node_agent.pipeline import Pipeline
+
+__all__ = ["FinishHook", "Finished", "Meter", "map_error"]
+
+log = logging.getLogger(__name__)
+
+_OVER_CONTEXT = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
+
+
+@dataclass(slots=True)
+class Finished:
+    """What the metering hooks see of one request, once it has ended."""
+
+    model: str
+    endpoint: str
+    via: str  # "proxy" (either API on the local port) | "tunnel"
+    where: str  # "local" | "mesh"
+    status: int
+    usage: Usage | None
+    started: float  # time.monotonic()
+    first_at: float | None
+    ended: float
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+FinishHook = Callable[[Finished], None]
+
+
+def map_error(exc: BaseException, model: str) -> OpenAIError:
+    """Any failure of a runtime as an OpenAI error (OpenAI errors pass, refined)."""
+    if isinstance(exc, OpenAIError):
+        found = _OVER_CONTEXT.search(exc.message) if exc.status == 400 else None
+        if found is not None and exc.code != "context_length_exceeded":
+            asked, window = int(found.group(1)), int(found.group(2))
+            return context_exceeded(
+                window, asked, None, param=exc.param or "messages", hop=exc.hop or "runner"
+            )
+        return exc
+    return OpenAIError(502, f"runtime for {model} failed: {exc!r}"[:500], hop="node")
+
+
+class Meter:
+    """One request's accounting: usage (read once per chunk), first token, finish once."""
+
+    def __init__(
+        self, pipeline: Pipeline, model: str, endpoint: str, via: str, where: str
+    ) -> None:
+        self._pipeline = pipeline
+        self.model, self.endpoint, self.via, self.where = model, endpoint, via, where
+        self.started = time.monotonic()
+        self.first_at: float | None = None
+        self.usage: Usage | None = None
+        self.done = False
+        self._streamed = False
+        self._track: RequestTrack | None = (
+            pipeline.metrics.track(model, via, endpoint) if pipeline.metrics is not None else None
+        )
+
+    def energy_report(self) -> dict[str, object]:
+        """Energy fields for the tunnel's END frame (node_agent/accounting.py); settles the
+        request's energy now. {} when there are no metrics."""
+        return self._track.energy_report() if self._track is not None else {}
+
+    def chunk(self, data: bytes) -> Usage | None:
+        """A chunk (or a whole answer) went out: note the first, read its usage once."""
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+            if self._track is not None:
+                self._track.first_token()
+        usage = usage_of(data)
+        if usage:
+            self.usage = usage
+        return usage
+
+    def answered(self) -> None:
+        """A whole answer is made and about to leave: what must be durable before the
+        client can read it (the offline journal's row) is written now."""
+        if self._track is not None:
+            self._track.answered(dict(self.usage) if self.usage else None)
+
+    def finish(self, status: int) -> None:
+        """The request ended with `status` (499: the client or the coordinator left). Once."""
+        if self.done:
+            return
+        self.done = True
+        if self._track is not None:
+            self._track.usage = self.usage
+            self._track.finish(status)
+        ended = time.monotonic()
+        if self.where == "local" and status == 200 and self.usage:
+            streamed = self.first_at is not None and self.first_at > self.started and self._streamed
+            prefill = self.first_at - self.started if streamed and self.first_at else None
+            decode = ended - self.first_at if streamed and self.first_at else ended - self.started
+            self._pipeline.manager.record(self.model, self.usage, prefill, decode)
+        finished = Finished(
+            self.model, self.endpoint, self.via, self.where, status, self.usage,
+            self.started, self.first_at, ended,
+        )
+        for hook in self._pipeline.hooks:
+            try:
+                hook(finished)
+            except Exception:
+                log.exception("metering hook %r failed", hook)
