@@ -38,7 +38,8 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("upstream") / "fake.log"
     proc = Proc(subprocess.Popen(
         [sys.executable, str(FAKE_OPENAI), "--port", str(port), "--name", MODEL,
-         "--chunks", str(CHUNKS), "--chunk-delay", str(CHUNK_DELAY_S)], stdout=log.open("wb"), stderr=subprocess.STDOUT), log)
+         "--chunks", str(CHUNKS), "--chunk-delay", str(CHUNK_DELAY_S)],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT), log)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         wait_until(lambda: httpx.get(f"{url}/models").status_code == 200, 30, "fake upstream")
