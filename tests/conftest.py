@@ -1,9 +1,12 @@
-"""Shared fixtures: the repository root on sys.path, and the real test model."""
+"""Shared fixtures: the repository root on sys.path, the real test model, and the logging
+set-up restored after a test that changes it."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,3 +28,28 @@ def model_path() -> Path:
     path = Path(result.stdout.strip().splitlines()[-1])
     assert path.is_file(), path
     return path
+
+
+#: Loggers whose levels `setup_logging` sets (meshgate/logs.py); put back to NOTSET after.
+_TUNED_LOGGERS = ("httpx", "httpcore", "uvicorn.access", "websockets.server", "websockets.client")
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """The root logger's handlers and level, the tuned loggers' levels and the access-log
+    switch, as they were before the test (which may call setup_logging and friends)."""
+    from meshgate.logs import set_access_log
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        set_access_log(True)
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+        for name in _TUNED_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +29,11 @@ BURST = 20  # lines of one kind the flood filter lets through at once (its clock
 
 
 @pytest.fixture
-def captured() -> Iterator[tuple[io.StringIO, FloodFilter]]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+def captured(restored_logging: None) -> tuple[io.StringIO, FloodFilter]:
     out = io.StringIO()
     flood = FloodFilter(rate=10, burst=BURST, clock=lambda: 0.0)
     setup_logging("json", "info", out).addFilter(flood)
-    try:
-        yield out, flood
-    finally:
-        set_access_log(True)
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in handlers:
-            root.addHandler(handler)
-        root.setLevel(level)
+    return out, flood
 
 
 async def _requests(n: int) -> list[int]:

@@ -7,7 +7,6 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -31,18 +30,8 @@ class Opaque:
 
 
 @pytest.fixture
-def captured() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    out = io.StringIO()
-    yield out
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
-    for name in ("httpx", "httpcore", "uvicorn.access", "websockets.server", "websockets.client"):
-        logging.getLogger(name).setLevel(logging.NOTSET)
+def captured(restored_logging: None) -> io.StringIO:
+    return io.StringIO()
 
 
 def test_json_lines_leave_out_objects_instead_of_writing_their_repr(captured: io.StringIO) -> None:

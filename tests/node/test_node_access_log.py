@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,21 +14,6 @@ from meshgate.logs import access_log, set_access_log
 from node_agent.cli import app
 from node_agent.config import NodeOptions, load_options
 from node_agent.daemon import setup_node_logging
-
-
-@pytest.fixture
-def restored_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        yield
-    finally:
-        set_access_log(True)
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in handlers:
-            root.addHandler(handler)
-        root.setLevel(level)
 
 
 def test_access_lines_are_on_by_default_and_off_from_env_or_file(tmp_path: Path) -> None:
