@@ -111,7 +111,8 @@ async def run_hot(runner: HotRunner, exchange: HotExchange, logger: logging.Logg
     try:
         await runner(exchange)
     except BaseException as exc:
-        logger.error("Exception in ASGI application\n", exc_info=exc)
+        logger.error("unhandled error answering %s %s", cycle.scope["method"],
+                     cycle.scope["path"], exc_info=exc)
         if not cycle.response_started:
             await cycle.send_500_response()
         else:

@@ -368,7 +368,9 @@ class GuardedHttpToolsProtocol(Guards, HttpToolsProtocol):
             # (not self.app: refused, a 503; reset_contextvars: uvicorn's own way)
             super()._start_asgi_task(cycle, app)
             return
-        task = self.loop.create_task(run_hot(runner, HotExchange(cycle), self.logger))
+        # its errors in our log ("meshgate.httpserver"): uvicorn's own logger does not
+        # reach it where uvicorn's log config was applied (propagate off)
+        task = self.loop.create_task(run_hot(runner, HotExchange(cycle), log))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
 

@@ -1,14 +1,20 @@
 """The hot routes (coordinator/hot_routes.py) answer as the routed app did: refusals in
 OpenAI's shape with their ledger row, handlers added after the app was built, the request
 id, the live-requests entry, the access line and the 500 of the middleware they skip, and
-every other method or path still through the router."""
+every other method or path still through the router. The live entry, the access line and
+the 500 are checked both ways a hot route is answered: through ASGI (`asgi`: tests' ASGI
+transport, any server) and below it on the daemons' own protocol (`below_asgi`:
+meshgate/http_hot.py); test_hot_below_asgi.py compares the two word for word."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -19,20 +25,30 @@ from coordinator.api import ApiContext, build_app
 from coordinator.live_requests import LiveRequests
 from coordinator.registry import Registry
 from coordinator.spool import answering_database_outages
+from tests.coordinator.coordinator_harness import served
 
 KEY = "mg_test_key"
 HELLO = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+WAYS = ["asgi", "below_asgi"]
 
 
-def _app(verify: Any = None) -> tuple[Any, list[dict[str, Any]]]:
+def _app(verify: Any = None, known: Any = set) -> tuple[Any, list[dict[str, Any]]]:
     rows: list[dict[str, Any]] = []
     ctx = ApiContext(Registry(), verify_key=verify or (lambda k: "key1" if k == KEY else None),
-                     known_models=set, record_usage=rows.append)
+                     known_models=known, record_usage=rows.append)
     return answering_database_outages(build_app(ctx)), rows
 
 
-def _client(app: Any) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://coord")
+@contextlib.asynccontextmanager
+async def _client(app: Any, way: str = "asgi") -> AsyncIterator[httpx.AsyncClient]:
+    """A client of `app`: through ASGI, or on a server of the daemons' protocol."""
+    if way == "asgi":
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://coord") as client:
+            yield client
+    else:
+        async with served(app, daemon=True) as url, httpx.AsyncClient(base_url=url) as client:
+            yield client
 
 
 async def test_a_refusal_on_a_hot_route_has_openais_shape_its_row_and_the_request_id() -> None:
@@ -80,8 +96,9 @@ async def test_other_methods_and_paths_still_go_through_the_router() -> None:
     assert models.json()["object"] == "list"
 
 
+@pytest.mark.parametrize("way", WAYS)
 async def test_a_hot_request_is_live_while_it_runs_and_has_its_access_line(
-        caplog: pytest.LogCaptureFixture) -> None:
+        way: str, caplog: pytest.LogCaptureFixture) -> None:
     arrived, release = threading.Event(), threading.Event()
 
     def slow(key: str) -> str | None:
@@ -92,7 +109,7 @@ async def test_a_hot_request_is_live_while_it_runs_and_has_its_access_line(
     app, rows = _app(slow)
     app.live = LiveRequests()
     caplog.set_level(logging.INFO, logger="meshgate.access")
-    async with _client(app) as client:
+    async with _client(app, way) as client:
         reply = asyncio.ensure_future(client.post(
             "/v1/chat/completions", json=HELLO,
             headers={"authorization": f"Bearer {KEY}", "x-request-id": "req_live1"}))
@@ -106,32 +123,54 @@ async def test_a_hot_request_is_live_while_it_runs_and_has_its_access_line(
     assert answer.status_code == 404
     assert answer.headers["x-request-id"] == "req_live1"
     lines = [r for r in caplog.records if r.name == "meshgate.access"]
-    assert [(r.status, r.route) for r in lines] == [  # type: ignore[attr-defined]
-        (404, "/v1/chat/completions")]
+    assert [(r.status, r.route, r.model) for r in lines] == [  # type: ignore[attr-defined]
+        (404, "/v1/chat/completions", "m")]
     assert rows[0]["request_id"] == "req_live1"
 
 
-async def test_an_unhandled_error_on_a_hot_route_is_a_500_and_reaches_the_server(
-        caplog: pytest.LogCaptureFixture) -> None:
-    rows: list[dict[str, Any]] = []
+async def _post_raw(url: str, body: bytes) -> tuple[bytes, dict[bytes, bytes], bytes, bool]:
+    """POST `body` to the chat route on one connection of its own: (status line, headers,
+    body, whether the server closed the connection after the answer)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: c\r\nx-request-id: req_bug\r\n"
+                 b"authorization: Bearer " + KEY.encode() + b"\r\ncontent-length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status, *lines = head[:-4].split(b"\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines)}
+    text = await reader.readexactly(int(headers[b"content-length"]))
+    closed = await reader.read() == b""
+    writer.close()
+    return status, headers, text, closed
 
+
+@pytest.mark.parametrize("way", WAYS)
+async def test_an_unhandled_error_on_a_hot_route_is_a_500_and_reaches_the_server(
+        way: str, caplog: pytest.LogCaptureFixture) -> None:
     def broken() -> set[str]:
         raise RuntimeError("a bug")
 
-    ctx = ApiContext(Registry(), verify_key=lambda k: "key1", known_models=broken,
-                     record_usage=rows.append)
-    app = build_app(ctx)
+    app, _ = _app(known=broken)
     caplog.set_level(logging.INFO, logger="meshgate.access")
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://coord") as client:
-        reply = await client.post("/v1/chat/completions", json=HELLO,
+    if way == "asgi":
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://coord") as client:
+            reply = await client.post("/v1/chat/completions", json=HELLO, headers={
+                "authorization": f"Bearer {KEY}", "x-request-id": "req_bug"})
+        status, request_id, text = reply.status_code, reply.headers["x-request-id"], reply.text
+        with pytest.raises(RuntimeError, match="a bug"):  # the server sees it (and logs it)
+            async with _client(app) as client:
+                await client.post("/v1/chat/completions", json=HELLO,
                                   headers={"authorization": f"Bearer {KEY}"})
-    assert reply.status_code == 500
-    assert reply.text == "Internal Server Error"
-    assert reply.headers["x-request-id"].startswith("req_")
+    else:
+        async with served(app, daemon=True) as url:
+            line, headers, body, closed = await _post_raw(url, json.dumps(HELLO).encode())
+        status, request_id, text = int(line.split()[1]), headers[b"x-request-id"].decode(), \
+            body.decode()
+        assert closed  # the connection of a failed answer ends, as uvicorn's own does
+        logged = [r for r in caplog.records if r.name == "meshgate.httpserver" and r.exc_info]
+        assert [str(r.exc_info[1]) for r in logged if r.exc_info] == ["a bug"]  # our log
+        assert logged[0].getMessage() == "unhandled error answering POST /v1/chat/completions"
+    assert (status, text, request_id) == (500, "Internal Server Error", "req_bug")
     lines = [r for r in caplog.records if r.name == "meshgate.access"]
-    assert [r.status for r in lines] == [500]  # type: ignore[attr-defined]
-    with pytest.raises(RuntimeError, match="a bug"):  # the server sees it (and logs it)
-        async with _client(app) as client:
-            await client.post("/v1/chat/completions", json=HELLO,
-                              headers={"authorization": f"Bearer {KEY}"})
+    assert [r.status for r in lines][:1] == [500]  # type: ignore[attr-defined]

@@ -1,16 +1,13 @@
 """The hot routes answered below ASGI (meshgate/http_hot.py, on the daemons' own protocol)
 answer word for word as through ASGI: each refusal side by side (status, body, headers,
-ledger row), the request id, keep-alive and pipelining, the 500 of an unhandled error
-(and the connection closed after it, as uvicorn does), the live entry and the access line.
-The coordinator's answered requests on this server are in coordinator_harness's tests."""
+ledger row), the request id, keep-alive and pipelining. The live entry, the access line and
+the 500 of an unhandled error are test_coordinator_hot_routes.py's, both ways; the
+coordinator's answered requests on this server are in coordinator_harness's tests."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import threading
-import time
 from typing import Any
 
 import httpx
@@ -18,7 +15,6 @@ import pytest
 
 from coordinator.api import ApiContext, build_app
 from coordinator.hot_routes import CoordinatorApp
-from coordinator.live_requests import LiveRequests
 from coordinator.registry import Registry
 from coordinator.spool import answering_database_outages
 from meshgate.openai import MAX_BODY_BYTES
@@ -129,60 +125,3 @@ async def test_kept_alive_and_pipelined_hot_requests_are_answered_in_order() -> 
     assert last[1][b"connection"] == b"close"
     assert last[1][b"x-request-id"] == b"req_last"
     assert [r["request_id"] for r in rows][:3] == ["req_one", "req_two", "req_three"]
-
-
-async def test_an_unhandled_error_below_asgi_is_a_500_and_the_connection_ends(
-        caplog: pytest.LogCaptureFixture) -> None:
-    def broken() -> set[str]:
-        raise RuntimeError("a bug")
-
-    app, _ = _app(known=broken)
-    caplog.set_level(logging.INFO, logger="meshgate.access")
-    errors: list[logging.LogRecord] = []
-    seen = logging.Handler()
-    seen.emit = errors.append  # type: ignore[method-assign]
-    async with served(app, daemon=True) as url:
-        logging.getLogger("uvicorn.error").addHandler(seen)  # (uvicorn's, not propagated)
-        port = int(url.rsplit(":", 1)[1])
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        body = json.dumps(HELLO).encode()
-        writer.write(_post("/v1/chat/completions", body, "req_bug").replace(
-            b"Bearer nope", f"Bearer {KEY}".encode()))
-        status, headers, text = await _answer(reader)
-        assert await reader.read() == b""  # uvicorn closes a connection whose app failed
-        writer.close()
-        logging.getLogger("uvicorn.error").removeHandler(seen)
-    assert (status, text) == (b"HTTP/1.1 500 Internal Server Error", b"Internal Server Error")
-    assert headers[b"x-request-id"] == b"req_bug"
-    assert [r.status for r in caplog.records  # type: ignore[attr-defined]
-            if r.name == "meshgate.access"] == [500]
-    assert [str(r.exc_info[1]) for r in errors if r.exc_info] == ["a bug"]  # the server's log
-
-
-async def test_a_request_below_asgi_is_live_while_it_runs_and_has_its_access_line(
-        caplog: pytest.LogCaptureFixture) -> None:
-    arrived, release = threading.Event(), threading.Event()
-
-    def slow(key: str) -> str | None:
-        arrived.set()
-        release.wait(10)
-        return "key1"
-
-    app, rows = _app(slow)
-    app.live = LiveRequests()
-    caplog.set_level(logging.INFO, logger="meshgate.access")
-    async with served(app, daemon=True) as url, httpx.AsyncClient(base_url=url) as client:
-        reply = asyncio.ensure_future(client.post(
-            "/v1/chat/completions", json=HELLO, headers={**AUTH, "x-request-id": "req_live"}))
-        assert await asyncio.to_thread(arrived.wait, 10)
-        live = app.live.snapshot(time.time())
-        release.set()
-        answer = await reply
-    assert [(r["request_id"], r["endpoint"], r["status"]) for r in live] == [
-        ("req_live", "chat/completions", None)]
-    assert len(app.live) == 0
-    assert (answer.status_code, answer.headers["x-request-id"]) == (404, "req_live")
-    lines = [r for r in caplog.records if r.name == "meshgate.access"]
-    assert [(r.status, r.route, r.model) for r in lines] == [  # type: ignore[attr-defined]
-        (404, "/v1/chat/completions", "m")]
-    assert rows[0]["request_id"] == "req_live"
