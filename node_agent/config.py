@@ -61,13 +61,19 @@ class NodeOptions:
     energy_period: float = 1.0  # seconds between energy readings besides each request's ends
     powercap_dir: Path = Path("/sys/class/powercap")  # RAPL counters for CPU energy
     journal_max_bytes: int = 64 * 2**20  # usage served offline, kept until uploaded
-    # read coalescing under load (node_agent/runtimes/read_tick.py): from this many streams
-    # read at once, a stream's upstream reads less than the tick apart leave as one token
-    # frame; a tick of 0 turns it off, at most 2 ms
-    stream_tick_ms: float = 2.0
+    # read pacing while the node runs behind (node_agent/runtimes/read_tick.py): once its
+    # event loop runs stream_tick_engage_ms late (smoothed), with at least
+    # stream_tick_streams streams read at once, a stream's upstream reads that come within
+    # one tick of its last leave together at a shared tick (the lateness, 2 ms to
+    # stream_tick_ms); stream_tick_ms 0 turns it off
+    stream_tick_ms: float = 50.0
+    stream_tick_engage_ms: float = 2.0
     stream_tick_streams: int = 16
     extra: dict[str, str] = field(default_factory=dict)
 
+
+#: The longest read tick an operator may set (a token held longer reads as a stall).
+MAX_TICK_MS = 1000.0
 
 #: Fields that are not settings (filled in by code, not by an operator).
 _INTERNAL = frozenset({"extra"})
@@ -328,9 +334,12 @@ def validate(opts: NodeOptions, source: str = "the options") -> None:
 
 
 def _validate_tick(opts: NodeOptions, source: str) -> None:
-    if not 0 <= opts.stream_tick_ms <= 2.0:
-        raise ConfigError(f"{source}: stream_tick_ms must be 0 (off) to 2 ms, "
+    if not 0 <= opts.stream_tick_ms <= MAX_TICK_MS:
+        raise ConfigError(f"{source}: stream_tick_ms must be 0 (off) to {MAX_TICK_MS:g} ms, "
                           f"not {opts.stream_tick_ms:g}")
+    if opts.stream_tick_engage_ms < 0:
+        raise ConfigError(f"{source}: stream_tick_engage_ms must be >= 0 ms, "
+                          f"not {opts.stream_tick_engage_ms:g}")
     if opts.stream_tick_streams < 1:
         raise ConfigError(f"{source}: stream_tick_streams must be >= 1")
 

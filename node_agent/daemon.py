@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -49,7 +50,8 @@ DRAIN_GRACE_S = 30.0
 
 
 async def serve(opts: NodeOptions) -> None:
-    read_tick.configure(opts.stream_tick_ms / 1000, opts.stream_tick_streams)
+    read_tick.configure(opts.stream_tick_ms / 1000, opts.stream_tick_engage_ms / 1000,
+                        opts.stream_tick_streams, read_tick.fixed_lag(os.environ))
     state = NodeState(opts.state_dir)
     enrollment = state.enrollment()
     parts = NodeParts(opts, state)

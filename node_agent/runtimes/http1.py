@@ -102,7 +102,7 @@ class _Connection(asyncio.Protocol):
                 self.paused = True
                 self.transport.pause_reading()
             tick = self.tick
-            if tick is not None and tick.engaged:  # a busy node: a stream read
+            if tick is not None and tick.paces():  # a node behind: a stream read
                 loop = self.loop  # again within a tick of its last read is read no more
                 assert loop is not None  # until the shared tick (what comes meanwhile
                 now = loop.time()  # waits in the kernel: one read then, not one a piece)
@@ -118,6 +118,8 @@ class _Connection(asyncio.Protocol):
         """The tick is due: read again."""
         if self.tick_paused:
             self.tick_paused = False
+            if self.loop is not None:  # the tick counts as its last read: data that comes
+                self.woken_at = self.loop.time()  # within a tick of it waits for the next
             transport = self.transport
             if not self.paused and transport is not None and not transport.is_closing():
                 transport.resume_reading()
@@ -243,9 +245,9 @@ class Http1Response:
         conn = self._conn
         loop = asyncio.get_running_loop()
         tick = self._tick
-        if tick is not None and tick.tick_s > 0 and self._counted is None:
+        if tick is not None and tick.on and self._counted is None:
             conn.tick = self._counted = tick
-            tick.open += 1
+            tick.opened(loop)
         try:
             while True:
                 if conn.chunks:
@@ -272,7 +274,7 @@ class Http1Response:
             conn = self._conn
             conn.tick = None
             conn.tick_resume()
-            tick.open -= 1
+            tick.closed()
 
     @property
     def finished(self) -> bool:

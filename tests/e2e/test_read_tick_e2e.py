@@ -1,10 +1,10 @@
-"""Read pacing end to end (node_agent/runtimes/read_tick.py): a node whose tick paces every
-stream's reads (``stream_tick_streams`` 1, the 2 ms tick) in front of the FAKE instant
-OpenAI upstream of the tests (chunks written well under a tick apart), a real coordinator
-and tunnel on loopback, and the `openai` SDK: concurrent streams through the coordinator
-see every chunk, field by field, as straight from the upstream. (Whether a given read
-comes within a tick of the last depends on the box's timing here; the pacing itself is
-pinned down in tests/node/test_read_tick.py.)"""
+"""Read pacing end to end (node_agent/runtimes/read_tick.py): a node told its loop runs
+50 ms late (``MESHGATE_STREAM_LAG_MS``: the lateness injected, so that pacing engages
+whatever the box's speed) and to pace from one stream on, in front of the FAKE OpenAI
+upstream of the tests writing a chunk every 5 ms (well within the 50 ms tick), a real
+coordinator and tunnel on loopback, and the `openai` SDK: concurrent streams through the
+coordinator see every chunk, field by field, as straight from the upstream, while the
+node's /metrics show reads paused and ticks fired."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ pytestmark = pytest.mark.slow
 MODEL = "fast"
 CHUNKS = 48
 STREAMS = 6
+CHUNK_DELAY_S = 0.005
+LAG_MS = 50
 FAKE_OPENAI = Path(__file__).resolve().parents[1] / "node" / "fake_openai_server.py"
 HELLO: list[Any] = [{"role": "user", "content": "hi"}]
 
@@ -36,7 +38,8 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("upstream") / "fake.log"
     proc = Proc(subprocess.Popen(
         [sys.executable, str(FAKE_OPENAI), "--port", str(port), "--name", MODEL,
-         "--chunks", str(CHUNKS)], stdout=log.open("wb"), stderr=subprocess.STDOUT), log)
+         "--chunks", str(CHUNKS), "--chunk-delay", str(CHUNK_DELAY_S)],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT), log)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         wait_until(lambda: httpx.get(f"{url}/models").status_code == 200, 30, "fake upstream")
@@ -54,7 +57,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, upstream: str) -> Iterator[Me
         assert enrolled.returncode == 0, enrolled.stderr
         mesh.start_node("node-a", extra=("--upstream", f"{MODEL}={upstream}"),
                         env={"MESHGATE_STREAM_TICK_STREAMS": "1",
-                             "MESHGATE_STREAM_TICK_MS": "2"})
+                             "MESHGATE_STREAM_LAG_MS": str(LAG_MS)})
         mesh.wait_serving(MODEL)
         yield mesh
 
@@ -80,3 +83,16 @@ async def test_gathered_reads_reach_the_sdk_as_the_upstreams_chunks(
         await meshed.close()
     for seen in got:
         assert seen == want  # every chunk, in order, field by field (the fake's id and time)
+    metrics = pacing_of(mesh)
+    assert metrics["meshgate_node_read_pacing_engagements_total"] >= 1
+    assert metrics["meshgate_node_read_pacing_paused_reads_total"] > 0
+    assert metrics["meshgate_node_read_pacing_ticks_total"] > 0
+    assert metrics["meshgate_node_read_pacing_streams"] == 0  # every stream's reading ended
+
+
+def pacing_of(mesh: Mesh) -> dict[str, float]:
+    """The node's read pacing figures from its /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{mesh.proxy_ports['node-a']}/metrics").text
+    return {name: float(value) for name, _, value in
+            (line.partition(" ") for line in text.splitlines())
+            if name.startswith("meshgate_node_read_pacing_")}

@@ -1,7 +1,8 @@
 """Read pacing (node_agent/runtimes/read_tick.py) through the node's HTTP/1.1 pool against
 a scripted chunked server on loopback: the test says when each piece is sent (and knows
-when it is in the client's socket) and when the tick fires (a tick of 60 s never fires by
-itself), and waits on the tick's own counter, never on time."""
+when it is in the client's socket), how late the loop runs (a fixed lateness) and when the
+tick fires (a tick of 60 s never fires by itself), and waits on the tick's own counter,
+never on time. The pacing rules alone, time passed in: test_read_pacing.py."""
 
 from __future__ import annotations
 
@@ -21,11 +22,16 @@ NEVER = 60.0  # a tick that does not fire during a test unless the test fires it
 
 
 class Watched(ReadTick):
-    """A tick whose count of paused reads can be awaited."""
+    """Pacing engaged with a fixed lateness (the tick: `cap_s`) from the start, or
+    never engaged (`engaged` False); its count of paused reads can be awaited."""
 
-    def __init__(self, tick_s: float, streams: int) -> None:
+    def __init__(self, cap_s: float, streams: int, engaged: bool = True) -> None:
         self.changed = asyncio.Event()
-        super().__init__(tick_s, streams)
+        super().__init__(cap_s, streams=streams, fixed_lag_s=NEVER if engaged else 0.0)
+        if engaged:
+            self.observe(NEVER, now=0.0)
+            assert self.engaged
+            assert self.tick_s == cap_s
 
     def __setattr__(self, name: str, value: object) -> None:
         super().__setattr__(name, value)
@@ -142,6 +148,26 @@ async def test_under_load_a_stream_read_again_within_a_tick_waits_for_it_then_on
     assert tick.open == 0
 
 
+async def test_the_tick_counts_as_a_streams_last_read_so_a_paced_stream_reads_once_a_tick(
+    served: tuple[Chunked, int],
+) -> None:
+    server, port = served
+    tick = Watched(NEVER, streams=1)
+    pool, response, chunks = await reader_of(port, tick)
+    try:
+        await paced_after_b(server, chunks, tick)
+        response._conn.woken_at = float("-inf")  # B read long ago: only the tick is recent
+        await server.sent(b"data: C\n\n")
+        waiting = await not_before_the_tick(chunks)
+        tick.fire()
+        assert await waiting == b"data: C\n\n"
+        await tick.until(paused=2)  # read at the tick: waits for the next, not one read more
+        assert response._conn.tick_paused
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+        pool.close()
+
+
 async def test_the_end_of_the_answer_is_read_at_the_tick_and_ends_the_stream(
     served: tuple[Chunked, int],
 ) -> None:
@@ -200,12 +226,13 @@ async def test_a_stream_closed_while_reading_waits_is_no_longer_counted(
         pool.close()
 
 
-@pytest.mark.parametrize(("tick_s", "streams"), [(NEVER, 2), (0.0, 1)])
-async def test_below_the_threshold_or_with_no_tick_reading_never_waits(
-    served: tuple[Chunked, int], tick_s: float, streams: int,
+@pytest.mark.parametrize(("cap_s", "streams", "engaged"),
+                         [(NEVER, 2, True), (NEVER, 1, False), (0.0, 1, True)])
+async def test_below_the_floor_not_engaged_or_off_reading_never_waits(
+    served: tuple[Chunked, int], cap_s: float, streams: int, engaged: bool,
 ) -> None:
     server, port = served
-    tick = Watched(tick_s, streams)
+    tick = Watched(cap_s, streams, engaged)
     pool, response, chunks = await reader_of(port, tick)
     try:
         for piece in (b"data: A\n\n", b"data: B\n\n", b"data: C\n\n"):
@@ -213,7 +240,7 @@ async def test_below_the_threshold_or_with_no_tick_reading_never_waits(
             assert await next_of(chunks) == piece  # no tick fires in this test
         assert (tick.paused_reads, tick.ticks) == (0, 0)
         assert not response._conn.tick_paused
-        assert tick.open == (1 if tick_s else 0)  # a tick of 0 does not even count streams
+        assert tick.open == (1 if cap_s else 0)  # a cap of 0 does not even count streams
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
         pool.close()
@@ -223,7 +250,7 @@ async def test_the_shared_tick_fires_on_its_own_within_its_time(
     served: tuple[Chunked, int],
 ) -> None:
     server, port = served
-    tick = Watched(0.002, streams=1)
+    tick = Watched(0.002, streams=1)  # engaged, a 2 ms tick that fires by itself
     pool, _, chunks = await reader_of(port, tick)
     try:
         server.send(b"data: A\n\n")
@@ -239,22 +266,31 @@ async def test_the_shared_tick_fires_on_its_own_within_its_time(
         pool.close()
 
 
-def test_the_settings_are_a_tick_of_0_to_2_ms_and_a_stream_count() -> None:
+def test_the_settings_are_a_cap_an_engage_lag_and_a_stream_floor() -> None:
     opts = load_options({}, env={"MESHGATE_CONFIG": "/dev/null", "MESHGATE_STREAM_TICK_MS": "0",
+                                 "MESHGATE_STREAM_TICK_ENGAGE_MS": "5",
                                  "MESHGATE_STREAM_TICK_STREAMS": "64"})
-    assert (opts.stream_tick_ms, opts.stream_tick_streams) == (0.0, 64)
+    assert (opts.stream_tick_ms, opts.stream_tick_engage_ms, opts.stream_tick_streams) == (
+        0.0, 5.0, 64)
     defaults = load_options({}, env={"MESHGATE_CONFIG": "/dev/null"})
-    assert (defaults.stream_tick_ms, defaults.stream_tick_streams) == (2.0, 16)
-    for name, value, says in (("MESHGATE_STREAM_TICK_MS", "2.5", "stream_tick_ms"),
+    assert (defaults.stream_tick_ms, defaults.stream_tick_engage_ms,
+            defaults.stream_tick_streams) == (50.0, 2.0, 16)
+    for name, value, says in (("MESHGATE_STREAM_TICK_MS", "1001", "stream_tick_ms"),
                               ("MESHGATE_STREAM_TICK_MS", "-1", "stream_tick_ms"),
+                              ("MESHGATE_STREAM_TICK_ENGAGE_MS", "-1", "stream_tick_engage_ms"),
                               ("MESHGATE_STREAM_TICK_STREAMS", "0", "stream_tick_streams")):
         with pytest.raises(ConfigError, match=says):
             load_options({}, env={"MESHGATE_CONFIG": "/dev/null", name: value})
-    with pytest.raises(ValueError, match="0 to 2 ms"):
-        read_tick.configure(0.003, 16)
-    before = (read_tick.READ_TICK.tick_s, read_tick.READ_TICK.streams)
+    with pytest.raises(ValueError, match="0 \\(off\\) or more"):
+        read_tick.configure(-0.001)
+    assert read_tick.fixed_lag({}) is None
+    assert read_tick.fixed_lag({"MESHGATE_STREAM_LAG_MS": "20"}) == 0.02
+    with pytest.raises(ValueError, match="MESHGATE_STREAM_LAG_MS"):
+        read_tick.fixed_lag({"MESHGATE_STREAM_LAG_MS": "soon"})
+    tick = read_tick.READ_TICK
+    before = (tick.cap_s, tick.engage_s, tick.streams, tick.fixed_lag_s)
     try:
-        read_tick.configure(0.001, 8)
-        assert (read_tick.READ_TICK.tick_s, read_tick.READ_TICK.streams) == (0.001, 8)
+        read_tick.configure(0.1, 0.004, 8, 0.02)
+        assert (tick.cap_s, tick.engage_s, tick.streams, tick.fixed_lag_s) == (0.1, 0.004, 8, 0.02)
     finally:
         read_tick.configure(*before)
