@@ -46,10 +46,18 @@ class Writer:
         self.conn.send_raw(frame)
         await self.sent()
 
-    async def sent(self) -> None:
+    async def sent(self, *, now: bool = False) -> None:
         """Schedule a write round for what the core has queued; wait while over the
-        high-water mark (backpressure: a full transport stops the writer, which stops us)."""
+        high-water mark (backpressure: a full transport stops the writer, which stops us).
+
+        `now`: when no round is due yet (nothing else was queued in this loop turn), what
+        is queued leaves at once rather than at the turn's end (a request's OPEN: the rest
+        of the turn is then not on its way). The round is scheduled all the same, so what
+        is queued later in this turn still leaves together in it."""
+        due = self._write_soon
         self.kick()
+        if now and not due:
+            self._write()
         while self.conn.pending_bytes + self._unsent_bytes > WRITE_HIGH_WATER:
             if self.conn.closed is not None:
                 raise ClosedError(f"link is closed: {self.conn.closed}")
@@ -68,6 +76,9 @@ class Writer:
 
     def _write_round(self) -> None:
         self._write_soon = False
+        self._write()
+
+    def _write(self) -> None:
         ws = self._ws
         if self.conn.closed is not None or ws.full():
             return  # `_on_writable` starts a round when the transport drained

@@ -125,7 +125,7 @@ class Mux:
         stream_id = self.conn.open_stream(body)
         stream = self._streams[stream_id] = Stream(self, self.conn.streams[stream_id])
         self._idle.clear()
-        await self.link.sent()
+        await self.link.sent(now=True)  # a request's way: not held to the turn's end
         return stream
 
     async def send_control(self, type: FrameType, body: Any) -> None:

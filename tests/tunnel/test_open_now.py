@@ -1,0 +1,38 @@
+"""A request's OPEN on an idle link leaves inside `Mux.open` (`Link.sent(now=True)`), not
+in the write round at the end of the loop turn; OPENs of a burst in one turn still leave
+together in that round (over real loopback websockets, ws_harness.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.tunnel.ws_harness import Coordinator, _mux_pair, coordinator
+from tunnel import FrameType
+
+__all__ = ["coordinator"]  # the fixture, used by name below
+
+
+async def test_an_open_on_an_idle_link_leaves_at_once_and_a_burst_still_coalesces(
+    coordinator: Coordinator,
+) -> None:
+    client, server_side, _, coord_mux, tasks = await _mux_pair(coordinator)
+    await server_side.flush()  # idle: nothing queued, no round due
+    ws = server_side._ws
+    written: list[int] = []
+    send = ws.send_message
+
+    def recorded(data: bytes) -> None:
+        written.append(len(data))
+        send(data)
+
+    ws.send_message = recorded  # type: ignore[method-assign]
+    first = await coord_mux.open({"tag": "a", "chunks": 1})
+    assert len(written) == 1  # written inside open: no loop turn in between
+    burst = await asyncio.gather(*(coord_mux.open({"tag": f"b{n}", "chunks": 1})
+                                   for n in range(5)))
+    assert len(written) == 3  # the burst's first at once, the other four in one round
+    for stream in (first, *burst):
+        frames = [frame async for frame in stream]
+        assert [f.type for f in frames] == [FrameType.DATA, FrameType.END]
+    await client.close()
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
