@@ -1,13 +1,15 @@
 """Where one non-stream request's time goes: a timeline across the client, coordinator,
 node and upstream processes.
 
-    .venv/bin/python scripts/bench/timeline.py [--requests 300] [--warmup 50]
+    .venv/bin/python scripts/bench/timeline.py [--requests 300] [--warmup 50] [--against DIR]
 
 Starts the processes of overhead.py (the instant FAKE OpenAI upstream of the tests, a
 real coordinator and an enrolled node over the loopback websockets tunnel, SQLite store),
 each with ``scripts/bench/timeline_hook`` on its path: a few functions of each process
 note ``time.monotonic_ns()`` (one clock for the whole box) as they run. Requests are sent
-one at a time, to the coordinator and straight to the upstream in turn; for each stamp the
+one at a time, to the coordinator and straight to the upstream in turn (and to a second
+coordinator and node running another checkout's code, ``--against DIR``, the order turning
+every round); for each stamp the
 median time since the client began its request, and the median gap from the stamp before
 it (each request's own gaps, then the median: not a difference of medians). A gap between
 two processes is the wake-up of the second and the loopback hop.
@@ -63,7 +65,12 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench.overhead import MODEL, start_fake_upstream, start_pair  # noqa: E402
+from scripts.bench.overhead import (  # noqa: E402
+    MODEL,
+    against_env,
+    start_fake_upstream,
+    start_pair,
+)
 from tests.e2e.mesh import wait_until  # noqa: E402
 
 HOOK = Path(__file__).resolve().parent / "timeline_hook"
@@ -121,6 +128,25 @@ def timeline(windows: list[tuple[int, int]], stamps: list[tuple[str, int]]
     return rows
 
 
+def print_table(name: str, spans: list[tuple[int, int]], rows: list[tuple[str, float, float,
+                int]]) -> None:
+    total = statistics.median((e - b) / 1000 for b, e in spans)
+    print(f"\n{name}: {len(spans)} requests, median {total:.0f} us (client send to done)")
+    print(f"{'stamp':<30}{'at us':>10}{'gap us':>10}{'n':>6}")
+    for label, at, gap, n in rows:
+        print(f"{label:<30}{at:>10.0f}{gap:>10.0f}{n:>6}")
+
+
+def print_paired(a: list[tuple[str, float, float, int]],
+                 b: list[tuple[str, float, float, int]]) -> None:
+    """The two coordinators' stamps side by side (median us since the request began)."""
+    at_b = {label: at for label, at, _, _ in b}
+    print(f"\n{'stamp':<30}{'coordinator':>12}{'-b':>8}{'b - a':>8}")
+    for label, at, _, _ in a:
+        if label in at_b:
+            print(f"{label:<30}{at:>12.0f}{at_b[label]:>8.0f}{at_b[label] - at:>8.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=300)
@@ -128,6 +154,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the tables here")
     parser.add_argument("--show", type=int, default=0, metavar="N",
                         help="also print every stamp of N requests of each path")
+    parser.add_argument("--against", type=Path, metavar="DIR",
+                        help="a second coordinator and node run this checkout's code (path "
+                             "coordinator-b, in the same rounds; its table beside the first)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mg-timeline-") as tmp:
         root = Path(tmp)
@@ -140,25 +169,36 @@ def main() -> None:
         try:
             fake, upstream = start_fake_upstream(root, 16)
             cleanup.append(fake.kill)
-            mesh = start_pair(root / "a", ("--upstream", f"{MODEL}={upstream}"), cleanup)
-            assert mesh.coordinator is not None
-            pids = [fake.pid, mesh.coordinator.popen.pid, mesh.nodes["node-a"].popen.pid]
+            groups = {fake.pid: "upstream"}  # pid -> whose stamps
+            targets: dict[str, tuple[httpx.Client, str]] = {}
+            pairs: dict[str, dict[str, str] | None] = {"coordinator": None}
+            if args.against:
+                env = against_env(args.against, [])
+                env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(HOOK)])
+                pairs["coordinator-b"] = env
+            for name, env in pairs.items():
+                mesh = start_pair(root / name, ("--upstream", f"{MODEL}={upstream}"), cleanup,
+                                  env)
+                assert mesh.coordinator is not None
+                groups[mesh.coordinator.popen.pid] = groups[
+                    mesh.nodes["node-a"].popen.pid] = name
+                targets[name] = (httpx.Client(timeout=60, headers={
+                    "Authorization": f"Bearer {mesh.key}"}), mesh.api)
+            targets["direct"] = (httpx.Client(timeout=60), upstream)
             body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}],
                     "max_tokens": 16, "temperature": 0}
-            targets = {
-                "coordinator": (httpx.Client(timeout=60, headers={
-                    "Authorization": f"Bearer {mesh.key}"}), mesh.api),
-                "direct": (httpx.Client(timeout=60), upstream),
-            }
             _hook_client()
             windows: dict[str, list[tuple[int, int]]] = {name: [] for name in targets}
+            names = list(targets)
             for i in range(args.warmup + args.requests):
                 if i == args.warmup:
-                    for pid in pids:
+                    for pid in groups:
                         os.kill(pid, signal.SIGUSR1)
                     time.sleep(0.2)
                     _client.clear()
-                for name, (client, base) in targets.items():
+                turn = i % len(names)  # the order turning every round
+                for name in names[turn:] + names[:turn]:
+                    client, base = targets[name]
                     began = time.monotonic_ns()
                     reply = client.post(f"{base}/chat/completions", json=body)
                     ended = time.monotonic_ns()
@@ -166,34 +206,33 @@ def main() -> None:
                     if i >= args.warmup:
                         windows[name].append((began, ended))
                         _client.append(("done", ended))
-            for pid in pids:
+            for pid in groups:
                 os.kill(pid, signal.SIGUSR2)
-            wait_until(lambda: len(list(folder.glob("*.json"))) == len(pids), 30, "stamps")
-            stamps: list[tuple[str, int]] = [("client." + lb, t) for lb, t in _client]
+            wait_until(lambda: len(list(folder.glob("*.json"))) == len(groups), 30, "stamps")
+            shared: list[tuple[str, int]] = [("client." + lb, t) for lb, t in _client]
+            own: dict[str, list[tuple[str, int]]] = {name: [] for name in pairs}
             for path in folder.glob("*.json"):
                 dumped = json.loads(path.read_text())
-                stamps += [(f"{dumped['role']}.{lb}", t) for lb, t in dumped["stamps"]]
+                group = groups[int(path.stem)]
+                stamped = [(f"{dumped['role']}.{lb}", t) for lb, t in dumped["stamps"]]
+                (shared if group == "upstream" else own[group]).extend(stamped)
         finally:
             for step in reversed(cleanup):
                 step()
     out: dict[str, Any] = {}
     for name, spans in windows.items():
-        # straight to the upstream: the client's and the upstream's own (the coordinator
-        # and the node may still finish the request before)
-        mine = stamps if name == "coordinator" else [
-            s for s in stamps if s[0].startswith(("client.", "upstream."))]
-        rows = timeline(spans, mine)
-        out[name] = rows
-        total = statistics.median((e - b) / 1000 for b, e in spans)
-        print(f"\n{name}: {len(spans)} requests, median {total:.0f} us (client send to done)")
-        print(f"{'stamp':<30}{'at us':>10}{'gap us':>10}{'n':>6}")
-        for label, at, gap, n in rows:
-            print(f"{label:<30}{at:>10.0f}{gap:>10.0f}{n:>6}")
+        # straight to the upstream: the client's and the upstream's own (the coordinators
+        # and nodes may still finish a request before)
+        rows = out[name] = timeline(spans, shared + own.get(name, []))
+        print_table(name, spans, rows)
         for begin, end in spans[len(spans) // 2:len(spans) // 2 + args.show]:
             print(f"\n{name}: one request, every stamp (us since its start)")
-            for label, t in sorted((s for s in mine if begin <= s[1] <= end),
-                                   key=lambda s: s[1]):
+            for label, t in sorted((s for s in shared + own.get(name, [])
+                                    if begin <= s[1] <= end), key=lambda s: s[1]):
                 print(f"  {(t - begin) / 1000:>8.0f}  {label}")
+    if "coordinator-b" in out:
+        print_paired(out["coordinator"], out["coordinator-b"])
+        print(f"coordinator-b: {args.against}")
     print(f"load average: {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} cores")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
