@@ -25,7 +25,11 @@ in alternating order from round to round so that drift hits both alike, and repo
   reads count, asyncio's socket ``recv`` does not): into how many pieces the work was cut.
   Rounds of the same streams are not all alike: the node's reads of the upstream
   (10,000-19,000 for 33,000 chunks) follow how often its loop came round, and with them
-  every process's CPU (more reads: more frames, more writes to the client).
+  every process's CPU (more reads: more frames, more writes to the client);
+* pacing: the node's reads paused and ticks fired in the round, from its /metrics
+  (node_agent/runtimes/read_tick.py; absent for a tree without them);
+* a round's means at the end: coordinator and node CPU seconds, node reads, coordinator
+  writes, reads paused.
 
 Before/after in one run: ``--against DIR`` (another checkout's code), ``--against-env
 NAME=VALUE`` (both processes) and ``--against-node-env NAME=VALUE`` (its node only:
@@ -63,6 +67,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import httpx  # noqa: E402
 from overhead import MODEL, against_env, start_fake_upstream, start_pair  # noqa: E402
 
 from tests.e2e.mesh import Mesh  # noqa: E402
@@ -142,6 +147,16 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def paced(mesh: Mesh) -> dict[str, float]:
+    """The node's read pacing counters (node_agent/runtimes/read_tick.py) from its /metrics;
+    {} for a node without them (an older tree)."""
+    text = httpx.get(f"http://127.0.0.1:{mesh.proxy_ports['node-a']}/metrics").text
+    prefix = "meshgate_node_read_pacing_"
+    return {name[len(prefix):-len("_total")]: float(value) for name, _, value in
+            (line.partition(" ") for line in text.splitlines())
+            if name.startswith(prefix) and name.endswith("_total")}
+
+
 def profiled(pid: int, out: Path) -> subprocess.Popen[bytes]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     return subprocess.Popen(
@@ -183,6 +198,7 @@ async def drive(args: argparse.Namespace, meshes: dict[str, Mesh], upstream_port
             order = order[::-1]
         row: dict[str, Any] = {}
         for name in order:
+            counted = paced(meshes[name]) if name in meshes else {}
             before = {proc: cpu_s(pid) for proc, pid in pids.items()}
             io = {proc: syscalls(pid) for proc, pid in pids.items()}
             box, client = box_busy_s(), time.process_time()
@@ -195,6 +211,9 @@ async def drive(args: argparse.Namespace, meshes: dict[str, Mesh], upstream_port
             cpu["others"] = max(0.0, box_busy_s() - box - sum(cpu.values()))
             row[name]["cpu_s"] = {proc: round(v, 2) for proc, v in cpu.items()
                                   if name == "direct" or v >= 0.05 or proc in ("client", "others")}
+            if counted:
+                row[name]["paced"] = {key: int(value - counted[key])
+                                      for key, value in paced(meshes[name]).items()}
         for name, pid in coordinators.items():
             rss[name].append(rss_mib(pid))
             row[name]["rss_mib"] = rss[name][-1]
@@ -207,7 +226,9 @@ async def drive(args: argparse.Namespace, meshes: dict[str, Mesh], upstream_port
                   f"min events {row[name]['events_min']}, coordinator RSS "
                   f"{row[name]['rss_mib']:.1f} MiB)" for name in meshes)
               + "; CPU s " + ", ".join(f"{name} {row[name]['cpu_s']}" for name in order)
-              + "; reads, writes " + ", ".join(f"{name} {row[name]['io']}" for name in meshes),
+              + "; reads, writes " + ", ".join(f"{name} {row[name]['io']}" for name in meshes)
+              + "".join(f"; {name} pacing {row[name]['paced']}" for name in meshes
+                        if "paced" in row[name]),
               flush=True)
     for spy in spies:
         spy.send_signal(2)  # SIGINT: py-spy writes its file
@@ -221,9 +242,28 @@ async def drive(args: argparse.Namespace, meshes: dict[str, Mesh], upstream_port
             "refused": sum(r[name]["refused"] for r in rounds),
             "incomplete": sum(r[name]["incomplete"] for r in rounds),
             "rss_after_warmup_mib": rss[name][0], "rss_growth_mib": rss[name][-1] - rss[name][0],
+            "per_round": per_round(rounds, name),
         }
     result["refused_direct"] = sum(r["direct"]["refused"] for r in rounds)
     return result
+
+
+def per_round(rounds: list[dict[str, Any]], name: str) -> dict[str, float]:
+    """`name`'s means a round: its coordinator's and node's CPU seconds, the node's reads
+    (of the upstream) and the coordinator's writes (to the clients), reads paused."""
+    suffix = name[4:]
+    out = {
+        "coordinator_cpu_s": statistics.mean(r[name]["cpu_s"].get(f"coordinator{suffix}", 0.0)
+                                             for r in rounds),
+        "node_cpu_s": statistics.mean(r[name]["cpu_s"].get(f"node{suffix}", 0.0)
+                                      for r in rounds),
+        "node_reads": statistics.mean(r[name]["io"][f"node{suffix}"][0] for r in rounds),
+        "coordinator_writes": statistics.mean(r[name]["io"][f"coordinator{suffix}"][1]
+                                              for r in rounds),
+    }
+    if all("paced" in r[name] for r in rounds):
+        out["paused_reads"] = statistics.mean(r[name]["paced"]["paused_reads"] for r in rounds)
+    return out
 
 
 def main() -> None:
@@ -275,7 +315,9 @@ def main() -> None:
               + ", ".join(f"{r:.2f}" for r in got["wall_ratios"]) + f"), refused "
               f"{got['refused']} (direct {result['refused_direct']}), incomplete "
               f"{got['incomplete']}, coordinator RSS {got['rss_after_warmup_mib']:.1f} MiB "
-              f"after warm-up, growth {got['rss_growth_mib']:+.1f} MiB")
+              f"after warm-up, growth {got['rss_growth_mib']:+.1f} MiB; a round: "
+              + ", ".join(f"{key} {value:.2f}" if key.endswith("_s") else f"{key} {value:.0f}"
+                          for key, value in got["per_round"].items()))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -1,7 +1,7 @@
 """Read pacing end to end (node_agent/runtimes/read_tick.py): a node told its loop runs
 50 ms late (``MESHGATE_STREAM_LAG_MS``: the lateness injected, so that pacing engages
 whatever the box's speed) and to pace from one stream on, in front of the FAKE OpenAI
-upstream of the tests writing a chunk every 5 ms (well within the 50 ms tick), a real
+upstream of the tests writing a chunk every 10 ms (well within the 50 ms tick), a real
 coordinator and tunnel on loopback, and the `openai` SDK: concurrent streams through the
 coordinator see every chunk, field by field, as straight from the upstream, while the
 node's /metrics show reads paused and ticks fired."""
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 MODEL = "fast"
 CHUNKS = 48
 STREAMS = 6
-CHUNK_DELAY_S = 0.005
+CHUNK_DELAY_S = 0.01  # 48 chunks over half a second at least: the probe engages well before the end
 LAG_MS = 50
 FAKE_OPENAI = Path(__file__).resolve().parents[1] / "node" / "fake_openai_server.py"
 HELLO: list[Any] = [{"role": "user", "content": "hi"}]
