@@ -75,8 +75,6 @@ PEAK_WINDOW_S = 0.25
 CALM_S = 0.5
 
 
-
-
 class Held(Protocol):
     """A connection whose reading waits for the tick."""
 
