@@ -59,6 +59,7 @@ async def hang_until_cancel(node: ScriptedNode, stream: Stream, frame: Frame) ->
     async for got in stream:
         if got.type == FrameType.CANCEL:
             node.cancelled += 1
+            node.cancel_seen.set()
             return
 
 
@@ -74,6 +75,7 @@ class ScriptedNode:
     behaviour: Behaviour
     requests: list[dict[str, Any]] = field(default_factory=list)
     cancelled: int = 0
+    cancel_seen: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     mux: Mux | None = None
     commands: list[dict[str, Any]] = field(default_factory=list)
@@ -94,6 +96,11 @@ class ScriptedNode:
         await self.mux.send_control(FrameType.RESULT, {**head, "ok": True, "result": {}})
         await self.mux.send_control(FrameType.INVENTORY, {"models": [
             {"name": frame.body["model"], "loaded": True}]})
+
+    async def until_cancelled(self) -> None:
+        """Return once a CANCEL reached this node (fails after 5 s rather than hang)."""
+        async with asyncio.timeout(5):
+            await self.cancel_seen.wait()
 
     async def on_stream(self, stream: Stream, frame: Frame) -> None:
         self.requests.append(frame.body)

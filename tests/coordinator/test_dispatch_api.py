@@ -38,16 +38,29 @@ HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 class Api:
     def __init__(self, fleet: Fleet, config: CoordinatorConfig) -> None:
         self.rows: list[dict[str, Any]] = []
+        self._row = asyncio.Event()
         self.ctx = ApiContext(
             fleet.registry,
             verify_key=lambda k: "key1" if k == KEY else None,
             known_models=lambda: {"m", "gone"},
-            record_usage=self.rows.append,
+            record_usage=self._record,
             config=config,
             dispatcher=Dispatcher(fleet.registry, config.dispatch),
             metrics=Metrics(),
         )
         self.url = ""
+
+    def _record(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self._row.set()
+
+    async def until_rows(self, count: int = 1) -> list[dict[str, Any]]:
+        """The ledger rows, once `count` were written (fails after 5 s rather than hang)."""
+        async with asyncio.timeout(5):
+            while len(self.rows) < count:
+                self._row.clear()
+                await self._row.wait()
+        return self.rows
 
     def client(self, **kw: Any) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.url, api_key=KEY, max_retries=0, **kw)
@@ -87,8 +100,7 @@ async def test_a_task_route_runs_on_a_node_that_has_one_of_its_models(fleet: Fle
             model="qg://task=summarize;prefer=quality", messages=HELLO)
     assert raw.headers["x-meshgate-node"] == node.name
     assert node.requests[0]["model"] == "m"
-    await asyncio.sleep(0.1)
-    (row,) = api.rows
+    (row,) = await api.until_rows()
     assert (row["model"], row["outcome"], row["route"]) == ("m", "ok",
                                                             "qg://task=summarize;prefer=quality")
 
@@ -120,8 +132,7 @@ async def test_known_but_not_connected_is_a_503_in_the_ledger(fleet: Fleet) -> N
             await api.client().chat.completions.create(model="gone", messages=HELLO)
     assert caught.value.status_code == 503
     assert "gone" in str(caught.value)
-    await asyncio.sleep(0.1)
-    assert [r["outcome"] for r in api.rows] == ["no_capacity"]
+    assert [r["outcome"] for r in await api.until_rows()] == ["no_capacity"]
 
 
 async def test_a_full_queue_is_a_429_and_a_deadline_a_504(fleet: Fleet) -> None:
@@ -161,8 +172,7 @@ async def test_a_node_lost_after_tokens_ends_the_stream_with_an_error_event(
     error = json.loads(chunks[-1])["error"]
     assert "disconnected mid-response" in error["message"]
     assert "[DONE]" not in chunks
-    await asyncio.sleep(0.1)
-    assert [r["outcome"] for r in api.rows] == ["node_lost_mid_stream"]
+    assert [r["outcome"] for r in await api.until_rows()] == ["node_lost_mid_stream"]
 
 
 async def test_a_client_that_goes_away_before_the_first_token_cancels_the_node(
@@ -173,14 +183,10 @@ async def test_a_client_that_goes_away_before_the_first_token_cancels_the_node(
         client = api.client(timeout=0.5)
         with pytest.raises(openai.APITimeoutError):
             await client.chat.completions.create(model="m", messages=HELLO)
-        for _ in range(100):
-            if node.cancelled:
-                break
-            await asyncio.sleep(0.05)
+        await node.until_cancelled()
     assert node.cancelled == 1
     assert fleet.registry.get(node.name).in_flight == 0  # type: ignore[union-attr]
-    await asyncio.sleep(0.1)
-    assert [r["outcome"] for r in api.rows] == ["client_cancelled"]
+    assert [r["outcome"] for r in await api.until_rows()] == ["client_cancelled"]
 
 
 async def test_a_client_that_leaves_a_started_whole_answer_has_one_row(fleet: Fleet) -> None:
@@ -188,13 +194,9 @@ async def test_a_client_that_leaves_a_started_whole_answer_has_one_row(fleet: Fl
     async with running(fleet, CONFIG) as api:
         with pytest.raises(openai.APITimeoutError):
             await api.client(timeout=0.5).chat.completions.create(model="m", messages=HELLO)
-        for _ in range(100):
-            if node.cancelled:
-                break
-            await asyncio.sleep(0.05)
+        await node.until_cancelled()
     assert node.cancelled == 1
-    await asyncio.sleep(0.1)
-    (row,) = api.rows  # the answer's row only: its 499 is not a second refusal row
+    (row,) = await api.until_rows()  # the answer's row only: its 499 is not a second refusal row
     assert (row["node_did"], row["outcome"], row["status"]) == (node.name, "client_cancelled",
                                                                499)
     metrics = api.ctx.metrics
@@ -212,11 +214,7 @@ async def test_a_client_that_goes_away_mid_stream_cancels_the_node(fleet: Fleet)
             model="m", messages=HELLO, stream=True)
         assert await anext(stream.__aiter__()) is not None
         await stream.close()
-        for _ in range(100):
-            if node.cancelled:
-                break
-            await asyncio.sleep(0.05)
+        await node.until_cancelled()
     assert node.cancelled == 1
-    await asyncio.sleep(0.1)
-    (row,) = api.rows
+    (row,) = await api.until_rows()
     assert (row["node_did"], row["outcome"]) == (node.name, "client_cancelled")

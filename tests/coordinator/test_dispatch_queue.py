@@ -47,10 +47,7 @@ async def test_closing_an_unfinished_request_sends_cancel_to_the_node(fleet: Fle
     node = await fleet.node("a", one_chunk_then_wait)
     served = await Dispatcher(fleet.registry).start(request(), want())
     await served.close()
-    for _ in range(100):
-        if node.cancelled:
-            break
-        await asyncio.sleep(0.02)
+    await node.until_cancelled()
     assert node.cancelled == 1
     assert served.outcome == "client_cancelled"
 
@@ -62,10 +59,7 @@ async def test_no_first_token_in_time_moves_on_and_cancels_the_slow_node(fleet: 
     served = await Dispatcher(fleet.registry, config).start(request(), want())
     await drain(served)
     assert served.node_did == good.name
-    for _ in range(100):
-        if slow.cancelled:
-            break
-        await asyncio.sleep(0.02)
+    await slow.until_cancelled()
     assert slow.cancelled == 1
 
 
