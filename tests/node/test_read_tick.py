@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import pytest
 
@@ -116,114 +117,95 @@ async def not_before_the_tick(chunks: AsyncIterator[bytes]) -> asyncio.Future[by
     return waiting
 
 
-async def paced_after_b(server: Chunked, chunks: AsyncIterator[bytes], tick: Watched) -> None:
+@dataclass
+class Paced:
+    """A stream read under engaged pacing, past A and B (see `paced`)."""
+
+    server: Chunked
+    tick: Watched
+    response: Http1Response
+    chunks: AsyncIterator[bytes]
+
+
+@pytest.fixture
+async def paced(served: tuple[Chunked, int]) -> AsyncIterator[Paced]:
     """A, then B within a tick of it: both go on at once; reading then waits for the tick."""
-    server.send(b"data: A\n\n")
-    assert await next_of(chunks) == b"data: A\n\n"  # the first read: not paced
-    assert (tick.paused_reads, tick.open) == (0, 1)
-    server.send(b"data: B\n\n")
-    assert await next_of(chunks) == b"data: B\n\n"  # at once, all the same
-    await tick.until(paused=1)
-
-
-async def test_under_load_a_stream_read_again_within_a_tick_waits_for_it_then_one_read(
-    served: tuple[Chunked, int],
-) -> None:
     server, port = served
     tick = Watched(NEVER, streams=1)
     pool, response, chunks = await reader_of(port, tick)
     try:
-        await paced_after_b(server, chunks, tick)
-        assert response._conn.tick_paused
-        await server.sent(b"data: C\n\n")  # in the socket, not read before the tick
-        await server.sent(b"data: D\n\n")
-        waiting = await not_before_the_tick(chunks)
-        tick.fire()  # reading again: C and D in one read, one piece (one token frame)
-        assert await waiting == b"data: C\n\ndata: D\n\n"
-        assert tick.ticks == 1
-        await tick.until(paused=2)  # read within a tick of B: waits for the next one
+        server.send(b"data: A\n\n")
+        assert await next_of(chunks) == b"data: A\n\n"  # the first read: not paced
+        assert (tick.paused_reads, tick.open) == (0, 1)
+        server.send(b"data: B\n\n")
+        assert await next_of(chunks) == b"data: B\n\n"  # at once, all the same
+        await tick.until(paused=1)
+        yield Paced(server, tick, response, chunks)
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
         pool.close()
+
+
+async def test_under_load_a_stream_read_again_within_a_tick_waits_for_it_then_one_read(
+    paced: Paced,
+) -> None:
+    server, tick, chunks = paced.server, paced.tick, paced.chunks
+    assert paced.response._conn.tick_paused
+    await server.sent(b"data: C\n\n")  # in the socket, not read before the tick
+    await server.sent(b"data: D\n\n")
+    waiting = await not_before_the_tick(chunks)
+    tick.fire()  # reading again: C and D in one read, one piece (one token frame)
+    assert await waiting == b"data: C\n\ndata: D\n\n"
+    assert tick.ticks == 1
+    await tick.until(paused=2)  # read within a tick of B: waits for the next one
+    await chunks.aclose()  # type: ignore[attr-defined]
     assert tick.open == 0
 
 
 async def test_the_tick_counts_as_a_streams_last_read_so_a_paced_stream_reads_once_a_tick(
-    served: tuple[Chunked, int],
+    paced: Paced,
 ) -> None:
-    server, port = served
-    tick = Watched(NEVER, streams=1)
-    pool, response, chunks = await reader_of(port, tick)
-    try:
-        await paced_after_b(server, chunks, tick)
-        response._conn.woken_at = float("-inf")  # B read long ago: only the tick is recent
-        await server.sent(b"data: C\n\n")
-        waiting = await not_before_the_tick(chunks)
-        tick.fire()
-        assert await waiting == b"data: C\n\n"
-        await tick.until(paused=2)  # read at the tick: waits for the next, not one read more
-        assert response._conn.tick_paused
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
-        pool.close()
+    paced.response._conn.woken_at = float("-inf")  # B read long ago: only the tick is recent
+    await paced.server.sent(b"data: C\n\n")
+    waiting = await not_before_the_tick(paced.chunks)
+    paced.tick.fire()
+    assert await waiting == b"data: C\n\n"
+    await paced.tick.until(paused=2)  # read at the tick: waits for the next, not one read more
+    assert paced.response._conn.tick_paused
 
 
 async def test_the_end_of_the_answer_is_read_at_the_tick_and_ends_the_stream(
-    served: tuple[Chunked, int],
+    paced: Paced,
 ) -> None:
-    server, port = served
-    tick = Watched(NEVER, streams=1)
-    pool, _, chunks = await reader_of(port, tick)
-    try:
-        await paced_after_b(server, chunks, tick)
-        await server.sent(b"data: [DONE]\n\n")
-        await server.sent(b"")  # the chunked body's end
-        waiting = await not_before_the_tick(chunks)
-        tick.fire()
-        assert await waiting == b"data: [DONE]\n\n"
-        with pytest.raises(StopAsyncIteration):
-            await next_of(chunks)
-        assert tick.open == 0
-    finally:
-        pool.close()
+    await paced.server.sent(b"data: [DONE]\n\n")
+    await paced.server.sent(b"")  # the chunked body's end
+    waiting = await not_before_the_tick(paced.chunks)
+    paced.tick.fire()
+    assert await waiting == b"data: [DONE]\n\n"
+    with pytest.raises(StopAsyncIteration):
+        await next_of(paced.chunks)
+    assert paced.tick.open == 0
 
 
 async def test_a_connection_cut_while_reading_waits_fails_the_reader_after_the_tick(
-    served: tuple[Chunked, int],
+    paced: Paced,
 ) -> None:
-    server, port = served
-    tick = Watched(NEVER, streams=1)
-    pool, _, chunks = await reader_of(port, tick)
-    try:
-        await paced_after_b(server, chunks, tick)
-        await server.sent(b"data: C\n\n")
-        server.cut()
-        tick.fire()  # C is read (the cut waits for the next tick: reading waits again)
-        assert await next_of(chunks) == b"data: C\n\n"
-        await tick.until(paused=2)
-        tick.fire()
-        with pytest.raises(UpstreamError):
-            await next_of(chunks)
-        assert tick.open == 0
-    finally:
-        pool.close()
+    await paced.server.sent(b"data: C\n\n")
+    paced.server.cut()
+    paced.tick.fire()  # C is read (the cut waits for the next tick: reading waits again)
+    assert await next_of(paced.chunks) == b"data: C\n\n"
+    await paced.tick.until(paused=2)
+    paced.tick.fire()
+    with pytest.raises(UpstreamError):
+        await next_of(paced.chunks)
+    assert paced.tick.open == 0
 
 
-async def test_a_stream_closed_while_reading_waits_is_no_longer_counted(
-    served: tuple[Chunked, int],
-) -> None:
-    server, port = served
-    tick = Watched(NEVER, streams=1)
-    pool, response, chunks = await reader_of(port, tick)
-    try:
-        await paced_after_b(server, chunks, tick)
-        response.close()  # the client left mid-stream: its connection closes
-        assert tick.open == 0
-        assert not response._conn.tick_paused
-        tick.fire()  # nothing to resume
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
-        pool.close()
+async def test_a_stream_closed_while_reading_waits_is_no_longer_counted(paced: Paced) -> None:
+    paced.response.close()  # the client left mid-stream: its connection closes
+    assert paced.tick.open == 0
+    assert not paced.response._conn.tick_paused
+    paced.tick.fire()  # nothing to resume
 
 
 @pytest.mark.parametrize(("cap_s", "streams", "engaged"),
