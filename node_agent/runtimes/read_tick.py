@@ -127,7 +127,7 @@ class ReadTick:
 
     def paces(self) -> bool:
         """Whether reads are paced now: switched on, engaged, enough streams open."""
-        return self.engaged and self.open >= self.streams and self.cap_s > 0
+        return self.engaged and self.open >= self.streams and self.on
 
     def observe(self, late_s: float, now: float) -> None:
         """A probe ran `late_s` late at `now`: the smoothed lag, engaged or not."""

@@ -110,7 +110,6 @@ def _connection(m: ModuleType) -> None:
     _patch(m.Connection, "data_to_send", _around, "core.data_to_send")
 
 
-
 def _dispatch(m: ModuleType) -> None:
     _patch(m.Dispatcher, "start", _async_before, "dispatch")
     _patch(m, "schedule", _around, "schedule")
