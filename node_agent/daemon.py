@@ -165,5 +165,9 @@ def check_startup(opts: NodeOptions) -> None:
             raise StartupError(f"--model {spec}: no such file {path}: fix the path "
                                "(--model NAME=/path/to/model.gguf) or leave the option out")
     check_port(opts.proxy_host, opts.proxy_port, what="local proxy", option="--proxy-port")
+    try:
+        read_tick.fixed_lag(os.environ)  # the tests' hook, read again by `serve`
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
     for warning in model_dir_warnings(list(opts.model_dirs)):
         log.warning(warning)

@@ -177,6 +177,19 @@ def test_run_refuses_a_bad_config_with_exit_2(tmp_path: Path) -> None:
     assert "proxy_port must be an integer" in result.stderr
 
 
+def test_run_refuses_a_bad_test_lag_in_one_line_not_a_traceback(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHGATE_")}
+    env["MESHGATE_STREAM_LAG_MS"] = "soon"  # read pacing's test hook (read_tick.py)
+    result = subprocess.run(
+        [sys.executable, "-m", "node_agent.cli", "run", "--state-dir", str(tmp_path),
+         "--proxy-port", "0"],
+        capture_output=True, text=True, timeout=60, check=False, env=env,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "MESHGATE_STREAM_LAG_MS='soon': must be a number of ms" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_identity_and_enroll_find_the_state_dir_in_the_config(tmp_path: Path) -> None:
     state = tmp_path / "from-config"
     config = tmp_path / "node.toml"
