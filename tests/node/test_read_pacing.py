@@ -1,4 +1,5 @@
-"""Read pacing's rules (node_agent/runtimes/read_tick.py), in memory with time passed in:
+"""Read pacing's rules (node_agent/runtimes/read_tick.py; the mechanism is meshgate/lag_tick.py,
+shared with the coordinator's write pacing), in memory with time passed in:
 when it engages (the loop's smoothed lateness), when it lets go (hysteresis), the tick it
 uses (the recent worst lateness, between 2 ms and the cap), the stream floor, the off
 switch, and the node's metrics that show it. The reads themselves: test_read_tick.py."""
