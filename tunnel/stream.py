@@ -40,6 +40,7 @@ class Stream:
         self._dead: str | None = None
         self._send_lock = asyncio.Lock()
         self._on_cancel: Callable[[], None] | None = None  # set by `until_cancelled`
+        self._on_end: Callable[[], None] | None = None  # set by `on_end`
 
     @property
     def closed(self) -> bool:
@@ -183,6 +184,12 @@ class Stream:
                 self._reader = None
         return self._take()
 
+    def on_end(self, callback: Callable[[], None] | None) -> None:
+        """Call `callback` when the peer's END, ERROR or CANCEL arrives, or the link dies
+        (a reader that waits for something else meanwhile, a tick, hears of the end at
+        once); None: no longer."""
+        self._on_end = callback
+
     def recv_nowait(self) -> Frame | None:
         """The peer's next frame if one has arrived, else None (never waits; `recv` says
         when the stream is over): a reader drains what a burst delivered in one go."""
@@ -225,6 +232,8 @@ class Stream:
         self._frames.append(frame)
         if frame.type in TERMINAL:
             self._wake_credit()
+            if self._on_end is not None:
+                self._on_end()
         if self._reader is not None and not self._reader.done():
             self._reader.set_result(None)
 
@@ -244,6 +253,8 @@ class Stream:
         self._wake_credit()
         if self._on_cancel is not None:
             self._on_cancel()
+        if self._on_end is not None:
+            self._on_end()
         if self._reader is not None and not self._reader.done():
             self._reader.set_result(None)
 

@@ -183,3 +183,31 @@ async def test_recv_under_asyncio_timeout_loses_nothing() -> None:
             assert (await stream.recv()).type == FrameType.END
     finally:
         await p.close()
+
+
+async def test_on_end_calls_back_when_the_end_arrives_and_not_for_data() -> None:
+    """What the coordinator's write pacing waits on besides its tick (write_tick.py): a
+    stream that nobody reads hears of its END at once, and of nothing before it."""
+    gated = Gated()
+    p = await mux_pair(node_on_stream=gated)
+    try:
+        stream = await p.coord_mux.open({"chunks": 2})
+        ended = asyncio.Event()
+        stream.on_end(ended.set)
+        await gated.go.put(0)
+        async with asyncio.timeout(SETTLE):
+            assert (await stream.recv()).type == FrameType.DATA
+        assert not ended.is_set()  # no call back for DATA
+        await gated.go.put(1)  # the second DATA, then END
+        async with asyncio.timeout(SETTLE):
+            await ended.wait()
+        queued = [stream.recv_nowait(), stream.recv_nowait()]
+        assert [f.type if f else None for f in queued] == [FrameType.DATA, FrameType.END]
+        lost = await p.coord_mux.open({"chunks": 2})
+        died = asyncio.Event()
+        lost.on_end(died.set)
+        await p.node_link.close()  # the link dies under an unfinished stream: told too
+        async with asyncio.timeout(SETTLE):
+            await died.wait()
+    finally:
+        await p.close()
