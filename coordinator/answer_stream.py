@@ -28,7 +28,9 @@ from starlette.types import Receive, Scope, Send
 
 from coordinator.refusals import with_status
 from coordinator.served import Served
+from coordinator.write_tick import WRITE_TICK
 from meshgate.http_protocols import CLIENT_GONE, SSE_CORK, ClientGone, CorkedTransport
+from meshgate.lag_tick import LagTick
 from meshgate.openai import SSE_DONE, OpenAIError, is_usage_only, sse_error
 
 log = logging.getLogger(__name__)
@@ -145,14 +147,19 @@ class EventStream(Response):
         self.status_code = 200
         self.held = b""
         self.cork: CorkedTransport | None = None
+        self.tick: LagTick = WRITE_TICK
+        self._resume: asyncio.Future[None] | None = None  # set while waiting for the tick
         self.background: BackgroundTask | None = None
         self.init_headers(headers)
 
     def _events(self, chunks: list[bytes]) -> bytes:
         """The chunks as SSE events, in one join (the usage-only chunk when it was asked)."""
-        if not self.include_usage:
-            # (the key test first, inline: a call a token chunk less)
-            chunks = [c for c in chunks if b'"usage"' not in c or not is_usage_only(c)]
+        if not chunks:
+            return b""
+        events = b"data: " + b"\n\ndata: ".join(chunks) + b"\n\n"
+        if self.include_usage or b'"usage"' not in events:  # one scan a burst, not one a chunk
+            return events
+        chunks = [c for c in chunks if b'"usage"' not in c or not is_usage_only(c)]
         return b"data: " + b"\n\ndata: ".join(chunks) + b"\n\n" if chunks else b""
 
     async def _write(self, served: Served, send: Send) -> None:
@@ -164,27 +171,63 @@ class EventStream(Response):
         once): frames that arrived in that turn go in the same write. Under 500 streams
         this cut the client writes by 35-40% (14-16.5 -> 8.4-10 a stream,
         scripts/bench/streams.py), each one an ASGI send through the middlewares, a
-        socket write and a wake-up of the client."""
+        socket write and a wake-up of the client. While the coordinator runs behind
+        (coordinator/write_tick.py) a stream that wrote less than a tick ago waits for the
+        shared tick instead, or for its end, whichever comes first."""
+        loop = asyncio.get_running_loop()
+        wrote_at = float("-inf")  # the first write is never held
         self.held = self._events([served.first])
         if self.held and not served.queued():  # the first token leaves at once
             await send({"type": "http.response.body", "body": self.held, "more_body": True})
             self.held = b""
+            wrote_at = loop.time()
             self._uncork()
+        tick = self.tick
+        counted = tick.on and served.gathers
+        if counted:
+            tick.opened(loop)
         waited = False
-        async with contextlib.aclosing(served.batches()) as batches:
-            async for batch in batches:
-                self.held += self._events(batch)
-                if self.held and not served.done:  # a burst: one write
-                    if not waited:  # one loop turn first: what arrives meanwhile goes along
+        try:
+            async with contextlib.aclosing(served.batches()) as batches:
+                async for batch in batches:
+                    self.held += self._events(batch)
+                    if not self.held or served.ending:  # the end's burst goes with it
+                        continue
+                    if not waited:  # what arrives meanwhile goes along
                         waited = True
-                        await asyncio.sleep(0)
+                        if (counted and tick.paces()
+                                and (now := loop.time()) - wrote_at < tick.tick_s):
+                            await self._tick(served, loop, now)
+                        else:  # one loop turn
+                            await asyncio.sleep(0)
                         if served.queued():
                             continue
                     waited = False
                     await send({"type": "http.response.body", "body": self.held,
                                 "more_body": True})
                     self.held = b""
+                    wrote_at = loop.time()
                     self._uncork()
+        finally:
+            if counted:
+                tick.closed()
+
+    async def _tick(self, served: Served, loop: asyncio.AbstractEventLoop, now: float) -> None:
+        """Until the write tick, or the end of the answer if it comes first."""
+        self._resume = wake = loop.create_future()
+        served.on_end(self.tick_resume)
+        self.tick.hold(self, loop, now)
+        try:
+            await wake
+        finally:
+            self._resume = None
+            served.on_end(None)
+
+    def tick_resume(self) -> None:
+        """The tick is due (or the answer's end came): write what was held."""
+        wake = self._resume
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
     def _uncork(self) -> None:
         """After the first write (the head went with it): each write leaves as it is made

@@ -18,6 +18,11 @@
     redis_url = "redis://cache:6379/0"                   # or --redis-url
     key_file = "/etc/meshgate/cluster.key"               # or --cluster-key
 
+    [stream]                   # write pacing while the coordinator runs behind (write_tick.py)
+    tick_ms = 50               # the longest a paced stream's tokens wait; 0: off
+    tick_engage_ms = 2         # from this event-loop lag (smoothed) on
+    tick_streams = 16          # and this many streams written at once
+
     [log]
     access = true              # a line per request answered, never flood-limited
                                # (--access-log / --no-access-log win over it)
@@ -94,6 +99,20 @@ class RelayConfig:
 
 
 @dataclass(frozen=True)
+class StreamConfig:
+    """Write pacing (coordinator/write_tick.py): while the loop runs `tick_engage_ms` late
+    and `tick_streams` streams are written, a stream's writes within a tick wait for it."""
+
+    tick_ms: float = 50.0
+    tick_engage_ms: float = 2.0
+    tick_streams: int = 16
+
+
+#: The longest write tick an operator may set (a token held longer reads as a stall).
+MAX_TICK_MS = 1000.0
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     database_url: str | None = None
     redis_url: str | None = None
@@ -109,6 +128,7 @@ class CoordinatorConfig:
     path: Path | None = None
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
     access_log: bool = True  # [log] access: one line per request answered (logs.py)
 
     def routing(self, models: frozenset[str] | None = None) -> RoutingConfig:
@@ -230,6 +250,26 @@ def _relay(value: Any) -> RelayConfig:
     return RelayConfig(cloud, per_node, share)
 
 
+def _stream(value: Any) -> StreamConfig:
+    if value is None:
+        return StreamConfig()
+    if not isinstance(value, dict):
+        raise ConfigError("stream: expected a table")
+    defaults = StreamConfig()
+    out: dict[str, Any] = {}
+    for key, raw in value.items():
+        if not hasattr(defaults, key):
+            raise ConfigError(f"stream: unknown key {key!r}")
+        number = _number(f"stream.{key}", raw)
+        if key == "tick_streams" and number < 1:
+            raise ConfigError(f"stream.tick_streams: expected 1 or more, not {raw!r}")
+        if key == "tick_ms" and number > MAX_TICK_MS:
+            raise ConfigError(f"stream.tick_ms: at most {MAX_TICK_MS:g} (a token held longer "
+                              f"reads as a stall), not {raw!r}")
+        out[key] = int(number) if key == "tick_streams" else number
+    return StreamConfig(**out)
+
+
 def _cluster(value: Any, base: Path) -> ClusterConfig:
     if value is None:
         return ClusterConfig()
@@ -248,10 +288,10 @@ def _cluster(value: Any, base: Path) -> ClusterConfig:
 
 def parse_config(data: dict[str, Any], *, base: Path = Path(".")) -> CoordinatorConfig:
     unknown = sorted(set(data) - {"upstream", "aliases", "routes", "dispatch", "cluster",
-                                  "relay", "log"})
+                                  "relay", "stream", "log"})
     if unknown:
-        raise ConfigError(f"unknown section {unknown[0]!r} "
-                          "(known: upstream, aliases, routes, dispatch, cluster, relay, log)")
+        raise ConfigError(f"unknown section {unknown[0]!r} (known: upstream, aliases, routes, "
+                          "dispatch, cluster, relay, stream, log)")
     raw_upstreams = data.get("upstream", [])
     if not isinstance(raw_upstreams, list):
         raise ConfigError("upstream: write each one as [[upstream]]")
@@ -273,6 +313,7 @@ def parse_config(data: dict[str, Any], *, base: Path = Path(".")) -> Coordinator
         dispatch=_dispatch(data.get("dispatch")),
         cluster=_cluster(data.get("cluster"), base),
         relay=_relay(data.get("relay")),
+        stream=_stream(data.get("stream")),
         access_log=_access_log(data.get("log")),
     )
 

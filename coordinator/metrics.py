@@ -23,6 +23,9 @@ from prometheus_client import (
     generate_latest,
 )
 
+from coordinator.write_tick import WRITE_TICK, PacingCollector
+from meshgate.lag_tick import LagTick
+
 SCHEDULE_BUCKETS = (25e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -34,8 +37,11 @@ Prometheus server (each name makes a few series per status and route)."""
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 write_tick: LagTick | None = WRITE_TICK) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        if write_tick is not None:  # the process's write pacing (coordinator/write_tick.py)
+            self.registry.register(PacingCollector(write_tick))
         self._model_labels: set[str] = set()
         self._children: dict[tuple[int, str, str, str], tuple[Any, Any]] = {}
         """(status, model, route, endpoint) -> the series `observe` counts in (bounded:

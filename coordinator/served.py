@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from coordinator.registry import NodeConn, Registry
@@ -91,6 +91,11 @@ class Served:
 
     node_did: str | None = None
     upstream: str | None = None
+    gathers = False
+    """Whether what arrives while the writer waits queues and is read in one batch after
+    (`queued`, `batches`), and `on_end` tells of the end: only then may its writes wait
+    for the write tick (coordinator/write_tick.py); a cloud's stream is read a chunk a
+    pull, so it never waits."""
 
     def __init__(self, request: OpenRequest, model: str, *, first: bytes, started: float,
                  tries: int, deadline: float, idle_timeout: float) -> None:
@@ -156,6 +161,17 @@ class Served:
         to the client alone)."""
         return False
 
+    @property
+    def ending(self) -> bool:
+        """Whether the answer's last frame (its end, or an error after the chunks just
+        read) has been read: what is held then leaves with the end, never on its own."""
+        return self.done
+
+    def on_end(self, wake: Callable[[], None] | None) -> None:
+        """Call `wake` when the end of the answer arrives while nobody reads it (a writer
+        that waits for its tick goes on at once: coordinator/write_tick.py); None: no
+        longer. Here: never (a subclass that can tell overrides it)."""
+
     async def batches(self) -> AsyncGenerator[list[bytes], None]:
         """The chunks after the first, as lists of those that arrived together (one write
         to the client for a burst); a subclass that can see a burst overrides this."""
@@ -198,6 +214,8 @@ class Served:
 class NodeAttempt(Served):
     """A request a node is answering over its tunnel stream."""
 
+    gathers = True  # the tunnel stream queues frames; its END calls back (`on_end`)
+
     def __init__(self, registry: Registry, node: NodeConn, stream: Stream, request: OpenRequest,
                  model: str, *, decoder: ChunkDecoder | None = None,
                  first_at: float | None = None, **timing: Any) -> None:
@@ -211,6 +229,13 @@ class NodeAttempt(Served):
 
     def queued(self) -> bool:
         return self.stream.queued > 0
+
+    @property
+    def ending(self) -> bool:
+        return self.done or self.outcome == "error_after_start"  # an ERROR or CANCEL read
+
+    def on_end(self, wake: Callable[[], None] | None) -> None:
+        self.stream.on_end(wake)
 
     async def rest(self) -> AsyncIterator[bytes]:
         """Yield the data frames after the first; set `usage` from the end frame."""

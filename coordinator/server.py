@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from coordinator import write_tick
 from coordinator.admin_api import admin_context, mount_admin, watch_key_changes
 from coordinator.api import ApiContext, build_app
 from coordinator.cache import ResponseCache
@@ -40,7 +42,7 @@ from coordinator.traffic import Traffic
 from meshgate.httpserver import COORDINATOR_LIMITS, server_config
 from meshgate.logs import set_access_log, setup_logging
 from meshgate.serving import DaemonServer, run
-from meshgate.startup import check_port
+from meshgate.startup import StartupError, check_port
 from tunnel import serve as serve_tunnel
 
 log = logging.getLogger(__name__)
@@ -188,10 +190,22 @@ async def _close(ctx: ApiContext, clouds: Iterable[CloudClient], store: Store) -
     store.close()
 
 
+def pace_writes(config: CoordinatorConfig) -> None:
+    """Set the process's write pacing from `[stream]` (coordinator/write_tick.py); a bad
+    ``MESHGATE_COORDINATOR_LAG_MS`` (the tests' hook) is a StartupError."""
+    stream = config.stream
+    try:
+        write_tick.configure(stream.tick_ms / 1000, stream.tick_engage_ms / 1000,
+                             stream.tick_streams, write_tick.fixed_lag(os.environ))
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+
+
 def run_server(opts: ServeOptions, config: CoordinatorConfig | None = None) -> None:
     if config is None:
         config = resolve_config(opts.config)  # a bad file fails here, before anything listens
     setup_logging(opts.log_format, opts.log_level)
+    pace_writes(config)
     set_access_log(config.access_log if opts.access_log is None else opts.access_log)
     check_port(opts.api_host, opts.api_port, what="API", option="--api-port")
     check_port(opts.tunnel_host, opts.tunnel_port, what="tunnel endpoint", option="--tunnel-port")

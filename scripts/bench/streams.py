@@ -27,9 +27,11 @@ in alternating order from round to round so that drift hits both alike, and repo
   (10,000-19,000 for 33,000 chunks) follow how often its loop came round, and with them
   every process's CPU (more reads: more frames, more writes to the client);
 * pacing: the node's reads paused and ticks fired in the round, from its /metrics
-  (node_agent/runtimes/read_tick.py; absent for a tree without them);
+  (node_agent/runtimes/read_tick.py), and the coordinator's writes held and ticks fired
+  (``w_held_writes``, ``w_ticks``: coordinator/write_tick.py), from their /metrics
+  (absent for a tree without them);
 * a round's means at the end: coordinator and node CPU seconds, node reads, coordinator
-  writes, reads paused.
+  writes, reads paused, writes held.
 
 Before/after in one run: ``--against DIR`` (another checkout's code), ``--against-env
 NAME=VALUE`` (both processes) and ``--against-node-env NAME=VALUE`` (its node only:
@@ -148,11 +150,19 @@ def rss_mib(pid: int) -> float:
 
 
 def paced(mesh: Mesh) -> dict[str, float]:
-    """The node's read pacing counters (node_agent/runtimes/read_tick.py) from its /metrics;
-    {} for a node without them (an older tree)."""
-    text = httpx.get(f"http://127.0.0.1:{mesh.proxy_ports['node-a']}/metrics").text
-    prefix = "meshgate_node_read_pacing_"
-    return {name[len(prefix):-len("_total")]: float(value) for name, _, value in
+    """The node's read pacing counters (node_agent/runtimes/read_tick.py) and the
+    coordinator's write pacing counters (coordinator/write_tick.py: ``w_`` before their
+    names) from their /metrics; {} for a tree without them (an older one)."""
+    node = httpx.get(f"http://127.0.0.1:{mesh.proxy_ports['node-a']}/metrics").text
+    coordinator = httpx.get(f"http://127.0.0.1:{mesh.api_port}/metrics").text
+    return {**counters(node, "meshgate_node_read_pacing_", ""),
+            **counters(coordinator, "meshgate_coordinator_write_pacing_", "w_")}
+
+
+def counters(text: str, prefix: str, mark: str) -> dict[str, float]:
+    """The counters in a /metrics `text` whose names start with `prefix`, by the rest of
+    their name after `mark`."""
+    return {mark + name[len(prefix):-len("_total")]: float(value) for name, _, value in
             (line.partition(" ") for line in text.splitlines())
             if name.startswith(prefix) and name.endswith("_total")}
 
@@ -261,8 +271,9 @@ def per_round(rounds: list[dict[str, Any]], name: str) -> dict[str, float]:
         "coordinator_writes": statistics.mean(r[name]["io"][f"coordinator{suffix}"][1]
                                               for r in rounds),
     }
-    if all("paced" in r[name] for r in rounds):
-        out["paused_reads"] = statistics.mean(r[name]["paced"]["paused_reads"] for r in rounds)
+    for key in ("paused_reads", "w_held_writes"):
+        if all(key in r[name].get("paced", {}) for r in rounds):
+            out[key] = statistics.mean(r[name]["paced"][key] for r in rounds)
     return out
 
 
