@@ -169,6 +169,7 @@ def _pipeline(m: ModuleType) -> None:
 
 def _meter(m: ModuleType) -> None:
     _patch(m.Meter, "answered", _around, "answered")
+    _patch(m.Meter, "__init__", _around, "meter")
 
 
 def _models(m: ModuleType) -> None:
