@@ -105,7 +105,9 @@ class Accounting:
     def _offline(self) -> bool:
         return self.online is not None and not self.online()
 
-    def begin(self, model: str, endpoint: str, via: str, served_here: bool) -> RequestAccount:
+    def begin(self, model: str, endpoint: str, via: str, served_here: bool,
+              started: float | None = None) -> RequestAccount:
+        """`started`: the request's ``time.time()`` when it began before now."""
         ticket = None
         if self.meter is not None and served_here:
             uses = self.devices_for(model) if self.devices_for is not None else None
@@ -114,7 +116,7 @@ class Accounting:
             model=model,
             endpoint=endpoint,
             via=via,
-            started=time.time(),
+            started=time.time() if started is None else started,
             offline_at_start=served_here and self._offline(),
             ticket=ticket,
             served_here=served_here,

@@ -249,7 +249,11 @@ async def answer(pipeline: Pipeline, stream: Stream, frame: Frame) -> None:
     except ProtocolViolation as exc:
         await stream.send(FrameType.ERROR, error_body(400, str(exc)))
         return
-    quick_info(log, "request %s: %s %s", request.request_id, request.endpoint, request.model)
+    # the request's line is written in a loop callback: once this task waits for the
+    # runtime (the upstream's answer), not before the request has gone to it
+    asyncio.get_running_loop().call_soon(
+        quick_info, log, "request %s: %s %s", request.request_id, request.endpoint,
+        request.model)
     args = (request.endpoint, request.model, request.body)
     try:
         if request.stream:

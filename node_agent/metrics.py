@@ -39,18 +39,22 @@ class RequestTrack:
     """One request from arrival to its last byte; :meth:`finish` records it once."""
 
     def __init__(
-        self, metrics: NodeMetrics, model: str, via: str, requested: str = "", endpoint: str = "-"
+        self, metrics: NodeMetrics, model: str, via: str, requested: str = "", endpoint: str = "-",
+        *, began: tuple[float, float] | None = None,
     ) -> None:
+        """`began`: when the request began (``time.monotonic()``, ``time.time()``), if
+        before now (the track made a little later, off the request's way: `Meter`)."""
         self.metrics = metrics
         self.model = model
         self.via = via
-        self.started = time.monotonic()
+        self.started = time.monotonic() if began is None else began[0]
         self.first_at: float | None = None
         self.usage: dict[str, int] | None = None
         self.finished = False
         accounting = metrics.accounting  # energy, and the journal while offline
         self.account = None if accounting is None else accounting.begin(
-            requested or model, endpoint, via, served_here=model != UNKNOWN)
+            requested or model, endpoint, via, served_here=model != UNKNOWN,
+            started=None if began is None else began[1])
 
     def energy(self) -> Energy | None:
         """This request's energy so far, settled now (None: no accounting here)."""
@@ -110,8 +114,9 @@ class NodeMetrics:
         self.accounting = accounting
         accounting.register(self.registry)
 
-    def track(self, model: str, via: str = "proxy", endpoint: str = "-") -> RequestTrack:
-        return RequestTrack(self, self.label(model), via, model, endpoint)
+    def track(self, model: str, via: str = "proxy", endpoint: str = "-", *,
+              began: tuple[float, float] | None = None) -> RequestTrack:
+        return RequestTrack(self, self.label(model), via, model, endpoint, began=began)
 
     def _finish(self, track: RequestTrack, status: str, now: float) -> None:
         if self.accounting is not None and track.account is not None:

@@ -279,7 +279,9 @@ class Answering:
     async def __aenter__(self) -> Answer:
         pipeline = self._pipeline
         endpoint, model, body, via = self._args
-        meter = self.meter = Meter(pipeline, model, endpoint, via, pipeline._where(model))
+        # its track made once the request waits for its runtime (`track_soon`)
+        meter = self.meter = Meter(pipeline, model, endpoint, via, pipeline._where(model),
+                                   track_soon=True)
         try:
             far = None
             if not self._local_only and pipeline.mesh is not None and not pipeline.manager.serves(

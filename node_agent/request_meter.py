@@ -10,6 +10,7 @@ every hook added with :meth:`~node_agent.pipeline.Pipeline.on_finish`, which see
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -67,8 +68,13 @@ class Meter:
     """One request's accounting: usage (read once per chunk), first token, finish once."""
 
     def __init__(
-        self, pipeline: Pipeline, model: str, endpoint: str, via: str, where: str
+        self, pipeline: Pipeline, model: str, endpoint: str, via: str, where: str, *,
+        track_soon: bool = False,
     ) -> None:
+        """`track_soon`: the request's track (its metrics' and energy's start, the
+        accounting's row: `NodeMetrics.track`) is made in a loop callback, once the request
+        has gone to its runtime and waits, not before, with the times noted here (made at
+        once, if first needed sooner)."""
         self._pipeline = pipeline
         self.model, self.endpoint, self.via, self.where = model, endpoint, via, where
         self.started = time.monotonic()
@@ -76,21 +82,39 @@ class Meter:
         self.usage: Usage | None = None
         self.done = False
         self._streamed = False
-        self._track: RequestTrack | None = (
-            pipeline.metrics.track(model, via, endpoint) if pipeline.metrics is not None else None
-        )
+        self._track: RequestTrack | None = None
+        self._wall: float | None = None  # time.time() at the start, while the track is to make
+        metrics = pipeline.metrics
+        if metrics is not None:
+            if track_soon:
+                self._wall = time.time()
+                asyncio.get_running_loop().call_soon(self._tracked)
+            else:
+                self._track = metrics.track(model, via, endpoint)
+
+    def _tracked(self) -> RequestTrack | None:
+        """The request's track; made now if `track_soon` left it for later."""
+        if self._wall is not None:
+            wall, self._wall = self._wall, None
+            metrics = self._pipeline.metrics
+            assert metrics is not None
+            self._track = metrics.track(self.model, self.via, self.endpoint,
+                                        began=(self.started, wall))
+        return self._track
 
     def energy_report(self) -> dict[str, object]:
         """Energy fields for the tunnel's END frame (node_agent/accounting.py); settles the
         request's energy now. {} when there are no metrics."""
-        return self._track.energy_report() if self._track is not None else {}
+        track = self._tracked()
+        return track.energy_report() if track is not None else {}
 
     def chunk(self, data: bytes) -> Usage | None:
         """A chunk (or a whole answer) went out: note the first, read its usage once."""
         if self.first_at is None:
             self.first_at = time.monotonic()
-            if self._track is not None:
-                self._track.first_token()
+            track = self._tracked()
+            if track is not None:
+                track.first_token()
         usage = usage_of(data)
         if usage:
             self.usage = usage
@@ -99,17 +123,19 @@ class Meter:
     def answered(self) -> None:
         """A whole answer is made and about to leave: what must be durable before the
         client can read it (the offline journal's row) is written now."""
-        if self._track is not None:
-            self._track.answered(dict(self.usage) if self.usage else None)
+        track = self._tracked()
+        if track is not None:
+            track.answered(dict(self.usage) if self.usage else None)
 
     def finish(self, status: int) -> None:
         """The request ended with `status` (499: the client or the coordinator left). Once."""
         if self.done:
             return
         self.done = True
-        if self._track is not None:
-            self._track.usage = self.usage
-            self._track.finish(status)
+        track = self._tracked()
+        if track is not None:
+            track.usage = self.usage
+            track.finish(status)
         ended = time.monotonic()
         if self.where == "local" and status == 200 and self.usage:
             streamed = self.first_at is not None and self.first_at > self.started and self._streamed

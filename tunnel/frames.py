@@ -162,17 +162,12 @@ def decode_general(data: bytes, max_size: int = MAX_FRAME) -> Frame:
     if len(data) > max_size:
         raise FrameError("frame too large")
     try:
-        value = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            max_bin_len=max_size,
-            max_str_len=max_size,
-            max_array_len=min(max_size, 1 << 20),
-            max_map_len=min(max_size, 1 << 20),
-            max_ext_len=0,
-        )
+        # msgpack's own bounds when none is given are the data's length (a string, bin or
+        # array can claim no more items or bytes than `data` holds; a map half as many):
+        # tighter than `max_size` and 2**20, which `data` is within (checked above); its
+        # other defaults are ours (raw=False, strict_map_key, use_list). Spelled out, the
+        # five keywords cost ~3 us a frame; ext types stay refused (max_ext_len=0).
+        value = msgpack.unpackb(data, max_ext_len=0)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
         raise FrameError("frame is not valid msgpack") from None
     if not isinstance(value, list) or len(value) != 5:

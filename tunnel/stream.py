@@ -109,7 +109,9 @@ class Stream:
         if not self._send_lock.locked() and mux.conn.send_last(self._state, data, end):
             mux._forget(self.id)
             self._wake_credit()
-            await mux.link.sent()
+            # an answer's way ends here: it leaves at once, not at the loop turn's end (what
+            # the handler does after it, its task's end and the metering, is not on its way)
+            await mux.link.sent(now=True)
             return
         await self.send(FrameType.DATA, data)
         await self.send(FrameType.END, end)

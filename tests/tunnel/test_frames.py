@@ -64,6 +64,12 @@ def _raw(*fields: Any) -> bytes:
         _raw(7, 0, 0, 0, {}),
         _raw(8, 0, 0, 0, {"t": "now"}),
         msgpack.packb([1, 1, 0, 0, msgpack.ExtType(5, b"x")]),
+        b"\x95\x01\x01\x00\x00\xd6\xff\x00\x00\x00\x00",  # a timestamp (ext -1)
+        # sizes claimed past what the frame holds: refused, nothing allocated for them
+        b"\x95\x01\x01\x00\x00\xdf\x7f\xff\xff\xff",  # a map of 2**31-1 entries
+        b"\x95\x01\x01\x00\x00\x81\xa1k\xdd\x7f\xff\xff\xff",  # an array of 2**31-1
+        b"\x95\x02\x01\x00\x00\xc6\x7f\xff\xff\xff",  # a bin of 2**31-1 bytes
+        b"\x95\x01\x01\x00\x00\x81\xa1k\xdb\x7f\xff\xff\xff",  # a str of 2**31-1 bytes
         b"\x95\x01\x01\x00\x00\xa2\xff\xfe",  # invalid utf-8 string
         b"\x91" * 100_000,  # deep nesting
         _raw(1, 1, 0, 0, {}) + b"\x00",  # trailing byte

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from tests.tunnel.ws_harness import Coordinator, _mux_pair, coordinator
-from tunnel import FrameType
+from tunnel import Frame, FrameType, Stream
 
 __all__ = ["coordinator"]  # the fixture, used by name below
 
@@ -34,5 +34,38 @@ async def test_an_open_on_an_idle_link_leaves_at_once_and_a_burst_still_coalesce
     for stream in (first, *burst):
         frames = [frame async for frame in stream]
         assert [f.type for f in frames] == [FrameType.DATA, FrameType.END]
+    await client.close()
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+
+
+async def test_a_whole_answer_leaves_inside_send_last(coordinator: Coordinator) -> None:
+    """The answering side's DATA and END as one frame (`Stream.send_last`) are written in
+    the call, on an idle link: not in a write round after the handler's turn."""
+    inside: list[int] = []
+
+    async def answer(stream: Stream, frame: Frame) -> None:
+        link = stream._mux.link
+        await link.flush()  # idle: nothing queued, no round due
+        ws = link._ws
+        written: list[int] = []
+        send = ws.send_message
+
+        def recorded(data: bytes) -> None:
+            written.append(len(data))
+            send(data)
+
+        ws.send_message = recorded  # type: ignore[method-assign]
+        try:
+            await stream.send_last(b"whole", {"usage": {"completion_tokens": 1}})
+            inside.append(len(written))
+        finally:
+            ws.send_message = send  # type: ignore[method-assign]
+
+    client, _, _, coord_mux, tasks = await _mux_pair(coordinator, on_stream=answer)
+    stream = await coord_mux.open({"tag": "a"})
+    frames = [(f.type, f.body) async for f in stream]
+    assert frames == [(FrameType.DATA, b"whole"),
+                      (FrameType.END, {"usage": {"completion_tokens": 1}})]
+    assert inside == [1]  # one message, written before send_last returned
     await client.close()
     await asyncio.wait_for(asyncio.gather(*tasks), 5)

@@ -114,6 +114,7 @@ def _dispatch(m: ModuleType) -> None:
     _patch(m.Dispatcher, "start", _async_before, "dispatch")
     _patch(m, "schedule", _around, "schedule")
     _patch(m.Dispatcher, "_try_node", _async_before, "try_node")
+    _patch(m.Dispatcher, "_committed", _around, "committed")
 
 
 def _api_context(m: ModuleType) -> None:
@@ -162,6 +163,23 @@ def _node_link(m: ModuleType) -> None:
     _patch(m, "answer", _async_before, "answer")
 
 
+def _pipeline(m: ModuleType) -> None:
+    _patch(m.Answering, "__aenter__", _async_around, "aenter")
+
+
+def _meter(m: ModuleType) -> None:
+    _patch(m.Meter, "answered", _around, "answered")
+    _patch(m.Meter, "__init__", _around, "meter")
+
+
+def _models(m: ModuleType) -> None:
+    _patch(m.Lending, "__aenter__", _async_around, "lend")
+
+
+def _served(m: ModuleType) -> None:
+    _patch(m.NodeAttempt, "collect", _async_around, "collect")
+
+
 def _uvicorn(m: ModuleType) -> None:
     _patch(m.HttpToolsProtocol, "data_received", _before, "uv.read")
     _patch(m.HttpToolsProtocol, "on_headers_complete", _around, "uv.headers")
@@ -193,6 +211,10 @@ PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "coordinator.hot_routes": _hot_routes,
     "node_agent.runtimes.http1": _http1,
     "node_agent.link": _node_link,
+    "node_agent.pipeline": _pipeline,
+    "node_agent.request_meter": _meter,
+    "node_agent.models": _models,
+    "coordinator.served": _served,
     "uvicorn.protocols.http.httptools_impl": _uvicorn,
 }
 
