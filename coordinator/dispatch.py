@@ -283,11 +283,15 @@ class Dispatcher:
                                    view.capacity if view is not None else None)
             seen = None if last else node.observed.get(timed_as(model, request.endpoint))
             timeout = first_token_timeout(self.config.first_token_timeout_s, seen, load_s, ahead)
+            # what the answer is read with, made while the node works on it (nothing made
+            # here changes anything: dropped if the node fails)
+            attempt = NodeAttempt(self.registry, node, stream, request, model,
+                                  decoder=ChunkDecoder(), first_at=0.0, first=b"",
+                                  started=started, tries=tries, deadline=deadline,
+                                  idle_timeout=self.config.idle_timeout_s)
             frame = await self._first_frame(node, stream, timeout, deadline)
             if frame.type == FrameType.DATA:
-                attempt = self._committed(node, stream, frame, request, want=want,
-                                          model=model, started=started, sent=sent, tries=tries,
-                                          deadline=deadline)
+                self._committed(attempt, frame, want=want, sent=sent)
                 committed = True
                 return attempt
             if frame.type == FrameType.ERROR:
@@ -321,23 +325,20 @@ class Dispatcher:
         finally:
             timer.close()
 
-    def _committed(self, node: NodeConn, stream: Stream, frame: Frame, request: OpenRequest,
-                   *, want: Request, model: str, started: float, sent: float, tries: int,
-                   deadline: float) -> NodeAttempt:
+    def _committed(self, attempt: NodeAttempt, frame: Frame, *, want: Request,
+                   sent: float) -> None:
         """The first chunk arrived: check it, record the time it took, and commit."""
-        decoder = ChunkDecoder()
+        request, node = attempt.request, attempt.node
         try:
-            body = decoder.decode(frame.body) if isinstance(frame.body, bytes) else frame.body
-            first = check_chunk(body, streaming=request.stream)
+            body = (attempt.decoder.decode(frame.body) if isinstance(frame.body, bytes)
+                    else frame.body)
+            attempt.first = check_chunk(body, streaming=request.stream)
         except ValueError as exc:
             raise Failed(f"malformed answer: {exc}") from None
-        first_at = time.perf_counter()
-        node.seen(timed_as(model, request.endpoint)).first_token(
+        attempt.first_at = first_at = time.perf_counter()
+        node.seen(timed_as(attempt.model, request.endpoint)).first_token(
             first_at - sent, want.prompt_tokens if request.stream else 0)
         self.registry.set_suspect(node, False)  # it answered in time: proven again
-        return NodeAttempt(self.registry, node, stream, request, model, decoder=decoder,
-                           first_at=first_at, first=first, started=started, tries=tries,
-                           deadline=deadline, idle_timeout=self.config.idle_timeout_s)
 
 
 def _cancel_soon(stream: Stream) -> None:
