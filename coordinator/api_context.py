@@ -16,8 +16,9 @@ from starlette.requests import Request
 from coordinator.cache import ResponseCache
 from coordinator.config import CoordinatorConfig
 from coordinator.dispatch import Dispatcher
+from coordinator.ledger_journal import LedgerJournal, Marks
 from coordinator.ledger_row import fit_row
-from coordinator.ledger_writer import LedgerWriter
+from coordinator.ledger_writer import LINGER_S, LedgerWriter
 from coordinator.limits import KeyGate
 from coordinator.metrics import Metrics
 from coordinator.registry import Registry
@@ -45,6 +46,11 @@ class ApiContext:
     record_now: Callable[[list[dict[str, Any]]], bool] | None = None
     """rows stored at once if that cannot wait (False: not stored); see ledger_writer.py"""
     ledger_housekeeping: Callable[[], None] | None = None
+    journal: LedgerJournal | None = None
+    """rows journaled before the answer and committed after it (ledger_journal.py)"""
+    record_journaled: Callable[[list[dict[str, Any]], Marks], None] | None = None
+    """journaled rows and the journal's mark in one transaction; blocking"""
+    ledger_linger_s: float = LINGER_S
     config: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     dispatcher: Dispatcher | None = None
     gate: KeyGate | None = None
@@ -112,24 +118,31 @@ class ApiContext:
         task.add_done_callback(self._pending.discard)
 
     async def commit(self, row: dict[str, Any]) -> None:
-        """Write `row` to the ledger, returning once it is stored: the answer's last byte
-        waits on this, so a crash after an answer was delivered loses no row. It is counted
-        (the key's token bucket and budget, metrics) in this turn of the loop, after the
-        task's own step: the answer's last bytes, written in that step, leave first."""
+        """Write `row` to the ledger, returning once it is journaled or stored: the answer's
+        last byte waits on this, so a crash after an answer was delivered loses no row. It
+        is counted (the key's token bucket and budget, metrics) in this turn of the loop,
+        after the task's own step: the answer's last bytes, written in that step, leave
+        first."""
         if self.gate is not None or self.metrics is not None:
             asyncio.get_running_loop().call_soon(self._count, row)
+        fitted = fit_row(row)
+        writer = self._writer()
+        if writer.append(fitted):
+            return
         try:
-            await self._writer().write(fit_row(row))
+            await writer.write(fitted)
         except Exception:
             log.exception("the ledger row of request %s could not be written: %s",
                           row.get("request_id"), clip(repr(row), 1000))
 
     def commit_now(self, row: dict[str, Any]) -> bool:
-        """`commit` when it needs no wait (SQLite with nobody else writing): True once the
-        row is stored and its count scheduled as `commit` does; False, nothing done (nor
-        raised: `commit` then writes it, or logs why it cannot)."""
+        """`commit` when it needs no wait (a journal, or SQLite with nobody else writing):
+        True once the row is journaled or stored and its count scheduled as `commit` does;
+        False, nothing done (nor raised: `commit` then writes it, or logs why it cannot)."""
+        fitted = fit_row(row)
+        writer = self._writer()
         try:
-            if not self._writer().try_now(fit_row(row)):
+            if not (writer.append(fitted) or writer.try_now(fitted)):
                 return False
         except Exception:  # noqa: BLE001 - nothing stored: commit tries again and logs it
             return False
@@ -140,7 +153,10 @@ class ApiContext:
     def _writer(self) -> LedgerWriter:
         if self._ledger is None:  # rows one at a time unless the store writes them together
             self._ledger = (LedgerWriter(self.record_usages, write_now=self.record_now,
-                                         housekeeping=self.ledger_housekeeping)
+                                         housekeeping=self.ledger_housekeeping,
+                                         journal=self.journal,
+                                         write_journaled=self.record_journaled,
+                                         linger_s=self.ledger_linger_s)
                             if self.record_usages is not None
                             else LedgerWriter(self._row_by_row, max_batch=1))
         return self._ledger
@@ -155,7 +171,16 @@ class ApiContext:
         for row in rows:
             self.record_usage(row)
 
+    def flush_ledger(self) -> None:
+        """Block until every row journaled so far is in the store (read-your-writes: the
+        store calls this before it reads the ledger; any thread)."""
+        if self._ledger is not None:
+            self._ledger.flush()
+
     def close(self) -> None:
-        """Store the ledger rows still queued and stop the writer thread (blocking)."""
+        """Store the ledger rows still queued and stop the writer thread (blocking); the
+        journal's files go when all its rows are stored."""
         if self._ledger is not None:
             self._ledger.close()
+        elif self.journal is not None:  # no row was ever written
+            self.journal.close()

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from coordinator import write_tick
@@ -28,6 +29,8 @@ from coordinator.engines import Engines, write_engines
 from coordinator.gateway import Gateway
 from coordinator.gcpolicy import gc_loop
 from coordinator.ingest import node_streams
+from coordinator.ledger_journal import JOURNAL_DIR, LedgerJournal, Marks, open_journal, recover
+from coordinator.ledger_writer import linger_from_env
 from coordinator.limits import KeyGate, RateLimiter
 from coordinator.live import LIVE_FILE, write_live_loop
 from coordinator.metering import BudgetTracker
@@ -52,7 +55,8 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
              dispatcher: Dispatcher, opts: ServeOptions | None = None, *,
              cluster: Cluster | None = None, spool: LedgerSpool | None = None,
              traffic: Traffic | None = None,
-             known: Callable[[], set[str]] | None = None) -> ApiContext:
+             known: Callable[[], set[str]] | None = None,
+             journal: LedgerJournal | None = None) -> ApiContext:
     if cluster is None:  # one coordinator: limits, budgets and cache in this process
         gate = KeyGate(budgets=BudgetTracker(store.spend_by_key))
     else:  # a replica: the same objects on Redis (cluster.py, shared_state.py)
@@ -78,6 +82,13 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
             [UsageRecord(**row, created_at=now) for row in rows])
         _traffic(rows)
 
+    def record_journaled(rows: list[dict[str, Any]], marks: Marks) -> None:  # with the mark
+        if spool is not None:
+            spool.record_many([UsageRecord(**row) for row in rows], marks)
+        else:
+            store.record_rows(rows, marks)
+        _traffic(rows)
+
     def record_now(rows: list[dict[str, Any]]) -> bool:  # SQLite, nobody else writing
         stored = store.record_rows_now(rows, time.time())
         if stored and traffic is not None:  # counted after the answer left, as the metrics
@@ -96,11 +107,15 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
                      cluster.link, ttl_s=opts.cache_ttl_s, max_entries=opts.cache_entries))
     metrics = Metrics()
     dispatcher.on_decision = metrics.schedule.observe
-    return ApiContext(registry, verify_key, known or known_models, record_usage,
-                      record_usages=record_usages, config=config,
-                      record_now=record_now if spool is None else None,
-                      ledger_housekeeping=store.ledger_checkpoint,
-                      dispatcher=dispatcher, gate=gate, metrics=metrics, cache=cache)
+    ctx = ApiContext(registry, verify_key, known or known_models, record_usage,
+                     record_usages=record_usages, config=config,
+                     record_now=record_now if spool is None else None,
+                     ledger_housekeeping=store.ledger_checkpoint,
+                     journal=journal, record_journaled=record_journaled,
+                     ledger_linger_s=linger_from_env(),
+                     dispatcher=dispatcher, gate=gate, metrics=metrics, cache=cache)
+    store.ledger_barrier = ctx.flush_ledger  # this process reads what it journaled
+    return ctx
 
 
 async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> None:
@@ -133,9 +148,10 @@ async def serve(opts: ServeOptions, config: CoordinatorConfig | None = None) -> 
     if cluster is not None:
         await cluster.join(tunnel_url, f"http://{api_host}:{opts.api_port}")
     spool = LedgerSpool(store, state.path) if store.engine.dialect.name != "sqlite" else None
+    journal = await asyncio.to_thread(_ledger_journal, state.path / JOURNAL_DIR, store, spool)
     traffic = Traffic()
     ctx = _context(store, registry, config, dispatcher, opts, cluster=cluster, spool=spool,
-                   traffic=traffic, known=gateway.known_models)
+                   traffic=traffic, known=gateway.known_models, journal=journal)
     # apps on nodes asking for others' models; nodes uploading what they served offline
     gateway.on_request = node_streams(store, ctx.metrics, functools.partial(relay, ctx))
     app = answering_database_outages(build_app(ctx))  # a 503, not a bare 500
@@ -188,6 +204,25 @@ async def _close(ctx: ApiContext, clouds: Iterable[CloudClient], store: Store) -
         await cloud.aclose()
     await asyncio.to_thread(ctx.close)  # the ledger rows still queued, then its thread
     store.close()
+
+
+def _ledger_journal(directory: Path, store: Store,
+                   spool: LedgerSpool | None) -> LedgerJournal | None:
+    """Replay what earlier runs journaled and did not commit, then open this run's journal
+    (None when it cannot be written: rows are then committed before their answers)."""
+    spooled = spool.marks() if spool is not None else {}
+
+    def mark(jid: str) -> int:
+        return max(store.journal_mark(jid), spooled.get(jid, 0))
+
+    def store_rows(rows: list[dict[str, Any]], marks: Marks) -> None:
+        if spool is not None:
+            spool.record_many([UsageRecord(**row) for row in rows], marks)
+        else:
+            store.record_rows(rows, marks)
+
+    recover(directory, mark=mark, store=store_rows, forget=store.forget_journal_mark)
+    return open_journal(directory)
 
 
 def pace_writes(config: CoordinatorConfig) -> None:

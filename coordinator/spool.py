@@ -8,6 +8,11 @@ on a database that is down); a background loop replays the spool every `REPLAY_S
 one transaction (all rows or none, so a failed replay duplicates nothing) and empties
 it. A replica that stops or crashes with rows spooled replays them on its next start.
 
+Rows from the ledger journal (ledger_journal.py) come with their journal's mark; spooled,
+the mark follows them as a line of its own (``{"journal_marks": {...}}``, in the same
+fsynced write), so a restart's journal replay skips rows the spool already holds, and the
+spool's replay stores the marks with the rows.
+
 What a client received and what the ledger holds only differ while the database is
 down, by the rows in the spool. A request that needs the database while it is down (a
 key not verified in the last seconds) gets a 503 in OpenAI's shape with Retry-After
@@ -23,6 +28,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,8 @@ log = logging.getLogger(__name__)
 SPOOL_FILE = "ledger-spool.jsonl"
 REPLAY_S = 1.0
 _FIELDS = {f.name for f in dataclasses.fields(UsageRecord)}
+MARKS = "journal_marks"
+_MARK_LINE = '{"journal_marks":'
 
 
 class LedgerSpool:
@@ -56,7 +64,8 @@ class LedgerSpool:
     def _count(self) -> int:
         try:
             with self.path.open("rb") as spool:
-                return sum(1 for line in spool if line.strip())
+                return sum(1 for line in spool
+                           if line.strip() and not line.startswith(_MARK_LINE.encode()))
         except FileNotFoundError:
             return 0
 
@@ -64,21 +73,34 @@ class LedgerSpool:
         """Write one row to the database, or to the spool (blocking; callers use a thread)."""
         self.record_many([record])
 
-    def record_many(self, records: list[UsageRecord]) -> None:
-        """Write rows to the database in one transaction, or all to the spool (blocking)."""
+    def record_many(self, records: list[UsageRecord],
+                    marks: Mapping[str, int] | None = None) -> None:
+        """Write rows (and journal marks) to the database in one transaction, or all to the
+        spool (blocking)."""
         with self._lock:
             if not self.path.exists():
                 try:
-                    self.store.record_usages(records)
+                    self.store.record_usages(records, marks)
                     return
                 except SQLAlchemyError as exc:
                     log.error("LEDGER: the database refused a row (%s); spooling rows to %s "
                               "and replaying them when it is back", _first_line(exc), self.path)
-            self._append(records)
+            self._append(records, marks)
 
-    def _append(self, records: list[UsageRecord]) -> None:
+    def marks(self) -> dict[str, int]:
+        """The journal marks of the spooled rows (journal id -> last seq spooled)."""
+        with self._lock:
+            try:
+                text = self.path.read_text()
+            except FileNotFoundError:
+                return {}
+        return _marks(text.splitlines())
+
+    def _append(self, records: list[UsageRecord], marks: Mapping[str, int] | None) -> None:
         text = "".join(json.dumps(dataclasses.asdict(r), separators=(",", ":")) + "\n"
                        for r in records)
+        if marks:
+            text += json.dumps({MARKS: dict(marks)}, separators=(",", ":")) + "\n"
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "a") as spool:
             spool.write(text)
@@ -94,10 +116,12 @@ class LedgerSpool:
                 text = self.path.read_text()
             except FileNotFoundError:
                 return 0
-            read = [_record(line) for line in text.splitlines() if line.strip()]
+            lines = [line for line in text.splitlines() if line.strip()]
+            read = [_record(line) for line in lines if not line.startswith(_MARK_LINE)]
             records = [r for r in read if r is not None]
-            if records:
-                self.store.record_usages(records)
+            marks = _marks(lines)
+            if records or marks:
+                self.store.record_usages(records, marks)
             self.path.unlink()
             self.replayed += len(records)
         log.warning("LEDGER: the database is back; %d spooled row(s) written", len(records))
@@ -110,6 +134,18 @@ class LedgerSpool:
                 with contextlib.suppress(SQLAlchemyError):
                     await asyncio.to_thread(self.replay)
             await asyncio.sleep(period)
+
+
+def _marks(lines: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in lines:
+        if line.startswith(_MARK_LINE):
+            try:
+                for jid, seq in json.loads(line)[MARKS].items():
+                    out[str(jid)] = max(out.get(str(jid), 0), int(seq))
+            except (ValueError, TypeError, AttributeError, KeyError):
+                log.error("LEDGER: an unreadable spool line was skipped: %.200s", line)
+    return out
 
 
 def _record(line: str) -> UsageRecord | None:

@@ -101,8 +101,13 @@ class StoreCore:
     def generation(self, name: str) -> int:
         """The change counter `name` (0 if nothing ever bumped it); one primary-key read."""
         with self._read() as s:
-            row = s.get(GenerationRow, name)
-            return row.value if row is not None else 0
+            return self.generation_in(s, name)
+
+    @staticmethod
+    def generation_in(session: Session, name: str) -> int:
+        """`generation` inside the caller's read (one snapshot with its other reads)."""
+        row = session.get(GenerationRow, name)
+        return row.value if row is not None else 0
 
 
 def _bump(session: Session, name: str) -> None:

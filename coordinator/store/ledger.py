@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Table, case, func, insert, select
+from sqlalchemy import Table, case, delete, func, insert, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from coordinator.errors import CoordinatorError
+from coordinator.ledger_journal import MARK_PREFIX, journaled
 from coordinator.store.core import StoreCore
 from coordinator.store.records import UsageGroup, UsageRecord, UsageTotal
-from coordinator.store.schema import UsageRow
+from coordinator.store.schema import GenerationRow, UsageRow
 from coordinator.store.sqlite_append import SqliteAppender
 
 _LEDGER = cast("Table", UsageRow.__table__)  # Core inserts: no unit of work per row
@@ -26,19 +28,51 @@ class LedgerStore(StoreCore):
         """Append one row; client-chosen strings (request id, model) are cut to fit columns."""
         self.record_usages([record])
 
-    def record_usages(self, records: list[UsageRecord]) -> None:
+    ledger_barrier: Callable[[], None] | None = None
+    """Called before the ledger is read (`usage_rows`, `usage_totals`, `spend_by_key`): the
+    server's waits until every row it journaled is committed (read-your-writes)."""
+
+    def record_usages(self, records: list[UsageRecord],
+                      marks: Mapping[str, int] | None = None) -> None:
         """Append rows in one transaction: all or none (the ledger spool's replay, the ledger
         writer's group commit). One Core INSERT of many rows on a connection: the ORM's unit of
-        work and session cost more than the insert itself on the request path."""
-        if not records:
+        work and session cost more than the insert itself on the request path. `marks`: ledger
+        journals' marks (journal id -> last seq stored) set in the same transaction."""
+        if not records and not marks:
             return
         if self.engine.dialect.name == "sqlite":  # the request path's store: no Core execute
-            if self._appender is None:
-                self._appender = SqliteAppender(self.engine, _LEDGER.name, _COLUMNS)
-            self._appender.append([tuple(_usage_values(r).values()) for r in records])
+            self._sqlite_appender().append([tuple(_usage_values(r).values()) for r in records],
+                                           _mark_rows(marks))
             return
         with self._immediate.begin() as conn:  # as `_write`: one transaction
-            conn.execute(insert(_LEDGER), [_usage_values(r) for r in records])
+            if records:
+                conn.execute(insert(_LEDGER), [_usage_values(r) for r in records])
+            for name, value in _mark_rows(marks):
+                conn.execute(postgresql_insert(GenerationRow).values(name=name, value=value)
+                             .on_conflict_do_update(index_elements=["name"],
+                                                    set_={"value": value}))
+
+    def record_rows(self, rows: Sequence[Mapping[str, Any]], marks: Mapping[str, int]) -> None:
+        """`record_usages` of rows that carry their ``created_at`` (journaled rows), with
+        their journal's mark; SQLite straight from the dicts (`usage_tuple`)."""
+        if self.engine.dialect.name == "sqlite":
+            self._sqlite_appender().append(
+                [usage_tuple(row, row["created_at"]) for row in rows], _mark_rows(marks))
+            return
+        self.record_usages([UsageRecord(**row) for row in rows], marks)
+
+    def journal_mark(self, journal_id: str) -> int:
+        """The last seq of ledger journal `journal_id` the store holds (0: none)."""
+        return self.generation(MARK_PREFIX + journal_id)
+
+    def forget_journal_mark(self, journal_id: str) -> None:
+        with self._write() as s:
+            s.execute(delete(GenerationRow).where(GenerationRow.name == MARK_PREFIX + journal_id))
+
+    def _sqlite_appender(self) -> SqliteAppender:
+        if self._appender is None:
+            self._appender = SqliteAppender(self.engine, _LEDGER.name, _COLUMNS)
+        return self._appender
 
     _appender: SqliteAppender | None = None
 
@@ -64,6 +98,10 @@ class LedgerStore(StoreCore):
         """Fold SQLite's write-ahead log into the database (blocking; a thread's job)."""
         if self._appender is not None:
             self._appender.checkpoint()
+
+    def _barrier(self) -> None:
+        if self.ledger_barrier is not None:
+            self.ledger_barrier()
 
     def close(self) -> None:
         if self._appender is not None:
@@ -104,14 +142,28 @@ class LedgerStore(StoreCore):
         return new
 
     def usage_rows(self, since: float | None = None) -> list[UsageRecord]:
+        self._barrier()
         query = select(UsageRow).order_by(UsageRow.created_at, UsageRow.id)
         if since is not None:
             query = query.where(UsageRow.created_at >= since)
         with self._read() as s:
             return [_usage_record(r) for r in s.scalars(query)]
 
+    def usage_rows_durable(self, *journal_dirs: Path) -> list[UsageRecord]:
+        """Every row the coordinators (replicas) have answered for, from another process:
+        the store's rows and those still only in their ledger journals (read first; the
+        rows and the journals' marks then in one snapshot, so none is counted twice)."""
+        records = [record for directory in journal_dirs for record in journaled(directory)]
+        query = select(UsageRow).order_by(UsageRow.created_at, UsageRow.id)
+        with self._read() as s:
+            rows = [_usage_record(r) for r in s.scalars(query)]
+            marks = {jid: self.generation_in(s, MARK_PREFIX + jid)
+                     for jid in {jid for jid, _, _ in records}}
+        return rows + [UsageRecord(**row) for jid, seq, row in records if seq > marks[jid]]
+
     def usage_totals(self, by: UsageGroup, since: float | None = None) -> list[UsageTotal]:
         """The ledger summed per key, node (or upstream) or model, in the database."""
+        self._barrier()
         column = {
             "key": func.coalesce(UsageRow.key_id, "-"),
             "node": func.coalesce(UsageRow.node_did, UsageRow.upstream, "-"),
@@ -144,6 +196,7 @@ class LedgerStore(StoreCore):
 
     def spend_by_key(self, day_start: float, month_start: float) -> dict[str, tuple[float, float]]:
         """key id -> (cost since `day_start`, cost since `month_start`), one grouped query."""
+        self._barrier()
         start = min(day_start, month_start)
         today = func.sum(case((UsageRow.created_at >= day_start, UsageRow.cost), else_=0.0))
         month = func.sum(case((UsageRow.created_at >= month_start, UsageRow.cost), else_=0.0))
@@ -153,6 +206,10 @@ class LedgerStore(StoreCore):
         with self._read() as s:
             return {str(k): (float(d or 0.0), float(m or 0.0)) for k, d, m in s.execute(query)}
 
+
+
+def _mark_rows(marks: Mapping[str, int] | None) -> list[tuple[str, int]]:
+    return [(MARK_PREFIX + jid, seq) for jid, seq in (marks or {}).items()]
 
 
 def _energy_values(record: UsageRecord) -> dict[str, Any]:

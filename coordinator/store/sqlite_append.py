@@ -22,6 +22,9 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+MARKS = "generations"
+"""The table of named counters (store/schema.py, GenerationRow) that holds journal marks."""
+
 
 class SqliteAppender:
     def __init__(self, engine: Engine, table: str, columns: Sequence[str]) -> None:
@@ -29,18 +32,23 @@ class SqliteAppender:
         # names from our own schema (ledger.py), never from a request
         self._sql = (f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608
                      f"VALUES ({', '.join('?' * len(columns))})")
+        self._mark_sql = (f"INSERT INTO {MARKS} (name, value) VALUES (?, ?) "  # noqa: S608
+                          "ON CONFLICT (name) DO UPDATE SET value = excluded.value")
         self._lock = threading.Lock()
         self._conn: Any = None
         self._quick: Any = None  # the event loop's own (try_append)
         self._quick_cursor: Any = None
 
-    def append(self, rows: list[tuple[Any, ...]]) -> None:
-        """Insert `rows` in one transaction; raises the driver's error (nothing stored)."""
+    def append(self, rows: list[tuple[Any, ...]],
+               marks: Sequence[tuple[str, int]] = ()) -> None:
+        """Insert `rows` in one transaction, with `marks` (name, value) set in the
+        ``generations`` table in the same one (a ledger journal's mark); raises the
+        driver's error (nothing stored)."""
         with self._lock:
             cursor = self._writer().cursor()
             try:
                 cursor.execute("BEGIN IMMEDIATE")
-                self._insert(cursor, rows)
+                self._insert(cursor, rows, marks)
             finally:
                 cursor.close()
 
@@ -50,10 +58,14 @@ class SqliteAppender:
             self._conn = self._engine.raw_connection()
         return self._conn
 
-    def _insert(self, cursor: Any, rows: list[tuple[Any, ...]]) -> None:
-        """Inside the caller's BEGIN: insert `rows` and commit, or roll back and raise."""
+    def _insert(self, cursor: Any, rows: list[tuple[Any, ...]],
+                marks: Sequence[tuple[str, int]] = ()) -> None:
+        """Inside the caller's BEGIN: insert `rows` (and `marks`) and commit, or roll back
+        and raise."""
         try:
             cursor.executemany(self._sql, rows)
+            if marks:
+                cursor.executemany(self._mark_sql, marks)
             cursor.execute("COMMIT")
         except BaseException:
             cursor.execute("ROLLBACK")

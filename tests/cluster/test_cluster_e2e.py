@@ -23,6 +23,7 @@ import httpx
 import openai
 import pytest
 
+from coordinator.ledger_journal import JOURNAL_DIR
 from coordinator.store import Store
 from tests.cluster.engines import PostgresServer, RedisServer
 from tests.cluster.harness import Cluster, Replica
@@ -258,7 +259,8 @@ def _ledger_ok(cluster: Cluster, key_name: str) -> set[str]:
     store = Store(cluster.postgres.url)
     try:
         key_id = next(k.key_id for k in store.list_keys() if k.name == key_name)
-        return {r.request_id for r in store.usage_rows()
+        journals = [r.state / JOURNAL_DIR for r in cluster.replicas.values()]  # uncommitted
+        return {r.request_id for r in store.usage_rows_durable(*journals)
                 if r.key_id == key_id and r.outcome == "ok"}
     finally:
         store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import SQLAlchemyError
 
+from coordinator.ledger_journal import JOURNAL_DIR, LedgerJournal
+from coordinator.server import _ledger_journal
 from coordinator.spool import LedgerSpool
 from coordinator.store import Store, UsageRecord
 from tests.cluster.engines import PostgresServer
@@ -104,5 +107,47 @@ def test_a_request_that_needs_the_database_while_it_is_down_gets_a_clear_503(
         assert reply.headers["retry-after"] == "1"
         assert reply.json()["error"]["code"] == "database_unavailable"
         assert client.get("/check").status_code == 200  # back (pre-ping: no stale error)
+    finally:
+        store.close()
+
+
+def test_journaled_rows_spooled_in_an_outage_are_replayed_once(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """The ledger journal on PostgreSQL: a batch and its journal mark commit together; in
+    an outage both go to the spool. A replica that dies before truncating its journal
+    replays neither the committed nor the spooled rows from it a second time."""
+    store = Store(postgres.url)
+    directory = tmp_path / JOURNAL_DIR
+    try:
+        before = len(store.usage_rows())
+        journal = LedgerJournal(directory)
+        rows = [dataclasses.asdict(_row(n)) | {"request_id": f"j_{n}"} for n in range(6)]
+        for row in rows:
+            journal.append(row)
+        spool = LedgerSpool(store, tmp_path)
+        spool.record_many([UsageRecord(**r) for r in rows[:2]], {journal.id: 2})
+        assert store.journal_mark(journal.id) == 2  # in the rows' transaction
+        postgres.stop()
+        spool.record_many([UsageRecord(**r) for r in rows[2:4]], {journal.id: 4})
+        postgres.start()
+        assert spool.pending() == 2
+        assert spool.marks() == {journal.id: 4}
+        # the process dies here: rows 5 and 6 only journaled, the journal not truncated
+        restarted = Store(postgres.url)
+        try:
+            fresh = _ledger_journal(directory, restarted, LedgerSpool(restarted, tmp_path))
+            assert fresh is not None
+            assert fresh.id != journal.id
+            fresh.close()
+            assert not list(directory.glob("*.lj"))  # the old run's files replayed, gone
+            # rows 5 and 6 went behind the spooled ones (order kept while it holds rows)
+            assert LedgerSpool(restarted, tmp_path).replay() == 4
+            ids = [r.request_id for r in restarted.usage_rows()]
+            assert sorted(i for i in ids if i.startswith("j_")) == [f"j_{n}" for n in range(6)]
+            assert len(ids) == before + 6  # each once
+            assert restarted.journal_mark(journal.id) == 6  # the spool's lines carried it
+        finally:
+            restarted.close()
     finally:
         store.close()

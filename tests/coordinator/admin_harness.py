@@ -19,6 +19,7 @@ from coordinator.api import ApiContext, build_app
 from coordinator.config import CoordinatorConfig
 from coordinator.dispatch import Dispatcher
 from coordinator.gateway import Gateway
+from coordinator.ledger_journal import JOURNAL_DIR, open_journal
 from coordinator.registry import Registry
 from coordinator.server import _context
 from coordinator.state import StateDir
@@ -74,7 +75,7 @@ async def admined(tmp_path: Path) -> AsyncIterator[Admined]:
     config = CoordinatorConfig()
     traffic = Traffic()
     api = _context(store, registry, config, Dispatcher(registry, config.dispatch),
-                   traffic=traffic)
+                   traffic=traffic, journal=open_journal(state.path / JOURNAL_DIR))
     gateway = Gateway(store, registry)
     tunnel = await serve_tunnel("127.0.0.1", 0, state.static_key(), gateway.authorize,
                                 gateway.on_link)
@@ -96,4 +97,5 @@ async def admined(tmp_path: Path) -> AsyncIterator[Admined]:
                 await task
         tunnel.close()
         await tunnel.wait_closed()
+        await asyncio.to_thread(api.close)
         store.close()

@@ -28,6 +28,7 @@ from coordinator.cloud import CloudClient
 from coordinator.config import CoordinatorConfig, Upstream
 from coordinator.dispatch import Dispatcher
 from coordinator.gateway import Gateway
+from coordinator.ledger_journal import JOURNAL_DIR, open_journal
 from coordinator.registry import Registry
 from coordinator.server import _context
 from coordinator.state import ServeOptions
@@ -226,7 +227,9 @@ async def coordinator(tmp_path: Path, *, cache: bool = False) -> AsyncIterator[C
             log_level="info",
             cache=cache,
         )
-        ctx = _context(store, registry, config, dispatcher, opts)
+        # journaled rows, as the server writes them (reads wait for them: `ledger_barrier`)
+        ctx = _context(store, registry, config, dispatcher, opts,
+                       journal=open_journal(tmp_path / JOURNAL_DIR))
         static = X25519PrivateKey.generate()
         gateway = Gateway(store, registry)
         tunnel = await serve_tunnel("127.0.0.1", 0, static, gateway.authorize, gateway.on_link)
@@ -252,4 +255,5 @@ async def coordinator(tmp_path: Path, *, cache: bool = False) -> AsyncIterator[C
             await tunnel.wait_closed()
             for client in clouds.values():
                 await client.aclose()
+            await asyncio.to_thread(ctx.close)
             store.close()

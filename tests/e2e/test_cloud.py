@@ -17,6 +17,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from coordinator.ledger_journal import JOURNAL_DIR
 from coordinator.state import StateDir
 from coordinator.store import Store, UsageRecord
 from tests.e2e.mesh import Mesh, Proc, free_port, mesh_at, wait_until
@@ -45,7 +46,8 @@ class Cloudy:
     def ledger(self, request_id: str) -> list[UsageRecord]:
         store = Store(StateDir(self.mesh.coord_state).db_url)
         try:
-            return [r for r in store.usage_rows() if r.request_id == request_id]
+            journal = self.mesh.coord_state / JOURNAL_DIR  # rows not committed yet too
+            return [r for r in store.usage_rows_durable(journal) if r.request_id == request_id]
         finally:
             store.close()
 

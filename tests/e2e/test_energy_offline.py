@@ -30,6 +30,7 @@ import httpx
 import openai
 import pytest
 
+from coordinator.ledger_journal import JOURNAL_DIR
 from coordinator.state import StateDir
 from coordinator.store import Store, UsageRecord
 from node_agent.journal import ACKED, JOURNAL
@@ -68,7 +69,7 @@ class Rig:
     def ledger(self) -> list[UsageRecord]:
         store = Store(StateDir(self.mesh.coord_state).db_url)
         try:
-            return store.usage_rows()
+            return store.usage_rows_durable(self.mesh.coord_state / JOURNAL_DIR)
         finally:
             store.close()
 

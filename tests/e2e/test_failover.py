@@ -25,6 +25,7 @@ import openai
 import psutil
 import pytest
 
+from coordinator.ledger_journal import JOURNAL_DIR
 from coordinator.state import StateDir
 from coordinator.store import Store, UsageRecord
 from tests.e2e.mesh import Mesh, mesh_at, wait_until
@@ -66,7 +67,8 @@ class Pair:
     def ledger(self, request_id: str) -> list[UsageRecord]:
         store = Store(StateDir(self.mesh.coord_state).db_url)
         try:
-            return [r for r in store.usage_rows() if r.request_id == request_id]
+            journal = self.mesh.coord_state / JOURNAL_DIR  # rows not committed yet too
+            return [r for r in store.usage_rows_durable(journal) if r.request_id == request_id]
         finally:
             store.close()
 

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from coordinator.ledger_journal import JOURNAL_DIR
 from coordinator.state import StateDir
 from coordinator.store import Store, UsageRecord
 from tests.e2e.evil_node import EvilNode, chunk, completion, drain
@@ -39,7 +40,8 @@ def size_of(path: Path) -> int:
 def ledger(mesh: Mesh, request_id: str) -> list[UsageRecord]:
     store = Store(StateDir(mesh.coord_state).db_url)
     try:
-        return [r for r in store.usage_rows() if r.request_id == request_id]
+        journal = mesh.coord_state / JOURNAL_DIR  # rows not committed yet too
+        return [r for r in store.usage_rows_durable(journal) if r.request_id == request_id]
     finally:
         store.close()
 
@@ -72,7 +74,7 @@ async def test_a_lying_usage_claim_is_clamped_and_billed(mesh: Mesh, claim: Any,
         rid = f"usage-{model}"
         reply = await call(mesh, model, rid)
         assert reply.status_code == 200, reply.text
-        (row,) = ledger(mesh, rid)  # written before the answer left: no waiting
+        (row,) = ledger(mesh, rid)  # journaled before the answer left: no waiting
         assert row.outcome == "ok"
         assert (row.prompt_tokens, row.completion_tokens) == (3, billed)
     finally:

@@ -16,6 +16,7 @@ import httpx
 import psutil
 import pytest
 
+from coordinator.ledger_journal import JOURNAL_DIR
 from coordinator.state import StateDir
 from coordinator.store import Store
 from tests.e2e.evil_node import EvilNode, chunk
@@ -214,7 +215,8 @@ async def test_a_client_that_reads_nothing_of_its_stream_is_cut(mesh: Mesh) -> N
         def cancelled() -> bool:
             store = Store(StateDir(mesh.coord_state).db_url)
             try:
-                rows = [r for r in store.usage_rows() if r.request_id == "never-reads"]
+                rows = [r for r in store.usage_rows_durable(mesh.coord_state / JOURNAL_DIR)
+                        if r.request_id == "never-reads"]
             finally:
                 store.close()
             return bool(rows) and rows[0].outcome == "client_cancelled"

@@ -12,6 +12,7 @@ import ollama
 import openai
 import pytest
 
+from coordinator.ledger_journal import JOURNAL_DIR
 from coordinator.state import StateDir
 from coordinator.store import Store, UsageRecord
 from node_agent.runtimes.llama.supervisor import socket_path
@@ -45,7 +46,7 @@ def small(mesh: Mesh) -> openai.OpenAI:
 def ledger(mesh: Mesh) -> list[UsageRecord]:
     store = Store(StateDir(mesh.coord_state).db_url)
     try:
-        return store.usage_rows()
+        return store.usage_rows_durable(mesh.coord_state / JOURNAL_DIR)
     finally:
         store.close()
 

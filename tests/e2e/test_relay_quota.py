@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from coordinator.ledger_journal import JOURNAL_DIR
 from coordinator.state import StateDir
 from coordinator.store import Store
 from tests.e2e.evil_node import EvilNode, completion, drain
@@ -56,7 +57,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 def rows(mesh: Mesh) -> list[Any]:
     store = Store(StateDir(mesh.coord_state).db_url)
     try:
-        return store.usage_rows()
+        return store.usage_rows_durable(mesh.coord_state / JOURNAL_DIR)
     finally:
         store.close()
 
