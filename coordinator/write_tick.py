@@ -30,11 +30,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from meshgate import lag_tick
 from meshgate.lag_tick import DEFAULT_ENGAGE_S, DEFAULT_STREAMS, LagTick
+from meshgate.tick_metrics import tick_metrics
 
 __all__ = ["LAG_ENV", "WRITE_TICK", "PacingCollector", "configure", "fixed_lag",
            "pacing_metrics"]
@@ -57,35 +58,22 @@ def fixed_lag(env: Mapping[str, str]) -> float | None:
     return lag_tick.fixed_lag(env, LAG_ENV)
 
 
+_HELPS = {
+    "engaged": "1 while streamed answers' client writes are paced (the loop runs late, "
+               "enough streams open).",
+    "lag_seconds": "How late the coordinator's event loop runs its timers, smoothed (while "
+                   "streams are written).",
+    "tick_seconds": "The tick a paced stream's write waits for now (0 while not paced).",
+    "streams": "Streamed answers being written now.",
+    "held_writes": "Writes a stream held for the tick.",
+    "ticks": "Ticks that fired.",
+    "engagements": "Times write pacing engaged.",
+}
+
+
 def pacing_metrics(tick: LagTick) -> Iterator[Metric]:
     """Write pacing's state: why a client's tokens arrive in batches."""
-    paced = tick.paces()
-    for name, help_text, value in (
-        ("meshgate_coordinator_write_pacing_engaged",
-         "1 while streamed answers' client writes are paced (the loop runs late, enough "
-         "streams open).", 1.0 if paced else 0.0),
-        ("meshgate_coordinator_write_pacing_lag_seconds",
-         "How late the coordinator's event loop runs its timers, smoothed (while streams "
-         "are written).", tick.lag_s),
-        ("meshgate_coordinator_write_pacing_tick_seconds",
-         "The tick a paced stream's write waits for now (0 while not paced).",
-         tick.tick_s if paced else 0.0),
-        ("meshgate_coordinator_write_pacing_streams", "Streamed answers being written now.",
-         float(tick.open)),
-    ):
-        gauge = GaugeMetricFamily(name, help_text)
-        gauge.add_metric([], value)
-        yield gauge
-    for name, help_text, count in (
-        ("meshgate_coordinator_write_pacing_held_writes",
-         "Writes a stream held for the tick.", tick.held),
-        ("meshgate_coordinator_write_pacing_ticks", "Ticks that fired.", tick.ticks),
-        ("meshgate_coordinator_write_pacing_engagements", "Times write pacing engaged.",
-         tick.engagements),
-    ):
-        counter = CounterMetricFamily(name, help_text)
-        counter.add_metric([], float(count))
-        yield counter
+    return tick_metrics(tick, "meshgate_coordinator_write_pacing", _HELPS, "held_writes")
 
 
 class PacingCollector(Collector):

@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from meshgate.tick_metrics import tick_metrics
 from node_agent.accounting import Accounting
 from node_agent.energy import Energy
 from node_agent.request_series import RequestSeries
@@ -203,32 +204,18 @@ class _SnapshotCollector(Collector):
         yield from families.values()
 
 
+_READ_PACING_HELPS = {
+    "engaged": "1 while streamed reads are paced (the loop runs late, enough streams open).",
+    "lag_seconds": "How late the node's event loop runs its timers, smoothed (while streams "
+                   "are read).",
+    "tick_seconds": "The tick a paced stream's reading waits for now (0 while not paced).",
+    "streams": "Streamed answers being read now.",
+    "paused_reads": "Reads after which a stream's connection waited for the tick.",
+    "ticks": "Ticks that fired.",
+    "engagements": "Times read pacing engaged.",
+}
+
+
 def pacing_metrics(tick: ReadTick) -> Iterator[Metric]:
     """Read pacing's state (node_agent/runtimes/read_tick.py): why tokens leave in batches."""
-    paced = tick.paces()
-    for name, help_text, value in (
-        ("meshgate_node_read_pacing_engaged",
-         "1 while streamed reads are paced (the loop runs late, enough streams open).",
-         1.0 if paced else 0.0),
-        ("meshgate_node_read_pacing_lag_seconds",
-         "How late the node's event loop runs its timers, smoothed (while streams are read).",
-         tick.lag_s),
-        ("meshgate_node_read_pacing_tick_seconds",
-         "The tick a paced stream's reading waits for now (0 while not paced).",
-         tick.tick_s if paced else 0.0),
-        ("meshgate_node_read_pacing_streams", "Streamed answers being read now.",
-         float(tick.open)),
-    ):
-        gauge = GaugeMetricFamily(name, help_text)
-        gauge.add_metric([], value)
-        yield gauge
-    for name, help_text, count in (
-        ("meshgate_node_read_pacing_paused_reads",
-         "Reads after which a stream's connection waited for the tick.", tick.paused_reads),
-        ("meshgate_node_read_pacing_ticks", "Ticks that fired.", tick.ticks),
-        ("meshgate_node_read_pacing_engagements", "Times read pacing engaged.",
-         tick.engagements),
-    ):
-        counter = CounterMetricFamily(name, help_text)
-        counter.add_metric([], float(count))
-        yield counter
+    return tick_metrics(tick, "meshgate_node_read_pacing", _READ_PACING_HELPS, "paused_reads")
