@@ -8,44 +8,20 @@ node's /metrics show reads paused and ticks fired."""
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
-import httpx
-import openai
 import pytest
 
-from tests.e2e.mesh import Mesh, Proc, free_port, mesh_at, wait_until
+from tests.e2e.mesh import Mesh, mesh_at
+from tests.e2e.paced_streams import CHUNKS, LAG_MS, MODEL, direct_and_meshed, figures, slow_upstream
 
 pytestmark = pytest.mark.slow
-
-MODEL = "fast"
-CHUNKS = 48
-STREAMS = 6
-CHUNK_DELAY_S = 0.01  # 48 chunks over half a second at least: the probe engages well before the end
-LAG_MS = 50
-FAKE_OPENAI = Path(__file__).resolve().parents[1] / "node" / "fake_openai_server.py"
-HELLO: list[Any] = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("upstream") / "fake.log"
-    proc = Proc(subprocess.Popen(
-        [sys.executable, str(FAKE_OPENAI), "--port", str(port), "--name", MODEL,
-         "--chunks", str(CHUNKS), "--chunk-delay", str(CHUNK_DELAY_S)],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT), log)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        wait_until(lambda: httpx.get(f"{url}/models").status_code == 200, 30, "fake upstream")
+    with slow_upstream(tmp_path_factory.mktemp("upstream")) as url:
         yield url
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -62,37 +38,15 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, upstream: str) -> Iterator[Me
         yield mesh
 
 
-async def chunks_of(client: openai.AsyncOpenAI) -> list[dict[str, Any]]:
-    stream = await client.chat.completions.create(
-        model=MODEL, messages=HELLO, max_tokens=CHUNKS, stream=True,
-        stream_options={"include_usage": True})
-    return [chunk.model_dump() async for chunk in stream]
-
-
 async def test_gathered_reads_reach_the_sdk_as_the_upstreams_chunks(
     mesh: Mesh, upstream: str
 ) -> None:
-    direct = openai.AsyncOpenAI(base_url=upstream, api_key="unused", max_retries=0)
-    meshed = openai.AsyncOpenAI(base_url=mesh.api, api_key=mesh.key, max_retries=0)
-    try:
-        want = await chunks_of(direct)
-        assert len(want) == CHUNKS + 1  # the words, then the usage chunk
-        got = await asyncio.gather(*(chunks_of(meshed) for _ in range(STREAMS)))
-    finally:
-        await direct.close()
-        await meshed.close()
+    want, got = await direct_and_meshed(mesh, upstream)
+    assert len(want) == CHUNKS + 1  # the words, then the usage chunk
     for seen in got:
         assert seen == want  # every chunk, in order, field by field (the fake's id and time)
-    metrics = pacing_of(mesh)
+    metrics = figures(mesh.proxy_ports["node-a"], "meshgate_node_read_pacing_")
     assert metrics["meshgate_node_read_pacing_engagements_total"] >= 1
     assert metrics["meshgate_node_read_pacing_paused_reads_total"] > 0
     assert metrics["meshgate_node_read_pacing_ticks_total"] > 0
     assert metrics["meshgate_node_read_pacing_streams"] == 0  # every stream's reading ended
-
-
-def pacing_of(mesh: Mesh) -> dict[str, float]:
-    """The node's read pacing figures from its /metrics."""
-    text = httpx.get(f"http://127.0.0.1:{mesh.proxy_ports['node-a']}/metrics").text
-    return {name: float(value) for name, _, value in
-            (line.partition(" ") for line in text.splitlines())
-            if name.startswith("meshgate_node_read_pacing_")}
