@@ -30,6 +30,8 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Protocol
 
+import msgspec
+
 from meshgate.openai import OpenAIError
 
 __all__ = ["Body", "FakeRuntime", "RunnerError", "Runtime", "Usage", "decoded", "flattened",
@@ -128,6 +130,9 @@ class RunnerError(Exception):
 
 
 _DECODER = json.JSONDecoder()
+#: A usage object of token counts only (the usual one), checked in C: any other value (a
+#: nested map, a float, a bool, not JSON) fails it and `_usage_at` reads it as before.
+_COUNTS = msgspec.json.Decoder(dict[str, int])
 _USAGE_KEY = b'"usage"'
 _SPACE = b" \t\r\n"
 
@@ -147,14 +152,25 @@ def usage_of(chunk: bytes) -> Usage | None:
             pos += 1
         if pos >= len(chunk) or chunk[pos] != 0x3A:  # ':'; else a string "usage", not the key
             continue
-        try:  # from an ASCII byte on: valid UTF-8 if the chunk is
-            usage, _ = _DECODER.raw_decode(chunk[pos + 1:].decode().lstrip())
-        except ValueError:  # UnicodeDecodeError included
-            return None
-        if not isinstance(usage, dict):
-            return None
-        return {k: v for k, v in usage.items() if isinstance(v, int) and not isinstance(v, bool)}
+        return _usage_at(chunk, pos + 1)
     return None
+
+
+def _usage_at(chunk: bytes, start: int) -> Usage | None:
+    """The usage whose value begins at `start`: its integer fields (None: not a map)."""
+    last = len(chunk.rstrip(_SPACE)) - 1
+    if last > start and chunk[last] == 0x7D:  # '}': the usual answer, its usage last in it
+        try:  # the value alone, if it is one map of integers (msgspec: strict, in C)
+            return _COUNTS.decode(chunk[start:last])
+        except ValueError:  # msgspec's errors included: read as below, which decides
+            pass
+    try:  # from an ASCII byte on: valid UTF-8 if the chunk is
+        usage, _ = _DECODER.raw_decode(chunk[start:].decode().lstrip())
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    if not isinstance(usage, dict):
+        return None
+    return {k: v for k, v in usage.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
 def _dumps(data: Any) -> bytes:
