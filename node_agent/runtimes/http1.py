@@ -24,9 +24,10 @@ Its bounds:
   whole is refused past ``max_body_bytes``; a streamed one is read
   with flow control (reading pauses while ``HIGH_WATER`` bytes wait for the reader);
 - a connection goes back to the pool only once its answer was read to the end
-  and the server did not ask to close it; a request abandoned midway (the caller
-  cancelled, an error, a stream left early) closes its connection, so the server
-  sees the client leave, as a runner must to stop generating;
+  and the server did not ask to close it (a whole answer's in a loop callback,
+  :meth:`Http1Response.release_soon`: after its caller sent it on); a request
+  abandoned midway (the caller cancelled, an error, a stream left early) closes its
+  connection, so the server sees the client leave, as a runner must to stop generating;
 - every failure of the connection or of the server's HTTP is an ``OSError``
   (:class:`UpstreamError`), which the runtime maps to OpenAI's error shape.
 """
@@ -289,6 +290,15 @@ class Http1Response:
         self._uncount()
         self._pool._give_back(self._conn)
 
+    def release_soon(self) -> None:
+        """`release`, in a loop callback: what the caller does next with the answer (send it
+        on) comes first. The pool takes it back at once if it needs a connection sooner."""
+        if self._released:
+            return
+        self._released = True
+        self._uncount()
+        self._pool._give_back_soon(self._conn)
+
     def close(self) -> None:
         """Close the connection, whatever is left unread."""
         if not self._released:
@@ -315,6 +325,7 @@ class Http1Pool:
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self._head_tail = f"Host: {authority}\r\n{extra}".encode("latin-1")
         self._idle: deque[_Connection] = deque()  # the oldest first
+        self._returning: list[_Connection] = []  # given back, kept or closed in a callback
         self.closed = False
 
     async def _connect(self) -> _Connection:
@@ -332,6 +343,8 @@ class Http1Pool:
         return conn
 
     def _pooled(self) -> _Connection | None:
+        if self._returning:
+            self._returned()
         while self._idle:
             conn = self._idle.pop()  # the newest: the least likely to be closed by the server
             if conn.usable(self.keepalive_s):
@@ -358,6 +371,16 @@ class Http1Pool:
             raise
         return Http1Response(self, conn)
 
+    def _give_back_soon(self, conn: _Connection) -> None:
+        if not self._returning:
+            asyncio.get_running_loop().call_soon(self._returned)
+        self._returning.append(conn)
+
+    def _returned(self) -> None:
+        returning, self._returning = self._returning, []
+        for conn in returning:
+            self._give_back(conn)
+
     def _give_back(self, conn: _Connection) -> None:
         idle = self._idle
         while idle and not idle[0].usable(self.keepalive_s):  # expired: closed, not kept
@@ -374,10 +397,13 @@ class Http1Pool:
     @property
     def idle_connections(self) -> int:
         """Connections kept open for the next request."""
+        if self._returning:
+            self._returned()
         return len(self._idle)
 
     def close(self) -> None:
         self.closed = True
+        self._returned()  # closed, as the pool is
         for conn in self._idle:
             conn.close()
         self._idle.clear()

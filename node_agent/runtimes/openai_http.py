@@ -233,10 +233,12 @@ class OpenAIHttpRuntime:
             if response.status != 200:
                 raise await _error_of(response)
             data = await response.read()
+            response.release_soon()  # read to its end: back to the pool once the answer
+            # went on (`release_soon`), not on its way
         except (OSError, TimeoutError) as exc:
             raise self._unreachable(exc) from None
         finally:
-            response.release()  # back to the pool when read to its end; else closed
+            response.release()  # back to the pool when read to its end; else closed (once)
         return data, usage_of(data)
 
     def stream(self, endpoint: str, body: bytes) -> AsyncIterator[bytes]:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from node_agent.runtimes.http1 import Http1Pool, UpstreamError
+from node_agent.runtimes.http1 import Http1Pool, UpstreamError, _Connection
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -289,3 +289,43 @@ async def test_a_burst_leaves_its_connections_for_the_next_burst_up_to_max_idle(
         assert small.idle_connections == 8
         await one_burst(small)
     assert server.connections == 2 * burst + burst - 8
+
+
+async def test_an_answer_given_back_soon_returns_after_the_callers_step(
+    pools: list[Http1Pool], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`release_soon` (a whole answer, read): the connection goes back in a loop callback,
+    after what the caller does in the same step (sends the answer on); at once when the
+    pool needs a connection before that; closed if the pool closes first."""
+    server = Server(answering(ok(b"{}"), ok(b"{}"), ok(b"{}"), ok(b"{}")))
+    async with server as port:
+        pool = Http1Pool("127.0.0.1", port)
+        pools.append(pool)
+        order: list[str] = []
+        give_back = pool._give_back
+
+        def noted(conn: _Connection) -> None:
+            order.append("kept")
+            give_back(conn)
+
+        monkeypatch.setattr(pool, "_give_back", noted)
+
+        async def answered() -> None:
+            response = await pool.request("POST", "/v1/x", b"{}")
+            assert await response.read() == b"{}"
+            response.release_soon()
+            order.append("sent on")  # the caller's own step goes on first
+
+        await answered()
+        await asyncio.sleep(0)
+        assert order == ["sent on", "kept"]
+        assert pool.idle_connections == 1
+        await answered()  # the same connection
+        assert await fetch(pool) == (200, b"{}")  # asked for before the callback: taken back
+        assert server.connections == 1
+        await answered()
+        pool.close()  # before the callback: closed with the pool, not kept
+        assert pool.idle_connections == 0
+        await asyncio.wait_for(server.closed.wait(), 5)
+        await asyncio.sleep(0)
+        assert order == ["sent on", "kept", "sent on", "kept", "kept", "sent on", "kept"]
