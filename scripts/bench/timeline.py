@@ -95,12 +95,11 @@ def _hook_client() -> None:
     stream.write, stream.read = stamped_write, stamped_read  # type: ignore[method-assign]
 
 
-def timeline(windows: list[tuple[int, int]], stamps: list[tuple[str, int]]
-             ) -> list[tuple[str, float, float, int]]:
-    """(label, median us since the window began, median us since the stamp before it in
-    the same request, requests that had it) for each label, in order of time."""
+def firsts(windows: list[tuple[int, int]], stamps: list[tuple[str, int]]
+           ) -> list[dict[str, int]]:
+    """For each window: the first stamp of each label in it (ns since the window began)."""
     stamps = sorted(stamps, key=lambda s: s[1])
-    firsts: list[dict[str, int]] = []
+    out: list[dict[str, int]] = []
     i = 0
     for begin, end in windows:
         while i < len(stamps) and stamps[i][1] < begin:
@@ -110,11 +109,19 @@ def timeline(windows: list[tuple[int, int]], stamps: list[tuple[str, int]]
         while j < len(stamps) and stamps[j][1] <= end:
             seen.setdefault(stamps[j][0], stamps[j][1] - begin)
             j += 1
-        firsts.append(seen)
-    labels = {label for seen in firsts for label in seen}
-    order = sorted(labels, key=lambda lb: statistics.median(s[lb] for s in firsts if lb in s))
+        out.append(seen)
+    return out
+
+
+def timeline(windows: list[tuple[int, int]], stamps: list[tuple[str, int]]
+             ) -> list[tuple[str, float, float, int]]:
+    """(label, median us since the window began, median us since the stamp before it in
+    the same request, requests that had it) for each label, in order of time."""
+    seens = firsts(windows, stamps)
+    labels = {label for seen in seens for label in seen}
+    order = sorted(labels, key=lambda lb: statistics.median(s[lb] for s in seens if lb in s))
     gaps: dict[str, list[int]] = {label: [] for label in order}
-    for seen in firsts:
+    for seen in seens:
         present = [lb for lb in order if lb in seen]
         previous = 0
         for label in present:
@@ -122,7 +129,7 @@ def timeline(windows: list[tuple[int, int]], stamps: list[tuple[str, int]]
             previous = seen[label]
     rows = []
     for label in order:
-        at = [s[label] for s in firsts if label in s]
+        at = [s[label] for s in seens if label in s]
         rows.append((label, statistics.median(at) / 1000, statistics.median(gaps[label]) / 1000,
                      len(at)))
     return rows
@@ -152,6 +159,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--json", type=Path, help="also write the tables here")
+    parser.add_argument("--raw", type=Path, metavar="FILE",
+                        help="also write every request's stamps here (per path: a list of "
+                             "{label: ns since the request began} maps, the first of each)")
     parser.add_argument("--show", type=int, default=0, metavar="N",
                         help="also print every stamp of N requests of each path")
     parser.add_argument("--against", type=Path, metavar="DIR",
@@ -230,6 +240,9 @@ def main() -> None:
             for label, t in sorted((s for s in shared + own.get(name, [])
                                     if begin <= s[1] <= end), key=lambda s: s[1]):
                 print(f"  {(t - begin) / 1000:>8.0f}  {label}")
+    if args.raw:
+        args.raw.write_text(json.dumps({name: firsts(spans, shared + own.get(name, []))
+                                        for name, spans in windows.items()}))
     if "coordinator-b" in out:
         print_paired(out["coordinator"], out["coordinator-b"])
         print(f"coordinator-b: {args.against}")

@@ -157,6 +157,14 @@ def _sqlite_append(m: ModuleType) -> None:
 def _http1(m: ModuleType) -> None:
     _patch(m.Http1Pool, "request", _async_around, "up.request")
     _patch(m._Connection, "data_received", _before, "up.read")
+    _patch(m._Connection, "on_headers_complete", _after, "up.head")
+    _patch(m._Connection, "on_message_complete", _after, "up.end")
+    _patch(m.Http1Response, "read", _async_around, "up.body")
+    _patch(m.Http1Response, "release", _around, "up.release")
+
+
+def _openai_http(m: ModuleType) -> None:
+    _patch(m, "usage_of", _around, "usage_of")
 
 
 def _node_link(m: ModuleType) -> None:
@@ -165,6 +173,7 @@ def _node_link(m: ModuleType) -> None:
 
 def _pipeline(m: ModuleType) -> None:
     _patch(m.Answering, "__aenter__", _async_around, "aenter")
+    _patch(m.Pipeline, "answer", _around, "pipe.answer")
 
 
 def _meter(m: ModuleType) -> None:
@@ -174,6 +183,7 @@ def _meter(m: ModuleType) -> None:
 
 def _models(m: ModuleType) -> None:
     _patch(m.Lending, "__aenter__", _async_around, "lend")
+    _patch(m.Lending, "__aexit__", _async_around, "unlend")
 
 
 def _served(m: ModuleType) -> None:
@@ -210,6 +220,7 @@ PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "tunnel.connection": _connection,
     "coordinator.hot_routes": _hot_routes,
     "node_agent.runtimes.http1": _http1,
+    "node_agent.runtimes.openai_http": _openai_http,
     "node_agent.link": _node_link,
     "node_agent.pipeline": _pipeline,
     "node_agent.request_meter": _meter,
