@@ -57,30 +57,20 @@ class OpenRequest:
     def from_wire(cls, body: Any) -> OpenRequest:
         if not isinstance(body, dict):
             raise ProtocolViolation("open body must be a map")
-        try:
-            request = cls(
-                request_id=body["request_id"],
-                endpoint=body["endpoint"],
-                model=body["model"],
-                stream=body["stream"],
-                body=body["body"],
-            )
+        try:  # checked before the (frozen: slower to make) request is made
+            request_id, endpoint, model = body["request_id"], body["endpoint"], body["model"]
+            stream, raw = body["stream"], body["body"]
         except KeyError as exc:
             raise ProtocolViolation(f"open body lacks {exc}") from None
-        if request.endpoint not in ENDPOINTS:
-            raise ProtocolViolation(f"unknown endpoint {clip(repr(request.endpoint), 60)}")
-        if not is_sane_request_id(request.request_id):
+        if endpoint not in ENDPOINTS:
+            raise ProtocolViolation(f"unknown endpoint {clip(repr(endpoint), 60)}")
+        if not is_sane_request_id(request_id):
             raise ProtocolViolation(
                 f"request_id must be 1-128 of letters, digits and ._:- (got "
-                f"{clip(repr(request.request_id), 60)})")
-        if not (
-            isinstance(request.request_id, str)
-            and isinstance(request.model, str)
-            and isinstance(request.stream, bool)
-            and isinstance(request.body, bytes)
-        ):
+                f"{clip(repr(request_id), 60)})")
+        if not (isinstance(model, str) and isinstance(stream, bool) and isinstance(raw, bytes)):
             raise ProtocolViolation("open body has a field of the wrong type")
-        return request
+        return cls(request_id, endpoint, model, stream, raw)
 
 
 def error_body(

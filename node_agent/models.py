@@ -372,7 +372,9 @@ class Lending:
         slot = manager._slots.get(self._name)
         if slot is None:
             raise unknown_model(self._name, hop="node")
-        backend = await manager._admit(slot)
+        backend = slot.backend
+        if slot.state != "loaded" or backend is None:  # not ready: wait in its queue
+            backend = await manager._admit(slot)
         backend.enter()
         slot.last_used = manager.clock()
         self._slot, self._backend = slot, backend

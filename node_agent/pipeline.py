@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from typing import Any
 
 from meshgate.openai import OpenAIError
 from node_agent.metrics import NodeMetrics
@@ -58,10 +59,13 @@ class Answer:
     meter: Meter
 
 
-async def _ask(runtime: Runtime, endpoint: str, body: bytes) -> tuple[bytes, Usage | None]:
+def _ask(runtime: Runtime, endpoint: str, body: bytes
+         ) -> Coroutine[Any, Any, tuple[bytes, Usage | None]]:
+    """The runtime's coroutine for a whole answer (awaited by the caller: a coroutine
+    less to make and to resume on every request)."""
     if endpoint == "embeddings":
-        return await runtime.embed(body)
-    return await runtime.complete(endpoint, body)
+        return runtime.embed(body)
+    return runtime.complete(endpoint, body)
 
 
 class Streamed:
