@@ -25,6 +25,7 @@ frame's payload is held (a frame over it goes to websockets, which closes with 1
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -114,8 +115,26 @@ def binary_frame(data: bytes, mask: bool) -> bytes:
         head = bytes((BINARY_FIN, 127 | (MASK_BIT if mask else 0))) + length.to_bytes(8, "big")
     if not mask:
         return head + data
-    key = os.urandom(4)
+    key = mask_key()
     return head + key + apply_mask(data, key)
 
 
-__all__ = ["HAND_OFF", "apply_mask", "at_frame_start", "binary_frame", "read_binary"]
+#: Mask keys not used yet: drawn from the OS's random source `KEYS_AT_ONCE` at a time (one
+#: getrandom call per that many frames a client writes, not one a frame); each used once.
+_keys: deque[bytes] = deque()
+KEYS_AT_ONCE = 1024
+os.register_at_fork(after_in_child=_keys.clear)  # a child draws its own
+
+
+def mask_key() -> bytes:
+    """A fresh 4-byte masking key (RFC 6455 5.3: new for each frame, unpredictable)."""
+    try:
+        return _keys.popleft()
+    except IndexError:
+        drawn = os.urandom(4 * KEYS_AT_ONCE)
+        _keys.extend(drawn[at:at + 4] for at in range(4, len(drawn), 4))
+        return drawn[:4]
+
+
+__all__ = ["HAND_OFF", "KEYS_AT_ONCE", "apply_mask", "at_frame_start", "binary_frame", "mask_key",
+           "read_binary"]

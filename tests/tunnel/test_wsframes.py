@@ -6,6 +6,7 @@ reads: each case is read twice by `wire.WsConnection`, fast and with websockets 
 from __future__ import annotations
 
 import sys
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from tunnel.wsframes import HAND_OFF, at_frame_start, binary_frame, read_binary
+from tunnel import wsframes
+from tunnel.wsframes import HAND_OFF, KEYS_AT_ONCE, at_frame_start, binary_frame, read_binary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import ws_twin
@@ -221,3 +223,20 @@ def test_websockets_is_seen_waiting_for_a_frame_so_the_fast_path_comes_back() ->
     assert not at_frame_start(protocol)  # a frame begun: websockets must finish it
     protocol.receive_data(binary[5:])
     assert at_frame_start(protocol)
+
+
+def test_mask_keys_are_drawn_in_bulk_and_each_used_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client frame's mask key comes from the OS's random source, `KEYS_AT_ONCE` keys per
+    call: every frame gets the next key drawn, none twice."""
+    drawn: list[int] = []
+
+    def urandom(n: int) -> bytes:  # numbered keys, so that each can be told apart
+        first = len(drawn) * KEYS_AT_ONCE
+        drawn.append(n)
+        return b"".join(k.to_bytes(4, "big") for k in range(first, first + n // 4))
+
+    monkeypatch.setattr(wsframes.os, "urandom", urandom)
+    monkeypatch.setattr(wsframes, "_keys", deque())
+    keys = [binary_frame(b"x", mask=True)[2:6] for _ in range(2 * KEYS_AT_ONCE + 1)]
+    assert [int.from_bytes(k, "big") for k in keys] == list(range(2 * KEYS_AT_ONCE + 1))
+    assert drawn == [4 * KEYS_AT_ONCE] * 3
