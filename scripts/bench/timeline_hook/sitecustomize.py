@@ -171,6 +171,10 @@ def _node_link(m: ModuleType) -> None:
     _patch(m, "answer", _async_before, "answer")
 
 
+def _protocol(m: ModuleType) -> None:
+    m.OpenRequest.from_wire = classmethod(_around("from_wire", m.OpenRequest.from_wire.__func__))
+
+
 def _pipeline(m: ModuleType) -> None:
     _patch(m.Answering, "__aenter__", _async_around, "aenter")
     _patch(m.Pipeline, "answer", _around, "pipe.answer")
@@ -223,6 +227,7 @@ PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "node_agent.runtimes.openai_http": _openai_http,
     "node_agent.link": _node_link,
     "node_agent.pipeline": _pipeline,
+    "meshgate.protocol": _protocol,
     "node_agent.request_meter": _meter,
     "node_agent.models": _models,
     "coordinator.served": _served,
