@@ -35,9 +35,10 @@ import logging
 from collections.abc import Callable
 from typing import Any, cast
 
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from meshgate.http_hot import HotExchange, run_hot
+from meshgate.http_hot import HotExchange, HotRunner, run_hot
 from meshgate.httplimits import HttpLimits
 
 __all__ = ["CLIENT_GONE", "SSE_CORK", "ClientGone", "CorkedTransport", "GuardedHttpToolsProtocol",
@@ -294,11 +295,29 @@ class Guards:
         self.transport.close()
 
 
+def _waits_for_body(cycle: RequestResponseCycle) -> bool:
+    """Whether a hot request's task is started only once its body is in (`on_message_complete`)
+    rather than at its head: a body of a declared length that uvicorn takes whole without
+    the app reading it (at most its high-water mark), and no ``Expect: 100-continue`` (the
+    client waits for the app's first read). A client writes the head and the body apart
+    (httpx, the OpenAI SDK), so the body is usually in the socket already, and read by the
+    loop's next poll, when the head has been parsed: started then, the task runs
+    from the head to the node without waiting for the body, and nothing else runs before
+    that poll. A client gone before the body ended starts it too (`connection_lost`)."""
+    if cycle.waiting_for_100_continue:
+        return False
+    for name, value in cycle.scope["headers"]:
+        if name == _CONTENT_LENGTH:
+            return value.isdigit() and int(value) <= HIGH_WATER_LIMIT
+    return False
+
+
 class HeadTooLarge(Exception):
     """Raised from a parser callback: httptools stops and uvicorn answers 400."""
 
 
 _HEAD, _BODY, _DONE = "head", "body", "done"
+_CONTENT_LENGTH = b"content-length"
 #: uvicorn's own, called by name rather than through super() (a header is the hottest callback)
 _uvicorn_on_header = HttpToolsProtocol.on_header
 
@@ -314,10 +333,14 @@ class GuardedHttpToolsProtocol(Guards, HttpToolsProtocol):
         self._gone = ClientGone()
         # the app's runner for requests it answers below ASGI (meshgate/http_hot.py)
         self._hot = getattr(self.config.app, "hot_runner", None)
+        # a hot request whose task starts once its body is in (`_waits_for_body`)
+        self._deferred: tuple[RequestResponseCycle, HotRunner] | None = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._gone.fire()
+        if self._deferred is not None:  # it hears of the loss as a request mid-body does
+            self._start_deferred()
 
     def data_received(self, data: bytes) -> None:
         if self._phase != _BODY:
@@ -368,13 +391,26 @@ class GuardedHttpToolsProtocol(Guards, HttpToolsProtocol):
             # (not self.app: refused, a 503; reset_contextvars: uvicorn's own way)
             super()._start_asgi_task(cycle, app)
             return
+        if cycle.more_body and _waits_for_body(cycle):
+            self._deferred = (cycle, runner)  # started once its body is in
+            return
+        self._run_hot(cycle, runner)
+
+    def _run_hot(self, cycle: RequestResponseCycle, runner: HotRunner) -> None:
         # its errors in our log ("meshgate.httpserver"): uvicorn's own logger does not
         # reach it where uvicorn's log config was applied (propagate off)
         task = self.loop.create_task(run_hot(runner, HotExchange(cycle), log))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
 
+    def _start_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            self._run_hot(*deferred)
+
     def on_message_complete(self) -> None:
         self._phase = _DONE
         self._raw_head_bytes = 0
         super().on_message_complete()
+        if self._deferred is not None:
+            self._start_deferred()
