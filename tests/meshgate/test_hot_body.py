@@ -143,3 +143,15 @@ async def test_a_client_gone_mid_body_starts_the_task_which_hears_it(
     writer.close()
     await asyncio.wait_for(app.gone.wait(), 5)
     assert app.whole_at_start == [False]
+
+
+async def test_a_pipelined_request_whose_body_comes_later_is_answered_once_it_is_in(
+        hot: tuple[int, HotApp, asyncio.Event]) -> None:
+    port, app, _ = hot
+    reader, writer = await connect(port)
+    writer.write(_head(3) + b"one" + _head(3) + b"t")  # the second's body not all in
+    assert (await response(reader)).endswith(b"\r\n\r\none")
+    writer.write(b"wo")
+    assert (await response(reader)).endswith(b"\r\n\r\ntwo")
+    assert app.whole_at_start == [True, True]
+    writer.close()
