@@ -38,83 +38,14 @@ from typing import Any, cast
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from meshgate.cork import CORK_MAX_BYTES, CorkedTransport
 from meshgate.http_hot import HotExchange, HotRunner, run_hot
 from meshgate.httplimits import HttpLimits
 
-__all__ = ["CLIENT_GONE", "SSE_CORK", "ClientGone", "CorkedTransport", "GuardedHttpToolsProtocol",
-           "Guards"]
+__all__ = ["CLIENT_GONE", "CORK_MAX_BYTES", "SSE_CORK", "ClientGone", "CorkedTransport",
+           "GuardedHttpToolsProtocol", "Guards"]
 
 log = logging.getLogger("meshgate.httpserver")
-
-#: Held writes are sent at once past this many bytes (flow control then sees them).
-CORK_MAX_BYTES = 64 * 1024
-
-
-class CorkedTransport:
-    """A transport whose writes within one loop turn go out as one ``write``.
-
-    Anything else is the wrapped transport's own. ``close`` sends what is held
-    first; ``abort`` drops it.
-    """
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self.transport = transport
-        self._loop = loop
-        self._held: list[bytes] = []
-        self._held_bytes = 0
-        self.corked = True
-
-    def uncork(self) -> None:
-        """Send what is held, and each later write at once, until the response ends (a
-        stream whose writer already writes once a burst: `SSE_CORK` in the scope)."""
-        self.flush()
-        self.corked = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not data:
-            return
-        if not self.corked:
-            if not self.transport.is_closing():
-                self.transport.write(data)
-            return
-        if not self._held:
-            self._loop.call_soon(self.flush)
-        self._held.append(bytes(data))
-        self._held_bytes += len(data)
-        if self._held_bytes >= CORK_MAX_BYTES:
-            self.flush()
-
-    def writelines(self, lines: Any) -> None:
-        for line in lines:
-            self.write(line)
-
-    def flush(self) -> None:
-        if not self._held:
-            return
-        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
-        self._held.clear()
-        self._held_bytes = 0
-        if not self.transport.is_closing():
-            self.transport.write(data)
-
-    def is_closing(self) -> bool:  # asked on every write and request: not via __getattr__
-        return self.transport.is_closing()
-
-    def get_write_buffer_size(self) -> int:
-        return self._held_bytes + self.transport.get_write_buffer_size()
-
-    def close(self) -> None:
-        self.flush()
-        self.transport.close()
-
-    def abort(self) -> None:
-        self._held.clear()
-        self._held_bytes = 0
-        self.transport.abort()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.transport, name)
-
 
 #: The scope key of a request's :class:`ClientGone` (httptools protocol only; absent: none).
 CLIENT_GONE = "meshgate.client_gone"
