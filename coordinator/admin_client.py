@@ -5,7 +5,8 @@ in the admin config file) it speaks HTTP to the admin API with an admin key
 (`$MESHGATE_ADMIN_KEY`, `--admin-key-file`, `admin_key_file` in the config,
 else `admin.key` in the state dir); without one it works on the database in
 the state directory, which must already exist: a mistyped `--state-dir` is an
-error, never a fresh empty database.
+error, never a fresh empty database. Locally, `usage` also counts the rows a running
+server has journaled (`ledger-journal/` there) and not committed yet, each once.
 
 The admin config file is `$MESHGATE_ADMIN_CONFIG`, else
 `~/.config/meshgate/admin.toml`:
@@ -31,6 +32,7 @@ import httpx
 from coordinator.admin_keys import ADMIN_KEY_FILE, read_admin_key
 from coordinator.admin_ops import Admin, AdminOps
 from coordinator.errors import CoordinatorError
+from coordinator.ledger_journal import JOURNAL_DIR
 from coordinator.state import DB_FILE, StateDir
 from coordinator.store import Store
 
@@ -174,7 +176,7 @@ def local_ops(state: StateDir, store: Store) -> AdminOps:
         return advertised.tunnel_url if advertised else None
 
     return AdminOps(store, state.static_public, tunnel_url,
-                    lambda: _live(state.path))
+                    lambda: _live(state.path), journals=(state.path / JOURNAL_DIR,))
 
 
 def _live(state_dir: Path) -> dict[str, dict[str, Any]] | None:

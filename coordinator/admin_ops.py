@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from coordinator.errors import CoordinatorError
@@ -149,6 +150,9 @@ class AdminOps:
     static_public: Callable[[], bytes]
     tunnel_url: Callable[[], str | None]
     live: LiveNodes
+    journals: tuple[Path, ...] = ()
+    """Ledger journal directories to count in `usage` (another process than the server's:
+    rows the server journaled and has not committed yet; the server's own reads flush)."""
 
     def create_token(self, *, ttl_s: int, uses: int, labels: dict[str, str],
                      tunnel_url: str | None) -> dict[str, Any]:
@@ -207,7 +211,7 @@ class AdminOps:
         if by not in ("key", "node", "model"):
             raise CoordinatorError(f"bad --by {by!r}: use key, node or model")
         group: UsageGroup = "key" if by == "key" else "node" if by == "node" else "model"
-        totals = self.store.usage_totals(group, since)
+        totals = self.store.usage_totals(group, since, self.journals)
         names = {k.key_id: k.name for k in self.store.list_keys()} if group == "key" else {}
         rows = [{by: t.group, **({"name": names.get(t.group, "-")} if names else {}),
                  **{k: v for k, v in asdict(t).items() if k not in ("group", "joules_tokens")},

@@ -29,7 +29,14 @@ from starlette.types import Receive, Scope
 
 from coordinator.answer_stream import EventStream, Watch
 from coordinator.api_context import ApiContext
-from coordinator.api_plan import deadline_of, for_key, from_cache, plan, tokens_of
+from coordinator.api_plan import (
+    deadline_of,
+    for_key,
+    from_cache,
+    plan,
+    spend_refresh,
+    tokens_of,
+)
 from coordinator.cache import CachedResponse
 from coordinator.hot_routes import CoordinatorApp, Handler
 from coordinator.metrics import CONTENT_TYPE
@@ -170,6 +177,8 @@ async def _handle(ctx: ApiContext, scope: Scope, receive: Receive, endpoint: str
                   or "req_" + secrets.token_hex(8))
     state["model"] = str(body["model"])
     route, want = await plan(ctx, parsed, route_header)
+    if (refreshing := spend_refresh(ctx, key_id)) is not None:
+        await refreshing  # its budget's spend, reread off the event loop
     want = for_key(ctx, key_id, body, want, request_id=request_id, header=route_header)
     cached_as, hit = await from_cache(ctx, request_id, key_id, endpoint, body)
     if hit is not None:

@@ -72,6 +72,15 @@ def deadline_of(ctx: ApiContext, header: str | None) -> float:
     return asyncio.get_running_loop().time() + seconds
 
 
+def spend_refresh(ctx: ApiContext, key_id: str) -> asyncio.Future[None] | None:
+    """What to await before `for_key` when the key's budget figures are stale: their
+    reread in a thread (`BudgetTracker.refresh_for`); None (nearly always) when not."""
+    gate = ctx.gate
+    if gate is None or gate.budgets is None:
+        return None
+    return gate.budgets.refresh_for(key_id)
+
+
 def for_key(ctx: ApiContext, key_id: str, body: dict[str, Any], want: Want, *,
              request_id: str, header: str | None) -> Want:
     """Admit the request for its key (403 out of scope, 429 rate limited) and fit the

@@ -153,6 +153,15 @@ def _number(where: str, value: Any, *, positive: bool = False) -> float:
     return float(value)
 
 
+def _integer(where: str, value: Any, *, minimum: int = 0) -> int:
+    """A TOML integer of `minimum` or more: 2.5 (or 2.0) is refused, never cut to 2."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: expected a whole number, not {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{where}: expected {minimum} or more, not {value!r}")
+    return value
+
+
 def _read_key(where: str, entry: dict[str, Any], base: Path) -> str:
     env, file = entry.get("api_key_env"), entry.get("api_key_file")
     if "api_key" in entry:
@@ -227,8 +236,9 @@ def _dispatch(value: Any) -> DispatchConfig:
     for key, raw in value.items():
         if not hasattr(defaults, key):
             raise ConfigError(f"dispatch: unknown key {key!r}")
-        number = _number(f"dispatch.{key}", raw, positive=key != "queue_size")
-        out[key] = int(number) if isinstance(getattr(defaults, key), int) else number
+        out[key] = (_integer(f"dispatch.{key}", raw, minimum=0 if key == "queue_size" else 1)
+                    if isinstance(getattr(defaults, key), int)
+                    else _number(f"dispatch.{key}", raw, positive=True))
     return DispatchConfig(**out)
 
 
@@ -243,7 +253,7 @@ def _relay(value: Any) -> RelayConfig:
     cloud = value.get("cloud", False)
     if not isinstance(cloud, bool):
         raise ConfigError("relay.cloud: expected true or false")
-    per_node = int(_number("relay.per_node", value.get("per_node", 8), positive=True))
+    per_node = _integer("relay.per_node", value.get("per_node", 8), minimum=1)
     share = _number("relay.queue_share", value.get("queue_share", 0.5), positive=True)
     if share > 1:
         raise ConfigError("relay.queue_share: expected a share between 0 and 1")
@@ -260,13 +270,14 @@ def _stream(value: Any) -> StreamConfig:
     for key, raw in value.items():
         if not hasattr(defaults, key):
             raise ConfigError(f"stream: unknown key {key!r}")
+        if key == "tick_streams":
+            out[key] = _integer("stream.tick_streams", raw, minimum=1)
+            continue
         number = _number(f"stream.{key}", raw)
-        if key == "tick_streams" and number < 1:
-            raise ConfigError(f"stream.tick_streams: expected 1 or more, not {raw!r}")
         if key == "tick_ms" and number > MAX_TICK_MS:
             raise ConfigError(f"stream.tick_ms: at most {MAX_TICK_MS:g} (a token held longer "
                               f"reads as a stall), not {raw!r}")
-        out[key] = int(number) if key == "tick_streams" else number
+        out[key] = number
     return StreamConfig(**out)
 
 

@@ -43,11 +43,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
+import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from coordinator.ledger_journal import LedgerJournal, Marks
@@ -68,7 +68,8 @@ ledger cuts it short with `flush`). Measured (request_cpu.py against main, load 
 request); 50 ms: -0.03 ms (about ten rows a commit at one request every 4-8 ms)."""
 FLUSH_TIMEOUT_S = 10.0
 LINGER_ENV = "MESHGATE_LEDGER_LINGER_MS"
-"""`LINGER_S` in milliseconds, 0-60000 (the durability tests hold rows in the journal)."""
+"""`LINGER_S` in milliseconds, 0-60000 (the durability tests hold rows in the journal); a
+bad value stops the start (`linger_from_env`), as the lag hooks' do."""
 
 Row = dict[str, Any]
 _Waited = tuple[Row, asyncio.Future[None], asyncio.AbstractEventLoop]
@@ -76,19 +77,18 @@ _Journaled = tuple[int, Row]
 _Item = _Waited | _Journaled | Callable[[], None] | None
 
 
-def linger_from_env() -> float:
-    """`LINGER_ENV` in seconds; `LINGER_S` when unset, or when bad (logged)."""
-    text = os.environ.get(LINGER_ENV, "").strip()
+def linger_from_env(env: Mapping[str, str]) -> float:
+    """`LINGER_ENV` in seconds; `LINGER_S` when unset. ValueError, naming the variable and
+    the value, when it is not a number of ms from 0 to 60000 (the server's start stops)."""
+    text = env.get(LINGER_ENV, "").strip()
     if not text:
         return LINGER_S
     try:
         ms = float(text)
-        if not 0 <= ms <= 60_000:
-            raise ValueError(text)
     except ValueError:
-        log.error("%s=%r is not a number of milliseconds from 0 to 60000; using %g ms",
-                  LINGER_ENV, text, LINGER_S * 1000)
-        return LINGER_S
+        ms = math.nan
+    if not 0 <= ms <= 60_000:  # NaN fails this too
+        raise ValueError(f"{LINGER_ENV}={text!r}: must be a number of ms from 0 to 60000")
     return ms / 1000
 
 

@@ -13,7 +13,14 @@ scheduler's `Budget`:
 Spend comes from the usage ledger in one grouped query (`Store.spend_by_key`)
 at most every `ttl_s` seconds and whenever a UTC day or month begins; between
 refreshes each recorded cost is added to the cached figure (`add`), so no
-request waits on the database for its budget.
+request waits on the database for its budget but the one that finds the
+figures stale. That request awaits `refresh_for` before its admission: the
+query (which first waits for the ledger writer: read-your-writes) runs in a
+thread, once for every request waiting on it, and the event loop serves the
+others meanwhile. A cost counted while the query runs is added to its result,
+so none is missed; one whose row the query also saw (counted in the moment
+between the refresh's start and its wait for the writer) counts twice until
+the next refresh: budgets may err early, never late.
 """
 
 from __future__ import annotations
@@ -88,7 +95,7 @@ def budget_state(
 
 
 class BudgetTracker:
-    """Cached spend per key; `budget_for` is memory-only unless the cache is stale."""
+    """Cached spend per key; `budget_for` is memory-only, `refresh_for` rereads the ledger."""
 
     def __init__(
         self,
@@ -107,6 +114,8 @@ class BudgetTracker:
         self._periods: tuple[float, float] = (0.0, 0.0)
         self._fetched_at: float | None = None
         self._lock = threading.Lock()
+        self._during: dict[str, float] | None = None  # costs counted while a query runs
+        self._refreshing: asyncio.Future[None] | None = None
         self.refreshes = 0
 
     def remember(self, key_id: str, scopes: KeyScopes) -> None:
@@ -122,20 +131,46 @@ class BudgetTracker:
         )
 
     def refresh(self) -> None:
-        """Reload every key's spend from the ledger (blocking: one grouped query)."""
+        """Reload every key's spend from the ledger (blocking: one grouped query; a
+        thread's job, `refresh_for`). Costs counted meanwhile are added to its result."""
         now = self._clock()
         periods = period_starts(now)
-        spent = self._spend_query(*periods)
         with self._lock:
+            self._during = {}
+        try:
+            spent = self._spend_query(*periods)
+        except BaseException:
+            with self._lock:
+                self._during = None
+            raise
+        with self._lock:  # one hold: no cost counted between the merge and the swap
+            during, self._during = self._during or {}, None
+            for key_id, cost in during.items():
+                day, month = spent.get(key_id, (0.0, 0.0))
+                spent[key_id] = (day + cost, month + cost)
             self._spent = spent
             self._periods = periods
             self._fetched_at = now
             self.refreshes += 1
 
-    async def refresh_if_stale(self) -> None:
-        """For async callers: refresh in a thread, only when the cache is stale."""
-        if self.stale():
-            await asyncio.to_thread(self.refresh)
+    def refresh_for(self, key_id: str) -> asyncio.Future[None] | None:
+        """What the admission of a request for `key_id` awaits first (on the event loop):
+        None when the key has no budget or the figures are fresh; else the refresh in a
+        thread, one for every caller (a failed query raises in each)."""
+        scopes = self._scopes.get(key_id)
+        if scopes is None or (scopes.budget_day is None and scopes.budget_month is None):
+            return None
+        if self._refreshing is None:
+            if not self.stale():
+                return None
+            self._refreshing = asyncio.ensure_future(asyncio.to_thread(self.refresh))
+            self._refreshing.add_done_callback(self._refreshed)
+        return asyncio.shield(self._refreshing)
+
+    def _refreshed(self, task: asyncio.Future[None]) -> None:
+        self._refreshing = None
+        if not task.cancelled():
+            task.exception()  # raised in the requests that awaited it (a 503); retrieved here
 
     def add(self, key_id: str | None, cost: float) -> None:
         """Count a cost just recorded in the ledger until the next refresh reads it back."""
@@ -144,10 +179,12 @@ class BudgetTracker:
         with self._lock:
             day, month = self._spent.get(key_id, (0.0, 0.0))
             self._spent[key_id] = (day + cost, month + cost)
+            if self._during is not None:
+                self._during[key_id] = self._during.get(key_id, 0.0) + cost
 
     def status(self, key_id: str) -> BudgetStatus:
-        if self.stale():
-            self.refresh()
+        """The key's spend and budget state from memory: the last refresh and the costs
+        counted since (`refresh_for` keeps them fresh)."""
         scopes = self._scopes.get(key_id)
         day, month = self._spent.get(key_id, (0.0, 0.0))
         return BudgetStatus(

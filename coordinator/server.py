@@ -112,7 +112,7 @@ def _context(store: Store, registry: Registry, config: CoordinatorConfig,
                      record_now=record_now if spool is None else None,
                      ledger_housekeeping=store.ledger_checkpoint,
                      journal=journal, record_journaled=record_journaled,
-                     ledger_linger_s=linger_from_env(),
+                     ledger_linger_s=ledger_linger(),
                      dispatcher=dispatcher, gate=gate, metrics=metrics, cache=cache)
     store.ledger_barrier = ctx.flush_ledger  # this process reads what it journaled
     return ctx
@@ -236,11 +236,21 @@ def pace_writes(config: CoordinatorConfig) -> None:
         raise StartupError(str(exc)) from None
 
 
+def ledger_linger() -> float:
+    """The ledger writer's linger (``MESHGATE_LEDGER_LINGER_MS``, ledger_writer.py) in
+    seconds; a bad value is a StartupError, as a bad lag hook is (`pace_writes`)."""
+    try:
+        return linger_from_env(os.environ)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+
+
 def run_server(opts: ServeOptions, config: CoordinatorConfig | None = None) -> None:
     if config is None:
         config = resolve_config(opts.config)  # a bad file fails here, before anything listens
     setup_logging(opts.log_format, opts.log_level)
     pace_writes(config)
+    ledger_linger()  # read again by `_context`: a bad value stops the start here
     set_access_log(config.access_log if opts.access_log is None else opts.access_log)
     check_port(opts.api_host, opts.api_port, what="API", option="--api-port")
     check_port(opts.tunnel_host, opts.tunnel_port, what="tunnel endpoint", option="--tunnel-port")

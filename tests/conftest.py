@@ -8,8 +8,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.cluster.engines import PostgresServer
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -28,6 +32,19 @@ def model_path() -> Path:
     path = Path(result.stdout.strip().splitlines()[-1])
     assert path.is_file(), path
     return path
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL for one test module (tests/cluster/engines.py; each test takes a
+    database of its own with `fresh_database`); skipped with the reason where none runs."""
+    from tests.cluster.engines import PostgresServer
+
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.remove()
 
 
 #: Loggers whose levels `setup_logging` sets (meshgate/logs.py); put back to NOTSET after.

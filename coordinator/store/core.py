@@ -92,6 +92,16 @@ class StoreCore:
             yield session
 
     @contextmanager
+    def _snapshot(self) -> Iterator[Session]:
+        """A read whose statements all see one snapshot: SQLite's read transaction is one
+        already; PostgreSQL's default (READ COMMITTED) takes one per statement, so REPEATABLE
+        READ (the ledger's rows and its journal marks must agree: `usage_rows_durable`)."""
+        with self._reader() as session:
+            if self.engine.dialect.name == "postgresql":
+                session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+            yield session
+
+    @contextmanager
     def session(self, *, write: bool = False) -> Iterator[Session]:
         """A session for modules that keep their own tables here (`admin_keys.py`);
         `write`: one transaction holding the write lock, committed at the end."""

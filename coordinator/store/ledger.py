@@ -9,10 +9,12 @@ from typing import Any, cast
 from sqlalchemy import Table, case, delete, func, insert, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
 
 from coordinator.errors import CoordinatorError
-from coordinator.ledger_journal import MARK_PREFIX, journaled
+from coordinator.ledger_journal import MARK_PREFIX, Row, journaled
 from coordinator.store.core import StoreCore
+from coordinator.store.ledger_totals import with_rows
 from coordinator.store.records import UsageGroup, UsageRecord, UsageTotal
 from coordinator.store.schema import GenerationRow, UsageRow
 from coordinator.store.sqlite_append import SqliteAppender
@@ -153,17 +155,25 @@ class LedgerStore(StoreCore):
         """Every row the coordinators (replicas) have answered for, from another process:
         the store's rows and those still only in their ledger journals (read first; the
         rows and the journals' marks then in one snapshot, so none is counted twice)."""
-        records = [record for directory in journal_dirs for record in journaled(directory)]
+        journal = [record for directory in journal_dirs for record in journaled(directory)]
         query = select(UsageRow).order_by(UsageRow.created_at, UsageRow.id)
-        with self._read() as s:
+        with self._snapshot() as s:
             rows = [_usage_record(r) for r in s.scalars(query)]
-            marks = {jid: self.generation_in(s, MARK_PREFIX + jid)
-                     for jid in {jid for jid, _, _ in records}}
-        return rows + [UsageRecord(**row) for jid, seq, row in records if seq > marks[jid]]
+            return rows + self._journal_only(s, journal)
 
-    def usage_totals(self, by: UsageGroup, since: float | None = None) -> list[UsageTotal]:
-        """The ledger summed per key, node (or upstream) or model, in the database."""
+    def _journal_only(self, s: Session, journal: list[tuple[str, int, Row]]
+                      ) -> list[UsageRecord]:
+        """The journal records past their journal's mark in `s`'s snapshot: not stored."""
+        marks = {jid: self.generation_in(s, MARK_PREFIX + jid) for jid, _, _ in journal}
+        return [UsageRecord(**row) for jid, seq, row in journal if seq > marks[jid]]
+
+    def usage_totals(self, by: UsageGroup, since: float | None = None,
+                     journals: Sequence[Path] = ()) -> list[UsageTotal]:
+        """The ledger summed per key, node (or upstream) or model, in the database. From
+        another process (the local admin CLI), `journals` are the ledger journal directories
+        whose rows not yet stored are added, each once (as `usage_rows_durable`)."""
         self._barrier()
+        journal = [record for directory in journals for record in journaled(directory)]
         column = {
             "key": func.coalesce(UsageRow.key_id, "-"),
             "node": func.coalesce(UsageRow.node_did, UsageRow.upstream, "-"),
@@ -184,14 +194,17 @@ class LedgerStore(StoreCore):
         ).group_by(column).order_by(column)
         if since is not None:
             query = query.where(UsageRow.created_at >= since)
-        with self._read() as s:
-            return [
+        with self._snapshot() as s:
+            totals = [
                 UsageTotal(str(g), int(n), int(ok or 0), int(p or 0), int(c or 0),
                            float(lat or 0.0), float(cost or 0.0),
                            None if j is None else float(j), int(jt or 0),
                            None if ec is None else float(ec))
                 for g, n, ok, p, c, lat, cost, j, jt, ec in s.execute(query)
             ]
+            unstored = self._journal_only(s, journal) if journal else []
+        return with_rows(totals, [r for r in unstored if since is None or r.created_at >= since],
+                         by)
 
 
     def spend_by_key(self, day_start: float, month_start: float) -> dict[str, tuple[float, float]]:

@@ -154,7 +154,8 @@ async def test_events_reach_the_other_replicas(tmp_path: Path, redis_url: str) -
             await forgotten[0].wait()
             await forgotten[1].wait()
         forgotten[1].clear()
-        assert budgets[1].status("key-a").spent_day == 0.0  # read from the ledger once
+        await asyncio.to_thread(budgets[1].refresh)  # read from the ledger once
+        assert budgets[1].status("key-a").spent_day == 0.0
         clusters[0].publish("keys")
         async with asyncio.timeout(5):
             await forgotten[1].wait()

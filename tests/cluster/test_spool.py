@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,6 @@ from coordinator.server import _ledger_journal
 from coordinator.spool import LedgerSpool
 from coordinator.store import Store, UsageRecord
 from tests.cluster.engines import PostgresServer
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    yield server
-    server.remove()
 
 
 def _row(n: int) -> UsageRecord:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -116,24 +117,35 @@ class TunnelNode:
         await stream.send(FrameType.END, {"usage": {"prompt_tokens": 3, "completion_tokens": 2}})
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server with an event set once it listens (uvicorn has only a flag)."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.listening.set()
+
+
 @contextlib.asynccontextmanager
 async def served(app: Any, *, daemon: bool = False) -> AsyncIterator[str]:
     """`app` on a real uvicorn on a free port of 127.0.0.1; yields its base URL. With
     `daemon`, on the daemons' own HTTP protocol (meshgate/http_protocols.py), which answers
     the coordinator's hot routes below ASGI (meshgate/http_hot.py)."""
     protocol: Any = protocol_class(HttpLimits(), "httptools") if daemon else "auto"
-    server = uvicorn.Server(
+    server = _Server(
         uvicorn.Config(
             app, host="127.0.0.1", port=0, lifespan="off", log_level="warning",
             access_log=False, http=protocol,
         )
     )
     task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert not task.done(), "uvicorn did not start"
-        assert time.monotonic() < deadline, "uvicorn did not start in time"
-        await asyncio.sleep(0.01)
+    listening = asyncio.create_task(server.listening.wait())
+    await asyncio.wait((task, listening), timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    listening.cancel()
+    assert server.started, "uvicorn stopped at its start" if task.done() else "no start in 10 s"
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield f"http://127.0.0.1:{port}"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.ledger_journal import JOURNAL_DIR, LedgerJournal
 from coordinator.live import LIVE_FILE
 from coordinator.store import Store, UsageRecord
 from tests.coordinator.cli_admin_harness import (
@@ -184,6 +185,34 @@ def test_usage_table_ends_with_the_total(state_dir: Path) -> None:
     lines = run(state_dir, "usage", "--since", "24h").stdout.strip().splitlines()
     assert lines[0].split()[:2] == ["MODEL", "REQUESTS"]
     assert lines[-1].split()[:3] == ["TOTAL", "3", "3"]
+
+
+def test_usage_counts_the_rows_a_running_server_has_only_journaled_once(
+        state_dir: Path) -> None:
+    """The CLI is another process than the server: rows journaled and not yet committed
+    (j2, j3) count, and a row committed whose journal is not yet truncated (j1) counts once."""
+    key_id = _ledger(state_dir)
+    journal = LedgerJournal(state_dir / JOURNAL_DIR)  # as a running server's
+    rows = [{"request_id": f"j{i}", "key_id": key_id, "node_did": DID, "model": model,
+             "endpoint": "/v1/chat/completions", "prompt_tokens": 10, "completion_tokens": 2,
+             "latency_ms": 50.0, "outcome": "ok", "created_at": time.time(), "cost": 1.0}
+            for i, model in [(1, "a"), (2, "a"), (3, "c")]]
+    for row in rows:
+        journal.append(row)
+    store = open_store(state_dir)
+    try:
+        store.record_rows(rows[:1], {journal.id: 1})
+    finally:
+        store.close()
+    done = run_real(state_dir, "usage", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert {r["model"]: r["requests"] for r in report["groups"]} == {"a": 4, "b": 1, "c": 1}
+    assert report["total"]["cost"] == pytest.approx(0.75 + 3.0)
+    [by_key] = json.loads(run(state_dir, "usage", "--by", "key", "--since", "1h",
+                              "--json").stdout)["groups"]
+    assert (by_key["requests"], by_key["cost"]) == (5, pytest.approx(0.5 + 3.0))
+    journal.close()
 
 
 @pytest.mark.parametrize("args", [["--by", "user"], ["--since", "yesterday"]])

@@ -6,20 +6,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from openai.types.chat import ChatCompletionMessageParam
 
 from coordinator.api import ApiContext, build_app
 from coordinator.config import CoordinatorConfig, DispatchConfig
 from coordinator.dispatch import Dispatcher
 from coordinator.metrics import Metrics
+from tests.coordinator.coordinator_harness import served
 from tests.coordinator.dispatch_harness import (
     Fleet,
     answer,
@@ -69,22 +68,9 @@ class Api:
 @contextlib.asynccontextmanager
 async def running(fleet: Fleet, config: CoordinatorConfig) -> AsyncIterator[Api]:
     api = Api(fleet, config)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(api.ctx), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    for _ in range(500):
-        if server.started:
-            break
-        await asyncio.sleep(0.02)
-    api.url = f"http://127.0.0.1:{port}/v1"
-    try:
+    async with served(build_app(api.ctx)) as url:  # returns once uvicorn listens
+        api.url = url + "/v1"
         yield api
-    finally:
-        server.should_exit = True
-        await task
 
 
 CONFIG = CoordinatorConfig(

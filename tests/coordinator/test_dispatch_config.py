@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import ConfigError, DispatchConfig, load_config, resolve_config
+from coordinator.config import (
+    ConfigError,
+    DispatchConfig,
+    load_config,
+    parse_config,
+    resolve_config,
+)
 from coordinator.routing import parse_route
 
 GOOD = """
@@ -77,6 +83,7 @@ def test_the_key_may_come_from_a_file(tmp_path: Path) -> None:
     (("models = { smollm2", "modelz = { smollm2"), "unknown key 'modelz'"),
     (("max_tries = 2", "max_tries = -1"), "dispatch.max_tries"),
     (("max_tries = 2", "max_retries = 2"), "unknown key 'max_retries'"),
+    (("max_tries = 2", "max_tries = 2.5"), "dispatch.max_tries: expected a whole number, not 2.5"),
     (('one = "smollm2"', "one = []"), "aliases.one"),
     (("[routes]", "[route]"), "unknown section 'route'"),
     (("price_per_1k_prompt = 0.15", 'price_per_1k_prompt = "cheap"'), "expected a number"),
@@ -90,6 +97,17 @@ def test_mistakes_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         load_config(path)
     assert message in str(caught.value)
     assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize(("section", "key"), [
+    ("dispatch", "queue_size"), ("dispatch", "node_slots"), ("relay", "per_node"),
+    ("stream", "tick_streams")])
+def test_a_whole_number_setting_refuses_a_fraction(section: str, key: str) -> None:
+    """2.5 (or 2.0) is refused as the node's config refuses it, never cut to 2."""
+    for value in (2.5, 2.0, "2"):
+        with pytest.raises(ConfigError, match=f"{section}.{key}: expected a whole number"):
+            parse_config({section: {key: value}})
+    assert getattr(getattr(parse_config({section: {key: 2}}), section), key) == 2
 
 
 def test_not_toml_and_a_missing_file_are_clear(tmp_path: Path) -> None:
@@ -107,12 +125,17 @@ def test_two_upstreams_of_one_name_are_refused(tmp_path: Path,
         load_config(write(tmp_path, GOOD + section))
 
 
-def test_serve_refuses_a_bad_config_before_listening(tmp_path: Path) -> None:
-    path = write(tmp_path, "[routes]\nsummarize = 3\n")
+@pytest.mark.parametrize(("text", "says"), [
+    ("[routes]\nsummarize = 3\n", "routes.summarize"),
+    ("[stream]\ntick_streams = 2.5\n", "stream.tick_streams: expected a whole number, not 2.5"),
+])
+def test_serve_refuses_a_bad_config_before_listening(tmp_path: Path, text: str,
+                                                     says: str) -> None:
+    path = write(tmp_path, text)
     result = subprocess.run(
         [sys.executable, "-m", "coordinator.cli", "serve", "--state-dir", str(tmp_path / "s"),
          "--config", str(path), "--api-port", "1", "--tunnel-port", "1"],
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert result.returncode == 2
-    assert f"error: config {path}: routes.summarize" in result.stderr
+    assert f"error: config {path}: {says}" in result.stderr

@@ -8,10 +8,9 @@ unique index an older migration added to a table from before the column."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from sqlalchemy import Engine, MetaData, UniqueConstraint, create_engine, text
 
 from coordinator.store import Store, UsageRecord
@@ -65,15 +64,6 @@ def check_migrated(opened: Store, before: list[tuple[object, ...]], written: lis
     ids = [r[0] for r in rows_of(opened)]
     assert len(ids) == len(before) + 3
     assert ids == sorted(set(ids))
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    try:
-        yield server
-    finally:
-        server.remove()
 
 
 def sqlite_indexes(path: Path) -> list[tuple[str, str, int]]:

@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from coordinator.ledger_writer import HOUSEKEEPING_EVERY, LedgerWriter
+from coordinator.ledger_writer import (
+    HOUSEKEEPING_EVERY,
+    LINGER_ENV,
+    LINGER_S,
+    LedgerWriter,
+    linger_from_env,
+)
 from coordinator.store import Store, UsageRecord
 
 
@@ -195,3 +201,12 @@ def test_a_row_stored_from_its_dict_equals_the_record_path(tmp_path: Path) -> No
     finally:
         other.close()
         store.close()
+
+
+def test_the_linger_knob_is_read_in_ms_and_a_bad_value_names_itself() -> None:
+    assert linger_from_env({}) == LINGER_S
+    assert linger_from_env({LINGER_ENV: " 0 "}) == 0.0
+    assert linger_from_env({LINGER_ENV: "60000"}) == 60.0
+    for bad in ("soon", "-1", "60001", "nan", "inf"):
+        with pytest.raises(ValueError, match=f"^{LINGER_ENV}='{bad}': must be a number of ms"):
+            linger_from_env({LINGER_ENV: bad})

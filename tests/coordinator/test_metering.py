@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -9,8 +11,15 @@ from pathlib import Path
 
 import pytest
 from coordinator_harness import LOCAL_MODEL, MODEL, coordinator
+from sqlalchemy.exc import OperationalError
 
-from coordinator.metering import BudgetTracker, budget_state, cost_of, period_starts
+from coordinator.metering import (
+    BudgetStatus,
+    BudgetTracker,
+    budget_state,
+    cost_of,
+    period_starts,
+)
 from coordinator.routing import Prefer
 from coordinator.scheduler import CloudView, ModelView, NodeView, Request, Snapshot, schedule
 from coordinator.scheduler_rules import Budget
@@ -94,32 +103,42 @@ def test_the_state_is_the_worst_of_the_day_and_month_budgets(
     assert budget_state(KeyScopes(budget_day=1.0, budget_month=50.0), day, month) == state
 
 
-def test_budget_for_reads_the_ledger_once_per_ttl_and_counts_new_costs(store: Store) -> None:
+async def fresh(tracker: BudgetTracker, key_id: str) -> BudgetStatus:
+    """What the API does: await the refresh when the key's figures are stale, then read."""
+    refreshing = tracker.refresh_for(key_id)
+    if refreshing is not None:
+        await refreshing
+    return tracker.status(key_id)
+
+
+async def test_budgets_read_the_ledger_once_per_ttl_and_count_new_costs(store: Store) -> None:
     clock = Clock(NOW)
     tracker = BudgetTracker(store.spend_by_key, clock=clock, ttl_s=30)
     tracker.remember("a", KeyScopes(budget_day=10.0))
     spend(store, "a", 7.0, NOW - 10)
-    assert tracker.budget_for("a") == Budget.OK  # 7 of 10
+    assert (await fresh(tracker, "a")).state == Budget.OK  # 7 of 10
     assert tracker.refreshes == 1
     tracker.add("a", 1.5)  # 8.5: near, known without the database
     assert tracker.budget_for("a") == Budget.NEAR
     spend(store, "a", 5.0, NOW)  # written by another coordinator
     for _ in range(100):
+        assert tracker.refresh_for("a") is None
         tracker.budget_for("a")
     assert tracker.refreshes == 1
     clock.t += 30
-    assert tracker.budget_for("a") == Budget.OVER  # 12 in the ledger
+    assert tracker.budget_for("a") == Budget.NEAR  # memory only: never a query on the loop
+    assert (await fresh(tracker, "a")).state == Budget.OVER  # 12 in the ledger
     assert tracker.refreshes == 2
 
 
-def test_a_new_utc_day_resets_the_day_budget_at_once(store: Store) -> None:
+async def test_a_new_utc_day_resets_the_day_budget_at_once(store: Store) -> None:
     clock = Clock(NOW)
     tracker = BudgetTracker(store.spend_by_key, clock=clock, ttl_s=3600)
     tracker.remember("a", KeyScopes(budget_day=1.0, budget_month=100.0))
     spend(store, "a", 1.0, NOW)
-    assert tracker.budget_for("a") == Budget.OVER
+    assert (await fresh(tracker, "a")).state == Budget.OVER
     clock.t = NOW + 2 * 3600 + 1  # 00:00:01 the next day, well inside the ttl
-    assert tracker.budget_for("a") == Budget.OK
+    assert (await fresh(tracker, "a")).state == Budget.OK
 
 
 def test_a_key_without_a_budget_never_touches_the_ledger() -> None:
@@ -128,15 +147,18 @@ def test_a_key_without_a_budget_never_touches_the_ledger() -> None:
 
     tracker = BudgetTracker(boom)
     tracker.remember("a", KeyScopes(rpm=5))
+    assert tracker.refresh_for("a") is None
+    assert tracker.refresh_for("unknown") is None
     assert tracker.budget_for("a") == Budget.OK
     assert tracker.budget_for("unknown") == Budget.OK
     assert tracker.budget_for(None) == Budget.OK
 
 
-def test_the_refusal_is_a_402_that_says_what_was_spent(store: Store) -> None:
+async def test_the_refusal_is_a_402_that_says_what_was_spent(store: Store) -> None:
     tracker = BudgetTracker(store.spend_by_key, clock=Clock(NOW))
     tracker.remember("a", KeyScopes(budget_month=2.0))
     spend(store, "a", 2.5, NOW - 5 * DAY)
+    await fresh(tracker, "a")
     error = tracker.refusal("a", "gpt-4o")
     assert error.status == 402
     assert error.body()["error"]["code"] == "budget_exceeded"
@@ -144,12 +166,51 @@ def test_the_refusal_is_a_402_that_says_what_was_spent(store: Store) -> None:
     assert "no local node can serve 'gpt-4o'" in error.message
 
 
-async def test_refresh_if_stale_runs_in_a_thread_only_when_stale(store: Store) -> None:
-    clock = Clock(NOW)
-    tracker = BudgetTracker(store.spend_by_key, clock=clock, ttl_s=30)
-    await tracker.refresh_if_stale()
-    await tracker.refresh_if_stale()
+async def test_a_slow_spend_query_runs_in_a_thread_once_and_misses_no_cost(
+        store: Store) -> None:
+    """The refresh's query (made slow here: it waits for `release`) does not hold the event
+    loop; the requests that find the figures stale share it; a cost counted while it runs
+    is added to its result."""
+    started, release = threading.Event(), threading.Event()
+
+    def slow(day: float, month: float) -> dict[str, tuple[float, float]]:
+        started.set()
+        assert release.wait(10)
+        return store.spend_by_key(day, month)
+
+    tracker = BudgetTracker(slow, clock=Clock(NOW))
+    tracker.remember("a", KeyScopes(budget_day=1.0))
+    spend(store, "a", 0.5, NOW)
+    first, second = tracker.refresh_for("a"), tracker.refresh_for("a")
+    assert first is not None
+    assert second is not None
+    assert await asyncio.to_thread(started.wait, 10)  # the loop runs while it is held
+    assert not first.done()
+    tracker.add("a", 0.3)  # a request's cost counted during the query: 0.8, near
+    release.set()
+    await asyncio.gather(first, second)
     assert tracker.refreshes == 1
+    assert tracker.status("a").spent_day == pytest.approx(0.8)
+    assert tracker.budget_for("a") == Budget.NEAR
+    assert tracker.refresh_for("a") is None
+
+
+async def test_a_failed_spend_query_raises_in_its_request_and_the_next_one_retries(
+        store: Store) -> None:
+    calls = []
+
+    def flaky(day: float, month: float) -> dict[str, tuple[float, float]]:
+        calls.append(day)
+        if len(calls) == 1:
+            raise OperationalError("SELECT", {}, Exception("database down"))
+        return store.spend_by_key(day, month)
+
+    tracker = BudgetTracker(flaky, clock=Clock(NOW))
+    tracker.remember("a", KeyScopes(budget_day=1.0))
+    with pytest.raises(OperationalError):  # the API answers it 503 (spool.py)
+        await fresh(tracker, "a")
+    assert (await fresh(tracker, "a")).state == Budget.OK
+    assert (len(calls), tracker.refreshes) == (2, 1)
 
 
 # ----------------------------------------------------------------------------- over HTTP
@@ -233,3 +294,34 @@ async def test_over_http_a_spent_budget_still_gets_local_nodes_but_not_the_cloud
     assert cloud.status_code == 402
     assert "1.5000 of 1 this month" in cloud.json()["error"]["message"]
     assert coord.cloud.requests == []
+
+
+async def test_over_http_a_slow_budget_refresh_holds_only_its_own_request(
+        tmp_path: Path) -> None:
+    """The spend refresh waits for the ledger writer, then queries: made slow here (the
+    store's read barrier waits for `release`), it delays the budgeted key's request, which
+    needs the figures, and no other request."""
+    async with coordinator(tmp_path) as coord:
+        budgeted, free = coord.key("a", budget_day=1.0), coord.key("b")
+        started, release = threading.Event(), threading.Event()
+        barrier = coord.store.ledger_barrier
+
+        def slow_barrier() -> None:
+            started.set()
+            assert release.wait(10)
+            barrier()
+
+        coord.store.ledger_barrier = slow_barrier
+        waiting = asyncio.create_task(coord.chat(budgeted, content="one"))
+        assert await asyncio.to_thread(started.wait, 10)
+        other = await coord.chat(free, content="two")  # answered while the query is held
+        assert other.status_code == 200
+        assert not waiting.done()
+        release.set()
+        first = await waiting
+        await coord.settled()
+        budgets = coord.ctx.gate.budgets
+        refreshes, spent = budgets.refreshes, budgets.status(budgeted.split("_")[1]).spent_day
+    assert first.status_code == 200
+    assert refreshes == 1
+    assert spent == pytest.approx(0.02)  # its own cost, counted after the refresh

@@ -1,10 +1,11 @@
 """The store contract (test_store.py, test_store_keys.py, test_store_usage.py) again,
 on a real PostgreSQL started for this module.
 
-The server is tests/cluster/engines.py's PostgresServer (initdb in a temporary
-directory, `pg_ctl start` on a free port of 127.0.0.1, as the `postgres` user
-through `runuser` when we are root; skipped with the reason when initdb, pg_ctl,
-psycopg or a way to drop root is missing); one fresh database per test.
+The server is the `postgres` fixture (tests/conftest.py): tests/cluster/engines.py's
+PostgresServer (initdb in a temporary directory, `pg_ctl start` on a free port of
+127.0.0.1, as the `postgres` user through `runuser` when we are root; skipped with the
+reason when initdb, pg_ctl, psycopg or a way to drop root is missing); one fresh
+database per test.
 """
 
 from __future__ import annotations
@@ -26,15 +27,6 @@ _SKIP_IN_CONTRACT = {
     "test_a_sqlite_store_runs_in_wal_mode_with_a_busy_timeout",  # SQLite only by design
     "test_a_sqlite_ledger_from_before_the_route_column_gets_it",
 }
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    try:
-        yield server
-    finally:
-        server.remove()
 
 
 @pytest.fixture

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text
 
 from coordinator.errors import CoordinatorError
+from coordinator.ledger_journal import LedgerJournal
 from coordinator.store import (
     Store,
+    UsageGroup,
     UsageRecord,
     UsageRow,
+    UsageTotal,
 )
 from tests.coordinator.store_harness import (
     DID_A,
@@ -65,6 +68,36 @@ def test_usage_by_node_names_the_cloud_upstream_when_no_node_served(store: Store
     store.record_usage(replace(usage("r1", node=None), upstream="openai", cost=0.25))
     [total] = store.usage_totals("node")
     assert (total.group, total.cost) == ("openai", 0.25)
+
+
+def test_usage_totals_add_the_rows_still_only_in_a_ledger_journal_once(
+        store: Store, tmp_path: Path) -> None:
+    """Another process's totals (the local admin CLI): the store's rows plus the journal's
+    rows past its mark, grouped as the query groups them; j1 is both committed and still
+    in the journal and counts once."""
+    journal = LedgerJournal(tmp_path / "j")
+    store.record_usage(usage("s1"))
+    rows = [asdict(r) for r in (
+        replace(usage("j1", at=NOW + 1), latency_ms=400.0, joules=2.0, cost=0.5),
+        replace(usage("j2", key="k2", node=None, model="b"), upstream="openai", cost=0.25),
+        usage("j3", at=NOW - 10))]
+    for row in rows:
+        journal.append(row)
+    store.record_rows(rows[:1], {journal.id: 1})  # committed, the journal not released
+
+    def totals(by: UsageGroup, since: float | None = None) -> dict[str, UsageTotal]:
+        return {t.group: t for t in store.usage_totals(by, since, [tmp_path / "j"])}
+
+    k1 = totals("key")["k1"]
+    assert (k1.requests, k1.ok, k1.prompt_tokens, k1.cost) == (3, 3, 30, 0.5)
+    assert k1.avg_latency_ms == pytest.approx(200.0)
+    assert (k1.joules, k1.joules_tokens) == (2.0, 15)
+    assert totals("key")["k2"].cost == 0.25
+    assert {g: t.requests for g, t in totals("node").items()} == {DID_A: 3, "openai": 1}
+    assert {g: t.requests for g, t in totals("model").items()} == {"b": 1, "m": 3}
+    assert {g: t.requests for g, t in totals("key", since=NOW).items()} == {"k1": 2, "k2": 1}
+    assert [t.requests for t in store.usage_totals("key")] == [2]  # the store alone
+    journal.close()
 
 
 # ----------------------------------------------------------------------------- durability

@@ -312,6 +312,7 @@ def test_stream_settings_are_checked_and_reach_the_process_tick(tmp_path: Path) 
     for table, says in (({"tick_ms": -1}, "stream.tick_ms: must be zero or more"),
                         ({"tick_ms": 1001}, "stream.tick_ms: at most 1000"),
                         ({"tick_streams": 0}, "stream.tick_streams: expected 1 or more"),
+                        ({"tick_streams": 2.5}, "stream.tick_streams: expected a whole number"),
                         ({"tick_engage_ms": "soon"}, "stream.tick_engage_ms: expected a number"),
                         ({"tick": 5}, "stream: unknown key 'tick'")):
         with pytest.raises(ConfigError, match=says):

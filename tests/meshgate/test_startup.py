@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -52,9 +53,11 @@ def test_missing_and_empty_model_dirs_are_warnings(tmp_path: Path) -> None:
     assert "holds no .gguf" in warnings[1]
 
 
-def _cli(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _cli(module: str, *args: str, env: dict[str, str] | None = None
+         ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", f"from {module} import app; app()", *args],
-                          capture_output=True, text=True, timeout=60, check=False)
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, **(env or {})})
 
 
 def test_the_node_names_a_missing_model_file_in_one_line(tmp_path: Path) -> None:
@@ -84,3 +87,21 @@ def test_the_coordinator_names_its_taken_port(tmp_path: Path, held_port: int) ->
     assert "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith(
         f"error: tunnel endpoint port 127.0.0.1:{held_port} is taken")
+
+
+@pytest.mark.parametrize(("name", "says"), [
+    ("MESHGATE_LEDGER_LINGER_MS", "must be a number of ms from 0 to 60000"),
+    ("MESHGATE_COORDINATOR_LAG_MS", "must be a number of ms"),
+])
+def test_the_coordinator_refuses_a_bad_environment_knob_before_its_ports(
+        tmp_path: Path, held_port: int, name: str, says: str) -> None:
+    """Each MESHGATE_* knob the server reads at start is refused alike when bad: one line
+    naming the variable and the value, exit 1, before anything else is checked (the port
+    held here would be the error otherwise)."""
+    state = str(tmp_path / "coordinator")
+    assert _cli("coordinator.cli", "init", "--state-dir", state).returncode == 0
+    run = _cli("coordinator.cli", "serve", "--state-dir", state, "--api-host", "127.0.0.1",
+               "--api-port", str(held_port), "--tunnel-port", "0", env={name: "soon"})
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == f"error: {name}='soon': {says}"
