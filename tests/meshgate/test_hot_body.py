@@ -10,13 +10,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-import uvicorn
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 
 from meshgate.http_hot import HotExchange
 from meshgate.http_protocols import GuardedHttpToolsProtocol
-from meshgate.httpserver import HttpLimits, server_config
-from tests.meshgate.test_httpserver import FAST, connect, response, unflood
+from tests.coordinator.coordinator_harness import served
+from tests.meshgate.test_httpserver import connect, response
 
 
 class HotApp:
@@ -53,7 +52,8 @@ class HotApp:
 @pytest.fixture
 async def hot(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[int, HotApp,
                                                                         asyncio.Event]]:
-    """(port, app, set once the server has parsed a request head)."""
+    """(port, app, set once the server has parsed a request head), on the daemons' own
+    protocol."""
     app = HotApp()
     heads = asyncio.Event()
     parsed = GuardedHttpToolsProtocol.on_headers_complete
@@ -63,22 +63,8 @@ async def hot(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[int, HotAp
         heads.set()
 
     monkeypatch.setattr(GuardedHttpToolsProtocol, "on_headers_complete", noted)
-    limits = HttpLimits(head_timeout_s=5.0, body_timeout_s=5.0, write_timeout_s=5.0,
-                        keep_alive_s=5.0, max_connections=FAST.max_connections)
-    config = server_config(app, limits, parser="httptools", host="127.0.0.1", port=0,
-                           log_level="warning", lifespan="off", log_config=None)
-    srv = uvicorn.Server(config)
-    srv.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(srv.serve())
-    while not srv.started:  # uvicorn has no event for it
-        assert not task.done(), "server did not start"
-        await asyncio.sleep(0.01)
-    try:
-        yield srv.servers[0].sockets[0].getsockname()[1], app, heads
-    finally:
-        srv.should_exit = True
-        await task
-        unflood()
+    async with served(app, daemon=True) as url:  # returns once uvicorn listens
+        yield int(url.rsplit(":", 1)[1]), app, heads
 
 
 def _head(length: int | None, extra: bytes = b"") -> bytes:
