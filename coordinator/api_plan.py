@@ -11,9 +11,10 @@ from fastapi.responses import Response
 
 from coordinator.api_context import ApiContext
 from coordinator.cache import CachedResponse, cache_key
+from coordinator.config import CoordinatorConfig
 from coordinator.context_fit import fit_to_context
 from coordinator.refusals import with_status
-from coordinator.routing import Route, RouteError, UnknownRouteError, parse_route
+from coordinator.routing import Route, RouteError, RoutingConfig, UnknownRouteError, parse_route
 from coordinator.scheduler import Request as Want
 from meshgate.openai import OpenAIError, Parsed, unknown_model
 
@@ -23,7 +24,7 @@ async def plan(ctx: ApiContext, parsed: Parsed, header: str | None) -> tuple[Rou
     body = parsed.body
     try:
         route = parse_route(body["model"], header)
-        models = ctx.config.routing().resolve(route)
+        models = _routing(ctx.config).resolve(route)
     except UnknownRouteError as exc:
         raise OpenAIError(404, str(exc), code="model_not_found", param="model",
                           hop="coordinator") from None
@@ -44,6 +45,17 @@ async def plan(ctx: ApiContext, parsed: Parsed, header: str | None) -> tuple[Rou
         residency=route.residency,
     )
     return route, want
+
+
+_routings: list[tuple[CoordinatorConfig, RoutingConfig]] = []
+
+
+def _routing(config: CoordinatorConfig) -> RoutingConfig:
+    """`config.routing()`, made once per config (it holds the config's own alias and task
+    maps, not copies: the same answers)."""
+    if not _routings or _routings[0][0] is not config:
+        _routings[:] = [(config, config.routing())]
+    return _routings[0][1]
 
 
 def deadline_of(ctx: ApiContext, header: str | None) -> float:

@@ -45,12 +45,12 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
 from coordinator.live_requests import InFlight, LiveRequests, note_answer, note_response
+from coordinator.request_io import headers_of
 from meshgate.http_hot import HotExchange, HotRunner
 from meshgate.logs import (
     REQUEST_ID_HEADER,
     accept_request_id,
     access_line,
-    given_request_id,
     request_id_var,
 )
 
@@ -96,7 +96,7 @@ class CoordinatorApp(FastAPI):
                      respond: Respond | None) -> None:
         """One request of a hot route; a whole answer through `respond` when given."""
         scope["app"] = self
-        request_id = accept_request_id(given_request_id(scope["headers"]))
+        request_id = accept_request_id(headers_of(scope).get(_ID_HEADER))
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
         token = request_id_var.set(request_id)

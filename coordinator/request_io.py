@@ -49,12 +49,18 @@ READ_HEADERS = frozenset({b"authorization", b"content-length", b"x-request-id",
 
 def headers_of(scope: Scope) -> dict[bytes, str]:
     """The headers of `READ_HEADERS` a request has (the first of each, as Starlette's
-    ``Headers.get``), in one pass."""
-    found: dict[bytes, str] = {}
-    for name, value in scope["headers"]:
-        if name in READ_HEADERS and name not in found:
-            found[name] = value.decode("latin-1")
+    ``Headers.get``), in one pass, kept in the scope: the request id (hot_routes) and the
+    route (api) read the same dict."""
+    found: dict[bytes, str] | None = scope.get(_READ)
+    if found is None:
+        found = scope[_READ] = {}
+        for name, value in scope["headers"]:
+            if name in READ_HEADERS and name not in found:
+                found[name] = value.decode("latin-1")
     return found
+
+
+_READ = "meshgate.read_headers"
 
 
 class JsonAnswer(Response):

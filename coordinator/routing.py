@@ -108,6 +108,10 @@ def parse_route(
     defaults: Mapping[str, str] | None = None,
 ) -> Route:
     """Merge the `model` field, the route header and the key's defaults into a Route."""
+    if header is None and not defaults:  # the usual request: a plain model name
+        text = model.strip()
+        if text and text[: len(ROUTE_SCHEME)].lower() != ROUTE_SCHEME:
+            return Route(model=text)
     merged: dict[str, str] = {}
     for key, value in (defaults or {}).items():
         _put(merged, key, value, where="key defaults")

@@ -159,9 +159,13 @@ class Request:
     def __post_init__(self) -> None:
         if self.prompt_tokens < 0 or self.max_tokens < 0:
             raise ValueError("request: token counts must not be negative")
-        object.__setattr__(self, "models", tuple(dict.fromkeys(self.models)))
-        object.__setattr__(self, "prefer", Prefer(self.prefer))  # "cost" -> Prefer.COST
-        object.__setattr__(self, "budget_state", Budget(self.budget_state))
+        models = self.models
+        if type(models) is not tuple or len(models) > 1:  # (one name: no repeats to drop)
+            object.__setattr__(self, "models", tuple(dict.fromkeys(models)))
+        if type(self.prefer) is not Prefer:  # (an enum's call costs ~0.5 us: only when needed)
+            object.__setattr__(self, "prefer", Prefer(self.prefer))  # "cost" -> Prefer.COST
+        if type(self.budget_state) is not Budget:
+            object.__setattr__(self, "budget_state", Budget(self.budget_state))
 
 
 class Candidate(NamedTuple):

@@ -33,6 +33,8 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
+from meshgate.cork import CorkedTransport
+
 __all__ = ["HotExchange", "HotRunner", "run_hot"]
 
 HotRunner = Callable[["HotExchange"], Awaitable[None]]
@@ -82,25 +84,50 @@ class HotExchange:
         content = [STATUS_LINE[status]]
         for name, value in cycle.default_headers:
             content += (name, b": ", value, b"\r\n")
-        for name, value in headers:
-            if name == _CONTENT_LENGTH:
-                continue
-            if HEADER_RE.search(name):
-                raise RuntimeError("Invalid HTTP header name.")
-            if HEADER_VALUE_RE.search(value):
-                raise RuntimeError("Invalid HTTP header value.")
-            if name == _CONNECTION and b"close" in value.lower():
-                cycle.keep_alive = False
-            content += (name, b": ", value, b"\r\n")
+        _add_headers(cycle, headers, content)
         if not cycle.keep_alive:
             content.append(b"connection: close\r\n")
         content += (b"content-length: ", str(len(body)).encode(), b"\r\n\r\n", body)
-        cycle.transport.write(b"".join(content))
+        data = b"".join(content)
+        transport: Any = cycle.transport  # a CorkedTransport on our protocol
+        if type(transport) is CorkedTransport:
+            transport.write_last(data)  # the whole answer: no turn of the loop held
+        else:
+            transport.write(data)
         cycle.response_complete = True
         cycle.message_event.set()
         if not cycle.keep_alive:
             cycle.transport.close()
         cycle.on_response()
+
+
+def _add_headers(cycle: RequestResponseCycle, headers: list[tuple[bytes, bytes]],
+                 content: list[bytes]) -> None:
+    """`headers` (but a content-length) onto `content`, checked as uvicorn's ``send`` checks
+    them; a ``connection: close`` among them ends the connection after the answer."""
+    names: list[bytes] = []
+    values: list[bytes] = []
+    for name, value in headers:
+        if name == _CONTENT_LENGTH:
+            continue
+        if name == _CONNECTION and b"close" in value.lower():
+            cycle.keep_alive = False
+        names.append(name)
+        values.append(value)
+        content += (name, b": ", value, b"\r\n")
+    # each of uvicorn's patterns is one character class: one search over all the names and
+    # one over all the values find what a search of each would
+    if HEADER_RE.search(b"".join(names)) or HEADER_VALUE_RE.search(b"".join(values)):
+        _refuse(names, values)
+
+
+def _refuse(names: list[bytes], values: list[bytes]) -> None:
+    """uvicorn's error for the first bad header, as its ``send`` raises it."""
+    for name, value in zip(names, values, strict=True):
+        if HEADER_RE.search(name):
+            raise RuntimeError("Invalid HTTP header name.")
+        if HEADER_VALUE_RE.search(value):
+            raise RuntimeError("Invalid HTTP header value.")
 
 
 async def run_hot(runner: HotRunner, exchange: HotExchange, logger: logging.Logger) -> None:

@@ -35,85 +35,17 @@ import logging
 from collections.abc import Callable
 from typing import Any, cast
 
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from meshgate.http_hot import HotExchange, run_hot
+from meshgate.cork import CORK_MAX_BYTES, CorkedTransport
+from meshgate.http_hot import HotExchange, HotRunner, run_hot
 from meshgate.httplimits import HttpLimits
 
-__all__ = ["CLIENT_GONE", "SSE_CORK", "ClientGone", "CorkedTransport", "GuardedHttpToolsProtocol",
-           "Guards"]
+__all__ = ["CLIENT_GONE", "CORK_MAX_BYTES", "SSE_CORK", "ClientGone", "CorkedTransport",
+           "GuardedHttpToolsProtocol", "Guards"]
 
 log = logging.getLogger("meshgate.httpserver")
-
-#: Held writes are sent at once past this many bytes (flow control then sees them).
-CORK_MAX_BYTES = 64 * 1024
-
-
-class CorkedTransport:
-    """A transport whose writes within one loop turn go out as one ``write``.
-
-    Anything else is the wrapped transport's own. ``close`` sends what is held
-    first; ``abort`` drops it.
-    """
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self.transport = transport
-        self._loop = loop
-        self._held: list[bytes] = []
-        self._held_bytes = 0
-        self.corked = True
-
-    def uncork(self) -> None:
-        """Send what is held, and each later write at once, until the response ends (a
-        stream whose writer already writes once a burst: `SSE_CORK` in the scope)."""
-        self.flush()
-        self.corked = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not data:
-            return
-        if not self.corked:
-            if not self.transport.is_closing():
-                self.transport.write(data)
-            return
-        if not self._held:
-            self._loop.call_soon(self.flush)
-        self._held.append(bytes(data))
-        self._held_bytes += len(data)
-        if self._held_bytes >= CORK_MAX_BYTES:
-            self.flush()
-
-    def writelines(self, lines: Any) -> None:
-        for line in lines:
-            self.write(line)
-
-    def flush(self) -> None:
-        if not self._held:
-            return
-        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
-        self._held.clear()
-        self._held_bytes = 0
-        if not self.transport.is_closing():
-            self.transport.write(data)
-
-    def is_closing(self) -> bool:  # asked on every write and request: not via __getattr__
-        return self.transport.is_closing()
-
-    def get_write_buffer_size(self) -> int:
-        return self._held_bytes + self.transport.get_write_buffer_size()
-
-    def close(self) -> None:
-        self.flush()
-        self.transport.close()
-
-    def abort(self) -> None:
-        self._held.clear()
-        self._held_bytes = 0
-        self.transport.abort()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.transport, name)
-
 
 #: The scope key of a request's :class:`ClientGone` (httptools protocol only; absent: none).
 CLIENT_GONE = "meshgate.client_gone"
@@ -294,15 +226,25 @@ class Guards:
         self.transport.close()
 
 
+def _waits_for_body(cycle: RequestResponseCycle, declared: bytes | None) -> bool:
+    """Whether a hot request's task is started only once its body is in (`on_message_complete`)
+    rather than at its head: a body of a `declared` length that uvicorn takes whole without
+    the app reading it (at most its high-water mark), and no ``Expect: 100-continue`` (the
+    client waits for the app's first read). A client writes the head and the body apart
+    (httpx, the OpenAI SDK), so the body is usually in the socket already, and read by the
+    loop's next poll, when the head has been parsed: started then, the task runs
+    from the head to the node without waiting for the body, and nothing else runs before
+    that poll. A client gone before the body ended starts it too (`connection_lost`)."""
+    return (not cycle.waiting_for_100_continue and declared is not None and declared.isdigit()
+            and int(declared) <= HIGH_WATER_LIMIT)
+
+
 class HeadTooLarge(Exception):
     """Raised from a parser callback: httptools stops and uvicorn answers 400."""
 
 
 _HEAD, _BODY, _DONE = "head", "body", "done"
-#: uvicorn's own, called by name rather than through super() (a header is the hottest callback)
-_uvicorn_on_header = HttpToolsProtocol.on_header
-
-
+_CONTENT_LENGTH = b"content-length"
 class GuardedHttpToolsProtocol(Guards, HttpToolsProtocol):
     """uvicorn's httptools protocol, bounded; the head's size is counted here."""
 
@@ -314,10 +256,15 @@ class GuardedHttpToolsProtocol(Guards, HttpToolsProtocol):
         self._gone = ClientGone()
         # the app's runner for requests it answers below ASGI (meshgate/http_hot.py)
         self._hot = getattr(self.config.app, "hot_runner", None)
+        # a hot request whose task starts once its body is in (`_waits_for_body`)
+        self._deferred: tuple[RequestResponseCycle, HotRunner] | None = None
+        self._declared: bytes | None = None  # the content-length of the head parsed last
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._gone.fire()
+        if self._deferred is not None:  # it hears of the loss as a request mid-body does
+            self._start_deferred()
 
     def data_received(self, data: bytes) -> None:
         if self._phase != _BODY:
@@ -341,6 +288,7 @@ class GuardedHttpToolsProtocol(Guards, HttpToolsProtocol):
     def on_message_begin(self) -> None:
         self._phase = _HEAD
         self._head_bytes = 0
+        self._declared = None
         super().on_message_begin()
         self.scope[CLIENT_GONE] = self._gone  # type: ignore[literal-required]
         self.scope[SSE_CORK] = self.transport  # type: ignore[literal-required]
@@ -355,7 +303,14 @@ class GuardedHttpToolsProtocol(Guards, HttpToolsProtocol):
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self.limits.max_head_bytes:
             raise self._too_large()
-        _uvicorn_on_header(self, name, value)
+        # uvicorn's own on_header, in this one call (one Python call a header fewer)
+        name = name.lower()
+        if name == _CONTENT_LENGTH:
+            if self._declared is None:
+                self._declared = value
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._phase = _BODY
@@ -368,13 +323,28 @@ class GuardedHttpToolsProtocol(Guards, HttpToolsProtocol):
             # (not self.app: refused, a 503; reset_contextvars: uvicorn's own way)
             super()._start_asgi_task(cycle, app)
             return
+        # (a pipelined request started later is its head's, the last parsed, while its
+        # body is not all in: `_declared` is its content-length)
+        if cycle.more_body and cycle is self.cycle and _waits_for_body(cycle, self._declared):
+            self._deferred = (cycle, runner)  # started once its body is in
+            return
+        self._run_hot(cycle, runner)
+
+    def _run_hot(self, cycle: RequestResponseCycle, runner: HotRunner) -> None:
         # its errors in our log ("meshgate.httpserver"): uvicorn's own logger does not
         # reach it where uvicorn's log config was applied (propagate off)
         task = self.loop.create_task(run_hot(runner, HotExchange(cycle), log))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
 
+    def _start_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            self._run_hot(*deferred)
+
     def on_message_complete(self) -> None:
         self._phase = _DONE
         self._raw_head_bytes = 0
         super().on_message_complete()
+        if self._deferred is not None:
+            self._start_deferred()

@@ -17,7 +17,7 @@ import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
@@ -141,10 +141,9 @@ class Parsed:
 
     def prompt_text(self) -> str:
         """The prompt's text, for estimates (messages' text parts, prompts, inputs)."""
-        from meshgate.schema import ChatRequest, CompletionRequest
-
+        parsing = _parsing()  # (the models, imported by parse already: no import statement)
         request = self.request
-        if isinstance(request, ChatRequest):
+        if isinstance(request, parsing.chat):
             parts: list[str] = []
             for m in request.messages:
                 parts.append(m.role)
@@ -157,7 +156,10 @@ class Parsed:
             for tool in request.tools or ():
                 parts.append(json.dumps(tool.function.model_dump(mode="json")))
             return "\n".join(parts)
-        found = request.prompt if isinstance(request, CompletionRequest) else request.input
+        from meshgate.schema import CompletionRequest, EmbeddingRequest
+
+        found = (request.prompt if isinstance(request, CompletionRequest)
+                 else cast("EmbeddingRequest", request).input)
         if isinstance(found, str):
             return found
         return "\n".join(x if isinstance(x, str) else " ".join(map(str, x)) if
@@ -166,10 +168,9 @@ class Parsed:
     def prompt_tokens_estimate(self) -> int:
         """Prompt tokens as a BPE tokenizer would count them on English text, rounded up
         (about 4 bytes a token, plus a few per chat message for its template)."""
-        from meshgate.schema import ChatRequest
-
         text = self.prompt_text().encode()
-        per_message = len(self.request.messages) * 8 if isinstance(self.request, ChatRequest) else 0
+        request = self.request
+        per_message = len(request.messages) * 8 if isinstance(request, _parsing().chat) else 0
         return len(text) // 3 + 1 + per_message
 
 

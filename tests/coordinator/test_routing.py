@@ -124,3 +124,22 @@ def test_an_unknown_name_is_refused_when_the_known_models_are_given() -> None:
 def test_a_route_without_model_or_task_does_not_resolve() -> None:
     with pytest.raises(RouteError, match="neither"):
         CONFIG.resolve(Route())
+
+
+def test_a_plain_model_name_is_taken_without_its_blanks_and_blanks_alone_are_refused() -> None:
+    assert parse_route("  llama-8b \t") == Route(model="llama-8b")
+    with pytest.raises(RouteError, match="must not be empty"):
+        parse_route("   ")
+
+
+def test_the_api_resolves_with_its_config_s_routing_made_once_per_config() -> None:
+    from coordinator.api_plan import _routing
+    from coordinator.config import CoordinatorConfig
+
+    first = CoordinatorConfig(aliases={"fast": ["a", "b"]})
+    assert _routing(first) is _routing(first)
+    assert _routing(first).resolve(parse_route("fast")) == ["a", "b"]
+    first.aliases["slow"] = ["c"]  # the same maps, not copies
+    assert _routing(first).resolve(parse_route("slow")) == ["c"]
+    second = CoordinatorConfig(aliases={"fast": ["z"]})  # a config reloaded
+    assert _routing(second).resolve(parse_route("fast")) == ["z"]

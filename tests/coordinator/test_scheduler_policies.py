@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -169,3 +170,15 @@ def test_negative_token_counts_are_refused() -> None:
 def test_a_snapshot_refuses_two_nodes_with_one_did() -> None:
     with pytest.raises(ValueError, match="duplicate did 'a'"):
         Snapshot.build([node("a"), node("a")])
+
+
+def test_a_request_is_normalized_whatever_it_is_given() -> None:
+    from coordinator.scheduler import Request as Req
+
+    names: list[str] = ["a", "b", "a"]
+    given: dict[str, Any] = {"prefer": "cost", "budget_state": "near"}  # (as a config says)
+    req = Req(models=names, prompt_tokens=1, max_tokens=1, **given)
+    assert (req.models, req.prefer, req.budget_state) == (("a", "b"), Prefer.COST, Budget.NEAR)
+    one = Req(models=("a",), prompt_tokens=1, max_tokens=1)
+    assert (one.models, one.prefer, one.budget_state) == (("a",), Prefer.EDGE, Budget.OK)
+    assert Req(models=("a", "a"), prompt_tokens=1, max_tokens=1).models == ("a",)

@@ -82,6 +82,11 @@ def _patch(owner: Any, name: str, wrap: Callable[[str, Callable[..., Any]], Call
 
 def _http_protocols(m: ModuleType) -> None:
     _patch(m.GuardedHttpToolsProtocol, "data_received", _before, "http.read")
+    if os.environ.get("MESHGATE_TIMELINE_FINE"):
+        _patch(m.GuardedHttpToolsProtocol, "_start_asgi_task", _around, "start_task")
+        _patch(m.GuardedHttpToolsProtocol, "on_message_begin", _around, "msg_begin")
+        _patch(m.CorkedTransport, "flush", _around, "flush")
+        _patch(m.Guards, "on_response_complete", _around, "resp_complete")
 
 
 def _http_hot(m: ModuleType) -> None:
@@ -102,6 +107,9 @@ def _api(m: ModuleType) -> None:
 
 def _hot_routes(m: ModuleType) -> None:
     _patch(m.CoordinatorApp, "_serve", _async_before, "serve_hot")
+    if os.environ.get("MESHGATE_TIMELINE_FINE"):
+        _patch(m, "_whole", _around, "hot_whole")
+        _patch(m, "access_line", _around, "access_line")
 
 
 def _connection(m: ModuleType) -> None:
@@ -119,6 +127,9 @@ def _dispatch(m: ModuleType) -> None:
 
 def _api_context(m: ModuleType) -> None:
     _patch(m.ApiContext, "commit_now", _around, "ledger")
+    if os.environ.get("MESHGATE_TIMELINE_FINE"):
+        _patch(m, "fit_row", _around, "fit_row")
+        _patch(m.ApiContext, "authenticate_header", _async_around, "auth")
 
 
 def _wire(m: ModuleType) -> None:
@@ -192,6 +203,10 @@ def _models(m: ModuleType) -> None:
 
 def _served(m: ModuleType) -> None:
     _patch(m.NodeAttempt, "collect", _async_around, "collect")
+    if os.environ.get("MESHGATE_TIMELINE_FINE"):
+        _patch(m.NodeAttempt, "_drain", _around, "drain")
+        _patch(m.NodeAttempt, "close", _async_around, "close")
+        _patch(m.Served, "row", _around, "row")
 
 
 def _uvicorn(m: ModuleType) -> None:
@@ -209,7 +224,13 @@ def _uvicorn(m: ModuleType) -> None:
     m.RequestResponseCycle.send = wrapped
 
 
+def _journal(m: ModuleType) -> None:
+    if os.environ.get("MESHGATE_TIMELINE_FINE"):
+        _patch(m.LedgerJournal, "append", _around, "journal")
+
+
 PATCHES: dict[str, Callable[[ModuleType], None]] = {
+    "coordinator.ledger_journal": _journal,
     "meshgate.http_protocols": _http_protocols,
     "meshgate.http_hot": _http_hot,
     "coordinator.api": _api,
