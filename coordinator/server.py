@@ -42,7 +42,7 @@ from coordinator.spool import LedgerSpool, answering_database_outages
 from coordinator.state import ServeOptions, StateDir
 from coordinator.store import Store, UsageRecord
 from coordinator.traffic import Traffic
-from meshgate.httpserver import COORDINATOR_LIMITS, server_config
+from meshgate.httpserver import COORDINATOR_LIMITS, from_env, server_config
 from meshgate.logs import set_access_log, setup_logging
 from meshgate.serving import DaemonServer, run
 from meshgate.startup import StartupError, check_port
@@ -251,6 +251,7 @@ def run_server(opts: ServeOptions, config: CoordinatorConfig | None = None) -> N
     setup_logging(opts.log_format, opts.log_level)
     pace_writes(config)
     ledger_linger()  # read again by `_context`: a bad value stops the start here
+    from_env(COORDINATOR_LIMITS)  # MESHGATE_HTTP_*, read again by `server_config`: likewise
     set_access_log(config.access_log if opts.access_log is None else opts.access_log)
     check_port(opts.api_host, opts.api_port, what="API", option="--api-port")
     check_port(opts.tunnel_host, opts.tunnel_port, what="tunnel endpoint", option="--tunnel-port")

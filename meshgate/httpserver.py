@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import resource
 from typing import Any
@@ -50,9 +51,11 @@ import uvicorn
 from meshgate.http_protocols import GuardedHttpToolsProtocol
 from meshgate.httplimits import COORDINATOR_LIMITS, NODE_LIMITS, HttpLimits
 from meshgate.logflood import install_flood_filter
+from meshgate.startup import StartupError
 
 __all__ = ["COORDINATOR_LIMITS", "NODE_LIMITS", "PARSERS", "GuardedHttpToolsProtocol",
-           "HttpLimits", "fit_to_fd_limit", "protocol_class", "raise_fd_limit", "server_config"]
+           "HttpLimits", "fit_to_fd_limit", "from_env", "protocol_class", "raise_fd_limit",
+           "server_config"]
 
 #: The values ``MESHGATE_HTTP_PARSER`` takes (httptools unless it says h11).
 PARSERS = ("httptools", "h11")
@@ -89,15 +92,38 @@ def fit_to_fd_limit(limits: HttpLimits, soft_limit: int | None = None) -> HttpLi
 
 
 def from_env(limits: HttpLimits) -> HttpLimits:
-    """`limits` with what the MESHGATE_HTTP_* environment variables set."""
-    env = os.environ.get
+    """`limits` with what the MESHGATE_HTTP_* environment variables set. A bad value (not a
+    number, not finite, not above 0; a fraction of a connection) is a StartupError naming
+    the variable and the value: both daemons read these before they listen."""
     return dataclasses.replace(
         limits,
-        head_timeout_s=float(env("MESHGATE_HTTP_HEAD_TIMEOUT_S") or limits.head_timeout_s),
-        body_timeout_s=float(env("MESHGATE_HTTP_BODY_TIMEOUT_S") or limits.body_timeout_s),
-        write_timeout_s=float(env("MESHGATE_HTTP_WRITE_TIMEOUT_S") or limits.write_timeout_s),
-        max_connections=int(env("MESHGATE_HTTP_MAX_CONNECTIONS") or limits.max_connections),
+        head_timeout_s=_seconds("MESHGATE_HTTP_HEAD_TIMEOUT_S", limits.head_timeout_s),
+        body_timeout_s=_seconds("MESHGATE_HTTP_BODY_TIMEOUT_S", limits.body_timeout_s),
+        write_timeout_s=_seconds("MESHGATE_HTTP_WRITE_TIMEOUT_S", limits.write_timeout_s),
+        max_connections=_count("MESHGATE_HTTP_MAX_CONNECTIONS", limits.max_connections),
     )
+
+
+def _seconds(name: str, default: float) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:  # NaN fails this too
+        raise StartupError(f"{name}={text!r}: must be a number of seconds above 0")
+    return value
+
+
+def _count(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise StartupError(f"{name}={text!r}: must be a whole number of connections above 0")
+    return int(text)
 
 
 def protocol_class(limits: HttpLimits, parser: str | None = None) -> type[asyncio.Protocol]:

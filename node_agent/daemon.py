@@ -28,7 +28,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from meshgate.httpserver import NODE_LIMITS, server_config
+from meshgate.httpserver import NODE_LIMITS, from_env, server_config
 from meshgate.logs import set_access_log, setup_logging
 from meshgate.serving import DaemonServer, run
 from meshgate.startup import StartupError, check_port, model_dir_warnings
@@ -164,6 +164,7 @@ def check_startup(opts: NodeOptions) -> None:
         if not path.is_file():
             raise StartupError(f"--model {spec}: no such file {path}: fix the path "
                                "(--model NAME=/path/to/model.gguf) or leave the option out")
+    from_env(NODE_LIMITS)  # MESHGATE_HTTP_*, read again by `server_config`
     check_port(opts.proxy_host, opts.proxy_port, what="local proxy", option="--proxy-port")
     try:
         read_tick.fixed_lag(os.environ)  # the tests' hook, read again by `serve`

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from meshgate.httpserver import NODE_LIMITS, from_env
 from meshgate.startup import StartupError, check_port, model_dir_warnings
 
 
@@ -78,6 +79,16 @@ def test_the_node_names_its_taken_port(tmp_path: Path, held_port: int) -> None:
     assert f"error: local proxy port 127.0.0.1:{held_port} is taken" in run.stderr
 
 
+def test_the_node_refuses_a_bad_http_knob_before_its_port(tmp_path: Path, held_port: int
+                                                          ) -> None:
+    run = _cli("node_agent.cli", "run", "--state-dir", str(tmp_path), "--no-connect",
+               "--proxy-port", str(held_port), env={"MESHGATE_HTTP_HEAD_TIMEOUT_S": "0"})
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        "error: MESHGATE_HTTP_HEAD_TIMEOUT_S='0': must be a number of seconds above 0")
+
+
 def test_the_coordinator_names_its_taken_port(tmp_path: Path, held_port: int) -> None:
     state = str(tmp_path / "coordinator")
     assert _cli("coordinator.cli", "init", "--state-dir", state).returncode == 0
@@ -92,6 +103,8 @@ def test_the_coordinator_names_its_taken_port(tmp_path: Path, held_port: int) ->
 @pytest.mark.parametrize(("name", "says"), [
     ("MESHGATE_LEDGER_LINGER_MS", "must be a number of ms from 0 to 60000"),
     ("MESHGATE_COORDINATOR_LAG_MS", "must be a number of ms"),
+    ("MESHGATE_HTTP_BODY_TIMEOUT_S", "must be a number of seconds above 0"),
+    ("MESHGATE_HTTP_MAX_CONNECTIONS", "must be a whole number of connections above 0"),
 ])
 def test_the_coordinator_refuses_a_bad_environment_knob_before_its_ports(
         tmp_path: Path, held_port: int, name: str, says: str) -> None:
@@ -105,3 +118,28 @@ def test_the_coordinator_refuses_a_bad_environment_knob_before_its_ports(
     assert run.returncode == 1
     assert "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1] == f"error: {name}='soon': {says}"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon", "1e999"])
+def test_a_bad_http_timeout_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch,
+                                                 value: str) -> None:
+    monkeypatch.setenv("MESHGATE_HTTP_WRITE_TIMEOUT_S", value)
+    with pytest.raises(StartupError, match=r"^MESHGATE_HTTP_WRITE_TIMEOUT_S="):
+        from_env(NODE_LIMITS)
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "2.5", "\u00b2", "many"])
+def test_a_bad_connection_cap_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch,
+                                                   value: str) -> None:
+    monkeypatch.setenv("MESHGATE_HTTP_MAX_CONNECTIONS", value)
+    with pytest.raises(StartupError, match=r"^MESHGATE_HTTP_MAX_CONNECTIONS="):
+        from_env(NODE_LIMITS)
+
+
+def test_good_http_knobs_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHGATE_HTTP_HEAD_TIMEOUT_S", " 1.5 ")
+    monkeypatch.setenv("MESHGATE_HTTP_MAX_CONNECTIONS", "100")
+    monkeypatch.setenv("MESHGATE_HTTP_BODY_TIMEOUT_S", "")
+    limits = from_env(NODE_LIMITS)
+    assert (limits.head_timeout_s, limits.max_connections) == (1.5, 100)
+    assert limits.body_timeout_s == NODE_LIMITS.body_timeout_s
