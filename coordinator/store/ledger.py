@@ -155,7 +155,7 @@ class LedgerStore(StoreCore):
         """Every row the coordinators (replicas) have answered for, from another process:
         the store's rows and those still only in their ledger journals (read first; the
         rows and the journals' marks then in one snapshot, so none is counted twice)."""
-        journal = [record for directory in journal_dirs for record in journaled(directory)]
+        journal = _journaled(journal_dirs)
         query = select(UsageRow).order_by(UsageRow.created_at, UsageRow.id)
         with self._snapshot() as s:
             rows = [_usage_record(r) for r in s.scalars(query)]
@@ -173,7 +173,7 @@ class LedgerStore(StoreCore):
         another process (the local admin CLI), `journals` are the ledger journal directories
         whose rows not yet stored are added, each once (as `usage_rows_durable`)."""
         self._barrier()
-        journal = [record for directory in journals for record in journaled(directory)]
+        journal = _journaled(journals)
         column = {
             "key": func.coalesce(UsageRow.key_id, "-"),
             "node": func.coalesce(UsageRow.node_did, UsageRow.upstream, "-"),
@@ -206,7 +206,6 @@ class LedgerStore(StoreCore):
         return with_rows(totals, [r for r in unstored if since is None or r.created_at >= since],
                          by)
 
-
     def spend_by_key(self, day_start: float, month_start: float) -> dict[str, tuple[float, float]]:
         """key id -> (cost since `day_start`, cost since `month_start`), one grouped query."""
         self._barrier()
@@ -219,6 +218,11 @@ class LedgerStore(StoreCore):
         with self._read() as s:
             return {str(k): (float(d or 0.0), float(m or 0.0)) for k, d, m in s.execute(query)}
 
+
+
+def _journaled(directories: Sequence[Path]) -> list[tuple[str, int, Row]]:
+    """Every record of the ledger journals in `directories` (journal id, seq, row)."""
+    return [record for directory in directories for record in journaled(directory)]
 
 
 def _mark_rows(marks: Mapping[str, int] | None) -> list[tuple[str, int]]:
